@@ -1,0 +1,138 @@
+"""An instance's life: read the settings snapshot, listen on loopback, serve, drain on SIGTERM.
+
+Both kinds of instance run through here; each kind's main() adds only what is its own (the slow
+kind starts its worker pool before `serve` binds the port).
+
+    python -m services.fast --settings .run/settings.json --instance 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+from tornado import web
+from tornado.httpserver import HTTPServer
+
+from services.common import logs
+from services.common.settings import Settings
+
+log = logging.getLogger("fleet.server")
+
+# Instances listen on loopback only: nginx on the same host is their one client.
+LISTEN_ADDRESS = "127.0.0.1"
+# Longer than nginx's upstream keepalive_timeout (60 s), so nginx, not Tornado, closes idle
+# upstream connections and never sends a request down one that Tornado is closing.
+IDLE_CONNECTION_TIMEOUT = 75
+
+
+@dataclass(frozen=True)
+class Instance:
+    role: str  # "fast" or "slow"
+    number: int
+    settings: Settings
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.number:02d}"
+
+    @property
+    def port(self) -> int:
+        return getattr(self.settings, self.role).base_port + self.number
+
+    @property
+    def drain_timeout(self) -> float:
+        return getattr(self.settings, self.role).drain_timeout
+
+
+def parse_args(role: str, argv: list[str] | None = None) -> Instance:
+    parser = argparse.ArgumentParser(prog=f"python -m services.{role}", description=__doc__.split("\n")[0])
+    parser.add_argument("--settings", required=True, help="the settings snapshot deploy rendered")
+    parser.add_argument("--instance", type=int, required=True, help="instance number, from 1")
+    options = parser.parse_args(argv)
+    settings = Settings.from_snapshot(options.settings)
+    if not 1 <= options.instance <= getattr(settings, role).instances:
+        parser.error(f"--instance must be 1-{getattr(settings, role).instances} for {role}")
+    instance = Instance(role, options.instance, settings)
+    logs.setup(instance.name)
+    return instance
+
+
+def app_settings(instance: Instance) -> dict:
+    """Tornado Application settings both kinds share."""
+    return {
+        "role": instance.role,
+        "instance_name": instance.name,
+        "draining": False,
+        "in_flight": InFlight(),
+        "log_function": logs.log_request,
+        # No debug, no autoreload, no tracebacks in responses: write_error renders the contract.
+        "debug": False,
+        "serve_traceback": False,
+    }
+
+
+class InFlight:
+    """Counts requests an instance has accepted and not yet answered, so a drain knows when it is done."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+async def serve(app: web.Application, instance: Instance) -> None:
+    """Listen, serve until SIGTERM or SIGINT, then drain within the instance's drain timeout."""
+    server = HTTPServer(
+        app,
+        xheaders=True,  # trust X-Real-IP / X-Forwarded-For from nginx, the only client
+        max_body_size=instance.settings.edge.max_body_kb * 1024,
+        idle_connection_timeout=IDLE_CONNECTION_TIMEOUT,
+    )
+    server.listen(instance.port, address=LISTEN_ADDRESS)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("%s serving on %s:%d", instance.name, LISTEN_ADDRESS, instance.port)
+    await stop.wait()
+    await drain(server, app, instance.drain_timeout)
+
+
+async def drain(server: HTTPServer, app: web.Application, timeout: float) -> None:
+    """Stop accepting, let in-flight requests finish up to `timeout`, then close what is left.
+
+    Requests that still arrive on kept-alive connections are answered with `Connection: close`
+    (no_keep_alive, and BaseHandler.prepare), so nginx moves to another instance.
+    """
+    started = time.monotonic()
+    server.stop()
+    app.settings["draining"] = True
+    server.conn_params.no_keep_alive = True
+    in_flight: InFlight = app.settings["in_flight"]
+    log.info("draining: %d request(s) in flight, deadline %.0f s", in_flight.count, timeout)
+    finished = await in_flight.wait_idle(timeout)
+    if not finished:
+        log.warning("drain deadline passed with %d request(s) in flight; closing them", in_flight.count)
+    await server.close_all_connections()
+    log.info("drained in %.2f s", time.monotonic() - started)

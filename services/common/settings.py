@@ -1,0 +1,221 @@
+"""The fleet's settings: one TOML file, environment overrides, validation, one resolved snapshot.
+
+deploy/fleet.toml holds every key with its default. `FLEET_<SECTION>_<KEY>` overrides a key at
+deploy time; the deploy step resolves the lot once ("auto" becomes a number), validates it and
+writes a JSON snapshot into the run directory, which the services read back with the same code.
+
+    >>> s = load(env={"FLEET_EDGE_PORT": "9000", "FLEET_SLOW_WORKERS": "2"})
+    >>> s.edge.port, s.slow.workers, s.slow.queue_limit
+    (9000, 2, 8)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Mapping
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_FILE = REPO_ROOT / "deploy" / "fleet.toml"
+DEFAULT_RUN_DIR = REPO_ROOT / ".run"
+
+
+class SettingsError(ValueError):
+    """A setting is missing, unknown or out of range; the message names it and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    kind: type  # int, float or str
+    low: float | None = None
+    high: float | None = None
+    auto: Callable[[dict], Any] | None = None  # computes the value of "auto" from resolved values
+    check: Callable[[Any], None] | None = None  # extra validation for strings
+
+    def allowed(self) -> str:
+        if self.kind is str:
+            text = "a string" if self.check is None else self.check.__doc__ or "a string"
+        else:
+            text = f"{'an integer' if self.kind is int else 'a number'} {self.low:g}-{self.high:g}"
+        return text + (' or "auto"' if self.auto else "")
+
+
+def _check_ip(value: str) -> None:
+    """an IPv4 or IPv6 address literal"""
+    ipaddress.ip_address(value)
+
+
+def _check_modules(value: str) -> None:
+    """comma-separated dotted module names"""
+    names = [n.strip() for n in value.split(",")]
+    if not all(names) or not all(part.isidentifier() for n in names for part in n.split(".")):
+        raise ValueError(value)
+
+
+# Valid ranges live here; defaults live in deploy/fleet.toml. tests/unit/test_settings.py checks
+# that both name exactly the same keys.
+SCHEMA: dict[str, Spec] = {
+    "edge.port": Spec(int, 1, 65535),
+    "edge.bind": Spec(str, check=_check_ip),
+    "edge.worker_processes": Spec(int, 1, 64),
+    "edge.max_body_kb": Spec(int, 1, 1048576),
+    "edge.slow_rate_per_second": Spec(int, 1, 100000),
+    "edge.slow_rate_burst": Spec(int, 0, 100000),
+    "fast.instances": Spec(int, 1, 64),
+    "fast.base_port": Spec(int, 1024, 65000),
+    "fast.drain_timeout": Spec(float, 1, 300),
+    "slow.instances": Spec(int, 1, 16),
+    "slow.base_port": Spec(int, 1024, 65000),
+    "slow.workers": Spec(int, 1, 256, auto=lambda v: os.cpu_count() or 1),
+    "slow.queue_limit": Spec(int, 0, 10000, auto=lambda v: 4 * v["slow.workers"]),
+    "slow.job_timeout": Spec(float, 0.1, 3600),
+    "slow.nice": Spec(int, 0, 19),
+    "slow.drain_timeout": Spec(float, 1, 3600),
+    "slow.task_modules": Spec(str, check=_check_modules),
+    "tasks.fib.max_n": Spec(int, 0, 40),
+    "tasks.pbkdf2.max_rounds": Spec(int, 1000, 10_000_000),
+    "tasks.sleep.max_seconds": Spec(float, 0, 600),
+}
+
+
+def env_name(key: str) -> str:
+    """The environment variable that overrides `key`: tasks.fib.max_n -> FLEET_TASKS_FIB_MAX_N."""
+    return "FLEET_" + key.replace(".", "_").upper()
+
+
+def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in table.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _convert(key: str, raw: Any, origin: str) -> Any:
+    spec = SCHEMA[key]
+    problem = f"{origin}: {key} must be {spec.allowed()}, got {raw!r}"
+    if spec.auto and raw == "auto":
+        return "auto"
+    if spec.kind is str:
+        if not isinstance(raw, str):
+            raise SettingsError(problem)
+        try:
+            spec.check and spec.check(raw)
+        except ValueError:
+            raise SettingsError(problem) from None
+        return raw
+    if isinstance(raw, bool):
+        raise SettingsError(problem)
+    try:
+        value = spec.kind(raw)
+        if spec.kind is int and isinstance(raw, float) and raw != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise SettingsError(problem) from None
+    if not spec.low <= value <= spec.high:
+        raise SettingsError(problem)
+    return value
+
+
+def resolve(file_values: Mapping[str, Any], env: Mapping[str, str], origin: str) -> dict[str, Any]:
+    """Merge file values and FLEET_* overrides, validate every key, and compute "auto" values."""
+    unknown = sorted(set(file_values) - set(SCHEMA))
+    if unknown:
+        raise SettingsError(f"{origin}: unknown setting {unknown[0]}; known: {', '.join(SCHEMA)}")
+    missing = sorted(set(SCHEMA) - set(file_values))
+    if missing:
+        raise SettingsError(f"{origin}: missing setting {missing[0]}")
+    sections = {key.split(".")[0].upper() for key in SCHEMA}
+    by_env = {env_name(key): key for key in SCHEMA}
+    for name in env:
+        if name.startswith("FLEET_") and name.split("_")[1] in sections and name not in by_env:
+            raise SettingsError(f"{name}: no such setting; known: {', '.join(sorted(by_env))}")
+    values: dict[str, Any] = {}
+    for key in SCHEMA:
+        name = env_name(key)
+        if name in env:
+            values[key] = _convert(key, env[name].strip(), name)
+        else:
+            values[key] = _convert(key, file_values[key], f"{origin} [{key}]")
+    for key, spec in SCHEMA.items():  # in schema order, so "auto" may use keys resolved before it
+        if values[key] == "auto":
+            values[key] = spec.auto(values)
+    _check_consistency(values)
+    return values
+
+
+def _check_consistency(v: Mapping[str, Any]) -> None:
+    fast = range(v["fast.base_port"] + 1, v["fast.base_port"] + v["fast.instances"] + 1)
+    slow = range(v["slow.base_port"] + 1, v["slow.base_port"] + v["slow.instances"] + 1)
+    if set(fast) & set(slow):
+        raise SettingsError(
+            f"fast ports {fast.start}-{fast.stop - 1} overlap slow ports {slow.start}-{slow.stop - 1}: "
+            "move fast.base_port or slow.base_port"
+        )
+    if v["edge.port"] in fast or v["edge.port"] in slow:
+        raise SettingsError(f"edge.port {v['edge.port']} is also an instance port: move one of them")
+    if fast.stop - 1 > 65535 or slow.stop - 1 > 65535:
+        raise SettingsError("base_port + instances exceeds 65535: lower the base port")
+
+
+class Settings:
+    """Resolved settings with attribute access by section: settings.slow.workers."""
+
+    def __init__(self, values: Mapping[str, Any], run_dir: Path):
+        self.values = dict(values)
+        self.run_dir = Path(run_dir)
+        tree: dict[str, Any] = {}
+        for key, value in self.values.items():
+            *path, leaf = key.split(".")
+            node = tree
+            for part in path:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        for section, table in tree.items():
+            setattr(self, section, _namespace(table))
+
+    def task_config(self, task_name: str) -> dict[str, Any]:
+        """The [tasks.<name>] table, given to the task's argument parser."""
+        prefix = f"tasks.{task_name}."
+        return {k[len(prefix):]: v for k, v in self.values.items() if k.startswith(prefix)}
+
+    def instances(self, role: str) -> list[tuple[str, int]]:
+        """[(name, port)] for one role: [("fast-01", 8101), ("fast-02", 8102)]."""
+        section = getattr(self, role)
+        return [(f"{role}-{i:02d}", section.base_port + i) for i in range(1, section.instances + 1)]
+
+    def snapshot(self) -> str:
+        return json.dumps({"run_dir": str(self.run_dir), "values": self.values}, indent=2) + "\n"
+
+    @classmethod
+    def from_snapshot(cls, path: Path | str) -> "Settings":
+        data = json.loads(Path(path).read_text())
+        values = resolve(data["values"], env={}, origin=str(path))
+        return cls(values, Path(data["run_dir"]))
+
+
+def _namespace(table: dict[str, Any]) -> SimpleNamespace:
+    return SimpleNamespace(**{k: _namespace(v) if isinstance(v, dict) else v for k, v in table.items()})
+
+
+def run_dir_from(env: Mapping[str, str]) -> Path:
+    return Path(env.get("FLEET_RUN_DIR") or DEFAULT_RUN_DIR).resolve()
+
+
+def load(path: Path | str = DEFAULT_FILE, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file, apply FLEET_* overrides from `env` (default: os.environ), validate."""
+    env = os.environ if env is None else env
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+    return Settings(resolve(flatten(table), env, origin=path.name), run_dir_from(env))

@@ -1,0 +1,149 @@
+"""What every handler of both kinds shares: request ids, X-Served-By, and the contract's JSON errors.
+
+Every error leaves an instance as
+
+    {"error": "<code>", "message": "...", "request_id": "..."}
+
+with the status that says what happened; handlers end a request with `raise ApiError(...)` (or
+Tornado's own HTTPError) and `write_error` renders it. Nothing ever sends a traceback to a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from contextvars import ContextVar
+from typing import Any
+
+from tornado import web
+
+log = logging.getLogger("fleet.web")
+
+# Set in prepare(): every log line written while serving a request carries its id (logs.py).
+current_request_id: ContextVar[str] = ContextVar("current_request_id", default="-")
+
+# nginx replaces an unsafe incoming X-Request-ID; an instance hit directly applies the same rule.
+SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+# The contract's error codes for the statuses Tornado raises on its own.
+ERROR_CODES = {
+    400: "bad_request",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    411: "length_required",
+    413: "payload_too_large",
+    414: "uri_too_long",
+    429: "rate_limited",
+    431: "headers_too_large",
+    500: "internal_error",
+    502: "bad_gateway",
+    503: "overloaded",
+    504: "gateway_timeout",
+}
+
+
+class ApiError(web.HTTPError):
+    """An error with the contract's code and a message meant for the client."""
+
+    def __init__(self, status: int, error: str, message: str, headers: dict[str, str] | None = None,
+                 **extra: Any):
+        super().__init__(status, log_message=message.replace("%", "%%"))
+        self.error = error
+        self.message = message
+        self.headers = headers or {}
+        self.extra = extra
+
+
+class BaseHandler(web.RequestHandler):
+    """Base of every route: request id, X-Served-By, JSON bodies and JSON errors."""
+
+    def initialize(self, **kwargs: Any) -> None:
+        for name, value in kwargs.items():
+            setattr(self, name, value)
+
+    def set_default_headers(self) -> None:
+        self.clear_header("Server")  # nginx's server_tokens off would be undone by Tornado's version
+        self.set_header("X-Served-By", self.settings["instance_name"])
+        self.set_header("X-Request-ID", self.request_id)
+
+    def compute_etag(self) -> None:
+        return None  # nothing here is cacheable; hashing every body would cost the fast path
+
+    def log_exception(self, typ, value, tb) -> None:  # type: ignore[override]
+        # HTTPErrors are expected outcomes, already in the access line; real bugs keep their
+        # traceback in the log (never in the response).
+        if not isinstance(value, web.HTTPError):
+            super().log_exception(typ, value, tb)
+
+    @property
+    def request_id(self) -> str:
+        if not hasattr(self, "_request_id"):
+            incoming = self.request.headers.get("X-Request-ID", "")
+            self._request_id = incoming if SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        return self._request_id
+
+    def prepare(self) -> None:
+        current_request_id.set(self.request_id)
+        self.settings["in_flight"].enter()
+        self._in_flight = True
+        if self.settings.get("draining"):
+            # Tell nginx not to reuse this connection: the instance is going away.
+            self.set_header("Connection", "close")
+
+    def _leave_in_flight(self) -> None:
+        if getattr(self, "_in_flight", False):
+            self._in_flight = False
+            self.settings["in_flight"].leave()
+
+    def on_finish(self) -> None:
+        self._leave_in_flight()
+
+    def on_connection_close(self) -> None:
+        # The client (nginx) went away before the answer: this request is no longer in flight.
+        self._leave_in_flight()
+
+    def write_json(self, body: dict[str, Any], status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(body)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        self.clear_header("Content-Disposition")
+        body: dict[str, Any] = {
+            "error": ERROR_CODES.get(status_code, "error"),
+            "message": self._reason,
+            "request_id": self.request_id,
+        }
+        if isinstance(exc, ApiError):
+            body.update(error=exc.error, message=exc.message, **exc.extra)
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+        elif isinstance(exc, web.HTTPError) and exc.log_message and status_code < 500:
+            body["message"] = exc.log_message % exc.args if exc.args else exc.log_message
+        elif status_code >= 500:
+            body["message"] = "internal error; the instance log has the details"
+        self.set_header("Content-Type", "application/json")
+        self.finish(body)
+
+
+class NotFoundHandler(BaseHandler):
+    """Every path no route matches: the contract's 404 instead of Tornado's HTML page."""
+
+    def prepare(self) -> None:
+        super().prepare()
+        raise ApiError(404, "not_found", f"no route for {self.request.path}")
+
+
+class HealthHandler(BaseHandler):
+    """GET /healthz: the instance is up and its event loop answers."""
+
+    def get(self) -> None:
+        status = "draining" if self.settings.get("draining") else "ok"
+        self.write_json(
+            {"status": status, "role": self.settings["role"], "instance": self.settings["instance_name"]},
+            status=503 if status == "draining" else 200,
+        )

@@ -1,0 +1,3 @@
+from services.fast.app import main
+
+main()

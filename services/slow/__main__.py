@@ -1,0 +1,3 @@
+from services.slow.app import main
+
+main()

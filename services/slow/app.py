@@ -1,0 +1,167 @@
+"""The slow app: heavy routes, admitted in the event loop and computed in worker processes.
+
+    python -m services.slow --settings .run/settings.json --instance 1
+    curl -s localhost:8080/slow/fib/25   # through nginx -> {"task": "fib", "n": 25, "result": 75025, ...}
+
+GET /slow/<task>/<argument>?<params> (or POST with a JSON object body, for tasks that take POST)
+runs a task from the registry (registry.py; the shipped ones are in tasks.py). The event loop only
+parses, admits and waits: it never computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Mapping
+
+from tornado import web
+
+from services.common import server
+from services.common.web import ApiError, BaseHandler, HealthHandler, NotFoundHandler
+from services.slow import registry
+from services.slow.admission import Admission, Overloaded
+from services.slow.pool import JobFailed, JobTimeout, WorkerDied, WorkerPool
+
+log = logging.getLogger("fleet.slow")
+
+# What a refused client is told to wait before retrying: about one short job's time.
+RETRY_AFTER_SECONDS = 1
+
+
+class TaskHandler(BaseHandler):
+    tasks: Mapping[str, registry.Task]
+    admission: Admission
+    pool: Any  # WorkerPool or InlinePool: anything with `async run(task, kwargs, timeout)`
+    fleet: Any  # the fleet Settings
+
+    _job: asyncio.Future | None = None
+    _client_gone = False
+
+    async def get(self, name: str, path: str | None) -> None:
+        await self._serve(name, path or "", self._query_params())
+
+    async def post(self, name: str, path: str | None) -> None:
+        params = self._query_params()
+        if self.request.body:
+            try:
+                body = json.loads(self.request.body)
+            except (ValueError, UnicodeDecodeError):
+                raise ApiError(400, "bad_request", "the body must be a JSON object") from None
+            if not isinstance(body, dict):
+                raise ApiError(400, "bad_request", "the body must be a JSON object")
+            params.update(body)
+        await self._serve(name, path or "", params)
+
+    def _query_params(self) -> dict[str, Any]:
+        return {k: self.get_query_argument(k) for k in self.request.query_arguments}
+
+    async def _serve(self, name: str, path: str, params: dict[str, Any]) -> None:
+        task = self.tasks.get(name)
+        if task is None:
+            raise ApiError(404, "not_found", f"no task named {name!r}; known: {', '.join(sorted(self.tasks))}")
+        if self.request.method not in task.methods:
+            raise ApiError(405, "method_not_allowed", f"task {name} takes {' or '.join(task.methods)}",
+                           headers={"Allow": ", ".join(task.methods)})
+        try:
+            kwargs = task.parse(path, params, self.fleet.task_config(name))
+        except registry.BadArgument as exc:
+            raise ApiError(400, "bad_argument", str(exc)) from None
+        # Saved so on_connection_close can cancel it: a waiting job leaves the line, a running
+        # job's worker is killed.
+        self._job = asyncio.ensure_future(self._run(task, kwargs))
+        try:
+            body = await self._job
+        except asyncio.CancelledError:
+            if not self._client_gone:
+                raise
+            self.set_status(499, "Client Closed Request")  # for the access log; nobody reads it
+            return
+        self.write_json(body)
+
+    async def _run(self, task: registry.Task, kwargs: dict) -> dict:
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        timeout = min(task.timeout or self.fleet.slow.job_timeout, self.fleet.slow.job_timeout)
+        try:
+            async with self.admission.slot():
+                queued_ms = 1000 * (loop.time() - arrived)
+                result, elapsed_ms = await self.pool.run(task.name, kwargs, timeout)
+        except Overloaded as exc:
+            raise ApiError(503, "overloaded", f"slow pool is full ({exc}); retry later",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        except JobTimeout as exc:
+            log.warning("%s", exc)
+            raise ApiError(504, "job_timeout", str(exc)) from None
+        except WorkerDied as exc:
+            log.warning("job %s failed: %s", task.name, exc)
+            raise ApiError(502, "worker_died", f"the worker running this job died: {exc}") from None
+        except JobFailed as exc:
+            log.error("job %s raised %s: %s\n%s", task.name, exc.type_name, exc.message, exc.traceback_text)
+            raise ApiError(500, "job_failed", f"{exc.type_name}: {exc.message}", type=exc.type_name) from None
+        body = {"task": task.name, **{k: kwargs[k] for k in task.echo}, "result": result}
+        body.update(elapsed_ms=round(elapsed_ms, 2), queued_ms=round(queued_ms, 2))
+        try:
+            json.dumps(body)
+        except (TypeError, ValueError):
+            raise ApiError(500, "job_failed", f"task {task.name} returned a value that is not JSON") from None
+        return body
+
+    def on_connection_close(self) -> None:
+        super().on_connection_close()
+        if self._job is not None and not self._job.done():
+            self._client_gone = True
+            log.info("client went away; cancelling its job", extra={"request_id": self.request_id})
+            self._job.cancel()
+
+
+class SlowHealthHandler(HealthHandler):
+    """GET /healthz, plus the pool's and the line's figures (instance port only, on loopback)."""
+
+    def get(self) -> None:
+        status = "draining" if self.settings.get("draining") else "ok"
+        admission: Admission = self.admission
+        self.write_json(
+            {
+                "status": status,
+                "role": "slow",
+                "instance": self.settings["instance_name"],
+                "pool": self.pool.stats(),
+                "running": admission.running,
+                "waiting": admission.waiting,
+                "shed": admission.shed,
+            },
+            status=503 if status == "draining" else 200,
+        )
+
+
+def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool: Any) -> web.Application:
+    fleet = instance.settings
+    admission = Admission(slots=fleet.slow.workers, queue_limit=fleet.slow.queue_limit)
+    shared = {"tasks": tasks, "admission": admission, "pool": pool, "fleet": fleet}
+    return web.Application(
+        [
+            (r"/slow/([a-z0-9_]+)(?:/(.*))?", TaskHandler, shared),
+            (r"/healthz", SlowHealthHandler, {"admission": admission, "pool": pool}),
+        ],
+        default_handler_class=NotFoundHandler,
+        **server.app_settings(instance),
+    )
+
+
+async def run(instance: server.Instance) -> None:
+    fleet = instance.settings
+    tasks = registry.load(fleet.slow.task_modules)
+    # Workers start (forkserver, niced, setups run) before the port is bound: the first request
+    # never waits for a pool, and no worker can ever hold the server's socket.
+    async with WorkerPool(fleet.slow.workers, fleet.slow.task_modules, fleet.slow.nice) as pool:
+        await server.serve(make_app(instance, tasks, pool), instance)
+
+
+def main(argv: list[str] | None = None) -> None:
+    instance = server.parse_args("slow", argv)
+    asyncio.run(run(instance))
+
+
+if __name__ == "__main__":
+    main()

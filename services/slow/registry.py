@@ -1,0 +1,100 @@
+"""The task registry: a heavy endpoint is a plain module-level function plus one registration.
+
+    from services.slow.registry import BadArgument, task
+
+    def parse_n(path, params, config):          # runs in the server, before any queueing
+        if not path.isascii() or not path.isdigit():
+            raise BadArgument("n must be a non-negative integer")
+        return {"n": int(path)}
+
+    @task("fib", parse=parse_n, echo=("n",))
+    def fib(n):                                  # runs in a worker process
+        return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+That is all: GET /slow/fib/25 now parses "25", waits for a worker, runs fib(n=25) there and
+answers {"task": "fib", "n": 25, "result": 75025, ...}. Functions stay plain and importable, so
+tests call them directly.
+
+A task may declare `setup`, a function run once in each worker process when it starts (load a
+model, open a connection, warm a cache); its return value is passed as the first argument to every
+job of that task on that worker.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+# parse(path, params, config) -> keyword arguments of the task function.
+# path: what follows /slow/<name>/ ("" if nothing); params: query arguments and, for a POST, the
+# JSON object of the body; config: the task's [tasks.<name>] table of deploy/fleet.toml.
+Parser = Callable[[str, Mapping[str, str], Mapping[str, Any]], dict]
+
+
+class BadArgument(ValueError):
+    """A task's arguments are invalid: answered 400 with this message, before any queueing."""
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    fn: Callable[..., Any]
+    parse: Parser
+    timeout: float | None = None  # seconds; the job deadline is min(timeout, slow.job_timeout)
+    setup: Callable[[], Any] | None = None
+    methods: tuple[str, ...] = ("GET",)
+    echo: tuple[str, ...] = ()  # arguments repeated in the response (never secrets)
+    module: str = field(default="", compare=False)
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def task(name: str, *, parse: Parser, timeout: float | None = None,
+         setup: Callable[[], Any] | None = None, methods: tuple[str, ...] = ("GET",),
+         echo: tuple[str, ...] = ()) -> Callable:
+    """Register the decorated module-level function as task `name`; the function is unchanged."""
+    if not name.replace("_", "").isalnum() or not name.islower():
+        raise ValueError(f"task name {name!r}: use lower-case letters, digits and underscores")
+
+    def register(fn: Callable) -> Callable:
+        if "<locals>" in fn.__qualname__:
+            raise ValueError(f"task {name!r}: {fn.__qualname__} must be a module-level function")
+        known = _TASKS.get(name)
+        if known is not None and (known.module, known.fn.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise ValueError(f"task {name!r} is registered twice: {known.module} and {fn.__module__}")
+        _TASKS[name] = Task(name, fn, parse, timeout, setup, tuple(methods), tuple(echo), fn.__module__)
+        return fn
+
+    return register
+
+
+def load(module_names: str) -> dict[str, Task]:
+    """Import the comma-separated modules (slow.task_modules) and return the tasks they register."""
+    names = [n.strip() for n in module_names.split(",") if n.strip()]
+    for module_name in names:
+        importlib.import_module(module_name)
+    return {t.name: t for t in _TASKS.values() if t.module in names}
+
+
+def bounded_int(text: Any, what: str, low: int, high: int) -> int:
+    """Parse a decimal integer in [low, high], or raise BadArgument saying what is allowed."""
+    text = str(text)
+    if not (text.isascii() and text.isdigit() and len(text) <= 12):
+        raise BadArgument(f"{what} must be an integer {low}-{high}, got {text[:40]!r}")
+    value = int(text)
+    if not low <= value <= high:
+        raise BadArgument(f"{what} must be an integer {low}-{high}, got {value}")
+    return value
+
+
+def bounded_float(text: Any, what: str, low: float, high: float) -> float:
+    """Parse a finite decimal number in [low, high], or raise BadArgument."""
+    try:
+        value = float(str(text)) if str(text).isascii() else float("nan")
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:  # also rejects nan and inf
+        raise BadArgument(f"{what} must be a number {low:g}-{high:g}, got {str(text)[:40]!r}")
+    return value

@@ -1,0 +1,81 @@
+"""The shipped heavy tasks. Each is a plain function plus one registration (see registry.py).
+
+- fib: naive recursive Fibonacci, pure-Python CPU work (the source documents' example).
+- pbkdf2: password hashing with a bounded iteration count, the realistic CPU-heavy request.
+- sleep: a legacy blocking client held in each worker (per-worker setup), a worker busy waiting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from typing import Any, Mapping
+
+from services.slow.registry import BadArgument, bounded_float, bounded_int, task
+
+
+# fib ---------------------------------------------------------------------------------------------
+
+def parse_fib(path: str, params: Mapping[str, str], config: Mapping[str, Any]) -> dict:
+    if path == "":
+        raise BadArgument("missing n: use /slow/fib/<n>")
+    return {"n": bounded_int(path, "n", 0, config["max_n"])}
+
+
+@task("fib", parse=parse_fib, echo=("n",))
+def fib(n: int) -> int:
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+
+# pbkdf2 ------------------------------------------------------------------------------------------
+
+def parse_pbkdf2(path: str, params: Mapping[str, Any], config: Mapping[str, Any]) -> dict:
+    password, salt = params.get("password"), params.get("salt", "")
+    if not isinstance(password, str) or not 1 <= len(password) <= 1024:
+        raise BadArgument('"password" must be a string of 1-1024 characters')
+    if not isinstance(salt, str) or len(salt) > 1024:
+        raise BadArgument('"salt" must be a string of at most 1024 characters')
+    rounds = bounded_int(params.get("rounds", 100_000), "rounds", 1000, config["max_rounds"])
+    return {"password": password, "salt": salt, "rounds": rounds}
+
+
+@task("pbkdf2", parse=parse_pbkdf2, methods=("POST",), echo=("rounds",))
+def pbkdf2(password: str, salt: str, rounds: int) -> str:
+    """PBKDF2-HMAC-SHA256 of a password, hex; POST a JSON body so secrets stay out of URLs and logs."""
+    return hashlib.pbkdf2_hmac("sha256", password.encode(), salt.encode(), rounds).hex()
+
+
+# sleep: a blocking client kept per worker ---------------------------------------------------------
+
+class LegacyClient:
+    """Stands for a blocking client library (a SOAP client, a driver without async support).
+
+    Created once per worker by the task's setup; every job on that worker reuses it, which the
+    response shows through `client_id` and `calls`.
+    """
+
+    def __init__(self) -> None:
+        self.client_id = uuid.uuid4().hex[:12]
+        self.calls = 0
+
+    def call(self, seconds: float) -> dict:
+        self.calls += 1
+        time.sleep(seconds)  # the blocking call: it holds this worker, never an event loop
+        return {"client_id": self.client_id, "calls": self.calls, "worker_pid": os.getpid()}
+
+
+def connect_legacy_client() -> LegacyClient:
+    return LegacyClient()
+
+
+def parse_sleep(path: str, params: Mapping[str, str], config: Mapping[str, Any]) -> dict:
+    if path == "":
+        raise BadArgument("missing seconds: use /slow/sleep/<seconds>")
+    return {"seconds": bounded_float(path, "seconds", 0, config["max_seconds"])}
+
+
+@task("sleep", parse=parse_sleep, setup=connect_legacy_client, echo=("seconds",))
+def blocking_call(client: LegacyClient, seconds: float) -> dict:
+    return client.call(seconds)
