@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Make this machine ready to run the fleet: nginx (through apt-get when root) and .venv from the
+# pinned requirements.txt. Idempotent and quick when nothing changed; `make deploy-local`,
+# `make test` and .ci/run all start here.
+set -o errexit -o nounset -o pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "error: Python 3.11 or newer is needed (tomllib, asyncio.timeout); set PYTHON=/path/to/python3.11" >&2
+    exit 1
+fi
+
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: installing nginx with apt-get"
+        # Debian's package would start a system nginx on port 80; the fleet runs its own, so keep
+        # the package's service stopped (policy-rc.d exit 101 = "do not start").
+        added_policy=no
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+            added_policy=yes
+        fi
+        apt-get update -qq
+        # nginx-light has every module the fleet uses; newer Debian releases only ship "nginx".
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null \
+            || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+        [ "$added_policy" = yes ] && rm -f /usr/sbin/policy-rc.d
+    else
+        echo "error: nginx is not installed. Install it with: sudo apt-get install nginx-light" >&2
+        exit 1
+    fi
+fi
+
+wanted=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.requirements.sha256 2>/dev/null)" != "$wanted" ]; then
+    echo "bootstrap: creating .venv from requirements.txt"
+    "$python" -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+    echo "$wanted" > .venv/.requirements.sha256
+fi

@@ -1,0 +1,117 @@
+"""Render the run dir from the settings: nginx.conf, supervisord.conf and the services' snapshot.
+
+    python -m deploy.render            # into .run/ (or $FLEET_RUN_DIR), prints what changed
+
+Every rendered file starts with a "generated ... do not edit" line. Rendering is pure (settings in,
+text out) so tests render into a temp dir and run `nginx -t` on the result.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import jinja2
+
+from services.common.settings import REPO_ROOT, Settings, load
+
+HEADER = "# generated from deploy/fleet.toml by deploy/render.py, do not edit"
+
+# How long nginx leaves an instance out after one failed connect; a rolling restart waits past it.
+FAIL_TIMEOUT_SECONDS = 2
+
+# nginx's own errors, as the contract's JSON (nginx/nginx.conf.j2 renders a location for each).
+EDGE_ERRORS = [
+    (400, "bad_request", "malformed request"),
+    (403, "forbidden", "forbidden"),
+    (404, "not_found", "not found"),
+    (405, "method_not_allowed", "method not allowed"),
+    (408, "request_timeout", "the request did not arrive in time"),
+    (411, "length_required", "a body needs a Content-Length"),
+    (413, "payload_too_large", "request body too large"),
+    (414, "uri_too_long", "request line too long"),
+    (429, "rate_limited", "too many requests from this address; retry later"),
+    (431, "headers_too_large", "request headers too large"),
+    (500, "internal_error", "internal error at the edge"),
+    (502, "bad_gateway", "no instance could take the request"),
+    (503, "overloaded", "the fleet is overloaded; retry later"),
+    (504, "gateway_timeout", "the instance did not answer in time"),
+]
+
+
+def nginx_binary() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def _listen(bind: str, port: int) -> str:
+    return f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
+
+
+def context(settings: Settings) -> dict:
+    s = settings
+    waves = 1 + math.ceil(s.slow.queue_limit / s.slow.workers)  # a job may wait this many job times
+    return {
+        "header": HEADER,
+        "run_dir": str(s.run_dir),
+        "repo": str(REPO_ROOT),
+        "python": sys.executable,
+        "nginx": nginx_binary(),
+        "edge": s.edge,
+        "listen": _listen(s.edge.bind, s.edge.port),
+        "fast": s.instances("fast"),
+        "slow": s.instances("slow"),
+        "fail_timeout": FAIL_TIMEOUT_SECONDS,
+        "slow_read_timeout": math.ceil(s.slow.job_timeout * waves + 5),
+        "edge_errors": EDGE_ERRORS,
+        "edge_stopwaitsecs": 10,
+        "programs": [
+            ("slow", s.instances("slow"), math.ceil(s.slow.drain_timeout + 10)),
+            ("fast", s.instances("fast"), math.ceil(s.fast.drain_timeout + 5)),
+        ],
+    }
+
+
+def render(settings: Settings) -> dict[str, str]:
+    """{path relative to the run dir: text} for every file the run dir needs."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader([REPO_ROOT / "nginx", REPO_ROOT / "deploy"]),
+        undefined=jinja2.StrictUndefined,  # a typo in a template fails the render, not nginx
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    ctx = context(settings)
+    return {
+        "nginx/conf/nginx.conf": env.get_template("nginx.conf.j2").render(ctx),
+        "supervisord.conf": env.get_template("supervisord.conf.j2").render(ctx),
+        "settings.json": settings.snapshot(),
+    }
+
+
+def write(settings: Settings, files: dict[str, str] | None = None) -> list[str]:
+    """Write the rendered files into the run dir; return the ones whose content changed."""
+    files = render(settings) if files is None else files
+    run_dir = settings.run_dir
+    for sub in ("logs", "nginx/conf", "nginx/temp"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    changed = []
+    for relative, text in files.items():
+        path = run_dir / relative
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)  # atomic: a reader sees the old file or the new one, never half
+            changed.append(relative)
+    return changed
+
+
+def main() -> None:
+    settings = load()
+    changed = write(settings)
+    print(f"rendered into {settings.run_dir}: " + (", ".join(changed) if changed else "nothing changed"))
+
+
+if __name__ == "__main__":
+    main()
