@@ -230,11 +230,11 @@ class WorkerPool:
                 return worker  # else it died while idle (after sending its last reply): skip it
 
     def stats(self) -> dict:
+        serving = [w for w in self._workers if w.serving and not w.retired]  # not the ones being killed
         return {
-            "workers": len(self._workers),
-            "idle": self._idle.qsize(),
-            "busy": sum(1 for w in self._workers if w.job is not None),
-            "pids": sorted(w.pid for w in self._workers if w.ready.done()),
+            "workers": len(serving),
+            "busy": sum(1 for w in serving if w.job is not None),
+            "pids": sorted(w.pid for w in serving),
             **self.counters,
         }
 

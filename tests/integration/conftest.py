@@ -1,0 +1,154 @@
+"""Private fleets for the integration tier: real nginx, real supervisord, real worker processes.
+
+Each fleet lives in a temp run dir on free ports, started and stopped with the same commands a
+user runs (`python -m deploy.fleet up` / `stop`), so a deployed fleet on the default ports is
+never touched.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Small numbers make the faults quick to produce: 2 workers, 2 waiting places, a 3 s deadline.
+TEST_SETTINGS = {
+    "FLEET_SLOW_WORKERS": "2",
+    "FLEET_SLOW_QUEUE_LIMIT": "2",
+    "FLEET_SLOW_JOB_TIMEOUT": "3",
+    "FLEET_SLOW_DRAIN_TIMEOUT": "5",
+    "FLEET_SLOW_TASK_MODULES": "services.slow.tasks,tests.support.faulty_tasks",
+    "FLEET_EDGE_SLOW_RATE_PER_SECOND": "100000",  # the rate limit has its own test
+    "FLEET_EDGE_SLOW_RATE_BURST": "100000",
+}
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    elapsed: float
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+@dataclass
+class Fleet:
+    run_dir: Path
+    env: dict[str, str]
+    edge_port: int
+    fast_ports: list[int]
+    slow_ports: list[int]
+    started: list[str] = field(default_factory=list)
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.edge_port, *self.fast_ports, *self.slow_ports]
+
+    def command(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "deploy.fleet", *args], cwd=REPO, env=self.env,
+                                capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"deploy.fleet {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                port: int | None = None, timeout: float = 30) -> Response:
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.edge_port, timeout=timeout)
+        started = time.monotonic()
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            data = response.read()
+            return Response(response.status, {k.lower(): v for k, v in response.getheaders()}, data,
+                            time.monotonic() - started)
+        finally:
+            conn.close()
+
+    def get(self, path: str, **kwargs) -> Response:
+        return self.request("GET", path, **kwargs)
+
+    def slow_health(self, number: int = 1) -> dict:
+        return self.get("/healthz", port=self.slow_ports[number - 1]).json()
+
+    def log(self, name: str) -> str:
+        return (self.run_dir / "logs" / f"{name}.log").read_text(errors="replace")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(size: int) -> int:
+    """A base port such that base..base+size-1 are all free."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000, 10)
+        if all(port_is_free(base + i) for i in range(size)):
+            return base
+    raise RuntimeError("no free block of ports")
+
+
+def make_fleet(run_dir: Path, fast: int = 2, slow: int = 1, **overrides: str) -> Fleet:
+    base = free_port_block(1 + fast + slow + 2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(TEST_SETTINGS)
+    env.update(
+        FLEET_RUN_DIR=str(run_dir),
+        FLEET_EDGE_PORT=str(base),
+        FLEET_FAST_INSTANCES=str(fast),
+        FLEET_FAST_BASE_PORT=str(base),  # fast-01 on base+1
+        FLEET_SLOW_INSTANCES=str(slow),
+        FLEET_SLOW_BASE_PORT=str(base + fast + 1),
+    )
+    env.update(overrides)
+    return Fleet(
+        run_dir=run_dir,
+        env=env,
+        edge_port=base,
+        fast_ports=[base + i for i in range(1, fast + 1)],
+        slow_ports=[base + fast + 1 + i for i in range(1, slow + 1)],
+    )
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory: pytest.TempPathFactory):
+    """One fleet shared by the tests that do not break it for good."""
+    f = make_fleet(tmp_path_factory.mktemp("fleet"))
+    f.command("up")
+    yield f
+    f.command("stop")
+
+
+@pytest.fixture
+def private_fleet(tmp_path: Path):
+    """A fleet of the test's own, for tests that kill or restart parts of it; stopped afterwards."""
+    fleets: list[Fleet] = []
+
+    def start(**overrides: str) -> Fleet:
+        f = make_fleet(tmp_path / f"fleet{len(fleets)}", **overrides)
+        fleets.append(f)
+        f.command("up")
+        return f
+
+    yield start
+    for f in fleets:
+        f.command("stop", check=False)

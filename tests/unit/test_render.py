@@ -1,0 +1,89 @@
+"""Rendering: the settings reach nginx.conf and supervisord.conf, and real nginx accepts the result."""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+
+import pytest
+
+from deploy import render
+from services.common.settings import load
+
+
+def settings_for(tmp_path, **env):
+    return load(env={"FLEET_RUN_DIR": str(tmp_path), **env})
+
+
+def test_every_rendered_file_says_on_line_one_that_it_is_generated(tmp_path):
+    for name, text in render.render(settings_for(tmp_path)).items():
+        first = text.splitlines()[0]
+        if name.endswith(".json"):
+            continue  # JSON has no comments; the snapshot is only read by the services
+        assert "generated from deploy/fleet.toml" in first and "do not edit" in first, name
+
+
+@pytest.mark.skipif(not shutil.which("nginx") and not shutil.which("/usr/sbin/nginx"), reason="nginx not installed")
+def test_nginx_accepts_the_rendered_config(tmp_path):
+    s = settings_for(tmp_path, FLEET_EDGE_PORT="18080", FLEET_FAST_INSTANCES="3", FLEET_SLOW_INSTANCES="2")
+    render.write(s)
+    result = subprocess.run(
+        [render.nginx_binary(), "-t", "-p", f"{tmp_path}/nginx/", "-c", "conf/nginx.conf", "-e", f"{tmp_path}/logs/e.log"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_settings_reach_the_nginx_upstreams_and_listen_address(tmp_path):
+    s = settings_for(tmp_path, FLEET_EDGE_PORT="9000", FLEET_FAST_BASE_PORT="7100", FLEET_FAST_INSTANCES="3",
+                     FLEET_SLOW_BASE_PORT="7200", FLEET_SLOW_INSTANCES="2", FLEET_EDGE_MAX_BODY_KB="64")
+    conf = render.render(s)["nginx/conf/nginx.conf"]
+    assert "listen 127.0.0.1:9000 default_server;" in conf
+    for port in (7101, 7102, 7103, 7201, 7202):
+        assert f"server 127.0.0.1:{port} " in conf
+    assert "7104" not in conf and "7203" not in conf
+    assert "client_max_body_size 64k;" in conf
+    assert f"{tmp_path}/nginx/nginx.pid" in conf
+
+
+def test_slow_requests_are_never_retried_after_a_timeout(tmp_path):
+    conf = render.render(settings_for(tmp_path))["nginx/conf/nginx.conf"]
+    slow_location = conf.split("location /slow/ {")[1].split("}")[0]
+    assert "proxy_next_upstream error;" in slow_location
+    assert "timeout" not in slow_location.split("proxy_next_upstream")[1].split(";")[0]
+
+
+def test_nginx_waits_longer_than_a_job_may_wait_and_run(tmp_path):
+    s = settings_for(tmp_path, FLEET_SLOW_WORKERS="2", FLEET_SLOW_QUEUE_LIMIT="8", FLEET_SLOW_JOB_TIMEOUT="30")
+    conf = render.render(s)["nginx/conf/nginx.conf"]
+    read_timeout = int(conf.split("location /slow/ {")[1].split("proxy_read_timeout ")[1].split("s;")[0])
+    assert read_timeout > 30 * (1 + 8 / 2)
+
+
+def test_an_ipv6_bind_address_is_bracketed(tmp_path):
+    conf = render.render(settings_for(tmp_path, FLEET_EDGE_BIND="::1"))["nginx/conf/nginx.conf"]
+    assert "listen [::1]:8080 default_server;" in conf
+
+
+def test_supervisor_runs_each_instance_with_a_stop_wait_longer_than_its_drain(tmp_path):
+    s = settings_for(tmp_path, FLEET_FAST_INSTANCES="3", FLEET_SLOW_DRAIN_TIMEOUT="40", FLEET_FAST_DRAIN_TIMEOUT="5")
+    parser = configparser.RawConfigParser(inline_comment_prefixes=(";",))
+    parser.read_string(render.render(s)["supervisord.conf"])
+    assert parser["program:fast"]["numprocs"] == "3"
+    assert parser["program:slow"]["numprocs"] == "1"
+    assert int(parser["program:slow"]["stopwaitsecs"]) > 40
+    assert int(parser["program:fast"]["stopwaitsecs"]) > 5
+    for program in ("program:fast", "program:slow", "program:nginx"):
+        assert parser[program]["killasgroup"] == "true"  # no worker outlives its server
+    assert parser["program:slow"]["stopasgroup"] == "false"  # SIGTERM to the instance alone: it drains
+    assert parser["unix_http_server"]["chmod"] == "0700"
+    assert "inet_http_server" not in parser
+
+
+def test_write_reports_only_the_files_that_changed(tmp_path):
+    s = settings_for(tmp_path)
+    assert len(render.write(s)) == 3
+    assert render.write(s) == []
+    changed = render.write(settings_for(tmp_path, FLEET_SLOW_WORKERS="3"))
+    assert "settings.json" in changed

@@ -1,0 +1,320 @@
+"""Settings: defaults from deploy/fleet.toml, FLEET_* overrides, "auto", validation, snapshots."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from services.common import settings
+from services.common.settings import SCHEMA, Settings, SettingsError, env_name, load
+
+FLEET_TOML = settings.DEFAULT_FILE
+KEY_LINE = re.compile(r"^(?P<name>[A-Za-z0-9_]+)\s*=\s*(?P<rest>.*)$")
+SECTION_LINE = re.compile(r"^\[(?P<section>[A-Za-z0-9_.]+)\]\s*(#.*)?$")
+
+
+def toml_key_lines() -> dict[str, str]:
+    """{dotted key: its whole line} for every key assignment in deploy/fleet.toml."""
+    section, lines = "", {}
+    for line in FLEET_TOML.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if m := SECTION_LINE.match(stripped):
+            section = m["section"]
+        elif m := KEY_LINE.match(stripped):
+            lines[f"{section}.{m['name']}" if section else m["name"]] = stripped
+    return lines
+
+
+def comment_of(line: str) -> str:
+    """The text after the `#` that follows the value (a `#` inside a quoted string does not count)."""
+    value_and_comment = KEY_LINE.match(line)["rest"]
+    m = re.match(r'^(?:"[^"]*"|[^"#\s]+)\s*(?:#(?P<comment>.*))?$', value_and_comment)
+    assert m, f"cannot parse the value of {line!r}"
+    return (m["comment"] or "").strip()
+
+
+def number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def write_toml(tmp_path: Path, replace: str, by: str) -> Path:
+    """A copy of fleet.toml with one line changed."""
+    text = FLEET_TOML.read_text()
+    assert replace in text, f"{replace!r} not in fleet.toml"
+    path = tmp_path / "fleet.toml"
+    path.write_text(text.replace(replace, by, 1))
+    return path
+
+
+def error_of(**kwargs) -> str:
+    with pytest.raises(SettingsError) as info:
+        load(**kwargs)
+    return str(info.value)
+
+
+# defaults and the schema ------------------------------------------------------------------------
+
+def test_defaults_load_from_fleet_toml():
+    s = load(env={})
+    file_values = settings.flatten(tomllib.loads(FLEET_TOML.read_text()))
+    for key, raw in file_values.items():
+        if raw != "auto":
+            assert s.values[key] == raw, key
+    assert isinstance(s.slow.job_timeout, float) and isinstance(s.edge.port, int)
+
+
+def test_defaults_match_the_design_table():
+    s = load(env={})
+    assert (s.edge.port, s.edge.bind) == (8080, "127.0.0.1")
+    assert (s.fast.instances, s.fast.base_port) == (2, 8100)
+    assert (s.slow.instances, s.slow.base_port) == (1, 8200)
+    assert (s.slow.job_timeout, s.slow.nice, s.tasks.fib.max_n) == (30, 10, 35)
+
+
+def test_every_schema_key_is_in_fleet_toml_and_every_fleet_toml_key_is_in_the_schema():
+    in_file = set(toml_key_lines())
+    assert in_file == set(SCHEMA), (
+        f"only in fleet.toml: {sorted(in_file - set(SCHEMA))}; only in SCHEMA: {sorted(set(SCHEMA) - in_file)}"
+    )
+    assert set(settings.flatten(tomllib.loads(FLEET_TOML.read_text()))) == set(SCHEMA)
+
+
+def test_every_key_line_in_fleet_toml_has_a_comment():
+    missing = [line for line in toml_key_lines().values() if not comment_of(line)]
+    assert not missing, f"keys without a # comment: {missing}"
+
+
+def test_every_numeric_key_comment_gives_the_schema_range():
+    wrong = []
+    for key, line in toml_key_lines().items():
+        spec = SCHEMA[key]
+        if spec.kind is not str and f"{number(spec.low)}-{number(spec.high)}" not in comment_of(line):
+            wrong.append(f"{key}: schema says {number(spec.low)}-{number(spec.high)}, comment: {comment_of(line)!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_module_docstring_example_holds():
+    s = load(env={"FLEET_EDGE_PORT": "9000", "FLEET_SLOW_WORKERS": "2"})
+    assert (s.edge.port, s.slow.workers, s.slow.queue_limit) == (9000, 2, 8)
+
+
+# overrides --------------------------------------------------------------------------------------
+
+def test_env_name_is_fleet_section_key_in_upper_case():
+    assert env_name("tasks.fib.max_n") == "FLEET_TASKS_FIB_MAX_N"
+    assert env_name("edge.port") == "FLEET_EDGE_PORT"
+
+
+def test_fleet_env_vars_override_file_values():
+    s = load(env={
+        "FLEET_EDGE_PORT": "9000",
+        "FLEET_EDGE_BIND": "::1",
+        "FLEET_SLOW_JOB_TIMEOUT": "2.5",
+        "FLEET_SLOW_TASK_MODULES": "services.slow.tasks, tests.support.faulty_tasks",
+    })
+    assert s.edge.port == 9000
+    assert s.edge.bind == "::1"
+    assert s.slow.job_timeout == 2.5
+    assert s.slow.task_modules == "services.slow.tasks, tests.support.faulty_tasks"
+    assert s.fast.base_port == 8100  # untouched keys keep the file's value
+
+
+def test_fleet_tasks_fib_max_n_overrides_the_task_config():
+    s = load(env={"FLEET_TASKS_FIB_MAX_N": "20"})
+    assert s.tasks.fib.max_n == 20
+    assert s.task_config("fib") == {"max_n": 20}
+
+
+def test_override_values_are_stripped_of_surrounding_whitespace():
+    assert load(env={"FLEET_EDGE_PORT": " 9001 "}).edge.port == 9001
+
+
+def test_fleet_run_dir_sets_the_run_directory(tmp_path):
+    assert load(env={"FLEET_RUN_DIR": str(tmp_path)}).run_dir == tmp_path.resolve()
+
+
+def test_run_directory_defaults_to_dot_run_in_the_repository():
+    assert load(env={}).run_dir == settings.REPO_ROOT / ".run"
+
+
+def test_env_vars_outside_the_settings_sections_are_ignored():
+    s = load(env={"FLEET_RUN_DIR": "/tmp", "FLEETING": "x", "PATH": "/bin", "FLEET_WHATEVER_X": "1"})
+    assert s.edge.port == 8080
+
+
+def test_load_reads_os_environ_when_no_env_is_given(monkeypatch):
+    monkeypatch.setenv("FLEET_EDGE_PORT", "9123")
+    assert load().edge.port == 9123
+
+
+# "auto" -----------------------------------------------------------------------------------------
+
+def test_auto_workers_is_the_cpu_count():
+    assert load(env={}).slow.workers == (os.cpu_count() or 1)
+
+
+def test_auto_queue_limit_is_four_times_the_workers():
+    assert load(env={}).slow.queue_limit == 4 * (os.cpu_count() or 1)
+    assert load(env={"FLEET_SLOW_WORKERS": "3"}).slow.queue_limit == 12
+
+
+def test_auto_can_be_given_explicitly_and_numbers_replace_it():
+    s = load(env={"FLEET_SLOW_WORKERS": "auto", "FLEET_SLOW_QUEUE_LIMIT": "0"})
+    assert (s.slow.workers, s.slow.queue_limit) == (os.cpu_count() or 1, 0)
+
+
+def test_auto_is_refused_for_a_key_without_an_auto_value():
+    message = error_of(env={"FLEET_EDGE_PORT": "auto"})
+    assert "FLEET_EDGE_PORT" in message and "1-65535" in message
+
+
+# validation -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", ["80a", "", "1.5", "0x50", "true"])
+def test_a_bad_integer_is_refused_naming_the_env_var_and_the_range(raw):
+    message = error_of(env={"FLEET_EDGE_PORT": raw})
+    assert "FLEET_EDGE_PORT" in message
+    assert "edge.port" in message
+    assert "an integer 1-65535" in message
+
+
+@pytest.mark.parametrize("name, raw, allowed", [
+    ("FLEET_EDGE_PORT", "0", "1-65535"),
+    ("FLEET_EDGE_PORT", "65536", "1-65535"),
+    ("FLEET_SLOW_NICE", "20", "0-19"),
+    ("FLEET_SLOW_NICE", "-1", "0-19"),
+    ("FLEET_TASKS_FIB_MAX_N", "41", "0-40"),
+    ("FLEET_SLOW_WORKERS", "0", "1-256"),
+    ("FLEET_SLOW_JOB_TIMEOUT", "0.05", "0.1-3600"),
+    ("FLEET_SLOW_JOB_TIMEOUT", "nan", "0.1-3600"),
+    ("FLEET_SLOW_JOB_TIMEOUT", "inf", "0.1-3600"),
+])
+def test_an_out_of_range_value_is_refused_naming_the_env_var_and_the_range(name, raw, allowed):
+    message = error_of(env={name: raw})
+    assert name in message and allowed in message
+
+
+def test_the_range_message_says_when_auto_is_allowed():
+    assert '1-256 or "auto"' in error_of(env={"FLEET_SLOW_WORKERS": "many"})
+
+
+def test_a_boolean_in_the_toml_file_is_refused(tmp_path):
+    path = write_toml(tmp_path, "nice = 10 ", "nice = true ")
+    message = error_of(path=path, env={})
+    assert "slow.nice" in message and "0-19" in message and "True" in message
+
+
+def test_a_fraction_in_the_toml_file_is_refused_for_an_integer_key(tmp_path):
+    path = write_toml(tmp_path, "instances = 2 ", "instances = 2.5 ")
+    message = error_of(path=path, env={})
+    assert "fast.instances" in message and "1-64" in message
+
+
+def test_a_whole_float_in_the_toml_file_is_accepted_for_an_integer_key(tmp_path):
+    path = write_toml(tmp_path, "instances = 2 ", "instances = 3.0 ")
+    assert load(path=path, env={}).fast.instances == 3
+
+
+def test_an_unknown_fleet_env_var_in_a_settings_section_is_refused():
+    message = error_of(env={"FLEET_EDGE_PROT": "9000"})
+    assert "FLEET_EDGE_PROT" in message and "no such setting" in message
+    assert "FLEET_EDGE_PORT" in message  # the list of known names shows the likely fix
+
+
+@pytest.mark.parametrize("bind", ["localhost", "300.1.1.1", "127.0.0.1:80", ""])
+def test_a_bad_bind_address_is_refused(bind):
+    message = error_of(env={"FLEET_EDGE_BIND": bind})
+    assert "FLEET_EDGE_BIND" in message and "IPv4 or IPv6" in message
+
+
+def test_a_bad_task_modules_value_is_refused():
+    message = error_of(env={"FLEET_SLOW_TASK_MODULES": "services..slow,"})
+    assert "slow.task_modules" in message and "module names" in message
+
+
+def test_overlapping_fast_and_slow_ports_are_refused():
+    message = error_of(env={"FLEET_SLOW_BASE_PORT": "8101"})
+    assert "overlap" in message
+    assert "fast.base_port" in message and "slow.base_port" in message
+
+
+def test_adjacent_fast_and_slow_port_ranges_are_accepted():
+    s = load(env={"FLEET_SLOW_BASE_PORT": "8102"})  # fast 8101-8102, slow 8103
+    assert s.instances("slow") == [("slow-01", 8103)]
+
+
+def test_an_edge_port_equal_to_an_instance_port_is_refused():
+    message = error_of(env={"FLEET_EDGE_PORT": "8201"})
+    assert "edge.port" in message and "8201" in message
+
+
+def test_an_unknown_key_in_the_file_is_refused(tmp_path):
+    path = write_toml(tmp_path, "[edge]\n", "[edge]\nprot = 1\n")
+    message = error_of(path=path, env={})
+    assert "unknown setting edge.prot" in message
+
+
+def test_a_key_missing_from_the_file_is_refused(tmp_path):
+    path = write_toml(tmp_path, "nice = 10 ", "# nice removed ")
+    assert "missing setting slow.nice" in error_of(path=path, env={})
+
+
+def test_a_file_that_is_not_toml_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[edge\nport = 1\n")
+    message = error_of(path=path, env={})
+    assert "broken.toml" in message and "not valid TOML" in message
+
+
+# the resolved settings --------------------------------------------------------------------------
+
+def test_instances_lists_names_and_ports_per_role():
+    s = load(env={"FLEET_FAST_INSTANCES": "3"})
+    assert s.instances("fast") == [("fast-01", 8101), ("fast-02", 8102), ("fast-03", 8103)]
+    assert s.instances("slow") == [("slow-01", 8201)]
+
+
+def test_task_config_returns_only_that_tasks_table():
+    s = load(env={})
+    assert s.task_config("pbkdf2") == {"max_rounds": 600000}
+    assert s.task_config("sleep") == {"max_seconds": 10}
+    assert s.task_config("nope") == {}
+
+
+def test_snapshot_round_trips_through_from_snapshot(tmp_path):
+    original = load(env={
+        "FLEET_RUN_DIR": str(tmp_path / "run"),
+        "FLEET_SLOW_WORKERS": "3",
+        "FLEET_SLOW_JOB_TIMEOUT": "1.5",
+        "FLEET_EDGE_BIND": "::1",
+    })
+    path = tmp_path / "settings.json"
+    path.write_text(original.snapshot())
+    copy = Settings.from_snapshot(path)
+    assert copy.values == original.values
+    assert copy.run_dir == original.run_dir == (tmp_path / "run").resolve()
+    assert (copy.slow.workers, copy.slow.queue_limit, copy.slow.job_timeout) == (3, 12, 1.5)
+    assert json.loads(path.read_text())["values"]["slow.queue_limit"] == 12  # "auto" resolved once
+
+
+def test_from_snapshot_ignores_fleet_env_vars(tmp_path, monkeypatch):
+    path = tmp_path / "settings.json"
+    path.write_text(load(env={}).snapshot())
+    monkeypatch.setenv("FLEET_EDGE_PORT", "9999")
+    assert Settings.from_snapshot(path).edge.port == 8080
+
+
+def test_from_snapshot_validates_what_it_reads(tmp_path):
+    data = json.loads(load(env={}).snapshot())
+    data["values"]["slow.nice"] = 40
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SettingsError, match=r"slow\.nice.*0-19"):
+        Settings.from_snapshot(path)

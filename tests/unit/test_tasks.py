@@ -1,0 +1,182 @@
+"""The shipped tasks as plain functions, their argument parsers, and the task registry."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from services.slow import registry, tasks
+from services.slow.registry import BadArgument
+
+FIB_CONFIG = {"max_n": 35}
+PBKDF2_CONFIG = {"max_rounds": 600000}
+SLEEP_CONFIG = {"max_seconds": 10}
+
+
+# fib --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, expected", [(0, 0), (1, 1), (2, 1), (10, 55), (25, 75025)])
+def test_fib_computes_fibonacci_numbers(n, expected):
+    assert tasks.fib(n) == expected
+
+
+def test_parse_fib_accepts_a_decimal_n():
+    assert tasks.parse_fib("25", {}, FIB_CONFIG) == {"n": 25}
+
+
+def test_parse_fib_accepts_zero_and_the_configured_maximum():
+    assert tasks.parse_fib("0", {}, FIB_CONFIG) == {"n": 0}
+    assert tasks.parse_fib("35", {}, FIB_CONFIG) == {"n": 35}
+
+
+@pytest.mark.parametrize("path", ["", "-1", "abc", "999", "36", "\u0663", "1e3", " 5", "5.0", "+5", "0x10"])
+def test_parse_fib_rejects_anything_but_a_decimal_integer_up_to_max_n(path):
+    with pytest.raises(BadArgument):
+        tasks.parse_fib(path, {}, FIB_CONFIG)
+
+
+def test_parse_fib_says_what_is_allowed():
+    with pytest.raises(BadArgument, match="n must be an integer 0-35"):
+        tasks.parse_fib("999", {}, FIB_CONFIG)
+    with pytest.raises(BadArgument, match="missing n"):
+        tasks.parse_fib("", {}, FIB_CONFIG)
+
+
+def test_parse_fib_follows_the_configured_max_n():
+    with pytest.raises(BadArgument):
+        tasks.parse_fib("21", {}, {"max_n": 20})
+    assert tasks.parse_fib("20", {}, {"max_n": 20}) == {"n": 20}
+
+
+# pbkdf2 -----------------------------------------------------------------------------------------
+
+def test_pbkdf2_matches_hashlib_pbkdf2_hmac_sha256():
+    expected = hashlib.pbkdf2_hmac("sha256", b"hunter2", b"pepper", 1000).hex()
+    assert tasks.pbkdf2("hunter2", "pepper", 1000) == expected
+
+
+def test_pbkdf2_depends_on_salt_and_rounds():
+    base = tasks.pbkdf2("pw", "a", 1000)
+    assert base != tasks.pbkdf2("pw", "b", 1000)
+    assert base != tasks.pbkdf2("pw", "a", 1001)
+
+
+def test_parse_pbkdf2_fills_in_the_default_salt_and_rounds():
+    assert tasks.parse_pbkdf2("", {"password": "pw"}, PBKDF2_CONFIG) == {
+        "password": "pw", "salt": "", "rounds": 100_000,
+    }
+
+
+def test_parse_pbkdf2_accepts_rounds_as_a_number_or_a_decimal_string():
+    assert tasks.parse_pbkdf2("", {"password": "pw", "rounds": 2000}, PBKDF2_CONFIG)["rounds"] == 2000
+    assert tasks.parse_pbkdf2("", {"password": "pw", "rounds": "2000"}, PBKDF2_CONFIG)["rounds"] == 2000
+
+
+@pytest.mark.parametrize("params", [
+    {},
+    {"password": ""},
+    {"password": 123},
+    {"password": "x" * 1025},
+    {"password": "pw", "salt": 5},
+    {"password": "pw", "rounds": 999},
+    {"password": "pw", "rounds": True},
+    {"password": "pw", "rounds": 1000.5},
+])
+def test_parse_pbkdf2_rejects_bad_arguments(params):
+    with pytest.raises(BadArgument):
+        tasks.parse_pbkdf2("", params, PBKDF2_CONFIG)
+
+
+def test_parse_pbkdf2_rejects_rounds_above_the_configured_maximum():
+    assert tasks.parse_pbkdf2("", {"password": "pw", "rounds": 600000}, PBKDF2_CONFIG)["rounds"] == 600000
+    with pytest.raises(BadArgument, match="rounds must be an integer 1000-600000"):
+        tasks.parse_pbkdf2("", {"password": "pw", "rounds": 600001}, PBKDF2_CONFIG)
+
+
+# sleep and its per-worker client ----------------------------------------------------------------
+
+def test_sleep_task_reuses_its_per_worker_client():
+    registered = registry.load("services.slow.tasks")["sleep"]
+    client = registered.setup()
+    first = registered.fn(client, 0)
+    second = registered.fn(client, 0)
+    assert first["client_id"] == second["client_id"] == client.client_id
+    assert (first["calls"], second["calls"]) == (1, 2)
+    assert first["worker_pid"] == os.getpid()
+
+
+def test_each_legacy_client_has_its_own_id_and_call_count():
+    a, b = tasks.connect_legacy_client(), tasks.connect_legacy_client()
+    tasks.blocking_call(a, 0)
+    assert a.client_id != b.client_id
+    assert tasks.blocking_call(b, 0)["calls"] == 1
+
+
+def test_parse_sleep_accepts_a_number_of_seconds_up_to_the_maximum():
+    assert tasks.parse_sleep("0.5", {}, SLEEP_CONFIG) == {"seconds": 0.5}
+    assert tasks.parse_sleep("10", {}, SLEEP_CONFIG) == {"seconds": 10.0}
+
+
+@pytest.mark.parametrize("path", ["", "-1", "10.5", "nan", "inf", "abc", "\u0663"])
+def test_parse_sleep_rejects_anything_else(path):
+    with pytest.raises(BadArgument):
+        tasks.parse_sleep(path, {}, SLEEP_CONFIG)
+
+
+# the registry -----------------------------------------------------------------------------------
+
+def test_registry_load_returns_only_the_tasks_of_the_named_modules():
+    shipped = registry.load("services.slow.tasks")
+    assert set(shipped) == {"fib", "pbkdf2", "sleep"}
+    faulty = registry.load("tests.support.faulty_tasks")
+    assert "fib" not in faulty
+    assert {"raise_error", "exit_worker", "spin", "pid"} <= set(faulty)
+    both = registry.load("services.slow.tasks, tests.support.faulty_tasks")
+    assert set(both) == set(shipped) | set(faulty)
+
+
+def test_registered_tasks_keep_their_plain_functions_and_declarations():
+    shipped = registry.load("services.slow.tasks")
+    assert shipped["fib"].fn is tasks.fib and shipped["fib"].echo == ("n",)
+    assert shipped["pbkdf2"].methods == ("POST",) and "password" not in shipped["pbkdf2"].echo
+    assert shipped["sleep"].setup is tasks.connect_legacy_client
+
+
+def test_registry_load_of_an_unknown_module_raises():
+    with pytest.raises(ModuleNotFoundError):
+        registry.load("services.slow.no_such_module")
+
+
+def test_task_decorator_refuses_a_nested_function():
+    def outer():
+        def inner():
+            return 1
+        return inner
+
+    with pytest.raises(ValueError, match="module-level"):
+        registry.task("nested_test_task", parse=tasks.parse_fib)(outer())
+    assert "nested_test_task" not in registry._TASKS
+
+
+def _another_fib(n: int) -> int:
+    return n
+
+
+def test_task_decorator_refuses_a_name_already_registered_by_another_module():
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.task("fib", parse=tasks.parse_fib)(_another_fib)
+    assert registry.load("services.slow.tasks")["fib"].fn is tasks.fib
+
+
+def test_task_decorator_accepts_the_same_function_registered_again():
+    # A module imported twice (reload, a forkserver preload) registers its tasks again.
+    assert registry.task("fib", parse=tasks.parse_fib, echo=("n",))(tasks.fib) is tasks.fib
+    assert registry.load("services.slow.tasks")["fib"].fn is tasks.fib
+
+
+@pytest.mark.parametrize("name", ["Fib", "fib-x", "fib x", ""])
+def test_task_decorator_refuses_names_that_do_not_fit_the_route(name):
+    with pytest.raises(ValueError, match="lower-case"):
+        registry.task(name, parse=tasks.parse_fib)
