@@ -36,6 +36,6 @@ wanted=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.requirements.sha256 2>/dev/null)" != "$wanted" ]; then
     echo "bootstrap: creating .venv from requirements.txt"
     "$python" -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+    .venv/bin/pip install -qq --disable-pip-version-check -r requirements.txt
     echo "$wanted" > .venv/.requirements.sha256
 fi

@@ -41,7 +41,7 @@ class Admission:
             except asyncio.CancelledError:
                 if turn.done() and not turn.cancelled():
                     self._release()  # the slot arrived as we were cancelled: pass it on
-                else:
+                elif turn in self._waiting:  # _release may have dropped it already
                     self._waiting.remove(turn)
                 raise
         else:

@@ -250,6 +250,11 @@ class WorkerPool:
         # start() asks the forkserver for a process over a socket: blocking, so not on the loop.
         await loop.run_in_executor(None, process.start)
         child_end.close()
+        if self._closing:  # close() ran while this replacement was starting
+            process.kill()
+            process.join(1)
+            parent_end.close()
+            return
         worker = _Worker(process, parent_end, loop.create_future())
         self._workers.add(worker)
         self.counters["started"] += 1
@@ -269,6 +274,11 @@ class WorkerPool:
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(worker.conn.fileno())
             return  # the worker is exiting; _on_exit reports it
+        except Exception as exc:
+            # The reply arrived whole but does not unpickle here (bpo-31699): the pipe is still in
+            # step, so fail this job alone and keep the worker.
+            message = ("error", type(exc).__name__, f"the job's reply could not be read: {exc}",
+                       traceback.format_exc())
         kind = message[0]
         if kind == "ready":
             worker.ready.set_result(message[1])

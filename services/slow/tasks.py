@@ -37,6 +37,10 @@ def parse_pbkdf2(path: str, params: Mapping[str, Any], config: Mapping[str, Any]
         raise BadArgument('"password" must be a string of 1-1024 characters')
     if not isinstance(salt, str) or len(salt) > 1024:
         raise BadArgument('"salt" must be a string of at most 1024 characters')
+    try:
+        password.encode(), salt.encode()
+    except UnicodeEncodeError:  # JSON allows lone surrogates ("\ud800"); UTF-8 does not
+        raise BadArgument('"password" and "salt" must be valid Unicode text') from None
     rounds = bounded_int(params.get("rounds", 100_000), "rounds", 1000, config["max_rounds"])
     return {"password": password, "salt": salt, "rounds": rounds}
 

@@ -228,11 +228,6 @@ def test_a_running_job_cancelled_releases_its_slot_to_the_next_waiter():
     asyncio.run(main())
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "BUG services/slow/admission.py:45: a waiter cancelled in the same loop turn as a release "
-    "has its cancelled future already popped by _release, so `self._waiting.remove(turn)` raises "
-    "ValueError, which replaces the CancelledError"
-))
 def test_a_waiter_cancelled_in_the_same_turn_as_a_release_ends_cancelled():
     async def main():
         a = Admission(slots=1, queue_limit=1)

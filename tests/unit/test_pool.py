@@ -212,21 +212,18 @@ def test_after_close_no_worker_process_remains():
     assert len(seen) == 2
 
 
-def test_a_task_whose_setup_fails_keeps_the_pool_from_starting():
+def test_a_pool_whose_task_modules_fail_to_import_refuses_to_start():
     async def main():
         pool = WorkerPool(1, "services.slow.no_such_module", nice=0)
-        with pytest.raises(RuntimeError, match="setup failed|exited during start-up"):
+        before = forkserver_children()
+        with pytest.raises(RuntimeError, match="task setup failed: ModuleNotFoundError"):
             await pool.start()
         await pool.close()
+        await eventually(lambda: forkserver_children() <= before, what="the failed worker gone")
 
     asyncio.run(main())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG services/slow/pool.py:300-306 (_replace/_spawn): a replacement that is starting when "
-    "close() runs is not stopped: _spawn never checks _closing after process.start, so a worker "
-    "joins the pool after close() and stays alive until the event loop ends"
-))
 def test_close_during_a_replacement_leaves_no_worker_behind():
     before = forkserver_children()
 
@@ -243,11 +240,6 @@ def test_close_during_a_replacement_leaves_no_worker_behind():
     asyncio.run(main())
 
 
-@pytest.mark.xfail(strict=True, raises=JobTimeout, reason=(
-    "BUG services/slow/pool.py:266-271 (_on_message): a reply that fails to unpickle in the "
-    "server (TypeError from conn.recv) escapes the reader callback; the job is never answered "
-    "and waits for its deadline (504) instead of failing at once (500)"
-))
 def test_a_result_that_cannot_be_unpickled_fails_its_job_at_once():
     async def body(pool):
         with pytest.raises(JobFailed):

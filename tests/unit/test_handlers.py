@@ -1,0 +1,266 @@
+"""Both apps in process, through real HTTP on an unused port: the contract's answers and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+
+import pytest
+import tornado
+from tornado.testing import AsyncHTTPTestCase, gen_test
+
+from services.common.server import Instance
+from services.common.settings import load
+from services.fast.app import make_app as make_fast_app
+from services.slow import registry
+from services.slow.app import make_app as make_slow_app
+from services.slow.pool import InlinePool
+
+MODULES = "services.slow.tasks,tests.support.faulty_tasks"
+HEX_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class ContractTestCase(AsyncHTTPTestCase):
+    def request(self, path: str, method: str = "GET", body: bytes | str | None = None, **headers):
+        if body is None and method in ("POST", "PUT"):
+            body = b""
+        return self.fetch(path, method=method, body=body, headers=headers, raise_error=False)
+
+    def assert_json_error(self, response, status: int, error: str) -> dict:
+        assert response.code == status, (response.code, response.body)
+        assert response.headers["Content-Type"].startswith("application/json")
+        body = json.loads(response.body)
+        assert body["error"] == error
+        assert isinstance(body["message"], str) and body["message"]
+        assert body["request_id"] == response.headers["X-Request-ID"]
+        return body
+
+
+# the fast app -----------------------------------------------------------------------------------
+
+class FastAppTest(ContractTestCase):
+    def get_app(self):
+        return make_fast_app(Instance("fast", 1, load(env={})))
+
+    def test_fast_says_hello_with_served_by_and_a_request_id(self):
+        response = self.request("/fast")
+        assert response.code == 200
+        assert response.body == b"Hello!"
+        assert response.headers["Content-Type"].startswith("text/plain")
+        assert response.headers["X-Served-By"] == "fast-01"
+        assert HEX_ID.match(response.headers["X-Request-ID"])
+
+    def test_each_request_gets_its_own_request_id(self):
+        assert self.request("/fast").headers["X-Request-ID"] != self.request("/fast").headers["X-Request-ID"]
+
+    def test_a_safe_incoming_request_id_is_kept(self):
+        response = self.request("/fast", **{"X-Request-ID": "edge-42.a_B"})
+        assert response.headers["X-Request-ID"] == "edge-42.a_B"
+
+    def test_an_unsafe_incoming_request_id_is_replaced(self):
+        for unsafe in ("a b<>", "x" * 200, "x" * 65):
+            response = self.request("/fast", **{"X-Request-ID": unsafe})
+            assert response.code == 200
+            assert HEX_ID.match(response.headers["X-Request-ID"]), unsafe
+
+    def test_a_request_id_of_64_safe_characters_is_kept(self):
+        assert self.request("/fast", **{"X-Request-ID": "y" * 64}).headers["X-Request-ID"] == "y" * 64
+
+    def test_echo_returns_the_byte_count_and_sha256_of_the_body(self):
+        body = "h\u00e9llo \x00 wörld".encode()
+        response = self.request("/echo", method="POST", body=body)
+        assert response.code == 200
+        assert response.headers["Content-Type"].startswith("application/json")
+        assert json.loads(response.body) == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+
+    def test_echo_of_an_empty_body_is_zero_bytes(self):
+        response = self.request("/echo", method="POST", body=b"")
+        assert json.loads(response.body) == {"bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()}
+
+    def test_an_unknown_path_is_a_json_404(self):
+        response = self.request("/nope?x=1", **{"X-Request-ID": "req-404"})
+        body = self.assert_json_error(response, 404, "not_found")
+        assert body["request_id"] == "req-404"
+        assert "/nope" in body["message"]
+        assert response.headers["X-Served-By"] == "fast-01"
+
+    def test_slow_paths_are_not_served_by_the_fast_app(self):
+        self.assert_json_error(self.request("/slow/fib/25"), 404, "not_found")
+
+    def test_put_on_fast_is_a_json_405(self):
+        self.assert_json_error(self.request("/fast", method="PUT", body=b"x"), 405, "method_not_allowed")
+
+    def test_get_on_echo_is_a_json_405(self):
+        self.assert_json_error(self.request("/echo"), 405, "method_not_allowed")
+
+    def test_no_response_names_tornado_or_its_version(self):
+        for response in (self.request("/fast"), self.request("/nope"), self.request("/fast", method="PUT")):
+            assert "Server" not in response.headers, response.headers.get("Server")
+            assert tornado.version not in str(response.headers)
+
+    def test_healthz_names_role_and_instance(self):
+        response = self.request("/healthz")
+        assert response.code == 200
+        assert json.loads(response.body) == {"status": "ok", "role": "fast", "instance": "fast-01"}
+
+    def test_healthz_says_draining_with_503_while_the_instance_drains(self):
+        self._app.settings["draining"] = True
+        response = self.request("/healthz")
+        assert response.code == 503
+        assert json.loads(response.body)["status"] == "draining"
+        assert response.headers.get("Connection") == "close"
+
+    def test_no_request_stays_in_flight_after_its_answer(self):
+        self.request("/fast")
+        self.request("/nope")
+        self.request("/fast", method="PUT")
+        assert self._app.settings["in_flight"].count == 0
+
+
+# the slow app, inline pool ----------------------------------------------------------------------
+
+class SlowAppTest(ContractTestCase):
+    def get_app(self):
+        self.pool = InlinePool(MODULES)
+        settings = load(env={"FLEET_SLOW_WORKERS": "2", "FLEET_SLOW_TASK_MODULES": MODULES})
+        return make_slow_app(Instance("slow", 1, settings), registry.load(MODULES), self.pool)
+
+    def test_fib_25_answers_its_result_and_n(self):
+        response = self.request("/slow/fib/25")
+        assert response.code == 200
+        assert response.headers["X-Served-By"] == "slow-01"
+        body = json.loads(response.body)
+        assert (body["task"], body["n"], body["result"]) == ("fib", 25, 75025)
+        assert body["elapsed_ms"] >= 0 and body["queued_ms"] >= 0
+
+    def test_bad_fib_arguments_are_a_json_400_before_any_job_runs(self):
+        for path in ("/slow/fib/-1", "/slow/fib/abc", "/slow/fib/36", "/slow/fib/%D9%A3", "/slow/fib"):
+            body = self.assert_json_error(self.request(path), 400, "bad_argument")
+            assert "n" in body["message"], path
+        assert self.pool.counters == {"ok": 0, "error": 0}
+
+    def test_an_unknown_task_is_a_json_404(self):
+        body = self.assert_json_error(self.request("/slow/nope"), 404, "not_found")
+        assert "nope" in body["message"] and "fib" in body["message"]  # lists the known tasks
+
+    def test_an_unmatched_slow_path_is_a_json_404(self):
+        self.assert_json_error(self.request("/slow/Fib/1"), 404, "not_found")
+
+    def test_get_on_a_post_only_task_is_a_json_405_with_allow(self):
+        response = self.request("/slow/pbkdf2")
+        self.assert_json_error(response, 405, "method_not_allowed")
+        assert response.headers["Allow"] == "POST"
+
+    def test_post_on_a_get_only_task_is_a_json_405_with_allow(self):
+        response = self.request("/slow/fib/25", method="POST", body=b"{}")
+        self.assert_json_error(response, 405, "method_not_allowed")
+        assert response.headers["Allow"] == "GET"
+
+    def test_pbkdf2_posted_as_json_answers_the_hash_and_echoes_only_rounds(self):
+        response = self.request("/slow/pbkdf2", method="POST",
+                                body=json.dumps({"password": "hunter2", "salt": "s", "rounds": 1000}))
+        assert response.code == 200
+        body = json.loads(response.body)
+        assert body["result"] == hashlib.pbkdf2_hmac("sha256", b"hunter2", b"s", 1000).hex()
+        assert body["rounds"] == 1000
+        assert "hunter2" not in response.body.decode()
+
+    def test_pbkdf2_with_a_body_that_is_not_json_is_a_json_400(self):
+        for body in (b"{not json", b"\xff\xfe", b"[1, 2]", b'"password"'):
+            self.assert_json_error(self.request("/slow/pbkdf2", method="POST", body=body), 400, "bad_request")
+
+    def test_pbkdf2_with_bad_arguments_is_a_json_400(self):
+        for body in ({}, {"password": "pw", "rounds": 10**9}, {"password": 5}):
+            response = self.request("/slow/pbkdf2", method="POST", body=json.dumps(body))
+            self.assert_json_error(response, 400, "bad_argument")
+
+    def test_a_task_that_raises_is_a_json_500_with_its_type_and_no_traceback(self):
+        response = self.request("/slow/raise_error")
+        body = self.assert_json_error(response, 500, "job_failed")
+        assert body["type"] == "ValueError"
+        assert "this task always raises" in body["message"]
+        text = response.body.decode()
+        assert "Traceback" not in text and "File \"" not in text and "faulty_tasks" not in text
+
+    def test_a_task_returning_something_that_is_not_json_is_a_json_500(self):
+        body = self.assert_json_error(self.request("/slow/return_unpicklable"), 500, "job_failed")
+        assert "not JSON" in body["message"]
+
+    def test_sleep_reuses_the_same_client_across_jobs(self):
+        first = json.loads(self.request("/slow/sleep/0").body)["result"]
+        second = json.loads(self.request("/slow/sleep/0").body)["result"]
+        assert first["client_id"] == second["client_id"]
+        assert second["calls"] == first["calls"] + 1
+
+    def test_query_arguments_reach_the_task_parser(self):
+        response = self.request("/slow/spin/0.01?ignored=1")
+        assert response.code == 200 and json.loads(response.body)["seconds"] == 0.01
+
+    def test_slow_healthz_reports_the_line_and_the_pool(self):
+        self.request("/slow/fib/5")
+        body = json.loads(self.request("/healthz").body)
+        assert (body["status"], body["role"], body["instance"]) == ("ok", "slow", "slow-01")
+        assert (body["running"], body["waiting"], body["shed"]) == (0, 0, 0)
+        assert body["pool"]["ok"] == 1
+
+    def test_no_slow_response_names_tornado(self):
+        for path in ("/slow/fib/1", "/slow/nope", "/slow/raise_error"):
+            assert "Server" not in self.request(path).headers
+
+    def test_a_password_that_cannot_be_encoded_is_a_json_400(self):
+        response = self.request("/slow/pbkdf2", method="POST", body='{"password": "\\ud800"}')
+        self.assert_json_error(response, 400, "bad_argument")
+
+
+# the slow app, the waiting line full ------------------------------------------------------------
+
+class HeldPool:
+    """A pool whose jobs run until the test lets them go."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def run(self, task: str, kwargs: dict, timeout: float):
+        self.calls += 1
+        self.started.set()
+        await self.release.wait()
+        return 75025, 1.0
+
+    def stats(self) -> dict:
+        return {"workers": 1, "busy": int(self.started.is_set() and not self.release.is_set()),
+                "calls": self.calls}
+
+
+class SlowAppFullLineTest(ContractTestCase):
+    def get_app(self):
+        self.pool = HeldPool()
+        settings = load(env={"FLEET_SLOW_WORKERS": "1", "FLEET_SLOW_QUEUE_LIMIT": "0"})
+        assert (settings.slow.workers, settings.slow.queue_limit) == (1, 0)
+        return make_slow_app(Instance("slow", 1, settings), registry.load("services.slow.tasks"), self.pool)
+
+    @gen_test(timeout=10)
+    async def test_a_full_line_is_a_503_with_retry_after_while_the_slot_holder_still_succeeds(self):
+        first = self.http_client.fetch(self.get_url("/slow/fib/25"), raise_error=False)
+        await asyncio.wait_for(self.pool.started.wait(), 5)
+
+        refused = await self.http_client.fetch(self.get_url("/slow/fib/24"), raise_error=False)
+        body = self.assert_json_error(refused, 503, "overloaded")
+        assert refused.headers["Retry-After"] == "1"
+        assert "full" in body["message"]
+        assert self.pool.calls == 1  # the refused job never reached the pool
+
+        health = json.loads((await self.http_client.fetch(self.get_url("/healthz"))).body)
+        assert (health["running"], health["waiting"], health["shed"]) == (1, 0, 1)
+
+        self.pool.release.set()
+        answered = await first
+        assert answered.code == 200 and json.loads(answered.body)["result"] == 75025
+
+        health = json.loads((await self.http_client.fetch(self.get_url("/healthz"))).body)
+        assert (health["running"], health["waiting"]) == (0, 0)
+        again = await self.http_client.fetch(self.get_url("/slow/fib/25"), raise_error=False)
+        assert again.code == 200  # the slot came back
