@@ -3,8 +3,16 @@ SHELL := bash
 .SHELLFLAGS := -o errexit -o nounset -o pipefail -c
 PY := .venv/bin/python
 BOOTSTRAP := deploy/bootstrap.sh
+LOCUST := .venv/bin/locust
+# The fleet's fast routes for the isolation check (locustfile.py alone defaults to GET /fast only);
+# LOAD_OPTS passes more Locust options, e.g. make load-check LOAD_OPTS="--mixed-seconds 60".
+FAST_ROUTES := GET /fast, POST /echo
+LOAD_OPTS ?=
+EDGE_URL := $(PY) -c 'from deploy.fleet import edge_url; from services.common.settings import load; print(edge_url(load()))'
+FLEET_UP_IF_DOWN := $(PY) -c 'import sys; from deploy.fleet import supervisord_pid; from services.common.settings import load; \
+	sys.exit(0 if supervisord_pid(load()) else 1)' || $(PY) -m deploy.fleet up
 
-.PHONY: deploy-local stop status logs reload test test-unit test-integration help bootstrap render
+.PHONY: deploy-local stop status logs reload chaos test test-unit test-integration help bootstrap render load load-check bench
 
 deploy-local: bootstrap ## Start the fleet (or apply changed settings), wait for /healthz, print the URLs
 	@$(PY) -m deploy.fleet up
@@ -22,6 +30,9 @@ logs: ## Follow every log of the fleet (nginx, supervisord, instances), merged
 reload: bootstrap ## Rolling restart, one instance at a time: new code and settings, no failed requests
 	@$(PY) -m deploy.fleet reload
 
+chaos: bootstrap ## Break the running fleet (kill -9 instances, workers, nginx; drain; reload) under load; print the table
+	@$(PY) -m deploy.chaos
+
 render: bootstrap ## Render nginx.conf, supervisord.conf and settings.json into the run dir, and nginx -t them
 	@$(PY) -m deploy.fleet render
 
@@ -34,8 +45,25 @@ test-unit: bootstrap ## In-process tests only (settings, rendering, tasks, pool,
 test-integration: bootstrap ## Tests against private fleets in temp run dirs
 	@$(PY) -m pytest tests/integration
 
+load: bootstrap ## Locust's web UI on http://127.0.0.1:8089 (host preset to the edge; deploys the fleet if it is down)
+	@$(FLEET_UP_IF_DOWN)
+	@edge=$$($(EDGE_URL)); echo "Locust web UI: http://127.0.0.1:8089  (host $$edge; start the shaped run, then open the Isolation tab)"; \
+	exec $(LOCUST) -f locustfile.py --web-host 127.0.0.1 --web-port 8089 --host "$$edge" --fast-routes "$(FAST_ROUTES)" $(LOAD_OPTS)
+
+load-check: bootstrap ## Headless isolation proof against the fleet: per-phase table, report in the run dir, exit code = verdict
+	@$(FLEET_UP_IF_DOWN)
+	@run=$${FLEET_RUN_DIR:-.run}; edge=$$($(EDGE_URL)); mkdir -p "$$run"; \
+	echo "isolation check against $$edge (about 80 s; report: $$run/load-check.html, CSVs: $$run/load-check_*.csv)"; \
+	$(LOCUST) -f locustfile.py --headless --only-summary --host "$$edge" --fast-routes "$(FAST_ROUTES)" \
+	    --html "$$run/load-check.html" --csv "$$run/load-check" $(LOAD_OPTS)
+
 bootstrap:
 	@$(BOOTSTRAP)
 
 help: ## This list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
+
+# BENCH_ARGS passes options to the bench, e.g. make bench BENCH_ARGS="--quick --configs fleet,pool".
+bench: bootstrap ## Benchmark naive, pool, fleet and the edge ceiling side by side; results in bench/results/
+	@bench/bootstrap.sh
+	@$(PY) -m bench $(BENCH_ARGS)

@@ -114,8 +114,9 @@ def get_json(url: str, timeout: float = 2) -> tuple[int, dict]:
 
 
 def health_urls(settings: Settings) -> dict[str, str]:
+    """/healthz of every instance and of the edge (spares included: they answer only when up)."""
     urls = {name: f"http://127.0.0.1:{port}/healthz"
-            for role in ("fast", "slow") for name, port in settings.instances(role)}
+            for role in ("fast", "slow") for name, port in settings.instances(role) + [settings.spare(role)]}
     urls["edge"] = f"{edge_url(settings)}/healthz"
     return urls
 
@@ -136,7 +137,7 @@ def healthy(url: str) -> bool:
 def wait_healthy(settings: Settings, names: list[str] | None = None, timeout: float = HEALTH_TIMEOUT) -> None:
     """Wait until the named instances (default: all, and the edge) answer /healthz with 200."""
     urls = health_urls(settings)
-    pending = dict((n, urls[n]) for n in (names or urls))
+    pending = {n: urls[n] for n in (names or [n for n in urls if not n.endswith("-spare")])}
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         pending = {n: u for n, u in pending.items() if not healthy(u)}
@@ -222,8 +223,8 @@ def apply_changes(settings: Settings, restart_instances: bool = False) -> None:
 def reload_nginx(settings: Settings) -> None:
     """Reload nginx and prove it took: `nginx -t` passing is not enough (notes.md)."""
     nginx_test(settings)
-    info = supervisor(settings).supervisor.getProcessInfo("nginx")
-    before = set(worker_pids(info["pid"]))
+    master = int((settings.run_dir / "nginx" / "nginx.pid").read_text())
+    before = set(worker_pids(master))
     log = settings.run_dir / "logs" / "nginx-error.log"
     offset = log.stat().st_size if log.exists() else 0
     supervisor(settings).supervisor.signalProcess("nginx", "HUP")
@@ -232,7 +233,7 @@ def reload_nginx(settings: Settings) -> None:
         fresh = log.read_text(errors="replace")[offset:] if log.exists() else ""
         if "[emerg]" in fresh or "[alert]" in fresh:
             raise FleetError(f"nginx refused the new config; the old one is still serving:\n{fresh.strip()}")
-        now = set(worker_pids(info["pid"]))
+        now = set(worker_pids(master))
         if now and not now & before:
             print("nginx reloaded: new workers " + ", ".join(map(str, sorted(now))))
             return
@@ -254,18 +255,29 @@ def worker_pids(master: int) -> list[int]:
 
 
 def rolling_restart(settings: Settings) -> None:
-    """Restart instances one at a time: restart, wait for its /healthz, wait past fail_timeout, next."""
+    """Restart every instance, one at a time, with no request failed or refused.
+
+    Per role: start its spare (nginx's backup server), then for each instance: stop it (it drains),
+    start it, wait for its /healthz, wait past nginx's fail_timeout so nginx uses it again; then
+    stop the spare. With two or more instances the others carry the load; with one, the spare does.
+    """
     rpc = supervisor(settings).supervisor
     for role in ("slow", "fast"):
-        for name, _ in settings.instances(role):
-            started = time.monotonic()
-            rpc.stopProcess(f"{role}:{name}", True)
-            rpc.startProcess(f"{role}:{name}", False)
-            wait_healthy(settings, [name])
-            # nginx may have marked the instance failed while it was down: wait until it is
-            # back in rotation before taking the next one away.
-            time.sleep(render.FAIL_TIMEOUT_SECONDS + 0.5)
-            print(f"  restarted {name} in {time.monotonic() - started:.1f} s")
+        spare, _ = settings.spare(role)
+        rpc.startProcess(spare, True)
+        wait_healthy(settings, [spare])
+        try:
+            for name, _ in settings.instances(role):
+                started = time.monotonic()
+                rpc.stopProcess(f"{role}:{name}", True)  # returns once it has drained and exited
+                rpc.startProcess(f"{role}:{name}", True)
+                wait_healthy(settings, [name])
+                # nginx may have marked it failed while it was down: wait until it is back in
+                # rotation before taking the next one away.
+                time.sleep(render.FAIL_TIMEOUT_SECONDS + 0.5)
+                print(f"  restarted {name} in {time.monotonic() - started:.1f} s")
+        finally:
+            rpc.stopProcess(spare, True)
 
 
 def stop(settings: Settings) -> None:
@@ -275,9 +287,9 @@ def stop(settings: Settings) -> None:
     else:
         supervisor(settings).supervisor.shutdown()
         deadline = time.monotonic() + 60  # longer than the largest stopwaitsecs
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and alive(pid):
             time.sleep(0.1)
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, signal.SIGKILL)
         print(f"stopped the fleet in {settings.run_dir}")
     leftovers = processes_of(settings.run_dir)
@@ -287,13 +299,16 @@ def stop(settings: Settings) -> None:
             os.kill(leftover, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(alive(p) for p in leftovers):
+        time.sleep(0.05)
     try:
         check_ports_free(settings)
     except FleetError as exc:
         raise FleetError(f"after stop, {exc}") from None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -312,17 +327,34 @@ def _cmdline(pid: int) -> str:
 
 
 def processes_of(run_dir: Path) -> list[int]:
-    """Pids of every process of this run dir's fleet: supervisord, nginx, instances, workers."""
-    marker = f"{MEMBER_MARKER}={run_dir}".encode() + b"\0"
+    """Pids of every process of this run dir's fleet: supervisord, nginx, instances, workers.
+
+    Python processes carry the run dir in their environment (MEMBER_MARKER); nginx overwrites its
+    environment with its process titles, so its processes are known by the log files they hold.
+    """
+    marker = b"\0" + f"{MEMBER_MARKER}={run_dir}".encode() + b"\0"
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if b"\0" + marker in b"\0" + (entry / "environ").read_bytes():
+                if marker in b"\0" + (entry / "environ").read_bytes() or (
+                    (entry / "cmdline").read_bytes().startswith(b"nginx:") and holds_file_in(entry, run_dir)
+                ):
                     found.append(int(entry.name))
             except OSError:
                 continue
     return found
+
+
+def holds_file_in(proc: Path, directory: Path) -> bool:
+    prefix = f"{directory}/"
+    for fd in (proc / "fd").iterdir():
+        try:
+            if os.readlink(fd).startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def status(settings: Settings) -> None:
@@ -335,6 +367,9 @@ def status(settings: Settings) -> None:
         name = p["name"]
         uptime = f"{p['now'] - p['start']}s" if p["statename"] == "RUNNING" else "-"
         health = "-"
+        if name.endswith("-spare") and p["statename"] == "STOPPED":
+            health = "(runs only during make reload)"
+            urls.pop(name, None)
         if name in urls:
             try:
                 code, body = get_json(urls[name], timeout=1)

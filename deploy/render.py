@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import shutil
 import sys
-from pathlib import Path
 
 import jinja2
 
@@ -62,6 +61,9 @@ def context(settings: Settings) -> dict:
         "listen": _listen(s.edge.bind, s.edge.port),
         "fast": s.instances("fast"),
         "slow": s.instances("slow"),
+        "fast_spare": s.spare("fast"),
+        "slow_spare": s.spare("slow"),
+        "upstream_keepalive_timeout": max(1, math.floor(min(s.fast.drain_timeout, s.slow.drain_timeout)) - 1),
         "fail_timeout": FAIL_TIMEOUT_SECONDS,
         "slow_read_timeout": math.ceil(s.slow.job_timeout * waves + 5),
         "edge_errors": EDGE_ERRORS,

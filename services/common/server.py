@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import logging
 import signal
-import time
 from dataclasses import dataclass
 
 from tornado import web
@@ -33,12 +32,16 @@ IDLE_CONNECTION_TIMEOUT = 75
 @dataclass(frozen=True)
 class Instance:
     role: str  # "fast" or "slow"
-    number: int
+    number: int  # 1..instances; instances + 1 is the spare
     settings: Settings
 
     @property
+    def spare(self) -> bool:
+        return self.number == getattr(self.settings, self.role).instances + 1
+
+    @property
     def name(self) -> str:
-        return f"{self.role}-{self.number:02d}"
+        return f"{self.role}-spare" if self.spare else f"{self.role}-{self.number:02d}"
 
     @property
     def port(self) -> int:
@@ -52,12 +55,14 @@ class Instance:
 def parse_args(role: str, argv: list[str] | None = None) -> Instance:
     parser = argparse.ArgumentParser(prog=f"python -m services.{role}", description=__doc__.split("\n")[0])
     parser.add_argument("--settings", required=True, help="the settings snapshot deploy rendered")
-    parser.add_argument("--instance", type=int, required=True, help="instance number, from 1")
+    parser.add_argument("--instance", required=True, help='instance number, from 1, or "spare"')
     options = parser.parse_args(argv)
     settings = Settings.from_snapshot(options.settings)
-    if not 1 <= options.instance <= getattr(settings, role).instances:
-        parser.error(f"--instance must be 1-{getattr(settings, role).instances} for {role}")
-    instance = Instance(role, options.instance, settings)
+    count = getattr(settings, role).instances
+    number = count + 1 if options.instance == "spare" else int(options.instance) if options.instance.isdigit() else 0
+    if not 1 <= number <= count + 1:
+        parser.error(f'--instance must be 1-{count} or "spare" for {role}')
+    instance = Instance(role, number, settings)
     logs.setup(instance.name)
     return instance
 
@@ -69,6 +74,7 @@ def app_settings(instance: Instance) -> dict:
         "instance_name": instance.name,
         "draining": False,
         "in_flight": InFlight(),
+        "on_drain_deadline": lambda: None,  # the slow app answers its unfinished jobs here
         "log_function": logs.log_request,
         # No debug, no autoreload, no tracebacks in responses: write_error renders the contract.
         "debug": False,
@@ -120,19 +126,31 @@ async def serve(app: web.Application, instance: Instance) -> None:
 
 
 async def drain(server: HTTPServer, app: web.Application, timeout: float) -> None:
-    """Stop accepting, let in-flight requests finish up to `timeout`, then close what is left.
+    """Stop accepting, finish in-flight requests, let nginx let go of its connections, then exit.
 
-    Requests that still arrive on kept-alive connections are answered with `Connection: close`
-    (no_keep_alive, and BaseHandler.prepare), so nginx moves to another instance.
+    After server.stop() new connections are refused, so nginx takes them to another instance (a
+    refused connect is safe to retry, even for a POST). Requests that still arrive on kept-alive
+    connections are served and answered with `Connection: close` (no_keep_alive). Idle
+    connections are left for nginx to close (its upstream keepalive_timeout is shorter than every
+    drain timeout): closing one ourselves could race a request nginx is sending down it. At the
+    deadline, the app's `on_drain_deadline` answers what is left (the slow app: 503), then every
+    connection is closed.
     """
-    started = time.monotonic()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     server.stop()
     app.settings["draining"] = True
     server.conn_params.no_keep_alive = True
     in_flight: InFlight = app.settings["in_flight"]
-    log.info("draining: %d request(s) in flight, deadline %.0f s", in_flight.count, timeout)
-    finished = await in_flight.wait_idle(timeout)
-    if not finished:
-        log.warning("drain deadline passed with %d request(s) in flight; closing them", in_flight.count)
+    log.info("draining: %d request(s) in flight, %d connection(s), deadline %.0f s",
+             in_flight.count, len(server._connections), timeout)
+    if not await in_flight.wait_idle(timeout):
+        log.warning("drain deadline passed with %d request(s) in flight", in_flight.count)
+        app.settings["on_drain_deadline"]()
+        await in_flight.wait_idle(1)  # let those answers go out
+    while server._connections and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if server._connections:
+        log.info("closing %d idle connection(s) at the deadline", len(server._connections))
     await server.close_all_connections()
-    log.info("drained in %.2f s", time.monotonic() - started)
+    log.info("drained in %.2f s", timeout - (deadline - loop.time()))

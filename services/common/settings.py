@@ -66,16 +66,17 @@ SCHEMA: dict[str, Spec] = {
     "edge.max_body_kb": Spec(int, 1, 1048576),
     "edge.slow_rate_per_second": Spec(int, 1, 100000),
     "edge.slow_rate_burst": Spec(int, 0, 100000),
+    "edge.client_timeout": Spec(float, 1, 300),
     "fast.instances": Spec(int, 1, 64),
     "fast.base_port": Spec(int, 1024, 65000),
-    "fast.drain_timeout": Spec(float, 1, 300),
+    "fast.drain_timeout": Spec(float, 2, 300),
     "slow.instances": Spec(int, 1, 16),
     "slow.base_port": Spec(int, 1024, 65000),
     "slow.workers": Spec(int, 1, 256, auto=lambda v: os.cpu_count() or 1),
     "slow.queue_limit": Spec(int, 0, 10000, auto=lambda v: 4 * v["slow.workers"]),
     "slow.job_timeout": Spec(float, 0.1, 3600),
     "slow.nice": Spec(int, 0, 19),
-    "slow.drain_timeout": Spec(float, 1, 3600),
+    "slow.drain_timeout": Spec(float, 2, 3600),
     "slow.task_modules": Spec(str, check=_check_modules),
     "tasks.fib.max_n": Spec(int, 0, 40),
     "tasks.pbkdf2.max_rounds": Spec(int, 1000, 10_000_000),
@@ -153,8 +154,9 @@ def resolve(file_values: Mapping[str, Any], env: Mapping[str, str], origin: str)
 
 
 def _check_consistency(v: Mapping[str, Any]) -> None:
-    fast = range(v["fast.base_port"] + 1, v["fast.base_port"] + v["fast.instances"] + 1)
-    slow = range(v["slow.base_port"] + 1, v["slow.base_port"] + v["slow.instances"] + 1)
+    # Each role uses base_port+1 .. base_port+instances, and the next port for its spare.
+    fast = range(v["fast.base_port"] + 1, v["fast.base_port"] + v["fast.instances"] + 2)
+    slow = range(v["slow.base_port"] + 1, v["slow.base_port"] + v["slow.instances"] + 2)
     if set(fast) & set(slow):
         raise SettingsError(
             f"fast ports {fast.start}-{fast.stop - 1} overlap slow ports {slow.start}-{slow.stop - 1}: "
@@ -191,6 +193,12 @@ class Settings:
         """[(name, port)] for one role: [("fast-01", 8101), ("fast-02", 8102)]."""
         section = getattr(self, role)
         return [(f"{role}-{i:02d}", section.base_port + i) for i in range(1, section.instances + 1)]
+
+    def spare(self, role: str) -> tuple[str, int]:
+        """The role's spare instance, ("fast-spare", 8103): nginx's backup server, running only
+        during a rolling restart so that a role with one instance never has none."""
+        section = getattr(self, role)
+        return f"{role}-spare", section.base_port + section.instances + 1
 
     def snapshot(self) -> str:
         return json.dumps({"run_dir": str(self.run_dir), "values": self.values}, indent=2) + "\n"

@@ -89,9 +89,6 @@ class BaseHandler(web.RequestHandler):
         current_request_id.set(self.request_id)
         self.settings["in_flight"].enter()
         self._in_flight = True
-        if self.settings.get("draining"):
-            # Tell nginx not to reuse this connection: the instance is going away.
-            self.set_header("Connection", "close")
 
     def _leave_in_flight(self) -> None:
         if getattr(self, "_in_flight", False):

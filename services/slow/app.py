@@ -34,6 +34,8 @@ class TaskHandler(BaseHandler):
     admission: Admission
     pool: Any  # WorkerPool or InlinePool: anything with `async run(task, kwargs, timeout)`
     fleet: Any  # the fleet Settings
+    jobs: set  # every job in progress on this instance
+    stopped_jobs: set  # the ones a drain deadline cancelled
 
     _job: asyncio.Future | None = None
     _client_gone = False
@@ -70,13 +72,20 @@ class TaskHandler(BaseHandler):
         # Saved so on_connection_close can cancel it: a waiting job leaves the line, a running
         # job's worker is killed.
         self._job = asyncio.ensure_future(self._run(task, kwargs))
+        self.jobs.add(self._job)
         try:
             body = await self._job
         except asyncio.CancelledError:
+            if self._job.cancelled() and self._job in self.stopped_jobs:
+                raise ApiError(503, "shutting_down", "this instance stopped before the job finished; retry",
+                               headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
             if not self._client_gone:
                 raise
             self.set_status(499, "Client Closed Request")  # for the access log; nobody reads it
             return
+        finally:
+            self.jobs.discard(self._job)
+            self.stopped_jobs.discard(self._job)
         self.write_json(body)
 
     async def _run(self, task: registry.Task, kwargs: dict) -> dict:
@@ -138,14 +147,26 @@ class SlowHealthHandler(HealthHandler):
 def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool: Any) -> web.Application:
     fleet = instance.settings
     admission = Admission(slots=fleet.slow.workers, queue_limit=fleet.slow.queue_limit)
-    shared = {"tasks": tasks, "admission": admission, "pool": pool, "fleet": fleet}
+    jobs: set[asyncio.Future] = set()
+    stopped_jobs: set[asyncio.Future] = set()
+
+    def stop_jobs() -> None:
+        """At a drain's deadline: answer every unfinished job 503 (its worker is killed)."""
+        for job in list(jobs):
+            stopped_jobs.add(job)
+            job.cancel()
+
+    shared = {"tasks": tasks, "admission": admission, "pool": pool, "fleet": fleet,
+              "jobs": jobs, "stopped_jobs": stopped_jobs}
+    settings = server.app_settings(instance)
+    settings["on_drain_deadline"] = stop_jobs
     return web.Application(
         [
             (r"/slow/([a-z0-9_]+)(?:/(.*))?", TaskHandler, shared),
             (r"/healthz", SlowHealthHandler, {"admission": admission, "pool": pool}),
         ],
         default_handler_class=NotFoundHandler,
-        **server.app_settings(instance),
+        **settings,
     )
 
 

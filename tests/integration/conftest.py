@@ -31,6 +31,7 @@ TEST_SETTINGS = {
     "FLEET_SLOW_TASK_MODULES": "services.slow.tasks,tests.support.faulty_tasks",
     "FLEET_EDGE_SLOW_RATE_PER_SECOND": "100000",  # the rate limit has its own test
     "FLEET_EDGE_SLOW_RATE_BURST": "100000",
+    "FLEET_EDGE_CLIENT_TIMEOUT": "2",  # slow senders are cut off quickly
 }
 
 

@@ -41,8 +41,9 @@ def test_settings_reach_the_nginx_upstreams_and_listen_address(tmp_path):
     conf = render.render(s)["nginx/conf/nginx.conf"]
     assert "listen 127.0.0.1:9000 default_server;" in conf
     for port in (7101, 7102, 7103, 7201, 7202):
-        assert f"server 127.0.0.1:{port} " in conf
-    assert "7104" not in conf and "7203" not in conf
+        assert f"server 127.0.0.1:{port} max_fails" in conf
+    assert "server 127.0.0.1:7104 backup" in conf and "server 127.0.0.1:7203 backup" in conf  # spares
+    assert "7105" not in conf and "7204" not in conf
     assert "client_max_body_size 64k;" in conf
     assert f"{tmp_path}/nginx/nginx.pid" in conf
 

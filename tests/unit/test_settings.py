@@ -246,8 +246,14 @@ def test_overlapping_fast_and_slow_ports_are_refused():
 
 
 def test_adjacent_fast_and_slow_port_ranges_are_accepted():
-    s = load(env={"FLEET_SLOW_BASE_PORT": "8102"})  # fast 8101-8102, slow 8103
-    assert s.instances("slow") == [("slow-01", 8103)]
+    s = load(env={"FLEET_SLOW_BASE_PORT": "8103"})  # fast 8101-8102, fast-spare 8103, slow 8104
+    assert s.instances("slow") == [("slow-01", 8104)]
+    assert s.spare("fast") == ("fast-spare", 8103)
+
+
+def test_a_slow_range_over_the_fast_spare_port_is_refused():
+    message = error_of(env={"FLEET_SLOW_BASE_PORT": "8102"})  # slow-01 would take fast-spare's 8103
+    assert "overlap" in message
 
 
 def test_an_edge_port_equal_to_an_instance_port_is_refused():

@@ -1,0 +1,235 @@
+"""`make chaos`: break the running fleet in every way we promise to survive, under a steady load.
+
+    python -m deploy.chaos            # against the fleet of .run/ (or $FLEET_RUN_DIR)
+    python -m deploy.chaos --only kill-fast,reload
+
+Each scenario starts a steady mixed load through the edge (deploy/loadgen.py), produces one fault
+for real, waits until the fleet is whole again, and counts every request's outcome. The promise:
+no fast request fails, and the only slow requests that fail are those the fault itself hit, each
+answered with the contract's JSON error. Exit code 1 if a scenario breaks it.
+
+Columns: sent (requests during the scenario), failed (errors the fault could not explain: must be
+0), hit by the fault (requests in flight on the killed process, answered with JSON errors), lost
+(no answer, or an answer without the contract's JSON: must be 0), recovered in (from the fault
+until every process runs, every instance answers /healthz and every pool is full).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from deploy import fleet, render
+from deploy.loadgen import Route, SteadyLoad, Tally
+from services.common.settings import Settings, SettingsError, load
+
+# Seconds of load before the fault and after recovery: longer than nginx's fail_timeout, so errors
+# of a scenario's aftermath are counted in that scenario, never in the next one.
+SETTLE = render.FAIL_TIMEOUT_SECONDS + 0.5
+
+
+@dataclass
+class Result:
+    scenario: str
+    tally: Tally
+    recovered_in: float
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.tally.failed == 0 and self.tally.lost == 0
+
+
+def pid_of(settings: Settings, name: str) -> int:
+    group = "nginx" if name == "nginx" else name.rsplit("-", 1)[0]
+    return fleet.supervisor(settings).supervisor.getProcessInfo(f"{group}:{name}")["pid"]
+
+
+def slow_health(settings: Settings, port: int) -> dict:
+    return fleet.get_json(f"http://127.0.0.1:{port}/healthz", timeout=2)[1]
+
+
+def wait_whole(settings: Settings, timeout: float = 60) -> None:
+    """Every process RUNNING, every instance healthy, every slow pool at full strength."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            infos = fleet.process_infos(settings)
+            running = all(p["statename"] == "RUNNING" for p in infos if not p["name"].endswith("-spare"))
+            fleet.wait_healthy(settings, timeout=0.5)
+            pools = [slow_health(settings, port)["pool"]["workers"] for _, port in settings.instances("slow")]
+            if running and all(w == settings.slow.workers for w in pools):
+                return
+        except (OSError, fleet.FleetError, KeyError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise fleet.FleetError(f"the fleet was not whole again within {timeout:.0f} s")
+
+
+def busy_worker(settings: Settings, port: int) -> int | None:
+    for pid in slow_health(settings, port)["pool"]["pids"]:
+        try:
+            if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "R":
+                return pid
+        except OSError:
+            pass
+    return None
+
+
+TARGET_JOB = Route("slow GET /slow/fib/30 (target)", "slow", "GET", "/slow/fib/30", rate=1)
+
+
+# scenarios: each produces its fault and returns a note; run() times the recovery ----------------
+
+def drain_fast(settings: Settings, load: SteadyLoad) -> str:
+    name = settings.instances("fast")[0][0]
+    os.kill(pid_of(settings, name), signal.SIGTERM)  # supervisor restarts it once it has drained
+    return f"SIGTERM to {name}"
+
+
+def kill_fast(settings: Settings, load: SteadyLoad) -> str:
+    name = settings.instances("fast")[0][0]
+    os.kill(pid_of(settings, name), signal.SIGKILL)
+    return f"kill -9 {name}"
+
+
+def kill_slow_worker(settings: Settings, load: SteadyLoad) -> str:
+    port = settings.instances("slow")[0][1]
+    for _ in range(50):
+        load.send_in_background(TARGET_JOB)  # ~0.2 s: caught running; the fault decides its outcome
+        time.sleep(0.05)
+        pid = busy_worker(settings, port)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            return f"kill -9 worker {pid} during a job"
+    raise fleet.FleetError("no busy worker to kill")
+
+
+def kill_slow_instance(settings: Settings, load: SteadyLoad) -> str:
+    name, port = settings.instances("slow")[0]
+    load.send_in_background(TARGET_JOB)  # ~0.2 s: caught running; the fault decides its outcome
+    time.sleep(0.1)
+    workers = slow_health(settings, port)["pool"]["pids"]
+    os.kill(pid_of(settings, name), signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(fleet.alive(p) for p in workers):
+        time.sleep(0.02)
+    left = [p for p in workers if fleet.alive(p)]
+    if left:
+        raise fleet.FleetError(f"workers {left} outlived their instance {name}")
+    return f"kill -9 {name}; its {len(workers)} workers died with it"
+
+
+def kill_nginx_master(settings: Settings, load: SteadyLoad) -> str:
+    master = int((settings.run_dir / "nginx" / "nginx.pid").read_text())
+    workers = fleet.worker_pids(master)
+    os.kill(master, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(fleet.alive(p) for p in workers):
+        time.sleep(0.02)
+    stale = [p for p in workers if fleet.alive(p)]
+    if stale:
+        raise fleet.FleetError(f"stale nginx workers {stale} still running")
+    return f"kill -9 nginx master {master}; old workers gone"
+
+
+def departed_clients(settings: Settings, load: SteadyLoad) -> str:
+    port = settings.instances("slow")[0][1]
+    before = slow_health(settings, port)["pool"]["cancelled"]
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", settings.edge.port)) as s:
+            s.sendall(b"GET /slow/fib/32 HTTP/1.1\r\nHost: chaos\r\n\r\n")
+            time.sleep(0.2)  # the job is running now; hang up
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and slow_health(settings, port)["pool"]["cancelled"] < before + 3:
+        time.sleep(0.05)
+    killed = slow_health(settings, port)["pool"]["cancelled"] - before
+    if killed < 3:
+        raise fleet.FleetError(f"only {killed} of 3 abandoned jobs had their worker killed")
+    return "3 clients hung up mid-job; 3 workers killed and replaced"
+
+
+def rolling_reload(settings: Settings, load: SteadyLoad) -> str:
+    before = {p["name"]: p["pid"] for p in fleet.process_infos(settings)}
+    fleet.rolling_restart(settings)
+    after = {p["name"]: p["pid"] for p in fleet.process_infos(settings)}
+    same = [n for n in before if n != "nginx" and not n.endswith("-spare") and before[n] == after[n]]
+    if same:
+        raise fleet.FleetError(f"not restarted: {same}")
+    return "every instance restarted, one at a time"
+
+
+# name: (fault, what it may reach). A killed process takes the requests it was serving with it:
+# its jobs, and a POST in flight on a fast instance (nginx resends GETs, never a POST).
+SCENARIOS: dict[str, tuple[Callable[[Settings, SteadyLoad], str], frozenset[str]]] = {
+    "drain-fast": (drain_fast, frozenset()),
+    "kill-fast": (kill_fast, frozenset({"fast POST"})),
+    "kill-slow-worker": (kill_slow_worker, frozenset({"slow"})),
+    "kill-slow": (kill_slow_instance, frozenset({"slow"})),
+    "kill-nginx": (kill_nginx_master, frozenset()),
+    "departed-clients": (departed_clients, frozenset()),
+    "reload": (rolling_reload, frozenset()),
+}
+
+
+def run(settings: Settings, name: str) -> Result:
+    wait_whole(settings)
+    with SteadyLoad("127.0.0.1", settings.edge.port) as load:
+        time.sleep(SETTLE)
+        fault = time.monotonic()
+        fault_fn, may_hit = SCENARIOS[name]
+        note = fault_fn(settings, load)
+        wait_whole(settings)
+        recovered = time.monotonic() - fault
+        time.sleep(SETTLE)
+    return Result(name, Tally.of(load.outcomes, may_hit), recovered, note)
+
+
+def print_table(results: list[Result]) -> None:
+    header = (f"{'scenario':<18} {'sent':>6} {'failed':>7} {'hit by the fault (JSON)':>24} {'lost':>5} "
+              f"{'recovered in (s)':>17}  what happened")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        t = r.tally
+        print(f"{r.scenario:<18} {t.sent:>6} {t.failed:>7} {t.hit:>24} {t.lost:>5} "
+              f"{r.recovered_in:>17.2f}  {r.note}")
+        for example in t.examples if not r.passed else []:
+            print(f"{'':<18} {example}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.chaos", description=__doc__.split("\n")[0])
+    parser.add_argument("--only", help=f"comma-separated scenarios, of: {', '.join(SCENARIOS)}")
+    options = parser.parse_args(argv)
+    names = options.only.split(",") if options.only else list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario {unknown[0]}; known: {', '.join(SCENARIOS)}")
+    try:
+        settings = load()
+        if not fleet.supervisord_pid(settings):
+            raise fleet.FleetError(f"no fleet running in {settings.run_dir}: run make deploy-local first")
+        results = []
+        for name in names:
+            print(f"running {name} ...", flush=True)
+            results.append(run(settings, name))
+    except (SettingsError, fleet.FleetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print()
+    print_table(results)
+    failed = [r.scenario for r in results if not r.passed]
+    print("\n" + (f"FAILED: {', '.join(failed)}" if failed else
+                  "every scenario: no request failed or was lost; only requests the fault itself hit got (JSON) errors"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""A steady mixed load through the edge that records the outcome of every request.
+
+Used by `make chaos` and by the fault tests: while a fault is produced, fast GETs, fast POSTs and
+slow jobs keep arriving at fixed rates, each client on its own kept-alive connection, as
+browsers and services call a fleet.
+
+A client behaves like a well-made HTTP client with a kept-alive connection (Go's net/http
+Transport, Apache HttpClient): before reusing an idle connection it checks that the server has
+not closed it (stale check); a request that could not be written at all on a reused connection
+is sent again once on a new one, whatever its method (the server never saw it); a GET whose reused
+connection closed before any byte of the answer is sent again once (RFC 9110 9.2.2). A POST that
+was written is never resent. Everything else counts as it came.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import select
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str  # "fast GET", ...
+    kind: str  # "fast" or "slow"
+    method: str
+    path: str
+    rate: float  # requests per second, per client
+    clients: int = 1
+    body: bytes | None = None
+
+
+DEFAULT_ROUTES = (
+    Route("fast GET /fast", "fast", "GET", "/fast", rate=25, clients=4),
+    Route("fast POST /echo", "fast", "POST", "/echo", rate=10, clients=2, body=b"x" * 512),
+    Route("slow GET /slow/fib/18", "slow", "GET", "/slow/fib/18", rate=5, clients=2),
+    Route("slow POST /slow/pbkdf2", "slow", "POST", "/slow/pbkdf2", rate=3, clients=1,
+          body=b'{"password": "hunter2", "rounds": 2000}'),
+)
+
+
+@dataclass
+class Outcome:
+    route: Route
+    started: float  # monotonic
+    status: int | None  # None: no HTTP answer at all
+    error: str = ""  # exception, or the JSON error code of a non-200 answer
+    json_error: bool = False  # a non-200 answer with the contract's JSON body
+    retried: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+@dataclass
+class SteadyLoad:
+    host: str
+    port: int
+    routes: tuple[Route, ...] = DEFAULT_ROUTES
+    timeout: float = 60
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> "SteadyLoad":
+        for route in self.routes:
+            for _ in range(route.clients):
+                thread = threading.Thread(target=self._client, args=(route,), daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self.timeout + 5)
+
+    def _client(self, route: Route) -> None:
+        conn: http.client.HTTPConnection | None = None
+        used = False
+        interval = 1 / route.rate
+        next_send = time.monotonic()
+        while not self._stop.is_set():
+            delay = next_send - time.monotonic()
+            if delay > 0 and self._stop.wait(delay):
+                break
+            next_send = max(next_send + interval, time.monotonic() - interval)
+            started = time.monotonic()
+            outcome = None
+            for attempt in (1, 2):
+                if conn is not None and _closed_by_peer(conn):
+                    conn.close()
+                    conn = None
+                if conn is None:
+                    conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                    used = False
+                try:
+                    conn.request(route.method, route.path, body=route.body,
+                                 headers={"Content-Type": "application/json"} if route.body else {})
+                except (ConnectionResetError, BrokenPipeError) as exc:
+                    stale = used
+                    conn.close()
+                    conn = None
+                    if stale and attempt == 1:
+                        continue  # nothing was written: safe to send again, even a POST
+                    outcome = Outcome(route, started, None, type(exc).__name__, retried=attempt == 2)
+                    break
+                except OSError as exc:
+                    conn.close()
+                    conn = None
+                    outcome = Outcome(route, started, None, type(exc).__name__, retried=attempt == 2)
+                    break
+                try:
+                    response = conn.getresponse()
+                    data = response.read()
+                    outcome = _outcome(route, started, response.status, data, retried=attempt == 2)
+                    used = True
+                    if response.getheader("Connection", "").lower() == "close":
+                        conn.close()
+                        conn = None
+                    break
+                except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                    stale = used
+                    conn.close()
+                    conn = None
+                    if stale and route.method == "GET" and attempt == 1:
+                        continue  # a kept-alive connection closed under us: resend once, fresh
+                    outcome = Outcome(route, started, None, type(exc).__name__, retried=attempt == 2)
+                    break
+                except OSError as exc:
+                    conn.close()
+                    conn = None
+                    outcome = Outcome(route, started, None, type(exc).__name__, retried=attempt == 2)
+                    break
+            with self._lock:
+                self.outcomes.append(outcome)
+        if conn is not None:
+            conn.close()
+
+    def send_one(self, route: Route) -> Outcome:
+        """One request on a new connection, recorded with the rest (a fault's target job)."""
+        started = time.monotonic()
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request(route.method, route.path, body=route.body)
+            response = conn.getresponse()
+            outcome = _outcome(route, started, response.status, response.read(), retried=False)
+        except OSError as exc:
+            outcome = Outcome(route, started, None, type(exc).__name__)
+        finally:
+            conn.close()
+        with self._lock:
+            self.outcomes.append(outcome)
+        return outcome
+
+    def send_in_background(self, route: Route) -> None:
+        thread = threading.Thread(target=self.send_one, args=(route,), daemon=True)
+        thread.start()
+        self._threads.append(thread)  # joined on exit, so its outcome is counted
+
+    def between(self, start: float, end: float) -> list[Outcome]:
+        with self._lock:
+            return [o for o in self.outcomes if start <= o.started < end]
+
+
+def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:
+    """An idle kept-alive connection is readable only if the server closed it (EOF or reset)."""
+    if conn.sock is None:
+        return False
+    readable, _, _ = select.select([conn.sock], [], [], 0)
+    return bool(readable)
+
+
+def _outcome(route: Route, started: float, status: int, data: bytes, retried: bool) -> Outcome:
+    if status == 200:
+        return Outcome(route, started, status, retried=retried)
+    try:
+        body = json.loads(data)
+        return Outcome(route, started, status, body.get("error", "?"), json_error=True, retried=retried)
+    except ValueError:
+        return Outcome(route, started, status, "non-JSON error body", retried=retried)
+
+
+@dataclass
+class Tally:
+    """Outcomes of a load during a fault. `may_hit` names what the fault itself can reach:
+    "slow" (jobs on a killed worker or instance) and/or "fast POST" (a POST in flight on a
+    killed fast instance, which nginx must not resend)."""
+
+    sent: int = 0
+    failed: int = 0  # answered with an error although the fault could not have reached it
+    hit: int = 0  # the fault reached it, and it was answered with the contract's JSON error
+    lost: int = 0  # no answer at all, or an error without the contract's JSON
+    retried: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, outcomes: list[Outcome], may_hit: frozenset[str] = frozenset()) -> "Tally":
+        t = cls(sent=len(outcomes))
+        for o in outcomes:
+            t.retried += o.retried
+            if o.ok:
+                continue
+            reachable = o.route.kind in may_hit or f"{o.route.kind} {o.route.method}" in may_hit
+            if not o.json_error:
+                t.lost += 1
+            elif reachable:
+                t.hit += 1
+            else:
+                t.failed += 1
+            if len(t.examples) < 5:
+                t.examples.append(f"{o.route.name}: {o.status} {o.error}")
+        return t

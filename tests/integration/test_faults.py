@@ -1,0 +1,200 @@
+"""Faults produced for real against a running fleet under a steady mixed load, outcomes counted.
+
+The scenarios are the ones `make chaos` runs (deploy/chaos.py); here each runs on a private fleet
+and must keep the promise: no fast request fails, and a slow request fails only if the fault hit
+it, answered with the contract's JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from deploy import chaos
+from deploy.loadgen import Tally
+from services.common.settings import load
+from tests.integration.conftest import Fleet, make_fleet
+from tests.integration.test_fleet import assert_contract_error, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def chaos_fleet(tmp_path_factory):
+    """A fleet with the default pool (2 workers, 8 waiting, 30 s deadline), only for these faults."""
+    f = make_fleet(tmp_path_factory.mktemp("chaos"), FLEET_SLOW_QUEUE_LIMIT="8", FLEET_SLOW_JOB_TIMEOUT="30",
+                   FLEET_SLOW_DRAIN_TIMEOUT="35")
+    f.command("up")
+    yield f
+    f.command("stop")
+
+
+def run_scenario(fleet: Fleet, name: str) -> chaos.Result:
+    result = chaos.run(load(env=fleet.env), name)
+    chaos.print_table([result])  # shown with -s, and in the log of a failure
+    return result
+
+
+def assert_promise_kept(t: Tally) -> None:
+    assert t.sent > 100, "the load must have been running"
+    assert t.failed == 0, t.examples
+    assert t.lost == 0, t.examples
+
+
+def test_a_fast_instance_drains_on_sigterm_with_no_failed_request(chaos_fleet):
+    result = run_scenario(chaos_fleet, "drain-fast")
+    assert_promise_kept(result.tally)
+    assert result.tally.hit == 0
+
+
+def test_kill_9_of_a_fast_instance_fails_no_get_and_it_comes_back(chaos_fleet):
+    result = run_scenario(chaos_fleet, "kill-fast")
+    assert_promise_kept(result.tally)  # GETs in flight were passed on to the other instance
+    assert result.tally.hit <= 1  # at most the POST that was in flight on the killed instance
+
+
+def test_kill_9_of_a_busy_worker_fails_only_its_job_with_502_json(chaos_fleet):
+    result = run_scenario(chaos_fleet, "kill-slow-worker")
+    assert_promise_kept(result.tally)
+    assert result.tally.hit >= 1  # the job the fault hit, and only such jobs
+
+
+def test_kill_9_of_a_slow_instance_fails_only_its_jobs_and_leaves_no_worker(chaos_fleet):
+    result = run_scenario(chaos_fleet, "kill-slow")  # raises if a worker outlived the instance
+    assert_promise_kept(result.tally)
+    assert result.tally.hit >= 1
+    assert all(code in ("bad_gateway", "worker_died") for code in
+               [e.split(": ", 1)[1].split()[-1] for e in result.tally.examples])
+
+
+def test_kill_9_of_the_nginx_master_leaves_no_stale_worker_and_fails_nothing(chaos_fleet):
+    result = run_scenario(chaos_fleet, "kill-nginx")  # raises if an old worker is still running
+    assert_promise_kept(result.tally)
+    assert result.tally.hit == 0
+
+
+def test_departed_clients_have_their_running_jobs_killed_and_workers_replaced(chaos_fleet):
+    result = run_scenario(chaos_fleet, "departed-clients")  # raises unless 3 workers were killed
+    assert_promise_kept(result.tally)
+
+
+def test_a_rolling_reload_under_load_restarts_every_instance_with_no_failed_request(chaos_fleet):
+    result = run_scenario(chaos_fleet, "reload")  # raises unless every instance has a new pid
+    assert_promise_kept(result.tally)
+    assert result.tally.hit == 0  # GET and POST, fast and slow, one slow instance
+
+
+# drain ---------------------------------------------------------------------------------------------
+
+def test_a_draining_instance_answers_kept_alive_requests_with_connection_close(private_fleet):
+    import http.client
+
+    fleet = private_fleet()
+    conn = http.client.HTTPConnection("127.0.0.1", fleet.fast_ports[0], timeout=10)
+    conn.request("GET", "/fast")
+    first = conn.getresponse()
+    first.read()
+    assert first.getheader("Connection") != "close"
+    pid = int(fleet.command("status").stdout.split("fast:fast-01")[1].split()[1])
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(0.3)
+    assert socket.socket().connect_ex(("127.0.0.1", fleet.fast_ports[0])) != 0  # no longer accepting
+    conn.request("GET", "/fast")
+    second = conn.getresponse()
+    assert second.status == 200 and second.read() == b"Hello!"
+    assert second.getheader("Connection") == "close"
+    conn.close()
+
+
+def test_a_slow_instance_finishes_its_running_job_before_it_exits(private_fleet):
+    fleet = private_fleet()
+    pid = int(fleet.command("status").stdout.split("slow:slow-01")[1].split()[1])
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(fleet.get, "/slow/spin/1.5")
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGTERM)
+        response = job.result()
+    assert response.status == 200 and response.json()["result"] == 1.5
+    wait_for(lambda: "drained in" in fleet.log("slow-01"), timeout=10)  # once nginx let go of it
+
+
+def test_jobs_still_running_at_the_drain_deadline_get_503_json(private_fleet):
+    fleet = private_fleet(FLEET_SLOW_DRAIN_TIMEOUT="2", FLEET_SLOW_JOB_TIMEOUT="10")
+    pid = int(fleet.command("status").stdout.split("slow:slow-01")[1].split()[1])
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(fleet.get, "/slow/spin/8")
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGTERM)
+        response = job.result()
+    body = assert_contract_error(response, 503, "shutting_down")
+    assert response.headers["retry-after"] and body["message"]
+    assert 1.8 < response.elapsed < 5
+
+
+# departed clients: a waiting job never runs ----------------------------------------------------
+
+def test_a_departed_client_s_waiting_job_never_runs(fleet: Fleet):
+    before = fleet.slow_health()["pool"]
+    with ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(fleet.get, "/slow/spin/1") for _ in range(2)]  # both workers busy
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", fleet.edge_port)) as s:
+            s.sendall(b"GET /slow/pid HTTP/1.1\r\nHost: t\r\n\r\n")  # waits in line
+            time.sleep(0.2)
+            assert fleet.slow_health()["waiting"] == 1
+        wait_for(lambda: fleet.slow_health()["waiting"] == 0, timeout=2)
+        assert all(f.result().status == 200 for f in busy)
+    after = fleet.slow_health()["pool"]
+    assert after["ok"] == before["ok"] + 2  # the two spins; the abandoned job never ran
+    assert after["cancelled"] == before["cancelled"]  # and no worker was killed for it
+
+
+# edge hygiene and exposure -------------------------------------------------------------------------
+
+def test_a_client_over_the_slow_rate_limit_gets_429_json_with_retry_after(private_fleet):
+    fleet = private_fleet(FLEET_EDGE_SLOW_RATE_PER_SECOND="2", FLEET_EDGE_SLOW_RATE_BURST="0")
+    statuses = [fleet.get("/slow/fib/1") for _ in range(6)]
+    limited = [r for r in statuses if r.status == 429]
+    assert limited, [r.status for r in statuses]
+    body = assert_contract_error(limited[0], 429, "rate_limited")
+    assert limited[0].headers["retry-after"] == "1" and body["message"]
+    assert fleet.get("/fast").status == 200  # the limit is on /slow/ only
+
+
+def test_only_the_edge_listens_beyond_loopback_and_supervisor_is_private(fleet: Fleet):
+    from deploy.fleet import processes_of
+
+    members = set(processes_of(fleet.run_dir))
+    inodes = {}
+    for pid in members:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes[link[8:-1]] = pid
+        except OSError:
+            continue
+    listening = []
+    for line in open("/proc/net/tcp").read().splitlines()[1:] + open("/proc/net/tcp6").read().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+            address, port = fields[1].rsplit(":", 1)
+            listening.append((address, int(port, 16)))
+    ports = {port for _, port in listening}
+    assert set(fleet.fast_ports + fleet.slow_ports + [fleet.edge_port]) <= ports
+    for address, port in listening:
+        assert address in ("0100007F", "00000000000000000000000001000000"), (address, port)  # 127.0.0.1 / ::1
+    sock = fleet.run_dir / "supervisor.sock"
+    assert oct(sock.stat().st_mode & 0o777) == "0o700"
+    assert "inet_http_server" not in (fleet.run_dir / "supervisord.conf").read_text()
+
+
+def test_no_response_reveals_versions_or_tracebacks(fleet: Fleet):
+    for response in (fleet.get("/fast"), fleet.get("/nope"), fleet.get("/slow/raise_error"), fleet.get("/" + "a" * 9000)):
+        assert response.headers.get("server", "nginx") == "nginx"
+        assert b"Traceback" not in response.body and b"Tornado" not in response.body
