@@ -12,7 +12,7 @@ EDGE_URL := $(PY) -c 'from deploy.fleet import edge_url; from services.common.se
 FLEET_UP_IF_DOWN := $(PY) -c 'import sys; from deploy.fleet import supervisord_pid; from services.common.settings import load; \
 	sys.exit(0 if supervisord_pid(load()) else 1)' || $(PY) -m deploy.fleet up
 
-.PHONY: deploy-local stop status logs reload chaos test test-unit test-integration help bootstrap render load load-check bench
+.PHONY: deploy-local stop status logs profile reload chaos test test-unit test-integration help bootstrap render load load-check bench
 
 deploy-local: bootstrap ## Start the fleet (or apply changed settings), wait for /healthz, print the URLs
 	@$(PY) -m deploy.fleet up
@@ -23,9 +23,11 @@ stop: bootstrap ## Stop every process of the fleet and free its ports
 status: bootstrap ## supervisor's view plus each instance's health and pool figures
 	@$(PY) -m deploy.fleet status
 
-logs: ## Follow every log of the fleet (nginx, supervisord, instances), merged
-	@run=$${FLEET_RUN_DIR:-.run}; test -d "$$run/logs" || { echo "no logs in $$run: run make deploy-local"; exit 1; }; \
-	exec tail -n 20 -F "$$run"/logs/*.log
+logs: bootstrap ## Follow every log of the fleet (nginx access and errors, supervisord, instances), merged
+	@$(PY) -m deploy.logs
+
+profile: bootstrap ## Flame graph of an instance and its workers: make profile TARGET=slow-01 SECONDS=10
+	@$(PY) -m deploy.profile $(or $(TARGET),slow-01) $(or $(SECONDS),10)
 
 reload: bootstrap ## Rolling restart, one instance at a time: new code and settings, no failed requests
 	@$(PY) -m deploy.fleet reload

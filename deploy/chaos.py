@@ -47,8 +47,7 @@ class Result:
 
 
 def pid_of(settings: Settings, name: str) -> int:
-    group = "nginx" if name == "nginx" else name.rsplit("-", 1)[0]
-    return fleet.supervisor(settings).supervisor.getProcessInfo(f"{group}:{name}")["pid"]
+    return fleet.process_info(settings, name)["pid"]
 
 
 def slow_health(settings: Settings, port: int) -> dict:

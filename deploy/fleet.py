@@ -63,6 +63,12 @@ def process_infos(settings: Settings) -> list[dict]:
     return supervisor(settings).supervisor.getAllProcessInfo()
 
 
+def process_info(settings: Settings, name: str) -> dict:
+    """supervisor's view of one process by its name ("fast-01", "slow-spare", "nginx")."""
+    group = name if name == "nginx" or name.endswith("-spare") else name.rsplit("-", 1)[0]
+    return supervisor(settings).supervisor.getProcessInfo(f"{group}:{name}")
+
+
 # preflight -------------------------------------------------------------------------------------
 
 def check_ports_free(settings: Settings) -> None:
@@ -357,32 +363,50 @@ def holds_file_in(proc: Path, directory: Path) -> bool:
     return False
 
 
+def instance_figures(port: int) -> dict[str, float]:
+    """The figures `status` shows, read from an instance's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.labels:
+                values[sample.name] = sample.value
+    lag_count = values.get("fleet_event_loop_lag_seconds_count", 0)
+    values["lag_ms"] = 1000 * values.get("fleet_event_loop_lag_seconds_sum", 0) / lag_count if lag_count else 0
+    return values
+
+
 def status(settings: Settings) -> None:
     if not supervisord_pid(settings):
         print(f"no fleet running in {settings.run_dir}")
         return
-    urls = health_urls(settings)
-    print(f"{'process':<16} {'state':<9} {'pid':>7} {'uptime':>9}  health")
+    ports = {name: port for role in ("fast", "slow") for name, port in settings.instances(role) + [settings.spare(role)]}
+    print(f"{'process':<17} {'state':<9} {'pid':>7} {'uptime':>8} {'in flight':>9} {'busy/workers':>12} "
+          f"{'queued':>6} {'loop lag':>9} {'blocked':>7}")
     for p in process_infos(settings):
         name = p["name"]
-        uptime = f"{p['now'] - p['start']}s" if p["statename"] == "RUNNING" else "-"
-        health = "-"
-        if name.endswith("-spare") and p["statename"] == "STOPPED":
-            health = "(runs only during make reload)"
-            urls.pop(name, None)
-        if name in urls:
+        running = p["statename"] == "RUNNING"
+        line = (f"{p['group'] + ':' + name if p['group'] != name else name:<17} {p['statename']:<9} "
+                f"{p['pid'] or '-':>7} {str(p['now'] - p['start']) + 's' if running else '-':>8}")
+        if name in ports and running:
             try:
-                code, body = get_json(urls[name], timeout=1)
-                health = body.get("status", str(code))
-                if "pool" in body:
-                    pool = body["pool"]
-                    health += (f"  workers {pool['workers']} busy {pool['busy']} waiting {body['waiting']}"
-                               f" shed {body['shed']} crashed {pool['crashed']} timeouts {pool['timeout']}")
-            except OSError as exc:
-                health = f"unreachable ({exc})"
-        print(f"{p['group'] + ':' + name:<16} {p['statename']:<9} {p['pid'] or '-':>7} {uptime:>9}  {health}")
-    edge = "ok" if healthy(urls["edge"]) else "not answering"
-    print(f"edge {edge_url(settings)}: {edge}")
+                v = instance_figures(ports[name])
+                slow = name.startswith("slow-")
+                workers = f"{v['fleet_slow_workers_busy']:.0f}/{v['fleet_slow_workers']:.0f}" if slow else "-"
+                queued = f"{v['fleet_slow_queue_depth']:.0f}" if slow else "-"
+                line += (f" {v.get('fleet_http_requests_in_flight', 0):>9.0f} {workers:>12} {queued:>6} "
+                         f"{v['lag_ms']:>7.1f}ms {v.get('fleet_event_loop_blocked_total', 0):>7.0f}")
+            except (OSError, ValueError) as exc:
+                line += f"  /metrics unreachable ({exc})"
+        elif name.endswith("-spare") and not running:
+            line += "  (runs only during make reload)"
+        print(line)
+    edge = "ok" if healthy(health_urls(settings)["edge"]) else "not answering"
+    print(f"edge {edge_url(settings)}: {edge}   (loop lag: mean probe delay; blocked: loops blocked past "
+          f"{settings.observe.blocked_loop_ms} ms)")
 
 
 def print_welcome(settings: Settings) -> None:

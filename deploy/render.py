@@ -8,6 +8,7 @@ text out) so tests render into a temp dir and run `nginx -t` on the result.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -89,14 +90,27 @@ def render(settings: Settings) -> dict[str, str]:
         "nginx/conf/nginx.conf": env.get_template("nginx.conf.j2").render(ctx),
         "supervisord.conf": env.get_template("supervisord.conf.j2").render(ctx),
         "settings.json": settings.snapshot(),
+        "prometheus/targets.json": prometheus_targets(settings),
     }
+
+
+def prometheus_targets(settings: Settings) -> str:
+    """A Prometheus file_sd targets file: every instance's /metrics, on loopback.
+
+    In prometheus.yml:  scrape_configs: [{job_name: fleet, file_sd_configs: [{files: [<this file>]}]}]
+    """
+    groups = [
+        {"targets": [f"127.0.0.1:{port}"], "labels": {"role": role, "fleet_instance": name}}
+        for role in ("fast", "slow") for name, port in settings.instances(role)
+    ]
+    return json.dumps(groups, indent=2) + "\n"
 
 
 def write(settings: Settings, files: dict[str, str] | None = None) -> list[str]:
     """Write the rendered files into the run dir; return the ones whose content changed."""
     files = render(settings) if files is None else files
     run_dir = settings.run_dir
-    for sub in ("logs", "nginx/conf", "nginx/temp"):
+    for sub in ("logs", "nginx/conf", "nginx/temp", "prometheus", "profiles"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     changed = []
     for relative, text in files.items():

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from tornado import web
 from tornado.httpserver import HTTPServer
 
-from services.common import logs
+from services.common import logs, metrics
+from services.common.watchdog import LoopWatchdog
 from services.common.settings import Settings
 
 log = logging.getLogger("fleet.server")
@@ -75,7 +76,7 @@ def app_settings(instance: Instance) -> dict:
         "draining": False,
         "in_flight": InFlight(),
         "on_drain_deadline": lambda: None,  # the slow app answers its unfinished jobs here
-        "log_function": logs.log_request,
+        "log_function": logs.on_request_done,
         # No debug, no autoreload, no tracebacks in responses: write_error renders the contract.
         "debug": False,
         "serve_traceback": False,
@@ -116,6 +117,10 @@ async def serve(app: web.Application, instance: Instance) -> None:
         idle_connection_timeout=IDLE_CONNECTION_TIMEOUT,
     )
     server.listen(instance.port, address=LISTEN_ADDRESS)
+    in_flight: InFlight = app.settings["in_flight"]
+    metrics.IN_FLIGHT.set_function(lambda: in_flight.count)
+    loop_watchdog = LoopWatchdog(threshold=instance.settings.observe.blocked_loop_ms / 1000)
+    loop_watchdog.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -123,6 +128,7 @@ async def serve(app: web.Application, instance: Instance) -> None:
     log.info("%s serving on %s:%d", instance.name, LISTEN_ADDRESS, instance.port)
     await stop.wait()
     await drain(server, app, instance.drain_timeout)
+    loop_watchdog.stop()
 
 
 async def drain(server: HTTPServer, app: web.Application, timeout: float) -> None:

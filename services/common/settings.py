@@ -31,14 +31,16 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Spec:
-    kind: type  # int, float or str
+    kind: type  # int, float, str or bool
     low: float | None = None
     high: float | None = None
     auto: Callable[[dict], Any] | None = None  # computes the value of "auto" from resolved values
     check: Callable[[Any], None] | None = None  # extra validation for strings
 
     def allowed(self) -> str:
-        if self.kind is str:
+        if self.kind is bool:
+            text = "true or false"
+        elif self.kind is str:
             text = "a string" if self.check is None else self.check.__doc__ or "a string"
         else:
             text = f"{'an integer' if self.kind is int else 'a number'} {self.low:g}-{self.high:g}"
@@ -78,6 +80,8 @@ SCHEMA: dict[str, Spec] = {
     "slow.nice": Spec(int, 0, 19),
     "slow.drain_timeout": Spec(float, 2, 3600),
     "slow.task_modules": Spec(str, check=_check_modules),
+    "observe.blocked_loop_ms": Spec(int, 10, 60000),
+    "observe.test_routes": Spec(bool),
     "tasks.fib.max_n": Spec(int, 0, 40),
     "tasks.pbkdf2.max_rounds": Spec(int, 1000, 10_000_000),
     "tasks.sleep.max_seconds": Spec(float, 0, 600),
@@ -105,6 +109,12 @@ def _convert(key: str, raw: Any, origin: str) -> Any:
     problem = f"{origin}: {key} must be {spec.allowed()}, got {raw!r}"
     if spec.auto and raw == "auto":
         return "auto"
+    if spec.kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0"):
+            return raw.lower() in ("true", "1")
+        raise SettingsError(problem)
     if spec.kind is str:
         if not isinstance(raw, str):
             raise SettingsError(problem)

@@ -18,6 +18,8 @@ from typing import Any
 
 from tornado import web
 
+from services.common import watchdog
+
 log = logging.getLogger("fleet.web")
 
 # Set in prepare(): every log line written while serving a request carries its id (logs.py).
@@ -85,8 +87,11 @@ class BaseHandler(web.RequestHandler):
             self._request_id = incoming if SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
         return self._request_id
 
+    route_pattern = "unmatched"  # the route's pattern, the metrics label (set per route in make_app)
+
     def prepare(self) -> None:
         current_request_id.set(self.request_id)
+        watchdog.serving_request["id"] = self.request_id
         self.settings["in_flight"].enter()
         self._in_flight = True
 

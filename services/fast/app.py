@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 
 from tornado import web
 
 from services.common import server
+from services.common.metrics import MetricsHandler
 from services.common.web import BaseHandler, HealthHandler, NotFoundHandler
 
 
@@ -29,16 +31,29 @@ class EchoHandler(BaseHandler):
         self.write_json({"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()})
 
 
+def block_the_loop(ms: int) -> None:
+    """What a heavy computation in a fast route does to the event loop (test-only route)."""
+    time.sleep(ms / 1000)
+
+
+class BlockTheLoopHandler(BaseHandler):
+    """GET /_test/block/<ms>: blocks the loop on purpose, to see the watchdog report it."""
+
+    def get(self, ms: str) -> None:
+        block_the_loop(min(int(ms), 10_000))
+        self.finish("blocked\n")
+
+
 def make_app(instance: server.Instance) -> web.Application:
-    return web.Application(
-        [
-            (r"/fast", HelloHandler),
-            (r"/echo", EchoHandler),
-            (r"/healthz", HealthHandler),
-        ],
-        default_handler_class=NotFoundHandler,
-        **server.app_settings(instance),
-    )
+    routes = [
+        (r"/fast", HelloHandler, {"route_pattern": "/fast"}),
+        (r"/echo", EchoHandler, {"route_pattern": "/echo"}),
+        (r"/healthz", HealthHandler, {"route_pattern": "/healthz"}),
+        (r"/metrics", MetricsHandler),
+    ]
+    if instance.settings.observe.test_routes:
+        routes.append((r"/_test/block/([0-9]{1,5})", BlockTheLoopHandler, {"route_pattern": "/_test/block/{ms}"}))
+    return web.Application(routes, default_handler_class=NotFoundHandler, **server.app_settings(instance))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from tornado import web
 
-from services.common import server
+from services.common import metrics, server
 from services.common.web import ApiError, BaseHandler, HealthHandler, NotFoundHandler
 from services.slow import registry
 from services.slow.admission import Admission, Overloaded
@@ -60,6 +60,7 @@ class TaskHandler(BaseHandler):
 
     async def _serve(self, name: str, path: str, params: dict[str, Any]) -> None:
         task = self.tasks.get(name)
+        self.route_pattern = f"/slow/{name}" if task is not None else "/slow/{unknown}"
         if task is None:
             raise ApiError(404, "not_found", f"no task named {name!r}; known: {', '.join(sorted(self.tasks))}")
         if self.request.method not in task.methods:
@@ -92,22 +93,38 @@ class TaskHandler(BaseHandler):
         loop = asyncio.get_running_loop()
         arrived = loop.time()
         timeout = min(task.timeout or self.fleet.slow.job_timeout, self.fleet.slow.job_timeout)
+        jobs = metrics.SLOW_JOBS
         try:
             async with self.admission.slot():
                 queued_ms = 1000 * (loop.time() - arrived)
-                result, elapsed_ms = await self.pool.run(task.name, kwargs, timeout)
+                started = loop.time()
+                try:
+                    result, elapsed_ms = await self.pool.run(task.name, kwargs, timeout)
+                finally:
+                    metrics.SLOW_JOB_DURATION.labels(task.name).observe(loop.time() - started)
         except Overloaded as exc:
+            jobs.labels(task.name, "shed").inc()
             raise ApiError(503, "overloaded", f"slow pool is full ({exc}); retry later",
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         except JobTimeout as exc:
+            jobs.labels(task.name, "timeout").inc()
             log.warning("%s", exc)
             raise ApiError(504, "job_timeout", str(exc)) from None
         except WorkerDied as exc:
+            jobs.labels(task.name, "crashed").inc()
             log.warning("job %s failed: %s", task.name, exc)
             raise ApiError(502, "worker_died", f"the worker running this job died: {exc}") from None
         except JobFailed as exc:
-            log.error("job %s raised %s: %s\n%s", task.name, exc.type_name, exc.message, exc.traceback_text)
+            jobs.labels(task.name, "error").inc()
+            log.error("job %s raised %s: %s", task.name, exc.type_name, exc.message,
+                      extra={"fields": {"traceback": exc.traceback_text, "task": task.name}})
             raise ApiError(500, "job_failed", f"{exc.type_name}: {exc.message}", type=exc.type_name) from None
+        except asyncio.CancelledError:
+            jobs.labels(task.name, "cancelled").inc()
+            raise
+        jobs.labels(task.name, "ok").inc()
+        log.info("job %s ok in %.1f ms (waited %.1f ms)", task.name, elapsed_ms, queued_ms,
+                 extra={"fields": {"task": task.name, "elapsed_ms": round(elapsed_ms, 2)}})
         body = {"task": task.name, **{k: kwargs[k] for k in task.echo}, "result": result}
         body.update(elapsed_ms=round(elapsed_ms, 2), queued_ms=round(queued_ms, 2))
         try:
@@ -160,10 +177,15 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
               "jobs": jobs, "stopped_jobs": stopped_jobs}
     settings = server.app_settings(instance)
     settings["on_drain_deadline"] = stop_jobs
+    metrics.declare_tasks(tasks)
+    metrics.SLOW_WORKERS.set_function(lambda: pool.stats()["workers"])
+    metrics.SLOW_WORKERS_BUSY.set_function(lambda: pool.stats()["busy"])
+    metrics.SLOW_QUEUE_DEPTH.set_function(lambda: admission.waiting)
     return web.Application(
         [
             (r"/slow/([a-z0-9_]+)(?:/(.*))?", TaskHandler, shared),
-            (r"/healthz", SlowHealthHandler, {"admission": admission, "pool": pool}),
+            (r"/healthz", SlowHealthHandler, {"admission": admission, "pool": pool, "route_pattern": "/healthz"}),
+            (r"/metrics", metrics.MetricsHandler),
         ],
         default_handler_class=NotFoundHandler,
         **settings,

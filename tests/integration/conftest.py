@@ -32,6 +32,7 @@ TEST_SETTINGS = {
     "FLEET_EDGE_SLOW_RATE_PER_SECOND": "100000",  # the rate limit has its own test
     "FLEET_EDGE_SLOW_RATE_BURST": "100000",
     "FLEET_EDGE_CLIENT_TIMEOUT": "2",  # slow senders are cut off quickly
+    "FLEET_OBSERVE_TEST_ROUTES": "true",  # /_test/block/<ms> for the blocked-loop detector
 }
 
 
@@ -84,6 +85,16 @@ class Fleet:
 
     def slow_health(self, number: int = 1) -> dict:
         return self.get("/healthz", port=self.slow_ports[number - 1]).json()
+
+    def process(self, name: str) -> dict:
+        """supervisor's view of one process: {"pid": ..., "statename": "RUNNING", ...}."""
+        from deploy.fleet import process_info
+        from services.common.settings import load
+
+        return process_info(load(env=self.env), name)
+
+    def pid(self, name: str) -> int:
+        return self.process(name)["pid"]
 
     def log(self, name: str) -> str:
         return (self.run_dir / "logs" / f"{name}.log").read_text(errors="replace")

@@ -100,7 +100,7 @@ def test_a_draining_instance_answers_kept_alive_requests_with_connection_close(p
     first = conn.getresponse()
     first.read()
     assert first.getheader("Connection") != "close"
-    pid = int(fleet.command("status").stdout.split("fast:fast-01")[1].split()[1])
+    pid = fleet.pid("fast-01")
     os.kill(pid, signal.SIGTERM)
     time.sleep(0.3)
     assert socket.socket().connect_ex(("127.0.0.1", fleet.fast_ports[0])) != 0  # no longer accepting
@@ -113,7 +113,7 @@ def test_a_draining_instance_answers_kept_alive_requests_with_connection_close(p
 
 def test_a_slow_instance_finishes_its_running_job_before_it_exits(private_fleet):
     fleet = private_fleet()
-    pid = int(fleet.command("status").stdout.split("slow:slow-01")[1].split()[1])
+    pid = fleet.pid("slow-01")
     with ThreadPoolExecutor(1) as pool:
         job = pool.submit(fleet.get, "/slow/spin/1.5")
         time.sleep(0.3)
@@ -125,7 +125,7 @@ def test_a_slow_instance_finishes_its_running_job_before_it_exits(private_fleet)
 
 def test_jobs_still_running_at_the_drain_deadline_get_503_json(private_fleet):
     fleet = private_fleet(FLEET_SLOW_DRAIN_TIMEOUT="2", FLEET_SLOW_JOB_TIMEOUT="10")
-    pid = int(fleet.command("status").stdout.split("slow:slow-01")[1].split()[1])
+    pid = fleet.pid("slow-01")
     with ThreadPoolExecutor(1) as pool:
         job = pool.submit(fleet.get, "/slow/spin/8")
         time.sleep(0.3)

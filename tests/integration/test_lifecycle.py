@@ -76,7 +76,7 @@ def test_kill_9_of_a_slow_instance_takes_its_workers_along_and_supervisor_brings
     fleet = private_fleet()
     health = fleet.slow_health()
     workers = health["pool"]["pids"]
-    instance = int(fleet.command("status").stdout.split("slow:slow-01")[1].split()[1])
+    instance = fleet.pid("slow-01")
     os.kill(instance, signal.SIGKILL)
 
     def gone(pid: int) -> bool:
@@ -89,7 +89,7 @@ def test_kill_9_of_a_slow_instance_takes_its_workers_along_and_supervisor_brings
     wait_for(lambda: all(gone(pid) for pid in workers), timeout=5)
     back = wait_for(lambda: _health_or_none(fleet), timeout=20)
     assert back["status"] == "ok" and not set(back["pool"]["pids"]) & set(workers)
-    wait_for(lambda: "RUNNING" in fleet.command("status").stdout.split("slow:slow-01")[1].split("\n")[0])
+    wait_for(lambda: fleet.process("slow-01")["statename"] == "RUNNING")
     assert fleet.get("/slow/fib/12").json()["result"] == 144
 
 

@@ -84,7 +84,7 @@ def test_supervisor_runs_each_instance_with_a_stop_wait_longer_than_its_drain(tm
 
 def test_write_reports_only_the_files_that_changed(tmp_path):
     s = settings_for(tmp_path)
-    assert len(render.write(s)) == 3
+    assert len(render.write(s)) == 4
     assert render.write(s) == []
     changed = render.write(settings_for(tmp_path, FLEET_SLOW_WORKERS="3"))
     assert "settings.json" in changed

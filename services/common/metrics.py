@@ -1,0 +1,69 @@
+"""Prometheus metrics of an instance, served at /metrics on its own (loopback) port.
+
+    curl -s 127.0.0.1:8101/metrics | grep fleet_
+
+nginx refuses /metrics on the public edge; Prometheus scrapes each instance directly, with the
+targets file that deploy renders into the run dir (prometheus/targets.json). Families:
+
+    fleet_http_request_duration_seconds{route,method,status}  histogram (route = the pattern)
+    fleet_http_requests_in_flight                              gauge
+    fleet_slow_workers, fleet_slow_workers_busy, fleet_slow_queue_depth   gauges (slow only)
+    fleet_slow_jobs_total{task,outcome}                        counter
+    fleet_slow_job_duration_seconds{task}                      histogram
+    fleet_event_loop_lag_seconds                               histogram (watchdog.py)
+    fleet_event_loop_blocked_total                             counter (watchdog.py)
+    process_*, python_*                                        prometheus-client's own collectors
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from tornado import web
+
+# From well under a millisecond (a fast route) to a minute (a long job).
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+REQUEST_DURATION = Histogram(
+    "fleet_http_request_duration_seconds", "Time to answer a request, by route pattern",
+    ["route", "method", "status"], buckets=BUCKETS,
+)
+IN_FLIGHT = Gauge("fleet_http_requests_in_flight", "Requests accepted and not yet answered")
+SLOW_WORKERS = Gauge("fleet_slow_workers", "Worker processes serving in the slow pool")
+SLOW_WORKERS_BUSY = Gauge("fleet_slow_workers_busy", "Worker processes running a job")
+SLOW_QUEUE_DEPTH = Gauge("fleet_slow_queue_depth", "Jobs waiting for a worker")
+SLOW_JOBS = Counter("fleet_slow_jobs_total", "Jobs by task and outcome", ["task", "outcome"])
+SLOW_JOB_DURATION = Histogram("fleet_slow_job_duration_seconds", "Time a job ran in its worker",
+                              ["task"], buckets=BUCKETS)
+LOOP_LAG = Histogram(
+    "fleet_event_loop_lag_seconds", "How late the event loop ran a probe scheduled every 100 ms",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+LOOP_BLOCKED = Counter("fleet_event_loop_blocked_total", "Times the event loop was blocked past the threshold")
+
+JOB_OUTCOMES = ("ok", "error", "timeout", "crashed", "shed", "cancelled")
+
+_durations: dict[tuple[str, str, int], object] = {}  # label lookups cached: the fast path pays once
+
+
+def observe_request(route: str, method: str, status: int, seconds: float) -> None:
+    key = (route, method, status)
+    child = _durations.get(key)
+    if child is None:
+        child = _durations[key] = REQUEST_DURATION.labels(route, method, str(status))
+    child.observe(seconds)
+
+
+def declare_tasks(task_names) -> None:
+    """Create every task's series at zero, so a rate() works from the first scrape."""
+    for name in task_names:
+        for outcome in JOB_OUTCOMES:
+            SLOW_JOBS.labels(name, outcome)
+        SLOW_JOB_DURATION.labels(name)
+
+
+class MetricsHandler(web.RequestHandler):
+    """GET /metrics in Prometheus' text format (not a BaseHandler: scrapes are not traffic)."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(REGISTRY))

@@ -1,0 +1,131 @@
+"""Seeing inside a running fleet: /metrics, the blocked-loop detector, request ids in the logs,
+flame graphs and `status`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import REPO, Fleet
+from tests.integration.test_fleet import assert_contract_error, wait_for
+
+pytestmark = pytest.mark.integration
+
+COMMON = {
+    "fleet_http_request_duration_seconds", "fleet_http_requests_in_flight", "fleet_event_loop_lag_seconds",
+    "fleet_event_loop_blocked", "process_resident_memory_bytes", "process_cpu_seconds",
+}
+SLOW = {"fleet_slow_workers_busy", "fleet_slow_workers", "fleet_slow_queue_depth", "fleet_slow_jobs",
+        "fleet_slow_job_duration_seconds"}
+
+
+def scrape(fleet: Fleet, port: int) -> dict:
+    text = fleet.get("/metrics", port=port).body.decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def sample(families: dict, name: str, suffix: str = "", **labels) -> float:
+    family = families[name]
+    return sum(s.value for s in family.samples
+               if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_every_instance_serves_every_metric_family_with_values_from_real_traffic(fleet: Fleet):
+    for _ in range(5):
+        fleet.get("/fast")
+        fleet.get("/slow/fib/15")
+    fleet.get("/slow/raise_error")
+    for port in fleet.fast_ports + fleet.slow_ports:
+        families = scrape(fleet, port)
+        assert COMMON <= set(families), COMMON - set(families)
+        assert sample(families, "process_resident_memory_bytes") > 10e6
+        assert sample(families, "fleet_event_loop_lag_seconds", "_count") > 0
+    fast = [scrape(fleet, p) for p in fleet.fast_ports]
+    assert sum(sample(f, "fleet_http_request_duration_seconds", "_count", route="/fast", method="GET", status="200")
+               for f in fast) >= 5
+    slow = scrape(fleet, fleet.slow_ports[0])
+    assert SLOW <= set(slow)
+    assert sample(slow, "fleet_slow_workers") == 2
+    assert sample(slow, "fleet_slow_jobs", "_total", task="fib", outcome="ok") >= 5
+    assert sample(slow, "fleet_slow_jobs", "_total", task="raise_error", outcome="error") >= 1
+    assert sample(slow, "fleet_slow_job_duration_seconds", "_count", task="fib") >= 5
+    routes = {s.labels["route"] for s in slow["fleet_http_request_duration_seconds"].samples}
+    assert "/slow/fib" in routes and not any(r.startswith("/slow/fib/") for r in routes)  # patterns, not paths
+
+
+def test_metrics_are_refused_through_the_public_edge(fleet: Fleet):
+    response = fleet.get("/metrics")
+    assert_contract_error(response, 403, "forbidden")
+    assert b"fleet_" not in response.body
+
+
+def test_a_blocked_event_loop_is_reported_once_with_the_blocking_function_and_request_id(fleet: Fleet):
+    before = {p: sample(scrape(fleet, p), "fleet_event_loop_blocked", "_total") for p in fleet.fast_ports}
+    request_id = f"block-{uuid.uuid4().hex[:8]}"
+    response = fleet.get("/_test/block/400", headers={"X-Request-ID": request_id})
+    instance = response.headers["x-served-by"]
+    port = fleet.fast_ports[int(instance[-2:]) - 1]
+    wait_for(lambda: sample(scrape(fleet, port), "fleet_event_loop_blocked", "_total") == before[port] + 1, timeout=3)
+    lines = wait_for(lambda: [json.loads(line) for line in fleet.log(instance).splitlines()
+                              if request_id in line and "blocked" in line], timeout=3)
+    assert len(lines) == 1  # one warning per blocked episode
+    warning = lines[0]
+    assert warning["level"] == "warning" and warning["request_id"] == request_id
+    assert warning["function"] == "block_the_loop" and warning["file"].endswith("services/fast/app.py")
+    assert warning["blocked_ms"] >= 100
+
+
+def test_one_request_id_is_found_in_nginx_s_json_log_and_in_the_instance_s_log(fleet: Fleet):
+    request_id = f"trace-{uuid.uuid4().hex[:8]}"
+    assert fleet.get("/slow/fib/12", headers={"X-Request-ID": request_id}).status == 200
+
+    def access_line():
+        for line in (fleet.run_dir / "logs" / "nginx-access.log").read_text().splitlines():
+            if request_id in line:
+                return json.loads(line)
+    edge = wait_for(access_line, timeout=5)  # the access log is flushed every second
+    assert edge["status"] == 200 and edge["uri"] == "/slow/fib/12" and edge["upstream_status"] == "200"
+    assert {"time", "method", "bytes", "request_time", "upstream_addr", "upstream_response_time"} <= set(edge)
+    instance = [json.loads(line) for line in fleet.log("slow-01").splitlines() if request_id in line]
+    assert instance and instance[0]["instance"] == "slow-01" and "job fib ok" in instance[0]["message"]
+
+    merged = subprocess.run([sys.executable, "-m", "deploy.logs", "--once"], cwd=REPO, env=fleet.env,
+                            capture_output=True, text=True, timeout=30).stdout
+    assert sum(request_id in line for line in merged.splitlines()) >= 2  # edge and instance, one stream
+
+
+def test_a_job_s_traceback_is_logged_with_its_request_id(fleet: Fleet):
+    request_id = f"tb-{uuid.uuid4().hex[:8]}"
+    fleet.get("/slow/raise_error", headers={"X-Request-ID": request_id})
+    line = next(json.loads(line) for line in fleet.log("slow-01").splitlines() if request_id in line and "raised" in line)
+    assert "Traceback" in line["traceback"] and "raise_error" in line["traceback"]
+
+
+def test_profile_writes_a_flame_graph_of_an_instance_and_its_workers(fleet: Fleet):
+    result = subprocess.run([sys.executable, "-m", "deploy.profile", "slow-01", "1"], cwd=REPO, env=fleet.env,
+                            capture_output=True, text=True, timeout=60)
+    if "ptrace" in result.stderr:
+        pytest.skip(f"this machine does not permit ptrace: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    svg = result.stdout.strip().split("flame graph: ")[1]
+    assert svg.startswith(str(fleet.run_dir)) and open(svg).read().lstrip().startswith("<?xml")
+
+
+def test_status_shows_each_instance_s_load_from_its_metrics(fleet: Fleet):
+    out = fleet.command("status").stdout
+    header = out.splitlines()[0]
+    for column in ("in flight", "busy/workers", "queued", "loop lag", "blocked"):
+        assert column in header
+    slow_line = next(line for line in out.splitlines() if line.startswith("slow:slow-01"))
+    assert "RUNNING" in slow_line and "/2" in slow_line and "ms" in slow_line
+
+
+def test_a_prometheus_targets_file_lists_every_instance(fleet: Fleet):
+    groups = json.loads((fleet.run_dir / "prometheus" / "targets.json").read_text())
+    targets = {t for g in groups for t in g["targets"]}
+    assert targets == {f"127.0.0.1:{p}" for p in fleet.fast_ports + fleet.slow_ports}
