@@ -7,7 +7,6 @@ import hashlib
 import json
 import re
 
-import pytest
 import tornado
 from tornado.testing import AsyncHTTPTestCase, gen_test
 
