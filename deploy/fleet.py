@@ -27,10 +27,10 @@ from pathlib import Path
 from supervisor.xmlrpc import SupervisorTransport
 
 from deploy import render
+from deploy.procs import MEMBER_MARKER, alive, cmdline, processes_of, worker_pids
 from services.common.settings import Settings, SettingsError, load
 
 HEALTH_TIMEOUT = 60  # seconds `up` waits for every instance to answer /healthz
-MEMBER_MARKER = "FLEET_MEMBER_OF"  # environment variable naming the run dir a process belongs to
 
 
 class FleetError(RuntimeError):
@@ -247,19 +247,6 @@ def reload_nginx(settings: Settings) -> None:
     raise FleetError("nginx did not replace its workers within 10 s after HUP; see " + str(log))
 
 
-def worker_pids(master: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
-                pids.append(int(entry.name))
-    return pids
-
-
 def rolling_restart(settings: Settings) -> None:
     """Restart every instance, one at a time, with no request failed or refused.
 
@@ -300,7 +287,7 @@ def stop(settings: Settings) -> None:
         print(f"stopped the fleet in {settings.run_dir}")
     leftovers = processes_of(settings.run_dir)
     for leftover in leftovers:  # only after a crash of supervisord itself: never leave one behind
-        print(f"killing leftover process {leftover}: {_cmdline(leftover)[:120]}")
+        print(f"killing leftover process {leftover}: {cmdline(leftover)[:120]}")
         try:
             os.kill(leftover, signal.SIGKILL)
         except ProcessLookupError:
@@ -312,55 +299,6 @@ def stop(settings: Settings) -> None:
         check_ports_free(settings)
     except FleetError as exc:
         raise FleetError(f"after stop, {exc}") from None
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
-    except OSError:
-        return False
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def processes_of(run_dir: Path) -> list[int]:
-    """Pids of every process of this run dir's fleet: supervisord, nginx, instances, workers.
-
-    Python processes carry the run dir in their environment (MEMBER_MARKER); nginx overwrites its
-    environment with its process titles, so its processes are known by the log files they hold.
-    """
-    marker = b"\0" + f"{MEMBER_MARKER}={run_dir}".encode() + b"\0"
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker in b"\0" + (entry / "environ").read_bytes() or (
-                    (entry / "cmdline").read_bytes().startswith(b"nginx:") and holds_file_in(entry, run_dir)
-                ):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def holds_file_in(proc: Path, directory: Path) -> bool:
-    prefix = f"{directory}/"
-    for fd in (proc / "fd").iterdir():
-        try:
-            if os.readlink(fd).startswith(prefix):
-                return True
-        except OSError:
-            continue
-    return False
 
 
 def instance_figures(port: int) -> dict[str, float]:

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.fleet import alive, processes_of
+from deploy.procs import alive, children_of, processes_of
 from services.common.settings import Settings
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -52,20 +52,6 @@ def retire(pids: list[int], grace: float) -> None:
     for pid in pids:
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
-
-
-def children() -> list[int]:
-    """Our child processes: the master, and any worker orphaned by a dead master (subreaper)."""
-    me = str(os.getpid())
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == me:
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
 
 
 def nginx_processes(run_dir: Path) -> list[int]:
@@ -136,7 +122,7 @@ def main() -> None:
             sys.exit(code)
         now = time.monotonic()
         restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
-        orphans = [p for p in children() if p != master.pid and p not in retiring]
+        orphans = [p for p in children_of(os.getpid()) if p != master.pid and p not in retiring]
         say(f"nginx master {master.pid} exited ({code}); retiring its workers {orphans}, starting a new master")
         for pid in orphans:  # they stop accepting at once and finish what they have
             os.kill(pid, signal.SIGQUIT)
