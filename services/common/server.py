@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from typing import Callable, Coroutine
 
 from tornado import web
 from tornado.httpserver import HTTPServer
@@ -66,6 +67,17 @@ def parse_args(role: str, argv: list[str] | None = None) -> Instance:
     instance = Instance(role, number, settings)
     logs.setup(instance.name)
     return instance
+
+
+def run(instance: Instance, main: Callable[[], Coroutine]) -> None:
+    """Run the instance's main coroutine on the event loop its settings choose (<role>.event_loop)."""
+    loop_factory = None
+    if getattr(instance.settings, instance.role).event_loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
 
 
 def app_settings(instance: Instance) -> dict:

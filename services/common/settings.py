@@ -52,6 +52,12 @@ def _check_ip(value: str) -> None:
     ipaddress.ip_address(value)
 
 
+def _check_event_loop(value: str) -> None:
+    '''"uvloop" or "asyncio"'''
+    if value not in ("uvloop", "asyncio"):
+        raise ValueError(value)
+
+
 def _check_modules(value: str) -> None:
     """comma-separated dotted module names"""
     names = [n.strip() for n in value.split(",")]
@@ -72,6 +78,7 @@ SCHEMA: dict[str, Spec] = {
     "fast.instances": Spec(int, 1, 64),
     "fast.base_port": Spec(int, 1024, 65000),
     "fast.drain_timeout": Spec(float, 2, 300),
+    "fast.event_loop": Spec(str, check=_check_event_loop),
     "slow.instances": Spec(int, 1, 16),
     "slow.base_port": Spec(int, 1024, 65000),
     "slow.workers": Spec(int, 1, 256, auto=lambda v: os.cpu_count() or 1),
@@ -79,6 +86,7 @@ SCHEMA: dict[str, Spec] = {
     "slow.job_timeout": Spec(float, 0.1, 3600),
     "slow.nice": Spec(int, 0, 19),
     "slow.drain_timeout": Spec(float, 2, 3600),
+    "slow.event_loop": Spec(str, check=_check_event_loop),
     "slow.task_modules": Spec(str, check=_check_modules),
     "observe.blocked_loop_ms": Spec(int, 10, 60000),
     "observe.test_routes": Spec(bool),

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 
@@ -58,7 +57,7 @@ def make_app(instance: server.Instance) -> web.Application:
 
 def main(argv: list[str] | None = None) -> None:
     instance = server.parse_args("fast", argv)
-    asyncio.run(server.serve(make_app(instance), instance))
+    server.run(instance, lambda: server.serve(make_app(instance), instance))
 
 
 if __name__ == "__main__":

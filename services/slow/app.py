@@ -203,7 +203,7 @@ async def run(instance: server.Instance) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     instance = server.parse_args("slow", argv)
-    asyncio.run(run(instance))
+    server.run(instance, lambda: run(instance))
 
 
 if __name__ == "__main__":
