@@ -197,7 +197,8 @@ async def run(instance: server.Instance) -> None:
     tasks = registry.load(fleet.slow.task_modules)
     # Workers start (forkserver, niced, setups run) before the port is bound: the first request
     # never waits for a pool, and no worker can ever hold the server's socket.
-    async with WorkerPool(fleet.slow.workers, fleet.slow.task_modules, fleet.slow.nice) as pool:
+    async with WorkerPool(fleet.slow.workers, fleet.slow.task_modules, fleet.slow.nice,
+                          sched_idle=fleet.slow.sched_idle) as pool:
         await server.serve(make_app(instance, tasks, pool), instance)
 
 

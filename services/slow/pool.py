@@ -92,13 +92,17 @@ def _error_reply(exc: BaseException) -> tuple:
     return ("error", type(exc).__name__, message[:2000], traceback.format_exc())
 
 
-def worker_main(conn: Connection, task_modules: str, nice: int) -> None:
+def worker_main(conn: Connection, task_modules: str, nice: int, sched_idle: bool = False) -> None:
     """A worker's whole life: set up once, then run one job at a time from its pipe."""
     _die_with_parent()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent stops us; no Python-level handler
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is for the server
     signal.set_wakeup_fd(-1)
     os.nice(nice)
+    if sched_idle:
+        # Below every normal process, not just behind it: a waking event loop or nginx worker
+        # preempts this worker at once, on any kernel scheduler (nice alone only tilts shares).
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     from services.slow import registry  # imported here: the forkserver preloads it
 
     try:
@@ -144,10 +148,12 @@ class _Worker:
 
 
 class WorkerPool:
-    def __init__(self, size: int, task_modules: str, nice: int = 10, start_timeout: float = 60):
+    def __init__(self, size: int, task_modules: str, nice: int = 10, start_timeout: float = 60,
+                 sched_idle: bool = False):
         self.size = size
         self.task_modules = task_modules
         self.nice = nice
+        self.sched_idle = sched_idle
         self.start_timeout = start_timeout
         self._ctx = multiprocessing.get_context("forkserver")
         # Workers fork from a server that has already imported the task code: a replacement is
@@ -244,7 +250,7 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         parent_end, child_end = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
-            target=worker_main, args=(child_end, self.task_modules, self.nice), daemon=True,
+            target=worker_main, args=(child_end, self.task_modules, self.nice, self.sched_idle), daemon=True,
             name="fleet-worker",
         )
         # start() asks the forkserver for a process over a socket: blocking, so not on the loop.

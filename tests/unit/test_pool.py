@@ -53,10 +53,10 @@ async def eventually(check: Callable[[], bool], timeout: float = 5, what: str = 
 
 
 def with_pool(body: Callable[[WorkerPool], Awaitable[None]], size: int = 2, nice: int = 0,
-              modules: str = MODULES) -> None:
+              modules: str = MODULES, sched_idle: bool = False) -> None:
     """Run `body(pool)` in a fresh event loop; the pool is closed whatever happens."""
     async def main():
-        pool = WorkerPool(size, modules, nice=nice)
+        pool = WorkerPool(size, modules, nice=nice, sched_idle=sched_idle)
         await pool.start()
         try:
             await body(pool)
@@ -190,6 +190,17 @@ def test_workers_run_with_the_requested_niceness():
         assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the server itself is not niced
 
     with_pool(body, nice=5)
+
+
+def test_workers_can_run_under_sched_idle_below_every_normal_process():
+    async def body(pool):
+        pids = pool.stats()["pids"]
+        assert [os.sched_getscheduler(pid) for pid in pids] == [os.SCHED_IDLE] * 2
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the server itself keeps its priority
+        result, _ = await pool.run("fib", {"n": 15}, timeout=10)
+        assert result == 610
+
+    with_pool(body, sched_idle=True)
 
 
 def test_after_close_no_worker_process_remains():
