@@ -1,0 +1,616 @@
+"""The isolation proof: heavy requests never delay fast ones.
+
+THE CLAIM. While a flood of heavy requests saturates every slow worker and overflows the slow
+path's waiting line, the fast routes answer as fast, and as often, as they do with no heavy load
+at all. This locustfile measures that through any server offering `GET /fast` and
+`GET /slow/fib/<n>` and gives a verdict:
+
+    locust -f locustfile.py --headless --host http://127.0.0.1:8080     # exit 0 PASS, 3 FAIL, 4 INCONCLUSIVE
+    make load-check                                                       # the same against the deployed fleet
+    make load                                                             # web UI on :8089, "Isolation" tab
+
+THE RUN (a LoadTestShape, one process): warm-up (fast users only, not judged), baseline (the same
+fast users only), mixed (the same fast users plus the heavy users), recovery (fast users only, shown,
+not judged). Fast users send the fast routes at a fixed rate (constant_throughput, every route
+once per iteration in one task, so each route's rate is steady); heavy users loop over
+`/slow/fib/<n>` with a weighted mix and pause briefly after a shed answer. A heavy 503 (the slow
+path shedding) and a heavy 429 (the edge's per-client rate limit shedding) are expected, reported
+as "shed" and never failures; the heavy flood is paced (`--heavy-backoff`) to stay far below the
+edge's default 50 requests/s per client, so on the fleet the shed answers are 503s from the slow
+instance, and 429s, if any, are only counted, never taken as proof of saturation.
+
+THE VERDICT, from the fast requests' own samples (recorded by start time into the phase windows):
+  FAIL          any fast request failed (any phase; a timeout counts), or the mixed phase's
+                achieved fast rate < --min-rate-fraction (95%) of the baseline's (Locust is
+                closed-loop: a delayed fast user sends fewer requests, which percentiles hide),
+                or mixed p95 or p99 > --ratio x baseline + --slack-ms;
+  INCONCLUSIVE  Locust warned that its own CPU was saturated (its timings are then suspect), a
+                judged phase has fewer than --min-samples fast samples (p99 needs about 500), the
+                run stopped before the mixed phase ended, or nothing proves the heavy load
+                saturated the slow path: no 503 seen and fewer than --slow-workers heavy requests
+                in flight in 90% of the mixed phase's half-second samples;
+  PASS          otherwise.
+The order decides between reasons: fast failures, then Locust's CPU, then baseline samples, then
+saturation (a mixed phase without it proves nothing either way), then the rate, then mixed
+samples, then latency. Headless, the verdict is the exit code
+(0 PASS, 3 FAIL, 4 INCONCLUSIVE; on a PASS Locust's own rule still applies: exit 1 if some heavy
+request failed in an unexpected way, e.g. a 500 or 502) and the per-phase table is printed; with
+--csv the table is also written to <prefix>_isolation.csv.
+
+HOW THE DEFAULT THRESHOLDS WERE CHOSEN. Measured on this project's 2-core machine with the fleet's
+defaults (2 fast instances; 1 slow instance, 2 workers at nice 10, 8 waiting places) by
+`make load-check` (this file's defaults plus `--fast-routes "GET /fast, POST /echo"`), 14 runs in
+three batches while other engineers' test suites ran on the same box; fast p95 and p99 in ms,
+baseline -> mixed (in every run the mixed fast rate was 98-100% of the baseline, 78.7-79.9 req/s,
+and the mixed phase shed 354-360 heavy requests with 503 and kept 10 heavy requests in flight):
+
+    batch (machine load)                 p95 baseline -> mixed      p99 baseline -> mixed
+    A  5 runs, load avg 1.2-2.6          5.2-11.6 -> 8.1-22.1       6.7-14.6 -> 15.3-41.7
+    B  5 runs, another engineer's        7.4-12.8 -> 13.4-29.9      10.0-20.8 -> 21.1-154.4
+       CPU benchmark (workers at nice 0)
+       running, load avg 2.6-4.0
+    C  4 runs, load avg about 1          4.9-5.6 -> 6.6-7.9         6.0-7.4 -> 9.0-10.5
+
+    worst single runs (p99): A 14.2 -> 41.7; B 20.8 -> 154.4, 18.7 -> 82.8, 10.6 -> 57.9
+
+The same file with its plain defaults against tests/support/naive_server.py (one Tornado process
+computing fib in its handler), 3 runs: p95 5.6-7.6 -> 2,052-2,907 ms, p99 6.0-12.2 ->
+2,053-2,909 ms, fast rate 16% of the baseline.
+
+So the limit is `2 x baseline + 50 ms` (--ratio 2, --slack-ms 50): about 60-90 ms for p99 on this
+box, above every quiet run (A and C: worst 41.7 ms against a limit of 78 ms) and 13 of the 14 runs
+in all, while the naive server overshoots it 30-fold and also fails the rate rule. The one
+exception is real, not noise in the check: when another CPU-bound program runs at normal priority
+on the same 2 cores, the fleet's fast p99 does degrade while its workers are saturated (run B1,
+154 ms), most likely because CFS shares the CPU between sessions (autogroups) first and the
+workers' nice 10 only ranks them inside the fleet's own session. Such a FAIL says what it
+measured; run the check on a quiet machine to judge the fleet itself. 95% of the baseline rate is
+the issue's rule (the fleet reached 98-100%, the naive server 16%). --min-samples 500 keeps p99 meaningful (the 5 worst of
+500); the defaults give 2,400 fast samples per judged phase with two fast routes
+(10 users x 4 iterations/s x 2 routes x 30 s) and 1,200 with GET /fast alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import gevent
+from locust import LoadTestShape, events, task
+from locust.contrib.fasthttp import FastHttpUser
+from locust.user.wait_time import constant_throughput
+
+log = logging.getLogger("isolation")
+
+EXIT_CODES = {"PASS": None, "FAIL": 3, "INCONCLUSIVE": 4}  # None: Locust's own rule (0, or 1 on errors)
+SPAWN_RATE = 100  # users started per second at a phase change: every phase starts at full strength
+ECHO_BODY = b'{"probe": "isolation", "padding": "' + b"x" * 200 + b'"}'
+
+# name, type, default, help. Every option is usable as --name on the command line, name = value in
+# locust.conf and as a field of the web UI's start form.
+OPTIONS = [
+    ("warmup-seconds", float, 10.0, "Warm-up phase: fast users only, not judged"),
+    ("baseline-seconds", float, 30.0, "Baseline phase: fast users only"),
+    ("mixed-seconds", float, 30.0, "Mixed phase: the same fast users plus the heavy users"),
+    ("recovery-seconds", float, 10.0, "Recovery phase: fast users only, shown, not judged"),
+    ("fast-users", int, 10, "Fast users (each sends every fast route once per iteration)"),
+    ("fast-rate", float, 4.0, "Iterations per second of each fast user (constant_throughput)"),
+    ("fast-routes", str, "GET /fast", "Fast routes, comma-separated 'METHOD /path' (POST sends a small JSON body)"),
+    ("fast-timeout", float, 10.0, "Seconds before a fast request counts as failed"),
+    ("heavy-users", int, 16, "Heavy users in the mixed phase (more than workers + waiting places)"),
+    ("heavy-mix", str, "/slow/fib/30:3,/slow/fib/32:1,/slow/fib/25:1", "Heavy requests, comma-separated 'path:weight'"),
+    ("heavy-backoff", float, 0.5, "Seconds a heavy user pauses after a shed answer (503 or 429)"),
+    ("heavy-timeout", float, 120.0, "Seconds before a heavy request counts as failed"),
+    ("slow-workers", int, os.cpu_count() or 2,
+     "Slow workers to saturate: heavy requests in flight needed as proof when no 503 is seen"),
+    ("ratio", float, 2.0, "PASS needs mixed p95 and p99 <= ratio x baseline + slack"),
+    ("slack-ms", float, 50.0, "Milliseconds added to ratio x baseline"),
+    ("min-rate-fraction", float, 0.95, "PASS needs the mixed fast rate >= this fraction of the baseline's"),
+    ("min-samples", int, 500, "Fast samples each judged phase needs (p99 needs about 500)"),
+]
+DEFAULTS = SimpleNamespace(**{name.replace("-", "_"): default for name, _, default, _ in OPTIONS})
+
+PHASES = ("warm-up", "baseline", "mixed", "recovery")
+
+
+@events.init_command_line_parser.add_listener
+def add_options(parser, **_kwargs):
+    # parser.add_argument, not an argument group's: only Locust's own add_argument marks an option
+    # for the web UI's form ("Custom parameters").
+    for name, kind, default, help_text in OPTIONS:
+        parser.add_argument(f"--{name}", type=kind, default=default, env_var=f"LOCUST_{name.upper().replace('-', '_')}",
+                           help=f"{help_text} (default {default})")
+
+
+def options(environment) -> SimpleNamespace:
+    """The current values: parsed_options (CLI, locust.conf, env, web form) over the defaults."""
+    parsed = getattr(environment, "parsed_options", None)
+    return SimpleNamespace(**{k: getattr(parsed, k, v) for k, v in vars(DEFAULTS).items()})
+
+
+def parse_routes(text: str) -> list[tuple[str, str]]:
+    routes = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        method, _, path = item.partition(" ") if " " in item else ("GET", "", item)
+        if not path.strip().startswith("/") or method.upper() not in ("GET", "POST"):
+            raise ValueError(f"fast-routes: expected 'GET /path' or 'POST /path', got {item!r}")
+        routes.append((method.upper(), path.strip()))
+    if not routes:
+        raise ValueError("fast-routes: no route given")
+    return routes
+
+
+def parse_mix(text: str) -> tuple[list[str], list[float]]:
+    paths, weights = [], []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        path, _, weight = item.partition(":")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            w = -1
+        if not path.startswith("/") or w <= 0:
+            raise ValueError(f"heavy-mix: expected '/path:weight' with a positive weight, got {item!r}")
+        paths.append(path)
+        weights.append(w)
+    if not paths:
+        raise ValueError("heavy-mix: no path given")
+    return paths, weights
+
+
+def check_options(o: SimpleNamespace) -> None:
+    parse_routes(o.fast_routes)
+    parse_mix(o.heavy_mix)
+    for name in ("baseline_seconds", "mixed_seconds", "fast_rate", "fast_timeout", "heavy_timeout"):
+        if not getattr(o, name) > 0:
+            raise ValueError(f"{name.replace('_', '-')} must be > 0")
+    if o.fast_users < 1 or o.heavy_users < 0 or o.warmup_seconds < 0 or o.recovery_seconds < 0:
+        raise ValueError("fast-users must be >= 1; heavy-users, warmup-seconds and recovery-seconds >= 0")
+
+
+# the recorder ------------------------------------------------------------------------------------
+
+@dataclass
+class Recorder:
+    """Everything the verdict needs, for one run: phase windows and the samples that fall in them."""
+
+    opts: SimpleNamespace = field(default_factory=lambda: DEFAULTS)
+    starts: list[float] = field(default_factory=list)  # wall-clock start of each entered phase
+    names: list[str] = field(default_factory=list)
+    ended_at: float | None = None  # when the last phase ended (run over)
+    fast: list[tuple[float, float, bool]] = field(default_factory=list)  # start_time, ms, ok
+    heavy: list[tuple[float, str]] = field(default_factory=list)  # start_time, ok|shed503|shed429|error
+    inflight: list[tuple[float, int]] = field(default_factory=list)  # half-second samples
+    heavy_now: int = 0
+    cpu_warning: bool = False
+    error: str | None = None  # invalid options
+    started: bool = False
+    print_on_quit: bool = False  # headless: the table goes last, after Locust's summary
+
+    def enter(self, phase: str) -> None:
+        if not self.names or self.names[-1] != phase:
+            self.starts.append(time.time())
+            self.names.append(phase)
+
+    def finish(self) -> None:
+        if self.ended_at is None and self.names:
+            self.ended_at = time.time()
+
+    def window(self, phase: str) -> tuple[float, float] | None:
+        """(start, end) of a phase; end is now while it runs."""
+        if phase not in self.names:
+            return None
+        i = self.names.index(phase)
+        end = self.starts[i + 1] if i + 1 < len(self.starts) else (self.ended_at or time.time())
+        return self.starts[i], end
+
+    def complete(self, phase: str) -> bool:
+        i = self.names.index(phase) if phase in self.names else -1
+        return i >= 0 and (i + 1 < len(self.starts) or self.ended_at is not None)
+
+
+RECORDER = Recorder()
+
+
+def percentile(ordered: list[float], p: float) -> float | None:
+    """Nearest-rank percentile of an ascending list."""
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
+
+
+@dataclass
+class PhaseFigures:
+    name: str
+    state: str  # pending, running, done, skipped
+    seconds: float = 0.0
+    requests: int = 0
+    failures: int = 0
+    rate: float = 0.0
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    heavy_ok: int = 0
+    shed503: int = 0
+    shed429: int = 0
+    heavy_errors: int = 0
+    inflight_median: float | None = None
+    inflight_saturated: float = 0.0  # fraction of samples with >= slow_workers heavy requests in flight
+
+
+def figures(rec: Recorder) -> dict[str, PhaseFigures]:
+    out = {}
+    for name in PHASES:
+        window = rec.window(name)
+        if window is None:
+            out[name] = PhaseFigures(name, "skipped" if rec.ended_at is not None else "pending")
+            continue
+        start, end = window
+        f = PhaseFigures(name, "done" if rec.complete(name) else "running", seconds=max(end - start, 1e-9))
+        times = sorted(ms for t, ms, ok in rec.fast if start <= t < end and ok)
+        f.requests = sum(1 for t, _, _ in rec.fast if start <= t < end)
+        f.failures = f.requests - len(times)
+        f.rate = f.requests / f.seconds
+        f.p50, f.p95, f.p99 = (percentile(times, p) for p in (50, 95, 99))
+        for t, kind in rec.heavy:
+            if start <= t < end:
+                if kind == "ok":
+                    f.heavy_ok += 1
+                elif kind == "shed503":
+                    f.shed503 += 1
+                elif kind == "shed429":
+                    f.shed429 += 1
+                else:
+                    f.heavy_errors += 1
+        samples = sorted(n for t, n in rec.inflight if start <= t < end)
+        if samples:
+            f.inflight_median = percentile(samples, 50)
+            f.inflight_saturated = sum(1 for n in samples if n >= rec.opts.slow_workers) / len(samples)
+        out[name] = f
+    return out
+
+
+@dataclass
+class Verdict:
+    verdict: str  # PASS, FAIL, INCONCLUSIVE, RUNNING
+    reason: str
+    checks: list[tuple[bool | None, str]]  # (passed, text); None = not judged yet
+    limit_p95: float | None = None
+    limit_p99: float | None = None
+
+
+def judge(rec: Recorder) -> Verdict:
+    """The verdict; while the run goes on it is RUNNING, with the verdict so far in its reason."""
+    v = _judge(rec)
+    if rec.ended_at is None and v.verdict != "RUNNING":
+        current = rec.names[-1] if rec.names else "warm-up"
+        return Verdict("RUNNING", f"{current} phase in progress; so far {v.verdict}: {v.reason}", v.checks,
+                       v.limit_p95, v.limit_p99)
+    return v
+
+
+def _judge(rec: Recorder) -> Verdict:
+    o = rec.opts
+    f = figures(rec)
+    b, m = f["baseline"], f["mixed"]
+    if rec.error:
+        return Verdict("INCONCLUSIVE", f"invalid options: {rec.error}", [])
+    checks: list[tuple[bool | None, str]] = []
+    limit_p95 = o.ratio * b.p95 + o.slack_ms if b.p95 is not None else None
+    limit_p99 = o.ratio * b.p99 + o.slack_ms if b.p99 is not None else None
+
+    total = sum(x.requests for x in f.values())
+    failed = sum(x.failures for x in f.values())
+    checks.append((failed == 0, f"fast failures: {failed} of {total} fast requests"))
+    cpu = rec.cpu_warning
+    checks.append((not cpu, "Locust's CPU " + ("went above 90%: its timings are suspect" if cpu
+                                               else "stayed below 90%")))
+    b_ok = b.requests - b.failures
+    m_ok = m.requests - m.failures
+    checks.append((b_ok >= o.min_samples if b.state == "done" else None,
+                   f"baseline fast samples: {b_ok} (need {o.min_samples})"))
+    saturated = m.shed503 > 0 or m.inflight_saturated >= 0.9
+    checks.append((saturated if m.state == "done" else None,
+                   f"heavy load saturated the slow path: {m.shed503} shed with 503, heavy in flight "
+                   f">= {o.slow_workers} in {m.inflight_saturated:.0%} of samples "
+                   f"(median {fmt(m.inflight_median, 0)})"))
+    rate_ok = m.rate >= o.min_rate_fraction * b.rate if m.state == "done" and b.rate else None
+    share = f" = {m.rate / b.rate:.0%}" if b.rate and m.state != "pending" else ""
+    checks.append((rate_ok, f"mixed fast rate {m.rate:.1f}/s vs baseline {b.rate:.1f}/s{share} "
+                            f"(need >= {o.min_rate_fraction:.0%})"))
+    checks.append((m_ok >= o.min_samples if m.state == "done" else None,
+                   f"mixed fast samples: {m_ok} (need {o.min_samples})"))
+    lat = {}
+    for label, value, limit, base in (("p95", m.p95, limit_p95, b.p95), ("p99", m.p99, limit_p99, b.p99)):
+        lat[label] = value <= limit if m.state == "done" and value is not None and limit is not None else None
+        checks.append((lat[label], f"mixed {label} {fmt(value)} ms vs limit {o.ratio:g} x {fmt(base)} + "
+                                   f"{o.slack_ms:g} = {fmt(limit)} ms"))
+
+    def result(verdict: str, reason: str) -> Verdict:
+        return Verdict(verdict, reason, checks, limit_p95, limit_p99)
+
+    if failed:
+        return result("FAIL", f"{failed} fast request(s) failed: the fast routes must never fail")
+    if cpu:
+        return result("INCONCLUSIVE", "Locust's own CPU went above 90%, so its timings cannot be trusted; "
+                                      "run it on a quieter machine or with fewer users")
+    if not m.state == "done":
+        if rec.ended_at is not None:
+            return result("INCONCLUSIVE", "the run stopped before the mixed phase ended")
+        current = rec.names[-1] if rec.names else "warm-up"
+        return result("RUNNING", f"{current} phase in progress")
+    if b_ok < o.min_samples:
+        return result("INCONCLUSIVE", f"only {b_ok} baseline fast samples (need {o.min_samples}): "
+                                      "raise --fast-users, --fast-rate or --baseline-seconds")
+    if not saturated:
+        return result("INCONCLUSIVE", "nothing shows the heavy load saturated the slow path (no 503, too few "
+                                      "heavy requests in flight), so the mixed phase proves nothing: raise "
+                                      "--heavy-users or use heavier tasks")
+    slower = [f"{label} {fmt(getattr(m, label))} ms > {fmt(lim)} ms"
+              for label, lim in (("p95", limit_p95), ("p99", limit_p99)) if lat[label] is False]
+    if not rate_ok:
+        also = f" (and mixed {', '.join(slower)})" if slower else ""
+        return result("FAIL", f"the fast rate fell to {m.rate / b.rate:.0%} of the baseline while the heavy "
+                              f"load ran: fast requests were held up{also}")
+    if m_ok < o.min_samples:
+        return result("INCONCLUSIVE", f"only {m_ok} mixed fast samples (need {o.min_samples})")
+    if slower:
+        return result("FAIL", "the heavy load slowed the fast routes: mixed " + ", ".join(slower))
+    return result("PASS", "the fast routes kept their baseline latency and rate while the slow path was saturated")
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+# the report: console, CSV, web UI -------------------------------------------------------------------
+
+COLUMNS = [  # key (one lowercase word: the web UI camel-cases keys), title
+    ("phase", "Phase"), ("state", "State"), ("seconds", "Seconds"), ("requests", "Fast requests"),
+    ("rate", "Fast req/s"), ("failures", "Fast failures"), ("p50", "p50 ms"), ("p95", "p95 ms"),
+    ("p99", "p99 ms"), ("heavy", "Heavy done"), ("shed", "Heavy shed 503/429"), ("inflight", "Heavy in flight"),
+    ("check", "Check"),
+]
+
+
+def table_rows(rec: Recorder) -> list[dict[str, str]]:
+    f = figures(rec)
+    v = judge(rec)
+    rows = []
+    for name in PHASES:
+        x = f[name]
+        check = ""
+        if name == "baseline":
+            check = "reference"
+        elif name == "mixed" and v.limit_p95 is not None:
+            min_rate = rec.opts.min_rate_fraction * f["baseline"].rate
+            check = f"p95 <= {fmt(v.limit_p95)}, p99 <= {fmt(v.limit_p99)}, rate >= {fmt(min_rate)}/s"
+        elif name in ("warm-up", "recovery"):
+            check = "not judged"
+        if x.state in ("pending", "skipped"):
+            rows.append({**{k: "-" for k, _ in COLUMNS}, "phase": name, "state": x.state, "check": check})
+            continue
+        rows.append({
+            "phase": name, "state": x.state, "seconds": fmt(x.seconds),
+            "requests": f"{x.requests:,}", "rate": fmt(x.rate), "failures": str(x.failures),
+            "p50": fmt(x.p50), "p95": fmt(x.p95), "p99": fmt(x.p99),
+            "heavy": f"{x.heavy_ok + x.heavy_errors:,}" + (f" ({x.heavy_errors:,} errors)" if x.heavy_errors else ""),
+            "shed": f"{x.shed503:,} / {x.shed429:,}", "inflight": fmt(x.inflight_median, 0), "check": check,
+        })
+    blank = {k: "" for k, _ in COLUMNS}
+    rows.append({**blank, "phase": "VERDICT", "state": v.verdict, "check": v.reason})
+    for ok, text in v.checks:
+        rows.append({**blank, "phase": "rule", "state": "ok" if ok else "pending" if ok is None else "BROKEN",
+                     "check": text})
+    return rows
+
+
+def report_text(rec: Recorder) -> str:
+    rows = table_rows(rec)
+    keys = [k for k, _ in COLUMNS if k != "check"]
+    titles = dict(COLUMNS)
+    rows = rows[:len(PHASES)]
+    widths = {k: max(len(titles[k]), *(len(r[k]) for r in rows)) for k in keys}
+    lines = ["", "Isolation check: the fast routes, baseline vs mixed (fast + heavy flood)",
+             "  ".join(titles[k].ljust(widths[k]) if k == "phase" else titles[k].rjust(widths[k]) for k in keys)]
+    for r in rows:
+        lines.append("  ".join(r[k].ljust(widths[k]) if k == "phase" else r[k].rjust(widths[k]) for k in keys))
+    v = judge(rec)
+    lines.append("rules:")
+    lines += [f"  {'ok' if ok else 'not judged' if ok is None else 'BROKEN':>10}  {text}" for ok, text in v.checks]
+    lines.append(f"VERDICT: {v.verdict}: {v.reason}")
+    return "\n".join(lines)
+
+
+def write_csv(rec: Recorder, path: str) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([title for _, title in COLUMNS])
+        for row in table_rows(rec):
+            writer.writerow([row[k] for k, _ in COLUMNS])
+
+
+# users ----------------------------------------------------------------------------------------------
+
+class FastUser(FastHttpUser):
+    """Sends every fast route once per iteration, at --fast-rate iterations per second."""
+
+    def __init__(self, environment):
+        o = options(environment)
+        self.network_timeout = self.connection_timeout = o.fast_timeout
+        self.routes = parse_routes(o.fast_routes)
+        self.pace = constant_throughput(o.fast_rate)
+        super().__init__(environment)
+
+    def wait_time(self) -> float:
+        return self.pace(self)
+
+    @task
+    def fast_routes(self) -> None:
+        for method, path in self.routes:
+            if method == "POST":
+                self.client.request("POST", path, name=path, data=ECHO_BODY, context={"role": "fast"},
+                                    headers={"Content-Type": "application/json"})
+            else:
+                self.client.request("GET", path, name=path, context={"role": "fast"})
+
+
+class HeavyUser(FastHttpUser):
+    """Floods the slow path with the --heavy-mix, back-to-back; pauses --heavy-backoff after a shed answer."""
+
+    def __init__(self, environment):
+        o = options(environment)
+        self.network_timeout = self.connection_timeout = o.heavy_timeout
+        self.paths, self.weights = parse_mix(o.heavy_mix)
+        self.backoff = o.heavy_backoff
+        self.pause = 0.0
+        super().__init__(environment)
+
+    def wait_time(self) -> float:
+        return self.pause
+
+    @task
+    def heavy(self) -> None:
+        path = random.choices(self.paths, self.weights)[0]
+        RECORDER.heavy_now += 1
+        try:
+            with self.client.get(path, name=path, context={"role": "heavy"}, catch_response=True) as response:
+                # Back to back while answers come; a pause after anything else, so a refused or
+                # broken server is not hammered in a tight loop.
+                self.pause = 0.0 if response.status_code == 200 else self.backoff
+                if response.status_code in (503, 429):
+                    # Shedding is the slow path (503) or the edge (429) doing its job: not a failure.
+                    response.request_meta["name"] = f"{path} (shed {response.status_code})"
+                    response.success()
+        finally:
+            RECORDER.heavy_now -= 1
+
+
+# the shape ------------------------------------------------------------------------------------------
+
+class IsolationShape(LoadTestShape):
+    """warm-up, baseline: F fast users; mixed: F fast + H heavy; recovery: F fast; then stop."""
+
+    def reset_time(self):
+        global RECORDER
+        super().reset_time()
+        o = options(self.runner.environment)
+        RECORDER = Recorder(opts=o, started=True)
+        try:
+            check_options(o)
+        except ValueError as exc:
+            RECORDER.error = str(exc)
+            log.error("isolation check: invalid options: %s", exc)
+
+    def tick(self):
+        rec = RECORDER
+        if rec.error:
+            rec.finish()
+            return None
+        o = rec.opts
+        plan = [("warm-up", o.warmup_seconds, o.fast_users, [FastUser]),
+                ("baseline", o.baseline_seconds, o.fast_users, [FastUser]),
+                ("mixed", o.mixed_seconds, o.fast_users + o.heavy_users, [HeavyUser]),
+                ("recovery", o.recovery_seconds, o.fast_users, [FastUser])]
+        elapsed = self.get_run_time()
+        end = 0.0
+        for name, seconds, users, classes in plan:
+            end += seconds
+            if elapsed < end:
+                rec.enter(name)
+                return users, SPAWN_RATE, classes
+        rec.finish()
+        return None
+
+
+# events ---------------------------------------------------------------------------------------------
+
+@events.request.add_listener
+def on_request(start_time, response_time, exception, context, response=None, **_kwargs):
+    role = (context or {}).get("role")
+    if role == "fast":
+        RECORDER.fast.append((start_time, response_time, exception is None))
+    elif role == "heavy":
+        status = getattr(response, "status_code", None)
+        kind = "error" if exception else "shed503" if status == 503 else "shed429" if status == 429 else "ok"
+        RECORDER.heavy.append((start_time, kind))
+
+
+@events.cpu_warning.add_listener
+def on_cpu_warning(**_kwargs):
+    if RECORDER.started and RECORDER.ended_at is None:
+        RECORDER.cpu_warning = True
+
+
+@events.test_stop.add_listener
+def on_test_stop(environment, **_kwargs):
+    rec = RECORDER
+    if not rec.started:
+        return
+    rec.finish()
+    if getattr(environment.runner, "cpu_warning_emitted", False):
+        rec.cpu_warning = True
+    v = judge(rec)
+    o = environment.parsed_options
+    if o is not None and getattr(o, "csv_prefix", None):
+        write_csv(rec, f"{o.csv_prefix}_isolation.csv")
+    if o is not None and o.headless:
+        # The table is printed on `quit`, after Locust's own summary, so the verdict is the last thing
+        # on the screen; the exit code is decided here.
+        environment.process_exit_code = EXIT_CODES[v.verdict]
+        rec.print_on_quit = True
+    else:
+        print(report_text(rec), flush=True)
+    log.info("isolation verdict: %s: %s", v.verdict, v.reason)
+
+
+@events.quit.add_listener
+def on_quit(exit_code, **_kwargs):
+    if RECORDER.print_on_quit:
+        print(report_text(RECORDER), flush=True)
+        if exit_code not in (0, 3, 4):
+            print(f"exit code {exit_code}: some heavy requests failed in an unexpected way (see the failures above)",
+                  flush=True)
+
+
+def sample_inflight() -> None:
+    while True:
+        gevent.sleep(0.5)
+        if RECORDER.names and RECORDER.ended_at is None:
+            RECORDER.inflight.append((time.time(), RECORDER.heavy_now))
+
+
+@events.init.add_listener
+def on_init(environment, **_kwargs):
+    if environment.parsed_options is not None and environment.parsed_options.headless:
+        try:
+            check_options(options(environment))
+        except ValueError as exc:
+            raise SystemExit(f"locustfile.py: invalid option: {exc}") from None
+    gevent.spawn(sample_inflight)
+    web_ui = environment.web_ui
+    if not web_ui:
+        return
+    from flask import request  # Locust's web UI is Flask; imported only when it runs
+
+    web_ui.template_args["extended_tabs"] = [{"title": "Isolation", "key": "isolation"}]
+    web_ui.template_args["extended_tables"] = [
+        {"key": "isolation", "structure": [{"key": key, "title": title} for key, title in COLUMNS]}]
+
+    @web_ui.app.after_request
+    def add_isolation_rows(response):
+        if request.path != "/stats/requests" or response.status_code != 200:
+            return response
+        data = response.get_json(silent=True)
+        if isinstance(data, dict):
+            rows = table_rows(RECORDER) if RECORDER.started else [
+                {"phase": "VERDICT", "state": "not started", "check": "start a run: the verdict appears here"}]
+            data["extended_stats"] = [{"key": "isolation", "data": rows}]
+            response.set_data(json.dumps(data))
+        return response

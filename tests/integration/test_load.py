@@ -1,0 +1,184 @@
+"""The isolation proof, checked both ways: it PASSes on the fleet and FAILs on a server that computes
+in its event loop (a check that cannot fail proves nothing), and its web UI tab shows the verdict in
+a real browser.
+
+Locust always runs as a subprocess: it monkey-patches the process with gevent, which must never
+happen inside pytest. Phases are shorter than the defaults (about 35 s a run instead of 80 s) but
+keep enough fast samples per phase for p99 (min-samples 500).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+LOCUSTFILE = REPO / "locustfile.py"
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = REPO / "docs" / "isolation-tab.png"
+EXIT_PASS, EXIT_FAIL, EXIT_INCONCLUSIVE = 0, 3, 4
+
+SHORT_PHASES = ["--warmup-seconds", "2", "--baseline-seconds", "15", "--mixed-seconds", "15",
+                "--recovery-seconds", "2"]
+FLEET_ROUTES = ["--fast-routes", "GET /fast, POST /echo"]
+# The product's defaults where the integration tier's TEST_SETTINGS shrink them, so the check runs
+# against the fleet as deployed: 8 waiting places, 30 s deadline, the edge's per-client rate limit.
+DEPLOYED_DEFAULTS = {
+    "FLEET_SLOW_QUEUE_LIMIT": "8",
+    "FLEET_SLOW_JOB_TIMEOUT": "30",
+    "FLEET_SLOW_DRAIN_TIMEOUT": "35",
+    "FLEET_EDGE_SLOW_RATE_PER_SECOND": "50",
+    "FLEET_EDGE_SLOW_RATE_BURST": "100",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def locust_env() -> dict[str, str]:
+    # No LOCUST_* settings from the caller's shell may change the run.
+    return {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
+
+
+def run_check(host: str, *options: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+           "--host", host, *options]
+    result = subprocess.run(cmd, cwd=REPO, env=locust_env(), capture_output=True, text=True, timeout=timeout)
+    print(result.stdout[-6000:])
+    print(result.stderr[-3000:], file=sys.stderr)
+    return result
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop one process we started, by its pid: SIGTERM, then SIGKILL."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def wait_http(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} did not answer within {timeout} s")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def naive_server():
+    """tests/support/naive_server.py on a free port: fib computed in its one event loop."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.naive_server", "--port", str(port)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/fast")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def phase_row(stdout: str, phase: str) -> list[str]:
+    match = re.search(rf"^{phase}\s+done\s+(.*)$", stdout, re.MULTILINE)
+    assert match, f"no finished {phase} row in:\n{stdout}"
+    return match.group(1).split()
+
+
+def test_fleet_keeps_fast_routes_fast(private_fleet):
+    fleet = private_fleet(**DEPLOYED_DEFAULTS)
+    result = run_check(f"http://127.0.0.1:{fleet.edge_port}", *SHORT_PHASES, *FLEET_ROUTES)
+    assert "VERDICT: PASS" in result.stdout, result.stdout[-3000:]
+    assert result.returncode == EXIT_PASS
+    # The table has every judged figure, and the heavy flood really overflowed the slow path.
+    for phase in ("baseline", "mixed"):
+        assert len(phase_row(result.stdout, phase)) >= 11
+    assert re.search(r"saturated the slow path: [1-9][\d,]* shed with 503", result.stdout)
+
+
+def test_naive_server_fails(naive_server):
+    """The negative control: the same check with its defaults (shorter phases) must say FAIL."""
+    result = run_check(naive_server, *SHORT_PHASES)
+    assert "VERDICT: FAIL" in result.stdout, result.stdout[-3000:]
+    assert result.returncode == EXIT_FAIL
+
+
+def test_no_heavy_load_is_inconclusive(naive_server):
+    """Without proof that the slow path was saturated, a quiet mixed phase proves nothing."""
+    result = run_check(naive_server, "--warmup-seconds", "0", "--baseline-seconds", "3", "--mixed-seconds", "3",
+                       "--recovery-seconds", "0", "--heavy-users", "0", "--min-samples", "50")
+    assert "VERDICT: INCONCLUSIVE" in result.stdout, result.stdout[-3000:]
+    assert "saturated" in result.stdout
+    assert result.returncode == EXIT_INCONCLUSIVE
+
+
+def test_web_ui_shows_the_verdict(private_fleet, tmp_path):
+    """Debian's chromium, driven by Playwright: start the shaped run from the form, watch the Isolation tab."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does it as root)")
+    from playwright.sync_api import expect, sync_playwright
+
+    fleet = private_fleet(**DEPLOYED_DEFAULTS)
+    port = free_port()
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--web-host", "127.0.0.1",
+           "--web-port", str(port), "--host", f"http://127.0.0.1:{fleet.edge_port}", *FLEET_ROUTES,
+           "--warmup-seconds", "2", "--baseline-seconds", "10", "--mixed-seconds", "10", "--recovery-seconds", "2"]
+    log = (tmp_path / "locust.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=locust_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, headless=True,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--disable-component-update", "--disable-sync", "--no-first-run"])
+            try:
+                page = browser.new_page(viewport={"width": 1600, "height": 900})
+                page.goto(f"http://127.0.0.1:{port}/")
+                # The start form shows the check's options ("Custom parameters"), prefilled from the
+                # command line, and what is typed there is what the run uses.
+                page.get_by_role("button", name="Custom parameters").click()
+                expect(page.locator("input[name='mixedSeconds']")).to_have_value("10")
+                page.locator("input[name='warmupSeconds']").fill("1")
+                page.get_by_role("button", name=re.compile("^start$", re.I)).click()
+                page.get_by_role("tab", name="Isolation").click()
+                table = page.locator("table")
+                # Live: the phase rows fill in while the run goes.
+                expect(table).to_contain_text("running", timeout=20_000)
+                verdict = table.locator("tr", has_text="VERDICT")
+                expect(verdict).to_contain_text(re.compile(r"VERDICT\s*(PASS|FAIL|INCONCLUSIVE)"), timeout=60_000)
+                text = table.inner_text()
+                for phase in ("warm-up", "baseline", "mixed", "recovery"):
+                    assert re.search(rf"{phase}\s+done", text), text
+                assert re.search(r"warm-up\s+done\s+1\.\d", text), "the form's warm-up of 1 s was not used:\n" + text
+                page.screenshot(path=str(tmp_path / "isolation-tab.png"), full_page=True)
+                if os.environ.get("UPDATE_SCREENSHOT"):
+                    SCREENSHOT.parent.mkdir(exist_ok=True)
+                    page.screenshot(path=str(SCREENSHOT), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        stop(proc)
+        log.close()
