@@ -71,6 +71,14 @@ def wait_whole(settings: Settings, timeout: float = 60) -> None:
     raise fleet.FleetError(f"the fleet was not whole again within {timeout:.0f} s")
 
 
+def survivors(pids: list[int], within: float) -> list[int]:
+    """Wait up to `within` seconds for `pids` to exit; return those still running."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and any(fleet.alive(p) for p in pids):
+        time.sleep(0.02)
+    return [p for p in pids if fleet.alive(p)]
+
+
 def busy_worker(settings: Settings, port: int) -> int | None:
     for pid in slow_health(settings, port)["pool"]["pids"]:
         try:
@@ -116,10 +124,7 @@ def kill_slow_instance(settings: Settings, load: SteadyLoad) -> str:
     time.sleep(0.1)
     workers = slow_health(settings, port)["pool"]["pids"]
     os.kill(pid_of(settings, name), signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(fleet.alive(p) for p in workers):
-        time.sleep(0.02)
-    left = [p for p in workers if fleet.alive(p)]
+    left = survivors(workers, within=5)
     if left:
         raise fleet.FleetError(f"workers {left} outlived their instance {name}")
     return f"kill -9 {name}; its {len(workers)} workers died with it"
@@ -129,10 +134,7 @@ def kill_nginx_master(settings: Settings, load: SteadyLoad) -> str:
     master = int((settings.run_dir / "nginx" / "nginx.pid").read_text())
     workers = fleet.worker_pids(master)
     os.kill(master, signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(fleet.alive(p) for p in workers):
-        time.sleep(0.02)
-    stale = [p for p in workers if fleet.alive(p)]
+    stale = survivors(workers, within=15)  # they finish their requests first
     if stale:
         raise fleet.FleetError(f"stale nginx workers {stale} still running")
     return f"kill -9 nginx master {master}; old workers gone"

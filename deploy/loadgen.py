@@ -83,8 +83,7 @@ class SteadyLoad:
             thread.join(self.timeout + 5)
 
     def _client(self, route: Route) -> None:
-        conn: http.client.HTTPConnection | None = None
-        used = False
+        client = _KeptAliveClient(self.host, self.port, self.timeout)
         interval = 1 / route.rate
         next_send = time.monotonic()
         while not self._stop.is_set():
@@ -92,57 +91,10 @@ class SteadyLoad:
             if delay > 0 and self._stop.wait(delay):
                 break
             next_send = max(next_send + interval, time.monotonic() - interval)
-            started = time.monotonic()
-            outcome = None
-            for attempt in (1, 2):
-                if conn is not None and _closed_by_peer(conn):
-                    conn.close()
-                    conn = None
-                if conn is None:
-                    conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-                    used = False
-                try:
-                    conn.request(route.method, route.path, body=route.body,
-                                 headers={"Content-Type": "application/json"} if route.body else {})
-                except (ConnectionResetError, BrokenPipeError) as exc:
-                    stale = used
-                    conn.close()
-                    conn = None
-                    if stale and attempt == 1:
-                        continue  # nothing was written: safe to send again, even a POST
-                    outcome = Outcome(route, started, None, type(exc).__name__, retried=attempt == 2)
-                    break
-                except OSError as exc:
-                    conn.close()
-                    conn = None
-                    outcome = Outcome(route, started, None, type(exc).__name__, retried=attempt == 2)
-                    break
-                try:
-                    response = conn.getresponse()
-                    data = response.read()
-                    outcome = _outcome(route, started, response.status, data, retried=attempt == 2)
-                    used = True
-                    if response.getheader("Connection", "").lower() == "close":
-                        conn.close()
-                        conn = None
-                    break
-                except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
-                    stale = used
-                    conn.close()
-                    conn = None
-                    if stale and route.method == "GET" and attempt == 1:
-                        continue  # a kept-alive connection closed under us: resend once, fresh
-                    outcome = Outcome(route, started, None, type(exc).__name__, retried=attempt == 2)
-                    break
-                except OSError as exc:
-                    conn.close()
-                    conn = None
-                    outcome = Outcome(route, started, None, type(exc).__name__, retried=attempt == 2)
-                    break
+            outcome = client.send(route)
             with self._lock:
                 self.outcomes.append(outcome)
-        if conn is not None:
-            conn.close()
+        client.close()
 
     def send_one(self, route: Route) -> Outcome:
         """One request on a new connection, recorded with the rest (a fault's target job)."""
@@ -168,6 +120,45 @@ class SteadyLoad:
     def between(self, start: float, end: float) -> list[Outcome]:
         with self._lock:
             return [o for o in self.outcomes if start <= o.started < end]
+
+
+class _KeptAliveClient:
+    """One client's kept-alive connection, and the resend rules of the module docstring."""
+
+    def __init__(self, host: str, port: int, timeout: float):
+        self.host, self.port, self.timeout = host, port, timeout
+        self.conn: http.client.HTTPConnection | None = None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def send(self, route: Route) -> Outcome:
+        started = time.monotonic()
+        for attempt in (1, 2):
+            if self.conn is not None and _closed_by_peer(self.conn):
+                self.close()  # stale check: the server closed it while it was idle
+            reused = self.conn is not None
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            written = False
+            try:
+                self.conn.request(route.method, route.path, body=route.body,
+                                  headers={"Content-Type": "application/json"} if route.body else {})
+                written = True
+                response = self.conn.getresponse()
+                data = response.read()
+            except OSError as exc:  # http.client.RemoteDisconnected is a ConnectionResetError
+                self.close()
+                closed = isinstance(exc, (ConnectionResetError, BrokenPipeError))
+                if reused and closed and attempt == 1 and (not written or route.method == "GET"):
+                    continue  # never seen by the server, or an idempotent GET: send again, fresh
+                return Outcome(route, started, None, type(exc).__name__, retried=attempt == 2)
+            if response.getheader("Connection", "").lower() == "close":
+                self.close()
+            return _outcome(route, started, response.status, data, retried=attempt == 2)
+        raise AssertionError("unreachable")
 
 
 def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:
