@@ -1,0 +1,25 @@
+"""`make bench`: the fleet against the simpler set-ups, side by side (issue 5).
+
+    .venv/bin/python -m bench                    # every configuration, 3 repetitions
+    .venv/bin/python -m bench --quick            # smoke run: 1 repetition, short phases
+    .venv/bin/python -m bench --configs fleet,pool --repeat 5 --out /tmp/bench
+    .venv/bin/python -m bench --configs pool,fleet --fleet-env FLEET_SLOW_NICE=19 --out /tmp/nice19
+
+Modules, one role each:
+    __main__     command line; runs every configuration, repetitions interleaved; writes the results
+    subjects     the configurations under test (naive, pool, fleet, edge): start, processes, stop
+    naive_server one Tornado process computing the heavy task in its handler
+    pool_server  one Tornado process with a concurrent.futures process pool, no nginx
+    edge         the minimal nginx config that answers /fast itself (the edge ceiling)
+    procs        start, find and stop processes by pid; free ports; waiting for HTTP
+    httpclient   a minimal keep-alive HTTP/1.1 client on asyncio streams
+    load         open-loop fast traffic on a fixed schedule, heavy flood clients
+    phases       the measurement phases run against one configuration
+    wrk          closed-loop saturation with wrk
+    memory       RSS and PSS summed over a set of processes
+    cpu          CPU used by programs outside the bench (a shared machine), and per process
+    stats        percentiles and median/min/max over repetitions
+    report       results.md, results.json and machine.md
+    charts       the PNG charts (matplotlib, Agg)
+    levers       `python -m bench.levers`: A/B runs of one lever at a time (results/levers.md)
+"""

@@ -1,0 +1,202 @@
+"""The measurement phases run against one started configuration, and the profiles that size them.
+
+For a configuration with a heavy route, in this order:
+  1. warm-up        a few requests of every kind (connections, worker start-up, code paths)
+  2. memory idle    RSS and PSS summed over every process of the configuration
+  3. fast idle      open loop: GET /fast at `rate` req/s, `fast_samples` requests
+  4. round trip     open loop: /fast and /slow/fib/1 interleaved at a low rate (p50 of each)
+  5. fast flood     the same open loop while `heavy_clients` clients loop /slow/fib/<heavy_n>
+                    (started `ramp` s earlier so every worker is busy); memory sampled throughout
+  6. heavy          the heavy clients alone for `heavy_seconds`: completed jobs per second
+  7. saturation     wrk -t1 -c32 on /fast (closed loop); memory sampled throughout
+The edge ceiling has no heavy route: phases 1-3 and 7 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from bench import memory, wrk
+from bench.cpu import ForeignCpu, Split
+from bench.httpclient import HttpConnection
+from bench.load import HeavyFlood, Samples, open_loop
+from bench.stats import percentile
+from bench.subjects import HOST, Subject
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    repeat: int
+    rate: float  # fast requests per second, open loop
+    fast_samples: int  # per latency cell (idle, flood)
+    rtt_rate: float  # requests per second in the round-trip phase, both paths together
+    rtt_samples: int  # in the round-trip phase, both paths together
+    heavy_clients: int
+    heavy_n: int  # the flood's job: /slow/fib/<heavy_n>
+    ramp: float  # seconds the heavy clients run before anything is measured
+    heavy_seconds: float
+    wrk_seconds: int
+    wrk_warmup: int  # a wrk run whose figures are dropped (0: none)
+    drain_timeout: float  # seconds to wait for the last answers of an open-loop run
+    quiet_wait: float  # seconds to wait, before each configuration, for other programs to calm down
+    memory_interval: float = 0.5
+
+
+FULL = Profile("full", repeat=3, rate=200, fast_samples=2000, rtt_rate=80, rtt_samples=400,
+               heavy_clients=4, heavy_n=27, ramp=1.0, heavy_seconds=6, wrk_seconds=5, wrk_warmup=1,
+               drain_timeout=20, quiet_wait=30)
+QUICK = Profile("quick", repeat=1, rate=200, fast_samples=300, rtt_rate=80, rtt_samples=80,
+                heavy_clients=4, heavy_n=27, ramp=0.5, heavy_seconds=1.5, wrk_seconds=2, wrk_warmup=0,
+                drain_timeout=5, quiet_wait=0)
+
+
+def summarize(s: Samples) -> dict:
+    """Percentiles over the successful answers plus, as lower bounds, those that never came."""
+    values = s.latency_ms + s.censored_ms
+    return {
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else None,
+        "sent": s.sent,
+        "ok": s.ok,
+        "non_200": {str(k): v for k, v in s.statuses.items() if k != 200},
+        "errors": s.errors,
+        "timeouts": s.timeouts,
+        "rate": s.achieved_rate(),
+        "service_p50": percentile(s.service_ms, 50),
+        "service_p99": percentile(s.service_ms, 99),
+        "lateness_p50": percentile(s.lateness_ms, 50),
+        "lateness_p99": percentile(s.lateness_ms, 99),
+    }
+
+
+class MemorySampler:
+    """Samples memory.usage(processes()) every `interval` s in a thread, between start and stop."""
+
+    def __init__(self, processes: Callable[[], list[int]], interval: float):
+        self.processes, self.interval = processes, interval
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append(memory.usage(self.processes()))
+
+
+async def warm_up(subject: Subject, heavy_n: int) -> None:
+    conn = await HttpConnection.open(HOST, subject.port)
+    try:
+        for _ in range(20):
+            await conn.get("/fast")
+        if subject.has_slow:
+            for _ in range(4):
+                await conn.get("/slow/fib/1")
+            # one heavy job per worker, at once, so that every worker has run one
+            await asyncio.gather(*(_one(subject.port, f"/slow/fib/{heavy_n}") for _ in range(subject.workers)))
+    finally:
+        conn.close()
+
+
+async def _one(port: int, path: str) -> int:
+    conn = await HttpConnection.open(HOST, port)
+    try:
+        return (await conn.get(path))[0]
+    finally:
+        conn.close()
+
+
+async def fast_flood(subject: Subject, p: Profile) -> tuple[Samples, dict]:
+    async with HeavyFlood(HOST, subject.port, f"/slow/fib/{p.heavy_n}", p.heavy_clients) as flood:
+        await asyncio.sleep(p.ramp)
+        started = time.monotonic()
+        fast = (await open_loop(HOST, subject.port, ["/fast"], p.rate, p.fast_samples, p.drain_timeout))["/fast"]
+        ended = time.monotonic()
+        done = flood.completed(started, ended)
+    return fast, {"jobs_s": done.get(200, 0) / (ended - started),
+                  "non_200": {str(k): v for k, v in done.items() if k != 200}, "errors": flood.errors}
+
+
+async def heavy(subject: Subject, p: Profile) -> dict:
+    async with HeavyFlood(HOST, subject.port, f"/slow/fib/{p.heavy_n}", p.heavy_clients) as flood:
+        await asyncio.sleep(p.ramp)
+        started = time.monotonic()
+        await asyncio.sleep(p.heavy_seconds)
+        ended = time.monotonic()
+        done = flood.completed(started, ended)
+    return {"jobs_s": done.get(200, 0) / (ended - started), "jobs": done.get(200, 0),
+            "non_200": {str(k): v for k, v in done.items() if k != 200}, "errors": flood.errors,
+            "workers": subject.workers}
+
+
+def measure(subject: Subject, p: Profile, say: Callable[[str], None] = lambda _: None) -> dict:
+    """Every phase against a started configuration; the figures of this one repetition."""
+    m: dict = {"workers": subject.workers, "foreign_cores": {}}
+    asyncio.run(warm_up(subject, p.heavy_n))
+    pids = subject.processes()
+    m["memory_idle"] = memory.usage(pids)
+    m["processes"] = len(pids)
+    m["process_list"] = memory.describe(pids)
+    say("fast idle")
+    with ForeignCpu(subject.processes) as foreign:
+        idle = asyncio.run(open_loop(HOST, subject.port, ["/fast"], p.rate, p.fast_samples, p.drain_timeout))
+    m["idle"] = summarize(idle["/fast"])
+    m["foreign_cores"]["idle"] = foreign.cores
+    load_samples: list[dict] = []
+    if subject.has_slow:
+        say("round trip")
+        with ForeignCpu(subject.processes) as foreign:
+            rtt = asyncio.run(open_loop(HOST, subject.port, ["/fast", "/slow/fib/1"], p.rtt_rate, p.rtt_samples,
+                                        p.drain_timeout))
+        m["rtt"] = {"fast": summarize(rtt["/fast"]), "fib1": summarize(rtt["/slow/fib/1"])}
+        m["foreign_cores"]["rtt"] = foreign.cores
+        say("fast under flood")
+        with ForeignCpu(subject.processes) as foreign, MemorySampler(subject.processes, p.memory_interval) as sampler:
+            fast, jobs = asyncio.run(fast_flood(subject, p))
+        load_samples += sampler.samples
+        m["flood"] = summarize(fast)
+        m["flood_heavy"] = jobs
+        m["foreign_cores"]["flood"] = foreign.cores
+        say("heavy throughput")
+        with ForeignCpu(subject.processes) as foreign:
+            m["heavy"] = asyncio.run(heavy(subject, p))
+        m["foreign_cores"]["heavy"] = foreign.cores
+    say("wrk")
+    url = f"http://{HOST}:{subject.port}/fast"
+    if p.wrk_warmup:
+        wrk.run(url, p.wrk_warmup)
+    with ForeignCpu(subject.processes) as foreign, MemorySampler(subject.processes, p.memory_interval) as sampler, \
+            Split(subject.processes) as split:
+        m["wrk"] = wrk.run(url, p.wrk_seconds)
+    load_samples += sampler.samples
+    m["wrk_cpu_split"] = split.cores
+    m["foreign_cores"]["wrk"] = foreign.cores
+    m["memory_load"] = memory.peak(load_samples)
+    return m
+
+
+def heavy_only(subject: Subject, p: Profile) -> dict:
+    """Heavy throughput alone (the one-worker run of the parallel efficiency)."""
+    asyncio.run(warm_up(subject, p.heavy_n))
+    with ForeignCpu(subject.processes) as foreign:
+        result = asyncio.run(heavy(subject, p))
+    result["foreign_cores"] = foreign.cores
+    return result
+
+
+def profile_dict(p: Profile) -> dict:
+    return asdict(p)

@@ -1,0 +1,161 @@
+"""Processes the bench starts: spawn, find their descendants, stop them by pid; ports; HTTP waits.
+
+Every process is identified by (pid, start time) so that a pid reused by an unrelated process
+after ours exited is never signalled.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterable
+
+Proc = tuple[int, int]  # (pid, start time in clock ticks since boot, from /proc/PID/stat)
+
+
+def start_time(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def alive(proc: Proc) -> bool:
+    pid, started = proc
+    return start_time(pid) == started and state(pid) not in (None, "Z")
+
+
+def identify(pids: Iterable[int]) -> list[Proc]:
+    found = []
+    for pid in pids:
+        started = start_time(pid)
+        if started is not None:
+            found.append((pid, started))
+    return found
+
+
+def children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def tree(root: int) -> list[int]:
+    """root and every descendant of it that is alive now."""
+    if start_time(root) is None:
+        return []
+    children = children_map()
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    """Start a server in its own session (Ctrl-C in the terminal reaches only the bench, which
+    then stops it), its output in `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, cwd=cwd, start_new_session=True)
+
+
+def stop(procs: list[Proc], first: signal.Signals = signal.SIGTERM, grace: float = 5.0) -> list[Proc]:
+    """Send `first` to the first process (the root), wait up to `grace` for all of `procs` to
+    exit, then SIGKILL whatever is left. Returns the processes that had to be killed."""
+    if procs and alive(procs[0]):
+        _signal(procs[0], first)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(alive(p) for p in procs):
+        time.sleep(0.05)
+    killed = [p for p in procs if alive(p)]
+    for p in killed:
+        _signal(p, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(alive(p) for p in killed):
+        time.sleep(0.05)
+    return killed
+
+
+def _signal(proc: Proc, signum: signal.Signals) -> None:
+    if start_time(proc[0]) == proc[1]:
+        try:
+            os.kill(proc[0], signum)
+        except ProcessLookupError:
+            pass
+
+
+def reap(popen: subprocess.Popen | None) -> None:
+    if popen is not None:
+        try:
+            popen.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+# ports -------------------------------------------------------------------------------------------
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(size: int) -> int:
+    """A base port such that base..base+size-1 are all free on loopback."""
+    for _ in range(500):
+        base = random.randrange(20000, 60000 - size)
+        if all(port_is_free(base + i) for i in range(size)):
+            return base
+    raise RuntimeError(f"no block of {size} free ports on 127.0.0.1")
+
+
+# HTTP --------------------------------------------------------------------------------------------
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            response.read()
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def wait_http(url: str, timeout: float, popen: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if http_ok(url):
+            return
+        if popen is not None and popen.poll() is not None:
+            break
+        time.sleep(0.05)
+    tail = ""
+    if log is not None and log.exists():
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-10:])
+    how = f"exited with {popen.returncode}" if popen is not None and popen.poll() is not None else f"not answering after {timeout:.0f} s"
+    raise RuntimeError(f"{url}: {how}\n{tail}")

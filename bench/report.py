@@ -1,0 +1,463 @@
+"""The results: figures per repetition, their medians with min-max, the target table, the files.
+
+    results.md    the tables (targets with pass/fail first), the method, the charts
+    results.json  every repetition's raw measurements, the aggregates, the profile
+    machine.md    cores, CPU model, kernel, versions of Python, nginx, tornado, wrk
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from bench.stats import Spread, ratio
+from bench.subjects import CONFIGS, DESCRIPTIONS
+
+
+# figures of one repetition ------------------------------------------------------------------------
+
+def figures(record: dict) -> dict[str, float | None]:
+    """The figures the tables show, from one configuration's raw measurements in one repetition."""
+    m = record.get("m") or {}
+    f: dict[str, float | None] = {}
+    for phase in ("idle", "flood"):
+        cell = m.get(phase) or {}
+        for key in ("p50", "p95", "p99", "rate"):
+            f[f"{phase}_{key}"] = cell.get(key)
+    f["isolation"] = ratio(f["flood_p99"], f["idle_p99"])
+    rtt = m.get("rtt") or {}
+    # The round trip proper: from each request's actual send to its answer, both paths in one run.
+    f["rtt_fast_p50"] = (rtt.get("fast") or {}).get("service_p50")
+    f["rtt_fib1_p50"] = (rtt.get("fib1") or {}).get("service_p50")
+    f["rtt_ratio"] = ratio(f["rtt_fib1_p50"], f["rtt_fast_p50"])
+    f["wrk_rps"] = (m.get("wrk") or {}).get("rps")
+    f["heavy_jobs_s"] = (m.get("heavy") or {}).get("jobs_s")
+    f["flood_jobs_s"] = (m.get("flood_heavy") or {}).get("jobs_s")
+    w1 = record.get("w1") or {}
+    f["heavy_w1_jobs_s"] = w1.get("jobs_s")
+    workers = m.get("workers")
+    f["efficiency"] = ratio(f["heavy_jobs_s"], workers * f["heavy_w1_jobs_s"]) if workers and f["heavy_w1_jobs_s"] else None
+    for when in ("idle", "load"):
+        mem = m.get(f"memory_{when}") or {}
+        f[f"rss_{when}"] = mem.get("rss_mb")
+        f[f"pss_{when}"] = mem.get("pss_mb")
+    f["processes"] = m.get("processes")
+    foreign = m.get("foreign_cores") or {}
+    for phase in ("idle", "flood", "heavy", "wrk"):
+        f[f"foreign_{phase}"] = foreign.get(phase)
+    f["foreign_heavy_w1"] = w1.get("foreign_cores")
+    return f
+
+
+def cross_figures(records: list[dict]) -> dict[str, list[float]]:
+    """Figures comparing two configurations, each from one repetition (same conditions)."""
+    by_rep: dict[int, dict[str, dict]] = {}
+    for r in records:
+        by_rep.setdefault(r["rep"], {})[r["config"]] = figures(r)
+    out: dict[str, list[float]] = {"fleet_over_pool_wrk": []}
+    for rep in sorted(by_rep):
+        value = ratio((by_rep[rep].get("fleet") or {}).get("wrk_rps"), (by_rep[rep].get("pool") or {}).get("wrk_rps"))
+        if value is not None:
+            out["fleet_over_pool_wrk"].append(value)
+    return out
+
+
+def aggregate(records: list[dict], configs: list[str]) -> dict:
+    per_config: dict[str, dict[str, Spread | None]] = {}
+    for name in configs:
+        figs = [figures(r) for r in records if r["config"] == name and r.get("m")]
+        keys = figs[0].keys() if figs else []
+        per_config[name] = {k: Spread.of(f[k] for f in figs) for k in keys}
+    cross = {k: Spread.of(v) for k, v in cross_figures(records).items()}
+    return {"configs": per_config, "cross": cross}
+
+
+# targets ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    figure: str
+    op: str  # "<=" or ">="
+    bound: float
+    unit: str
+    get: Callable[[dict], Spread | None]
+    anchor: str
+
+    def verdict(self, s: Spread | None) -> str:
+        if s is None:
+            return "not measured"
+        ok = s.median <= self.bound if self.op == "<=" else s.median >= self.bound
+        return "pass" if ok else "**FAIL**"
+
+
+def _fleet(key: str) -> Callable[[dict], Spread | None]:
+    return lambda agg: (agg["configs"].get("fleet") or {}).get(key)
+
+
+TARGETS = [
+    Target("isolation ratio, fleet (fast p99 under flood ÷ idle)", "<=", 1.2, "", _fleet("isolation"),
+           "naive ≈ 1,000; pool ≈ 3.3"),
+    Target("fleet fast throughput via nginx ÷ pool process direct (wrk)", ">=", 1.5, "",
+           lambda agg: agg["cross"].get("fleet_over_pool_wrk"), "≈ 1.3 with a first prototype"),
+    Target("slow pool parallel efficiency, fleet (W workers vs 1)", ">=", 0.9, "", _fleet("efficiency"), ""),
+    Target("trivial heavy round trip ÷ /fast p50, fleet (/slow/fib/1 vs /fast)", "<=", 1.5, "",
+           _fleet("rtt_ratio"), "a Dask round trip ≈ 14 ms"),
+    Target("whole fleet RSS at idle (defaults)", "<=", 250, " MB", _fleet("rss_idle"), ""),
+]
+
+
+# formatting ---------------------------------------------------------------------------------------
+
+def num(x: float | None, kind: str = "ms") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if kind == "ratio":
+        return f"{x:.2f}"
+    if kind == "int":
+        return f"{x:,.0f}"
+    a = abs(x)
+    if a >= 1000:
+        return f"{x:,.0f}"
+    if a >= 100:
+        return f"{x:.0f}"
+    if a >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def cell(s: Spread | None, kind: str = "ms") -> str:
+    if s is None:
+        return "–"
+    if s.n == 1:
+        return num(s.median, kind)
+    return f"{num(s.median, kind)} ({num(s.low, kind)}–{num(s.high, kind)})"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+NOISY_CORES = 0.25  # other programs using more than this during a phase make its figures suspect
+
+
+def problems(records: list[dict]) -> list[str]:
+    """Every failed request or failed run, so that no figure silently rests on errors."""
+    notes = []
+    for r in records:
+        where = f"{r['config']} repetition {r['rep'] + 1}"
+        if r.get("error"):
+            notes.append(f"{where}: **run failed**: {r['error'].splitlines()[0][:300]}")
+        if r.get("killed"):
+            notes.append(f"{where}: {r['killed']} process(es) had to be SIGKILLed at the end")
+        m = r.get("m") or {}
+        cells = [("fast idle", m.get("idle")), ("fast under flood", m.get("flood"))]
+        rtt = m.get("rtt") or {}
+        cells += [("round trip /fast", rtt.get("fast")), ("round trip /slow/fib/1", rtt.get("fib1"))]
+        for label, c in cells:
+            if c and (c["non_200"] or c["errors"] or c["timeouts"]):
+                notes.append(f"{where}, {label}: {c['ok']}/{c['sent']} answered 200; other statuses "
+                             f"{c['non_200'] or 'none'}, connection errors {c['errors']}, "
+                             f"unanswered {c['timeouts']} (counted as lower bounds in the percentiles)")
+        for label, h in (("heavy clients during the flood", m.get("flood_heavy")), ("heavy throughput", m.get("heavy")),
+                         ("heavy throughput with 1 worker", r.get("w1"))):
+            if h and (h["non_200"] or h["errors"]):
+                notes.append(f"{where}, {label}: statuses other than 200 {h['non_200'] or 'none'}, "
+                             f"connection errors {h['errors']}")
+        busy = {k: v for k, v in (m.get("foreign_cores") or {}).items() if v is not None and v > NOISY_CORES}
+        w1_foreign = (r.get("w1") or {}).get("foreign_cores")
+        if w1_foreign is not None and w1_foreign > NOISY_CORES:
+            busy["heavy with 1 worker"] = w1_foreign
+        if busy:
+            notes.append(f"{where}: other programs used CPU during " + ", ".join(
+                f"{phase} ({cores:.2f} cores)" for phase, cores in busy.items()) + ": figures of those phases are suspect")
+        w = m.get("wrk")
+        if w and (w["non_2xx"] or w["socket_errors"]):
+            notes.append(f"{where}, wrk: {w['non_2xx']} non-2xx answers, {w['socket_errors']} socket errors")
+    return notes
+
+
+def markdown(records: list[dict], agg: dict, configs: list[str], profile: dict, run: dict) -> str:
+    C = agg["configs"]
+    p = profile
+    out = [
+        "# Benchmark: the fleet against the alternatives",
+        "",
+        f"Generated by `{run['command']}` on {run['date']} ({run['duration_s'] / 60:.1f} min, "
+        f"profile `{p['name']}`, {run['repeat']} repetition(s), configurations run interleaved within each "
+        f"repetition). Each figure is the median over the repetitions with (min–max). Code: "
+        f"{run.get('source', '?')}. Machine: [machine.md](machine.md).",
+        "",
+        *([f"**Not the defaults**: the fleet ran with {', '.join(f'`{k}={v}`' for k, v in run['fleet_env'].items())} "
+           "(`--fleet-env`).", ""] if run.get("fleet_env") else []),
+        "## Targets (issue 5)",
+        "",
+    ]
+    rows = []
+    for t in TARGETS:
+        s = t.get(agg)
+        rows.append([t.figure, f"{t.op} {t.bound:g}{t.unit}", cell(s, "ratio" if not t.unit else "ms") + t.unit,
+                     t.verdict(s), t.anchor or ""])
+    out += [table(["figure", "target", "measured", "result", "anchors in the issue"], rows), ""]
+
+    def row(name: str, keys: list[tuple[str, str]]) -> list[str]:
+        return [f"**{name}**"] + [cell((C.get(name) or {}).get(k), kind) for k, kind in keys]
+
+    out += [
+        f"## Fast latency (ms), open loop at {p['rate']:g} req/s",
+        "",
+        f"GET /fast sent on a fixed schedule, latency counted from each request's **scheduled** send time "
+        f"(no coordinated omission), {p['fast_samples']:,} requests per cell. Flood: {p['heavy_clients']} "
+        f"clients looping `/slow/fib/{p['heavy_n']}` back to back, started {p['ramp']:g} s before the "
+        f"measurement. Achieved rate: answers per second actually received.",
+        "",
+    ]
+    lat_keys = [("idle_p50", "ms"), ("idle_p95", "ms"), ("idle_p99", "ms"), ("flood_p50", "ms"), ("flood_p95", "ms"),
+                ("flood_p99", "ms"), ("isolation", "ratio"), ("idle_rate", "ms"), ("flood_rate", "ms")]
+    out += [table(["configuration", "idle p50", "idle p95", "idle p99", "flood p50", "flood p95", "flood p99",
+                   "isolation (p99 flood ÷ idle)", "achieved req/s idle", "achieved req/s flood"],
+                  [row(n, lat_keys) for n in configs]), ""]
+    out += [
+        "## Throughput",
+        "",
+        f"Fast: `wrk -t1 -c32 -d{p['wrk_seconds']}s` on /fast (closed loop, saturation; wrk shares the 2 cores). "
+        f"Heavy: {p['heavy_clients']} clients looping `/slow/fib/{p['heavy_n']}` for {p['heavy_seconds']:g} s, "
+        "completed jobs per second, with the configuration's W workers and again with one worker; "
+        "parallel efficiency = jobs/s(W) ÷ (W × jobs/s(1)).",
+        "",
+    ]
+    thr_keys = [("wrk_rps", "int"), ("heavy_jobs_s", "ms"), ("heavy_w1_jobs_s", "ms"), ("efficiency", "ratio"),
+                ("flood_jobs_s", "ms")]
+    thr_rows = []
+    for n in configs:
+        r = row(n, thr_keys)
+        w = (C.get(n) or {}).get("heavy_jobs_s")
+        workers = next((rec["m"].get("workers") for rec in records if rec["config"] == n and rec.get("m")), None)
+        r[0] += f" (W={workers})" if workers and w else ""
+        thr_rows.append(r)
+    out += [table(["configuration", "fast req/s (wrk)", "heavy jobs/s (W workers)", "heavy jobs/s (1 worker)",
+                   "parallel efficiency", "heavy jobs/s during the latency flood"], thr_rows), ""]
+    cross = agg["cross"].get("fleet_over_pool_wrk")
+    if cross:
+        out += [f"Fleet via nginx ÷ pool process direct, fast req/s: **{cell(cross, 'ratio')}** "
+                "(ratio taken within each repetition).", ""]
+    out += ["Where the 2 cores go during the wrk run (cores per process, median over the repetitions; "
+            "the load generator is idle then):", ""]
+    for n in configs:
+        splits = [rec["m"].get("wrk_cpu_split") or {} for rec in records if rec["config"] == n and rec.get("m")]
+        names = {name for split in splits for name in split}
+        medians = {name: statistics.median(split.get(name, 0.0) for split in splits) for name in names}
+        shown = [f"{name} {v:.2f}" for name, v in sorted(medians.items(), key=lambda kv: -kv[1]) if v >= 0.01]
+        out.append(f"- **{n}**: " + (", ".join(shown) + f"; total {sum(medians.values()):.2f}" if shown else "–"))
+    out.append("")
+    out += [
+        "## Round trip of a trivial heavy job",
+        "",
+        f"`/fast` and `/slow/fib/1` interleaved in one open-loop run ({p['rtt_rate']:g} req/s in all, "
+        f"{p['rtt_samples'] // 2} of each), p50 of the time from each request's send to its answer (ms).",
+        "",
+        table(["configuration", "/fast p50", "/slow/fib/1 p50", "ratio"],
+              [row(n, [("rtt_fast_p50", "ms"), ("rtt_fib1_p50", "ms"), ("rtt_ratio", "ratio")])
+               for n in configs if (C.get(n) or {}).get("rtt_ratio")]),
+        "",
+        "## Memory (MB), every process of the configuration",
+        "",
+        "RSS counts shared pages once per process (forked families are over-counted); PSS shares them out, "
+        "so its sum is what the configuration really occupies. Idle: after the warm-up; under load: the "
+        f"largest of the samples taken every {p['memory_interval']:g} s during the flood and the wrk run. "
+        "The fleet's processes: supervisord, nginx master and worker, the fast and slow instances, the slow "
+        "instance's resource tracker, forkserver and workers.",
+        "",
+        table(["configuration", "processes", "RSS idle", "RSS under load", "PSS idle", "PSS under load"],
+              [row(n, [("processes", "int"), ("rss_idle", "ms"), ("rss_load", "ms"), ("pss_idle", "ms"),
+                       ("pss_load", "ms")]) for n in configs]),
+        "",
+        "## Other load on the machine",
+        "",
+        "Cores used by programs outside the bench during each phase (the machine's busy time minus the CPU "
+        "time of the configuration's processes, the load generator and wrk). Above "
+        f"{NOISY_CORES:g} the phase competed with something else and its figures are suspect; niced workers "
+        "(the fleet's) lose the most to such competition.",
+        "",
+        table(["configuration", "fast idle", "fast under flood", "heavy (W workers)", "heavy (1 worker)", "wrk"],
+              [row(n, [("foreign_idle", "ratio"), ("foreign_flood", "ratio"), ("foreign_heavy", "ratio"),
+                       ("foreign_heavy_w1", "ratio"), ("foreign_wrk", "ratio")]) for n in configs]),
+        "",
+        "## Charts",
+        "",
+        "![fast latency, idle vs flood](latency.png)",
+        "",
+        "![throughput](throughput.png)",
+        "",
+        "![memory](memory.png)",
+        "",
+        *(["What each lever (niceness, SCHED_IDLE, worker and instance counts, uvloop, keep-alive, access "
+            "log, unix sockets) buys, one at a time: [levers.md](levers.md) (`python -m bench.levers`).", ""]
+          if run.get("levers") else []),
+        "## Configurations",
+        "",
+    ]
+    out += [f"- **{n}**: {DESCRIPTIONS[n]}" for n in configs]
+    out += [
+        "",
+        "## Method notes",
+        "",
+        "- Everything runs on this machine over loopback, started and stopped by the bench; the fleet with "
+        "deploy/fleet.toml's defaults (FLEET_* overrides in the environment are ignored) in a temp run dir "
+        "on free ports, through `python -m deploy.fleet up` / `stop`.",
+        "- The flood's clients connect from 127.0.0.2, .3, ...: a flood is many users, and nginx's per-client "
+        "rate limit would otherwise answer one address with 429s instead of keeping the workers busy.",
+        "- The load generator is one Python process on the same 2 cores (an asyncio client; a sender thread "
+        "keeps the schedule). Its own delay before each send (the client's lateness, "
+        f"median {run.get('lateness_p50', float('nan')):.2f} ms over all fast cells) is part of every "
+        "latency counted from the scheduled time; results.json has it per cell, with each cell's service "
+        "time from the actual send.",
+        "- The machine is shared (other work may run at the same time): the repetitions' range shows the noise.",
+        "",
+    ]
+    notes = problems(records)
+    out += ["## Failed requests and runs", ""]
+    out += [f"- {n}" for n in notes] if notes else ["None: every request of every phase was answered 200."]
+    out.append("")
+    return "\n".join(out)
+
+
+# the machine --------------------------------------------------------------------------------------
+
+def _first_line(cmd: list[str]) -> str:
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not found"
+    text = (result.stdout + result.stderr).strip()
+    return text.splitlines()[0] if text else "?"
+
+
+def machine() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    mhz = re.search(r"^cpu MHz\s*:\s*(.+)$", cpuinfo, re.M)
+    meminfo = Path("/proc/meminfo").read_text()
+    mem_kb = int(re.search(r"MemTotal:\s*(\d+)", meminfo).group(1))
+    os_release = Path("/etc/os-release").read_text() if Path("/etc/os-release").exists() else ""
+    pretty = re.search(r'^PRETTY_NAME="?([^"\n]+)', os_release, re.M)
+    import tornado
+
+    from bench import edge
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model.group(1).strip() if model else platform.processor(),
+        "cpu_mhz": mhz.group(1).strip() if mhz else "?",
+        "memory_gib": round(mem_kb / 1024 / 1024, 1),
+        "os": pretty.group(1) if pretty else platform.system(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "nginx": _first_line([edge.nginx_binary(), "-v"]),
+        "tornado": tornado.version,
+        "wrk": _first_line(["wrk", "-v"]),
+        "supervisor": _version("supervisor"),
+        "matplotlib": _version("matplotlib"),
+    }
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def source() -> str:
+    """Which code was measured: the commit, and whether the work tree had changes on top of it."""
+    from bench.subjects import REPO
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (no git)"
+    if not head:
+        return "unknown (not a git work tree)"
+    return f"commit {head}" + (f" plus uncommitted changes to {len(dirty)} tracked file(s)" if dirty else "")
+
+
+def machine_markdown(info: dict, run: dict) -> str:
+    rows = [
+        ["cores", str(info["cores"])],
+        ["CPU model", f"{info['cpu_model']} ({info['cpu_mhz']} MHz)"],
+        ["memory", f"{info['memory_gib']} GiB"],
+        ["OS", info["os"]],
+        ["kernel", info["kernel"]],
+        ["Python", info["python"]],
+        ["nginx", info["nginx"]],
+        ["tornado", info["tornado"]],
+        ["supervisor", info["supervisor"]],
+        ["wrk", info["wrk"]],
+        ["matplotlib", info["matplotlib"]],
+        ["load average before / after the run", f"{run['loadavg_before']} / {run['loadavg_after']}"],
+        ["code measured", run.get("source", "?")],
+    ]
+    return "\n".join([
+        "# The machine of the latest bench run",
+        "",
+        f"`{run['command']}`, {run['date']}; results in [results.md](results.md).",
+        "",
+        table(["", ""], rows),
+        "",
+    ])
+
+
+# files --------------------------------------------------------------------------------------------
+
+def _spread_dict(s: Spread | None) -> dict | None:
+    return s.as_dict() if s is not None else None
+
+
+def write(out: Path, records: list[dict], configs: list[str], profile: dict, run: dict) -> dict:
+    agg = aggregate(records, configs)
+    lateness = [((r.get("m") or {}).get(c) or {}).get("lateness_p50") for r in records for c in ("idle", "flood")]
+    lateness = [x for x in lateness if x is not None]
+    run["lateness_p50"] = sorted(lateness)[len(lateness) // 2] if lateness else float("nan")
+    info = machine()
+    run["levers"] = (out / "levers.md").exists()
+    (out / "results.md").write_text(markdown(records, agg, configs, profile, run))
+    (out / "machine.md").write_text(machine_markdown(info, run))
+    data = {
+        "run": run,
+        "machine": info,
+        "profile": profile,
+        "targets": [{"figure": t.figure, "target": f"{t.op} {t.bound:g}", "measured": _spread_dict(t.get(agg)),
+                     "result": t.verdict(t.get(agg)).strip("*").lower()} for t in TARGETS],
+        "aggregates": {
+            "configs": {n: {k: _spread_dict(v) for k, v in figs.items()} for n, figs in agg["configs"].items()},
+            "cross": {k: _spread_dict(v) for k, v in agg["cross"].items()},
+        },
+        "records": records,
+    }
+    (out / "results.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    return agg
+
+
+def summary(agg: dict) -> str:
+    """The target table for the terminal."""
+    lines = []
+    for t in TARGETS:
+        s = t.get(agg)
+        lines.append(f"  {t.figure:<72} {t.op} {t.bound:<6g} {cell(s, 'ratio' if not t.unit else 'ms') + t.unit:<24} {t.verdict(s).strip('*')}")
+    return "\n".join(lines)
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")

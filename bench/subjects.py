@@ -1,0 +1,206 @@
+"""The configurations under test. Each is started and stopped by the bench, and knows its processes.
+
+    naive  one Tornado process computing the heavy task in its handler  (bench/naive_server.py)
+    pool   one Tornado process with a ProcessPoolExecutor, no nginx      (bench/pool_server.py)
+    fleet  this project through nginx, deploy/fleet.toml defaults, in a temp run dir on free ports
+    edge   nginx answering /fast itself, the ceiling of the edge path     (bench/edge.py)
+
+`pool` and `fleet` also exist with one heavy worker (workers=1), for the parallel efficiency.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import edge, procs
+from services.common.settings import load
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+START_TIMEOUT = 60  # seconds a configuration may take to answer /healthz
+
+CONFIGS = ("naive", "pool", "fleet", "edge")
+DESCRIPTIONS = {
+    "naive": "one Tornado process, fib computed in the handler",
+    "pool": "one Tornado process + ProcessPoolExecutor (W workers, not niced), no nginx",
+    "fleet": "this project: nginx + fast and slow instances + worker pool, fleet.toml defaults",
+    "edge": "nginx answering /fast itself (return 200): the edge path's ceiling",
+}
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without FLEET_* overrides: every configuration runs on defaults."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+
+
+class Subject:
+    name: str
+    workers: int | None = None  # processes that compute heavy jobs in parallel (None: no heavy route)
+    port: int = 0
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / f"{self.name}.log"
+        self.popen: subprocess.Popen | None = None
+
+    @property
+    def has_slow(self) -> bool:
+        return self.workers is not None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def processes(self) -> list[int]:
+        """Every process of this configuration alive now."""
+        return procs.tree(self.popen.pid) if self.popen is not None else []
+
+    def stop(self) -> int:
+        """Stop every process; returns how many had to be SIGKILLed."""
+        if self.popen is None:
+            return 0
+        killed = procs.stop(procs.identify(self.processes()), grace=10)
+        procs.reap(self.popen)
+        return len(killed)
+
+    def _spawn(self, cmd: list[str]) -> None:
+        self.popen = procs.spawn(cmd, self.log, env=clean_env(), cwd=REPO)
+        procs.wait_http(f"http://{HOST}:{self.port}/healthz", START_TIMEOUT, self.popen, self.log)
+
+
+def default_workers() -> int:
+    return load(env={}).slow.workers
+
+
+class Naive(Subject):
+    name = "naive"
+    workers = 1  # the event loop itself
+
+    def start(self) -> None:
+        self.port = procs.free_port_block(1)
+        self._spawn([sys.executable, "-m", "bench.naive_server", "--port", str(self.port)])
+
+
+class Pool(Subject):
+    name = "pool"
+
+    def __init__(self, workdir: Path, workers: int | None = None, nice: int = 0):
+        self.workers = workers or default_workers()
+        self.nice = nice
+        super().__init__(workdir)
+
+    def start(self) -> None:
+        self.port = procs.free_port_block(1)
+        self._spawn([sys.executable, "-m", "bench.pool_server", "--port", str(self.port),
+                     "--workers", str(self.workers), "--nice", str(self.nice)])
+
+
+class Edge(Subject):
+    name = "edge"
+    workers = None
+
+    def start(self) -> None:
+        self.port = procs.free_port_block(1)
+        edge.render(self.workdir, self.port)
+        self.popen = procs.spawn(edge.command(self.workdir), self.log, env=clean_env(), cwd=self.workdir)
+        procs.wait_http(f"http://{HOST}:{self.port}/healthz", START_TIMEOUT, self.popen, self.log)
+
+    def stop(self) -> int:
+        if self.popen is None:
+            return 0
+        # QUIT: nginx's graceful stop.
+        killed = procs.stop(procs.identify(self.processes()), first=signal.SIGQUIT, grace=10)
+        procs.reap(self.popen)
+        return len(killed)
+
+
+class Fleet(Subject):
+    """The project itself, started and stopped with the same commands a user runs."""
+
+    name = "fleet"
+
+    def __init__(self, workdir: Path, workers: int | None = None, overrides: dict[str, str] | None = None):
+        self.run_dir = workdir / "run"
+        planned = load(env=overrides or {})  # instance counts may be overridden (--fleet-env)
+        fast, slow = planned.fast.instances, planned.slow.instances
+        # edge on base; fast-01.. on base+1.., then fast's spare; slow-01.. after it, then slow's spare
+        base = procs.free_port_block(1 + (fast + 1) + (slow + 1))
+        self.env = clean_env()
+        self.env.update(overrides or {})  # --fleet-env: a lever under test, never by default
+        self.env.update(
+            FLEET_RUN_DIR=str(self.run_dir),
+            FLEET_EDGE_PORT=str(base),
+            FLEET_FAST_BASE_PORT=str(base),
+            FLEET_SLOW_BASE_PORT=str(base + fast + 1),
+        )
+        if workers is not None:
+            self.env["FLEET_SLOW_WORKERS"] = str(workers)
+        self.settings = load(env=self.env)
+        self.workers = self.settings.slow.workers
+        self.port = base
+        self._supervisord: procs.Proc | None = None
+        self._started = False
+        super().__init__(workdir)
+
+    def _fleet(self, command: str, timeout: float) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "deploy.fleet", command], cwd=REPO, env=self.env,
+                                capture_output=True, text=True, timeout=timeout)
+        with open(self.log, "a") as log:
+            log.write(f"$ deploy.fleet {command} -> {result.returncode}\n{result.stdout}{result.stderr}\n")
+        return result
+
+    def start(self) -> None:
+        self._started = True  # from here on, stop() has something to clean up, even if `up` fails
+        result = self._fleet("up", timeout=120)
+        self._remember_supervisord()
+        if result.returncode != 0:
+            raise RuntimeError(f"deploy.fleet up failed:\n{result.stdout}\n{result.stderr}")
+        procs.wait_http(f"http://{HOST}:{self.port}/healthz", START_TIMEOUT)
+
+    def _remember_supervisord(self) -> None:
+        try:
+            pid = int((self.run_dir / "supervisord.pid").read_text().strip())
+        except (OSError, ValueError):
+            return
+        found = procs.identify([pid])
+        self._supervisord = found[0] if found else None
+
+    def processes(self) -> list[int]:
+        from deploy.fleet import processes_of
+
+        # processes_of finds processes by an environment marker; nginx overwrites its environment
+        # area with its process title, so its processes are found as supervisord's descendants.
+        pids = set(processes_of(self.run_dir))
+        if self._supervisord is not None and procs.alive(self._supervisord):
+            pids.update(procs.tree(self._supervisord[0]))
+        return sorted(pids)
+
+    def stop(self) -> int:
+        if not self._started:
+            return 0
+        before = procs.identify(self.processes())
+        try:
+            self._fleet("stop", timeout=90)
+        except subprocess.TimeoutExpired:
+            pass
+        # `stop` checks for leftovers itself; this is the bench's own guarantee, by pid.
+        leftovers = [p for p in before if procs.alive(p)]
+        if leftovers:
+            procs.stop(leftovers, first=signal.SIGKILL, grace=0)
+        return len(leftovers)
+
+
+def make(name: str, workdir: Path, workers: int | None = None, overrides: dict[str, str] | None = None) -> Subject:
+    if name == "naive":
+        return Naive(workdir)
+    if name == "pool":
+        return Pool(workdir, workers)
+    if name == "fleet":
+        return Fleet(workdir, workers, overrides)
+    if name == "edge":
+        return Edge(workdir)
+    raise ValueError(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
