@@ -86,6 +86,7 @@ SCHEMA: dict[str, Spec] = {
     "slow.job_timeout": Spec(float, 0.1, 3600),
     "slow.nice": Spec(int, 0, 19),
     "slow.sched_idle": Spec(bool),
+    "slow.idle_cgroup": Spec(bool),
     "slow.drain_timeout": Spec(float, 2, 3600),
     "slow.event_loop": Spec(str, check=_check_event_loop),
     "slow.task_modules": Spec(str, check=_check_modules),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import zlib
 from typing import Any, Mapping
 
 from tornado import web
@@ -87,9 +88,10 @@ class TaskHandler(BaseHandler):
         finally:
             self.jobs.discard(self._job)
             self.stopped_jobs.discard(self._job)
-        self.write_json(body)
+        self.set_header("Content-Type", "application/json")
+        self.finish(body)
 
-    async def _run(self, task: registry.Task, kwargs: dict) -> dict:
+    async def _run(self, task: registry.Task, kwargs: dict) -> str:
         loop = asyncio.get_running_loop()
         arrived = loop.time()
         timeout = min(task.timeout or self.fleet.slow.job_timeout, self.fleet.slow.job_timeout)
@@ -128,10 +130,9 @@ class TaskHandler(BaseHandler):
         body = {"task": task.name, **{k: kwargs[k] for k in task.echo}, "result": result}
         body.update(elapsed_ms=round(elapsed_ms, 2), queued_ms=round(queued_ms, 2))
         try:
-            json.dumps(body)
+            return json.dumps(body)  # encoded here, once: a result that is not JSON is the job's error
         except (TypeError, ValueError):
             raise ApiError(500, "job_failed", f"task {task.name} returned a value that is not JSON") from None
-        return body
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
@@ -197,8 +198,10 @@ async def run(instance: server.Instance) -> None:
     tasks = registry.load(fleet.slow.task_modules)
     # Workers start (forkserver, niced, setups run) before the port is bound: the first request
     # never waits for a pool, and no worker can ever hold the server's socket.
+    # One idle cgroup per instance of each fleet (run dirs differ): stopping one never empties another's.
+    cgroup = f"{instance.name}-{zlib.crc32(str(fleet.run_dir).encode()):08x}" if fleet.slow.idle_cgroup else None
     async with WorkerPool(fleet.slow.workers, fleet.slow.task_modules, fleet.slow.nice,
-                          sched_idle=fleet.slow.sched_idle) as pool:
+                          sched_idle=fleet.slow.sched_idle, idle_cgroup=cgroup) as pool:
         await server.serve(make_app(instance, tasks, pool), instance)
 
 

@@ -33,7 +33,10 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
+
+from services.slow import cpu_priority
 
 log = logging.getLogger("fleet.pool")
 
@@ -92,7 +95,8 @@ def _error_reply(exc: BaseException) -> tuple:
     return ("error", type(exc).__name__, message[:2000], traceback.format_exc())
 
 
-def worker_main(conn: Connection, task_modules: str, nice: int, sched_idle: bool = False) -> None:
+def worker_main(conn: Connection, task_modules: str, nice: int, sched_idle: bool = False,
+                cgroup: str | None = None) -> None:
     """A worker's whole life: set up once, then run one job at a time from its pipe."""
     _die_with_parent()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent stops us; no Python-level handler
@@ -103,6 +107,8 @@ def worker_main(conn: Connection, task_modules: str, nice: int, sched_idle: bool
         # Below every normal process, not just behind it: a waking event loop or nginx worker
         # preempts this worker at once, on any kernel scheduler (nice alone only tilts shares).
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    if cgroup is not None:
+        cpu_priority.join(Path(cgroup))  # below every other group, not only this session's
     from services.slow import registry  # imported here: the forkserver preloads it
 
     try:
@@ -149,11 +155,13 @@ class _Worker:
 
 class WorkerPool:
     def __init__(self, size: int, task_modules: str, nice: int = 10, start_timeout: float = 60,
-                 sched_idle: bool = False):
+                 sched_idle: bool = False, idle_cgroup: str | None = None):
         self.size = size
         self.task_modules = task_modules
         self.nice = nice
         self.sched_idle = sched_idle
+        # An idle cpu cgroup for the workers (cpu_priority.py), named per instance; None: none.
+        self.cgroup = cpu_priority.create_idle_cgroup(idle_cgroup) if idle_cgroup else None
         self.start_timeout = start_timeout
         self._ctx = multiprocessing.get_context("forkserver")
         # Workers fork from a server that has already imported the task code: a replacement is
@@ -194,6 +202,8 @@ class WorkerPool:
                 w.process.kill()
             w.process.join(1)
         self._workers.clear()
+        if self.cgroup is not None:
+            cpu_priority.remove(self.cgroup)
 
     # the interface
 
@@ -250,7 +260,8 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         parent_end, child_end = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
-            target=worker_main, args=(child_end, self.task_modules, self.nice, self.sched_idle), daemon=True,
+            target=worker_main, daemon=True,
+            args=(child_end, self.task_modules, self.nice, self.sched_idle, self.cgroup and str(self.cgroup)),
             name="fleet-worker",
         )
         # start() asks the forkserver for a process over a socket: blocking, so not on the loop.

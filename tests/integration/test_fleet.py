@@ -201,3 +201,18 @@ def test_oversized_requests_get_the_edge_s_json_errors(fleet: Fleet):
     assert_contract_error(fleet.get("/fast", headers={"X-Big": "a" * 9000}), 431, "headers_too_large")
     r = fleet.get("/fast", headers={"X-Big": "a" * 9000})
     assert r.headers["x-served-by"] == "edge"
+
+
+def test_workers_run_below_every_other_process_group_when_the_machine_allows_it(fleet: Fleet):
+    """slow.idle_cgroup (on by default): workers sit in a cpu cgroup with cpu.idle = 1."""
+    pids = fleet.slow_health()["pool"]["pids"]
+    groups = {open(f"/proc/{pid}/cgroup").read() for pid in pids}
+    if not any("fleet-idle" in g for g in groups):
+        pytest.skip("no writable cpu cgroup here (not root, or no delegation): workers rely on nice")
+    for group in groups:
+        path = next(line.split(":", 2)[2] for line in group.splitlines() if "fleet-idle" in line)
+        mount = next(m for m in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup")
+                     if os.path.exists(m + path))
+        assert open(f"{mount}{path}/cpu.idle").read().strip() == "1"
+    server_group = open(f"/proc/{fleet.pid('slow-01')}/cgroup").read()
+    assert "fleet-idle" not in server_group  # the event loop keeps its normal priority
