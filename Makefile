@@ -20,7 +20,7 @@ deploy-local: bootstrap ## Start the fleet (or apply changed settings), wait for
 stop: bootstrap ## Stop every process of the fleet and free its ports
 	@$(PY) -m deploy.fleet stop
 
-status: bootstrap ## supervisor's view plus each instance's health and pool figures
+status: bootstrap ## supervisor's states plus each instance's in-flight, busy workers, queue and loop lag
 	@$(PY) -m deploy.fleet status
 
 logs: bootstrap ## Follow every log of the fleet (nginx access and errors, supervisord, instances), merged
@@ -62,10 +62,13 @@ load-check: bootstrap ## Headless isolation proof against the fleet: per-phase t
 bootstrap:
 	@$(BOOTSTRAP)
 
-help: ## This list
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
-
-# BENCH_ARGS passes options to the bench, e.g. make bench BENCH_ARGS="--quick --configs fleet,pool".
 bench: bootstrap ## Benchmark naive, pool, fleet and the edge ceiling side by side; results in bench/results/
 	@bench/bootstrap.sh
 	@$(PY) -m bench $(BENCH_ARGS)
+
+help: ## This list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
+	@echo
+	@echo "  Settings: deploy/fleet.toml (override with FLEET_<SECTION>_<KEY>=...). Code: deploy/ (run the"
+	@echo "  fleet), nginx/ (the edge), services/ (fast and slow apps, worker pool), tests/, bench/."
+	@echo "  Runtime files, logs and sockets: .run/ (or \$$FLEET_RUN_DIR). More in README.md."
