@@ -53,7 +53,7 @@ and the mixed phase shed 354-360 heavy requests with 503 and kept 10 heavy reque
 
     worst single runs (p99): A 14.2 -> 41.7; B 20.8 -> 154.4, 18.7 -> 82.8, 10.6 -> 57.9
 
-The same file with its plain defaults against tests/support/naive_server.py (one Tornado process
+The same file with its plain defaults against bench/naive_server.py (one Tornado process
 computing fib in its handler), 3 runs: p95 5.6-7.6 -> 2,052-2,907 ms, p99 6.0-12.2 ->
 2,053-2,909 ms, fast rate 16% of the baseline.
 

@@ -5,6 +5,9 @@
 GET /fast -> "Hello!"; GET /slow/fib/<n> -> {"task": "fib", "n": n, "result": ...}, computed right
 here in the event loop (the same fib function the fleet's workers run), so every other request
 waits while it runs. GET /healthz -> 200.
+
+It is also the isolation proof's negative control: locustfile.py run against it must say FAIL
+(tests/integration/test_load.py); a check that cannot fail proves nothing.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class Fib(web.RequestHandler):
 async def serve(port: int) -> None:
     # Tornado's defaults, as a first version would have them (its access log goes nowhere unless
     # logging is configured).
-    app = web.Application([(r"/fast", Hello), (r"/healthz", Health), (r"/slow/fib/(\d{1,2})", Fib)])
+    app = web.Application([(r"/fast", Hello), (r"/healthz", Health), (r"/slow/fib/([0-9]|[12][0-9]|3[0-5])", Fib)])
     server = HTTPServer(app)
     server.listen(port, address="127.0.0.1")
     stop = asyncio.Event()

@@ -90,9 +90,9 @@ def wait_http(url: str, timeout: float = 20) -> None:
 
 @pytest.fixture
 def naive_server():
-    """tests/support/naive_server.py on a free port: fib computed in its one event loop."""
+    """bench/naive_server.py (the benchmark's "before") on a free port: fib computed in its one event loop."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.support.naive_server", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "bench.naive_server", "--port", str(port)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/fast")
