@@ -20,6 +20,7 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
         if [ ! -e /usr/sbin/policy-rc.d ]; then
             printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
             added_policy=yes
+            trap 'rm -f /usr/sbin/policy-rc.d' EXIT  # even if apt-get fails: never leave it behind
         fi
         apt-get update -qq
         # nginx-light has every module the fleet uses; newer Debian releases only ship "nginx".

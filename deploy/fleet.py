@@ -50,8 +50,8 @@ def supervisord_pid(settings: Settings) -> int | None:
     try:
         pid = int((settings.run_dir / "supervisord.pid").read_text().strip())
         os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        return None
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None  # no pid file, or a stale one whose pid is gone or belongs to someone else
     try:
         supervisor(settings).supervisor.getPID()
     except (OSError, xmlrpc.client.Fault):
@@ -75,7 +75,7 @@ def check_ports_free(settings: Settings) -> None:
     wanted = [("edge", settings.edge.bind, settings.edge.port, "FLEET_EDGE_PORT")]
     for role in ("fast", "slow"):
         wanted += [(name, "127.0.0.1", port, f"FLEET_{role.upper()}_BASE_PORT")
-                   for name, port in settings.instances(role)]
+                   for name, port in settings.instances(role) + [settings.spare(role)]]
     for name, host, port, knob in wanted:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -133,11 +133,13 @@ def edge_url(settings: Settings) -> str:
     return f"http://{host}:{settings.edge.port}"
 
 
-def healthy(url: str) -> bool:
+def healthy(url: str, name: str | None = None) -> bool:
+    """200 from /healthz, and from the instance asked for (not another fleet's on a reused port)."""
     try:
-        return get_json(url, timeout=1)[0] == 200
+        status, body = get_json(url, timeout=1)
     except (OSError, ValueError):
         return False
+    return status == 200 and (name is None or body.get("instance") == name)
 
 
 def wait_healthy(settings: Settings, names: list[str] | None = None, timeout: float = HEALTH_TIMEOUT) -> None:
@@ -146,7 +148,7 @@ def wait_healthy(settings: Settings, names: list[str] | None = None, timeout: fl
     pending = {n: urls[n] for n in (names or [n for n in urls if not n.endswith("-spare")])}
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
-        pending = {n: u for n, u in pending.items() if not healthy(u)}
+        pending = {n: u for n, u in pending.items() if not healthy(u, None if n == "edge" else n)}
         if not pending:
             return
         broken = [p for p in process_infos(settings) if p["statename"] in ("FATAL", "BACKOFF")]
@@ -218,12 +220,19 @@ def apply_changes(settings: Settings, restart_instances: bool = False) -> None:
         stop(settings)
         start(settings)
         return
+    previous = {f: (settings.run_dir / f).read_text() for f in changed if (settings.run_dir / f).exists()}
     render.write(settings, files)
-    if "nginx/conf/nginx.conf" in changed:
-        reload_nginx(settings)
-    if "settings.json" in changed or restart_instances:
-        print("rolling restart of the instances, one at a time")
-        rolling_restart(settings)
+    try:
+        if "nginx/conf/nginx.conf" in changed:
+            reload_nginx(settings)
+        if "settings.json" in changed or restart_instances:
+            print("rolling restart of the instances, one at a time")
+            rolling_restart(settings)
+    except BaseException:
+        # Not applied (nginx refused it, an instance did not come up, Ctrl-C): put the old files
+        # back, so that the run dir describes what runs and the next deploy tries again.
+        render.write(settings, {**files, **previous})
+        raise
 
 
 def reload_nginx(settings: Settings) -> None:
@@ -279,7 +288,8 @@ def stop(settings: Settings) -> None:
         print(f"no fleet running in {settings.run_dir}")
     else:
         supervisor(settings).supervisor.shutdown()
-        deadline = time.monotonic() + 60  # longer than the largest stopwaitsecs
+        # supervisor stops the programs one after another, each within its stopwaitsecs.
+        deadline = time.monotonic() + 30 + settings.fast.drain_timeout + settings.slow.drain_timeout
         while time.monotonic() < deadline and alive(pid):
             time.sleep(0.1)
         if alive(pid):

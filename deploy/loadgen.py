@@ -104,7 +104,7 @@ class SteadyLoad:
             conn.request(route.method, route.path, body=route.body)
             response = conn.getresponse()
             outcome = _outcome(route, started, response.status, response.read(), retried=False)
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:  # a truncated answer is lost too
             outcome = Outcome(route, started, None, type(exc).__name__)
         finally:
             conn.close()
@@ -149,7 +149,7 @@ class _KeptAliveClient:
                 written = True
                 response = self.conn.getresponse()
                 data = response.read()
-            except OSError as exc:  # http.client.RemoteDisconnected is a ConnectionResetError
+            except (OSError, http.client.HTTPException) as exc:  # RemoteDisconnected is both
                 self.close()
                 closed = isinstance(exc, (ConnectionResetError, BrokenPipeError))
                 if reused and closed and attempt == 1 and (not written or route.method == "GET"):

@@ -51,7 +51,10 @@ def retire(pids: list[int], grace: float) -> None:
         time.sleep(0.02)
     for pid in pids:
         if alive(pid):
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def nginx_processes(run_dir: Path) -> list[int]:
@@ -112,6 +115,8 @@ def main() -> None:
     retiring: set[int] = set()  # workers of a dead master, finishing their requests
     while True:
         master = subprocess.Popen([binary, *args], env=env, pass_fds=(sock.fileno(),))
+        if stopping:  # a stop signal came while the previous master was being replaced
+            master.send_signal(signal.SIGQUIT)
         while True:
             try:
                 code = master.wait(timeout=0.5)
@@ -125,7 +130,10 @@ def main() -> None:
         orphans = [p for p in children_of(os.getpid()) if p != master.pid and p not in retiring]
         say(f"nginx master {master.pid} exited ({code}); retiring its workers {orphans}, starting a new master")
         for pid in orphans:  # they stop accepting at once and finish what they have
-            os.kill(pid, signal.SIGQUIT)
+            try:
+                os.kill(pid, signal.SIGQUIT)
+            except ProcessLookupError:
+                pass
         retiring.update(orphans)
         if len(restarts) > MAX_RESTARTS:
             say(f"nginx exited {len(restarts)} times in {RESTART_WINDOW} s; leaving it to supervisor")

@@ -17,8 +17,7 @@ targets file that deploy renders into the run dir (prometheus/targets.json). Fam
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
-from tornado import web
+from prometheus_client import Counter, Gauge, Histogram
 
 # From well under a millisecond (a fast route) to a minute (a long job).
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -59,11 +58,3 @@ def declare_tasks(task_names) -> None:
         for outcome in JOB_OUTCOMES:
             SLOW_JOBS.labels(name, outcome)
         SLOW_JOB_DURATION.labels(name)
-
-
-class MetricsHandler(web.RequestHandler):
-    """GET /metrics in Prometheus' text format (not a BaseHandler: scrapes are not traffic)."""
-
-    def get(self) -> None:
-        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(generate_latest(REGISTRY))

@@ -26,8 +26,9 @@ log = logging.getLogger("fleet.server")
 
 # Instances listen on loopback only: nginx on the same host is their one client.
 LISTEN_ADDRESS = "127.0.0.1"
-# Longer than nginx's upstream keepalive_timeout (60 s), so nginx, not Tornado, closes idle
-# upstream connections and never sends a request down one that Tornado is closing.
+# Far longer than nginx's upstream keepalive_timeout (rendered below every drain timeout), so
+# nginx, not Tornado, closes idle upstream connections and never sends a request down one that
+# Tornado is closing.
 IDLE_CONNECTION_TIMEOUT = 75
 
 

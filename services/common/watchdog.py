@@ -23,8 +23,9 @@ log = logging.getLogger("fleet.watchdog")
 
 PROBE_INTERVAL = 0.1
 
-# The id of the request whose handler the loop entered last (set in BaseHandler.prepare): a
-# handler that blocks never yields, so while the loop is blocked this is the request blocking it.
+# The id of the request whose handler the loop entered last and has not finished (set in
+# BaseHandler.prepare, cleared in on_finish): a handler that blocks never yields, so while the loop
+# is blocked by handler code this is the request blocking it ("-" when none was being served).
 serving_request = {"id": "-"}
 
 

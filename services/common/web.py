@@ -16,6 +16,7 @@ import uuid
 from contextvars import ContextVar
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from tornado import web
 
 from services.common import watchdog
@@ -50,9 +51,9 @@ ERROR_CODES = {
 class ApiError(web.HTTPError):
     """An error with the contract's code and a message meant for the client."""
 
-    def __init__(self, status: int, error: str, message: str, headers: dict[str, str] | None = None,
+    def __init__(self, status_code: int, error: str, message: str, headers: dict[str, str] | None = None,
                  **extra: Any):
-        super().__init__(status, log_message=message.replace("%", "%%"))
+        super().__init__(status_code, log_message=message.replace("%", "%%"))
         self.error = error
         self.message = message
         self.headers = headers or {}
@@ -102,6 +103,7 @@ class BaseHandler(web.RequestHandler):
 
     def on_finish(self) -> None:
         self._leave_in_flight()
+        watchdog.serving_request["id"] = "-"
 
     def on_connection_close(self) -> None:
         # The client (nginx) went away before the answer: this request is no longer in flight.
@@ -141,11 +143,25 @@ class NotFoundHandler(BaseHandler):
 
 
 class HealthHandler(BaseHandler):
-    """GET /healthz: the instance is up and its event loop answers."""
+    """GET /healthz: the instance is up and its event loop answers (503 while it drains)."""
 
     def get(self) -> None:
-        status = "draining" if self.settings.get("draining") else "ok"
-        self.write_json(
-            {"status": status, "role": self.settings["role"], "instance": self.settings["instance_name"]},
-            status=503 if status == "draining" else 200,
-        )
+        body = {"role": self.settings["role"], "instance": self.settings["instance_name"], **self.figures()}
+        if self.settings.get("draining"):
+            raise ApiError(503, "draining", "this instance is stopping; retry", headers={"Retry-After": "1"},
+                           status="draining", **body)
+        self.write_json({"status": "ok", **body})
+
+    def figures(self) -> dict:
+        """Extra figures a kind of instance reports (the slow one: its pool and waiting line)."""
+        return {}
+
+
+class MetricsHandler(BaseHandler):
+    """GET /metrics in Prometheus' text format (errors, like every route's, in the contract's JSON)."""
+
+    route_pattern = "/metrics"
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(REGISTRY))

@@ -12,8 +12,7 @@ import time
 from tornado import web
 
 from services.common import server
-from services.common.metrics import MetricsHandler
-from services.common.web import BaseHandler, HealthHandler, NotFoundHandler
+from services.common.web import BaseHandler, HealthHandler, MetricsHandler, NotFoundHandler
 
 
 class HelloHandler(BaseHandler):

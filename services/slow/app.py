@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from tornado import web
 
 from services.common import metrics, server
-from services.common.web import ApiError, BaseHandler, HealthHandler, NotFoundHandler
+from services.common.web import ApiError, BaseHandler, HealthHandler, MetricsHandler, NotFoundHandler
 from services.slow import registry
 from services.slow.admission import Admission, Overloaded
 from services.slow.pool import JobFailed, JobTimeout, WorkerDied, WorkerPool
@@ -42,24 +42,25 @@ class TaskHandler(BaseHandler):
     _client_gone = False
 
     async def get(self, name: str, path: str | None) -> None:
-        await self._serve(name, path or "", self._query_params())
+        await self._serve(name, path or "")
 
     async def post(self, name: str, path: str | None) -> None:
-        params = self._query_params()
-        if self.request.body:
+        await self._serve(name, path or "")
+
+    def _params(self) -> dict[str, Any]:
+        """Query arguments, and for a POST the JSON object of its body."""
+        params: dict[str, Any] = {k: self.get_query_argument(k) for k in self.request.query_arguments}
+        if self.request.method == "POST" and self.request.body:
             try:
                 body = json.loads(self.request.body)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[...
                 raise ApiError(400, "bad_request", "the body must be a JSON object") from None
             if not isinstance(body, dict):
                 raise ApiError(400, "bad_request", "the body must be a JSON object")
             params.update(body)
-        await self._serve(name, path or "", params)
+        return params
 
-    def _query_params(self) -> dict[str, Any]:
-        return {k: self.get_query_argument(k) for k in self.request.query_arguments}
-
-    async def _serve(self, name: str, path: str, params: dict[str, Any]) -> None:
+    async def _serve(self, name: str, path: str) -> None:
         task = self.tasks.get(name)
         self.route_pattern = f"/slow/{name}" if task is not None else "/slow/{unknown}"
         if task is None:
@@ -67,6 +68,7 @@ class TaskHandler(BaseHandler):
         if self.request.method not in task.methods:
             raise ApiError(405, "method_not_allowed", f"task {name} takes {' or '.join(task.methods)}",
                            headers={"Allow": ", ".join(task.methods)})
+        params = self._params()
         try:
             kwargs = task.parse(path, params, self.fleet.task_config(name))
         except registry.BadArgument as exc:
@@ -145,21 +147,10 @@ class TaskHandler(BaseHandler):
 class SlowHealthHandler(HealthHandler):
     """GET /healthz, plus the pool's and the line's figures (instance port only, on loopback)."""
 
-    def get(self) -> None:
-        status = "draining" if self.settings.get("draining") else "ok"
+    def figures(self) -> dict:
         admission: Admission = self.admission
-        self.write_json(
-            {
-                "status": status,
-                "role": "slow",
-                "instance": self.settings["instance_name"],
-                "pool": self.pool.stats(),
-                "running": admission.running,
-                "waiting": admission.waiting,
-                "shed": admission.shed,
-            },
-            status=503 if status == "draining" else 200,
-        )
+        return {"pool": self.pool.stats(), "running": admission.running, "waiting": admission.waiting,
+                "shed": admission.shed}
 
 
 def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool: Any) -> web.Application:
@@ -186,7 +177,7 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
         [
             (r"/slow/([a-z0-9_]+)(?:/(.*))?", TaskHandler, shared),
             (r"/healthz", SlowHealthHandler, {"admission": admission, "pool": pool, "route_pattern": "/healthz"}),
-            (r"/metrics", metrics.MetricsHandler),
+            (r"/metrics", MetricsHandler),
         ],
         default_handler_class=NotFoundHandler,
         **settings,

@@ -28,6 +28,10 @@ def create_idle_cgroup(name: str) -> Path | None:
             continue
         group = mount / "fleet-idle" / name
         try:
+            if (mount / "cgroup.subtree_control").exists():  # cgroup v2: delegate cpu down to us
+                (mount / "cgroup.subtree_control").write_text("+cpu")
+                group.parent.mkdir(exist_ok=True)
+                (group.parent / "cgroup.subtree_control").write_text("+cpu")
             group.mkdir(parents=True, exist_ok=True)
             for directory in (group.parent, group):  # v2: idle is a property of each level
                 if (directory / "cpu.idle").exists():
@@ -41,8 +45,11 @@ def create_idle_cgroup(name: str) -> Path | None:
 
 
 def join(group: Path) -> None:
-    """Move the calling process (a worker, at start-up) into `group`."""
-    (group / "cgroup.procs").write_text(str(os.getpid()))
+    """Move the calling process (a worker, at start-up) into `group`; stay put if that fails."""
+    try:
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+    except OSError as exc:
+        log.warning("worker %d could not join %s (%s); it runs niced only", os.getpid(), group, exc)
 
 
 def remove(group: Path) -> None:

@@ -23,6 +23,7 @@ job of that task on that worker.
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -89,12 +90,13 @@ def bounded_int(text: Any, what: str, low: int, high: int) -> int:
     return value
 
 
+DECIMAL = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,12})?$")
+
+
 def bounded_float(text: Any, what: str, low: float, high: float) -> float:
-    """Parse a finite decimal number in [low, high], or raise BadArgument."""
-    try:
-        value = float(str(text)) if str(text).isascii() else float("nan")
-    except ValueError:
-        value = float("nan")
+    """Parse a plain decimal number ("2", "0.25") in [low, high], or raise BadArgument."""
+    text = str(text)
+    value = float(text) if DECIMAL.match(text) else float("nan")  # float() also takes "1_0", " 5", "5e0"
     if not low <= value <= high:  # also rejects nan and inf
         raise BadArgument(f"{what} must be a number {low:g}-{high:g}, got {str(text)[:40]!r}")
     return value

@@ -109,6 +109,7 @@ class FastAppTest(ContractTestCase):
         response = self.request("/healthz")
         assert response.code == 503
         assert json.loads(response.body)["status"] == "draining"
+        assert json.loads(response.body)["error"] == "draining" and response.headers["Retry-After"] == "1"
         assert response.headers.get("Connection") == "close"
 
     def test_no_request_stays_in_flight_after_its_answer(self):
@@ -133,6 +134,13 @@ class SlowAppTest(ContractTestCase):
         body = json.loads(response.body)
         assert (body["task"], body["n"], body["result"]) == ("fib", 25, 75025)
         assert body["elapsed_ms"] >= 0 and body["queued_ms"] >= 0
+
+    def test_a_deeply_nested_json_body_is_a_400_not_a_500(self):
+        self.assert_json_error(self.request("/slow/pbkdf2", "POST", b"[" * 100000), 400, "bad_request")
+
+    def test_an_unknown_task_or_wrong_method_is_judged_before_the_body(self):
+        self.assert_json_error(self.request("/slow/nosuch", "POST", b"{oops"), 404, "not_found")
+        self.assert_json_error(self.request("/slow/fib/3", "POST", b"{oops"), 405, "method_not_allowed")
 
     def test_bad_fib_arguments_are_a_json_400_before_any_job_runs(self):
         for path in ("/slow/fib/-1", "/slow/fib/abc", "/slow/fib/36", "/slow/fib/%D9%A3", "/slow/fib"):

@@ -119,7 +119,7 @@ def test_parse_sleep_accepts_a_number_of_seconds_up_to_the_maximum():
     assert tasks.parse_sleep("10", {}, SLEEP_CONFIG) == {"seconds": 10.0}
 
 
-@pytest.mark.parametrize("path", ["", "-1", "10.5", "nan", "inf", "abc", "\u0663"])
+@pytest.mark.parametrize("path", ["", "-1", "10.5", "nan", "inf", "abc", "\u0663", "1_0", " 5", "5e0", "0x1"])
 def test_parse_sleep_rejects_anything_else(path):
     with pytest.raises(BadArgument):
         tasks.parse_sleep(path, {}, SLEEP_CONFIG)
