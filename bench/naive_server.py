@@ -24,6 +24,19 @@ from tornado.httpserver import HTTPServer
 from services.slow.tasks import fib
 
 
+# Both baseline servers (this one and pool_server.py) answer fib for n <= 35, like the fleet.
+FIB_ROUTE = r"/slow/fib/([0-9]|[12][0-9]|3[0-5])"
+
+
+def timed_fib(n: int) -> tuple[int, float]:
+    started = time.perf_counter()
+    return fib(n), 1000 * (time.perf_counter() - started)
+
+
+def fib_body(n: int, result: int, elapsed_ms: float) -> str:
+    return json.dumps({"task": "fib", "n": n, "result": result, "elapsed_ms": round(elapsed_ms, 2)})
+
+
 class Hello(web.RequestHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; charset=utf-8")
@@ -32,22 +45,21 @@ class Hello(web.RequestHandler):
 
 class Health(web.RequestHandler):
     def get(self) -> None:
-        self.finish({"status": "ok", "role": "naive"})
+        self.finish({"status": "ok", "role": self.settings["role"]})
 
 
 class Fib(web.RequestHandler):
     def get(self, n: str) -> None:
-        started = time.perf_counter()
-        result = fib(int(n))  # blocks the event loop: the point of this configuration
+        result, elapsed_ms = timed_fib(int(n))  # blocks the event loop: the point of this configuration
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(json.dumps({"task": "fib", "n": int(n), "result": result,
-                                "elapsed_ms": round(1000 * (time.perf_counter() - started), 2)}))
+        self.finish(fib_body(int(n), result, elapsed_ms))
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, role: str, fib_route: tuple) -> None:
+    """Serve /fast, /healthz and the given fib route until SIGTERM or SIGINT."""
     # Tornado's defaults, as a first version would have them (its access log goes nowhere unless
     # logging is configured).
-    app = web.Application([(r"/fast", Hello), (r"/healthz", Health), (r"/slow/fib/([0-9]|[12][0-9]|3[0-5])", Fib)])
+    app = web.Application([(r"/fast", Hello), (r"/healthz", Health), fib_route], role=role)
     server = HTTPServer(app)
     server.listen(port, address="127.0.0.1")
     stop = asyncio.Event()
@@ -60,7 +72,7 @@ async def serve(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True)
-    asyncio.run(serve(parser.parse_args().port))
+    asyncio.run(serve(parser.parse_args().port, "naive", (FIB_ROUTE, Fib)))
 
 
 if __name__ == "__main__":

@@ -16,38 +16,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
-import time
 from concurrent.futures import ProcessPoolExecutor
 
 from tornado import web
-from tornado.httpserver import HTTPServer
 
-from services.slow.tasks import fib
-
-
-def timed_fib(n: int) -> tuple[int, float]:
-    started = time.perf_counter()
-    return fib(n), 1000 * (time.perf_counter() - started)
+from bench.naive_server import FIB_ROUTE, fib_body, serve, timed_fib
 
 
 def _worker_init(nice: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server, which stops the pool
     if nice:
         os.nice(nice)
-
-
-class Hello(web.RequestHandler):
-    def get(self) -> None:
-        self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.finish("Hello!")
-
-
-class Health(web.RequestHandler):
-    def get(self) -> None:
-        self.finish({"status": "ok", "role": "pool"})
 
 
 class Fib(web.RequestHandler):
@@ -57,22 +38,7 @@ class Fib(web.RequestHandler):
     async def get(self, n: str) -> None:
         result, elapsed_ms = await asyncio.get_running_loop().run_in_executor(self.executor, timed_fib, int(n))
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(json.dumps({"task": "fib", "n": int(n), "result": result, "elapsed_ms": round(elapsed_ms, 2)}))
-
-
-async def serve(port: int, executor: ProcessPoolExecutor) -> None:
-    app = web.Application([
-        (r"/fast", Hello),
-        (r"/healthz", Health),
-        (r"/slow/fib/(\d{1,2})", Fib, {"executor": executor}),
-    ])
-    server = HTTPServer(app)
-    server.listen(port, address="127.0.0.1")
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-    await stop.wait()
-    server.stop()
+        self.finish(fib_body(int(n), result, elapsed_ms))
 
 
 def main() -> None:
@@ -86,7 +52,7 @@ def main() -> None:
     try:
         # Start every worker before binding (and before any event loop exists).
         list(executor.map(timed_fib, [1] * options.workers * 4))
-        asyncio.run(serve(options.port, executor))
+        asyncio.run(serve(options.port, "pool", (FIB_ROUTE, Fib, {"executor": executor})))
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench.stats import Spread, ratio
-from bench.subjects import CONFIGS, DESCRIPTIONS
+from bench.subjects import DESCRIPTIONS
 
 
 # figures of one repetition ------------------------------------------------------------------------
