@@ -3,34 +3,56 @@
 One small interface, so that something else (a Dask cluster) can stand behind it later:
 
     async with WorkerPool(size=2, task_modules="services.slow.tasks", nice=10) as pool:
-        result, elapsed_ms = await pool.run("fib", {"n": 25}, timeout=30)
+        result_json, elapsed_ms = await pool.run("fib", {"n": 25}, timeout=30)   # b"75025", 8.1
 
-`run` returns the task's result or raises one of JobFailed (the task raised: 500), JobTimeout
-(past its deadline, the worker was killed and replaced: 504), WorkerDied (the worker exited
-mid-job: 502). Cancelling `run` (the client went away) kills the worker running the job.
+`run` returns the task's result already encoded as JSON (by the worker: a large result never costs
+the event loop an encode, and a result that is not JSON fails in the worker, as the job's error), or
+raises one of:
+
+    JobFailed        the task raised (500), or its result is not JSON
+    ResultTooLarge   the JSON result is larger than max_result_bytes (500): refused in the worker
+    JobTimeout       past its deadline, the worker was killed and replaced (504)
+    WorkerDied       the worker exited mid-job (502)
+    TaskUnavailable  this task's setup fails in every worker (503); other tasks are unaffected
+    NoWorkers        no worker could take the job: the pool cannot start workers (at once), or
+                     none became free before the job's deadline (503)
+
+The deadline covers the wait for a free worker and the run. Cancelling `run` (the client went
+away) kills the job's worker, at most `size` kills a second and one at a time (none while a
+replacement is starting, so the pool never has fewer than size - 1 workers); past that budget (an
+abort storm) the job runs to its end instead, and `run` returns only then, so that the caller's
+slot, and the client's share of them, stay taken while the worker is: aborting costs a client
+nothing it could not spend by waiting.
 
 Why not concurrent.futures.ProcessPoolExecutor or pebble (../shared/notes.md has the measurements):
 one dead worker breaks a whole ProcessPoolExecutor, its running jobs cannot be killed, and its call
 queue prefetches jobs onto workers; pebble kills on timeout, but a job cancelled while queued inside
 it kills some other worker later, and it has open races (#153, #163). Here each job is sent to one
 idle worker over that worker's own pipe, so the pool knows which process runs which job: a timeout
-or a cancel kills exactly that process, a crash fails exactly its job, and nothing is ever queued
-where it cannot be withdrawn (the caller's admission control holds waiting jobs).
+or a cancel kills exactly that process (and whatever it started: each worker leads its own process
+group), a crash fails exactly its job, and nothing is ever queued where it cannot be withdrawn (the
+caller's admission control holds waiting jobs).
 
 Workers are started with forkserver (never fork: a forked worker would inherit the server's
 listening socket and keep the port after the server dies), are niced, and die with their parent.
+A pid is signalled only while the pool has not reaped it, so it can never be another process's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import logging
 import multiprocessing
 import os
+import pickle
+import select
 import signal
+import struct
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -41,6 +63,14 @@ from services.slow import cpu_priority
 log = logging.getLogger("fleet.pool")
 
 PR_SET_PDEATHSIG = 1
+# Every worker, and every process a task starts, carries this in its environment: a restarted
+# instance kills what a killed one left behind (a task's children outlive a SIGKILLed worker).
+WORKER_MARKER = "FLEET_WORKER_OF"
+READ_CHUNK = 1 << 20  # bytes read from a worker's pipe per loop turn: a big result never blocks the loop
+# Replacement workers that fail to start are retried after 0.5, 1, 2, ... s, at most this apart.
+MAX_SPAWN_BACKOFF = 30
+# A task whose setup failed is tried again (on one worker) after 1, 2, 4, ... s, at most this apart.
+MAX_SETUP_BACKOFF = 60
 
 
 class JobError(Exception):
@@ -57,6 +87,10 @@ class JobFailed(JobError):
         self.traceback_text = traceback_text
 
 
+class ResultTooLarge(JobError):
+    """The job's JSON result is over the pool's max_result_bytes; it never left the worker."""
+
+
 class JobTimeout(JobError):
     """The job ran past its deadline; its worker was killed and replaced."""
 
@@ -69,6 +103,14 @@ class WorkerDied(JobError):
         super().__init__(f"worker {pid} died ({how})")
         self.pid = pid
         self.exitcode = exitcode
+
+
+class TaskUnavailable(JobError):
+    """The task's per-worker setup fails; it is tried again later. Nothing ran."""
+
+
+class NoWorkers(JobError):
+    """No worker could take the job: none can be started, or none became free in time. Nothing ran."""
 
 
 # --- inside a worker process ---------------------------------------------------------------------
@@ -95,10 +137,32 @@ def _error_reply(exc: BaseException) -> tuple:
     return ("error", type(exc).__name__, message[:2000], traceback.format_exc())
 
 
+def encode_result(result: Any, max_bytes: int) -> tuple:
+    """The reply for a task's return value: ("ok", JSON bytes) or an error reply, never an exception."""
+    try:
+        body = json.dumps(result, allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        return ("error", type(exc).__name__, f"the task returned a value that is not JSON: {exc}"[:2000],
+                traceback.format_exc())
+    if len(body) > max_bytes:
+        return ("too_large", len(body))
+    return ("ok", body)
+
+
+def _run_setup(task) -> tuple[Any, tuple | None]:
+    try:
+        return task.setup(), None
+    except BaseException as exc:  # one task's broken setup must not take the others down
+        return None, _error_reply(exc)[1:]
+
+
 def worker_main(conn: Connection, task_modules: str, nice: int, sched_idle: bool = False,
-                cgroup: str | None = None) -> None:
+                cgroup: str | None = None, max_result_bytes: int = 1 << 62, marker: str = "") -> None:
     """A worker's whole life: set up once, then run one job at a time from its pipe."""
+    os.setpgid(0, 0)  # its own process group: a kill takes whatever the job started along
     _die_with_parent()
+    if marker:
+        os.environ[WORKER_MARKER] = marker  # inherited by every process a task starts
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent stops us; no Python-level handler
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is for the server
     signal.set_wakeup_fd(-1)
@@ -113,53 +177,129 @@ def worker_main(conn: Connection, task_modules: str, nice: int, sched_idle: bool
 
     try:
         tasks = registry.load(task_modules)
-        state = {name: t.setup() for name, t in tasks.items() if t.setup is not None}
-    except BaseException as exc:
-        conn.send(("setup_failed",) + _error_reply(exc)[1:])
+    except BaseException as exc:  # nothing could run here: the pool sees a worker that cannot start
+        conn.send(("start_failed",) + _error_reply(exc)[1:])
         return
-    conn.send(("ready", os.getpid()))
+    state: dict[str, Any] = {}
+    broken: dict[str, tuple] = {}  # task name -> (type, message, traceback) of its failed setup
+    for name, t in tasks.items():
+        if t.setup is not None:
+            state[name], failure = _run_setup(t)
+            if failure is not None:
+                broken[name] = failure
+    conn.send(("ready", os.getpid(), broken))
     while True:
         try:
             name, kwargs = conn.recv()
         except (EOFError, OSError):
             return  # the pool closed our pipe: shut down
+        t = tasks[name]
+        if name in broken:  # the pool sends a job here only when the setup is due another try
+            state[name], failure = _run_setup(t)
+            if failure is not None:
+                broken[name] = failure
+                conn.send(("unavailable",) + failure)
+                continue
+            del broken[name]
         started = time.perf_counter()
         try:
-            t = tasks[name]
             result = t.fn(state[name], **kwargs) if t.setup is not None else t.fn(**kwargs)
-            reply: tuple = ("ok", result, 1000 * (time.perf_counter() - started))
+            elapsed_ms = 1000 * (time.perf_counter() - started)
+            reply = encode_result(result, max_result_bytes) + (elapsed_ms,)
         except BaseException as exc:  # converted here, so only plain strings cross the pipe
             reply = _error_reply(exc)
-        try:
-            conn.send(reply)
-        except Exception as exc:  # the result (or something in it) does not pickle
-            conn.send(_error_reply(exc))
+        conn.send(reply)
 
 
 # --- in the server's event loop ------------------------------------------------------------------
+
+class _Frames:
+    """Reassembles multiprocessing.Connection messages from a pipe read a chunk at a time.
+
+    Connection.recv() reads a whole message in one blocking call: for a large result, the event
+    loop would stop for its whole length. Here each loop turn reads at most READ_CHUNK bytes.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def pop(self) -> bytes | None:
+        """The next complete message (the pickle's bytes), or None until one has arrived."""
+        buffer = self.buffer
+        if len(buffer) < 4:
+            return None
+        (size,) = struct.unpack_from("!i", buffer)
+        header = 4
+        if size == -1:  # Connection's framing for messages over 2 GiB
+            if len(buffer) < 12:
+                return None
+            (size,) = struct.unpack_from("!Q", buffer, 4)
+            header = 12
+        if len(buffer) < header + size:
+            return None
+        message = bytes(memoryview(buffer)[header:header + size])
+        del buffer[:header + size]
+        return message
+
+
+class _KillBudget:
+    """A token bucket: how many workers may be killed for departed clients (rate per second, burst)."""
+
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.updated = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
 
 @dataclass(eq=False)
 class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: Connection
     ready: asyncio.Future
+    frames: _Frames = field(default_factory=_Frames)
     job: asyncio.Future | None = None
     retired: bool = False  # killed on purpose; its exit is expected
     serving: bool = False  # became ready and joined the pool; its exit calls for a replacement
+    exited: bool = False  # reaped: its pid may belong to someone else now, never signal it again
+    broken: dict[str, tuple] = field(default_factory=dict)  # tasks whose setup failed here
     started: float = field(default_factory=time.monotonic)
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
+    def has_exited(self) -> bool:
+        """The process has exited (its sentinel is readable), whether or not the loop saw it yet."""
+        return self.exited or bool(select.select([self.process.sentinel], [], [], 0)[0])
+
+
+@dataclass
+class _Setup:
+    """A task whose setup failed: when one worker may try it again."""
+    retry_at: float
+    backoff: float
+
 
 class WorkerPool:
     def __init__(self, size: int, task_modules: str, nice: int = 10, start_timeout: float = 60,
-                 sched_idle: bool = False, idle_cgroup: str | None = None):
+                 sched_idle: bool = False, idle_cgroup: str | None = None,
+                 max_result_bytes: int = 16 << 20, marker: str = ""):
         self.size = size
         self.task_modules = task_modules
         self.nice = nice
         self.sched_idle = sched_idle
+        self.max_result_bytes = max_result_bytes
+        # Names this pool's workers and their children (WORKER_MARKER); "" for none.
+        self.marker = marker
         # An idle cpu cgroup for the workers (cpu_priority.py), named per instance; None: none.
         self.cgroup = cpu_priority.create_idle_cgroup(idle_cgroup) if idle_cgroup else None
         self.start_timeout = start_timeout
@@ -169,10 +309,16 @@ class WorkerPool:
         modules = ["services.slow.registry"] + [m.strip() for m in task_modules.split(",")]
         self._ctx.set_forkserver_preload(modules)
         self._workers: set[_Worker] = set()
-        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._idle: deque[_Worker] = deque()
+        self._waiters: list[asyncio.Future] = []  # run() calls waiting for an idle worker
         self._closing = False
+        self.draining = False  # set at a drain's deadline: cancelled jobs are killed, budget or not
+        self._spawn_failures = 0  # consecutive failed starts of a replacement worker
+        self._setups: dict[str, _Setup] = {}  # tasks whose setup failed, and when to try again
+        self._kill_budget = _KillBudget(rate=size, burst=2 * size)
         self._replacing: set[asyncio.Task] = set()  # strong references, as asyncio asks
-        self.counters = {"started": 0, "ok": 0, "error": 0, "timeout": 0, "crashed": 0, "cancelled": 0}
+        self.counters = {"started": 0, "ok": 0, "error": 0, "timeout": 0, "crashed": 0, "cancelled": 0,
+                         "finished_after_cancel": 0, "start_failed": 0, "unavailable": 0, "no_workers": 0}
 
     # lifecycle
 
@@ -185,65 +331,64 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Start every worker and wait until each has run its setups (call before binding a port)."""
+        if self.marker:
+            _kill_leftovers(self.marker)
         await asyncio.gather(*(self._spawn() for _ in range(self.size)))
 
     async def close(self, timeout: float = 5) -> None:
-        """Stop every worker: close their pipes (they exit), kill whoever is still there after `timeout`."""
+        """Stop every worker: close their pipes (they exit), kill whoever is still there after
+        `timeout`, and whatever their jobs started."""
         self._closing = True
         workers = list(self._workers)
         for w in workers:
             self._detach(w)
             w.conn.close()
         deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not all(w.has_exited() for w in workers):
+            await asyncio.sleep(0.01)
         for w in workers:
-            while w.process.is_alive() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            if w.process.is_alive():
-                w.process.kill()
+            self._kill_group(w)  # stragglers, and children that outlived their worker
             w.process.join(1)
+            w.exited = True
+            if w.job is not None and not w.job.done():  # a job still running fails now, not at its deadline
+                w.job.set_result(("died", w.process.exitcode))
         self._workers.clear()
+        self._wake_waiters()
         if self.cgroup is not None:
             cpu_priority.remove(self.cgroup)
 
     # the interface
 
-    async def run(self, task: str, kwargs: dict, timeout: float) -> tuple[Any, float]:
-        """Run one job on an idle worker; return (result, elapsed_ms) or raise a JobError."""
-        worker = await self._idle_worker()
-        worker.job = job = asyncio.get_running_loop().create_future()
-        try:
-            worker.conn.send((task, kwargs))
-        except (OSError, ValueError):  # the pipe broke: the worker is gone or going
-            self._retire(worker, "crashed")
-            raise WorkerDied(worker.pid, None) from None
-        try:
-            async with asyncio.timeout(timeout):
-                reply = await job
-        except TimeoutError:
-            self._retire(worker, "timeout")
-            raise JobTimeout(f"job {task} passed its {timeout:g} s deadline") from None
-        except asyncio.CancelledError:
-            self._retire(worker, "cancelled")
-            raise
-        worker.job = None
+    async def run(self, task: str, kwargs: dict, timeout: float) -> tuple[bytes, float]:
+        """Run one job on an idle worker; return (result as JSON bytes, elapsed_ms) or raise a JobError."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            worker = await self._idle_worker(task, deadline)
+            if not self._send(worker, task, kwargs):
+                continue  # it died while idle: the job goes to a live worker
+            reply = await self._reply(worker, task, deadline, timeout)
+            worker.job = None
+            if reply[0] != "unavailable":
+                break
+            self._setup_failed(worker, task, reply[1:])  # nothing ran; another worker may have it
+            self._put_idle(worker)
         status = reply[0]
         if status == "died":
             self.counters["crashed"] += 1
             raise WorkerDied(worker.pid, reply[1])
-        self._idle.put_nowait(worker)
+        if task in worker.broken:  # its setup worked this time
+            del worker.broken[task]
+            self._setups.pop(task, None)
+        self._put_idle(worker)
         if status == "ok":
             self.counters["ok"] += 1
             return reply[1], reply[2]
         self.counters["error"] += 1
-        raise JobFailed(*reply[1:])
-
-    async def _idle_worker(self) -> _Worker:
-        # Waits only while a replacement worker is starting: the caller's admission control never
-        # lets more jobs in than there are workers.
-        while True:
-            worker = await self._idle.get()
-            if worker in self._workers and not worker.retired:
-                return worker  # else it died while idle (after sending its last reply): skip it
+        if status == "too_large":
+            raise ResultTooLarge(f"the result of {task} is {reply[1] / 2**20:.1f} MiB of JSON, over the "
+                                 f"limit of {self.max_result_bytes / 2**20:g} MiB (slow.max_result_mb)")
+        raise JobFailed(*reply[1:4])
 
     def stats(self) -> dict:
         serving = [w for w in self._workers if w.serving and not w.retired]  # not the ones being killed
@@ -251,17 +396,112 @@ class WorkerPool:
             "workers": len(serving),
             "busy": sum(1 for w in serving if w.job is not None),
             "pids": sorted(w.pid for w in serving),
+            "unavailable_tasks": sorted(t for t in self._setups if self._task_down(t, serving)),
             **self.counters,
         }
 
+    # one job
+
+    async def _idle_worker(self, task: str, deadline: float) -> _Worker:
+        """An idle worker that can run `task`: waits only while workers are busy or starting."""
+        loop = asyncio.get_running_loop()
+        while True:
+            serving = [w for w in self._workers if w.serving and not w.retired]
+            if not serving and (self._spawn_failures or self._closing):
+                self.counters["no_workers"] += 1
+                raise NoWorkers("this instance has no worker and cannot start one; retry later")
+            if self._task_down(task, serving):
+                self.counters["unavailable"] += 1
+                raise TaskUnavailable(self._setup_message(task, serving))
+            worker = self._take_idle(task)
+            if worker is not None:
+                return worker
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                self.counters["no_workers"] += 1
+                raise NoWorkers("no worker became free before the job's deadline; retry later") from None
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def _take_idle(self, task: str) -> _Worker | None:
+        due = task not in self._setups or time.monotonic() >= self._setups[task].retry_at
+        for worker in list(self._idle):
+            if worker.retired or worker not in self._workers:
+                self._idle.remove(worker)  # died while idle
+            elif task not in worker.broken or due:
+                self._idle.remove(worker)
+                if task in worker.broken:  # this one tries the setup again; the others wait
+                    self._setups[task].retry_at = time.monotonic() + self._setups[task].backoff
+                return worker
+        return None
+
+    def _send(self, worker: _Worker, task: str, kwargs: dict) -> bool:
+        """Send the job to `worker`; False (and the worker is written off) if it has already exited."""
+        if worker.has_exited():
+            return False  # its exit is on its way to _on_exit, which replaces it
+        try:
+            _write_message(worker.conn.fileno(), (task, kwargs))
+        except (OSError, ValueError):  # the pipe broke: the worker is gone or going
+            self._retire(worker, "crashed")
+            return False
+        worker.job = asyncio.get_running_loop().create_future()
+        return True
+
+    async def _reply(self, worker: _Worker, task: str, deadline: float, timeout: float) -> tuple:
+        job = worker.job
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(job)  # shielded: a cancel decides below what happens to it
+        except TimeoutError:
+            self._retire(worker, "timeout")
+            raise JobTimeout(f"job {task} passed its {timeout:g} s deadline") from None
+        except asyncio.CancelledError:
+            if self.draining or (not self._replacing and self._kill_budget.take()):
+                self._retire(worker, "cancelled")
+                raise
+        # An abort storm: over the kill budget, the job runs to its end, and this caller keeps its
+        # admission slot until then (a second cancel, as at a drain's deadline, kills it after all).
+        self.counters["finished_after_cancel"] += 1
+        try:
+            async with asyncio.timeout_at(deadline):
+                reply = await asyncio.shield(job)
+        except TimeoutError:
+            self._retire(worker, "timeout")
+        except asyncio.CancelledError:
+            self._retire(worker, "cancelled")
+            raise
+        else:
+            worker.job = None
+            if reply[0] == "unavailable":
+                self._setup_failed(worker, task, reply[1:])
+            if reply[0] != "died":
+                self._put_idle(worker)
+        raise asyncio.CancelledError
+
     # workers
+
+    def _put_idle(self, worker: _Worker) -> None:
+        self._idle.append(worker)
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
 
     async def _spawn(self) -> None:
         loop = asyncio.get_running_loop()
         parent_end, child_end = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=worker_main, daemon=True,
-            args=(child_end, self.task_modules, self.nice, self.sched_idle, self.cgroup and str(self.cgroup)),
+            args=(child_end, self.task_modules, self.nice, self.sched_idle, self.cgroup and str(self.cgroup),
+                  self.max_result_bytes, self.marker),
             name="fleet-worker",
         )
         # start() asks the forkserver for a process over a socket: blocking, so not on the loop.
@@ -275,39 +515,85 @@ class WorkerPool:
         worker = _Worker(process, parent_end, loop.create_future())
         self._workers.add(worker)
         self.counters["started"] += 1
-        loop.add_reader(parent_end.fileno(), self._on_message, worker)
+        loop.add_reader(parent_end.fileno(), self._on_readable, worker)
         loop.add_reader(process.sentinel, self._on_exit, worker)
         try:
-            await asyncio.wait_for(asyncio.shield(worker.ready), self.start_timeout)
+            broken = await asyncio.wait_for(asyncio.shield(worker.ready), self.start_timeout)
         except asyncio.TimeoutError:
             self._retire(worker, "start timeout")
             raise RuntimeError(f"worker {process.pid} did not become ready in {self.start_timeout} s") from None
+        for task, failure in broken.items():
+            self._setup_failed(worker, task, failure)
         worker.serving = True
-        self._idle.put_nowait(worker)
+        self._put_idle(worker)
 
-    def _on_message(self, worker: _Worker) -> None:
+    def _setup_failed(self, worker: _Worker, task: str, failure: tuple) -> None:
+        worker.broken[task] = failure
+        previous = self._setups.get(task)
+        backoff = min(MAX_SETUP_BACKOFF, 2 * previous.backoff) if previous else 1.0
+        self._setups[task] = _Setup(retry_at=time.monotonic() + backoff, backoff=backoff)
+        log.error("worker %d: setup of task %s failed: %s: %s; task %s answers 503 until a retry in %.0f s "
+                  "works\n%s", worker.pid, task, failure[0], failure[1], task, backoff, failure[2])
+
+    def _task_down(self, task: str, serving: list[_Worker]) -> bool:
+        """Every serving worker failed this task's setup, and no retry is due yet."""
+        setup = self._setups.get(task)
+        return (setup is not None and time.monotonic() < setup.retry_at and bool(serving)
+                and all(task in w.broken for w in serving))
+
+    def _setup_message(self, task: str, serving: list[_Worker]) -> str:
+        type_name, message = next(w.broken[task] for w in serving)[:2]
+        wait = max(0.0, self._setups[task].retry_at - time.monotonic())
+        return f"task {task} is unavailable: its setup failed ({type_name}: {message}); next try in {wait:.0f} s"
+
+    def _on_readable(self, worker: _Worker) -> None:
         try:
-            message = worker.conn.recv()
-        except (EOFError, OSError):
-            asyncio.get_running_loop().remove_reader(worker.conn.fileno())
-            return  # the worker is exiting; _on_exit reports it
-        except Exception as exc:
-            # The reply arrived whole but does not unpickle here (bpo-31699): the pipe is still in
-            # step, so fail this job alone and keep the worker.
-            message = ("error", type(exc).__name__, f"the job's reply could not be read: {exc}",
-                       traceback.format_exc())
-        kind = message[0]
-        if kind == "ready":
-            worker.ready.set_result(message[1])
-        elif kind == "setup_failed":
-            log.error("worker %d: task setup failed: %s: %s\n%s", worker.pid, *message[1:])
-            worker.ready.set_exception(RuntimeError(f"task setup failed: {message[1]}: {message[2]}"))
-        elif worker.job is not None and not worker.job.done():
-            worker.job.set_result(message)
+            data = os.read(worker.conn.fileno(), READ_CHUNK)
+        except OSError:
+            data = b""
+        if not data:  # the worker is exiting; _on_exit reports it
+            self._remove_reader(worker.conn.fileno())
+            return
+        worker.frames.buffer += data
+        self._deliver(worker)
+
+    def _deliver(self, worker: _Worker) -> None:
+        while (frame := worker.frames.pop()) is not None:
+            try:
+                message = pickle.loads(frame)
+            except Exception as exc:
+                # The reply arrived whole but does not unpickle here (bpo-31699): the pipe is still
+                # in step, so fail this job alone and keep the worker.
+                message = ("error", type(exc).__name__, f"the job's reply could not be read: {exc}",
+                           traceback.format_exc())
+            kind = message[0]
+            if worker.ready.done() and kind in ("ready", "start_failed"):
+                continue  # too late: its start already timed out
+            if kind == "ready":
+                worker.ready.set_result(message[2])
+            elif kind == "start_failed":
+                log.error("worker %d could not load the task modules: %s: %s\n%s", worker.pid, *message[1:])
+                worker.ready.set_exception(RuntimeError(
+                    f"worker could not load the task modules: {message[1]}: {message[2]}"))
+            elif worker.job is not None and not worker.job.done():
+                worker.job.set_result(message)
 
     def _on_exit(self, worker: _Worker) -> None:
+        # A reply the worker sent just before it exited may still be in the pipe: it counts.
+        fd = worker.conn.fileno()
+        while select.select([fd], [], [], 0)[0]:
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except OSError:
+                break
+            if not data:
+                break
+            worker.frames.buffer += data
+        self._deliver(worker)
         self._detach(worker)
+        self._kill_group(worker)  # whatever its job started dies with it
         worker.process.join(0)
+        worker.exited = True
         exitcode = worker.process.exitcode
         self._workers.discard(worker)
         worker.conn.close()
@@ -321,15 +607,21 @@ class WorkerPool:
             replacing = asyncio.get_running_loop().create_task(self._replace(worker))
             self._replacing.add(replacing)
             replacing.add_done_callback(self._replacing.discard)
+        self._wake_waiters()  # a waiting job re-checks: the pool may have no worker left
 
     async def _replace(self, dead: _Worker) -> None:
         while not self._closing:
             try:
                 await self._spawn()
+                self._spawn_failures = 0
                 return
-            except Exception:
-                log.exception("could not replace worker %d; trying again in 1 s", dead.pid)
-                await asyncio.sleep(1)
+            except Exception as exc:
+                self._spawn_failures += 1
+                self.counters["start_failed"] += 1
+                delay = min(MAX_SPAWN_BACKOFF, 0.5 * 2 ** (self._spawn_failures - 1))
+                log.error("could not start a worker to replace %d (%s); next try in %.1f s", dead.pid, exc, delay)
+                self._wake_waiters()  # with no worker left, waiting jobs are answered now
+                await asyncio.sleep(delay)
 
     def _retire(self, worker: _Worker, why: str) -> None:
         """Kill a worker on purpose (its job timed out or was cancelled); _on_exit replaces it."""
@@ -339,18 +631,63 @@ class WorkerPool:
         if why in self.counters:
             self.counters[why] += 1
         log.info("killing worker %d: %s", worker.pid, why)
+        self._kill_group(worker)
+
+    def _kill_group(self, worker: _Worker) -> None:
+        """SIGKILL the worker and every process of its group (what its job started), unless reaped."""
+        if worker.exited:
+            return
         try:
-            os.kill(worker.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            os.killpg(worker.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it died before it made its own group
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        except PermissionError:
             pass
 
     def _detach(self, worker: _Worker) -> None:
-        loop = asyncio.get_running_loop()
-        for fd in (worker.conn, worker.process.sentinel):
-            try:
-                loop.remove_reader(fd if isinstance(fd, int) else fd.fileno())
-            except (OSError, ValueError):
-                pass
+        self._remove_reader(worker.conn.fileno() if not worker.conn.closed else -1)
+        self._remove_reader(worker.process.sentinel)
+
+    @staticmethod
+    def _remove_reader(fd: int) -> None:
+        if fd < 0:
+            return
+        try:
+            asyncio.get_running_loop().remove_reader(fd)
+        except (OSError, ValueError):
+            pass
+
+
+def _write_message(fd: int, message: Any, patience: float = 5) -> None:
+    """Send `message` as Connection.send would, on a descriptor the event loop may have made
+    non-blocking (uvloop does, for add_reader): a large job's arguments are written in as many
+    pieces as the pipe takes, never half a message. An idle worker reads at once; one that does not
+    take the message within `patience` seconds is treated as dead (OSError)."""
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    data = memoryview(struct.pack("!i", len(payload)) + payload)
+    while data:
+        try:
+            data = data[os.write(fd, data):]
+        except BlockingIOError:
+            if not select.select([], [fd], [], patience)[1]:
+                raise OSError(f"the worker took no part of its job for {patience:g} s") from None
+
+
+def _kill_leftovers(marker: str) -> None:
+    """SIGKILL processes a previous run of this pool left behind (children of a killed worker)."""
+    wanted = f"\0{WORKER_MARKER}={marker}\0".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if wanted in b"\0" + (entry / "environ").read_bytes():
+                log.warning("killing process %s left behind by a previous worker", entry.name)
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 class InlinePool:
@@ -359,15 +696,17 @@ class InlinePool:
     It does not enforce deadlines or survive crashes; tests of those use WorkerPool.
     """
 
-    def __init__(self, task_modules: str):
+    def __init__(self, task_modules: str, max_result_bytes: int = 16 << 20):
         from services.slow import registry
 
         self.tasks = registry.load(task_modules)
         self.state: dict[str, Any] = {}
         self.size = 1
+        self.max_result_bytes = max_result_bytes
+        self.draining = False
         self.counters = {"ok": 0, "error": 0}
 
-    async def run(self, task: str, kwargs: dict, timeout: float) -> tuple[Any, float]:
+    async def run(self, task: str, kwargs: dict, timeout: float) -> tuple[bytes, float]:
         t = self.tasks[task]
         started = time.perf_counter()
         try:
@@ -380,8 +719,14 @@ class InlinePool:
         except Exception as exc:
             self.counters["error"] += 1
             raise JobFailed(*_error_reply(exc)[1:]) from None
+        reply = encode_result(result, self.max_result_bytes)
+        if reply[0] != "ok":
+            self.counters["error"] += 1
+            if reply[0] == "too_large":
+                raise ResultTooLarge(f"the result of {task} is over {self.max_result_bytes} bytes of JSON")
+            raise JobFailed(*reply[1:4])
         self.counters["ok"] += 1
-        return result, 1000 * (time.perf_counter() - started)
+        return reply[1], 1000 * (time.perf_counter() - started)
 
     def stats(self) -> dict:
-        return {"workers": 0, "busy": 0, **self.counters}
+        return {"workers": 1, "busy": 0, **self.counters}  # it runs each job itself, inline

@@ -1,4 +1,5 @@
-"""Test-only tasks that misbehave on purpose: raise, crash their worker, outrun their deadline.
+"""Test-only tasks that misbehave on purpose: raise, crash their worker, outrun their deadline,
+fail their setup, leave processes or huge results behind.
 
 Served only by fleets whose slow.task_modules names this module (the integration tests add it).
 """
@@ -7,10 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import tempfile
+import threading
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
-from services.slow.registry import bounded_float, task
+from services.slow.registry import bounded_float, bounded_int, task
 
 
 def no_args(path: str, params: Mapping[str, str], config: Mapping[str, Any]) -> dict:
@@ -63,3 +68,79 @@ def spin(seconds: float) -> float:
 @task("pid", parse=no_args)
 def pid() -> int:
     return os.getpid()
+
+
+# setups that fail, and jobs that leave processes or huge results behind ---------------------------
+
+def setup_flag(name: str) -> Path:
+    """A file whose presence breaks a task's setup: in the fleet's run dir (FLEET_MEMBER_OF, set for
+    every process of a fleet) or, in-process, in the temp dir."""
+    base = os.environ.get("FLEET_MEMBER_OF") or tempfile.gettempdir()
+    return Path(base) / f"break-{name}"
+
+
+def failing_setup() -> str:
+    raise RuntimeError("the model file is missing")
+
+
+@task("needs_setup", parse=no_args, setup=failing_setup)
+def needs_setup(state: str) -> str:
+    """A task whose per-worker setup always fails: it alone answers 503 task_unavailable."""
+    return state
+
+
+def flaky_setup() -> str:
+    if setup_flag("flaky-setup").exists():
+        raise RuntimeError("the backend is down")
+    return "connected"
+
+
+@task("flaky_setup", parse=no_args, setup=flaky_setup)
+def uses_flaky_setup(state: str) -> str:
+    return state
+
+
+def setup_that_kills_its_worker() -> None:
+    if setup_flag("worker-start").exists():
+        os._exit(7)  # the worker dies while starting: the pool cannot start replacements
+
+
+@task("fragile_start", parse=no_args, setup=setup_that_kills_its_worker)
+def fragile_start(state: None) -> str:
+    return "started"
+
+
+@task("spawn_child", parse=no_args)
+def spawn_child() -> int:
+    """Starts a long-lived child process, tells its pid, then runs past any deadline."""
+    child = subprocess.Popen(["sleep", "1000"])
+    setup_flag("spawned-child").write_text(str(child.pid))
+    while True:
+        time.sleep(0.05)
+
+
+def size_arg(path: str, params: Mapping[str, str], config: Mapping[str, Any]) -> dict:
+    return {"size": bounded_int(path or "0", "size", 0, 1 << 30)}
+
+
+@task("big_result", parse=size_arg)
+def big_result(size: int) -> str:
+    """A result of `size` characters (as JSON, size + 2 bytes)."""
+    return "x" * size
+
+
+@task("reply_then_exit", parse=no_args)
+def reply_then_exit() -> str:
+    """Answers, and its worker exits a moment later: the reply and the exit arrive together."""
+    threading.Timer(0.05, os._exit, args=(0,)).start()
+    return "answered"
+
+
+def text_arg(path: str, params: Mapping[str, Any], config: Mapping[str, Any]) -> dict:
+    return {"text": str(params.get("text", ""))}
+
+
+@task("text_length", parse=text_arg, methods=("POST",))
+def text_length(text: str) -> int:
+    """A job with arguments as large as the request body allows."""
+    return len(text)

@@ -80,9 +80,9 @@ def test_pool_starts_its_workers_and_returns_a_fib_result():
         stats = pool.stats()
         assert stats["workers"] == len(stats["pids"]) == 2 and stats["busy"] == 0
         result, elapsed_ms = await pool.run("fib", {"n": 25}, timeout=10)
-        assert result == 75025
+        assert result == b"75025"  # JSON, encoded in the worker
         assert elapsed_ms > 0
-        worker_pid, _ = await pool.run("pid", {}, timeout=10)
+        worker_pid = int((await pool.run("pid", {}, timeout=10))[0])
         assert worker_pid in stats["pids"] and worker_pid != os.getpid()
         assert pool.counters["ok"] == 2 and pool.stats()["busy"] == 0
 
@@ -94,7 +94,7 @@ def test_jobs_on_both_workers_run_at_the_same_time():
         jobs = asyncio.gather(*(pool.run("spin", {"seconds": 0.4}, timeout=10) for _ in range(2)))
         await eventually(lambda: pool.stats()["busy"] == 2, what="both workers busy at once")
         results = await jobs
-        assert [r for r, _ in results] == [0.4, 0.4]
+        assert [r for r, _ in results] == [b"0.4", b"0.4"]
         assert pool.stats()["busy"] == 0
 
     with_pool(body)
@@ -103,7 +103,7 @@ def test_jobs_on_both_workers_run_at_the_same_time():
 @pytest.mark.parametrize("task, type_name, message", [
     ("raise_error", "ValueError", "this task always raises"),
     ("raise_unpicklable", "Unpicklable", "x/y"),
-    ("return_unpicklable", None, "pickle"),
+    ("return_unpicklable", None, "not JSON"),
 ])
 def test_a_failing_job_raises_job_failed_and_the_pool_keeps_working(task, type_name, message):
     async def body(pool):
@@ -116,7 +116,7 @@ def test_a_failing_job_raises_job_failed_and_the_pool_keeps_working(task, type_n
         assert "Traceback" in info.value.traceback_text
         assert pool.counters["error"] == 1
         # the same workers, all still serving
-        assert (await pool.run("fib", {"n": 10}, timeout=10))[0] == 55
+        assert (await pool.run("fib", {"n": 10}, timeout=10))[0] == b"55"
         assert pool.stats()["pids"] == before and pool.counters["started"] == 2
 
     with_pool(body)
@@ -134,12 +134,12 @@ def test_a_dying_worker_fails_only_its_own_job_and_is_replaced(task, exitcode):
         )
         assert isinstance(died, WorkerDied), died
         assert died.exitcode == exitcode and died.pid in before
-        assert fib[0] == 196418  # the job on the other worker was untouched
+        assert fib[0] == b"196418"  # the job on the other worker was untouched
         assert pool.counters["crashed"] == 1
         after = await refilled(pool, died.pid, before)
         assert pool.counters["started"] == 3
         results = await asyncio.gather(*(pool.run("pid", {}, timeout=10) for _ in range(2)))
-        assert sorted(pid for pid, _ in results) == after
+        assert sorted(int(pid) for pid, _ in results) == after
 
     with_pool(body)
 
@@ -157,7 +157,7 @@ def test_a_job_past_its_deadline_raises_job_timeout_and_its_worker_is_killed_and
         await eventually(lambda: not alive(killed), what=f"worker {killed} gone")
         with pytest.raises(ProcessLookupError):
             os.kill(killed, 0)
-        assert (await pool.run("fib", {"n": 10}, timeout=10))[0] == 55
+        assert (await pool.run("fib", {"n": 10}, timeout=10))[0] == b"55"
 
     with_pool(body)
 
@@ -175,7 +175,7 @@ def test_cancelling_a_running_job_kills_its_worker():
         after = await refilled(pool, -1, before)
         (busy_pid,) = set(before) - set(after)
         await eventually(lambda: not alive(busy_pid), what=f"worker {busy_pid} gone")
-        assert (await pool.run("fib", {"n": 10}, timeout=10))[0] == 55
+        assert (await pool.run("fib", {"n": 10}, timeout=10))[0] == b"55"
 
     with_pool(body)
 
@@ -198,7 +198,7 @@ def test_workers_can_run_under_sched_idle_below_every_normal_process():
         assert [os.sched_getscheduler(pid) for pid in pids] == [os.SCHED_IDLE] * 2
         assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the server itself keeps its priority
         result, _ = await pool.run("fib", {"n": 15}, timeout=10)
-        assert result == 610
+        assert result == b"610"
 
     with_pool(body, sched_idle=True)
 
@@ -227,7 +227,7 @@ def test_a_pool_whose_task_modules_fail_to_import_refuses_to_start():
     async def main():
         pool = WorkerPool(1, "services.slow.no_such_module", nice=0)
         before = forkserver_children()
-        with pytest.raises(RuntimeError, match="task setup failed: ModuleNotFoundError"):
+        with pytest.raises(RuntimeError, match="could not load the task modules: ModuleNotFoundError"):
             await pool.start()
         await pool.close()
         await eventually(lambda: forkserver_children() <= before, what="the failed worker gone")
@@ -257,3 +257,259 @@ def test_a_result_that_cannot_be_unpickled_fails_its_job_at_once():
             await pool.run("return_unloadable", {}, timeout=1)
 
     with_pool(body, size=1, modules=MODULES + ",tests.unit.reply_tasks")
+
+
+# a pool that cannot set up a task, or start a worker ----------------------------------------------
+
+from services.slow.pool import NoWorkers, ResultTooLarge, TaskUnavailable, _Frames  # noqa: E402
+from tests.support.faulty_tasks import setup_flag  # noqa: E402
+
+
+@pytest.fixture
+def flag():
+    """Creates the named break-flag file of a test task; removes it afterwards."""
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        path = setup_flag(name)
+        path.write_text("broken")
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        path.unlink(missing_ok=True)
+
+
+def test_a_task_whose_setup_fails_is_unavailable_and_every_other_task_still_runs():
+    async def body(pool):
+        started = time.monotonic()
+        with pytest.raises(TaskUnavailable, match="needs_setup.*the model file is missing"):
+            await pool.run("needs_setup", {}, timeout=10)
+        assert time.monotonic() - started < 1  # at once: no worker is tied up by it
+        assert (await pool.run("fib", {"n": 10}, timeout=10))[0] == b"55"
+        stats = pool.stats()
+        assert stats["workers"] == 2 and stats["unavailable_tasks"] == ["needs_setup"]
+        assert stats["started"] == 2  # the workers were not restarted over it
+
+    with_pool(body)
+
+
+def test_a_failing_setup_is_tried_again_after_its_back_off_and_the_task_comes_back(flag):
+    broken = flag("flaky-setup")
+
+    async def body(pool):
+        with pytest.raises(TaskUnavailable):
+            await pool.run("flaky_setup", {}, timeout=10)
+        broken.unlink()
+        deadline = time.monotonic() + 10
+        while True:  # back-off: 1 s, then 2 s (one failure per worker at start)
+            try:
+                result, _ = await pool.run("flaky_setup", {}, timeout=10)
+                break
+            except TaskUnavailable:
+                assert time.monotonic() < deadline, "the setup was never tried again"
+                await asyncio.sleep(0.2)
+        assert result == b'"connected"'
+        assert "flaky_setup" not in pool.stats()["unavailable_tasks"]
+
+    with_pool(body)
+
+
+def test_a_pool_that_cannot_start_workers_answers_no_workers_at_once_and_backs_off(flag):
+    async def body(pool):
+        flag("worker-start")  # from now on a new worker dies in its setup
+        with pytest.raises(WorkerDied):
+            await pool.run("exit_worker", {}, timeout=10)
+        await eventually(lambda: pool.counters["start_failed"] >= 1, what="a failed replacement")
+        started = time.monotonic()
+        with pytest.raises(NoWorkers):
+            await pool.run("fib", {"n": 10}, timeout=30)
+        assert time.monotonic() - started < 1  # not after the 30 s deadline: at once
+        await asyncio.sleep(2)
+        assert pool.counters["start_failed"] <= 4  # 0.5, 1, 2 s apart: backing off, not spinning
+        setup_flag("worker-start").unlink()
+        await eventually(lambda: pool.stats()["workers"] == 1, timeout=10, what="a worker again")
+        assert (await pool.run("fib", {"n": 10}, timeout=10))[0] == b"55"
+
+    with_pool(body, size=1)
+
+
+def test_a_job_waits_for_a_free_worker_no_longer_than_its_deadline():
+    async def body(pool):
+        busy = [asyncio.create_task(pool.run("spin", {"seconds": 2}, timeout=10)) for _ in range(2)]
+        await eventually(lambda: pool.stats()["busy"] == 2, what="both workers busy")
+        started = time.monotonic()
+        with pytest.raises(NoWorkers, match="deadline"):
+            await pool.run("fib", {"n": 10}, timeout=0.3)
+        assert time.monotonic() - started < 1.5
+        await asyncio.gather(*busy)
+
+    with_pool(body)
+
+
+# the processes a job starts ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["deadline", "cancel", "close"])
+def test_the_processes_a_job_started_die_with_it(how):
+    flag_file = setup_flag("spawned-child")
+    flag_file.unlink(missing_ok=True)
+
+    async def main():
+        pool = WorkerPool(1, MODULES, nice=0)
+        await pool.start()
+        try:
+            job = asyncio.create_task(pool.run("spawn_child", {}, timeout=1 if how == "deadline" else 30))
+            await eventually(lambda: flag_file.exists() and flag_file.read_text(), what="the child started")
+            child = int(flag_file.read_text())
+            assert alive(child)
+            if how == "cancel":
+                job.cancel()
+            elif how == "close":
+                await pool.close()
+            with pytest.raises((JobTimeout, asyncio.CancelledError, WorkerDied, NoWorkers)):
+                await job
+            await eventually(lambda: not alive(child), what=f"child {child} gone after the {how}")
+        finally:
+            await pool.close()
+            flag_file.unlink(missing_ok=True)
+
+    asyncio.run(main())
+
+
+# results ---------------------------------------------------------------------------------------------
+
+def test_a_result_over_the_size_limit_is_refused_in_the_worker_and_the_worker_stays():
+    async def main():
+        pool = WorkerPool(1, MODULES, nice=0, max_result_bytes=1000)
+        await pool.start()
+        try:
+            before = pool.stats()["pids"]
+            result, _ = await pool.run("big_result", {"size": 998}, timeout=10)
+            assert len(result) == 1000
+            with pytest.raises(ResultTooLarge, match="over the limit"):
+                await pool.run("big_result", {"size": 999}, timeout=10)
+            assert pool.stats()["pids"] == before
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_large_results_and_large_arguments_cross_whole_on_either_event_loop(loop):
+    # uvloop makes a watched descriptor non-blocking: a blocking-style recv() or send() of a large
+    # message then fails half-way (a 10 MB result never arrived, before the pool read in chunks).
+    async def main():
+        pool = WorkerPool(1, MODULES, nice=0)
+        await pool.start()
+        try:
+            for _ in range(3):
+                result, _ = await pool.run("big_result", {"size": 5_000_000}, timeout=30)
+                assert result == b'"' + b"x" * 5_000_000 + b'"'
+                assert (await pool.run("text_length", {"text": "y" * 3_000_000}, timeout=30))[0] == b"3000000"
+        finally:
+            await pool.close()
+
+    if loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    else:
+        asyncio.run(main())
+
+
+def test_frames_are_reassembled_from_any_split_of_the_stream():
+    import pickle
+    import struct
+
+    messages = [("ok", b"a" * 10), ("ready", 1, {}), ("ok", b"b" * 70000)]
+    stream = b"".join(struct.pack("!i", len(p)) + p for p in map(pickle.dumps, messages))
+    for chunk in (1, 3, 4096, len(stream)):
+        frames, got = _Frames(), []
+        for i in range(0, len(stream), chunk):
+            frames.buffer += stream[i:i + chunk]
+            while (frame := frames.pop()) is not None:
+                got.append(pickle.loads(frame))
+        assert got == messages and not frames.buffer
+
+
+# races -------------------------------------------------------------------------------------------------
+
+def test_a_job_for_a_worker_that_died_while_idle_runs_on_a_live_one():
+    async def body(pool):
+        dead = pool._idle[0]  # the next job would go to it
+        os.kill(dead.pid, signal.SIGKILL)
+        while not dead.has_exited():  # without yielding: the loop has not seen the exit yet
+            time.sleep(0.01)
+        pid = int((await pool.run("pid", {}, timeout=10))[0])
+        assert pid != dead.pid and pool.counters["crashed"] == 0
+
+    with_pool(body)
+
+
+def test_a_reply_that_arrives_with_its_worker_s_exit_still_counts():
+    async def body(pool):
+        job = asyncio.create_task(pool.run("reply_then_exit", {}, timeout=10))
+        await asyncio.sleep(0)  # run() sends the job and waits for the reply
+        assert pool.stats()["busy"] == 1
+        (worker,) = [w for w in pool._workers if w.job is not None]
+        while not worker.has_exited():  # reply written and process gone; the loop saw neither
+            time.sleep(0.01)
+        pool._on_exit(worker)  # the exit's callback runs first
+        assert (await job)[0] == b'"answered"'
+
+    with_pool(body, size=1)
+
+
+def test_a_reaped_worker_is_never_signalled_again(monkeypatch):
+    async def body(pool):
+        with pytest.raises(WorkerDied) as info:
+            await pool.run("exit_worker", {}, timeout=10)
+        (dead,) = [w for w in [*pool._workers, *_all_known(pool)] if w.pid == info.value.pid] or [None]
+        assert dead is None or dead.exited
+        signalled = []
+        monkeypatch.setattr(os, "kill", lambda pid, sig: signalled.append(pid))
+        monkeypatch.setattr(os, "killpg", lambda pid, sig: signalled.append(pid))
+        for worker in _reaped:
+            worker.retired = False
+            pool._retire(worker, "timeout")  # its pid may be someone else's by now
+        assert signalled == []
+
+    _reaped.clear()
+    original = WorkerPool._on_exit
+
+    def remember(self, worker):
+        original(self, worker)
+        _reaped.append(worker)
+
+    monkeypatch.setattr(WorkerPool, "_on_exit", remember)
+    with_pool(body, size=1)
+
+
+_reaped: list = []
+
+
+def _all_known(pool):
+    return list(_reaped)
+
+
+# an abort storm ----------------------------------------------------------------------------------------
+
+def test_an_abort_storm_kills_at_most_the_budget_and_lets_the_other_jobs_finish():
+    async def body(pool):
+        started = time.monotonic()
+        for _ in range(10):
+            job = asyncio.create_task(pool.run("spin", {"seconds": 0.2}, timeout=10))
+            await eventually(lambda: pool.stats()["busy"] >= 1, what="job running")
+            job.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await job
+        elapsed = time.monotonic() - started
+        kills = pool.counters["cancelled"]
+        assert kills <= 2 * pool.size + pool.size * elapsed + 1  # burst + rate x time
+        assert pool.counters["finished_after_cancel"] == 10 - kills > 0
+        await eventually(lambda: pool.stats()["workers"] == pool.size, what="the pool whole")
+
+    with_pool(body)
