@@ -1,4 +1,5 @@
-"""Admission control: W running slots, a bounded FIFO line, Overloaded at once beyond it."""
+"""Admission control: W running slots, a bounded line served in turn between clients, Overloaded at
+once beyond it, and ClientLimited at once for a client over its share."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 import pytest
 
-from services.slow.admission import Admission, Overloaded
+from services.slow.admission import Admission, ClientLimited, Overloaded
 
 
 async def settle(turns: int = 5) -> None:
@@ -18,13 +19,13 @@ async def settle(turns: int = 5) -> None:
 class Job:
     """A task that takes a slot and holds it until released, recording when it got in."""
 
-    def __init__(self, admission: Admission, name: str, log: list[str]):
+    def __init__(self, admission: Admission, name: str, log: list[str], client: str = ""):
         self.release = asyncio.Event()
         self.admitted = False
-        self.task = asyncio.create_task(self._run(admission, name, log))
+        self.task = asyncio.create_task(self._run(admission, name, log, client))
 
-    async def _run(self, admission: Admission, name: str, log: list[str]) -> None:
-        async with admission.slot():
+    async def _run(self, admission: Admission, name: str, log: list[str], client: str) -> None:
+        async with admission.slot(client):
             self.admitted = True
             log.append(name)
             await self.release.wait()
@@ -245,5 +246,85 @@ def test_a_waiter_cancelled_in_the_same_turn_as_a_release_ends_cancelled():
         else:
             pytest.fail("the cancelled waiter got in")
         assert (a.running, a.waiting) == (0, 0)
+
+    asyncio.run(main())
+
+
+def test_the_line_is_served_in_turn_between_clients_not_first_come_first_served():
+    async def main():
+        a = Admission(slots=1, queue_limit=10)
+        log: list[str] = []
+        holder = Job(a, "holder", log, client="x")
+        await settle()
+        hog = [Job(a, f"hog{i}", log, client="hog") for i in range(4)]  # queued first
+        await settle()
+        others = [Job(a, f"{c}0", log, client=c) for c in ("b", "c")]  # queued after all of them
+        await settle()
+        for job in [holder, *hog, *others]:
+            job.release.set()
+            await settle(20)
+        await asyncio.gather(*(j.task for j in [holder, *hog, *others]))
+        # One job of each client in turn: b and c do not wait behind every hog job.
+        assert log == ["holder", "hog0", "b0", "c0", "hog1", "hog2", "hog3"]
+
+    asyncio.run(main())
+
+
+def test_a_client_over_its_share_is_refused_at_once_and_others_still_get_in():
+    async def main():
+        a = Admission(slots=2, queue_limit=4, per_client=2)
+        log: list[str] = []
+        mine = [Job(a, f"m{i}", log, client="10.0.0.1") for i in range(2)]
+        await settle()
+        with pytest.raises(ClientLimited, match="at most 2"):
+            async with a.slot("10.0.0.1"):
+                pytest.fail("a third job of the same client must not get in")
+        assert a.limited == 1 and a.held_by("10.0.0.1") == 2
+        other = Job(a, "o", log, client="10.0.0.2")
+        await settle()
+        assert a.waiting == 1  # the other client waits in line as usual
+        for job in [*mine, other]:
+            job.release.set()
+        await asyncio.gather(*(j.task for j in [*mine, other]))
+        assert a.held_by("10.0.0.1") == 0 and (a.running, a.waiting) == (0, 0)
+        assert not a._held  # nothing is kept for clients that have gone
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_waiting_job_gives_back_its_client_s_share():
+    async def main():
+        a = Admission(slots=1, queue_limit=4, per_client=2)
+        log: list[str] = []
+        holder = Job(a, "h", log, client="c")
+        waiting = Job(a, "w", log, client="c")
+        await settle()
+        assert a.held_by("c") == 2
+        waiting.task.cancel()
+        await settle()
+        assert a.held_by("c") == 1 and a.waiting == 0
+        holder.release.set()
+        await holder.task
+
+    asyncio.run(main())
+
+
+def test_a_freed_slot_goes_to_the_waiting_client_that_runs_the_fewest_jobs():
+    async def main():
+        a = Admission(slots=2, queue_limit=10)
+        log: list[str] = []
+        long = [Job(a, f"long{i}", log, client="hog") for i in range(4)]  # both slots, two waiting
+        await settle()
+        short = [Job(a, f"short{i}", log, client="b") for i in range(3)]
+        await settle()
+        long[0].release.set()
+        await settle(20)
+        assert log[-1] == "short0"  # b runs nothing, hog runs one: b gets the slot
+        short[0].release.set()
+        await settle(20)
+        assert log[-1] == "short1"  # still b: it runs nothing again, hog still runs one
+        for job in [*long, *short]:
+            job.release.set()
+        await asyncio.gather(*(j.task for j in [*long, *short]))
 
     asyncio.run(main())
