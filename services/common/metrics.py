@@ -5,7 +5,8 @@
 nginx refuses /metrics on the public edge; Prometheus scrapes each instance directly, with the
 targets file that deploy renders into the run dir (prometheus/targets.json). Families:
 
-    fleet_http_request_duration_seconds{route,method,status}  histogram (route = the pattern)
+    fleet_http_request_duration_seconds{route,method,status}  histogram (route = the pattern,
+                                                               method = GET, POST, HEAD or other)
     fleet_http_requests_in_flight                              gauge
     fleet_slow_workers, fleet_slow_workers_busy, fleet_slow_queue_depth   gauges (slow only)
     fleet_slow_jobs_total{task,outcome}                        counter
@@ -16,6 +17,8 @@ targets file that deploy renders into the run dir (prometheus/targets.json). Fam
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -39,17 +42,33 @@ LOOP_LAG = Histogram(
 )
 LOOP_BLOCKED = Counter("fleet_event_loop_blocked_total", "Times the event loop was blocked past the threshold")
 
-JOB_OUTCOMES = ("ok", "error", "timeout", "crashed", "shed", "cancelled")
+JOB_OUTCOMES = ("ok", "error", "timeout", "crashed", "shed", "limited", "no_workers", "unavailable", "cancelled")
+
+# Labels come from fixed sets only: a label a client could choose (its method, its path) would let
+# one client grow every instance's memory and /metrics without bound.
+METHODS = frozenset(("GET", "POST", "HEAD"))
 
 _durations: dict[tuple[str, str, int], object] = {}  # label lookups cached: the fast path pays once
+_refreshers: dict[str, Callable[[], None]] = {}
 
 
 def observe_request(route: str, method: str, status: int, seconds: float) -> None:
-    key = (route, method, status)
+    key = (route, method if method in METHODS else "other", status)
     child = _durations.get(key)
     if child is None:
-        child = _durations[key] = REQUEST_DURATION.labels(route, method, str(status))
+        child = _durations[key] = REQUEST_DURATION.labels(key[0], key[1], str(status))
     child.observe(seconds)
+
+
+def on_refresh(name: str, fn: Callable[[], None]) -> None:
+    """Call `fn` on the event loop before each scrape: it sets gauges from the loop's own state
+    (which the thread that renders /metrics must not read while the loop changes it)."""
+    _refreshers[name] = fn
+
+
+def refresh() -> None:
+    for fn in _refreshers.values():
+        fn()
 
 
 def declare_tasks(task_names) -> None:

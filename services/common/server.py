@@ -35,12 +35,12 @@ IDLE_CONNECTION_TIMEOUT = 75
 @dataclass(frozen=True)
 class Instance:
     role: str  # "fast" or "slow"
-    number: int  # 1..instances; instances + 1 is the spare
+    number: int  # 1..instances; 0 is the spare
     settings: Settings
 
     @property
     def spare(self) -> bool:
-        return self.number == getattr(self.settings, self.role).instances + 1
+        return self.number == 0
 
     @property
     def name(self) -> str:
@@ -62,8 +62,8 @@ def parse_args(role: str, argv: list[str] | None = None) -> Instance:
     options = parser.parse_args(argv)
     settings = Settings.from_snapshot(options.settings)
     count = getattr(settings, role).instances
-    number = count + 1 if options.instance == "spare" else int(options.instance) if options.instance.isdigit() else 0
-    if not 1 <= number <= count + 1:
+    number = 0 if options.instance == "spare" else int(options.instance) if options.instance.isdigit() else -1
+    if not 0 <= number <= count:
         parser.error(f'--instance must be 1-{count} or "spare" for {role}')
     instance = Instance(role, number, settings)
     logs.setup(instance.name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass
@@ -65,6 +66,55 @@ def _check_modules(value: str) -> None:
         raise ValueError(value)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by its cgroup's CPU quota.
+
+    os.cpu_count() counts the machine's CPUs; a container or a service limited with taskset,
+    cpuset or a CPU quota (systemd CPUQuota=, docker --cpus) gets fewer, and one worker per
+    machine CPU would then only fight over the few it has.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cpus, math.ceil(quota)) if quota else cpus)
+
+
+def _cgroup_cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of quota of this process's cgroup and its ancestors (v2 cpu.max, v1 cfs), or None."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: cpu.max = "<quota> <period>" or "max <period>"
+            base, files = root, [("cpu.max", None)]
+        elif "cpu" in controllers.split(","):  # cgroup v1
+            base = next((root / d for d in ("cpu", "cpu,cpuacct") if (root / d).is_dir()), None)
+            files = [("cpu.cfs_quota_us", "cpu.cfs_period_us")]
+            if base is None:
+                continue
+        else:
+            continue
+        directory = base / path.lstrip("/")
+        while True:
+            for quota_file, period_file in files:
+                try:
+                    if period_file is None:
+                        quota, period = (directory / quota_file).read_text().split()
+                    else:
+                        quota = (directory / quota_file).read_text().strip()
+                        period = (directory / period_file).read_text().strip()
+                    if quota not in ("max", "-1"):
+                        quotas.append(int(quota) / int(period))
+                except (OSError, ValueError):
+                    pass
+            if directory == base or directory.parent == directory:
+                break
+            directory = directory.parent
+    return min(quotas) if quotas else None
+
+
 # Valid ranges live here; defaults live in deploy/fleet.toml. tests/unit/test_settings.py checks
 # that both name exactly the same keys.
 SCHEMA: dict[str, Spec] = {
@@ -81,13 +131,17 @@ SCHEMA: dict[str, Spec] = {
     "fast.event_loop": Spec(str, check=_check_event_loop),
     "slow.instances": Spec(int, 1, 16),
     "slow.base_port": Spec(int, 1024, 65000),
-    "slow.workers": Spec(int, 1, 256, auto=lambda v: os.cpu_count() or 1),
+    "slow.workers": Spec(int, 1, 256, auto=lambda v: usable_cpus()),
     "slow.queue_limit": Spec(int, 0, 10000, auto=lambda v: 4 * v["slow.workers"]),
+    "slow.max_per_client": Spec(int, 1, 100000, auto=lambda v: max(
+        1, (v["slow.workers"] + v["slow.queue_limit"]) * v["slow.instances"] // 2)),
+    "slow.min_workers": Spec(int, 0, 256, auto=lambda v: max(1, v["slow.workers"] // 2)),
     "slow.job_timeout": Spec(float, 0.1, 3600),
     "slow.nice": Spec(int, 0, 19),
     "slow.sched_idle": Spec(bool),
     "slow.idle_cgroup": Spec(bool),
     "slow.drain_timeout": Spec(float, 2, 3600),
+    "slow.max_result_mb": Spec(int, 1, 1024),
     "slow.event_loop": Spec(str, check=_check_event_loop),
     "slow.task_modules": Spec(str, check=_check_modules),
     "observe.blocked_loop_ms": Spec(int, 10, 60000),
@@ -174,9 +228,9 @@ def resolve(file_values: Mapping[str, Any], env: Mapping[str, str], origin: str)
 
 
 def _check_consistency(v: Mapping[str, Any]) -> None:
-    # Each role uses base_port+1 .. base_port+instances, and the next port for its spare.
-    fast = range(v["fast.base_port"] + 1, v["fast.base_port"] + v["fast.instances"] + 2)
-    slow = range(v["slow.base_port"] + 1, v["slow.base_port"] + v["slow.instances"] + 2)
+    # Each role uses base_port for its spare and base_port+1 .. base_port+instances.
+    fast = range(v["fast.base_port"], v["fast.base_port"] + v["fast.instances"] + 1)
+    slow = range(v["slow.base_port"], v["slow.base_port"] + v["slow.instances"] + 1)
     if set(fast) & set(slow):
         raise SettingsError(
             f"fast ports {fast.start}-{fast.stop - 1} overlap slow ports {slow.start}-{slow.stop - 1}: "
@@ -186,6 +240,14 @@ def _check_consistency(v: Mapping[str, Any]) -> None:
         raise SettingsError(f"edge.port {v['edge.port']} is also an instance port: move one of them")
     if fast.stop - 1 > 65535 or slow.stop - 1 > 65535:
         raise SettingsError("base_port + instances exceeds 65535: lower the base port")
+    if v["slow.drain_timeout"] <= v["slow.job_timeout"]:
+        raise SettingsError(
+            f"slow.drain_timeout ({v['slow.drain_timeout']:g}) must be longer than slow.job_timeout "
+            f"({v['slow.job_timeout']:g}), so that a stopping instance lets its running jobs finish"
+        )
+    if v["slow.min_workers"] > v["slow.workers"]:
+        raise SettingsError(f"slow.min_workers ({v['slow.min_workers']}) cannot exceed slow.workers "
+                            f"({v['slow.workers']})")
 
 
 class Settings:
@@ -215,10 +277,10 @@ class Settings:
         return [(f"{role}-{i:02d}", section.base_port + i) for i in range(1, section.instances + 1)]
 
     def spare(self, role: str) -> tuple[str, int]:
-        """The role's spare instance, ("fast-spare", 8103): nginx's backup server, running only
-        during a rolling restart so that a role with one instance never has none."""
-        section = getattr(self, role)
-        return f"{role}-spare", section.base_port + section.instances + 1
+        """The role's spare instance, ("fast-spare", 8100): nginx's backup server, running only
+        while instances are restarted or replaced, so that a role with one instance never has none.
+        On base_port itself, so that changing the number of instances never moves it."""
+        return f"{role}-spare", getattr(self, role).base_port
 
     def snapshot(self) -> str:
         return json.dumps({"run_dir": str(self.run_dir), "values": self.values}, indent=2) + "\n"

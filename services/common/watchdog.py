@@ -5,7 +5,8 @@ A watchdog thread checks that the probe keeps waking: when the loop has not run 
 the threshold (observe.blocked_loop_ms), the loop is blocked, and the thread logs one warning
 with the Python stack the loop thread is executing at that moment (the blocking code: file,
 function, line) and the id of the request that was being served, and counts it in
-fleet_event_loop_blocked_total. That is how heavy work that slipped into a fast route shows up.
+fleet_event_loop_blocked_total; when the loop runs again, a second line gives the episode's whole
+length. That is how heavy work that slipped into a fast route shows up.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class LoopWatchdog:
         self._loop_thread = threading.get_ident()
         self._stop = threading.Event()
         self._probe: asyncio.Task | None = None
+        self._episode_request = "-"
 
     def start(self) -> None:
         self._loop_thread = threading.get_ident()
@@ -62,11 +64,22 @@ class LoopWatchdog:
             tick = self.last_tick
             stalled = time.monotonic() - tick - PROBE_INTERVAL
             if stalled > self.threshold and reported_tick != tick:
-                reported_tick = tick  # one warning per blocked episode
+                reported_tick = tick  # one warning per blocked episode, while it lasts
                 metrics.LOOP_BLOCKED.inc()
                 self._report(stalled)
+            elif reported_tick is not None and tick != reported_tick:
+                # The loop ran again: the episode is over. The first warning only knew how long it
+                # had lasted so far; this line says how long it lasted in all (at least: the block
+                # may have begun up to one probe interval after the last probe ran).
+                blocked = tick - reported_tick - PROBE_INTERVAL
+                log.warning("event loop was blocked for at least %.0f ms in all (threshold %.0f ms)",
+                            1000 * blocked, 1000 * self.threshold,
+                            extra={"request_id": self._episode_request,
+                                   "fields": {"blocked_ms": round(1000 * blocked), "episode": "ended"}})
+                reported_tick = None
 
     def _report(self, stalled: float) -> None:
+        self._episode_request = serving_request["id"]
         frame = sys._current_frames().get(self._loop_thread)
         stack = traceback.extract_stack(frame) if frame is not None else []
         # The innermost frames are the blocking code; the outer ones are asyncio and Tornado.

@@ -10,6 +10,7 @@ Tornado's own HTTPError) and `write_error` renders it. Nothing ever sends a trac
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -19,7 +20,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from tornado import web
 
-from services.common import watchdog
+from services.common import metrics, watchdog
 
 log = logging.getLogger("fleet.web")
 
@@ -146,22 +147,39 @@ class HealthHandler(BaseHandler):
     """GET /healthz: the instance is up and its event loop answers (503 while it drains)."""
 
     def get(self) -> None:
-        body = {"role": self.settings["role"], "instance": self.settings["instance_name"], **self.figures()}
+        figures = self.figures()
+        body = {"role": self.settings["role"], "instance": self.settings["instance_name"], **figures}
         if self.settings.get("draining"):
             raise ApiError(503, "draining", "this instance is stopping; retry", headers={"Retry-After": "1"},
                            status="draining", **body)
+        problem = self.unhealthy(figures)
+        if problem:
+            raise ApiError(503, "degraded", problem, headers={"Retry-After": "1"}, status="degraded", **body)
         self.write_json({"status": "ok", **body})
+
+    head = get  # load balancers probe with HEAD; Tornado sends the headers alone
 
     def figures(self) -> dict:
         """Extra figures a kind of instance reports (the slow one: its pool and waiting line)."""
         return {}
 
+    def unhealthy(self, figures: dict) -> str | None:
+        """Why this instance cannot do its work though it answers (503 "degraded"), or None."""
+        return None
+
 
 class MetricsHandler(BaseHandler):
-    """GET /metrics in Prometheus' text format (errors, like every route's, in the contract's JSON)."""
+    """GET /metrics in Prometheus' text format (errors, like every route's, in the contract's JSON).
+
+    The text is produced on a thread, not in the event loop: the loop keeps serving while a scrape
+    runs (it holds the GIL a few milliseconds at a time at most). Every label comes from a fixed
+    set (metrics.py), so the text stays a few tens of KiB whatever clients send.
+    """
 
     route_pattern = "/metrics"
 
-    def get(self) -> None:
+    async def get(self) -> None:
+        metrics.refresh()  # read the loop's own state here, on the loop
+        text = await asyncio.get_running_loop().run_in_executor(None, generate_latest, REGISTRY)
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(generate_latest(REGISTRY))
+        self.finish(text)

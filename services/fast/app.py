@@ -20,6 +20,8 @@ class HelloHandler(BaseHandler):
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.finish("Hello!")
 
+    head = get  # HEAD /fast: the same headers, no body (Tornado drops it)
+
 
 class EchoHandler(BaseHandler):
     """POST /echo: the fast path's non-idempotent route (body limits, requests during restarts)."""

@@ -21,8 +21,9 @@ from tornado import web
 from services.common import metrics, server
 from services.common.web import ApiError, BaseHandler, HealthHandler, MetricsHandler, NotFoundHandler
 from services.slow import registry
-from services.slow.admission import Admission, Overloaded
-from services.slow.pool import JobFailed, JobTimeout, WorkerDied, WorkerPool
+from services.slow.admission import Admission, ClientLimited, Overloaded
+from services.slow.pool import (JobFailed, JobTimeout, NoWorkers, ResultTooLarge, TaskUnavailable, WorkerDied,
+                                WorkerPool)
 
 log = logging.getLogger("fleet.slow")
 
@@ -33,7 +34,7 @@ RETRY_AFTER_SECONDS = 1
 class TaskHandler(BaseHandler):
     tasks: Mapping[str, registry.Task]
     admission: Admission
-    pool: Any  # WorkerPool or InlinePool: anything with `async run(task, kwargs, timeout)`
+    pool: Any  # WorkerPool or InlinePool: `async run(task, kwargs, timeout) -> (result JSON, elapsed ms)`
     fleet: Any  # the fleet Settings
     jobs: set  # every job in progress on this instance
     stopped_jobs: set  # the ones a drain deadline cancelled
@@ -93,23 +94,33 @@ class TaskHandler(BaseHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(body)
 
-    async def _run(self, task: registry.Task, kwargs: dict) -> str:
+    async def _run(self, task: registry.Task, kwargs: dict) -> bytes:
         loop = asyncio.get_running_loop()
         arrived = loop.time()
         timeout = min(task.timeout or self.fleet.slow.job_timeout, self.fleet.slow.job_timeout)
         jobs = metrics.SLOW_JOBS
+        retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         try:
-            async with self.admission.slot():
+            # The client's own address, as nginx saw it (X-Real-IP): its share of the line.
+            async with self.admission.slot(self.request.remote_ip):
                 queued_ms = 1000 * (loop.time() - arrived)
                 started = loop.time()
                 try:
-                    result, elapsed_ms = await self.pool.run(task.name, kwargs, timeout)
+                    result_json, elapsed_ms = await self.pool.run(task.name, kwargs, timeout)
                 finally:
                     metrics.SLOW_JOB_DURATION.labels(task.name).observe(loop.time() - started)
         except Overloaded as exc:
             jobs.labels(task.name, "shed").inc()
-            raise ApiError(503, "overloaded", f"slow pool is full ({exc}); retry later",
-                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+            raise ApiError(503, "overloaded", f"slow pool is full ({exc}); retry later", headers=retry) from None
+        except ClientLimited as exc:
+            jobs.labels(task.name, "limited").inc()
+            raise ApiError(429, "rate_limited", f"{exc}; retry when one has finished", headers=retry) from None
+        except NoWorkers as exc:
+            jobs.labels(task.name, "no_workers").inc()
+            raise ApiError(503, "no_workers", str(exc), headers=retry) from None
+        except TaskUnavailable as exc:
+            jobs.labels(task.name, "unavailable").inc()
+            raise ApiError(503, "task_unavailable", str(exc), headers=retry) from None
         except JobTimeout as exc:
             jobs.labels(task.name, "timeout").inc()
             log.warning("%s", exc)
@@ -118,6 +129,10 @@ class TaskHandler(BaseHandler):
             jobs.labels(task.name, "crashed").inc()
             log.warning("job %s failed: %s", task.name, exc)
             raise ApiError(502, "worker_died", f"the worker running this job died: {exc}") from None
+        except ResultTooLarge as exc:
+            jobs.labels(task.name, "error").inc()
+            log.error("job %s: %s", task.name, exc)
+            raise ApiError(500, "result_too_large", str(exc)) from None
         except JobFailed as exc:
             jobs.labels(task.name, "error").inc()
             log.error("job %s raised %s: %s", task.name, exc.type_name, exc.message,
@@ -129,12 +144,10 @@ class TaskHandler(BaseHandler):
         jobs.labels(task.name, "ok").inc()
         log.info("job %s ok in %.1f ms (waited %.1f ms)", task.name, elapsed_ms, queued_ms,
                  extra={"fields": {"task": task.name, "elapsed_ms": round(elapsed_ms, 2)}})
-        body = {"task": task.name, **{k: kwargs[k] for k in task.echo}, "result": result}
-        body.update(elapsed_ms=round(elapsed_ms, 2), queued_ms=round(queued_ms, 2))
-        try:
-            return json.dumps(body)  # encoded here, once: a result that is not JSON is the job's error
-        except (TypeError, ValueError):
-            raise ApiError(500, "job_failed", f"task {task.name} returned a value that is not JSON") from None
+        # The worker encoded the result; here it is only framed, whatever its size.
+        head = json.dumps({"task": task.name, **{k: kwargs[k] for k in task.echo}})[:-1]
+        tail = json.dumps({"elapsed_ms": round(elapsed_ms, 2), "queued_ms": round(queued_ms, 2)})[1:]
+        return b"".join((head.encode(), b', "result": ', result_json, b", ", tail.encode()))
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
@@ -145,22 +158,34 @@ class TaskHandler(BaseHandler):
 
 
 class SlowHealthHandler(HealthHandler):
-    """GET /healthz, plus the pool's and the line's figures (instance port only, on loopback)."""
+    """GET /healthz, plus the pool's and the line's figures (instance port only, on loopback).
+
+    503 "degraded" while fewer than slow.min_workers workers serve (the pool cannot start them):
+    the instance answers its jobs at once (503 no_workers), but it is not healthy.
+    """
 
     def figures(self) -> dict:
         admission: Admission = self.admission
         return {"pool": self.pool.stats(), "running": admission.running, "waiting": admission.waiting,
-                "shed": admission.shed}
+                "shed": admission.shed, "limited": admission.limited}
+
+    def unhealthy(self, figures: dict) -> str | None:
+        workers, floor = figures["pool"]["workers"], self.fleet.slow.min_workers
+        if workers < floor:
+            return f"{workers} worker(s) serving, below slow.min_workers = {floor}"
+        return None
 
 
 def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool: Any) -> web.Application:
     fleet = instance.settings
-    admission = Admission(slots=fleet.slow.workers, queue_limit=fleet.slow.queue_limit)
+    admission = Admission(slots=fleet.slow.workers, queue_limit=fleet.slow.queue_limit,
+                          per_client=fleet.slow.max_per_client)
     jobs: set[asyncio.Future] = set()
     stopped_jobs: set[asyncio.Future] = set()
 
     def stop_jobs() -> None:
         """At a drain's deadline: answer every unfinished job 503 (its worker is killed)."""
+        pool.draining = True  # kill each one's worker now, whatever the kill budget says
         for job in list(jobs):
             stopped_jobs.add(job)
             job.cancel()
@@ -170,13 +195,19 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
     settings = server.app_settings(instance)
     settings["on_drain_deadline"] = stop_jobs
     metrics.declare_tasks(tasks)
-    metrics.SLOW_WORKERS.set_function(lambda: pool.stats()["workers"])
-    metrics.SLOW_WORKERS_BUSY.set_function(lambda: pool.stats()["busy"])
-    metrics.SLOW_QUEUE_DEPTH.set_function(lambda: admission.waiting)
+
+    def refresh_gauges() -> None:
+        stats = pool.stats()
+        metrics.SLOW_WORKERS.set(stats["workers"])
+        metrics.SLOW_WORKERS_BUSY.set(stats["busy"])
+        metrics.SLOW_QUEUE_DEPTH.set(admission.waiting)
+
+    metrics.on_refresh("slow", refresh_gauges)
     return web.Application(
         [
             (r"/slow/([a-z0-9_]+)(?:/(.*))?", TaskHandler, shared),
-            (r"/healthz", SlowHealthHandler, {"admission": admission, "pool": pool, "route_pattern": "/healthz"}),
+            (r"/healthz", SlowHealthHandler,
+             {"admission": admission, "pool": pool, "fleet": fleet, "route_pattern": "/healthz"}),
             (r"/metrics", MetricsHandler),
         ],
         default_handler_class=NotFoundHandler,
@@ -192,7 +223,9 @@ async def run(instance: server.Instance) -> None:
     # One idle cgroup per instance of each fleet (run dirs differ): stopping one never empties another's.
     cgroup = f"{instance.name}-{zlib.crc32(str(fleet.run_dir).encode()):08x}" if fleet.slow.idle_cgroup else None
     async with WorkerPool(fleet.slow.workers, fleet.slow.task_modules, fleet.slow.nice,
-                          sched_idle=fleet.slow.sched_idle, idle_cgroup=cgroup) as pool:
+                          sched_idle=fleet.slow.sched_idle, idle_cgroup=cgroup,
+                          max_result_bytes=fleet.slow.max_result_mb << 20,
+                          marker=f"{fleet.run_dir}:{instance.name}") as pool:
         await server.serve(make_app(instance, tasks, pool), instance)
 
 

@@ -94,6 +94,21 @@ class FastAppTest(ContractTestCase):
     def test_get_on_echo_is_a_json_405(self):
         self.assert_json_error(self.request("/echo"), 405, "method_not_allowed")
 
+    def test_head_on_fast_and_healthz_answers_200_with_headers_only(self):
+        for path in ("/fast", "/healthz"):
+            response = self.request(path, method="HEAD")
+            assert response.code == 200, path
+            assert response.body == b"" and response.headers["X-Served-By"] == "fast-01"
+
+    def test_made_up_methods_never_become_metric_labels(self):
+        for i in range(50):
+            response = self.fetch("/fast", method=f"M{i:04d}X", allow_nonstandard_methods=True, raise_error=False)
+            assert response.code == 405
+        text = self.request("/metrics").body.decode()
+        methods = set(re.findall(r'fleet_http_request_duration_seconds_count\{[^}]*method="([^"]+)"', text))
+        assert methods <= {"GET", "POST", "HEAD", "other"} and "other" in methods
+        assert "M0001X" not in text
+
     def test_no_response_names_tornado_or_its_version(self):
         for response in (self.request("/fast"), self.request("/nope"), self.request("/fast", method="PUT")):
             assert "Server" not in response.headers, response.headers.get("Server")
@@ -221,6 +236,70 @@ class SlowAppTest(ContractTestCase):
         self.assert_json_error(response, 400, "bad_argument")
 
 
+    def test_a_job_is_counted_ok_only_once_its_result_is_encoded(self):
+        before = self.pool.counters["ok"]
+        self.assert_json_error(self.request("/slow/return_unpicklable"), 500, "job_failed")
+        assert self.pool.counters["ok"] == before and self.pool.counters["error"] >= 1
+        text = self.request("/metrics").body.decode()
+        assert 'fleet_slow_jobs_total{outcome="ok",task="return_unpicklable"} 0.0' in text
+
+
+# the slow app: what a pool can answer besides a result ----------------------------------------------
+
+class ScriptedPool:
+    """A pool that ends every job with the exception the test chose, and reports `workers`."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+        self.workers = 2
+        self.draining = False
+
+    async def run(self, task: str, kwargs: dict, timeout: float):
+        if self.error is not None:
+            raise self.error
+        return b"1", 1.0
+
+    def stats(self) -> dict:
+        return {"workers": self.workers, "busy": 0}
+
+
+class SlowAppPoolOutcomesTest(ContractTestCase):
+    def get_app(self):
+        self.pool = ScriptedPool()
+        settings = load(env={"FLEET_SLOW_WORKERS": "2", "FLEET_SLOW_MIN_WORKERS": "1"})
+        return make_slow_app(Instance("slow", 1, settings), registry.load("services.slow.tasks"), self.pool)
+
+    def test_no_worker_is_a_503_no_workers_with_retry_after(self):
+        from services.slow.pool import NoWorkers
+
+        self.pool.error = NoWorkers("this instance has no worker and cannot start one; retry later")
+        response = self.request("/slow/fib/3")
+        self.assert_json_error(response, 503, "no_workers")
+        assert response.headers["Retry-After"] == "1"
+
+    def test_a_task_whose_setup_fails_is_a_503_task_unavailable(self):
+        from services.slow.pool import TaskUnavailable
+
+        self.pool.error = TaskUnavailable("task fib is unavailable: its setup failed")
+        response = self.request("/slow/fib/3")
+        body = self.assert_json_error(response, 503, "task_unavailable")
+        assert "setup failed" in body["message"] and response.headers["Retry-After"] == "1"
+
+    def test_a_result_over_the_limit_is_a_500_result_too_large(self):
+        from services.slow.pool import ResultTooLarge
+
+        self.pool.error = ResultTooLarge("the result of fib is 20.0 MiB of JSON, over the limit of 16 MiB")
+        self.assert_json_error(self.request("/slow/fib/3"), 500, "result_too_large")
+
+    def test_healthz_is_503_degraded_below_the_worker_floor(self):
+        assert self.request("/healthz").code == 200
+        self.pool.workers = 0
+        response = self.request("/healthz")
+        body = self.assert_json_error(response, 503, "degraded")
+        assert body["status"] == "degraded" and "min_workers" in body["message"]
+        assert body["pool"]["workers"] == 0
+
+
 # the slow app, the waiting line full ------------------------------------------------------------
 
 class HeldPool:
@@ -230,12 +309,13 @@ class HeldPool:
         self.started = asyncio.Event()
         self.release = asyncio.Event()
         self.calls = 0
+        self.draining = False
 
     async def run(self, task: str, kwargs: dict, timeout: float):
         self.calls += 1
         self.started.set()
         await self.release.wait()
-        return 75025, 1.0
+        return b"75025", 1.0  # the interface: the result as JSON bytes
 
     def stats(self) -> dict:
         return {"workers": 1, "busy": int(self.started.is_set() and not self.release.is_set()),
@@ -271,3 +351,44 @@ class SlowAppFullLineTest(ContractTestCase):
         assert (health["running"], health["waiting"]) == (0, 0)
         again = await self.http_client.fetch(self.get_url("/slow/fib/25"), raise_error=False)
         assert again.code == 200  # the slot came back
+
+    @gen_test(timeout=10)
+    async def test_a_job_still_running_at_the_drain_deadline_gets_503_shutting_down(self):
+        # slow.drain_timeout > slow.job_timeout is enforced, so this is the safety net, not the rule.
+        job = self.http_client.fetch(self.get_url("/slow/fib/25"), raise_error=False)
+        await asyncio.wait_for(self.pool.started.wait(), 5)
+        self._app.settings["on_drain_deadline"]()
+        body = self.assert_json_error(await job, 503, "shutting_down")
+        assert body["message"] and self.pool.draining  # its worker is killed, whatever the kill budget
+
+
+class SlowAppPerClientTest(ContractTestCase):
+    """One worker, two waiting places, at most one heavy request per client address."""
+
+    def get_app(self):
+        self.pool = HeldPool()
+        settings = load(env={"FLEET_SLOW_WORKERS": "1", "FLEET_SLOW_QUEUE_LIMIT": "2", "FLEET_SLOW_MAX_PER_CLIENT": "1"})
+        return make_slow_app(Instance("slow", 1, settings), registry.load("services.slow.tasks"), self.pool)
+
+    def get_httpserver_options(self):
+        return {"xheaders": True}  # as the instances run: the client is nginx's X-Real-IP
+
+    def job(self, client: str):
+        return self.http_client.fetch(self.get_url("/slow/fib/25"), headers={"X-Real-IP": client}, raise_error=False)
+
+    @gen_test(timeout=10)
+    async def test_a_client_over_its_share_gets_429_while_others_are_still_admitted(self):
+        first = self.job("10.0.0.1")
+        await asyncio.wait_for(self.pool.started.wait(), 5)
+        refused = await self.job("10.0.0.1")
+        body = self.assert_json_error(refused, 429, "rate_limited")
+        assert "at most 1" in body["message"] and refused.headers["Retry-After"] == "1"
+        other = self.job("10.0.0.2")  # another address waits in line, as usual
+        for _ in range(100):
+            health = json.loads((await self.http_client.fetch(self.get_url("/healthz"))).body)
+            if health["waiting"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert (health["running"], health["waiting"], health["limited"]) == (1, 1, 1)
+        self.pool.release.set()
+        assert (await first).code == 200 and (await other).code == 200

@@ -156,18 +156,61 @@ def test_load_reads_os_environ_when_no_env_is_given(monkeypatch):
 
 # "auto" -----------------------------------------------------------------------------------------
 
-def test_auto_workers_is_the_cpu_count():
-    assert load(env={}).slow.workers == (os.cpu_count() or 1)
+def test_auto_workers_is_the_number_of_cpus_this_process_may_use():
+    assert load(env={}).slow.workers == settings.usable_cpus() == len(os.sched_getaffinity(0))
+
+
+def test_auto_workers_follows_the_cpu_affinity_not_the_machine(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(settings, "_cgroup_cpu_quota", lambda: None)
+    assert load(env={}).slow.workers == 1
+
+
+def test_auto_workers_follows_a_cgroup_cpu_quota(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(settings, "_cgroup_cpu_quota", lambda: 2.5)  # docker --cpus 2.5
+    assert load(env={}).slow.workers == 3
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_cgroup_cpu_quota_is_read_from_the_process_s_cgroup_and_its_parents(tmp_path, version):
+    proc = tmp_path / "cgroup"
+    if version == "v2":
+        proc.write_text("0::/system.slice/fleet.service\n")
+        (tmp_path / "fs/system.slice/fleet.service").mkdir(parents=True)
+        (tmp_path / "fs/system.slice/fleet.service/cpu.max").write_text("max 100000\n")
+        (tmp_path / "fs/system.slice/cpu.max").write_text("150000 100000\n")  # the parent caps it
+    else:
+        proc.write_text("4:cpu,cpuacct:/docker/abc\n3:memory:/docker/abc\n")
+        (tmp_path / "fs/cpu,cpuacct/docker/abc").mkdir(parents=True)
+        (tmp_path / "fs/cpu,cpuacct/docker/abc/cpu.cfs_quota_us").write_text("150000\n")
+        (tmp_path / "fs/cpu,cpuacct/docker/abc/cpu.cfs_period_us").write_text("100000\n")
+    assert settings._cgroup_cpu_quota(proc, tmp_path / "fs") == 1.5
+
+
+def test_no_cgroup_quota_is_none(tmp_path):
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/\n")
+    (tmp_path / "fs").mkdir()
+    (tmp_path / "fs/cpu.max").write_text("max 100000\n")
+    assert settings._cgroup_cpu_quota(proc, tmp_path / "fs") is None
 
 
 def test_auto_queue_limit_is_four_times_the_workers():
-    assert load(env={}).slow.queue_limit == 4 * (os.cpu_count() or 1)
+    assert load(env={}).slow.queue_limit == 4 * settings.usable_cpus()
     assert load(env={"FLEET_SLOW_WORKERS": "3"}).slow.queue_limit == 12
+
+
+def test_auto_per_client_share_is_half_the_fleet_s_places_and_the_floor_half_the_workers():
+    s = load(env={"FLEET_SLOW_WORKERS": "4", "FLEET_SLOW_QUEUE_LIMIT": "8", "FLEET_SLOW_INSTANCES": "2"})
+    assert (s.slow.max_per_client, s.slow.min_workers) == (12, 2)
+    s = load(env={"FLEET_SLOW_WORKERS": "1", "FLEET_SLOW_QUEUE_LIMIT": "0"})
+    assert (s.slow.max_per_client, s.slow.min_workers) == (1, 1)
 
 
 def test_auto_can_be_given_explicitly_and_numbers_replace_it():
     s = load(env={"FLEET_SLOW_WORKERS": "auto", "FLEET_SLOW_QUEUE_LIMIT": "0"})
-    assert (s.slow.workers, s.slow.queue_limit) == (os.cpu_count() or 1, 0)
+    assert (s.slow.workers, s.slow.queue_limit) == (settings.usable_cpus(), 0)
 
 
 def test_auto_is_refused_for_a_key_without_an_auto_value():
@@ -246,14 +289,29 @@ def test_overlapping_fast_and_slow_ports_are_refused():
 
 
 def test_adjacent_fast_and_slow_port_ranges_are_accepted():
-    s = load(env={"FLEET_SLOW_BASE_PORT": "8103"})  # fast 8101-8102, fast-spare 8103, slow 8104
+    s = load(env={"FLEET_SLOW_BASE_PORT": "8103"})  # fast-spare 8100, fast 8101-8102; slow-spare 8103, slow 8104
     assert s.instances("slow") == [("slow-01", 8104)]
-    assert s.spare("fast") == ("fast-spare", 8103)
+    assert s.spare("fast") == ("fast-spare", 8100) and s.spare("slow") == ("slow-spare", 8103)
 
 
-def test_a_slow_range_over_the_fast_spare_port_is_refused():
-    message = error_of(env={"FLEET_SLOW_BASE_PORT": "8102"})  # slow-01 would take fast-spare's 8103
+def test_the_spare_sits_on_the_base_port_so_a_change_of_instance_count_never_moves_it():
+    assert load(env={"FLEET_FAST_INSTANCES": "2"}).spare("fast") == load(env={"FLEET_FAST_INSTANCES": "5"}).spare("fast")
+
+
+def test_a_slow_spare_over_a_fast_instance_port_is_refused():
+    message = error_of(env={"FLEET_SLOW_BASE_PORT": "8102"})  # slow-spare would take fast-02's 8102
     assert "overlap" in message
+
+
+def test_a_drain_timeout_not_longer_than_the_job_timeout_is_refused():
+    message = error_of(env={"FLEET_SLOW_DRAIN_TIMEOUT": "30", "FLEET_SLOW_JOB_TIMEOUT": "30"})
+    assert "slow.drain_timeout" in message and "slow.job_timeout" in message
+    assert load(env={"FLEET_SLOW_DRAIN_TIMEOUT": "31", "FLEET_SLOW_JOB_TIMEOUT": "30"}).slow.drain_timeout == 31
+
+
+def test_a_worker_floor_above_the_workers_is_refused():
+    message = error_of(env={"FLEET_SLOW_WORKERS": "2", "FLEET_SLOW_MIN_WORKERS": "3"})
+    assert "slow.min_workers" in message
 
 
 def test_an_edge_port_equal_to_an_instance_port_is_refused():
