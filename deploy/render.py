@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import stat
 import sys
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
 
 import jinja2
 
@@ -45,6 +51,29 @@ def nginx_binary() -> str:
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
+def nginx_temp_dir(settings: Settings) -> Path:
+    """Where nginx's workers write temp files: in the run dir if they can reach it.
+
+    As root, nginx runs its workers as nobody, who needs execute permission on every directory
+    above the run dir; where that is missing, a private directory of the system's temp dir (one
+    per run dir, removed by `make stop`) holds them instead.
+    """
+    inside = settings.run_dir / "nginx" / "temp"
+    if os.geteuid() != 0 or _traversable_by_others(settings.run_dir):
+        return inside
+    return Path(tempfile.gettempdir()) / f"fleet-nginx-{zlib.crc32(str(settings.run_dir).encode()):08x}"
+
+
+def _traversable_by_others(path: Path) -> bool:
+    for directory in [path, *path.parents]:
+        try:
+            if not directory.stat().st_mode & stat.S_IXOTH:
+                return False
+        except FileNotFoundError:
+            continue  # created later by write(), with the usual 0755
+    return True
+
+
 def _listen(bind: str, port: int) -> str:
     return f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
 
@@ -55,6 +84,7 @@ def context(settings: Settings) -> dict:
     return {
         "header": HEADER,
         "run_dir": str(s.run_dir),
+        "nginx_temp": str(nginx_temp_dir(s)),
         "repo": str(REPO_ROOT),
         "python": sys.executable,
         "nginx": nginx_binary(),
@@ -67,13 +97,38 @@ def context(settings: Settings) -> dict:
         "upstream_keepalive_timeout": max(1, math.floor(min(s.fast.drain_timeout, s.slow.drain_timeout)) - 1),
         "fail_timeout": FAIL_TIMEOUT_SECONDS,
         "slow_read_timeout": math.ceil(s.slow.job_timeout * waves + 5),
+        "worker_shutdown_timeout": math.ceil(s.slow.job_timeout * waves + 10),
+        "max_per_client": s.slow.max_per_client,
         "edge_errors": EDGE_ERRORS,
         "edge_stopwaitsecs": 10,
-        "programs": [
-            ("slow", s.instances("slow"), math.ceil(s.slow.drain_timeout + 10)),
-            ("fast", s.instances("fast"), math.ceil(s.fast.drain_timeout + 5)),
-        ],
+        "programs": programs(s),
     }
+
+
+@dataclass(frozen=True)
+class Program:
+    """One instance (or spare) as supervisor runs it: its own [program:<name>] and group."""
+    name: str  # "fast-01", "slow-spare"
+    role: str
+    argument: str  # --instance: the number, or "spare"
+    port: int
+    stopwaitsecs: int
+
+    @property
+    def spare(self) -> bool:
+        return self.argument == "spare"
+
+
+def programs(settings: Settings) -> list[Program]:
+    """Every instance program, slow before fast, each role's spare last."""
+    found = []
+    for role, margin in (("slow", 10), ("fast", 5)):
+        stopwaitsecs = math.ceil(getattr(settings, role).drain_timeout + margin)
+        for number, (name, port) in enumerate(settings.instances(role), start=1):
+            found.append(Program(name, role, str(number), port, stopwaitsecs))
+        name, port = settings.spare(role)
+        found.append(Program(name, role, "spare", port, stopwaitsecs))
+    return found
 
 
 def render(settings: Settings) -> dict[str, str]:
@@ -112,6 +167,7 @@ def write(settings: Settings, files: dict[str, str] | None = None) -> list[str]:
     run_dir = settings.run_dir
     for sub in ("logs", "nginx/conf", "nginx/temp", "prometheus", "profiles"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    nginx_temp_dir(settings).mkdir(mode=0o711, exist_ok=True)  # nginx makes its subdirectories, for its workers
     changed = []
     for relative, text in files.items():
         path = run_dir / relative

@@ -42,8 +42,8 @@ def test_settings_reach_the_nginx_upstreams_and_listen_address(tmp_path):
     assert "listen 127.0.0.1:9000 default_server;" in conf
     for port in (7101, 7102, 7103, 7201, 7202):
         assert f"server 127.0.0.1:{port} max_fails" in conf
-    assert "server 127.0.0.1:7104 backup" in conf and "server 127.0.0.1:7203 backup" in conf  # spares
-    assert "7105" not in conf and "7204" not in conf
+    assert "server 127.0.0.1:7100 backup" in conf and "server 127.0.0.1:7200 backup" in conf  # spares
+    assert "7104" not in conf and "7203" not in conf
     assert "client_max_body_size 64k;" in conf
     assert f"{tmp_path}/nginx/nginx.pid" in conf
 
@@ -71,13 +71,17 @@ def test_supervisor_runs_each_instance_with_a_stop_wait_longer_than_its_drain(tm
     s = settings_for(tmp_path, FLEET_FAST_INSTANCES="3", FLEET_SLOW_DRAIN_TIMEOUT="40", FLEET_FAST_DRAIN_TIMEOUT="5")
     parser = configparser.RawConfigParser(inline_comment_prefixes=(";",))
     parser.read_string(render.render(s)["supervisord.conf"])
-    assert parser["program:fast"]["numprocs"] == "3"
-    assert parser["program:slow"]["numprocs"] == "1"
-    assert int(parser["program:slow"]["stopwaitsecs"]) > 40
-    assert int(parser["program:fast"]["stopwaitsecs"]) > 5
-    for program in ("program:fast", "program:slow", "program:nginx"):
+    programs = [name for name in parser.sections() if name.startswith("program:")]
+    # One program (one supervisor group) per instance, so that each can be replaced on its own.
+    assert sorted(programs) == sorted(["program:nginx", "program:slow-01", "program:slow-spare", "program:fast-01",
+                                       "program:fast-02", "program:fast-03", "program:fast-spare"])
+    assert parser["program:fast-03"]["command"].endswith("--instance 3")
+    assert parser["program:fast-spare"]["autostart"] == "false" and parser["program:fast-01"]["autostart"] == "true"
+    assert int(parser["program:slow-01"]["stopwaitsecs"]) > 40
+    assert int(parser["program:fast-01"]["stopwaitsecs"]) > 5
+    for program in programs:
         assert parser[program]["killasgroup"] == "true"  # no worker outlives its server
-    assert parser["program:slow"]["stopasgroup"] == "false"  # SIGTERM to the instance alone: it drains
+    assert parser["program:slow-01"]["stopasgroup"] == "false"  # SIGTERM to the instance alone: it drains
     assert parser["unix_http_server"]["chmod"] == "0700"
     assert "inet_http_server" not in parser
 
@@ -88,3 +92,35 @@ def test_write_reports_only_the_files_that_changed(tmp_path):
     assert render.write(s) == []
     changed = render.write(settings_for(tmp_path, FLEET_SLOW_WORKERS="3"))
     assert "settings.json" in changed
+
+
+def test_the_edge_answers_methods_the_fleet_does_not_serve_itself(tmp_path):
+    conf = render.render(settings_for(tmp_path))["nginx/conf/nginx.conf"]
+    server = conf.split("server {")[1]
+    assert "if ($request_method !~ ^(GET|HEAD|POST)$) {" in server and "return 405;" in server
+    assert 'add_header Allow "GET, HEAD, POST" always;' in conf
+
+
+def test_upstreams_share_their_state_between_nginx_workers(tmp_path):
+    conf = render.render(settings_for(tmp_path))["nginx/conf/nginx.conf"]
+    for name in ("fast", "slow"):
+        assert f"zone {name} " in conf.split(f"upstream {name} {{")[1].split("}")[0]
+
+
+def test_heavy_requests_are_limited_per_client_and_retried_on_one_other_instance_at_most(tmp_path):
+    s = settings_for(tmp_path, FLEET_SLOW_MAX_PER_CLIENT="3")
+    conf = render.render(s)["nginx/conf/nginx.conf"]
+    slow_location = conf.split("location /slow/ {")[1].split("}")[0]
+    assert "limit_conn slow_conn_per_client 3;" in slow_location
+    assert "limit_conn_zone $binary_remote_addr zone=slow_conn_per_client" in conf
+    assert "limit_conn_status 429;" in conf
+    assert "proxy_next_upstream_tries 2;" in slow_location
+    assert "location = /slow {" in conf  # no HTML redirect for /slow
+
+
+def test_old_nginx_workers_are_bounded_by_the_longest_heavy_request(tmp_path):
+    s = settings_for(tmp_path, FLEET_SLOW_WORKERS="2", FLEET_SLOW_QUEUE_LIMIT="8", FLEET_SLOW_JOB_TIMEOUT="30")
+    conf = render.render(s)["nginx/conf/nginx.conf"]
+    read_timeout = int(conf.split("location /slow/ {")[1].split("proxy_read_timeout ")[1].split("s;")[0])
+    shutdown = int(conf.split("worker_shutdown_timeout ")[1].split("s;")[0])
+    assert read_timeout < shutdown < read_timeout + 60
