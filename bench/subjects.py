@@ -127,15 +127,15 @@ class Fleet(Subject):
         self.run_dir = workdir / "run"
         planned = load(env=overrides or {})  # instance counts may be overridden (--fleet-env)
         fast, slow = planned.fast.instances, planned.slow.instances
-        # edge on base; fast-01.. on base+1.., then fast's spare; slow-01.. after it, then slow's spare
+        # edge on base; fast's spare on base+1, fast-01.. after it; slow's spare, then slow-01..
         base = procs.free_port_block(1 + (fast + 1) + (slow + 1))
         self.env = clean_env()
         self.env.update(overrides or {})  # --fleet-env: a lever under test, never by default
         self.env.update(
             FLEET_RUN_DIR=str(self.run_dir),
             FLEET_EDGE_PORT=str(base),
-            FLEET_FAST_BASE_PORT=str(base),
-            FLEET_SLOW_BASE_PORT=str(base + fast + 1),
+            FLEET_FAST_BASE_PORT=str(base + 1),
+            FLEET_SLOW_BASE_PORT=str(base + fast + 2),
         )
         if workers is not None:
             self.env["FLEET_SLOW_WORKERS"] = str(workers)

@@ -3,14 +3,22 @@
     python -m deploy.nginx_launch RUN_DIR NGINX_BINARY [nginx arguments...]
 
 supervisor starts nginx through this small launcher. It binds the edge's listening socket itself
-and hands it to nginx the way nginx's own binary upgrade does (the NGINX environment variable
-names inherited sockets), then watches the master:
+(the address nginx.conf's `listen ... default_server` names) and hands it to nginx the way nginx's
+own binary upgrade does (the NGINX environment variable names inherited sockets), then watches
+the master:
 
+- First start: clients already wait in the socket's backlog while the launcher waits (up to
+  UPSTREAM_WAIT seconds) for every instance to answer; only then does nginx start, so it never
+  marks an instance failed that was still starting, nor answers "no live upstreams".
 - The master dies (kill -9, a crash): its workers would live on, serving the old config, and a
   new master could not bind the port. Here the workers are re-parented to the launcher (it is a
   child subreaper), get SIGQUIT (stop accepting, finish what they have, exit), and a new master
   starts at once on the same socket: connections wait in its backlog instead of being refused.
-- supervisor's signals (QUIT to stop, HUP to reload, USR1 to reopen logs) are passed to the master.
+- HUP (a reload): if the config's listen address is unchanged, the master reloads. If it moved,
+  the launcher binds the new address, starts a new master on it, and only once that master runs
+  retires the old one and closes the old socket, so the old port stops accepting at once and
+  the new one never refused a connection. A new master that fails leaves everything as it was.
+- supervisor's other signals (QUIT to stop, USR1 to reopen logs) are passed to the master.
 - The launcher itself was killed: the next one first retires every nginx process of this run dir.
 """
 
@@ -18,25 +26,40 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from deploy.procs import alive, children_of, processes_of
 from services.common.settings import Settings
 
 PR_SET_CHILD_SUBREAPER = 36
-FORWARDED = (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGWINCH)
+FORWARDED = (signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGWINCH)
 STOPPING = (signal.SIGQUIT, signal.SIGTERM, signal.SIGINT)
 MAX_RESTARTS = 5  # in RESTART_WINDOW seconds; beyond that exit and let supervisor back off
 RESTART_WINDOW = 10
+UPSTREAM_WAIT = 60  # seconds the first start waits for the instances to answer
+NEW_MASTER_WAIT = 10  # seconds a new master (moved listen address) has to start its workers
+LISTEN = re.compile(r"^\s*listen\s+(\S+)\s+default_server\s*;", re.MULTILINE)
 
 
 def say(message: str) -> None:
     print(f"nginx_launch: {message}", file=sys.stderr, flush=True)
+
+
+def listen_address(conf: Path) -> tuple[str, int]:
+    """(host, port) of the config's `listen <address> default_server;` line."""
+    match = LISTEN.search(conf.read_text())
+    if match is None:
+        raise ValueError(f"{conf} has no 'listen ... default_server;' line")
+    host, _, port = match[1].rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def retire(pids: list[int], grace: float) -> None:
@@ -68,22 +91,151 @@ def nginx_processes(run_dir: Path) -> list[int]:
     return found
 
 
-def listening_socket(settings: Settings) -> socket.socket:
-    family = socket.AF_INET6 if ":" in settings.edge.bind else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def listening_socket(address: tuple[str, int], patience: float = 10) -> socket.socket:
+    host, port = address
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + patience
     while True:
         try:
-            sock.bind((settings.edge.bind, settings.edge.port))
+            sock.bind((host, port))
             break
         except OSError:
             if time.monotonic() > deadline:
+                sock.close()
                 raise
             time.sleep(0.05)  # a retiring nginx still holds the port
-    sock.listen(4096)  # backlog: connections wait here while a master restarts
+    sock.listen(4096)  # backlog: connections wait here while a master (re)starts
     sock.set_inheritable(True)
     return sock
+
+
+def wait_for_upstreams(settings: Settings, timeout: float = UPSTREAM_WAIT) -> None:
+    """Wait until every instance answers HTTP (any status: it is up), or `timeout` passes."""
+    ports = [port for role in ("fast", "slow") for _, port in settings.instances(role)]
+    deadline = time.monotonic() + timeout
+    while ports and time.monotonic() < deadline:
+        ports = [p for p in ports if not _answers(p)]
+        if ports:
+            time.sleep(0.1)
+    if ports:
+        say(f"instances on ports {ports} still do not answer after {timeout:.0f} s; starting nginx anyway")
+
+
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answered, if not 200 (draining, degraded)
+    except OSError:
+        return False
+
+
+class Launcher:
+    def __init__(self, run_dir: Path, binary: str, args: list[str]):
+        self.run_dir = run_dir
+        self.binary = binary
+        self.args = args
+        self.conf = run_dir / "nginx" / "conf" / "nginx.conf"
+        self.pid_file = run_dir / "nginx" / "nginx.pid"
+        self.address = listen_address(self.conf)
+        self.sock = listening_socket(self.address)
+        self.master: subprocess.Popen | None = None
+        self.stopping = False
+        self.reload_asked = False
+        self.retiring: set[int] = set()  # workers of a dead master, and masters of a moved address
+
+    def start_master(self, sock: socket.socket) -> subprocess.Popen:
+        env = {**os.environ, "NGINX": f"{sock.fileno()};"}
+        return subprocess.Popen([self.binary, *self.args], env=env, pass_fds=(sock.fileno(),))
+
+    def on_signal(self, signum: int, frame) -> None:
+        if signum == signal.SIGHUP:
+            self.reload_asked = True  # handled in the main loop, not in a signal handler
+            return
+        self.stopping = self.stopping or signum in STOPPING
+        if self.master is not None and self.master.poll() is None:
+            self.master.send_signal(signum)
+
+    def reload(self) -> None:
+        try:
+            address = listen_address(self.conf)
+        except (OSError, ValueError):
+            address = self.address  # nginx itself reports the broken config
+        if address == self.address:
+            self.master.send_signal(signal.SIGHUP)
+            return
+        say(f"the edge moves from {self.address} to {address}: starting a master on the new address")
+        try:
+            sock = listening_socket(address, patience=2)
+        except OSError as exc:
+            self.log_emerg(f"cannot listen on {address[0]}:{address[1]} ({exc}); nginx keeps {self.address}")
+            return
+        master = self.start_master(sock)
+        deadline = time.monotonic() + NEW_MASTER_WAIT
+        while master.poll() is None and not children_of(master.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if master.poll() is not None or not children_of(master.pid):
+            if master.poll() is None:
+                master.send_signal(signal.SIGQUIT)
+                self.retiring.add(master.pid)
+            sock.close()
+            self.log_emerg(f"the new master for {address[0]}:{address[1]} did not start; nginx keeps {self.address}")
+            return
+        old = self.master
+        old.send_signal(signal.SIGQUIT)  # it closes the old socket now and finishes its requests
+        self.retiring.add(old.pid)
+        self.sock.close()
+        self.master, self.sock, self.address = master, sock, address
+
+    def log_emerg(self, message: str) -> None:
+        """Tell deploy's reload check, which reads nginx's error log, that this reload failed."""
+        say(message)
+        with open(self.run_dir / "logs" / "nginx-error.log", "a") as log:
+            log.write(f"{time.strftime('%Y/%m/%d %H:%M:%S')} [emerg] {os.getpid()}#0: nginx_launch: {message}\n")
+
+    def reap_retiring(self) -> None:
+        done = {pid for pid in self.retiring if _reaped(pid)}
+        if done:
+            self.retiring -= done
+            # An old master deletes the pid file as it exits, though the new master runs on.
+            if self.master is not None and self.master.poll() is None:
+                self.pid_file.write_text(f"{self.master.pid}\n")
+
+    def run(self) -> None:
+        restarts: list[float] = []
+        while True:
+            self.master = self.start_master(self.sock)
+            if self.stopping:  # a stop signal came while the previous master was being replaced
+                self.master.send_signal(signal.SIGQUIT)
+            while True:
+                try:
+                    code = self.master.wait(timeout=0.1)
+                    break
+                except subprocess.TimeoutExpired:
+                    self.reap_retiring()
+                    if self.reload_asked and not self.stopping:
+                        self.reload_asked = False
+                        self.reload()
+            if self.stopping:
+                retire(list(self.retiring), grace=5)
+                sys.exit(code)
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
+            orphans = [p for p in children_of(os.getpid()) if p != self.master.pid and p not in self.retiring]
+            say(f"nginx master {self.master.pid} exited ({code}); retiring its workers {orphans}, "
+                "starting a new master")
+            for pid in orphans:  # they stop accepting at once and finish what they have
+                try:
+                    os.kill(pid, signal.SIGQUIT)
+                except ProcessLookupError:
+                    pass
+            self.retiring.update(orphans)
+            if len(restarts) > MAX_RESTARTS:
+                say(f"nginx exited {len(restarts)} times in {RESTART_WINDOW} s; leaving it to supervisor")
+                retire(list(self.retiring), grace=5)
+                sys.exit(1)
 
 
 def main() -> None:
@@ -93,52 +245,13 @@ def main() -> None:
     if leftovers:
         say(f"retiring nginx processes of a previous launcher: {leftovers}")
         retire(leftovers, grace=10)
-    settings = Settings.from_snapshot(run_dir_path / "settings.json")
-    sock = listening_socket(settings)
+    launcher = Launcher(run_dir_path, binary, args)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphaned workers become our children
-    env = {**os.environ, "NGINX": f"{sock.fileno()};"}
-
-    master: subprocess.Popen | None = None
-    stopping = False
-
-    def forward(signum: int, frame) -> None:
-        nonlocal stopping
-        stopping = stopping or signum in STOPPING
-        if master is not None and master.poll() is None:
-            master.send_signal(signum)
-
-    for signum in FORWARDED:
-        signal.signal(signum, forward)
-
-    restarts: list[float] = []
-    retiring: set[int] = set()  # workers of a dead master, finishing their requests
-    while True:
-        master = subprocess.Popen([binary, *args], env=env, pass_fds=(sock.fileno(),))
-        if stopping:  # a stop signal came while the previous master was being replaced
-            master.send_signal(signal.SIGQUIT)
-        while True:
-            try:
-                code = master.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                retiring = {pid for pid in retiring if not _reaped(pid)}
-        if stopping:
-            sys.exit(code)
-        now = time.monotonic()
-        restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
-        orphans = [p for p in children_of(os.getpid()) if p != master.pid and p not in retiring]
-        say(f"nginx master {master.pid} exited ({code}); retiring its workers {orphans}, starting a new master")
-        for pid in orphans:  # they stop accepting at once and finish what they have
-            try:
-                os.kill(pid, signal.SIGQUIT)
-            except ProcessLookupError:
-                pass
-        retiring.update(orphans)
-        if len(restarts) > MAX_RESTARTS:
-            say(f"nginx exited {len(restarts)} times in {RESTART_WINDOW} s; leaving it to supervisor")
-            retire(list(retiring), grace=5)
-            sys.exit(1)
+    for signum in FORWARDED + (signal.SIGHUP,):
+        signal.signal(signum, launcher.on_signal)
+    wait_for_upstreams(Settings.from_snapshot(run_dir_path / "settings.json"))
+    launcher.run()
 
 
 def _reaped(pid: int) -> bool:

@@ -31,6 +31,7 @@ TEST_SETTINGS = {
     "FLEET_SLOW_TASK_MODULES": "services.slow.tasks,tests.support.faulty_tasks",
     "FLEET_EDGE_SLOW_RATE_PER_SECOND": "100000",  # the rate limit has its own test
     "FLEET_EDGE_SLOW_RATE_BURST": "100000",
+    "FLEET_SLOW_MAX_PER_CLIENT": "100",  # every test client is 127.0.0.1; the per-client limit has its own tests
     "FLEET_EDGE_CLIENT_TIMEOUT": "2",  # slow senders are cut off quickly
     "FLEET_OBSERVE_TEST_ROUTES": "true",  # /_test/block/<ms> for the blocked-loop detector
 }
@@ -120,24 +121,25 @@ def free_port_block(size: int) -> int:
 
 
 def make_fleet(run_dir: Path, fast: int = 2, slow: int = 1, **overrides: str) -> Fleet:
-    base = free_port_block(1 + fast + slow + 2)
+    # edge; fast-spare, fast-01..; slow-spare, slow-01..; room for two more of each role (changes)
+    base = free_port_block(1 + (fast + 3) + (slow + 3))
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(TEST_SETTINGS)
     env.update(
         FLEET_RUN_DIR=str(run_dir),
         FLEET_EDGE_PORT=str(base),
         FLEET_FAST_INSTANCES=str(fast),
-        FLEET_FAST_BASE_PORT=str(base),  # fast-01 on base+1
+        FLEET_FAST_BASE_PORT=str(base + 1),  # fast-spare on base+1, fast-01 on base+2
         FLEET_SLOW_INSTANCES=str(slow),
-        FLEET_SLOW_BASE_PORT=str(base + fast + 1),
+        FLEET_SLOW_BASE_PORT=str(base + fast + 4),
     )
     env.update(overrides)
     return Fleet(
         run_dir=run_dir,
         env=env,
         edge_port=base,
-        fast_ports=[base + i for i in range(1, fast + 1)],
-        slow_ports=[base + fast + 1 + i for i in range(1, slow + 1)],
+        fast_ports=[base + 1 + i for i in range(1, fast + 1)],
+        slow_ports=[base + fast + 4 + i for i in range(1, slow + 1)],
     )
 
 

@@ -1,0 +1,171 @@
+"""Talking to a running fleet: its supervisord, its instances' /healthz, its nginx config check.
+
+Shared by the commands (fleet.py), the change applier (apply.py) and make chaos (chaos.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import xmlrpc.client
+from pathlib import Path
+
+from supervisor.xmlrpc import SupervisorTransport
+
+from deploy import render
+from services.common.settings import Settings
+
+HEALTH_TIMEOUT = 60  # seconds a command waits for instances to answer /healthz
+
+
+class FleetError(RuntimeError):
+    """Something the user must fix; printed without a traceback."""
+
+
+# supervisord -----------------------------------------------------------------------------------
+
+def supervisor(settings: Settings) -> xmlrpc.client.ServerProxy:
+    sock = settings.run_dir / "supervisor.sock"
+    transport = SupervisorTransport(None, None, f"unix://{sock}")
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+
+def supervisord_pid(settings: Settings) -> int | None:
+    """The pid of this run dir's supervisord if it is running, else None."""
+    try:
+        pid = int((settings.run_dir / "supervisord.pid").read_text().strip())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None  # no pid file, or a stale one whose pid is gone or belongs to someone else
+    try:
+        supervisor(settings).supervisor.getPID()
+    except (OSError, xmlrpc.client.Fault):
+        return None  # a pid that was reused by another process, or a supervisord not answering
+    return pid
+
+
+def process_infos(settings: Settings) -> list[dict]:
+    return supervisor(settings).supervisor.getAllProcessInfo()
+
+
+def process_info(settings: Settings, name: str) -> dict:
+    """supervisor's view of one process by its name ("fast-01", "slow-spare", "nginx"): each is
+    a group of its own."""
+    return supervisor(settings).supervisor.getProcessInfo(f"{name}:{name}")
+
+
+# preflight -------------------------------------------------------------------------------------
+
+def check_ports_free(settings: Settings, ignore: set[int] = frozenset()) -> None:
+    """Every port the settings use is free (but those in `ignore`, which this fleet holds)."""
+    wanted = [("edge", settings.edge.bind, settings.edge.port, "FLEET_EDGE_PORT")]
+    for role in ("fast", "slow"):
+        wanted += [(name, "127.0.0.1", port, f"FLEET_{role.upper()}_BASE_PORT")
+                   for name, port in settings.instances(role) + [settings.spare(role)]]
+    for name, host, port, knob in wanted:
+        if port in ignore:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nginx and Tornado do
+            try:
+                s.bind((host, port))
+            except OSError:
+                raise FleetError(
+                    f"port {port} ({name}) on {host} is taken by another program; stop it, or "
+                    f"choose other ports, e.g. {knob}={port + 1000} make deploy-local"
+                ) from None
+
+
+def check_nginx() -> None:
+    if not Path(render.nginx_binary()).exists():
+        raise FleetError("nginx is not installed: run `sudo apt-get install nginx-light` "
+                         "(make deploy-local does it when run as root)")
+
+
+def nginx_test(settings: Settings) -> None:
+    run = settings.run_dir
+    result = subprocess.run(
+        [render.nginx_binary(), "-t", "-q", "-p", f"{run}/nginx/", "-c", "conf/nginx.conf",
+         "-e", f"{run}/logs/nginx-error.log"],
+        capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        raise FleetError(f"nginx rejected the rendered config:\n{result.stderr.strip()}")
+
+
+# health ----------------------------------------------------------------------------------------
+
+def get_json(url: str, timeout: float = 2) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read())
+        except ValueError:
+            return exc.code, {}
+
+
+def health_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/healthz"
+
+
+def health_urls(settings: Settings) -> dict[str, str]:
+    """/healthz of every instance and of the edge (spares included: they answer only when up)."""
+    urls = {name: health_url(port)
+            for role in ("fast", "slow") for name, port in settings.instances(role) + [settings.spare(role)]}
+    urls["edge"] = f"{edge_url(settings)}/healthz"
+    return urls
+
+
+def edge_url(settings: Settings) -> str:
+    host = settings.edge.bind
+    host = "127.0.0.1" if host == "0.0.0.0" else f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.edge.port}"
+
+
+def healthy(url: str, name: str | None = None) -> bool:
+    """200 from /healthz, and from the instance asked for (not another fleet's on a reused port)."""
+    try:
+        status, body = get_json(url, timeout=1)
+    except (OSError, ValueError):
+        return False
+    return status == 200 and (name is None or body.get("instance") == name)
+
+
+def wait_healthy(settings: Settings, names: list[str] | None = None, timeout: float = HEALTH_TIMEOUT,
+                 urls: dict[str, str] | None = None) -> None:
+    """Wait until the named instances (default: all, and the edge) answer /healthz with 200.
+
+    urls: where to find them, when not where the settings put them (an instance still running
+    with its previous port)."""
+    known = {**health_urls(settings), **(urls or {})}
+    pending = {n: known[n] for n in (names or [n for n in known if not n.endswith("-spare")])}
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        pending = {n: u for n, u in pending.items() if not healthy(u, None if n == "edge" else n)}
+        if not pending:
+            return
+        if any(p["statename"] == "FATAL" for p in process_infos(settings)):
+            break
+        time.sleep(0.1)
+    if pending:
+        raise FleetError(f"not healthy after {timeout:.0f} s: {', '.join(pending)}\n" + diagnose(settings))
+
+
+def diagnose(settings: Settings) -> str:
+    lines = []
+    for p in process_infos(settings):
+        lines.append(f"  {p['name']:<12} {p['statename']:<9} {p['description']}")
+        if p["statename"] != "RUNNING":
+            log = settings.run_dir / "logs" / f"{p['name']}.log"
+            if log.exists():
+                tail = log.read_text(errors="replace").splitlines()[-5:]
+                lines += [f"    | {line[:200]}" for line in tail]
+    return "\n".join(lines)
