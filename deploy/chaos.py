@@ -17,17 +17,21 @@ until every process runs, every instance answers /healthz and every pool is full
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
 import signal
 import socket
+import string
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from deploy import fleet, render
 from deploy.loadgen import Route, SteadyLoad, Tally
-from services.common.settings import Settings, SettingsError, load
+from services.common.settings import Settings, SettingsError, load, resolve
 
 # Seconds of load before the fault and after recovery: longer than nginx's fail_timeout, so errors
 # of a scenario's aftermath are counted in that scenario, never in the next one.
@@ -166,6 +170,160 @@ def rolling_reload(settings: Settings, load: SteadyLoad) -> str:
     return "every instance restarted, one at a time"
 
 
+def settings_change(settings: Settings, load: SteadyLoad) -> str:
+    """A change supervisord.conf carries (one more fast instance, a longer drain), applied, then undone."""
+    values = {**settings.values, "fast.instances": settings.fast.instances + 1,
+              "fast.drain_timeout": settings.fast.drain_timeout + 1}
+    changed = Settings(resolve(values, env={}, origin="chaos settings-change"), settings.run_dir)
+    fleet.apply_changes(changed)
+    fleet.wait_healthy(changed)
+    fleet.apply_changes(settings)
+    return (f"fast.instances {settings.fast.instances}->{changed.fast.instances}->{settings.fast.instances}, "
+            f"fast.drain_timeout +1 and back, each applied live")
+
+
+def _raw_client(settings: Settings, source: str, timeout: float = 10) -> socket.socket:
+    """A connection to the edge from one local address: a client of its own."""
+    return socket.create_connection(("127.0.0.1", settings.edge.port), timeout=timeout, source_address=(source, 0))
+
+
+def _answer(sock: socket.socket) -> tuple[int, dict, bytes]:
+    """Read one HTTP answer (the edge always sends Content-Length): status, headers, body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before an answer")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", 0))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, body[:length]
+
+
+def _contract_json(body: bytes) -> bool:
+    try:
+        return {"error", "message", "request_id"} <= set(json.loads(body))
+    except ValueError:
+        return False
+
+
+def abort_storm(settings: Settings, load: SteadyLoad, rate: float = 50, seconds: float = 5) -> str:
+    """One client starts heavy jobs and hangs up on each 20 ms later, `rate` times a second."""
+    port = settings.instances("slow")[0][1]
+    before = slow_health(settings, port)["pool"]
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            samples.append(slow_health(settings, port)["pool"]["workers"])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    sent, open_ones = 0, []  # (hang-up time, socket)
+    next_send = start = time.monotonic()
+    while next_send < start + seconds or open_ones:
+        now = time.monotonic()
+        for due in [o for o in open_ones if o[0] <= now]:
+            due[1].close()  # hang up before the answer: nginx closes its side, the instance sees it
+            open_ones.remove(due)
+        if next_send < start + seconds and now >= next_send:
+            sock = _raw_client(settings, "127.0.0.2")
+            sock.sendall(b"GET /slow/fib/30 HTTP/1.1\r\nHost: storm\r\n\r\n")
+            open_ones.append((now + 0.02, sock))
+            sent += 1
+            next_send += 1 / rate
+        time.sleep(0.002)
+    stop.set()
+    sampler.join()
+    after = slow_health(settings, port)["pool"]
+    kills = after["cancelled"] - before["cancelled"]
+    w = settings.slow.workers
+    full = sum(n == w for n in samples)
+    # The budget: at most 2W at once and W a second, one at a time, so never fewer than W - 1.
+    if not samples or min(samples) < w - 1 or kills > 2 * w + w * seconds:
+        raise fleet.FleetError(f"the storm cost too much: {kills} workers killed, workers sampled "
+                               f"{sorted(set(samples))} (at {w} in {full} of {len(samples)} samples)")
+    return (f"{sent} jobs abandoned by one client in {seconds:g} s: {kills} workers killed, never fewer "
+            f"than {min(samples)} of {w} (all {w} in {full} of {len(samples)} samples)")
+
+
+def monopolist(settings: Settings, load: SteadyLoad, clients: int = 20, seconds: float = 6) -> str:
+    """One client keeps `clients` heavy requests open at once: it gets its share, the rest 429."""
+    statuses: list[int] = []
+    bad: list[str] = []
+    end = time.monotonic() + seconds
+
+    def hog() -> None:
+        while time.monotonic() < end:
+            try:
+                with _raw_client(settings, "127.0.0.3", timeout=30) as sock:
+                    sock.sendall(b"GET /slow/sleep/1 HTTP/1.1\r\nHost: hog\r\n\r\n")
+                    status, _, body = _answer(sock)
+            except OSError as exc:
+                bad.append(f"no answer: {exc}")
+                continue
+            statuses.append(status)
+            if status != 200 and not _contract_json(body):
+                bad.append(f"{status} without the contract's JSON")
+            if status == 429:
+                time.sleep(0.2)  # as told by Retry-After, roughly
+
+    threads = [threading.Thread(target=hog, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if bad:
+        raise fleet.FleetError(f"the monopolising client got {len(bad)} bad answers, e.g. {bad[0]}")
+    served, limited = statuses.count(200), statuses.count(429)
+    if not limited:
+        raise fleet.FleetError("the monopolising client was never limited")
+    return f"one client with {clients} concurrent heavy requests: {served} served, {limited} refused 429"
+
+
+def unknown_methods(settings: Settings, load: SteadyLoad, count: int = 2000) -> str:
+    """A flood of made-up methods: every one answered 405 JSON by the edge; no instance sees one."""
+    ports = [port for _, port in settings.instances("fast")]
+    series = {port: _series(port) for port in ports}
+    bad: list[str] = []
+
+    def flood(share: int) -> None:
+        with _raw_client(settings, "127.0.0.4") as sock:
+            for i in range(share):
+                method = "".join(random.choices(string.ascii_uppercase, k=8))
+                sock.sendall(f"{method} /fast HTTP/1.1\r\nHost: flood\r\n\r\n".encode())
+                status, headers, body = _answer(sock)
+                if status != 405 or headers.get("x-served-by") != "edge" or not _contract_json(body):
+                    bad.append(f"{method}: {status} from {headers.get('x-served-by')}")
+
+    threads = [threading.Thread(target=flood, args=(count // 4,), daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    foreign = {port: [line for line in _series(port) - series[port] if "method=" in line and not
+                      any(f'method="{m}"' in line for m in ("GET", "POST", "HEAD"))] for port in ports}
+    if bad or any(foreign.values()):
+        raise fleet.FleetError(f"bad answers {bad[:3]}; metric series of other methods {foreign}")
+    return f"{count} requests with made-up methods: all 405 JSON from the edge; no new metric series"
+
+
+def _series(port: int) -> set[str]:
+    from urllib.request import urlopen
+
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return {line.split(" ")[0] for line in response.read().decode().splitlines()
+                if line.startswith("fleet_http_request_duration_seconds_count")}
+
+
 # name: (fault, what it may reach). A killed process takes the requests it was serving with it:
 # its jobs, and a POST in flight on a fast instance (nginx resends GETs, never a POST).
 SCENARIOS: dict[str, tuple[Callable[[Settings, SteadyLoad], str], frozenset[str]]] = {
@@ -176,6 +334,10 @@ SCENARIOS: dict[str, tuple[Callable[[Settings, SteadyLoad], str], frozenset[str]
     "kill-nginx": (kill_nginx_master, frozenset()),
     "departed-clients": (departed_clients, frozenset()),
     "reload": (rolling_reload, frozenset()),
+    "settings-change": (settings_change, frozenset()),
+    "abort-storm": (abort_storm, frozenset()),
+    "monopolist": (monopolist, frozenset()),
+    "unknown-methods": (unknown_methods, frozenset()),
 }
 
 

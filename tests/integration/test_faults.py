@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 def chaos_fleet(tmp_path_factory):
     """A fleet with the default pool (2 workers, 8 waiting, 30 s deadline), only for these faults."""
     f = make_fleet(tmp_path_factory.mktemp("chaos"), FLEET_SLOW_QUEUE_LIMIT="8", FLEET_SLOW_JOB_TIMEOUT="30",
-                   FLEET_SLOW_DRAIN_TIMEOUT="35")
+                   FLEET_SLOW_DRAIN_TIMEOUT="35", FLEET_SLOW_MAX_PER_CLIENT="auto")
     f.command("up")
     yield f
     f.command("stop")
@@ -89,6 +89,30 @@ def test_a_rolling_reload_under_load_restarts_every_instance_with_no_failed_requ
     assert result.tally.hit == 0  # GET and POST, fast and slow, one slow instance
 
 
+def test_a_settings_change_supervisor_carries_is_applied_under_load_with_no_failed_request(chaos_fleet):
+    result = run_scenario(chaos_fleet, "settings-change")  # one more fast instance, longer drain, and back
+    assert_promise_kept(result.tally)
+    assert result.tally.hit == 0
+
+
+def test_an_abort_storm_from_one_client_keeps_the_pool_whole_and_fails_no_one_else(chaos_fleet):
+    result = run_scenario(chaos_fleet, "abort-storm")  # raises if the pool shrank
+    assert_promise_kept(result.tally)
+    assert result.tally.hit == 0
+
+
+def test_a_monopolising_client_gets_its_share_and_no_one_else_fails(chaos_fleet):
+    result = run_scenario(chaos_fleet, "monopolist")  # raises unless it was limited, with JSON 429s
+    assert_promise_kept(result.tally)
+    assert result.tally.hit == 0
+
+
+def test_a_flood_of_made_up_methods_is_answered_at_the_edge_and_fails_no_one(chaos_fleet):
+    result = run_scenario(chaos_fleet, "unknown-methods")  # raises on a bad answer or a new metric label
+    assert_promise_kept(result.tally)
+    assert result.tally.hit == 0
+
+
 # drain ---------------------------------------------------------------------------------------------
 
 def test_a_draining_instance_answers_kept_alive_requests_with_connection_close(private_fleet):
@@ -121,19 +145,6 @@ def test_a_slow_instance_finishes_its_running_job_before_it_exits(private_fleet)
         response = job.result()
     assert response.status == 200 and response.json()["result"] == 1.5
     wait_for(lambda: "drained in" in fleet.log("slow-01"), timeout=10)  # once nginx let go of it
-
-
-def test_jobs_still_running_at_the_drain_deadline_get_503_json(private_fleet):
-    fleet = private_fleet(FLEET_SLOW_DRAIN_TIMEOUT="2", FLEET_SLOW_JOB_TIMEOUT="10")
-    pid = fleet.pid("slow-01")
-    with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(fleet.get, "/slow/spin/8")
-        time.sleep(0.3)
-        os.kill(pid, signal.SIGTERM)
-        response = job.result()
-    body = assert_contract_error(response, 503, "shutting_down")
-    assert response.headers["retry-after"] and body["message"]
-    assert 1.8 < response.elapsed < 5
 
 
 # departed clients: a waiting job never runs ----------------------------------------------------
