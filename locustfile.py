@@ -14,10 +14,12 @@ fast users only), mixed (the same fast users plus the heavy users), recovery (fa
 not judged). Fast users send the fast routes at a fixed rate (constant_throughput, every route
 once per iteration in one task, so each route's rate is steady); heavy users loop over
 `/slow/fib/<n>` with a weighted mix and pause briefly after a shed answer. A heavy 503 (the slow
-path shedding) and a heavy 429 (the edge's per-client rate limit shedding) are expected, reported
+path shedding) and a heavy 429 (the edge's per-client limits shedding) are expected, reported
 as "shed" and never failures; the heavy flood is paced (`--heavy-backoff`) to stay far below the
-edge's default 50 requests/s per client, so on the fleet the shed answers are 503s from the slow
-instance, and 429s, if any, are only counted, never taken as proof of saturation.
+edge's default 50 requests/s per client, and on a loopback host each heavy user connects from its
+own address (127.0.1.N), as a flood from many clients does, so the fleet's per-client limit on
+heavy requests in flight does not cap the flood: on the fleet the shed answers are 503s from the
+slow instance, and 429s, if any, are only counted, never taken as proof of saturation.
 
 THE VERDICT, from the fast requests' own samples (recorded by start time into the phase windows):
   FAIL          any fast request failed (any phase; a timeout counts), or the mixed phase's
@@ -73,18 +75,22 @@ the issue's rule (the fleet reached 98-100%, the naive server 16%). --min-sample
 from __future__ import annotations
 
 import csv
+import ipaddress
 import json
 import logging
 import math
 import os
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import gevent
-from locust import LoadTestShape, events, task
+from locust import HttpUser, LoadTestShape, events, task
 from locust.contrib.fasthttp import FastHttpUser
+from requests.adapters import HTTPAdapter
 from locust.user.wait_time import constant_throughput
 
 log = logging.getLogger("isolation")
@@ -438,6 +444,13 @@ def write_csv(rec: Recorder, path: str) -> None:
 
 # users ----------------------------------------------------------------------------------------------
 
+def _on_loopback(host: str | None) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(urlsplit(host or "").hostname or "")).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
 class FastUser(FastHttpUser):
     """Sends every fast route once per iteration, at --fast-rate iterations per second."""
 
@@ -461,16 +474,39 @@ class FastUser(FastHttpUser):
                 self.client.request("GET", path, name=path, context={"role": "fast"})
 
 
-class HeavyUser(FastHttpUser):
-    """Floods the slow path with the --heavy-mix, back-to-back; pauses --heavy-backoff after a shed answer."""
+class SourceAddress(HTTPAdapter):
+    """Connects from one given local address: on loopback, any 127.x.y.z is this machine."""
+
+    def __init__(self, address: str):
+        self.address = address
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["source_address"] = (self.address, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
+class HeavyUser(HttpUser):
+    """Floods the slow path with the --heavy-mix, back-to-back; pauses --heavy-backoff after a shed answer.
+
+    A flood comes from many clients: against a host on loopback, each heavy user connects from an
+    address of its own (127.0.1.1, 127.0.1.2, ...), so a server's per-client limit on heavy requests
+    (the fleet's slow.max_per_client) limits each user, not the whole flood as if it were one client.
+    """
+
+    numbered = 0  # heavy users created so far: each gets the next source address
 
     def __init__(self, environment):
         o = options(environment)
-        self.network_timeout = self.connection_timeout = o.heavy_timeout
+        self.timeout = o.heavy_timeout
         self.paths, self.weights = parse_mix(o.heavy_mix)
         self.backoff = o.heavy_backoff
         self.pause = 0.0
         super().__init__(environment)
+        if _on_loopback(self.host):
+            HeavyUser.numbered += 1
+            self.source = f"127.0.1.{(HeavyUser.numbered - 1) % 250 + 1}"
+            self.client.mount("http://", SourceAddress(self.source))
 
     def wait_time(self) -> float:
         return self.pause
@@ -480,7 +516,8 @@ class HeavyUser(FastHttpUser):
         path = random.choices(self.paths, self.weights)[0]
         RECORDER.heavy_now += 1
         try:
-            with self.client.get(path, name=path, context={"role": "heavy"}, catch_response=True) as response:
+            with self.client.get(path, name=path, context={"role": "heavy"}, catch_response=True,
+                                 timeout=self.timeout) as response:
                 # Back to back while answers come; a pause after anything else, so a refused or
                 # broken server is not hammered in a tight loop.
                 self.pause = 0.0 if response.status_code == 200 else self.backoff
