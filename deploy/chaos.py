@@ -247,8 +247,8 @@ def abort_storm(settings: Settings, load: SteadyLoad, rate: float = 50, seconds:
     kills = after["cancelled"] - before["cancelled"]
     w = settings.slow.workers
     full = sum(n == w for n in samples)
-    # The budget: at most 2W at once and W a second, one at a time, so never fewer than W - 1.
-    if not samples or min(samples) < w - 1 or kills > 2 * w + w * seconds:
+    # The budget: at most 2W at once, then W every 5 s, one at a time, so never fewer than W - 1.
+    if not samples or min(samples) < w - 1 or kills > 2 * w + w * seconds / 5 + 1:
         raise fleet.FleetError(f"the storm cost too much: {kills} workers killed, workers sampled "
                                f"{sorted(set(samples))} (at {w} in {full} of {len(samples)} samples)")
     return (f"{sent} jobs abandoned by one client in {seconds:g} s: {kills} workers killed, never fewer "

@@ -43,6 +43,19 @@ class Admission:
         self.shed = 0
         self.limited = 0
 
+
+    def resize(self, slots: int) -> None:
+        """Change the number of running slots (a cluster's workers came or went); new ones go to
+        the line at once."""
+        self.slots = slots
+        while self.running < self.slots and self.waiting:
+            self.running += 1
+            self._release()  # hands the new slot to the next in line
+
+    def others_waiting(self, client: str) -> bool:
+        """A client other than `client` has a job in line."""
+        return any(c != client for c in self._lines)
+
     def held_by(self, client: str) -> int:
         return self._held[client]
 

@@ -18,24 +18,12 @@ raises one of:
                      none became free before the job's deadline (503)
 
 The deadline covers the wait for a free worker and the run. Cancelling `run` (the client went
-away) kills the job's worker, at most `size` kills a second and one at a time (none while a
-replacement is starting, so the pool never has fewer than size - 1 workers); past that budget (an
-abort storm) the job runs to its end instead, and `run` returns only then, so that the caller's
-slot, and the client's share of them, stay taken while the worker is: aborting costs a client
-nothing it could not spend by waiting.
-
-Why not concurrent.futures.ProcessPoolExecutor or pebble (../shared/notes.md has the measurements):
-one dead worker breaks a whole ProcessPoolExecutor, its running jobs cannot be killed, and its call
-queue prefetches jobs onto workers; pebble kills on timeout, but a job cancelled while queued inside
-it kills some other worker later, and it has open races (#153, #163). Here each job is sent to one
-idle worker over that worker's own pipe, so the pool knows which process runs which job: a timeout
-or a cancel kills exactly that process (and whatever it started: each worker leads its own process
-group), a crash fails exactly its job, and nothing is ever queued where it cannot be withdrawn (the
-caller's admission control holds waiting jobs).
-
-Workers are started with forkserver (never fork: a forked worker would inherit the server's
-listening socket and keep the port after the server dies), are niced, and die with their parent.
-A pid is signalled only while the pool has not reaped it, so it can never be another process's.
+away) kills the job's worker, within a budget (2 x size at once, then one kill per worker every
+5 s) and one at a time (never while a worker is being replaced, so the pool never has fewer than
+size - 1). Past the budget (an abort storm) the job runs to its end instead, and `run` returns
+only then, so that the caller's slot, and the client's share of them, stay taken while the worker
+is: aborting costs a client nothing it could not spend by waiting. Such a job is still killed once
+it has run RECLAIM_AFTER seconds while another client's job waits (others_waiting).
 """
 
 from __future__ import annotations
@@ -56,7 +44,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from services.slow import cpu_priority
 
@@ -67,14 +55,31 @@ PR_SET_PDEATHSIG = 1
 # instance kills what a killed one left behind (a task's children outlive a SIGKILLed worker).
 WORKER_MARKER = "FLEET_WORKER_OF"
 READ_CHUNK = 1 << 20  # bytes read from a worker's pipe per loop turn: a big result never blocks the loop
-# Replacement workers that fail to start are retried after 0.5, 1, 2, ... s, at most this apart.
-MAX_SPAWN_BACKOFF = 30
+# Replacement workers that fail to start are retried after 0.5, 1, 2, ... s, at most this apart:
+# a failing pool costs little, and one that can work again is whole within this time.
+MAX_SPAWN_BACKOFF = 10
+# A job whose client went away, left to run past the kill budget, is killed after all once it has
+# run this long while another client's job waits: killing a shorter one would cost that job a
+# worker's restart, which takes longer than the rest of a short job.
+RECLAIM_AFTER = 1.0
 # A task whose setup failed is tried again (on one worker) after 1, 2, 4, ... s, at most this apart.
 MAX_SETUP_BACKOFF = 60
 
 
 class JobError(Exception):
-    """Base of the errors a job can end with."""
+    """Base of the errors a job can end with.
+
+    Each pickles with the arguments it was made from, so it crosses a process boundary whole (a
+    Dask worker raises it, the slow instance catches it): Exception's default pickling replays
+    only the message, which a class with other arguments cannot be rebuilt from (bpo-31699).
+    """
+
+    def __reduce__(self):
+        return self.__class__, self._init_args
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self._init_args = args
 
 
 class JobFailed(JobError):
@@ -82,6 +87,7 @@ class JobFailed(JobError):
 
     def __init__(self, type_name: str, message: str, traceback_text: str):
         super().__init__(f"{type_name}: {message}")
+        self._init_args = (type_name, message, traceback_text)
         self.type_name = type_name
         self.message = message
         self.traceback_text = traceback_text
@@ -98,9 +104,10 @@ class JobTimeout(JobError):
 class WorkerDied(JobError):
     """The worker running the job exited (crash, OOM kill, kill -9); the pool replaces it."""
 
-    def __init__(self, pid: int, exitcode: int | None):
+    def __init__(self, pid: int, exitcode: int | None, description: str | None = None):
         how = f"signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exit code {exitcode}"
-        super().__init__(f"worker {pid} died ({how})")
+        super().__init__(description or f"worker {pid} died ({how})")
+        self._init_args = (pid, exitcode, description)
         self.pid = pid
         self.exitcode = exitcode
 
@@ -111,6 +118,11 @@ class TaskUnavailable(JobError):
 
 class NoWorkers(JobError):
     """No worker could take the job: none can be started, or none became free in time. Nothing ran."""
+
+
+class BackendUnavailable(JobError):
+    """The cluster behind the pool cannot be reached (a Dask scheduler down or restarting). Nothing
+    ran, or what ran was lost with the cluster."""
 
 
 # --- inside a worker process ---------------------------------------------------------------------
@@ -272,6 +284,7 @@ class _Worker:
     exited: bool = False  # reaped: its pid may belong to someone else now, never signal it again
     broken: dict[str, tuple] = field(default_factory=dict)  # tasks whose setup failed here
     started: float = field(default_factory=time.monotonic)
+    job_started: float = 0.0
 
     @property
     def pid(self) -> int:
@@ -312,13 +325,20 @@ class WorkerPool:
         self._idle: deque[_Worker] = deque()
         self._waiters: list[asyncio.Future] = []  # run() calls waiting for an idle worker
         self._closing = False
-        self.draining = False  # set at a drain's deadline: cancelled jobs are killed, budget or not
+        # True: a cancelled job's worker is killed whatever the budget (at a drain's deadline; in a
+        # Dask worker, where the slow instance has decided already).
+        self.kill_on_cancel = False
         self._spawn_failures = 0  # consecutive failed starts of a replacement worker
+        self._refiller: asyncio.Task | None = None  # starts workers until the pool is whole again
+        # Whether a client other than the one given has a job waiting (the app's admission knows).
+        self.others_waiting: Callable[[str], bool] = lambda client: False
         self._setups: dict[str, _Setup] = {}  # tasks whose setup failed, and when to try again
-        self._kill_budget = _KillBudget(rate=size, burst=2 * size)
-        self._replacing: set[asyncio.Task] = set()  # strong references, as asyncio asks
+        # Workers killed for departed clients: 2W at once, then one worker every 5 s on average.
+        self._kill_budget = _KillBudget(rate=size / 5, burst=2 * size)
+        self.on_capacity: Callable[[int], None] | None = None  # the interface's; a local pool's size never changes
         self.counters = {"started": 0, "ok": 0, "error": 0, "timeout": 0, "crashed": 0, "cancelled": 0,
-                         "finished_after_cancel": 0, "start_failed": 0, "unavailable": 0, "no_workers": 0}
+                         "finished_after_cancel": 0, "reclaimed": 0, "start_failed": 0, "unavailable": 0,
+                         "no_workers": 0}
 
     # lifecycle
 
@@ -359,15 +379,17 @@ class WorkerPool:
 
     # the interface
 
-    async def run(self, task: str, kwargs: dict, timeout: float) -> tuple[bytes, float]:
-        """Run one job on an idle worker; return (result as JSON bytes, elapsed_ms) or raise a JobError."""
+    async def run(self, task: str, kwargs: dict, timeout: float, client: str = "") -> tuple[bytes, float]:
+        """Run one job on an idle worker; return (result as JSON bytes, elapsed_ms) or raise a JobError.
+
+        client: whose job it is (its address), for reclaim()."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             worker = await self._idle_worker(task, deadline)
             if not self._send(worker, task, kwargs):
                 continue  # it died while idle: the job goes to a live worker
-            reply = await self._reply(worker, task, deadline, timeout)
+            reply = await self._reply(worker, task, deadline, timeout, client)
             worker.job = None
             if reply[0] != "unavailable":
                 break
@@ -393,10 +415,12 @@ class WorkerPool:
     def stats(self) -> dict:
         serving = [w for w in self._workers if w.serving and not w.retired]  # not the ones being killed
         return {
+            "backend": "local",
             "workers": len(serving),
             "busy": sum(1 for w in serving if w.job is not None),
             "pids": sorted(w.pid for w in serving),
             "unavailable_tasks": sorted(t for t in self._setups if self._task_down(t, serving)),
+            "problem": f"cannot start workers ({self._spawn_failures} tries failed)" if self._spawn_failures else None,
             **self.counters,
         }
 
@@ -450,9 +474,10 @@ class WorkerPool:
             self._retire(worker, "crashed")
             return False
         worker.job = asyncio.get_running_loop().create_future()
+        worker.job_started = time.monotonic()
         return True
 
-    async def _reply(self, worker: _Worker, task: str, deadline: float, timeout: float) -> tuple:
+    async def _reply(self, worker: _Worker, task: str, deadline: float, timeout: float, client: str) -> tuple:
         job = worker.job
         try:
             async with asyncio.timeout_at(deadline):
@@ -461,15 +486,27 @@ class WorkerPool:
             self._retire(worker, "timeout")
             raise JobTimeout(f"job {task} passed its {timeout:g} s deadline") from None
         except asyncio.CancelledError:
-            if self.draining or (not self._replacing and self._kill_budget.take()):
+            if self.kill_on_cancel or (self._whole and self._kill_budget.take()):
                 self._retire(worker, "cancelled")
                 raise
         # An abort storm: over the kill budget, the job runs to its end, and this caller keeps its
-        # admission slot until then (a second cancel, as at a drain's deadline, kills it after all).
+        # admission slot until then; but a second cancel (as at a drain's deadline) kills it after
+        # all, and so does another client's job waiting while it has run RECLAIM_AFTER seconds.
         self.counters["finished_after_cancel"] += 1
         try:
-            async with asyncio.timeout_at(deadline):
-                reply = await asyncio.shield(job)
+            while True:
+                try:
+                    async with asyncio.timeout_at(min(deadline, asyncio.get_running_loop().time() + 0.25)):
+                        reply = await asyncio.shield(job)
+                    break
+                except TimeoutError:
+                    if asyncio.get_running_loop().time() >= deadline:
+                        raise
+                if (time.monotonic() - worker.job_started >= RECLAIM_AFTER and self._whole
+                        and self.others_waiting(client)):
+                    self.counters["reclaimed"] += 1
+                    self._retire(worker, "its client left and another client's job waits")
+                    raise asyncio.CancelledError
         except TimeoutError:
             self._retire(worker, "timeout")
         except asyncio.CancelledError:
@@ -603,23 +640,32 @@ class WorkerPool:
             log.warning("worker %d died (exit code %s)", worker.pid, exitcode)
             if worker.job is not None and not worker.job.done():
                 worker.job.set_result(("died", exitcode))
-        if worker.serving and not self._closing:
-            replacing = asyncio.get_running_loop().create_task(self._replace(worker))
-            self._replacing.add(replacing)
-            replacing.add_done_callback(self._replacing.discard)
+        if worker.serving and not self._closing and not self._refilling:
+            self._refiller = asyncio.get_running_loop().create_task(self._refill())
         self._wake_waiters()  # a waiting job re-checks: the pool may have no worker left
 
-    async def _replace(self, dead: _Worker) -> None:
-        while not self._closing:
+    @property
+    def _whole(self) -> bool:
+        """No worker is being killed or replaced: the pool may afford one more kill."""
+        return sum(1 for w in self._workers if not w.retired) >= self.size and not self._refilling
+
+    @property
+    def _refilling(self) -> bool:
+        return self._refiller is not None and not self._refiller.done()
+
+    async def _refill(self) -> None:
+        """Start workers, one after another, until the pool has `size` again; back off on failure.
+
+        One loop for the whole pool: once a start works, the next missing worker starts at once."""
+        while not self._closing and sum(1 for w in self._workers if not w.retired) < self.size:
             try:
                 await self._spawn()
                 self._spawn_failures = 0
-                return
             except Exception as exc:
                 self._spawn_failures += 1
                 self.counters["start_failed"] += 1
                 delay = min(MAX_SPAWN_BACKOFF, 0.5 * 2 ** (self._spawn_failures - 1))
-                log.error("could not start a worker to replace %d (%s); next try in %.1f s", dead.pid, exc, delay)
+                log.error("could not start a worker (%s); next try in %.1f s", exc, delay)
                 self._wake_waiters()  # with no worker left, waiting jobs are answered now
                 await asyncio.sleep(delay)
 
@@ -702,11 +748,13 @@ class InlinePool:
         self.tasks = registry.load(task_modules)
         self.state: dict[str, Any] = {}
         self.size = 1
+        self.on_capacity = None
+        self.others_waiting = lambda client: False
         self.max_result_bytes = max_result_bytes
-        self.draining = False
+        self.kill_on_cancel = False
         self.counters = {"ok": 0, "error": 0}
 
-    async def run(self, task: str, kwargs: dict, timeout: float) -> tuple[bytes, float]:
+    async def run(self, task: str, kwargs: dict, timeout: float, client: str = "") -> tuple[bytes, float]:
         t = self.tasks[task]
         started = time.perf_counter()
         try:
@@ -729,4 +777,4 @@ class InlinePool:
         return reply[1], 1000 * (time.perf_counter() - started)
 
     def stats(self) -> dict:
-        return {"workers": 1, "busy": 0, **self.counters}  # it runs each job itself, inline
+        return {"backend": "inline", "workers": 1, "busy": 0, "problem": None, **self.counters}  # it runs each job itself

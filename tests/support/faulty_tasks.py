@@ -144,3 +144,10 @@ def text_arg(path: str, params: Mapping[str, Any], config: Mapping[str, Any]) ->
 def text_length(text: str) -> int:
     """A job with arguments as large as the request body allows."""
     return len(text)
+
+
+@task("spin_and_tell", parse=seconds_arg, echo=("seconds",))
+def spin_and_tell(seconds: float) -> float:
+    """spin, after writing the pid of the process running it: a test can see it stop."""
+    setup_flag("spinner").write_text(str(os.getpid()))
+    return spin(seconds)

@@ -328,3 +328,18 @@ def test_a_freed_slot_goes_to_the_waiting_client_that_runs_the_fewest_jobs():
         await asyncio.gather(*(j.task for j in [*long, *short]))
 
     asyncio.run(main())
+
+
+def test_it_tells_whether_another_client_has_a_job_waiting():
+    async def main():
+        a = Admission(slots=1, queue_limit=2)
+        log: list[str] = []
+        first, second = Job(a, "first", log, client="a"), Job(a, "second", log, client="b")
+        await settle()
+        assert a.others_waiting("a") and not a.others_waiting("b")
+        first.release.set()
+        second.release.set()
+        await asyncio.gather(first.task, second.task)
+        assert not a.others_waiting("a")
+
+    asyncio.run(main())

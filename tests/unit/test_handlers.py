@@ -241,7 +241,7 @@ class SlowAppTest(ContractTestCase):
         self.assert_json_error(self.request("/slow/return_unpicklable"), 500, "job_failed")
         assert self.pool.counters["ok"] == before and self.pool.counters["error"] >= 1
         text = self.request("/metrics").body.decode()
-        assert 'fleet_slow_jobs_total{outcome="ok",task="return_unpicklable"} 0.0' in text
+        assert 'fleet_slow_jobs_total{backend="local",outcome="ok",task="return_unpicklable"} 0.0' in text
 
 
 # the slow app: what a pool can answer besides a result ----------------------------------------------
@@ -252,15 +252,20 @@ class ScriptedPool:
     def __init__(self) -> None:
         self.error: Exception | None = None
         self.workers = 2
-        self.draining = False
+        self.kill_on_cancel = False
+        self.size = 1
+        self.on_capacity = None
 
-    async def run(self, task: str, kwargs: dict, timeout: float):
+    def others_waiting(self, client: str) -> bool:  # replaced by the app
+        return False
+
+    async def run(self, task: str, kwargs: dict, timeout: float, client: str = ""):
         if self.error is not None:
             raise self.error
         return b"1", 1.0
 
     def stats(self) -> dict:
-        return {"workers": self.workers, "busy": 0}
+        return {"workers": self.workers, "busy": 0, "problem": None}
 
 
 class SlowAppPoolOutcomesTest(ContractTestCase):
@@ -309,9 +314,14 @@ class HeldPool:
         self.started = asyncio.Event()
         self.release = asyncio.Event()
         self.calls = 0
-        self.draining = False
+        self.kill_on_cancel = False
+        self.size = 1
+        self.on_capacity = None
 
-    async def run(self, task: str, kwargs: dict, timeout: float):
+    def others_waiting(self, client: str) -> bool:  # replaced by the app
+        return False
+
+    async def run(self, task: str, kwargs: dict, timeout: float, client: str = ""):
         self.calls += 1
         self.started.set()
         await self.release.wait()
@@ -359,7 +369,7 @@ class SlowAppFullLineTest(ContractTestCase):
         await asyncio.wait_for(self.pool.started.wait(), 5)
         self._app.settings["on_drain_deadline"]()
         body = self.assert_json_error(await job, 503, "shutting_down")
-        assert body["message"] and self.pool.draining  # its worker is killed, whatever the kill budget
+        assert body["message"] and self.pool.kill_on_cancel  # its worker is killed, whatever the kill budget
 
 
 class SlowAppPerClientTest(ContractTestCase):
