@@ -33,13 +33,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy import render
-from deploy.control import (FleetError, check_ports_free, health_url, nginx_test, supervisor, wait_healthy)
+from deploy.control import FleetError, check_ports_free, health_url, nginx_test, ports_of, supervisor, wait_healthy
 from deploy.procs import worker_pids
 from services.common.settings import Settings
 
 MANIFEST = "applied.json"
+NO_SNAPSHOT = ("nginx", "dask-scheduler")  # programs that neither read settings.json nor restart for new code
 NGINX_CONF = "nginx/conf/nginx.conf"
-ROLES = ("slow", "fast")  # slow first: its instances take longest to start
+# The managed Dask cluster first (the slow instances connect to it), then slow (its instances take
+# longest to start), then fast. Only slow and fast have spares.
+ROLES = ("dask", "slow", "fast")
+SPARED = ("slow", "fast")
 
 
 def sha(text: str) -> str:
@@ -57,10 +61,11 @@ def wanted_state(settings: Settings, files: dict[str, str]) -> dict:
     snapshot = files["settings.json"]
     return {
         "nginx.conf": sha(files[NGINX_CONF]),
-        # An instance reads the snapshot when it starts: a changed setting changes every instance.
-        "programs": {name: sha(block + ("" if name == "nginx" else snapshot))
+        # Instances and Dask workers read the snapshot when they start: a changed setting changes
+        # each of them. nginx and the Dask scheduler do not read it.
+        "programs": {name: sha(block + ("" if name in NO_SNAPSHOT else snapshot))
                      for name, block in program_blocks(files["supervisord.conf"]).items()},
-        "ports": {p.name: p.port for p in render.programs(settings)},
+        "ports": {p.name: p.port for p in [*render.programs(settings), *render.cluster_programs(settings)]},
     }
 
 
@@ -129,11 +134,12 @@ def make_plan(applied: dict, wanted: dict, restart_instances: bool) -> Plan:
                 plan.spares.append(name)
         elif name not in old:
             plan.start.append(name)
-        elif old[name] != new[name] or restart_instances:
+        elif old[name] != new[name] or (restart_instances and name not in NO_SNAPSHOT):
             plan.start.append(name)
             plan.cover.add(role_of(name))
     plan.remove = [n for n in old if n not in new and n != "nginx"]
     plan.cover |= {role_of(n) for n in plan.remove}
+    plan.cover &= set(SPARED)
     plan.start.sort(key=lambda n: (ROLES.index(role_of(n)), n))
     return plan
 
@@ -167,7 +173,7 @@ class Applier:
         if plan.supervisor_changes:
             self.rpc.reloadConfig()  # supervisor learns the new definitions; nothing restarts yet
         try:
-            for role in ROLES:
+            for role in SPARED:
                 if role in plan.cover:
                     self.start_spare(role)
             self.start_instances(plan.start)
@@ -213,6 +219,8 @@ class Applier:
             pending.remove(name)
             started = time.monotonic()
             replacing = name in self.applied["programs"]
+            if replacing and name.startswith("dask-worker-"):
+                self.drain_dask_worker(name)
             self.replace_group(name, start=True)
             wait_healthy(self.settings, [name])
             if replacing:
@@ -221,6 +229,29 @@ class Applier:
                 time.sleep(render.FAIL_TIMEOUT_SECONDS + 0.5)
             self.record(name)
             print(f"  {'restarted' if replacing else 'started'} {name} in {time.monotonic() - started:.1f} s")
+
+    def drain_dask_worker(self, name: str) -> None:
+        """Have the scheduler send a Dask worker no new job, and wait until it has finished those it
+        runs (at most a job's deadline): stopping it then fails no job that was accepted."""
+        import asyncio
+
+        from distributed import Client
+
+        scheduler = f"tcp://127.0.0.1:{self.applied['ports']['dask-scheduler']}"
+        address = f"tcp://127.0.0.1:{self.applied['ports'][name]}"
+        timeout = self.settings.slow.job_timeout + 5
+
+        async def drain() -> None:
+            async with Client(scheduler, asynchronous=True, timeout=5, set_as_default=False) as client:
+                await client.retire_workers(workers=[address], close_workers=False, remove=False)
+                deadline = time.monotonic() + timeout
+                while (await client.processing(workers=[address])).get(address) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+
+        try:
+            asyncio.run(drain())
+        except Exception as exc:  # noqa: BLE001 - a scheduler that is down has nothing to drain
+            print(f"  could not drain {name} first ({type(exc).__name__}: {exc}); stopping it anyway")
 
     def ports_held(self) -> set[int]:
         """Ports of this fleet's instances that are running now (their applied definition)."""
@@ -253,8 +284,8 @@ def apply_changes(settings: Settings, files: dict[str, str], applied: dict, rest
     plan = make_plan(applied, wanted, restart_instances)
     if plan.empty:
         return False
-    # New ports (a moved edge, more instances) must be free; the ones this fleet holds are.
-    check_ports_free(settings, ignore={p for p in applied["ports"].values() if p} | {_edge_port(settings)})
+    # New ports (a moved edge, more instances) must be free; the ones this fleet holds are not.
+    check_ports_free(settings, ignore=_held_ports(settings))
     conf = settings.run_dir / NGINX_CONF
     previous_nginx_conf = conf.read_text() if conf.exists() else None
     render.write(settings, files)
@@ -270,19 +301,13 @@ def apply_changes(settings: Settings, files: dict[str, str], applied: dict, rest
     return True
 
 
-def _edge_port(settings: Settings) -> int:
-    """The edge port nginx listens on now, as its running config says (it may be changing)."""
-    listen = _listen_of(settings.run_dir / NGINX_CONF)
-    return listen[1] if listen else settings.edge.port
-
-
-def _listen_of(conf: Path) -> tuple[str, int] | None:
-    from deploy.nginx_launch import listen_address
-
+def _held_ports(settings: Settings) -> set[int]:
+    """Every port the running fleet may hold: those of the settings it last ran with."""
     try:
-        return listen_address(conf)
+        running = Settings.from_snapshot(settings.run_dir / "settings.json")
     except (OSError, ValueError):
-        return None
+        return set()
+    return {port for _, _, port, _ in ports_of(running)}
 
 
 def reload_nginx(settings: Settings, previous_conf: str | None) -> None:

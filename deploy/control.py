@@ -63,11 +63,7 @@ def process_info(settings: Settings, name: str) -> dict:
 
 def check_ports_free(settings: Settings, ignore: set[int] = frozenset()) -> None:
     """Every port the settings use is free (but those in `ignore`, which this fleet holds)."""
-    wanted = [("edge", settings.edge.bind, settings.edge.port, "FLEET_EDGE_PORT")]
-    for role in ("fast", "slow"):
-        wanted += [(name, "127.0.0.1", port, f"FLEET_{role.upper()}_BASE_PORT")
-                   for name, port in settings.instances(role) + [settings.spare(role)]]
-    for name, host, port, knob in wanted:
+    for name, host, port, knob in ports_of(settings):
         if port in ignore:
             continue
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -80,6 +76,20 @@ def check_ports_free(settings: Settings, ignore: set[int] = frozenset()) -> None
                     f"port {port} ({name}) on {host} is taken by another program; stop it, or "
                     f"choose other ports, e.g. {knob}={port + 1000} make deploy-local"
                 ) from None
+
+
+def ports_of(settings: Settings) -> list[tuple[str, str, int, str]]:
+    """(what, address, port, the setting that moves it) for every port a fleet of these settings uses."""
+    wanted = [("edge", settings.edge.bind, settings.edge.port, "FLEET_EDGE_PORT")]
+    for role in ("fast", "slow"):
+        wanted += [(name, "127.0.0.1", port, f"FLEET_{role.upper()}_BASE_PORT")
+                   for name, port in settings.instances(role) + [settings.spare(role)]]
+    for c in render.cluster_programs(settings):
+        knob = "FLEET_DASK_SCHEDULER_PORT" if c.name == "dask-scheduler" else "FLEET_DASK_WORKER_BASE_PORT"
+        wanted += [(c.name, "127.0.0.1", c.port, knob),
+                   (f"{c.name} dashboard", "127.0.0.1", c.dashboard,
+                    "FLEET_DASK_DASHBOARD_PORT" if c.name == "dask-scheduler" else knob)]
+    return wanted
 
 
 def check_nginx() -> None:
@@ -102,9 +112,13 @@ def nginx_test(settings: Settings) -> None:
 # health ----------------------------------------------------------------------------------------
 
 def get_json(url: str, timeout: float = 2) -> tuple[int, dict]:
+    """(status, JSON body); {} for a body that is not JSON (a Dask process's /health says "ok")."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
+            try:
+                return response.status, json.loads(response.read())
+            except ValueError:
+                return response.status, {}
     except urllib.error.HTTPError as exc:
         try:
             return exc.code, json.loads(exc.read())
@@ -120,6 +134,7 @@ def health_urls(settings: Settings) -> dict[str, str]:
     """/healthz of every instance and of the edge (spares included: they answer only when up)."""
     urls = {name: health_url(port)
             for role in ("fast", "slow") for name, port in settings.instances(role) + [settings.spare(role)]}
+    urls.update({c.name: f"http://127.0.0.1:{c.dashboard}/health" for c in render.cluster_programs(settings)})
     urls["edge"] = f"{edge_url(settings)}/healthz"
     return urls
 
@@ -149,7 +164,9 @@ def wait_healthy(settings: Settings, names: list[str] | None = None, timeout: fl
     pending = {n: known[n] for n in (names or [n for n in known if not n.endswith("-spare")])}
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
-        pending = {n: u for n, u in pending.items() if not healthy(u, None if n == "edge" else n)}
+        # Instances name themselves in their /healthz; the edge and Dask's processes only answer.
+        pending = {n: u for n, u in pending.items()
+                   if not healthy(u, None if n == "edge" or n.startswith("dask-") else n)}
         if not pending:
             return
         if any(p["statename"] == "FATAL" for p in process_infos(settings)):

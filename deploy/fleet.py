@@ -159,16 +159,52 @@ def status(settings: Settings) -> None:
     edge = "ok" if healthy(health_urls(settings)["edge"]) else "not answering"
     print(f"edge {edge_url(settings)}: {edge}   (loop lag: mean probe delay; blocked: loops blocked past "
           f"{settings.observe.blocked_loop_ms} ms)")
+    if settings.slow.backend == "dask":
+        print(cluster_line(settings))
+
+
+def cluster_line(settings: Settings) -> str:
+    """The Dask cluster as the slow instances see it (and, when managed, as its scheduler counts)."""
+    name, port = settings.instances("slow")[0]
+    try:
+        pool = get_json(f"http://127.0.0.1:{port}/healthz", timeout=2)[1].get("pool", {})
+    except OSError:
+        pool = {}
+    cluster = pool.get("cluster", {})
+    waiting = 0
+    for _, p in settings.instances("slow"):
+        try:
+            waiting += get_json(f"http://127.0.0.1:{p}/healthz", timeout=2)[1].get("waiting", 0)
+        except OSError:
+            pass
+    line = (f"dask cluster {cluster.get('scheduler', settings.dask.scheduler)}: "
+            f"{'connected' if cluster.get('connected') else 'NOT CONNECTED (' + str(pool.get('problem')) + ')'}, "
+            f"{cluster.get('workers', '?')} worker(s), {cluster.get('threads', '?')} thread(s)")
+    if settings.dask.scheduler == "managed":
+        try:
+            counts = get_json(f"http://127.0.0.1:{settings.dask.dashboard_port}/json/counts.json", timeout=2)[1]
+            line += f", {counts.get('processing', '?')} job(s) running"
+        except OSError:
+            line += ", scheduler not answering"
+    return line + f", {waiting} waiting in the slow instances"
 
 
 def print_welcome(settings: Settings) -> None:
     url = edge_url(settings)
     fast = ", ".join(f"{n} :{p}" for n, p in settings.instances("fast"))
     slow = ", ".join(f"{n} :{p}" for n, p in settings.instances("slow"))
+    if settings.slow.backend == "dask":
+        d = settings.dask
+        jobs = f"jobs on Dask, {settings.slow.queue_limit} may wait"
+        cluster = (f"\n  dask: scheduler tcp://127.0.0.1:{d.scheduler_port}, {d.workers} worker(s) x "
+                   f"{d.threads_per_worker} thread(s); dashboard http://127.0.0.1:{d.dashboard_port}/status"
+                   if d.scheduler == "managed" else f"\n  dask: the cluster at {d.scheduler}")
+    else:
+        jobs, cluster = f"{settings.slow.workers} workers each, {settings.slow.queue_limit} may wait", ""
     print(f"""
 fleet is up: nginx {url}  (run dir {settings.run_dir})
   fast: {fast}
-  slow: {slow}  ({settings.slow.workers} workers each, {settings.slow.queue_limit} may wait)
+  slow: {slow}  ({jobs}){cluster}
 try:
   curl -s {url}/fast
   curl -si {url}/slow/fib/25

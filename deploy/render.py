@@ -102,6 +102,7 @@ def context(settings: Settings) -> dict:
         "edge_errors": EDGE_ERRORS,
         "edge_stopwaitsecs": 10,
         "programs": programs(s),
+        "cluster": cluster_programs(s),
     }
 
 
@@ -117,6 +118,28 @@ class Program:
     @property
     def spare(self) -> bool:
         return self.argument == "spare"
+
+
+@dataclass(frozen=True)
+class ClusterProgram:
+    """A process of the managed Dask cluster: the scheduler, or one worker."""
+    name: str  # "dask-scheduler", "dask-worker-01"
+    port: int  # its Dask port
+    dashboard: int  # its HTTP port: dashboard, /health, Prometheus /metrics
+    scheduler_port: int
+    threads: int
+
+
+def cluster_programs(settings: Settings) -> list[ClusterProgram]:
+    """The managed Dask cluster's processes; none unless slow.backend = "dask" and it is managed."""
+    d = settings.dask
+    if settings.slow.backend != "dask" or d.scheduler != "managed":
+        return []
+    found = [ClusterProgram("dask-scheduler", d.scheduler_port, d.dashboard_port, d.scheduler_port, 0)]
+    for i in range(1, d.workers + 1):
+        port = d.worker_base_port + 2 * i - 1
+        found.append(ClusterProgram(f"dask-worker-{i:02d}", port, port + 1, d.scheduler_port, d.threads_per_worker))
+    return found
 
 
 def programs(settings: Settings) -> list[Program]:
@@ -158,6 +181,8 @@ def prometheus_targets(settings: Settings) -> str:
         {"targets": [f"127.0.0.1:{port}"], "labels": {"role": role, "fleet_instance": name}}
         for role in ("fast", "slow") for name, port in settings.instances(role)
     ]
+    groups += [{"targets": [f"127.0.0.1:{c.dashboard}"], "labels": {"role": "dask", "fleet_instance": c.name}}
+               for c in cluster_programs(settings)]  # Dask's own /metrics, on its HTTP port
     return json.dumps(groups, indent=2) + "\n"
 
 
@@ -165,7 +190,7 @@ def write(settings: Settings, files: dict[str, str] | None = None) -> list[str]:
     """Write the rendered files into the run dir; return the ones whose content changed."""
     files = render(settings) if files is None else files
     run_dir = settings.run_dir
-    for sub in ("logs", "nginx/conf", "nginx/temp", "prometheus", "profiles"):
+    for sub in ("logs", "nginx/conf", "nginx/temp", "prometheus", "profiles", "dask"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     nginx_temp_dir(settings).mkdir(mode=0o711, exist_ok=True)  # nginx makes its subdirectories, for its workers
     changed = []

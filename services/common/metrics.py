@@ -9,8 +9,8 @@ targets file that deploy renders into the run dir (prometheus/targets.json). Fam
                                                                method = GET, POST, HEAD or other)
     fleet_http_requests_in_flight                              gauge
     fleet_slow_workers, fleet_slow_workers_busy, fleet_slow_queue_depth   gauges (slow only)
-    fleet_slow_jobs_total{task,outcome}                        counter
-    fleet_slow_job_duration_seconds{task}                      histogram
+    fleet_slow_jobs_total{task,outcome,backend}                counter
+    fleet_slow_job_duration_seconds{task,backend}              histogram
     fleet_event_loop_lag_seconds                               histogram (watchdog.py)
     fleet_event_loop_blocked_total                             counter (watchdog.py)
     process_*, python_*                                        prometheus-client's own collectors
@@ -33,9 +33,10 @@ IN_FLIGHT = Gauge("fleet_http_requests_in_flight", "Requests accepted and not ye
 SLOW_WORKERS = Gauge("fleet_slow_workers", "Worker processes serving in the slow pool")
 SLOW_WORKERS_BUSY = Gauge("fleet_slow_workers_busy", "Worker processes running a job")
 SLOW_QUEUE_DEPTH = Gauge("fleet_slow_queue_depth", "Jobs waiting for a worker")
-SLOW_JOBS = Counter("fleet_slow_jobs_total", "Jobs by task and outcome", ["task", "outcome"])
+SLOW_JOBS = Counter("fleet_slow_jobs_total", "Jobs by task, outcome and backend (local or dask)",
+                    ["task", "outcome", "backend"])
 SLOW_JOB_DURATION = Histogram("fleet_slow_job_duration_seconds", "Time a job ran in its worker",
-                              ["task"], buckets=BUCKETS)
+                              ["task", "backend"], buckets=BUCKETS)
 LOOP_LAG = Histogram(
     "fleet_event_loop_lag_seconds", "How late the event loop ran a probe scheduled every 100 ms",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
@@ -71,9 +72,9 @@ def refresh() -> None:
         fn()
 
 
-def declare_tasks(task_names) -> None:
+def declare_tasks(task_names, backend: str) -> None:
     """Create every task's series at zero, so a rate() works from the first scrape."""
     for name in task_names:
         for outcome in JOB_OUTCOMES:
-            SLOW_JOBS.labels(name, outcome)
-        SLOW_JOB_DURATION.labels(name)
+            SLOW_JOBS.labels(name, outcome, backend)
+        SLOW_JOB_DURATION.labels(name, backend)

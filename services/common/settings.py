@@ -59,6 +59,30 @@ def _check_event_loop(value: str) -> None:
         raise ValueError(value)
 
 
+def _check_backend(value: str) -> None:
+    '''"local" or "dask"'''
+    if value not in ("local", "dask"):
+        raise ValueError(value)
+
+
+def _check_scheduler(value: str) -> None:
+    '''"managed", or a scheduler address tcp://host:port or tls://host:port'''
+    if value == "managed":
+        return
+    scheme, _, rest = value.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme not in ("tcp", "tls") or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(value)
+
+
+def heavy_capacity(v: Mapping[str, Any]) -> int:
+    """Jobs one slow instance can run at once, as far as deploy knows: its workers (local), or its
+    share of a managed cluster's threads (dask; an external cluster's is read at run time)."""
+    if v["slow.backend"] == "dask" and v["dask.scheduler"] == "managed":
+        return max(1, v["dask.workers"] * v["dask.threads_per_worker"] // v["slow.instances"])
+    return v["slow.workers"]
+
+
 def _check_modules(value: str) -> None:
     """comma-separated dotted module names"""
     names = [n.strip() for n in value.split(",")]
@@ -132,10 +156,17 @@ SCHEMA: dict[str, Spec] = {
     "slow.instances": Spec(int, 1, 16),
     "slow.base_port": Spec(int, 1024, 65000),
     "slow.workers": Spec(int, 1, 256, auto=lambda v: usable_cpus()),
-    "slow.queue_limit": Spec(int, 0, 10000, auto=lambda v: 4 * v["slow.workers"]),
+    "slow.backend": Spec(str, check=_check_backend),
+    "dask.scheduler": Spec(str, check=_check_scheduler),
+    "dask.workers": Spec(int, 1, 256, auto=lambda v: usable_cpus()),
+    "dask.threads_per_worker": Spec(int, 1, 64),
+    "dask.scheduler_port": Spec(int, 1024, 65535),
+    "dask.dashboard_port": Spec(int, 1024, 65535),
+    "dask.worker_base_port": Spec(int, 1024, 65000),
+    "slow.queue_limit": Spec(int, 0, 10000, auto=lambda v: 4 * heavy_capacity(v)),
     "slow.max_per_client": Spec(int, 1, 100000, auto=lambda v: max(
-        1, (v["slow.workers"] + v["slow.queue_limit"]) * v["slow.instances"] // 2)),
-    "slow.min_workers": Spec(int, 0, 256, auto=lambda v: max(1, v["slow.workers"] // 2)),
+        1, (heavy_capacity(v) + v["slow.queue_limit"]) * v["slow.instances"] // 2)),
+    "slow.min_workers": Spec(int, 0, 256, auto=lambda v: max(1, heavy_capacity(v) // 2)),
     "slow.job_timeout": Spec(float, 0.1, 3600),
     "slow.nice": Spec(int, 0, 19),
     "slow.sched_idle": Spec(bool),
@@ -245,9 +276,21 @@ def _check_consistency(v: Mapping[str, Any]) -> None:
             f"slow.drain_timeout ({v['slow.drain_timeout']:g}) must be longer than slow.job_timeout "
             f"({v['slow.job_timeout']:g}), so that a stopping instance lets its running jobs finish"
         )
-    if v["slow.min_workers"] > v["slow.workers"]:
-        raise SettingsError(f"slow.min_workers ({v['slow.min_workers']}) cannot exceed slow.workers "
-                            f"({v['slow.workers']})")
+    if v["slow.min_workers"] > heavy_capacity(v):
+        raise SettingsError(f"slow.min_workers ({v['slow.min_workers']}) cannot exceed the jobs an instance "
+                            f"can run at once ({heavy_capacity(v)}: slow.workers, or its share of the Dask cluster)")
+    if v["slow.backend"] == "dask" and v["dask.scheduler"] == "managed":
+        used = {"edge.port": {v["edge.port"]}, "fast": set(fast), "slow": set(slow)}
+        dask = {v["dask.scheduler_port"], v["dask.dashboard_port"],
+                *range(v["dask.worker_base_port"] + 1, v["dask.worker_base_port"] + 2 * v["dask.workers"] + 1)}
+        if v["dask.scheduler_port"] == v["dask.dashboard_port"]:
+            raise SettingsError("dask.scheduler_port and dask.dashboard_port must differ")
+        for what, ports in used.items():
+            if dask & ports:
+                raise SettingsError(f"the Dask cluster's ports (dask.scheduler_port, dask.dashboard_port, "
+                                    f"dask.worker_base_port+1..+{2 * v['dask.workers']}) overlap {what}: move one")
+        if max(dask) > 65535:
+            raise SettingsError("dask.worker_base_port + 2 x dask.workers exceeds 65535: lower it")
 
 
 class Settings:

@@ -22,8 +22,8 @@ from services.common import metrics, server
 from services.common.web import ApiError, BaseHandler, HealthHandler, MetricsHandler, NotFoundHandler
 from services.slow import registry
 from services.slow.admission import Admission, ClientLimited, Overloaded
-from services.slow.pool import (JobFailed, JobTimeout, NoWorkers, ResultTooLarge, TaskUnavailable, WorkerDied,
-                                WorkerPool)
+from services.slow.pool import (BackendUnavailable, JobFailed, JobTimeout, NoWorkers, ResultTooLarge,
+                                TaskUnavailable, WorkerDied, WorkerPool)
 
 log = logging.getLogger("fleet.slow")
 
@@ -98,50 +98,58 @@ class TaskHandler(BaseHandler):
         loop = asyncio.get_running_loop()
         arrived = loop.time()
         timeout = min(task.timeout or self.fleet.slow.job_timeout, self.fleet.slow.job_timeout)
-        jobs = metrics.SLOW_JOBS
+        backend = self.fleet.slow.backend
+
+        def count(outcome: str) -> None:
+            metrics.SLOW_JOBS.labels(task.name, outcome, backend).inc()
+
         retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         try:
             # The client's own address, as nginx saw it (X-Real-IP): its share of the line.
-            async with self.admission.slot(self.request.remote_ip):
+            client = self.request.remote_ip
+            async with self.admission.slot(client):
                 queued_ms = 1000 * (loop.time() - arrived)
                 started = loop.time()
                 try:
-                    result_json, elapsed_ms = await self.pool.run(task.name, kwargs, timeout)
+                    result_json, elapsed_ms = await self.pool.run(task.name, kwargs, timeout, client)
                 finally:
-                    metrics.SLOW_JOB_DURATION.labels(task.name).observe(loop.time() - started)
+                    metrics.SLOW_JOB_DURATION.labels(task.name, backend).observe(loop.time() - started)
         except Overloaded as exc:
-            jobs.labels(task.name, "shed").inc()
+            count("shed")
             raise ApiError(503, "overloaded", f"slow pool is full ({exc}); retry later", headers=retry) from None
         except ClientLimited as exc:
-            jobs.labels(task.name, "limited").inc()
+            count("limited")
             raise ApiError(429, "rate_limited", f"{exc}; retry when one has finished", headers=retry) from None
         except NoWorkers as exc:
-            jobs.labels(task.name, "no_workers").inc()
+            count("no_workers")
             raise ApiError(503, "no_workers", str(exc), headers=retry) from None
         except TaskUnavailable as exc:
-            jobs.labels(task.name, "unavailable").inc()
+            count("unavailable")
             raise ApiError(503, "task_unavailable", str(exc), headers=retry) from None
+        except BackendUnavailable as exc:
+            count("unavailable")
+            raise ApiError(503, "backend_unavailable", str(exc), headers=retry) from None
         except JobTimeout as exc:
-            jobs.labels(task.name, "timeout").inc()
+            count("timeout")
             log.warning("%s", exc)
             raise ApiError(504, "job_timeout", str(exc)) from None
         except WorkerDied as exc:
-            jobs.labels(task.name, "crashed").inc()
+            count("crashed")
             log.warning("job %s failed: %s", task.name, exc)
             raise ApiError(502, "worker_died", f"the worker running this job died: {exc}") from None
         except ResultTooLarge as exc:
-            jobs.labels(task.name, "error").inc()
+            count("error")
             log.error("job %s: %s", task.name, exc)
             raise ApiError(500, "result_too_large", str(exc)) from None
         except JobFailed as exc:
-            jobs.labels(task.name, "error").inc()
+            count("error")
             log.error("job %s raised %s: %s", task.name, exc.type_name, exc.message,
                       extra={"fields": {"traceback": exc.traceback_text, "task": task.name}})
             raise ApiError(500, "job_failed", f"{exc.type_name}: {exc.message}", type=exc.type_name) from None
         except asyncio.CancelledError:
-            jobs.labels(task.name, "cancelled").inc()
+            count("cancelled")
             raise
-        jobs.labels(task.name, "ok").inc()
+        count("ok")
         log.info("job %s ok in %.1f ms (waited %.1f ms)", task.name, elapsed_ms, queued_ms,
                  extra={"fields": {"task": task.name, "elapsed_ms": round(elapsed_ms, 2)}})
         # The worker encoded the result; here it is only framed, whatever its size.
@@ -170,7 +178,10 @@ class SlowHealthHandler(HealthHandler):
                 "shed": admission.shed, "limited": admission.limited}
 
     def unhealthy(self, figures: dict) -> str | None:
-        workers, floor = figures["pool"]["workers"], self.fleet.slow.min_workers
+        pool = figures["pool"]
+        workers, floor = pool["workers"], self.fleet.slow.min_workers
+        if pool.get("problem"):
+            return pool["problem"]
         if workers < floor:
             return f"{workers} worker(s) serving, below slow.min_workers = {floor}"
         return None
@@ -178,14 +189,16 @@ class SlowHealthHandler(HealthHandler):
 
 def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool: Any) -> web.Application:
     fleet = instance.settings
-    admission = Admission(slots=fleet.slow.workers, queue_limit=fleet.slow.queue_limit,
-                          per_client=fleet.slow.max_per_client)
+    admission = Admission(slots=pool.size, queue_limit=fleet.slow.queue_limit, per_client=fleet.slow.max_per_client)
+    pool.on_capacity = admission.resize  # a cluster's workers come and go
+    # A job left to run after its client went away (past the kill budget) yields to other clients.
+    pool.others_waiting = admission.others_waiting
     jobs: set[asyncio.Future] = set()
     stopped_jobs: set[asyncio.Future] = set()
 
     def stop_jobs() -> None:
         """At a drain's deadline: answer every unfinished job 503 (its worker is killed)."""
-        pool.draining = True  # kill each one's worker now, whatever the kill budget says
+        pool.kill_on_cancel = True  # kill each one's worker now, whatever the kill budget says
         for job in list(jobs):
             stopped_jobs.add(job)
             job.cancel()
@@ -194,7 +207,7 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
               "jobs": jobs, "stopped_jobs": stopped_jobs}
     settings = server.app_settings(instance)
     settings["on_drain_deadline"] = stop_jobs
-    metrics.declare_tasks(tasks)
+    metrics.declare_tasks(tasks, fleet.slow.backend)
 
     def refresh_gauges() -> None:
         stats = pool.stats()
@@ -215,17 +228,25 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
     )
 
 
-async def run(instance: server.Instance) -> None:
+def make_pool(instance: server.Instance) -> Any:
+    """The one place that picks the backend (slow.backend); both have the same interface."""
     fleet = instance.settings
-    tasks = registry.load(fleet.slow.task_modules)
-    # Workers start (forkserver, niced, setups run) before the port is bound: the first request
-    # never waits for a pool, and no worker can ever hold the server's socket.
+    if fleet.slow.backend == "dask":
+        from services.slow.dask_pool import DaskPool  # imports Dask only where it is used
+
+        return DaskPool(fleet, instance.number)
     # One idle cgroup per instance of each fleet (run dirs differ): stopping one never empties another's.
     cgroup = f"{instance.name}-{zlib.crc32(str(fleet.run_dir).encode()):08x}" if fleet.slow.idle_cgroup else None
-    async with WorkerPool(fleet.slow.workers, fleet.slow.task_modules, fleet.slow.nice,
-                          sched_idle=fleet.slow.sched_idle, idle_cgroup=cgroup,
-                          max_result_bytes=fleet.slow.max_result_mb << 20,
-                          marker=f"{fleet.run_dir}:{instance.name}") as pool:
+    return WorkerPool(fleet.slow.workers, fleet.slow.task_modules, fleet.slow.nice,
+                      sched_idle=fleet.slow.sched_idle, idle_cgroup=cgroup,
+                      max_result_bytes=fleet.slow.max_result_mb << 20, marker=f"{fleet.run_dir}:{instance.name}")
+
+
+async def run(instance: server.Instance) -> None:
+    tasks = registry.load(instance.settings.slow.task_modules)
+    # The pool starts (local workers forked, niced, set up; or the cluster joined) before the port is
+    # bound: the first request never waits for it, and no worker can ever hold the server's socket.
+    async with make_pool(instance) as pool:
         await server.serve(make_app(instance, tasks, pool), instance)
 
 

@@ -1,0 +1,219 @@
+"""The slow pool on a Dask distributed cluster: the same interface as pool.WorkerPool.
+
+    async with DaskPool(settings, instance_number=1) as pool:
+        result_json, elapsed_ms = await pool.run("fib", {"n": 25}, timeout=30)
+
+Jobs are submitted to the cluster as one stable entry point (dask_worker.run_job) with the task's
+name as a string and pure=False (Dask would otherwise merge identical jobs into one), and run in a
+child process of a Dask worker (dask_worker.py). Admission stays in the slow instance, since Dask
+queues without bound: `size` is this instance's share of the cluster's worker threads, re-read
+every CAPACITY_EVERY seconds, and `on_capacity` tells the app when it changes.
+
+Outcomes are the local pool's: the worker raises the same JobErrors, and here
+
+    a Dask worker that died with the job (KilledWorker; allowed-failures 0)  -> WorkerDied (502)
+    the scheduler unreachable, or lost with the job (FutureCancelledError)   -> BackendUnavailable (503)
+    no worker thread in the cluster                                           -> NoWorkers (503)
+    the worker never answered past the deadline plus a grace                  -> JobTimeout (504)
+
+A departed client's job is cancelled (the worker kills its child), within the same kill budget as
+the local pool; past it, the job runs to its end and keeps its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any, Callable
+
+from distributed import Client
+from distributed.client import FutureCancelledError
+from distributed.scheduler import KilledWorker
+
+from services.common.settings import Settings
+from services.slow.dask_worker import BATCH_INTERVAL, run_job
+from services.slow.pool import (RECLAIM_AFTER, BackendUnavailable, JobError, JobTimeout, NoWorkers, WorkerDied,
+                                _KillBudget)
+
+log = logging.getLogger("fleet.dask")
+
+CAPACITY_EVERY = 1.0  # seconds between readings of the cluster's threads (and reconnection tries)
+CONNECT_TIMEOUT = 2.0  # seconds a connection attempt to the scheduler may take
+GRACE = 5.0  # seconds past a job's deadline before the instance stops waiting for its worker
+
+
+class DaskPool:
+    def __init__(self, settings: Settings, instance_number: int = 1):
+        dask = settings.dask
+        self.managed = dask.scheduler == "managed"
+        self.address = f"tcp://127.0.0.1:{dask.scheduler_port}" if self.managed else dask.scheduler
+        self.instances = settings.slow.instances
+        self.index = max(0, instance_number - 1) % self.instances  # the spare takes slow-01's share
+        self.size = 0  # until the cluster says how many threads it has
+        self.threads = 0  # the whole cluster's
+        self.workers = 0
+        self.on_capacity: Callable[[int], None] | None = None
+        self.kill_on_cancel = False
+        self.client: Client | None = None
+        self.problem = "not connected yet"
+        self._kill_budget = _KillBudget(rate=0.4, burst=4)  # as a 2-worker local pool (pool.py)
+        self._watcher: asyncio.Task | None = None
+        self._in_flight = 0
+        self.others_waiting: Callable[[str], bool] = lambda client: False  # set by the app's admission
+        self.counters = {"ok": 0, "error": 0, "timeout": 0, "crashed": 0, "cancelled": 0,
+                         "finished_after_cancel": 0, "reclaimed": 0, "unavailable": 0, "no_workers": 0,
+                         "reconnects": 0}
+
+    # lifecycle
+
+    async def __aenter__(self) -> "DaskPool":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def start(self, wait: float = 30) -> None:
+        """Connect and read the cluster's capacity; an unreachable scheduler leaves the instance up,
+        degraded, retrying in the background (jobs get 503 until it answers)."""
+        deadline = time.monotonic() + (wait if self.managed else CONNECT_TIMEOUT)
+        while not await self._connect() and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        if self.client is not None:
+            await self._read_capacity()
+        else:
+            log.warning("Dask scheduler at %s unreachable (%s): serving 503 until it answers", self.address,
+                        self.problem)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.close(timeout=2)
+
+    # the interface
+
+    async def run(self, task: str, kwargs: dict, timeout: float, client: str = "") -> tuple[bytes, float]:
+        client = self.client
+        if client is None or client.status != "running":
+            self.counters["unavailable"] += 1
+            raise BackendUnavailable(f"the Dask scheduler at {self.address} is unreachable ({self.problem}); "
+                                     "retry later")
+        if self.threads == 0:
+            self.counters["no_workers"] += 1
+            raise NoWorkers("the Dask cluster has no worker; retry later")
+        future = client.submit(run_job, task, kwargs, timeout, pure=False, key=f"{task}-{uuid.uuid4().hex}")
+        self._in_flight += 1
+        try:
+            result = await self._wait(future, task, timeout, client)
+        except JobError:
+            self.counters["error"] += 1
+            raise
+        finally:
+            self._in_flight -= 1
+            future.release()
+        self.counters["ok"] += 1
+        return result
+
+    async def _wait(self, future: Any, task: str, timeout: float, client: str) -> tuple[bytes, float]:
+        submitted = time.monotonic()
+        try:
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), timeout + GRACE)
+            except asyncio.CancelledError:  # the client went away
+                if not (self.kill_on_cancel or self._kill_budget.take()):
+                    # Left to finish, keeping its slot; yields to another client's waiting job once
+                    # it has run RECLAIM_AFTER (pool.py says why).
+                    self.counters["finished_after_cancel"] += 1
+                    end = time.monotonic() + timeout + GRACE
+                    while not future.done() and time.monotonic() < end:
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(asyncio.shield(future), 0.25)
+                        if (not future.done() and time.monotonic() - submitted >= RECLAIM_AFTER
+                                and self.others_waiting(client)):
+                            self.counters["reclaimed"] += 1
+                            break
+                    if future.done():
+                        raise
+                self.counters["cancelled"] += 1
+                await future.cancel()  # the worker kills the job's child process
+                raise
+        except asyncio.TimeoutError:
+            self.counters["timeout"] += 1
+            await future.cancel()
+            raise JobTimeout(f"job {task} passed its {timeout:g} s deadline (its Dask worker did not answer)") from None
+        except KilledWorker:
+            self.counters["crashed"] += 1
+            raise WorkerDied(0, None, "the Dask worker running this job died") from None
+        except (FutureCancelledError, OSError) as exc:
+            self.counters["unavailable"] += 1
+            raise BackendUnavailable(f"lost the Dask scheduler during the job ({type(exc).__name__}); retry") from None
+
+    def stats(self) -> dict:
+        return {"backend": "dask", "workers": self.size, "busy": self._in_flight,
+                "cluster": {"scheduler": self.address, "connected": self.connected, "workers": self.workers,
+                            "threads": self.threads},
+                "problem": None if self.connected else f"Dask scheduler {self.address} unreachable: {self.problem}",
+                **self.counters}
+
+    @property
+    def connected(self) -> bool:
+        return self.client is not None and self.client.status == "running"
+
+    # the cluster
+
+    async def _connect(self) -> bool:
+        try:
+            client = await asyncio.wait_for(
+                Client(self.address, asynchronous=True, timeout=CONNECT_TIMEOUT, set_as_default=False),
+                CONNECT_TIMEOUT + 1)
+        except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
+            self.problem = f"{type(exc).__name__}: {exc}"[:200]
+            return False
+        client.scheduler_comm.interval = BATCH_INTERVAL  # dask_worker.py says why
+        if not self.managed:
+            try:
+                await client.get_versions(check=True)
+            except ValueError as exc:
+                await client.close()
+                self.problem = f"versions differ from this fleet's: {exc}"
+                log.error("Dask cluster at %s: %s", self.address, self.problem)
+                return False
+        self.client = client
+        return True
+
+    async def _watch(self) -> None:
+        """Follow the cluster: its capacity as workers come and go, and the scheduler's loss."""
+        while True:
+            await asyncio.sleep(CAPACITY_EVERY)
+            try:
+                if self.client is not None and self.client.status in ("closed", "closing", "failed"):
+                    # The client gave up reconnecting (its timeout passed): start afresh.
+                    with contextlib.suppress(Exception):
+                        await self.client.close(timeout=1)
+                    self.client = None
+                if self.client is None:
+                    if await self._connect():
+                        self.counters["reconnects"] += 1
+                        log.info("connected to the Dask scheduler at %s", self.address)
+                if self.connected:
+                    await self._read_capacity()
+            except Exception as exc:  # noqa: BLE001 - the watcher must outlive any one reading
+                self.problem = f"{type(exc).__name__}: {exc}"[:200]
+
+    async def _read_capacity(self) -> None:
+        nthreads = await asyncio.wait_for(self.client.nthreads(), CONNECT_TIMEOUT)
+        self.workers, self.threads = len(nthreads), sum(nthreads.values())
+        share = self.threads // self.instances + (1 if self.index < self.threads % self.instances else 0)
+        share = max(share, 1 if self.threads else 0)  # more instances than threads: Dask queues the excess
+        if share != self.size:
+            log.info("cluster: %d worker(s), %d thread(s); this instance's share: %d", self.workers,
+                     self.threads, share)
+            self.size = share
+            if self.on_capacity is not None:
+                self.on_capacity(share)

@@ -1,0 +1,120 @@
+"""What the fleet's Dask scheduler and workers load at start: the job entry point and its pool.
+
+    dask worker tcp://127.0.0.1:8786 --preload services.slow.dask_worker ...   # supervisord does this
+    client.submit(run_job, "fib", {"n": 25}, 30.0, pure=False)                 # services/slow/dask_pool.py
+
+A Dask worker cannot stop a task it runs (dask/distributed #4694: a cancelled task runs on), and a
+task that kills its process takes the whole worker down. So no job runs in a Dask worker itself:
+each runs in a child process of it, in the very pool the local backend uses (pool.py): one child
+per worker thread, each task's setup once per child, the deadline and a cancel kill the child's
+process group, a crash fails only its job, results are encoded (and capped) in the child. The task
+thread only hands the job to that pool, on the worker's event loop, and waits; the slow instance
+submits one stable entry point, `run_job`, with the task's name as a string, never the function.
+
+Job errors (pool.JobError) pickle whole, so the slow instance receives exactly what the local pool
+would have raised. The worker kills a job's child when the scheduler cancels the job (the client
+went away) through a WorkerPlugin that watches the task leave the executing state.
+
+Loaded into the scheduler, the module only tightens message batching (BATCH_INTERVAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import zlib
+from typing import Any
+
+from distributed import Scheduler, Worker, get_worker
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+from distributed.worker import thread_state
+
+from services.common.settings import Settings
+
+log = logging.getLogger("fleet.dask")
+
+SETTINGS_ENV = "FLEET_SETTINGS"  # path of the fleet's settings snapshot, set by supervisord
+# Dask batches messages on each stream: 10 ms client to scheduler, 5 ms scheduler to worker, 2 ms
+# back, hard-coded. Measured here, those windows were most of a trivial job's 10.5 ms round trip
+# (7.3 ms with the client's at 1 ms, 4.7 ms with every stream at 1 ms). 1 ms still batches.
+BATCH_INTERVAL = 0.001
+
+_running: dict[str, asyncio.Task] = {}  # task key -> the pool job running it (in this worker)
+
+
+def run_job(task: str, kwargs: dict, timeout: float) -> tuple[bytes, float]:
+    """The one entry point the slow instances submit: run `task` in this worker's pool.
+
+    Runs in one of the worker's threads; returns (result JSON, elapsed ms) or raises a JobError.
+    """
+    worker = get_worker()
+    job = _run(worker.fleet_pool, thread_state.key, task, kwargs, timeout)
+    return asyncio.run_coroutine_threadsafe(job, worker.loop.asyncio_loop).result()
+
+
+async def _run(pool: Any, key: str, task: str, kwargs: dict, timeout: float) -> tuple[bytes, float]:
+    _running[key] = asyncio.current_task()
+    try:
+        return await pool.run(task, kwargs, timeout)
+    finally:
+        _running.pop(key, None)
+
+
+class KillCancelledJobs(WorkerPlugin):
+    """When the scheduler takes a running job away (cancelled, released), kill its child."""
+
+    name = "fleet-kill-cancelled-jobs"
+
+    def transition(self, key: str, start: str, finish: str, **kwargs: Any) -> None:
+        if start == "executing" and finish not in ("memory", "error", "executing"):
+            job = _running.get(key)
+            if job is not None and not job.done():
+                log.info("job %s left the worker (%s): killing its process", key, finish)
+                job.cancel()
+
+
+class FastBatches(SchedulerPlugin):
+    """Sets the scheduler's streams to workers and clients to BATCH_INTERVAL as they connect."""
+
+    name = "fleet-fast-batches"
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+
+    def add_worker(self, scheduler: Scheduler | None = None, worker: str | None = None, **kwargs: Any) -> None:
+        comm = self.scheduler.stream_comms.get(worker)
+        if comm is not None:
+            comm.interval = BATCH_INTERVAL
+
+    def add_client(self, scheduler: Scheduler | None = None, client: str | None = None, **kwargs: Any) -> None:
+        comm = self.scheduler.client_comms.get(client)
+        if comm is not None:
+            comm.interval = BATCH_INTERVAL
+
+
+async def dask_setup(server: Scheduler | Worker) -> None:
+    """The preload's hook: called with the scheduler or the worker it is loaded into."""
+    if isinstance(server, Scheduler):
+        server.add_plugin(FastBatches(server))
+        return
+    from services.slow.pool import WorkerPool  # the worker's side only
+
+    settings = Settings.from_snapshot(os.environ[SETTINGS_ENV])
+    server.batched_stream.interval = BATCH_INTERVAL
+    slow = settings.slow
+    cgroup = f"{server.name}-{zlib.crc32(str(settings.run_dir).encode()):08x}" if slow.idle_cgroup else None
+    pool = WorkerPool(server.state.nthreads, slow.task_modules, slow.nice, sched_idle=slow.sched_idle,
+                      idle_cgroup=cgroup, max_result_bytes=slow.max_result_mb << 20,
+                      marker=f"{settings.run_dir}:{server.name}")
+    pool.kill_on_cancel = True  # the slow instance decided (and budgeted) before it cancelled
+    await pool.start()
+    server.fleet_pool = pool
+    await server.plugin_add(KillCancelledJobs())
+    log.info("fleet pool of %d child process(es) ready in %s", pool.size, server.name)
+
+
+async def dask_teardown(server: Scheduler | Worker) -> None:
+    pool = getattr(server, "fleet_pool", None)
+    if pool is not None:
+        await pool.close()
