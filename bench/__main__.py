@@ -1,6 +1,7 @@
-"""`make bench`: naive, pool, fleet and the edge ceiling, side by side, with the issue's targets.
+"""`make bench`: naive, pool, fleet (local pool and Dask) and the edge ceiling, side by side, with the
+issues' targets.
 
-    .venv/bin/python -m bench [--quick] [--configs naive,pool,fleet,edge] [--repeat N] [--out DIR]
+    .venv/bin/python -m bench [--quick] [--configs naive,pool,fleet,fleet-dask,edge] [--repeat N] [--out DIR]
 
 Every configuration is started and stopped by the bench itself (by pid), on free loopback ports,
 once per repetition; repetitions are interleaved (naive, pool, fleet, edge, naive, ...) so that
@@ -126,7 +127,7 @@ class Bench:
             record["m"] = phases.measure(subject, p, say=lambda phase: self.say(f"    {phase}"))
         finally:
             record["killed"] = self.stop(subject)
-        if name in ("pool", "fleet") and subject.workers and subject.workers > 1:
+        if name in ("pool", "fleet", "fleet-dask") and subject.workers and subject.workers > 1:
             self.say("    heavy throughput with one worker")
             one = subjects.make(name, self.workdir / f"rep{rep + 1}" / f"{name}-w1", workers=1,
                                 overrides=self.fleet_env)

@@ -63,11 +63,15 @@ def cross_figures(records: list[dict]) -> dict[str, list[float]]:
     by_rep: dict[int, dict[str, dict]] = {}
     for r in records:
         by_rep.setdefault(r["rep"], {})[r["config"]] = figures(r)
-    out: dict[str, list[float]] = {"fleet_over_pool_wrk": []}
+    out: dict[str, list[float]] = {"fleet_over_pool_wrk": [], "dask_over_local_isolation": []}
     for rep in sorted(by_rep):
         value = ratio((by_rep[rep].get("fleet") or {}).get("wrk_rps"), (by_rep[rep].get("pool") or {}).get("wrk_rps"))
         if value is not None:
             out["fleet_over_pool_wrk"].append(value)
+        value = ratio((by_rep[rep].get("fleet-dask") or {}).get("isolation"),
+                      (by_rep[rep].get("fleet") or {}).get("isolation"))
+        if value is not None:
+            out["dask_over_local_isolation"].append(value)
     return out
 
 
@@ -99,8 +103,12 @@ class Target:
         return "pass" if ok else "**FAIL**"
 
 
-def _fleet(key: str) -> Callable[[dict], Spread | None]:
-    return lambda agg: (agg["configs"].get("fleet") or {}).get(key)
+def _fleet(key: str, config: str = "fleet") -> Callable[[dict], Spread | None]:
+    return lambda agg: (agg["configs"].get(config) or {}).get(key)
+
+
+def _dask_isolation_over_local(agg: dict) -> Spread | None:
+    return agg["cross"].get("dask_over_local_isolation")
 
 
 TARGETS = [
@@ -112,6 +120,11 @@ TARGETS = [
     Target("trivial heavy round trip ÷ /fast p50, fleet (/slow/fib/1 vs /fast)", "<=", 1.5, "",
            _fleet("rtt_ratio"), "a Dask round trip ≈ 14 ms"),
     Target("whole fleet RSS at idle (defaults)", "<=", 250, " MB", _fleet("rss_idle"), ""),
+    Target("Dask: trivial heavy round trip through the edge, p50 (/slow/fib/1)", "<=", 8, " ms",
+           _fleet("rtt_fib1_p50", "fleet-dask"), "Dask's own ≈ 11 ms here; 14 ms in the source document"),
+    Target("Dask: parallel efficiency (W Dask workers vs 1)", ">=", 0.9, "", _fleet("efficiency", "fleet-dask"), ""),
+    Target("Dask: isolation ratio ÷ the local pool's, same repetition", "<=", 1.0, "", _dask_isolation_over_local,
+           "no worse than the local pool"),
 ]
 
 
@@ -200,7 +213,7 @@ def markdown(records: list[dict], agg: dict, configs: list[str], profile: dict, 
         "",
         *([f"**Not the defaults**: the fleet ran with {', '.join(f'`{k}={v}`' for k, v in run['fleet_env'].items())} "
            "(`--fleet-env`).", ""] if run.get("fleet_env") else []),
-        "## Targets (issue 5)",
+        "## Targets (issue 5; the Dask rows: issue 9)",
         "",
     ]
     rows = []

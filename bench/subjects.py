@@ -3,9 +3,11 @@
     naive  one Tornado process computing the heavy task in its handler  (bench/naive_server.py)
     pool   one Tornado process with a ProcessPoolExecutor, no nginx      (bench/pool_server.py)
     fleet  this project through nginx, deploy/fleet.toml defaults, in a temp run dir on free ports
+    fleet-dask  the same with slow.backend = "dask": a managed cluster of W Dask workers
     edge   nginx answering /fast itself, the ceiling of the edge path     (bench/edge.py)
 
-`pool` and `fleet` also exist with one heavy worker (workers=1), for the parallel efficiency.
+`pool`, `fleet` and `fleet-dask` also exist with one heavy worker (workers=1), for the parallel
+efficiency.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 START_TIMEOUT = 60  # seconds a configuration may take to answer /healthz
 
-CONFIGS = ("naive", "pool", "fleet", "edge")
+CONFIGS = ("naive", "pool", "fleet", "fleet-dask", "edge")
 DESCRIPTIONS = {
     "naive": "one Tornado process, fib computed in the handler",
     "pool": "one Tornado process + ProcessPoolExecutor (W workers, not niced), no nginx",
     "fleet": "this project: nginx + fast and slow instances + worker pool, fleet.toml defaults",
+    "fleet-dask": "this project with slow.backend = dask: jobs on a managed Dask cluster of W workers",
     "edge": "nginx answering /fast itself (return 200): the edge path's ceiling",
 }
 
@@ -123,7 +126,9 @@ class Fleet(Subject):
 
     name = "fleet"
 
-    def __init__(self, workdir: Path, workers: int | None = None, overrides: dict[str, str] | None = None):
+    def __init__(self, workdir: Path, workers: int | None = None, overrides: dict[str, str] | None = None,
+                 name: str = "fleet"):
+        self.name = name
         self.run_dir = workdir / "run"
         planned = load(env=overrides or {})  # instance counts may be overridden (--fleet-env)
         fast, slow = planned.fast.instances, planned.slow.instances
@@ -137,10 +142,17 @@ class Fleet(Subject):
             FLEET_FAST_BASE_PORT=str(base + 1),
             FLEET_SLOW_BASE_PORT=str(base + fast + 2),
         )
+        dask = self.env.get("FLEET_SLOW_BACKEND") == "dask"
+        if dask:  # the cluster's scheduler, dashboard and a port pair per worker
+            workers_planned = workers or load(env=self.env).dask.workers
+            ports = procs.free_port_block(2 + 2 * workers_planned)
+            self.env.update(FLEET_DASK_SCHEDULER_PORT=str(ports), FLEET_DASK_DASHBOARD_PORT=str(ports + 1),
+                            FLEET_DASK_WORKER_BASE_PORT=str(ports + 1))
         if workers is not None:
-            self.env["FLEET_SLOW_WORKERS"] = str(workers)
+            self.env["FLEET_DASK_WORKERS" if dask else "FLEET_SLOW_WORKERS"] = str(workers)
         self.settings = load(env=self.env)
-        self.workers = self.settings.slow.workers
+        self.workers = (self.settings.dask.workers * self.settings.dask.threads_per_worker if dask
+                        else self.settings.slow.workers)
         self.port = base
         self._supervisord: procs.Proc | None = None
         self._started = False
@@ -201,6 +213,8 @@ def make(name: str, workdir: Path, workers: int | None = None, overrides: dict[s
         return Pool(workdir, workers)
     if name == "fleet":
         return Fleet(workdir, workers, overrides)
+    if name == "fleet-dask":
+        return Fleet(workdir, workers, {**(overrides or {}), "FLEET_SLOW_BACKEND": "dask"}, name="fleet-dask")
     if name == "edge":
         return Edge(workdir)
     raise ValueError(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")

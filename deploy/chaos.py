@@ -31,7 +31,8 @@ from typing import Callable
 
 from deploy import fleet, render
 from deploy.loadgen import Route, SteadyLoad, Tally
-from services.common.settings import Settings, SettingsError, load, resolve
+from deploy.procs import children_of
+from services.common.settings import Settings, SettingsError, heavy_capacity, load, resolve
 
 # Seconds of load before the fault and after recovery: longer than nginx's fail_timeout, so errors
 # of a scenario's aftermath are counted in that scenario, never in the next one.
@@ -66,8 +67,12 @@ def wait_whole(settings: Settings, timeout: float = 60) -> None:
             infos = fleet.process_infos(settings)
             running = all(p["statename"] == "RUNNING" for p in infos if not p["name"].endswith("-spare"))
             fleet.wait_healthy(settings, timeout=0.5)
-            pools = [slow_health(settings, port)["pool"]["workers"] for _, port in settings.instances("slow")]
-            if running and all(w == settings.slow.workers for w in pools):
+            pools = [slow_health(settings, port)["pool"] for _, port in settings.instances("slow")]
+            whole = all(p["workers"] == heavy_capacity(settings.values) for p in pools)
+            if settings.slow.backend == "dask":  # and the whole cluster back, every worker joined
+                whole = whole and all(p["cluster"]["threads"] == settings.dask.workers * settings.dask.threads_per_worker
+                                      for p in pools)
+            if running and whole:
                 return
         except (OSError, fleet.FleetError, KeyError, ValueError):
             pass
@@ -84,13 +89,32 @@ def survivors(pids: list[int], within: float) -> list[int]:
 
 
 def busy_worker(settings: Settings, port: int) -> int | None:
-    for pid in slow_health(settings, port)["pool"]["pids"]:
-        try:
-            if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "R":
-                return pid
-        except OSError:
-            pass
+    """A process running a job now (state R): a local worker, or a Dask worker's job process."""
+    if settings.slow.backend == "dask":
+        candidates = [pid for p in fleet.process_infos(settings) if p["name"].startswith("dask-worker-")
+                      for pid in descendants(p["pid"])]
+    else:
+        candidates = slow_health(settings, port)["pool"]["pids"]
+    for pid in candidates:
+        if state(pid) == "R":
+            return pid
     return None
+
+
+def state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "-"
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        children = children_of(todo.pop())
+        found += children
+        todo += children
+    return found
 
 
 TARGET_JOB = Route("slow GET /slow/fib/30 (target)", "slow", "GET", "/slow/fib/30", rate=1)
@@ -126,12 +150,32 @@ def kill_slow_instance(settings: Settings, load: SteadyLoad) -> str:
     name, port = settings.instances("slow")[0]
     load.send_in_background(TARGET_JOB)  # ~0.2 s: caught running; the fault decides its outcome
     time.sleep(0.1)
-    workers = slow_health(settings, port)["pool"]["pids"]
+    workers = slow_health(settings, port)["pool"].get("pids", [])  # a Dask cluster is not the instance's
     os.kill(pid_of(settings, name), signal.SIGKILL)
     left = survivors(workers, within=5)
     if left:
         raise fleet.FleetError(f"workers {left} outlived their instance {name}")
-    return f"kill -9 {name}; its {len(workers)} workers died with it"
+    return f"kill -9 {name}" + (f"; its {len(workers)} workers died with it" if workers else "")
+
+
+def kill_dask_worker(settings: Settings, load: SteadyLoad) -> str:
+    """kill -9 of a whole Dask worker process while it runs a job: that job 502, nothing else."""
+    for _ in range(50):
+        load.send_in_background(TARGET_JOB)
+        time.sleep(0.05)
+        for p in fleet.process_infos(settings):
+            if p["name"].startswith("dask-worker-") and any(state(c) == "R" for c in descendants(p["pid"])):
+                os.kill(p["pid"], signal.SIGKILL)
+                return f"kill -9 {p['name']} (pid {p['pid']}) during a job; supervisor starts it again"
+    raise fleet.FleetError("no busy Dask worker to kill")
+
+
+def kill_dask_scheduler(settings: Settings, load: SteadyLoad) -> str:
+    """kill -9 of the scheduler: jobs in flight and jobs sent before it is back get 503 at once."""
+    load.send_in_background(TARGET_JOB)
+    time.sleep(0.1)
+    os.kill(pid_of(settings, "dask-scheduler"), signal.SIGKILL)
+    return "kill -9 dask-scheduler; workers and the instances' clients rejoin it when supervisor restarts it"
 
 
 def kill_nginx_master(settings: Settings, load: SteadyLoad) -> str:
@@ -157,14 +201,17 @@ def departed_clients(settings: Settings, load: SteadyLoad) -> str:
     killed = slow_health(settings, port)["pool"]["cancelled"] - before
     if killed < 3:
         raise fleet.FleetError(f"only {killed} of 3 abandoned jobs had their worker killed")
-    return "3 clients hung up mid-job; 3 workers killed and replaced"
+    return "3 clients hung up mid-job; " + ("3 jobs' processes killed" if settings.slow.backend == "dask"
+                                             else "3 workers killed and replaced")
 
 
 def rolling_reload(settings: Settings, load: SteadyLoad) -> str:
     before = {p["name"]: p["pid"] for p in fleet.process_infos(settings)}
     fleet.rolling_restart(settings)
     after = {p["name"]: p["pid"] for p in fleet.process_infos(settings)}
-    same = [n for n in before if n != "nginx" and not n.endswith("-spare") and before[n] == after[n]]
+    # nginx reloads only a changed config; the Dask scheduler holds no code of the fleet's.
+    same = [n for n in before if n not in ("nginx", "dask-scheduler") and not n.endswith("-spare")
+            and before[n] == after[n]]
     if same:
         raise fleet.FleetError(f"not restarted: {same}")
     return "every instance restarted, one at a time"
@@ -339,6 +386,21 @@ SCENARIOS: dict[str, tuple[Callable[[Settings, SteadyLoad], str], frozenset[str]
     "monopolist": (monopolist, frozenset()),
     "unknown-methods": (unknown_methods, frozenset()),
 }
+# Faults of the managed Dask cluster (slow.backend = "dask"): a job on the killed process, or in
+# flight while the scheduler is away, is hit (502 / 503 backend_unavailable, JSON).
+DASK_SCENARIOS: dict[str, tuple[Callable[[Settings, SteadyLoad], str], frozenset[str]]] = {
+    "kill-dask-worker": (kill_dask_worker, frozenset({"slow"})),
+    "kill-dask-scheduler": (kill_dask_scheduler, frozenset({"slow"})),
+}
+# Local-pool faults that a Dask fleet has no counterpart of (its workers are the cluster's).
+LOCAL_ONLY = ("abort-storm",)
+
+
+def scenarios_for(settings: Settings) -> dict:
+    if settings.slow.backend == "dask":
+        managed = settings.dask.scheduler == "managed"
+        return {**{n: v for n, v in SCENARIOS.items() if n not in LOCAL_ONLY}, **(DASK_SCENARIOS if managed else {})}
+    return SCENARIOS
 
 
 def run(settings: Settings, name: str) -> Result:
@@ -346,7 +408,7 @@ def run(settings: Settings, name: str) -> Result:
     with SteadyLoad("127.0.0.1", settings.edge.port) as load:
         time.sleep(SETTLE)
         fault = time.monotonic()
-        fault_fn, may_hit = SCENARIOS[name]
+        fault_fn, may_hit = scenarios_for(settings)[name]
         note = fault_fn(settings, load)
         wait_whole(settings)
         recovered = time.monotonic() - fault
@@ -369,16 +431,20 @@ def print_table(results: list[Result]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.chaos", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", help=f"comma-separated scenarios, of: {', '.join(SCENARIOS)}")
+    parser.add_argument("--only", help="comma-separated scenarios, of: "
+                        f"{', '.join(SCENARIOS)}; on a Dask fleet also {', '.join(DASK_SCENARIOS)}")
     options = parser.parse_args(argv)
-    names = options.only.split(",") if options.only else list(SCENARIOS)
-    unknown = [n for n in names if n not in SCENARIOS]
-    if unknown:
-        parser.error(f"unknown scenario {unknown[0]}; known: {', '.join(SCENARIOS)}")
     try:
         settings = load()
+        if (settings.run_dir / "settings.json").exists():  # the fleet as it was deployed
+            settings = Settings.from_snapshot(settings.run_dir / "settings.json")
         if not fleet.supervisord_pid(settings):
             raise fleet.FleetError(f"no fleet running in {settings.run_dir}: run make deploy-local first")
+        known = scenarios_for(settings)
+        names = options.only.split(",") if options.only else list(known)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            parser.error(f"unknown scenario {unknown[0]} for this fleet; known: {', '.join(known)}")
         results = []
         for name in names:
             print(f"running {name} ...", flush=True)

@@ -145,28 +145,40 @@ def edge_url(settings: Settings) -> str:
     return f"http://{host}:{settings.edge.port}"
 
 
-def healthy(url: str, name: str | None = None) -> bool:
-    """200 from /healthz, and from the instance asked for (not another fleet's on a reused port)."""
+def healthy(url: str, name: str | None = None, degraded_ok: bool = False) -> bool | str:
+    """200 from /healthz, and from the instance asked for (not another fleet's on a reused port).
+
+    degraded_ok: an instance that answers 503 "degraded" (its pool cannot work: no worker can
+    start, its Dask scheduler is unreachable) counts as started too; the reason is returned."""
     try:
         status, body = get_json(url, timeout=1)
     except (OSError, ValueError):
         return False
-    return status == 200 and (name is None or body.get("instance") == name)
+    if name is not None and body.get("instance") != name:
+        return False
+    if status == 503 and degraded_ok and body.get("status") == "degraded":
+        return body.get("message") or "degraded"
+    return status == 200
 
 
 def wait_healthy(settings: Settings, names: list[str] | None = None, timeout: float = HEALTH_TIMEOUT,
-                 urls: dict[str, str] | None = None) -> None:
+                 urls: dict[str, str] | None = None, degraded_ok: bool = False) -> None:
     """Wait until the named instances (default: all, and the edge) answer /healthz with 200.
 
     urls: where to find them, when not where the settings put them (an instance still running
-    with its previous port)."""
+    with its previous port). degraded_ok: an instance that says it is degraded counts as started,
+    with a warning that says why."""
     known = {**health_urls(settings), **(urls or {})}
     pending = {n: known[n] for n in (names or [n for n in known if not n.endswith("-spare")])}
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         # Instances name themselves in their /healthz; the edge and Dask's processes only answer.
-        pending = {n: u for n, u in pending.items()
-                   if not healthy(u, None if n == "edge" or n.startswith("dask-") else n)}
+        answers = {n: healthy(u, None if n == "edge" or n.startswith("dask-") else n, degraded_ok)
+                   for n, u in pending.items()}
+        for name, answer in answers.items():
+            if isinstance(answer, str):
+                print(f"warning: {name} is up but degraded: {answer}")
+        pending = {n: pending[n] for n, answer in answers.items() if not answer}
         if not pending:
             return
         if any(p["statename"] == "FATAL" for p in process_infos(settings)):

@@ -36,7 +36,7 @@ def up(settings: Settings) -> None:
         apply_changes(settings)
     else:
         start(settings)
-    wait_healthy(settings)
+    wait_healthy(settings, degraded_ok=True)  # up, if a cluster it depends on is not (it says so)
     print_welcome(settings)
 
 
@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     command = parser.parse_args(argv).command
     try:
         settings = load()
+        if command in ("stop", "status") and (settings.run_dir / "settings.json").exists():
+            # What runs, as it was deployed (with whatever FLEET_* overrides it was given then).
+            settings = Settings.from_snapshot(settings.run_dir / "settings.json")
         if command == "up":
             up(settings)
         elif command == "stop":

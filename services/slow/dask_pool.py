@@ -33,7 +33,7 @@ from distributed import Client
 from distributed.client import FutureCancelledError
 from distributed.scheduler import KilledWorker
 
-from services.common.settings import Settings
+from services.common.settings import Settings, heavy_capacity
 from services.slow.dask_worker import BATCH_INTERVAL, run_job
 from services.slow.pool import (RECLAIM_AFTER, BackendUnavailable, JobError, JobTimeout, NoWorkers, WorkerDied,
                                 _KillBudget)
@@ -51,8 +51,11 @@ class DaskPool:
         self.managed = dask.scheduler == "managed"
         self.address = f"tcp://127.0.0.1:{dask.scheduler_port}" if self.managed else dask.scheduler
         self.instances = settings.slow.instances
+        self.expected_threads = dask.workers * dask.threads_per_worker if self.managed else 0
         self.index = max(0, instance_number - 1) % self.instances  # the spare takes slow-01's share
-        self.size = 0  # until the cluster says how many threads it has
+        # Jobs this instance may run at once: its share of the cluster's threads, at least 1 (a job
+        # admitted to a cluster without workers is answered 503 at once, never left waiting in line).
+        self.size = heavy_capacity(settings.values)  # until the cluster says
         self.threads = 0  # the whole cluster's
         self.workers = 0
         self.on_capacity: Callable[[int], None] | None = None
@@ -84,6 +87,11 @@ class DaskPool:
             await asyncio.sleep(0.2)
         if self.client is not None:
             await self._read_capacity()
+            # A managed cluster's workers start beside this instance: wait for them (as a local
+            # pool's workers are started before the port is bound).
+            while self.managed and self.threads < self.expected_threads and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                await self._read_capacity()
         else:
             log.warning("Dask scheduler at %s unreachable (%s): serving 503 until it answers", self.address,
                         self.problem)
@@ -210,7 +218,7 @@ class DaskPool:
         nthreads = await asyncio.wait_for(self.client.nthreads(), CONNECT_TIMEOUT)
         self.workers, self.threads = len(nthreads), sum(nthreads.values())
         share = self.threads // self.instances + (1 if self.index < self.threads % self.instances else 0)
-        share = max(share, 1 if self.threads else 0)  # more instances than threads: Dask queues the excess
+        share = max(share, 1)  # more instances than threads: Dask queues the excess
         if share != self.size:
             log.info("cluster: %d worker(s), %d thread(s); this instance's share: %d", self.workers,
                      self.threads, share)

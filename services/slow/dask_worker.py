@@ -93,17 +93,37 @@ class FastBatches(SchedulerPlugin):
             comm.interval = BATCH_INTERVAL
 
 
+def below_the_fast_path(settings: Settings, name: str) -> str | None:
+    """Nice this process and put it in an idle cpu cgroup of its own, as local workers are: the
+    cluster's own work (dispatching jobs, moving results) never takes a CPU from an event loop.
+    Returns the cgroup's name (for the job processes to share), or None."""
+    slow = settings.slow
+    os.nice(slow.nice)
+    if not slow.idle_cgroup:
+        return None
+    from services.slow import cpu_priority
+
+    name = f"{name}-{zlib.crc32(str(settings.run_dir).encode()):08x}"
+    group = cpu_priority.create_idle_cgroup(name)
+    if group is not None:
+        cpu_priority.join(group)
+    return name
+
+
 async def dask_setup(server: Scheduler | Worker) -> None:
     """The preload's hook: called with the scheduler or the worker it is loaded into."""
+    settings = Settings.from_snapshot(os.environ[SETTINGS_ENV])
     if isinstance(server, Scheduler):
         server.add_plugin(FastBatches(server))
+        below_the_fast_path(settings, "dask-scheduler")
         return
     from services.slow.pool import WorkerPool  # the worker's side only
 
-    settings = Settings.from_snapshot(os.environ[SETTINGS_ENV])
     server.batched_stream.interval = BATCH_INTERVAL
     slow = settings.slow
-    cgroup = f"{server.name}-{zlib.crc32(str(settings.run_dir).encode()):08x}" if slow.idle_cgroup else None
+    cgroup = below_the_fast_path(settings, server.name)
+    # The job processes nice themselves by slow.nice more (19 at most), in the same cgroup: the
+    # worker's dispatching keeps ahead of the jobs it dispatches.
     pool = WorkerPool(server.state.nthreads, slow.task_modules, slow.nice, sched_idle=slow.sched_idle,
                       idle_cgroup=cgroup, max_result_bytes=slow.max_result_mb << 20,
                       marker=f"{settings.run_dir}:{server.name}")

@@ -419,7 +419,8 @@ class WorkerPool:
             "workers": len(serving),
             "busy": sum(1 for w in serving if w.job is not None),
             "pids": sorted(w.pid for w in serving),
-            "unavailable_tasks": sorted(t for t in self._setups if self._task_down(t, serving)),
+            # Tasks whose setup failed in every serving worker (tried again after their back-off).
+            "unavailable_tasks": sorted(t for t in self._setups if serving and all(t in w.broken for w in serving)),
             "problem": f"cannot start workers ({self._spawn_failures} tries failed)" if self._spawn_failures else None,
             **self.counters,
         }

@@ -37,6 +37,10 @@ TEST_SETTINGS = {
 }
 
 
+# A managed Dask cluster for the tests: two workers of one thread, as the local pool's two workers.
+DASK_SETTINGS = {"FLEET_DASK_WORKERS": "2", "FLEET_DASK_THREADS_PER_WORKER": "1"}
+
+
 @dataclass
 class Response:
     status: int
@@ -97,6 +101,19 @@ class Fleet:
     def pid(self, name: str) -> int:
         return self.process(name)["pid"]
 
+    def processes(self) -> list[dict]:
+        """supervisor's view of every process of the fleet."""
+        from deploy.fleet import process_infos
+        from services.common.settings import load
+
+        return process_infos(load(env=self.env))
+
+    def supervisorctl(self, *args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c",
+                                 str(self.run_dir / "supervisord.conf"), *args],
+                                capture_output=True, text=True, timeout=60)
+        return result.stdout
+
     def log(self, name: str) -> str:
         return (self.run_dir / "logs" / f"{name}.log").read_text(errors="replace")
 
@@ -133,6 +150,11 @@ def make_fleet(run_dir: Path, fast: int = 2, slow: int = 1, **overrides: str) ->
         FLEET_SLOW_INSTANCES=str(slow),
         FLEET_SLOW_BASE_PORT=str(base + fast + 4),
     )
+    if overrides.get("FLEET_SLOW_BACKEND") == "dask" and "FLEET_DASK_SCHEDULER" not in overrides:
+        workers = int(overrides.get("FLEET_DASK_WORKERS", DASK_SETTINGS["FLEET_DASK_WORKERS"]))
+        dask = free_port_block(2 + 2 * workers + 4)  # scheduler, dashboard, a pair per worker, room
+        env.update(DASK_SETTINGS, FLEET_DASK_SCHEDULER_PORT=str(dask), FLEET_DASK_DASHBOARD_PORT=str(dask + 1),
+                   FLEET_DASK_WORKER_BASE_PORT=str(dask + 1))  # dask-worker-01 on dask+2, its dashboard dask+3
     env.update(overrides)
     return Fleet(
         run_dir=run_dir,
@@ -166,3 +188,34 @@ def private_fleet(tmp_path: Path):
     yield start
     for f in fleets:
         f.command("stop", check=False)
+
+
+@pytest.fixture(scope="session")
+def dask_fleet(tmp_path_factory: pytest.TempPathFactory):
+    """One fleet on a managed Dask cluster, shared by the tests that do not break it for good."""
+    f = make_fleet(tmp_path_factory.mktemp("dask"), FLEET_SLOW_BACKEND="dask")
+    f.command("up")
+    yield f
+    f.command("stop")
+
+
+@pytest.fixture
+def private_dask_fleet(tmp_path: Path):
+    """A fleet on a managed Dask cluster of the test's own; stopped afterwards."""
+    fleets: list[Fleet] = []
+
+    def start(**overrides: str) -> Fleet:
+        f = make_fleet(tmp_path / f"dask{len(fleets)}", FLEET_SLOW_BACKEND="dask", **overrides)
+        fleets.append(f)
+        f.command("up")
+        return f
+
+    yield start
+    for f in fleets:
+        f.command("stop", check=False)
+
+
+@pytest.fixture(params=["local", "dask"])
+def slow_fleet(request: pytest.FixtureRequest) -> Fleet:
+    """The shared fleet of each backend in turn: the slow-path contract holds on both."""
+    return request.getfixturevalue("fleet" if request.param == "local" else "dask_fleet")

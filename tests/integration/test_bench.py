@@ -17,7 +17,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = ("naive", "pool", "fleet", "edge")
+CONFIGS = ("naive", "pool", "fleet", "fleet-dask", "edge")
 
 
 def test_quick_bench_writes_the_table_and_the_charts(tmp_path: Path) -> None:
@@ -40,10 +40,10 @@ def test_quick_bench_writes_the_table_and_the_charts(tmp_path: Path) -> None:
     for name in CONFIGS:
         assert f"| **{name}**" in table, f"no row for {name}:\n{table}"
     targets = table.split("## Targets", 1)[1].split("\n## ", 1)[0]
-    assert targets.count("pass") + targets.count("FAIL") == 5, targets  # every target was measured
+    assert targets.count("pass") + targets.count("FAIL") == 8, targets  # every target was measured
     for chart in ("latency.png", "throughput.png", "memory.png"):
         data = (tmp_path / chart).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 10_000, chart
     machine = (tmp_path / "machine.md").read_text()
     assert "nginx" in machine and "tornado" in machine
-    assert elapsed < 90, f"the quick bench took {elapsed:.0f} s (it must stay a smoke test)\n{output[-2000:]}"
+    assert elapsed < 120, f"the quick bench took {elapsed:.0f} s (it must stay a smoke test)\n{output[-2000:]}"

@@ -198,12 +198,8 @@ def test_a_pool_that_cannot_start_workers_is_degraded_and_answers_503_at_once(pr
     assert fleet.get("/slow/fib/10").json()["result"] == 55
 
 
-def test_a_task_whose_setup_fails_answers_503_and_every_other_task_runs(fleet: Fleet):
-    response = fleet.get("/slow/needs_setup")
-    body = assert_contract_error(response, 503, "task_unavailable")
-    assert "the model file is missing" in body["message"] and response.headers["retry-after"] == "1"
-    assert fleet.get("/slow/fib/10").json()["result"] == 55
-    health = fleet.slow_health()
+def test_a_task_whose_setup_fails_is_listed_while_the_instance_stays_healthy(fleet: Fleet):
+    health = fleet.slow_health()  # its 503 task_unavailable, on both backends: test_contract.py
     assert health["status"] == "ok" and health["pool"]["unavailable_tasks"] == ["needs_setup"]
 
 

@@ -382,3 +382,18 @@ def test_from_snapshot_validates_what_it_reads(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(SettingsError, match=r"slow\.nice.*0-19"):
         Settings.from_snapshot(path)
+
+
+def test_a_dask_backend_sizes_the_line_from_the_managed_cluster_and_keeps_its_ports_apart():
+    s = load(env={"FLEET_SLOW_BACKEND": "dask", "FLEET_DASK_WORKERS": "4", "FLEET_DASK_THREADS_PER_WORKER": "2",
+                  "FLEET_SLOW_INSTANCES": "2"})
+    assert settings.heavy_capacity(s.values) == 4  # 8 threads shared by 2 instances
+    assert s.slow.queue_limit == 16 and s.slow.min_workers == 2
+    message = error_of(env={"FLEET_SLOW_BACKEND": "dask", "FLEET_DASK_SCHEDULER_PORT": "8101"})
+    assert "overlap" in message and "fast" in message
+
+
+@pytest.mark.parametrize("address", ["10.0.0.5:8786", "http://10.0.0.5:8786", "tcp://10.0.0.5", "tcp://:8786"])
+def test_a_scheduler_that_is_neither_managed_nor_an_address_is_refused(address):
+    message = error_of(env={"FLEET_DASK_SCHEDULER": address})
+    assert "dask.scheduler" in message and "tcp://host:port" in message

@@ -1,0 +1,186 @@
+"""The slow pool on a Dask cluster (slow.backend = "dask"): the contract, and the cluster's faults.
+
+The managed cluster is real processes under the fleet's supervisord: a `dask scheduler` and two
+`dask worker`s, each running its jobs in child processes. The slow-path contract tests shared by
+both backends are in test_contract.py; these are Dask's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.integration.conftest import Fleet, free_port_block, make_fleet
+from tests.integration.test_fleet import assert_contract_error, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def slow_health(fleet: Fleet) -> dict:
+    return fleet.get("/healthz", port=fleet.slow_ports[0], timeout=5).json()
+
+
+def job_ok(fleet: Fleet) -> bool:
+    try:
+        return fleet.get("/slow/fib/10", timeout=10).status == 200
+    except OSError:
+        return False
+
+
+class FastProbe:
+    """GET /fast every 20 ms through the edge while a fault happens: none may fail."""
+
+    def __init__(self, fleet: Fleet):
+        self.fleet, self.statuses, self._stop = fleet, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                self.statuses.append(self.fleet.get("/fast", timeout=5).status)
+            except OSError as exc:
+                self.statuses.append(type(exc).__name__)
+
+    def __enter__(self) -> "FastProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        assert self.statuses and set(self.statuses) == {200}, sorted(set(map(str, self.statuses)))
+
+
+# the managed cluster ---------------------------------------------------------------------------------
+
+def test_a_managed_cluster_runs_under_supervisor_on_loopback_with_its_dashboard(dask_fleet: Fleet):
+    names = {p["name"]: p["statename"] for p in dask_fleet.processes()}
+    assert names["dask-scheduler"] == names["dask-worker-01"] == names["dask-worker-02"] == "RUNNING"
+    dashboard = dask_fleet.env["FLEET_DASK_DASHBOARD_PORT"]
+    assert dask_fleet.get("/status", port=int(dashboard)).status == 200
+    targets = json.loads((dask_fleet.run_dir / "prometheus" / "targets.json").read_text())
+    assert {"targets": [f"127.0.0.1:{dashboard}"], "labels": {"role": "dask", "fleet_instance": "dask-scheduler"}} in targets
+    health = slow_health(dask_fleet)
+    assert health["pool"]["backend"] == "dask" and health["pool"]["cluster"]["threads"] == 2
+    status = dask_fleet.command("status").stdout
+    assert "dask cluster tcp://127.0.0.1:" in status and "2 worker(s), 2 thread(s)" in status
+
+
+# cluster faults ----------------------------------------------------------------------------------------
+
+def test_kill_9_of_a_dask_worker_fails_only_its_job_and_the_next_jobs_are_served(private_dask_fleet):
+    fleet = private_dask_fleet()
+    with FastProbe(fleet), ThreadPoolExecutor(1) as pool:
+        job = pool.submit(fleet.get, "/slow/spin/5")
+        wait_for(lambda: slow_health(fleet)["pool"]["busy"] == 1)
+        time.sleep(0.5)
+        busy = next(p for p in fleet.processes() if p["name"].startswith("dask-worker-") and _running_job(p["pid"]))
+        os.kill(busy["pid"], signal.SIGKILL)
+        assert_contract_error(job.result(), 502, "worker_died")
+        assert all(job_ok(fleet) for _ in range(4))
+    wait_for(lambda: fleet.process(busy["name"])["statename"] == "RUNNING" and fleet.process(busy["name"])["pid"] != busy["pid"],
+             timeout=20)
+
+
+def _running_job(pid: int) -> bool:
+    """The Dask worker `pid` has a job child burning CPU (state R)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] == "R" and _descends_from(int(entry), pid):
+                return True
+    return False
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    for _ in range(5):
+        try:
+            pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+        if pid == ancestor:
+            return True
+    return False
+
+
+def test_kill_9_of_the_scheduler_answers_in_flight_jobs_503_at_once_and_the_cluster_comes_back(private_dask_fleet):
+    fleet = private_dask_fleet()
+    with FastProbe(fleet), ThreadPoolExecutor(1) as pool:
+        job = pool.submit(fleet.get, "/slow/spin/10")
+        wait_for(lambda: slow_health(fleet)["pool"]["busy"] == 1)
+        time.sleep(0.3)
+        killed = time.monotonic()
+        os.kill(fleet.pid("dask-scheduler"), signal.SIGKILL)
+        response = job.result()
+        assert time.monotonic() - killed < 2  # at once, not at the job's deadline
+        assert_contract_error(response, 503, "backend_unavailable")
+        assert response.headers["retry-after"]
+        wait_for(lambda: job_ok(fleet), timeout=60, interval=0.5)  # back by itself, workers included
+    wait_for(lambda: slow_health(fleet)["pool"]["cluster"]["workers"] == 2, timeout=60, interval=0.5)
+
+
+def test_a_scheduler_away_longer_than_the_client_s_timeout_is_rejoined_without_a_restart(private_dask_fleet):
+    fleet = private_dask_fleet()
+    instance = fleet.pid("slow-01")
+    fleet.supervisorctl("stop", "dask-scheduler")
+    started = time.monotonic()
+    wait_for(lambda: slow_health(fleet)["status"] == "degraded", timeout=10)
+    response = fleet.get("/slow/fib/10")
+    assert_contract_error(response, 503, "backend_unavailable")
+    assert response.elapsed < 1
+    time.sleep(max(0.0, 8 - (time.monotonic() - started)))  # past the client's own reconnect timeout
+    fleet.supervisorctl("start", "dask-scheduler")
+    wait_for(lambda: job_ok(fleet), timeout=60, interval=0.5)
+    assert fleet.pid("slow-01") == instance  # rejoined, not restarted
+
+
+def test_an_unreachable_external_scheduler_leaves_the_instances_up_degraded_and_answering_503(tmp_path):
+    closed = free_port_block(1)
+    fleet = make_fleet(tmp_path / "external", FLEET_SLOW_BACKEND="dask",
+                       FLEET_DASK_SCHEDULER=f"tcp://127.0.0.1:{closed}")
+    try:
+        result = fleet.command("up")
+        assert "warning: slow-01 is up but degraded: Dask scheduler" in result.stdout
+        assert not any(p["name"].startswith("dask-") for p in fleet.processes())  # no cluster of its own
+        health = fleet.get("/healthz", port=fleet.slow_ports[0])
+        assert_contract_error(health, 503, "degraded")
+        response = fleet.get("/slow/fib/10")
+        assert_contract_error(response, 503, "backend_unavailable")
+        assert response.elapsed < 1 and fleet.get("/fast").status == 200
+    finally:
+        fleet.command("stop", check=False)
+
+
+# a reload ------------------------------------------------------------------------------------------------
+
+def test_a_reload_restarts_the_dask_workers_one_at_a_time_failing_no_accepted_job(private_dask_fleet):
+    fleet = private_dask_fleet()
+    before = {p["name"]: p["pid"] for p in fleet.processes()}
+    with FastProbe(fleet), ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(fleet.get, "/slow/spin/1.5") for _ in range(2)]
+        time.sleep(0.3)
+        result = fleet.command("reload", timeout=180)
+        jobs += [pool.submit(fleet.get, "/slow/fib/15") for _ in range(4)]
+        statuses = [j.result().status for j in jobs]
+    assert statuses == [200] * 6, statuses
+    after = {p["name"]: p["pid"] for p in fleet.processes()}
+    for name in ("dask-worker-01", "dask-worker-02", "slow-01"):
+        assert after[name] != before[name], name
+    assert after["dask-scheduler"] == before["dask-scheduler"]  # a reload leaves the scheduler be
+    assert "restarted dask-worker-01" in result.stdout
