@@ -223,9 +223,9 @@ class Applier:
                 self.drain_dask_worker(name)
             self.replace_group(name, start=True)
             wait_healthy(self.settings, [name])
-            if replacing:
-                # nginx may have marked it failed while it was down: wait until it is back in
-                # rotation before taking the next one away.
+            if replacing and role_of(name) == "fast":
+                # nginx may have marked it failed while it was down (fast servers have max_fails=1;
+                # slow ones 0): wait until it is back in rotation before taking the next one away.
                 time.sleep(render.FAIL_TIMEOUT_SECONDS + 0.5)
             self.record(name)
             print(f"  {'restarted' if replacing else 'started'} {name} in {time.monotonic() - started:.1f} s")

@@ -169,6 +169,7 @@ SCHEMA: dict[str, Spec] = {
     "slow.min_workers": Spec(int, 0, 256, auto=lambda v: max(1, heavy_capacity(v) // 2)),
     "slow.job_timeout": Spec(float, 0.1, 3600),
     "slow.nice": Spec(int, 0, 19),
+    "slow.instance_nice": Spec(int, 0, 19),
     "slow.sched_idle": Spec(bool),
     "slow.idle_cgroup": Spec(bool),
     "slow.drain_timeout": Spec(float, 2, 3600),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import zlib
 from typing import Any, Mapping
 
@@ -252,6 +253,8 @@ async def run(instance: server.Instance) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     instance = server.parse_args("slow", argv)
+    # Below the fast instances, never below its own workers (they add slow.nice to this).
+    os.nice(instance.settings.slow.instance_nice)
     server.run(instance, lambda: run(instance))
 
 
