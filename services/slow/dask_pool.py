@@ -45,6 +45,30 @@ CONNECT_TIMEOUT = 2.0  # seconds a connection attempt to the scheduler may take
 GRACE = 5.0  # seconds past a job's deadline before the instance stops waiting for its worker
 
 
+# What must match between this instance and every process of an external cluster: what pickles a
+# job and its result, and what speaks the protocol. Python to its minor version (cloudpickle's
+# code objects differ between minor versions). Dask itself only warns about a mismatch
+# (`get_versions(check=True)` raises for nothing in distributed 2026.8), so the check is ours.
+MUST_MATCH = ("dask", "distributed", "msgpack", "cloudpickle", "tornado", "toolz")
+
+
+def version_mismatch(versions: dict) -> str:
+    """'' when the scheduler and every worker run this instance's versions, else what differs:
+    `versions` is what Client.get_versions() returns."""
+    def key_versions(info: dict | None) -> dict:
+        info = info or {}
+        python = str((info.get("host") or {}).get("python", "?")).split(".")[:2]
+        packages = info.get("packages") or {}
+        return {"python": ".".join(python), **{name: packages.get(name) for name in MUST_MATCH}}
+
+    ours = key_versions(versions.get("client"))
+    theirs = {"scheduler": key_versions(versions.get("scheduler"))}
+    theirs.update({f"worker {address}": key_versions(info) for address, info in (versions.get("workers") or {}).items()})
+    differences = [f"{name} {ours[name]} here, {found[name]} on the {where}"
+                   for where, found in theirs.items() for name in ours if found[name] != ours[name]]
+    return "; ".join(differences)
+
+
 class DaskPool:
     def __init__(self, settings: Settings, instance_number: int = 1):
         dask = settings.dask
@@ -186,11 +210,16 @@ class DaskPool:
         client.scheduler_comm.interval = BATCH_INTERVAL  # dask_worker.py says why
         if not self.managed:
             try:
-                await client.get_versions(check=True)
-            except ValueError as exc:
-                await client.close()
-                self.problem = f"versions differ from this fleet's: {exc}"
-                log.error("Dask cluster at %s: %s", self.address, self.problem)
+                mismatch = version_mismatch(await asyncio.wait_for(client.get_versions(), CONNECT_TIMEOUT))
+                problem = f"versions differ from this fleet's: {mismatch}" if mismatch else ""
+            except Exception as exc:  # noqa: BLE001 - a cluster that cannot say is not one to trust
+                problem = f"could not read the cluster's versions ({type(exc).__name__}: {exc})"[:300]
+            if problem:
+                with contextlib.suppress(Exception):
+                    await client.close(timeout=1)
+                if problem != self.problem:  # tried again every second: say it once
+                    log.error("Dask cluster at %s: %s", self.address, problem)
+                self.problem = problem
                 return False
         self.client = client
         return True

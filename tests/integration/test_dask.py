@@ -7,16 +7,20 @@ both backends are in test_contract.py; these are Dask's own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Fleet, free_port_block, make_fleet
+from tests.integration.conftest import REPO, Fleet, free_port_block, make_fleet, port_is_free
 from tests.integration.test_fleet import assert_contract_error, wait_for
 
 pytestmark = pytest.mark.integration
@@ -165,6 +169,79 @@ def test_an_unreachable_external_scheduler_leaves_the_instances_up_degraded_and_
         assert response.elapsed < 1 and fleet.get("/fast").status == 200
     finally:
         fleet.command("stop", check=False)
+
+
+# A preload for a scheduler that claims another distributed: what a cluster on other versions says.
+OTHER_VERSIONS = """
+import distributed.node, distributed.versions
+def claimed(packages=None):
+    found = distributed.versions.get_versions(packages)
+    return {**found, "packages": {**found["packages"], "distributed": "2024.1.0"}}
+distributed.node.get_versions = claimed
+"""
+
+
+class ExternalCluster:
+    """A Dask cluster the fleet does not run, started as the README says, stopped by pid."""
+
+    def __init__(self, tmp_path, env: dict):
+        self.tmp_path, self.env, self.procs = tmp_path, env, []
+        self.port = free_port_block(4)
+        self.address = f"tcp://127.0.0.1:{self.port}"
+
+    def _start(self, name: str, args: list[str], env: dict | None = None) -> None:
+        log = open(self.tmp_path / f"{name}.log", "w")
+        self.procs.append(subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=log, stderr=log,
+                                           env={**self.env, **(env or {})}, start_new_session=True))
+
+    def scheduler(self, *preloads: str) -> None:
+        self._start("scheduler", ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+                                  "--dashboard-address", f"127.0.0.1:{self.port + 1}",
+                                  *[a for p in preloads for a in ("--preload", p)]])
+        wait_for(lambda: not port_is_free(self.port), 30)
+
+    def worker(self, settings: Path) -> None:
+        self._start("worker", ["distributed.cli.dask_worker", self.address, "--no-nanny", "--nthreads", "1",
+                               "--memory-limit", "0", "--host", "127.0.0.1", "--dashboard-address",
+                               f"127.0.0.1:{self.port + 2}", "--preload", "services.slow.dask_worker"],
+                    {"FLEET_SETTINGS": str(settings)})
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def test_an_existing_cluster_runs_the_jobs_and_one_on_other_versions_is_refused_naming_them(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    cluster = ExternalCluster(tmp_path, env)
+    fleet = make_fleet(tmp_path / "fleet", FLEET_SLOW_BACKEND="dask", FLEET_DASK_SCHEDULER=cluster.address)
+    try:
+        cluster.scheduler("services.slow.dask_worker")
+        fleet.command("up")
+        assert not any(p["name"].startswith("dask-") for p in fleet.processes())  # no cluster of its own
+        cluster.worker(fleet.run_dir / "settings.json")  # the README's worker command
+        wait_for(lambda: job_ok(fleet), 30)
+        assert fleet.get("/slow/fib/20").json()["result"] == 6765
+        fleet.command("stop")
+        cluster.stop()
+
+        preload = tmp_path / "other_versions.py"
+        preload.write_text(OTHER_VERSIONS)
+        cluster.scheduler(str(preload))
+        result = fleet.command("up")
+        assert "warning: slow-01 is up but degraded" in result.stdout
+        problem = slow_health(fleet)["pool"]["problem"]
+        assert "versions differ from this fleet's: distributed" in problem and "2024.1.0 on the scheduler" in problem
+        assert_contract_error(fleet.get("/slow/fib/10"), 503, "backend_unavailable")
+    finally:
+        fleet.command("stop", check=False)
+        cluster.stop()
 
 
 # a reload ------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from services.common.settings import load
-from services.slow.dask_pool import DaskPool
+from services.slow.dask_pool import DaskPool, version_mismatch
 from services.slow.pool import BackendUnavailable, NoWorkers
 
 
@@ -65,3 +65,28 @@ def test_a_cluster_without_workers_refuses_jobs_at_once_with_no_workers():
             await pool.run("fib", {"n": 1}, timeout=5)
 
     asyncio.run(main())
+
+
+def versions_of(python: str = "3.11.7.final.0", **packages: str) -> dict:
+    base = {"dask": "2026.8.0", "distributed": "2026.8.0", "msgpack": "1.1.1", "cloudpickle": "3.1.1",
+            "tornado": "6.5.2", "toolz": "1.0.0", "numpy": "2.3.0"}
+    return {"host": {"python": python}, "packages": {**base, **packages}}
+
+
+def test_a_cluster_on_this_instance_s_versions_matches():
+    assert version_mismatch({"client": versions_of(), "scheduler": versions_of(),
+                             "workers": {"tcp://10.0.0.2:8800": versions_of(python="3.11.9.final.0", numpy="1.26")}}) == ""
+
+
+@pytest.mark.parametrize("where, versions, expected", [
+    ("scheduler", versions_of(distributed="2025.1.0"), "distributed 2026.8.0 here, 2025.1.0 on the scheduler"),
+    ("worker", versions_of(cloudpickle="2.2.1"), "cloudpickle 3.1.1 here, 2.2.1 on the worker tcp://10.0.0.2:8800"),
+    ("worker", versions_of(python="3.12.1.final.0"), "python 3.11 here, 3.12 on the worker tcp://10.0.0.2:8800"),
+])
+def test_a_cluster_that_differs_in_what_pickles_or_speaks_the_protocol_is_named(where, versions, expected):
+    found = {"client": versions_of(), "scheduler": versions_of(), "workers": {"tcp://10.0.0.2:8800": versions_of()}}
+    if where == "scheduler":
+        found["scheduler"] = versions
+    else:
+        found["workers"]["tcp://10.0.0.2:8800"] = versions
+    assert version_mismatch(found) == expected
