@@ -139,7 +139,8 @@ class DaskPool:
         if self.threads == 0:
             self.counters["no_workers"] += 1
             raise NoWorkers("the Dask cluster has no worker; retry later")
-        future = client.submit(run_job, task, kwargs, timeout, pure=False, key=f"{task}-{uuid.uuid4().hex}")
+        key = f"{task}-{uuid.uuid4().hex}"
+        future = client.submit(run_job, task, kwargs, timeout, key, pure=False, key=key)
         self._in_flight += 1
         try:
             result = await self._wait(future, task, timeout, client)

@@ -1,14 +1,14 @@
 """What the fleet's Dask scheduler and workers load at start: the job entry point and its pool.
 
     dask worker tcp://127.0.0.1:8786 --preload services.slow.dask_worker ...   # supervisord does this
-    client.submit(run_job, "fib", {"n": 25}, 30.0, pure=False)                 # services/slow/dask_pool.py
+    client.submit(run_job, "fib", {"n": 25}, 30.0, key, pure=False, key=key)   # services/slow/dask_pool.py
 
 A Dask worker cannot stop a task it runs (dask/distributed #4694: a cancelled task runs on), and a
 task that kills its process takes the whole worker down. So no job runs in a Dask worker itself:
 each runs in a child process of it, in the very pool the local backend uses (pool.py): one child
 per worker thread, each task's setup once per child, the deadline and a cancel kill the child's
 process group, a crash fails only its job, results are encoded (and capped) in the child. The task
-thread only hands the job to that pool, on the worker's event loop, and waits; the slow instance
+(a coroutine, on the worker's event loop) only hands the job to that pool and waits; the slow instance
 submits one stable entry point, `run_job`, with the task's name as a string, never the function.
 
 Job errors (pool.JobError) pickle whole, so the slow instance receives exactly what the local pool
@@ -28,7 +28,6 @@ from typing import Any
 
 from distributed import Scheduler, Worker, get_worker
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
-from distributed.worker import thread_state
 
 from services.common.settings import Settings
 
@@ -43,20 +42,18 @@ BATCH_INTERVAL = 0.001
 _running: dict[str, asyncio.Task] = {}  # task key -> the pool job running it (in this worker)
 
 
-def run_job(task: str, kwargs: dict, timeout: float) -> tuple[bytes, float]:
+async def run_job(task: str, kwargs: dict, timeout: float, key: str) -> tuple[bytes, float]:
     """The one entry point the slow instances submit: run `task` in this worker's pool.
 
-    Runs in one of the worker's threads; returns (result JSON, elapsed ms) or raises a JobError.
+    A coroutine, so the worker runs it on its event loop (its nthreads still bound how many run at
+    once): no executor thread between the scheduler's message and the child's pipe, two thread
+    hand-offs and their wake-ups fewer per job. `key` is the job's Dask key, for
+    KillCancelledJobs. Returns (result JSON, elapsed ms) or raises a JobError.
     """
-    worker = get_worker()
-    job = _run(worker.fleet_pool, thread_state.key, task, kwargs, timeout)
-    return asyncio.run_coroutine_threadsafe(job, worker.loop.asyncio_loop).result()
-
-
-async def _run(pool: Any, key: str, task: str, kwargs: dict, timeout: float) -> tuple[bytes, float]:
-    _running[key] = asyncio.current_task()
+    job = asyncio.ensure_future(get_worker().fleet_pool.run(task, kwargs, timeout))
+    _running[key] = job
     try:
-        return await pool.run(task, kwargs, timeout)
+        return await job
     finally:
         _running.pop(key, None)
 
@@ -112,11 +109,14 @@ def below_the_fast_path(settings: Settings, name: str) -> str | None:
 
 async def dask_setup(server: Scheduler | Worker) -> None:
     """The preload's hook: called with the scheduler or the worker it is loaded into."""
-    settings = Settings.from_snapshot(os.environ[SETTINGS_ENV])
     if isinstance(server, Scheduler):
         server.add_plugin(FastBatches(server))
-        below_the_fast_path(settings, "dask-scheduler")
+        # The scheduler of an existing cluster may run without the fleet's settings: it then only
+        # batches faster, and its host's operator decides its priority.
+        if SETTINGS_ENV in os.environ:
+            below_the_fast_path(Settings.from_snapshot(os.environ[SETTINGS_ENV]), "dask-scheduler")
         return
+    settings = Settings.from_snapshot(os.environ[SETTINGS_ENV])
     from services.slow.pool import WorkerPool  # the worker's side only
 
     server.batched_stream.interval = BATCH_INTERVAL

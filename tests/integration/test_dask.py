@@ -197,7 +197,8 @@ class ExternalCluster:
     def scheduler(self, *preloads: str) -> None:
         self._start("scheduler", ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(self.port),
                                   "--dashboard-address", f"127.0.0.1:{self.port + 1}",
-                                  *[a for p in preloads for a in ("--preload", p)]])
+                                  *[a for p in preloads for a in ("--preload", p)]],
+                    {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"})
         wait_for(lambda: not port_is_free(self.port), 30)
 
     def worker(self, settings: Path) -> None:
@@ -222,7 +223,7 @@ def test_an_existing_cluster_runs_the_jobs_and_one_on_other_versions_is_refused_
     cluster = ExternalCluster(tmp_path, env)
     fleet = make_fleet(tmp_path / "fleet", FLEET_SLOW_BACKEND="dask", FLEET_DASK_SCHEDULER=cluster.address)
     try:
-        cluster.scheduler("services.slow.dask_worker")
+        cluster.scheduler("services.slow.dask_worker")  # as the README says, without the fleet's settings
         fleet.command("up")
         assert not any(p["name"].startswith("dask-") for p in fleet.processes())  # no cluster of its own
         cluster.worker(fleet.run_dir / "settings.json")  # the README's worker command
