@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy import render
-from deploy.control import FleetError, check_ports_free, health_url, nginx_test, ports_of, supervisor, wait_healthy
+from deploy.control import (HEALTH_TIMEOUT, FleetError, check_ports_free, health_url, nginx_test, ports_of, supervisor,
+                            wait_healthy)
 from deploy.procs import worker_pids
 from services.common.settings import Settings
 
@@ -223,6 +224,10 @@ class Applier:
                 self.drain_dask_worker(name)
             self.replace_group(name, start=True)
             wait_healthy(self.settings, [name])
+            if name.startswith("dask-worker-"):
+                # Its /health answers before its job pool has started and before it has joined the
+                # scheduler: taking the next worker away now could leave the cluster with none.
+                self.wait_dask_worker_joined(name)
             if replacing and role_of(name) == "fast":
                 # nginx may have marked it failed while it was down (fast servers have max_fails=1;
                 # slow ones 0): wait until it is back in rotation before taking the next one away.
@@ -252,6 +257,35 @@ class Applier:
             asyncio.run(drain())
         except Exception as exc:  # noqa: BLE001 - a scheduler that is down has nothing to drain
             print(f"  could not drain {name} first ({type(exc).__name__}: {exc}); stopping it anyway")
+
+    def wait_dask_worker_joined(self, name: str) -> None:
+        """Wait until the scheduler lists the worker as running (its preload, hence its job pool,
+        is done by then: a Dask worker registers last)."""
+        import asyncio
+
+        from distributed import Client
+
+        scheduler = f"tcp://127.0.0.1:{self.wanted['ports']['dask-scheduler']}"
+        address = f"tcp://127.0.0.1:{self.wanted['ports'][name]}"
+
+        async def joined() -> bool:
+            async with Client(scheduler, asynchronous=True, timeout=5, set_as_default=False) as client:
+                deadline = time.monotonic() + HEALTH_TIMEOUT
+                while time.monotonic() < deadline:
+                    info = (await client.scheduler.identity(n_workers=-1))["workers"].get(address)
+                    if info is not None and info.get("status") == "running":
+                        return True
+                    await asyncio.sleep(0.1)
+            return False
+
+        try:
+            ok = asyncio.run(joined())
+        except Exception as exc:  # noqa: BLE001 - said below; the deploy goes on as before this check
+            ok, why = False, f"{type(exc).__name__}: {exc}"
+        else:
+            why = f"not listed after {HEALTH_TIMEOUT:g} s"
+        if not ok:
+            raise FleetError(f"{name} did not join the Dask scheduler at {scheduler} ({why}); see its log")
 
     def ports_held(self) -> set[int]:
         """Ports of this fleet's instances that are running now (their applied definition)."""
