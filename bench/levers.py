@@ -7,7 +7,8 @@
 - nginx       wrk through copies of the fleet's own rendered nginx.conf, each with one change
               (access log off or unbuffered, no upstream keep-alive, unix sockets to the
               instances), in front of the same Tornado fast app run by a small wrapper
-- isolation   fast p99 idle vs under the heavy flood for slow.nice 0/10/19 and slow.workers 1
+- isolation   fast p99 idle vs under the heavy flood for slow.nice 0/10/19 and slow.workers 1, and
+              the Dask backend with its priority levers
 - rtt         /slow/fib/1 vs /fast round trip for slow.event_loop asyncio vs uvloop
 
 Variants are interleaved over `--rounds` rounds (medians reported), on free loopback ports, each
@@ -200,18 +201,23 @@ def variant_conf(text: str, fleet: subjects.Fleet, directory: Path, port: int, s
 
 
 def isolation(rounds: int, work: Path, samples: int = 2000) -> dict:
-    variants = {
-        "fleet defaults (slow.nice=10)": {},
-        "slow.nice=0": {"FLEET_SLOW_NICE": "0"},
-        "slow.nice=19": {"FLEET_SLOW_NICE": "19"},
-        "slow.sched_idle=true": {"FLEET_SLOW_SCHED_IDLE": "true"},
-        "slow.workers=1 (one core left to the fast path)": {"FLEET_SLOW_WORKERS": "1"},
+    variants = {  # name: (configuration, settings overrides)
+        "fleet defaults (slow.nice=10)": ("fleet", {}),
+        "slow.nice=0": ("fleet", {"FLEET_SLOW_NICE": "0"}),
+        "slow.nice=19": ("fleet", {"FLEET_SLOW_NICE": "19"}),
+        "slow.sched_idle=true": ("fleet", {"FLEET_SLOW_SCHED_IDLE": "true"}),
+        "slow.workers=1 (one core left to the fast path)": ("fleet", {"FLEET_SLOW_WORKERS": "1"}),
+        # The Dask backend's gap to the local pool (README, Benchmark), and what did not close it.
+        "fleet-dask defaults": ("fleet-dask", {}),
+        "fleet-dask, slow.instance_nice=19": ("fleet-dask", {"FLEET_SLOW_INSTANCE_NICE": "19"}),
+        "fleet-dask, slow.sched_idle=true": ("fleet-dask", {"FLEET_SLOW_SCHED_IDLE": "true"}),
+        "fleet-dask, slow.idle_cgroup=false": ("fleet-dask", {"FLEET_SLOW_IDLE_CGROUP": "false"}),
     }
     p = phases.FULL
     out: dict[str, list] = {name: [] for name in variants}
     for r in range(rounds):
-        for name, env in variants.items():
-            subject = subjects.make("fleet", work / f"iso{r}-{list(variants).index(name)}", overrides=env)
+        for name, (config, env) in variants.items():
+            subject = subjects.make(config, work / f"iso{r}-{list(variants).index(name)}", overrides=env)
             with Started(subject):
                 asyncio.run(phases.warm_up(subject, p.heavy_n))
                 with ForeignCpu(subject.processes) as f_idle:
