@@ -33,7 +33,7 @@ from services.common.settings import Settings
 
 log = logging.getLogger("fleet.dask")
 
-SETTINGS_ENV = "FLEET_SETTINGS"  # path of the fleet's settings snapshot, set by supervisord
+SETTINGS_ENV = "FLEET_SNAPSHOT"  # path of the fleet's settings snapshot (settings.json), set by supervisord
 # Dask batches messages on each stream: 10 ms client to scheduler, 5 ms scheduler to worker, 2 ms
 # back, hard-coded. Measured here, those windows were most of a trivial job's 10.5 ms round trip
 # (7.3 ms with the client's at 1 ms, 4.7 ms with every stream at 1 ms). 1 ms still batches.

@@ -205,7 +205,7 @@ class ExternalCluster:
         self._start("worker", ["distributed.cli.dask_worker", self.address, "--no-nanny", "--nthreads", "1",
                                "--memory-limit", "0", "--host", "127.0.0.1", "--dashboard-address",
                                f"127.0.0.1:{self.port + 2}", "--preload", "services.slow.dask_worker"],
-                    {"FLEET_SETTINGS": str(settings)})
+                    {"FLEET_SNAPSHOT": str(settings)})
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
