@@ -25,12 +25,14 @@ The order keeps every request answered:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Awaitable, Callable
 
 from deploy import render
 from deploy.control import (HEALTH_TIMEOUT, FleetError, check_ports_free, health_url, nginx_test, ports_of, supervisor,
@@ -238,54 +240,50 @@ class Applier:
     def drain_dask_worker(self, name: str) -> None:
         """Have the scheduler send a Dask worker no new job, and wait until it has finished those it
         runs (at most a job's deadline): stopping it then fails no job that was accepted."""
-        import asyncio
-
-        from distributed import Client
-
-        scheduler = f"tcp://127.0.0.1:{self.applied['ports']['dask-scheduler']}"
-        address = f"tcp://127.0.0.1:{self.applied['ports'][name]}"
         timeout = self.settings.slow.job_timeout + 5
 
-        async def drain() -> None:
-            async with Client(scheduler, asynchronous=True, timeout=5, set_as_default=False) as client:
-                await client.retire_workers(workers=[address], close_workers=False, remove=False)
-                deadline = time.monotonic() + timeout
-                while (await client.processing(workers=[address])).get(address) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.1)
+        async def drain(client, address: str) -> None:
+            await client.retire_workers(workers=[address], close_workers=False, remove=False)
+            deadline = time.monotonic() + timeout
+            while (await client.processing(workers=[address])).get(address) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
 
         try:
-            asyncio.run(drain())
+            self.on_scheduler(name, self.applied["ports"], drain)
         except Exception as exc:  # noqa: BLE001 - a scheduler that is down has nothing to drain
             print(f"  could not drain {name} first ({type(exc).__name__}: {exc}); stopping it anyway")
 
     def wait_dask_worker_joined(self, name: str) -> None:
-        """Wait until the scheduler lists the worker as running (its preload, hence its job pool,
-        is done by then: a Dask worker registers last)."""
-        import asyncio
-
-        from distributed import Client
-
-        scheduler = f"tcp://127.0.0.1:{self.wanted['ports']['dask-scheduler']}"
-        address = f"tcp://127.0.0.1:{self.wanted['ports'][name]}"
-
-        async def joined() -> bool:
-            async with Client(scheduler, asynchronous=True, timeout=5, set_as_default=False) as client:
-                deadline = time.monotonic() + HEALTH_TIMEOUT
-                while time.monotonic() < deadline:
-                    info = (await client.scheduler.identity(n_workers=-1))["workers"].get(address)
-                    if info is not None and info.get("status") == "running":
-                        return True
-                    await asyncio.sleep(0.1)
+        """Wait until the scheduler lists the worker as running. Its /health answers before its
+        preload has started its job pool and before it registers (last): taking the next worker
+        away before then could leave the cluster with none."""
+        async def joined(client, address: str) -> bool:
+            deadline = time.monotonic() + HEALTH_TIMEOUT
+            while time.monotonic() < deadline:
+                info = (await client.scheduler.identity(n_workers=-1))["workers"].get(address)
+                if info is not None and info.get("status") == "running":
+                    return True
+                await asyncio.sleep(0.1)
             return False
 
         try:
-            ok = asyncio.run(joined())
-        except Exception as exc:  # noqa: BLE001 - said below; the deploy goes on as before this check
+            ok, why = self.on_scheduler(name, self.wanted["ports"], joined), f"not listed after {HEALTH_TIMEOUT:g} s"
+        except Exception as exc:  # noqa: BLE001 - said in the error below
             ok, why = False, f"{type(exc).__name__}: {exc}"
-        else:
-            why = f"not listed after {HEALTH_TIMEOUT:g} s"
         if not ok:
-            raise FleetError(f"{name} did not join the Dask scheduler at {scheduler} ({why}); see its log")
+            raise FleetError(f"{name} did not join the Dask scheduler ({why}); see its log")
+
+    @staticmethod
+    def on_scheduler(name: str, ports: dict, work: Callable[[Any, str], Awaitable[Any]]) -> Any:
+        """Run `work(client, worker address)` with a client of the managed scheduler, from `ports`."""
+        from distributed import Client
+
+        async def run() -> Any:
+            scheduler = f"tcp://127.0.0.1:{ports['dask-scheduler']}"
+            async with Client(scheduler, asynchronous=True, timeout=5, set_as_default=False) as client:
+                return await work(client, f"tcp://127.0.0.1:{ports[name]}")
+
+        return asyncio.run(run())
 
     def ports_held(self) -> set[int]:
         """Ports of this fleet's instances that are running now (their applied definition)."""
