@@ -176,10 +176,14 @@ class Applier:
         if plan.supervisor_changes:
             self.rpc.reloadConfig()  # supervisor learns the new definitions; nothing restarts yet
         try:
+            # A cluster the fleet did not run yet (slow.backend changed to "dask") comes first: the
+            # spares already read the new settings snapshot, and would wait for it.
+            new_cluster = [n for n in plan.start if role_of(n) == "dask" and n not in self.applied["programs"]]
+            self.start_instances(new_cluster)
             for role in SPARED:
                 if role in plan.cover:
                     self.start_spare(role)
-            self.start_instances(plan.start)
+            self.start_instances([n for n in plan.start if n not in new_cluster])
             if plan.nginx_conf:
                 reload_nginx(self.settings, self.previous_nginx_conf)
                 self.record_nginx_conf()
@@ -190,7 +194,8 @@ class Applier:
                 print(f"  stopped {name}")
         finally:
             for spare in self.running_spares:
-                self.rpc.stopProcess(f"{spare}:{spare}", True)
+                if self.rpc.getProcessInfo(f"{spare}:{spare}")["statename"] in ("RUNNING", "STARTING", "BACKOFF"):
+                    self.rpc.stopProcess(f"{spare}:{spare}", True)  # else a failed start would hide the error
         for spare in plan.spares:
             self.replace_group(spare, start=False)
             self.record(spare)

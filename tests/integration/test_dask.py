@@ -245,6 +245,18 @@ def test_an_existing_cluster_runs_the_jobs_and_one_on_other_versions_is_refused_
         cluster.stop()
 
 
+def test_a_running_fleet_switches_backend_both_ways_failing_no_request(private_dask_fleet):
+    fleet = private_dask_fleet()
+    for backend in ("local", "dask"):
+        fleet.env["FLEET_SLOW_BACKEND"] = backend
+        # A new cluster starts before the spares, which read the new settings and would wait for it.
+        with FastProbe(fleet), FastProbe(fleet, "/slow/fib/10", every=0.1):
+            result = fleet.command("up", timeout=180)
+        assert slow_health(fleet)["pool"]["backend"] == backend, result.stdout
+        running = {p["name"] for p in fleet.processes()}
+        assert ("dask-scheduler" in running) == (backend == "dask"), running
+
+
 # a reload ------------------------------------------------------------------------------------------------
 
 def test_a_reload_restarts_the_dask_workers_one_at_a_time_failing_no_accepted_job(private_dask_fleet):
