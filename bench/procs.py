@@ -16,6 +16,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable
 
+from deploy.control import ephemeral_ports
+
 Proc = tuple[int, int]  # (pid, start time in clock ticks since boot, from /proc/PID/stat)
 
 
@@ -127,9 +129,14 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def free_port_block(size: int) -> int:
-    """A base port such that base..base+size-1 are all free on loopback."""
+    """A base port such that base..base+size-1 are all free on loopback.
+
+    Below the kernel's ephemeral range: a port in it can be taken, between a program's stop and
+    its restart, as the local end of some outgoing connection (a Dask worker then fails to start
+    with "Address already in use"; seen in CI)."""
+    low = ephemeral_ports().start
     for _ in range(500):
-        base = random.randrange(20000, 60000 - size)
+        base = random.randrange(10000, low - size)
         if all(port_is_free(base + i) for i in range(size)):
             return base
     raise RuntimeError(f"no block of {size} free ports on 127.0.0.1")

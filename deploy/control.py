@@ -63,6 +63,7 @@ def process_info(settings: Settings, name: str) -> dict:
 
 def check_ports_free(settings: Settings, ignore: set[int] = frozenset()) -> None:
     """Every port the settings use is free (but those in `ignore`, which this fleet holds)."""
+    warn_of_ephemeral_ports(settings)
     for name, host, port, knob in ports_of(settings):
         if port in ignore:
             continue
@@ -76,6 +77,27 @@ def check_ports_free(settings: Settings, ignore: set[int] = frozenset()) -> None
                     f"port {port} ({name}) on {host} is taken by another program; stop it, or "
                     f"choose other ports, e.g. {knob}={port + 1000} make deploy-local"
                 ) from None
+
+
+def ephemeral_ports(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> range:
+    """The ports the kernel hands out as the local end of outgoing connections."""
+    try:
+        low, high = map(int, path.read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+def warn_of_ephemeral_ports(settings: Settings) -> None:
+    """A listening port in the ephemeral range can be taken, between a program's stop and its
+    restart, by an outgoing connection of any process; the restart then fails with "Address
+    already in use". Not an error: it works most of the time, which is what makes it a trap."""
+    ephemeral = ephemeral_ports()
+    risky = [f"{port} ({name})" for name, _, port, _ in ports_of(settings) if port in ephemeral]
+    if risky:
+        print(f"warning: {', '.join(risky[:4])}{' ...' if len(risky) > 4 else ''} in the kernel's ephemeral "
+              f"port range {ephemeral.start}-{ephemeral.stop - 1} (net.ipv4.ip_local_port_range): an outgoing "
+              f"connection can hold one when its program restarts; choose ports below {ephemeral.start}")
 
 
 def ports_of(settings: Settings) -> list[tuple[str, str, int, str]]:

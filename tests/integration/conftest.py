@@ -10,8 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from bench.procs import free_port_block, port_is_free  # noqa: F401 (tests import them from here)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,25 +116,6 @@ class Fleet:
 
     def log(self, name: str) -> str:
         return (self.run_dir / "logs" / f"{name}.log").read_text(errors="replace")
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_block(size: int) -> int:
-    """A base port such that base..base+size-1 are all free."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000, 10)
-        if all(port_is_free(base + i) for i in range(size)):
-            return base
-    raise RuntimeError("no free block of ports")
 
 
 def make_fleet(run_dir: Path, fast: int = 2, slow: int = 1, **overrides: str) -> Fleet:

@@ -124,3 +124,22 @@ def test_old_nginx_workers_are_bounded_by_the_longest_heavy_request(tmp_path):
     read_timeout = int(conf.split("location /slow/ {")[1].split("proxy_read_timeout ")[1].split("s;")[0])
     shutdown = int(conf.split("worker_shutdown_timeout ")[1].split("s;")[0])
     assert read_timeout < shutdown < read_timeout + 60
+
+
+# ports in the kernel's ephemeral range ------------------------------------------------------------
+
+def test_the_ephemeral_range_is_read_from_the_kernel_and_defaults_to_linux_s(tmp_path):
+    from deploy.control import ephemeral_ports
+    (tmp_path / "range").write_text("40000\t50000\n")
+    assert ephemeral_ports(tmp_path / "range") == range(40000, 50001)
+    assert ephemeral_ports(tmp_path / "missing") == range(32768, 61000)
+
+
+def test_listening_ports_in_the_ephemeral_range_are_named_in_a_warning(tmp_path, capsys):
+    from deploy.control import ephemeral_ports, warn_of_ephemeral_ports
+    low = ephemeral_ports().start
+    warn_of_ephemeral_ports(settings_for(tmp_path))  # the defaults: 8080, 81xx, 82xx
+    assert capsys.readouterr().out == ""
+    warn_of_ephemeral_ports(settings_for(tmp_path, FLEET_FAST_BASE_PORT=str(low + 10)))
+    out = capsys.readouterr().out
+    assert out.startswith("warning: ") and f"{low + 11} (fast-01)" in out and f"below {low}" in out
