@@ -38,6 +38,7 @@ from deploy import render
 from deploy.control import (HEALTH_TIMEOUT, FleetError, check_ports_free, health_url, nginx_test, ports_of, supervisor,
                             wait_healthy)
 from deploy.procs import worker_pids
+from services.common.inventory import host_port
 from services.common.settings import Settings
 
 MANIFEST = "applied.json"
@@ -63,7 +64,7 @@ def wanted_state(settings: Settings, files: dict[str, str]) -> dict:
     """The manifest of a fleet running exactly these rendered files."""
     snapshot = files["settings.json"]
     return {
-        "nginx.conf": sha(files[NGINX_CONF]),
+        "nginx.conf": sha(files[NGINX_CONF]) if settings.inventory.runs("edge") else None,  # nginx runs on the edge
         # Instances and Dask workers read the snapshot when they start: a changed setting changes
         # each of them. nginx and the Dask scheduler do not read it.
         "programs": {name: sha(block + ("" if name in NO_SNAPSHOT else snapshot))
@@ -210,7 +211,7 @@ class Applier:
             self.rpc.startProcess(f"{name}:{name}", True)
         self.running_spares.append(name)
         # It runs its previous definition, on its previous port, until the plan's last step.
-        wait_healthy(self.settings, [name], urls={name: health_url(self.applied["ports"][name])})
+        wait_healthy(self.settings, [name], urls={name: health_url(self.applied["ports"][name], self.settings.address)})
 
     def start_instances(self, names: list[str]) -> None:
         """Start or replace each instance, one at a time, each only once its new port is free."""
@@ -259,36 +260,10 @@ class Applier:
             print(f"  could not drain {name} first ({type(exc).__name__}: {exc}); stopping it anyway")
 
     def wait_dask_worker_joined(self, name: str) -> None:
-        """Wait until the scheduler lists the worker as running. Its /health answers before its
-        preload has started its job pool and before it registers (last): taking the next worker
-        away before then could leave the cluster with none."""
-        async def joined(client, address: str) -> bool:
-            deadline = time.monotonic() + HEALTH_TIMEOUT
-            while time.monotonic() < deadline:
-                info = (await client.scheduler.identity(n_workers=-1))["workers"].get(address)
-                if info is not None and info.get("status") == "running":
-                    return True
-                await asyncio.sleep(0.1)
-            return False
+        wait_dask_worker_joined(self.settings, name, self.wanted["ports"])
 
-        try:
-            ok, why = self.on_scheduler(name, self.wanted["ports"], joined), f"not listed after {HEALTH_TIMEOUT:g} s"
-        except Exception as exc:  # noqa: BLE001 - said in the error below
-            ok, why = False, f"{type(exc).__name__}: {exc}"
-        if not ok:
-            raise FleetError(f"{name} did not join the Dask scheduler ({why}); see its log")
-
-    @staticmethod
-    def on_scheduler(name: str, ports: dict, work: Callable[[Any, str], Awaitable[Any]]) -> Any:
-        """Run `work(client, worker address)` with a client of the managed scheduler, from `ports`."""
-        from distributed import Client
-
-        async def run() -> Any:
-            scheduler = f"tcp://127.0.0.1:{ports['dask-scheduler']}"
-            async with Client(scheduler, asynchronous=True, timeout=5, set_as_default=False) as client:
-                return await work(client, f"tcp://127.0.0.1:{ports[name]}")
-
-        return asyncio.run(run())
+    def on_scheduler(self, name: str, ports: dict, work: Callable[[Any, str], Awaitable[Any]]) -> Any:
+        return on_scheduler(self.settings, name, ports, work)
 
     def ports_held(self) -> set[int]:
         """Ports of this fleet's instances that are running now (their applied definition)."""
@@ -384,3 +359,46 @@ def _master_pid(run_dir: Path) -> int | None:
         return int((run_dir / "nginx" / "nginx.pid").read_text())
     except (OSError, ValueError):
         return None
+
+
+# the Dask scheduler ------------------------------------------------------------------------------
+
+def wait_dask_worker_joined(settings: Settings, name: str, ports: dict) -> None:
+    """Wait until the scheduler lists this host's worker `name` as running. Its /health answers
+    before its preload has started its job pool and before it registers (last): taking the next
+    worker away before then could leave the cluster with none."""
+    async def joined(client, address: str) -> bool:
+        deadline = time.monotonic() + HEALTH_TIMEOUT
+        while time.monotonic() < deadline:
+            info = (await client.scheduler.identity(n_workers=-1))["workers"].get(address)
+            if info is not None and info.get("status") == "running":
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    try:
+        ok, why = on_scheduler(settings, name, ports, joined), f"not listed after {HEALTH_TIMEOUT:g} s"
+    except Exception as exc:  # noqa: BLE001 - said in the error below
+        ok, why = False, f"{type(exc).__name__}: {exc}"
+    if not ok:
+        raise FleetError(f"{name} did not join the Dask scheduler at {settings.scheduler_address} ({why}); "
+                         "see its log")
+
+
+def on_scheduler(settings: Settings, name: str, ports: dict, work: Callable[[Any, str], Awaitable[Any]]) -> Any:
+    """Run `work(client, worker address)` with a client of the managed scheduler; this host's
+    ports from `ports` (the scheduler's own, when it is on this host)."""
+    from distributed import Client
+
+    from services.slow.dask_pool import security
+
+    protocol, _, _ = settings.scheduler_address.partition("://")
+    scheduler = (f"{protocol}://{host_port(settings.address, ports['dask-scheduler'])}" if "dask-scheduler" in ports
+                 else settings.scheduler_address)
+
+    async def run() -> Any:
+        async with Client(scheduler, asynchronous=True, timeout=5, set_as_default=False,
+                          security=security(settings)) as client:
+            return await work(client, f"{protocol}://{host_port(settings.address, ports[name])}")
+
+    return asyncio.run(run())

@@ -18,6 +18,7 @@ from pathlib import Path
 from supervisor.xmlrpc import SupervisorTransport
 
 from deploy import render
+from services.common.inventory import host_port
 from services.common.settings import Settings
 
 HEALTH_TIMEOUT = 60  # seconds a command waits for instances to answer /healthz
@@ -102,16 +103,27 @@ def warn_of_ephemeral_ports(settings: Settings) -> None:
 
 def ports_of(settings: Settings) -> list[tuple[str, str, int, str]]:
     """(what, address, port, the setting that moves it) for every port a fleet of these settings uses."""
-    wanted = [("edge", settings.edge.bind, settings.edge.port, "FLEET_EDGE_PORT")]
-    for role in ("fast", "slow"):
-        wanted += [(name, "127.0.0.1", port, f"FLEET_{role.upper()}_BASE_PORT")
-                   for name, port in settings.instances(role) + [settings.spare(role)]]
+    here = settings.address
+    wanted = [("edge", settings.edge.bind, settings.edge.port, "FLEET_EDGE_PORT")] if settings.inventory.runs("edge") else []
+    wanted += [(p.name, here, p.port, f"FLEET_{p.role.upper()}_BASE_PORT") for p in render.programs(settings)]
     for c in render.cluster_programs(settings):
         knob = "FLEET_DASK_SCHEDULER_PORT" if c.name == "dask-scheduler" else "FLEET_DASK_WORKER_BASE_PORT"
-        wanted += [(c.name, "127.0.0.1", c.port, knob),
-                   (f"{c.name} dashboard", "127.0.0.1", c.dashboard,
+        wanted += [(c.name, here, c.port, knob),
+                   (f"{c.name} dashboard", here, c.dashboard,
                     "FLEET_DASK_DASHBOARD_PORT" if c.name == "dask-scheduler" else knob)]
     return wanted
+
+
+def check_certs(settings: Settings) -> None:
+    """A fleet whose Dask traffic uses TLS needs this host's files of the fleet's CA (make certs)."""
+    if not settings.dask_tls:
+        return
+    missing = [str(path) for path in settings.certs().values() if not path.is_file()]
+    if missing:
+        raise FleetError(
+            f"Dask traffic between hosts uses TLS, and this host ({settings.inventory.here.name}) lacks "
+            f"{', '.join(missing)}: run `make certs` (with the same FLEET_SETTINGS) on one host and copy "
+            f"{settings.certs_dir}/ to every host (dask.certs_dir, FLEET_DASK_CERTS_DIR)")
 
 
 def check_nginx() -> None:
@@ -148,16 +160,18 @@ def get_json(url: str, timeout: float = 2) -> tuple[int, dict]:
             return exc.code, {}
 
 
-def health_url(port: int) -> str:
-    return f"http://127.0.0.1:{port}/healthz"
+def health_url(port: int, address: str = "127.0.0.1") -> str:
+    return f"http://{host_port(address, port)}/healthz"
 
 
 def health_urls(settings: Settings) -> dict[str, str]:
-    """/healthz of every instance and of the edge (spares included: they answer only when up)."""
-    urls = {name: health_url(port)
-            for role in ("fast", "slow") for name, port in settings.instances(role) + [settings.spare(role)]}
-    urls.update({c.name: f"http://127.0.0.1:{c.dashboard}/health" for c in render.cluster_programs(settings)})
-    urls["edge"] = f"{edge_url(settings)}/healthz"
+    """/healthz of this host's instances and of the edge, if here (spares included: they answer
+    only when up); /health of its Dask processes."""
+    urls = {p.name: health_url(p.port, settings.address) for p in render.programs(settings)}
+    urls.update({c.name: f"http://{host_port(settings.address, c.dashboard)}/health"
+                 for c in render.cluster_programs(settings)})
+    if settings.inventory.runs("edge"):
+        urls["edge"] = f"{edge_url(settings)}/healthz"
     return urls
 
 

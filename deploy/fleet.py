@@ -22,29 +22,47 @@ import urllib.request
 
 from deploy import apply, render
 from deploy.control import (HEALTH_TIMEOUT, FleetError, check_nginx, check_ports_free, diagnose, edge_url,  # noqa: F401
-                            get_json, health_urls, healthy, nginx_test, process_info, process_infos, supervisor,
+                            check_certs, get_json, health_url, health_urls, healthy, nginx_test, process_info, process_infos, supervisor,
                             supervisord_pid, wait_healthy)
 from deploy.procs import MEMBER_MARKER, alive, cmdline, processes_of, worker_pids  # noqa: F401
+from services.common.inventory import host_port
 from services.common.settings import Settings, SettingsError, load
 
 
 # commands --------------------------------------------------------------------------------------
 
 def up(settings: Settings) -> None:
-    check_nginx()
+    if settings.inventory.runs("edge"):
+        check_nginx()
+    check_certs(settings)
     if supervisord_pid(settings):
         apply_changes(settings)
     else:
         start(settings)
     wait_healthy(settings, degraded_ok=True)  # up, if a cluster it depends on is not (it says so)
+    if not settings.inventory.single and not settings.inventory.runs("scheduler"):
+        wait_workers_joined(settings)
     print_welcome(settings)
+
+
+def wait_workers_joined(settings: Settings) -> None:
+    """A workers host is up once the scheduler lists its workers; a scheduler that is not up yet
+    (its host deploys later) is not this host's failure: they join when it comes."""
+    ports = {c.name: c.port for c in render.cluster_programs(settings)}
+    for name in ports:
+        try:
+            apply.wait_dask_worker_joined(settings, name, ports)
+        except FleetError as exc:
+            print(f"warning: {exc}")
+            return
 
 
 def start(settings: Settings) -> None:
     check_ports_free(settings)
     files = render.render(settings)
     render.write(settings, files)
-    nginx_test(settings)
+    if settings.inventory.runs("edge"):
+        nginx_test(settings)
     for stale in ("supervisor.sock", "supervisord.pid"):
         (settings.run_dir / stale).unlink(missing_ok=True)
     conf = settings.run_dir / "supervisord.conf"
@@ -115,11 +133,11 @@ def stop(settings: Settings) -> None:
         raise FleetError(f"after stop, {exc}") from None
 
 
-def instance_figures(port: int) -> dict[str, float]:
+def instance_figures(port: int, address: str = "127.0.0.1") -> dict[str, float]:
     """The figures `status` shows, read from an instance's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as response:
+    with urllib.request.urlopen(f"http://{host_port(address, port)}/metrics", timeout=1) as response:
         text = response.read().decode()
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -135,7 +153,10 @@ def status(settings: Settings) -> None:
     if not supervisord_pid(settings):
         print(f"no fleet running in {settings.run_dir}")
         return
-    ports = {name: port for role in ("fast", "slow") for name, port in settings.instances(role) + [settings.spare(role)]}
+    ports = {p.name: p.port for p in render.programs(settings)}
+    if not settings.inventory.single:
+        host = settings.inventory.here
+        print(f"host {host.name} ({host.address}): {', '.join(host.roles)}")
     print(f"{'process':<17} {'state':<9} {'pid':>7} {'uptime':>8} {'in flight':>9} {'busy/workers':>12} "
           f"{'queued':>6} {'loop lag':>9} {'blocked':>7}")
     for p in process_infos(settings):
@@ -145,7 +166,7 @@ def status(settings: Settings) -> None:
                 f"{p['pid'] or '-':>7} {str(p['now'] - p['start']) + 's' if running else '-':>8}")
         if name in ports and running:
             try:
-                v = instance_figures(ports[name])
+                v = instance_figures(ports[name], settings.address)
                 slow = name.startswith("slow-")
                 workers = f"{v['fleet_slow_workers_busy']:.0f}/{v['fleet_slow_workers']:.0f}" if slow else "-"
                 queued = f"{v['fleet_slow_queue_depth']:.0f}" if slow else "-"
@@ -156,10 +177,11 @@ def status(settings: Settings) -> None:
         elif name.endswith("-spare") and not running:
             line += "  (runs only during make reload)"
         print(line)
-    edge = "ok" if healthy(health_urls(settings)["edge"]) else "not answering"
-    print(f"edge {edge_url(settings)}: {edge}   (loop lag: mean probe delay; blocked: loops blocked past "
-          f"{settings.observe.blocked_loop_ms} ms)")
-    if settings.slow.backend == "dask":
+    if settings.inventory.runs("edge"):
+        edge = "ok" if healthy(health_urls(settings)["edge"]) else "not answering"
+        print(f"edge {edge_url(settings)}: {edge}   (loop lag: mean probe delay; blocked: loops blocked past "
+              f"{settings.observe.blocked_loop_ms} ms)")
+    if settings.slow.backend == "dask" and settings.inventory.runs("slow"):
         print(cluster_line(settings))
 
 
@@ -167,22 +189,24 @@ def cluster_line(settings: Settings) -> str:
     """The Dask cluster as the slow instances see it (and, when managed, as its scheduler counts)."""
     name, port = settings.instances("slow")[0]
     try:
-        pool = get_json(f"http://127.0.0.1:{port}/healthz", timeout=2)[1].get("pool", {})
+        pool = get_json(health_url(port, settings.address), timeout=2)[1].get("pool", {})
     except OSError:
         pool = {}
     cluster = pool.get("cluster", {})
     waiting = 0
     for _, p in settings.instances("slow"):
         try:
-            waiting += get_json(f"http://127.0.0.1:{p}/healthz", timeout=2)[1].get("waiting", 0)
+            waiting += get_json(health_url(p, settings.address), timeout=2)[1].get("waiting", 0)
         except OSError:
             pass
     line = (f"dask cluster {cluster.get('scheduler', settings.dask.scheduler)}: "
             f"{'connected' if cluster.get('connected') else 'NOT CONNECTED (' + str(pool.get('problem')) + ')'}, "
             f"{cluster.get('workers', '?')} worker(s), {cluster.get('threads', '?')} thread(s)")
     if settings.dask.scheduler == "managed":
+        scheduler_host = settings.role_hosts("scheduler")[0].address
         try:
-            counts = get_json(f"http://127.0.0.1:{settings.dask.dashboard_port}/json/counts.json", timeout=2)[1]
+            counts = get_json(f"http://{host_port(scheduler_host, settings.dask.dashboard_port)}/json/counts.json",
+                              timeout=2)[1]
             line += f", {counts.get('processing', '?')} job(s) running"
         except OSError:
             line += ", scheduler not answering"
@@ -190,6 +214,9 @@ def cluster_line(settings: Settings) -> str:
 
 
 def print_welcome(settings: Settings) -> None:
+    if not settings.inventory.single:
+        print_host_welcome(settings)
+        return
     url = edge_url(settings)
     fast = ", ".join(f"{n} :{p}" for n, p in settings.instances("fast"))
     slow = ", ".join(f"{n} :{p}" for n, p in settings.instances("slow"))
@@ -211,12 +238,28 @@ try:
 stop it with: make stop""")
 
 
+def print_host_welcome(settings: Settings) -> None:
+    """What runs on this host of a fleet across hosts, and where the rest is."""
+    host, edge = settings.inventory.here, settings.inventory.edge
+    here = [p.name for p in render.programs(settings) if not p.spare] + [c.name for c in render.cluster_programs(settings)]
+    if settings.inventory.runs("edge"):
+        here.insert(0, "nginx")
+    dashboard = ""
+    if settings.inventory.runs("scheduler"):
+        dashboard = f"\n  dask dashboard: http://{host_port(host.address, settings.dask.dashboard_port)}/status"
+    print(f"""
+host {host.name} ({host.address}) is up: {', '.join(here)}  (run dir {settings.run_dir})
+  the fleet's edge: {edge_url(settings)} on {edge.name}; Dask scheduler {settings.scheduler_address}{dashboard}
+stop this host's part with: make stop   (with the same FLEET_SETTINGS and FLEET_HOST)""")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.fleet", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["up", "stop", "status", "reload", "render"])
     command = parser.parse_args(argv).command
     try:
-        settings = load()
+        # stop and status work from the run dir's snapshot, which knows this machine's host.
+        settings = load(any_host=command in ("stop", "status"))
         if command in ("stop", "status") and (settings.run_dir / "settings.json").exists():
             # What runs, as it was deployed (with whatever FLEET_* overrides it was given then).
             settings = Settings.from_snapshot(settings.run_dir / "settings.json")
@@ -228,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             status(settings)
         elif command == "render":
             changed = render.write(settings)
-            nginx_test(settings)
+            if settings.inventory.runs("edge"):
+                nginx_test(settings)
             print(f"rendered into {settings.run_dir}: {', '.join(changed) or 'nothing changed'}")
         elif command == "reload":
             if not supervisord_pid(settings):

@@ -36,6 +36,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from deploy import render
 from deploy.procs import alive, children_of, processes_of
 from services.common.settings import Settings
 
@@ -111,20 +112,20 @@ def listening_socket(address: tuple[str, int], patience: float = 10) -> socket.s
 
 
 def wait_for_upstreams(settings: Settings, timeout: float = UPSTREAM_WAIT) -> None:
-    """Wait until every instance answers HTTP (any status: it is up), or `timeout` passes."""
-    ports = [port for role in ("fast", "slow") for _, port in settings.instances(role)]
+    """Wait until every instance (of every host) answers HTTP (any status: it is up), or `timeout` passes."""
+    waiting = [where for role in ("fast", "slow") for _, where in render.upstream(settings, role)]
     deadline = time.monotonic() + timeout
-    while ports and time.monotonic() < deadline:
-        ports = [p for p in ports if not _answers(p)]
-        if ports:
+    while waiting and time.monotonic() < deadline:
+        waiting = [w for w in waiting if not _answers(w)]
+        if waiting:
             time.sleep(0.1)
-    if ports:
-        say(f"instances on ports {ports} still do not answer after {timeout:.0f} s; starting nginx anyway")
+    if waiting:
+        say(f"instances at {', '.join(waiting)} still do not answer after {timeout:.0f} s; starting nginx anyway")
 
 
-def _answers(port: int) -> bool:
+def _answers(where: str) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+        with urllib.request.urlopen(f"http://{where}/healthz", timeout=1):
             return True
     except urllib.error.HTTPError:
         return True  # it answered, if not 200 (draining, degraded)

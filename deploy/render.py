@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jinja2
 
+from services.common.inventory import host_port
 from services.common.settings import REPO_ROOT, Settings, load
 
 HEADER = "# generated from deploy/fleet.toml by deploy/render.py, do not edit"
@@ -90,10 +91,14 @@ def context(settings: Settings) -> dict:
         "nginx": nginx_binary(),
         "edge": s.edge,
         "listen": _listen(s.edge.bind, s.edge.port),
-        "fast": s.instances("fast"),
-        "slow": s.instances("slow"),
-        "fast_spare": s.spare("fast"),
-        "slow_spare": s.spare("slow"),
+        "fast": upstream(s, "fast"),
+        "slow": upstream(s, "slow"),
+        "fast_spares": upstream(s, "fast", spares=True),
+        "slow_spares": upstream(s, "slow", spares=True),
+        "address": s.address,
+        "single_host": s.inventory.single,
+        "edge_here": s.inventory.runs("edge"),
+        "proxy_bind": None if s.inventory.single else s.inventory.edge.address,
         "upstream_keepalive_timeout": max(1, math.floor(min(s.fast.drain_timeout, s.slow.drain_timeout)) - 1),
         "fail_timeout": FAIL_TIMEOUT_SECONDS,
         "slow_read_timeout": math.ceil(s.slow.job_timeout * waves + 5),
@@ -103,7 +108,30 @@ def context(settings: Settings) -> dict:
         "edge_stopwaitsecs": 10,
         "programs": programs(s),
         "cluster": cluster_programs(s),
+        "scheduler_address": s.scheduler_address,
+        "worker_ttl": f"{s.dask.worker_ttl:g}",
+        "tls": dask_tls_options(s),
     }
+
+
+def upstream(settings: Settings, role: str, spares: bool = False) -> list[tuple[str, str]]:
+    """[(label, address:port)] of a role's instances (or spares) on every host that has the role:
+    what nginx balances over."""
+    hosts = settings.role_hosts(role)
+    found = []
+    for host in hosts:
+        members = [settings.spare(role)] if spares else settings.instances(role)
+        found += [(name if settings.inventory.single else f"{name} on {host.name}", host_port(host.address, port))
+                  for name, port in members]
+    return found
+
+
+def dask_tls_options(settings: Settings) -> str:
+    """The command-line options that make a Dask process speak TLS with this host's certificate."""
+    if not settings.dask_tls:
+        return ""
+    c = settings.certs()
+    return f"--tls-ca-file {c['ca']} --tls-cert {c['cert']} --tls-key {c['key']}"
 
 
 @dataclass(frozen=True)
@@ -128,24 +156,35 @@ class ClusterProgram:
     dashboard: int  # its HTTP port: dashboard, /health, Prometheus /metrics
     scheduler_port: int
     threads: int
+    worker_name: str  # the name it has in the cluster: "dask-worker-01", "heavy1-dask-worker-01"
 
 
 def cluster_programs(settings: Settings) -> list[ClusterProgram]:
-    """The managed Dask cluster's processes; none unless slow.backend = "dask" and it is managed."""
+    """This host's processes of the managed Dask cluster (the scheduler role, the workers role);
+    none unless slow.backend = "dask" and the cluster is managed."""
     d = settings.dask
     if settings.slow.backend != "dask" or d.scheduler != "managed":
         return []
-    found = [ClusterProgram("dask-scheduler", d.scheduler_port, d.dashboard_port, d.scheduler_port, 0)]
-    for i in range(1, d.workers + 1):
-        port = d.worker_base_port + 2 * i - 1
-        found.append(ClusterProgram(f"dask-worker-{i:02d}", port, port + 1, d.scheduler_port, d.threads_per_worker))
+    found = []
+    if settings.inventory.runs("scheduler"):
+        found.append(ClusterProgram("dask-scheduler", d.scheduler_port, d.dashboard_port, d.scheduler_port, 0,
+                                    "dask-scheduler"))
+    if settings.inventory.runs("workers"):
+        # Worker names are unique in the cluster: the host's name in front when there are hosts.
+        prefix = "" if settings.inventory.single else f"{settings.inventory.here.name}-"
+        for i in range(1, d.workers + 1):
+            port = d.worker_base_port + 2 * i - 1
+            name = f"dask-worker-{i:02d}"
+            found.append(ClusterProgram(name, port, port + 1, d.scheduler_port, d.threads_per_worker, prefix + name))
     return found
 
 
 def programs(settings: Settings) -> list[Program]:
-    """Every instance program, slow before fast, each role's spare last."""
+    """This host's instance programs (the fast and slow roles), slow before fast, each role's spare last."""
     found = []
     for role, margin in (("slow", 10), ("fast", 5)):
+        if not settings.inventory.runs(role):
+            continue
         stopwaitsecs = math.ceil(getattr(settings, role).drain_timeout + margin)
         for number, (name, port) in enumerate(settings.instances(role), start=1):
             found.append(Program(name, role, str(number), port, stopwaitsecs))
@@ -163,8 +202,11 @@ def render(settings: Settings) -> dict[str, str]:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
+    env.filters["hostport"] = host_port
     ctx = context(settings)
     return {
+        # The edge's config, on every host: nginx runs only where the edge is, but `nginx -t`
+        # checks it everywhere and the file shows the whole fleet's upstreams.
         "nginx/conf/nginx.conf": env.get_template("nginx.conf.j2").render(ctx),
         "supervisord.conf": env.get_template("supervisord.conf.j2").render(ctx),
         "settings.json": settings.snapshot(),
@@ -173,15 +215,19 @@ def render(settings: Settings) -> dict[str, str]:
 
 
 def prometheus_targets(settings: Settings) -> str:
-    """A Prometheus file_sd targets file: every instance's /metrics, on loopback.
+    """A Prometheus file_sd targets file: this host's instances' /metrics (and its Dask processes'),
+    on the host's address; each host of a fleet across hosts renders its own.
 
     In prometheus.yml:  scrape_configs: [{job_name: fleet, file_sd_configs: [{files: [<this file>]}]}]
     """
+    host = settings.inventory.here
+    labels = {} if settings.inventory.single else {"fleet_host": host.name}
     groups = [
-        {"targets": [f"127.0.0.1:{port}"], "labels": {"role": role, "fleet_instance": name}}
-        for role in ("fast", "slow") for name, port in settings.instances(role)
+        {"targets": [host_port(host.address, p.port)], "labels": {"role": p.role, "fleet_instance": p.name, **labels}}
+        for p in programs(settings) if not p.spare
     ]
-    groups += [{"targets": [f"127.0.0.1:{c.dashboard}"], "labels": {"role": "dask", "fleet_instance": c.name}}
+    groups += [{"targets": [host_port(host.address, c.dashboard)],
+                "labels": {"role": "dask", "fleet_instance": c.name, **labels}}
                for c in cluster_programs(settings)]  # Dask's own /metrics, on its HTTP port
     return json.dumps(groups, indent=2) + "\n"
 

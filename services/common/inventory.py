@@ -70,6 +70,11 @@ class Inventory:
         return parse(data["hosts"], values, data["here"])
 
 
+def host_port(address: str, port: int) -> str:
+    """address:port as URLs and Dask write it: [::1]:8786 for IPv6."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 def needed_roles(values: Mapping[str, Any]) -> tuple[str, ...]:
     """The roles a fleet with these settings needs: a cluster's only when the fleet runs one."""
     if values["slow.backend"] == "dask" and values["dask.scheduler"] == "managed":

@@ -24,8 +24,6 @@ from services.common.settings import Settings
 
 log = logging.getLogger("fleet.server")
 
-# Instances listen on loopback only: nginx on the same host is their one client.
-LISTEN_ADDRESS = "127.0.0.1"
 # Far longer than nginx's upstream keepalive_timeout (rendered below every drain timeout), so
 # nginx, not Tornado, closes idle upstream connections and never sends a request down one that
 # Tornado is closing.
@@ -86,6 +84,9 @@ def app_settings(instance: Instance) -> dict:
     return {
         "role": instance.role,
         "instance_name": instance.name,
+        # Who may talk to an instance: the edge host and the instance's own host (health checks,
+        # metrics); the socket's peer decides, never a header (web.BaseHandler.prepare).
+        "trusted_peers": frozenset({instance.settings.inventory.edge.address, instance.settings.address}),
         "draining": False,
         "in_flight": InFlight(),
         "on_drain_deadline": lambda: None,  # the slow app answers its unfinished jobs here
@@ -129,7 +130,8 @@ async def serve(app: web.Application, instance: Instance) -> None:
         max_body_size=instance.settings.edge.max_body_kb * 1024,
         idle_connection_timeout=IDLE_CONNECTION_TIMEOUT,
     )
-    server.listen(instance.port, address=LISTEN_ADDRESS)
+    # The host's inventory address: loopback on one host, where nginx beside it is the one client.
+    server.listen(instance.port, address=instance.settings.address)
     in_flight: InFlight = app.settings["in_flight"]
     metrics.IN_FLIGHT.set_function(lambda: in_flight.count)
     loop_watchdog = LoopWatchdog(threshold=instance.settings.observe.blocked_loop_ms / 1000)
@@ -138,7 +140,7 @@ async def serve(app: web.Application, instance: Instance) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    log.info("%s serving on %s:%d", instance.name, LISTEN_ADDRESS, instance.port)
+    log.info("%s serving on %s:%d", instance.name, instance.settings.address, instance.port)
     await stop.wait()
     await drain(server, app, instance.drain_timeout)
     loop_watchdog.stop()

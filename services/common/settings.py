@@ -1,8 +1,11 @@
 """The fleet's settings: one TOML file, environment overrides, validation, one resolved snapshot.
 
-deploy/fleet.toml holds every key with its default. `FLEET_<SECTION>_<KEY>` overrides a key at
-deploy time; the deploy step resolves the lot once ("auto" becomes a number), validates it and
-writes a JSON snapshot into the run directory, which the services read back with the same code.
+deploy/fleet.toml holds every key with its default; `FLEET_SETTINGS=path` reads another file on
+top of it (that file holds only what differs, e.g. deploy/hosts.example.toml).
+`FLEET_<SECTION>_<KEY>` overrides a key at deploy time; the deploy step resolves the lot once
+("auto" becomes a number), validates it and writes a JSON snapshot into the run directory, which
+the services read back with the same code. The file's [hosts] table, if any, is the inventory of
+a fleet across hosts (services/common/inventory.py); `FLEET_HOST` names this machine's host.
 
     >>> s = load(env={"FLEET_EDGE_PORT": "9000", "FLEET_SLOW_WORKERS": "2"})
     >>> s.edge.port, s.slow.workers, s.slow.queue_limit
@@ -20,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping
+
+from services.common.inventory import Host, Inventory, InventoryError, host_port
+from services.common.inventory import parse as parse_inventory
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FILE = REPO_ROOT / "deploy" / "fleet.toml"
@@ -81,6 +87,12 @@ def heavy_capacity(v: Mapping[str, Any]) -> int:
     if v["slow.backend"] == "dask" and v["dask.scheduler"] == "managed":
         return max(1, v["dask.workers"] * v["dask.threads_per_worker"] // v["slow.instances"])
     return v["slow.workers"]
+
+
+def _check_path(value: str) -> None:
+    """a directory path (relative ones are relative to the repository)"""
+    if not value.strip() or "\0" in value:
+        raise ValueError(value)
 
 
 def _check_modules(value: str) -> None:
@@ -163,6 +175,8 @@ SCHEMA: dict[str, Spec] = {
     "dask.scheduler_port": Spec(int, 1024, 65535),
     "dask.dashboard_port": Spec(int, 1024, 65535),
     "dask.worker_base_port": Spec(int, 1024, 65000),
+    "dask.worker_ttl": Spec(float, 1, 3600),
+    "dask.certs_dir": Spec(str, check=_check_path),
     "slow.queue_limit": Spec(int, 0, 10000, auto=lambda v: 4 * heavy_capacity(v)),
     "slow.max_per_client": Spec(int, 1, 100000, auto=lambda v: max(
         1, (heavy_capacity(v) + v["slow.queue_limit"]) * v["slow.instances"] // 2)),
@@ -297,9 +311,10 @@ def _check_consistency(v: Mapping[str, Any]) -> None:
 class Settings:
     """Resolved settings with attribute access by section: settings.slow.workers."""
 
-    def __init__(self, values: Mapping[str, Any], run_dir: Path):
+    def __init__(self, values: Mapping[str, Any], run_dir: Path, inventory: Inventory | None = None):
         self.values = dict(values)
         self.run_dir = Path(run_dir)
+        self.inventory = inventory or parse_inventory(None, self.values, None)
         tree: dict[str, Any] = {}
         for key, value in self.values.items():
             *path, leaf = key.split(".")
@@ -326,14 +341,56 @@ class Settings:
         On base_port itself, so that changing the number of instances never moves it."""
         return f"{role}-spare", getattr(self, role).base_port
 
+    # where things are, across hosts ----------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        """The address every program of this host binds: its inventory address (loopback alone)."""
+        return self.inventory.here.address
+
+    def role_hosts(self, role: str) -> list[Host]:
+        return self.inventory.with_role(role)
+
+    @property
+    def dask_tls(self) -> bool:
+        """Dask traffic uses TLS with the fleet's own certificates: always when the managed cluster
+        spans hosts (a reachable scheduler runs whatever it is sent), and for a tls:// scheduler."""
+        if self.slow.backend != "dask":
+            return False
+        if self.dask.scheduler == "managed":
+            return not self.inventory.single
+        return self.dask.scheduler.startswith("tls://")
+
+    @property
+    def scheduler_address(self) -> str:
+        """The Dask scheduler every client and worker connects to."""
+        if self.dask.scheduler != "managed":
+            return self.dask.scheduler
+        host = next(iter(self.role_hosts("scheduler")), self.inventory.here)  # none: the local backend
+        return f"{'tls' if self.dask_tls else 'tcp'}://{host_port(host.address, self.dask.scheduler_port)}"
+
+    @property
+    def certs_dir(self) -> Path:
+        return (REPO_ROOT / self.dask.certs_dir).resolve()
+
+    def certs(self, host: str | None = None) -> dict[str, Path]:
+        """This host's (or `host`'s) files of the fleet's CA, made by `make certs`."""
+        name = host or self.inventory.here.name
+        return {"ca": self.certs_dir / "ca.pem", "cert": self.certs_dir / f"{name}.pem",
+                "key": self.certs_dir / f"{name}-key.pem"}
+
+    # snapshots ------------------------------------------------------------------------------
+
     def snapshot(self) -> str:
-        return json.dumps({"run_dir": str(self.run_dir), "values": self.values}, indent=2) + "\n"
+        return json.dumps({"run_dir": str(self.run_dir), "values": self.values,
+                           "inventory": self.inventory.snapshot()}, indent=2) + "\n"
 
     @classmethod
     def from_snapshot(cls, path: Path | str) -> "Settings":
         data = json.loads(Path(path).read_text())
         values = resolve(data["values"], env={}, origin=str(path))
-        return cls(values, Path(data["run_dir"]))
+        inventory = Inventory.from_snapshot(data.get("inventory", {}), values)
+        return cls(values, Path(data["run_dir"]), inventory)
 
 
 def _namespace(table: dict[str, Any]) -> SimpleNamespace:
@@ -344,12 +401,37 @@ def run_dir_from(env: Mapping[str, str]) -> Path:
     return Path(env.get("FLEET_RUN_DIR") or DEFAULT_RUN_DIR).resolve()
 
 
-def load(path: Path | str = DEFAULT_FILE, env: Mapping[str, str] | None = None) -> Settings:
-    """Read the TOML file, apply FLEET_* overrides from `env` (default: os.environ), validate."""
-    env = os.environ if env is None else env
-    path = Path(path)
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        table = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: no such settings file (FLEET_SETTINGS)") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: not valid TOML: {exc}") from None
-    return Settings(resolve(flatten(table), env, origin=path.name), run_dir_from(env))
+
+
+def settings_file(env: Mapping[str, str]) -> Path:
+    """$FLEET_SETTINGS (relative to the current directory), or deploy/fleet.toml."""
+    return Path(env.get("FLEET_SETTINGS") or DEFAULT_FILE).resolve()
+
+
+def load(path: Path | str | None = None, env: Mapping[str, str] | None = None, any_host: bool = False) -> Settings:
+    """Read the TOML file (default: settings_file(env)), apply FLEET_* overrides from `env`
+    (default: os.environ), validate; the [hosts] table and FLEET_HOST give the inventory
+    (`any_host`: without FLEET_HOST, as the first host; for commands about the whole fleet)."""
+    env = os.environ if env is None else env
+    path = settings_file(env) if path is None else Path(path)
+    table = _read_toml(path)
+    hosts = table.pop("hosts", None)
+    file_values = flatten(table)
+    if path.resolve() != DEFAULT_FILE:  # another file says only what differs from the defaults
+        file_values = {**flatten(_read_toml(DEFAULT_FILE)), **file_values}
+    values = resolve(file_values, env, origin=path.name)
+    try:
+        here = env.get("FLEET_HOST", "").strip() or None
+        if here is None and any_host and isinstance(hosts, Mapping) and hosts:
+            here = next(iter(hosts))
+        inventory = parse_inventory(hosts, values, here)
+    except InventoryError as exc:
+        raise SettingsError(f"{path.name}: {exc}") from None
+    return Settings(values, run_dir_from(env), inventory)

@@ -11,6 +11,7 @@ Tornado's own HTTPError) and `write_error` renders it. Nothing ever sends a trac
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import uuid
@@ -96,6 +97,21 @@ class BaseHandler(web.RequestHandler):
         watchdog.serving_request["id"] = self.request_id
         self.settings["in_flight"].enter()
         self._in_flight = True
+        self.refuse_untrusted_peer()
+
+    def refuse_untrusted_peer(self) -> None:
+        """403 to anyone but the edge host and this host. The TCP peer, not X-Real-IP: with
+        xheaders on, request.remote_ip is whatever a client wrote in that header."""
+        trusted = self.settings.get("trusted_peers")
+        peer = getattr(self.request.connection, "context", None)
+        address = getattr(peer, "address", None)
+        if trusted is None or not isinstance(address, tuple):
+            return  # unit tests' connections, Unix sockets
+        ip = ipaddress.ip_address(address[0].split("%")[0])
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if str(ip) not in trusted:
+            raise ApiError(403, "forbidden", "this instance answers the fleet's edge only")
 
     def _leave_in_flight(self) -> None:
         if getattr(self, "_in_flight", False):

@@ -29,7 +29,7 @@ import time
 import uuid
 from typing import Any, Callable
 
-from distributed import Client
+from distributed import Client, Security
 from distributed.client import FutureCancelledError
 from distributed.scheduler import KilledWorker
 
@@ -69,14 +69,32 @@ def version_mismatch(versions: dict) -> str:
     return "; ".join(differences)
 
 
+def security(settings: Settings) -> Security | None:
+    """TLS with this host's certificate of the fleet's CA, when the fleet's Dask traffic needs it
+    (settings.dask_tls); Dask then refuses any peer without a certificate of that CA."""
+    if not settings.dask_tls:
+        return None
+    c = settings.certs()
+    return Security(tls_ca_file=str(c["ca"]), tls_client_cert=str(c["cert"]), tls_client_key=str(c["key"]),
+                    require_encryption=True)
+
+
 class DaskPool:
     def __init__(self, settings: Settings, instance_number: int = 1):
         dask = settings.dask
         self.managed = dask.scheduler == "managed"
-        self.address = f"tcp://127.0.0.1:{dask.scheduler_port}" if self.managed else dask.scheduler
-        self.instances = settings.slow.instances
-        self.expected_threads = dask.workers * dask.threads_per_worker if self.managed else 0
-        self.index = max(0, instance_number - 1) % self.instances  # the spare takes slow-01's share
+        self.address = settings.scheduler_address
+        self.security = security(settings)
+        # The cluster's threads are shared among every slow instance of every host with the role.
+        slow_hosts = [h.name for h in settings.role_hosts("slow")]
+        self.instances = settings.slow.instances * len(slow_hosts)
+        on_one_host = settings.inventory.single or self.managed and len(settings.role_hosts("workers")) == 1 \
+            and settings.role_hosts("workers")[0] == settings.inventory.here
+        # Workers beside this instance are waited for at start; those of other hosts may come later.
+        self.expected_threads = dask.workers * dask.threads_per_worker if self.managed and on_one_host else 0
+        here = slow_hosts.index(settings.inventory.here.name) if settings.inventory.here.name in slow_hosts else 0
+        # The spare takes slow-01's share.
+        self.index = here * settings.slow.instances + max(0, instance_number - 1) % settings.slow.instances
         # Jobs this instance may run at once: its share of the cluster's threads, at least 1 (a job
         # admitted to a cluster without workers is answered 503 at once, never left waiting in line).
         self.size = heavy_capacity(settings.values)  # until the cluster says
@@ -203,7 +221,8 @@ class DaskPool:
     async def _connect(self) -> bool:
         try:
             client = await asyncio.wait_for(
-                Client(self.address, asynchronous=True, timeout=CONNECT_TIMEOUT, set_as_default=False),
+                Client(self.address, asynchronous=True, timeout=CONNECT_TIMEOUT, set_as_default=False,
+                       security=self.security),
                 CONNECT_TIMEOUT + 1)
         except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
             self.problem = f"{type(exc).__name__}: {exc}"[:200]

@@ -11,7 +11,7 @@ import tornado
 from tornado.testing import AsyncHTTPTestCase, gen_test
 
 from services.common.server import Instance
-from services.common.settings import load
+from services.common.settings import REPO_ROOT, load
 from services.fast.app import make_app as make_fast_app
 from services.slow import registry
 from services.slow.app import make_app as make_slow_app
@@ -35,6 +35,41 @@ class ContractTestCase(AsyncHTTPTestCase):
         assert isinstance(body["message"], str) and body["message"]
         assert body["request_id"] == response.headers["X-Request-ID"]
         return body
+
+
+# who may talk to an instance ----------------------------------------------------------------------
+
+EXAMPLE = str(REPO_ROOT / "deploy" / "hosts.example.toml")
+
+
+class UntrustedPeerTest(ContractTestCase):
+    """An instance of web1 in deploy/hosts.example.toml, reached from 127.0.0.1: neither the edge
+    host (10.77.0.1) nor its own address."""
+
+    def get_app(self):
+        return make_fast_app(Instance("fast", 1, load(env={"FLEET_SETTINGS": EXAMPLE, "FLEET_HOST": "web1"})))
+
+    def get_httpserver_options(self):
+        return {"xheaders": True}  # as the fleet serves: X-Real-IP trusted for the client's address
+
+    def test_anyone_but_the_edge_and_the_own_host_gets_403_json(self):
+        self.assert_json_error(self.request("/fast"), 403, "forbidden")
+        self.assert_json_error(self.request("/healthz"), 403, "forbidden")
+
+    def test_a_header_naming_the_edge_does_not_make_a_peer_trusted(self):
+        for header in ("X-Real-IP", "X-Forwarded-For"):
+            self.assert_json_error(self.request("/fast", **{header: "10.77.0.1"}), 403, "forbidden")
+
+
+class TrustedPeerTest(UntrustedPeerTest):
+    def get_app(self):
+        return make_fast_app(Instance("fast", 1, load(env={})))  # one host: loopback is the edge
+
+    def test_anyone_but_the_edge_and_the_own_host_gets_403_json(self):
+        assert self.request("/fast").code == 200
+
+    def test_a_header_naming_the_edge_does_not_make_a_peer_trusted(self):
+        assert self.request("/fast", **{"X-Real-IP": "10.77.0.1"}).code == 200
 
 
 # the fast app -----------------------------------------------------------------------------------

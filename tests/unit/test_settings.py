@@ -325,9 +325,20 @@ def test_an_unknown_key_in_the_file_is_refused(tmp_path):
     assert "unknown setting edge.prot" in message
 
 
-def test_a_key_missing_from_the_file_is_refused(tmp_path):
-    path = write_toml(tmp_path, "nice = 10 ", "# nice removed ")
-    assert "missing setting slow.nice" in error_of(path=path, env={})
+def test_a_key_missing_from_the_defaults_is_refused():
+    values = settings.flatten(tomllib.loads(FLEET_TOML.read_text()))
+    del values["slow.nice"]
+    with pytest.raises(SettingsError, match="missing setting slow.nice"):
+        settings.resolve(values, {}, "fleet.toml")
+
+
+def test_another_settings_file_holds_only_what_differs_from_the_defaults(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text("[slow]\nworkers = 3\n")
+    chosen = load(env={"FLEET_SETTINGS": str(path)})
+    assert chosen.slow.workers == 3 and chosen.edge.port == load(env={}).edge.port
+    assert load(env={"FLEET_SETTINGS": str(path), "FLEET_SLOW_WORKERS": "5"}).slow.workers == 5  # env still wins
+    assert "no such settings file" in error_of(env={"FLEET_SETTINGS": str(tmp_path / "missing.toml")})
 
 
 def test_a_file_that_is_not_toml_is_refused_naming_the_file(tmp_path):
@@ -397,3 +408,35 @@ def test_a_dask_backend_sizes_the_line_from_the_managed_cluster_and_keeps_its_po
 def test_a_scheduler_that_is_neither_managed_nor_an_address_is_refused(address):
     message = error_of(env={"FLEET_DASK_SCHEDULER": address})
     assert "dask.scheduler" in message and "tcp://host:port" in message
+
+
+# the inventory ------------------------------------------------------------------------------------
+
+EXAMPLE = settings.REPO_ROOT / "deploy" / "hosts.example.toml"
+
+
+def test_the_example_inventory_loads_for_each_of_its_hosts():
+    for name, address in (("web1", "10.77.0.1"), ("heavy1", "10.77.0.2"), ("heavy2", "10.77.0.3")):
+        s = load(env={"FLEET_SETTINGS": str(EXAMPLE), "FLEET_HOST": name})
+        assert (s.inventory.here.name, s.address) == (name, address)
+        assert s.scheduler_address == "tls://10.77.0.1:8786" and s.dask_tls
+
+
+def test_an_inventory_without_fleet_host_is_refused_naming_the_hosts():
+    message = error_of(env={"FLEET_SETTINGS": str(EXAMPLE)})
+    assert "set FLEET_HOST" in message and "web1, heavy1, heavy2" in message
+    assert "no such host" in error_of(env={"FLEET_SETTINGS": str(EXAMPLE), "FLEET_HOST": "heavy9"})
+
+
+def test_without_hosts_the_fleet_is_one_loopback_host_without_tls():
+    s = load(env={"FLEET_SLOW_BACKEND": "dask"})
+    assert s.inventory.single and s.address == "127.0.0.1"
+    assert s.scheduler_address == "tcp://127.0.0.1:8786" and not s.dask_tls
+    assert load(env={"FLEET_SLOW_BACKEND": "dask", "FLEET_DASK_SCHEDULER": "tls://10.0.0.9:8786"}).dask_tls
+
+
+def test_the_snapshot_keeps_the_inventory_and_this_host(tmp_path):
+    s = load(env={"FLEET_SETTINGS": str(EXAMPLE), "FLEET_HOST": "heavy2", "FLEET_RUN_DIR": str(tmp_path)})
+    (tmp_path / "settings.json").write_text(s.snapshot())
+    back = Settings.from_snapshot(tmp_path / "settings.json")
+    assert back.inventory == s.inventory and back.address == "10.77.0.3"

@@ -1,0 +1,160 @@
+"""The fleet's own CA and one certificate per inventory host, for Dask's TLS between hosts.
+
+    make certs                                            # python -m deploy.certs
+    FLEET_SETTINGS=deploy/hosts.example.toml make certs   # every host of that inventory
+
+Writes into dask.certs_dir (.certs/ by default): ca.pem and ca-key.pem, then <host>.pem and
+<host>-key.pem for each host. Copy the directory to every host; ca-key.pem only needs to stay
+where new certificates are made. An existing CA is kept (certificates already handed out stay
+valid), and so is a host's certificate that still names the host's address and has a year left.
+
+Dask checks that every peer (scheduler, worker, client) presents a certificate of this CA; it
+does not check names, so any host of the fleet can take any role. The certificates name their
+host and address all the same, for the operator reading them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from services.common.settings import Settings, SettingsError, load
+
+CA_YEARS = 10
+HOST_YEARS = 2
+RENEW_BEFORE = datetime.timedelta(days=365)
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """A private key, readable by its owner only, from the moment it exists."""
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    tmp.replace(path)
+
+
+def write_cert(path: Path, cert: x509.Certificate) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    tmp.replace(path)
+
+
+def load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+    cert, key = directory / "ca.pem", directory / "ca-key.pem"
+    if not (cert.is_file() and key.is_file()):
+        return None
+    return (x509.load_pem_x509_certificate(cert.read_bytes()),
+            serialization.load_pem_private_key(key.read_bytes(), password=None))
+
+
+def make_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleet CA")])
+    cert = (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now() - datetime.timedelta(minutes=5))
+            .not_valid_after(now() + datetime.timedelta(days=365 * CA_YEARS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    write_private(directory / "ca-key.pem", key)
+    write_cert(directory / "ca.pem", cert)
+    return cert, key
+
+
+def host_cert_current(path: Path, address: str, ca: x509.Certificate) -> bool:
+    """The host's certificate exists, is signed by this CA, names `address` and has a year left."""
+    if not path.is_file() or not path.with_name(path.stem + "-key.pem").is_file():
+        return False
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    try:
+        ips = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.IPAddress)
+    except x509.ExtensionNotFound:
+        return False
+    return (cert.issuer == ca.subject and ipaddress.ip_address(address) in ips
+            and cert.not_valid_after_utc - now() > RENEW_BEFORE)
+
+
+def make_host_cert(directory: Path, name: str, address: str, ca: x509.Certificate,
+                   ca_key: ec.EllipticCurvePrivateKey) -> None:
+    key = new_key()
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now() - datetime.timedelta(minutes=5))
+            .not_valid_after(now() + datetime.timedelta(days=365 * HOST_YEARS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name),
+                                                        x509.IPAddress(ipaddress.ip_address(address))]),
+                           critical=False)
+            # Every Dask process is a TLS server and a client of the others: both usages.
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    write_private(directory / f"{name}-key.pem", key)
+    write_cert(directory / f"{name}.pem", cert)
+
+
+def make_certs(settings: Settings) -> list[str]:
+    """Create what is missing in settings.certs_dir; return what was made."""
+    directory = settings.certs_dir
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    made = []
+    found = load_ca(directory)
+    if found is None:
+        found = make_ca(directory)
+        made.append("ca.pem")
+    ca, ca_key = found
+    for host in settings.inventory.hosts:
+        if not host_cert_current(directory / f"{host.name}.pem", host.address, ca):
+            make_host_cert(directory, host.name, host.address, ca, ca_key)
+            made.append(f"{host.name}.pem")
+    return made
+
+
+def main() -> int:
+    try:
+        settings = load(any_host=True)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    made = make_certs(settings)
+    hosts = ", ".join(h.name for h in settings.inventory.hosts)
+    print(f"certificates in {settings.certs_dir} for {hosts}: "
+          + (f"made {', '.join(made)}" if made else "all present and current"))
+    if not settings.inventory.single:
+        print(f"copy {settings.certs_dir}/ to every host (ca-key.pem may stay here: only `make certs` needs it)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
