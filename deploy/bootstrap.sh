@@ -11,7 +11,19 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
     exit 1
 fi
 
-if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+# Only the edge host of a fleet across hosts runs nginx (FLEET_HOST's roles in FLEET_SETTINGS).
+needs_nginx=$("$python" - <<'PY'
+import os, tomllib
+host, path = os.environ.get("FLEET_HOST"), os.environ.get("FLEET_SETTINGS")
+try:
+    roles = tomllib.load(open(path, "rb"))["hosts"][host]["roles"] if host and path else ["edge"]
+except (OSError, KeyError, TypeError, ValueError):
+    roles = ["edge"]  # deploy itself says what is wrong with the inventory
+print("yes" if "edge" in roles else "no")
+PY
+)
+
+if [ "$needs_nginx" = yes ] && ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "bootstrap: installing nginx with apt-get"
         # Debian's package would start a system nginx on port 80; the fleet runs its own, so keep

@@ -42,7 +42,10 @@ log = logging.getLogger("fleet.dask")
 
 CAPACITY_EVERY = 1.0  # seconds between readings of the cluster's threads (and reconnection tries)
 CONNECT_TIMEOUT = 2.0  # seconds a connection attempt to the scheduler may take
-GRACE = 5.0  # seconds past a job's deadline before the instance stops waiting for its worker
+# Seconds past a job's deadline before the instance stops waiting for its worker, answers 504
+# itself and has the job cancelled. The worker enforces the deadline (it kills the job's child) and
+# answers within milliseconds; this bounds the wait when it cannot: a worker whose host is cut off.
+GRACE = 1.0
 
 
 # What must match between this instance and every process of an external cluster: what pickles a
