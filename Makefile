@@ -6,13 +6,20 @@ BOOTSTRAP := deploy/bootstrap.sh
 LOCUST := .venv/bin/locust
 # The fleet's fast routes for the isolation check (locustfile.py alone defaults to GET /fast only);
 # LOAD_OPTS passes more Locust options, e.g. make load-check LOAD_OPTS="--mixed-seconds 60".
+# LOCUST_WORKERS=N (N >= 0) runs Locust as a master with N worker processes (--processes N) for
+# load beyond one core; 0 or unset is one process. Workers on other hosts: README.md, "Prove it".
 FAST_ROUTES := GET /fast, POST /echo
 LOAD_OPTS ?=
+LOCUST_WORKERS ?= 0
+# --processes N when LOCUST_WORKERS > 0, after the shell checked that it is a whole number
+LOCUST_PROCESSES = $(if $(filter-out 0,$(LOCUST_WORKERS)),--processes $(LOCUST_WORKERS))
+CHECK_LOCUST_WORKERS := case '$(LOCUST_WORKERS)' in ''|*[!0-9]*) \
+	echo "error: LOCUST_WORKERS must be a whole number >= 0 (0: one Locust process), got '$(LOCUST_WORKERS)'" >&2; exit 2;; esac
 EDGE_URL := $(PY) -c 'from deploy.fleet import edge_url; from services.common.settings import load; print(edge_url(load()))'
 FLEET_UP_IF_DOWN := $(PY) -c 'import sys; from deploy.fleet import supervisord_pid; from services.common.settings import load; \
 	sys.exit(0 if supervisord_pid(load()) else 1)' || $(PY) -m deploy.fleet up
 
-.PHONY: deploy-local stop status logs profile reload chaos test test-unit test-integration help bootstrap render load load-check bench
+.PHONY: deploy-local stop status logs profile reload chaos certs test test-unit test-integration help bootstrap render load load-check bench
 
 deploy-local: bootstrap ## Start the fleet (or apply changed settings), wait for /healthz, print the URLs
 	@$(PY) -m deploy.fleet up
@@ -38,6 +45,9 @@ chaos: bootstrap ## Break the running fleet (kill -9 instances, workers, nginx; 
 render: bootstrap ## Render nginx.conf, supervisord.conf and settings.json into the run dir, and nginx -t them
 	@$(PY) -m deploy.fleet render
 
+certs: bootstrap ## The fleet's CA and a certificate per host, for Dask TLS across hosts (into dask.certs_dir, .certs/)
+	@$(PY) -m deploy.certs
+
 test: bootstrap ## Both test tiers (unit, then integration against real nginx + supervisord)
 	@$(PY) -m pytest tests/unit tests/integration
 
@@ -47,16 +57,19 @@ test-unit: bootstrap ## In-process tests only (settings, rendering, tasks, pool,
 test-integration: bootstrap ## Tests against private fleets in temp run dirs
 	@$(PY) -m pytest tests/integration
 
-load: bootstrap ## Locust's web UI on http://127.0.0.1:8089 (host preset to the edge; deploys the fleet if it is down)
+load: bootstrap ## Locust's web UI on http://127.0.0.1:8089 (host preset to the edge; deploys the fleet if it is down); LOCUST_WORKERS=N
+	@$(CHECK_LOCUST_WORKERS)
 	@$(FLEET_UP_IF_DOWN)
 	@edge=$$($(EDGE_URL)); echo "Locust web UI: http://127.0.0.1:8089  (host $$edge; start the shaped run, then open the Isolation tab)"; \
-	exec $(LOCUST) -f locustfile.py --web-host 127.0.0.1 --web-port 8089 --host "$$edge" --fast-routes "$(FAST_ROUTES)" $(LOAD_OPTS)
+	exec $(LOCUST) -f locustfile.py $(LOCUST_PROCESSES) --web-host 127.0.0.1 --web-port 8089 --host "$$edge" \
+	    --fast-routes "$(FAST_ROUTES)" $(LOAD_OPTS)
 
-load-check: bootstrap ## Headless isolation proof against the fleet: per-phase table, report in the run dir, exit code = verdict
+load-check: bootstrap ## Headless isolation proof against the fleet: per-phase table, report in the run dir, exit code = verdict; LOCUST_WORKERS=N
+	@$(CHECK_LOCUST_WORKERS)
 	@$(FLEET_UP_IF_DOWN)
 	@run=$${FLEET_RUN_DIR:-.run}; edge=$$($(EDGE_URL)); mkdir -p "$$run"; \
-	echo "isolation check against $$edge (about 80 s; report: $$run/load-check.html, CSVs: $$run/load-check_*.csv)"; \
-	$(LOCUST) -f locustfile.py --headless --only-summary --host "$$edge" --fast-routes "$(FAST_ROUTES)" \
+	echo "isolation check against $$edge$(if $(LOCUST_PROCESSES), with $(LOCUST_WORKERS) Locust worker processes) (about 80 s; report: $$run/load-check.html, CSVs: $$run/load-check_*.csv)"; \
+	$(LOCUST) -f locustfile.py $(LOCUST_PROCESSES) --headless --only-summary --host "$$edge" --fast-routes "$(FAST_ROUTES)" \
 	    --html "$$run/load-check.html" --csv "$$run/load-check" $(LOAD_OPTS)
 
 bootstrap:
@@ -72,3 +85,5 @@ help: ## This list
 	@echo "  Settings: deploy/fleet.toml (override with FLEET_<SECTION>_<KEY>=...). Code: deploy/ (run the"
 	@echo "  fleet), nginx/ (the edge), services/ (fast and slow apps, worker pool), tests/, bench/."
 	@echo "  Runtime files, logs and sockets: .run/ (or \$$FLEET_RUN_DIR). More in README.md."
+	@echo "  make load / load-check: LOAD_OPTS=\"...\" adds Locust options; LOCUST_WORKERS=N runs a Locust master"
+	@echo "  with N worker processes (0 or unset: one process; workers on other hosts: README.md, \"Prove it\")."

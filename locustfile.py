@@ -8,33 +8,48 @@ at all. This locustfile measures that through any server offering `GET /fast` an
     locust -f locustfile.py --headless --host http://127.0.0.1:8080     # exit 0 PASS, 3 FAIL, 4 INCONCLUSIVE
     make load-check                                                       # the same against the deployed fleet
     make load                                                             # web UI on :8089, "Isolation" tab
+    make load-check LOCUST_WORKERS=2                                      # the same with 2 worker processes
 
-THE RUN (a LoadTestShape, one process): warm-up (fast users only, not judged), baseline (the same
-fast users only), mixed (the same fast users plus the heavy users), recovery (fast users only, shown,
-not judged). Fast users send the fast routes at a fixed rate (constant_throughput, every route
+THE RUN (a LoadTestShape): warm-up (fast users only, not judged), baseline (the same fast users
+only), mixed (the same fast users plus the heavy users), recovery (fast users only, shown, not
+judged). Fast users send the fast routes at a fixed rate (constant_throughput, every route
 once per iteration in one task, so each route's rate is steady); heavy users loop over
 `/slow/fib/<n>` with a weighted mix and pause briefly after a shed answer. A heavy 503 (the slow
 path shedding) and a heavy 429 (the edge's per-client limits shedding) are expected, reported
 as "shed" and never failures; the heavy flood is paced (`--heavy-backoff`) to stay far below the
 edge's default 50 requests/s per client, and on a loopback host each heavy user connects from its
-own address (127.0.1.N), as a flood from many clients does, so the fleet's per-client limit on
-heavy requests in flight does not cap the flood: on the fleet the shed answers are 503s from the
-slow instance, and 429s, if any, are only counted, never taken as proof of saturation.
+own address (127.0.1.N; in Locust worker k, 127.0.k+1.N), as a flood from many clients does, so
+the fleet's per-client limit on heavy requests in flight does not cap the flood: on the fleet the
+shed answers are 503s from the slow instance, and 429s, if any, are only counted, never taken as
+proof of saturation.
+
+ONE PROCESS OR MANY. The same file runs as one process or as Locust's master with workers
+(`--processes N` on one host, or `--master` here and `--worker --master-host <master>` on other
+hosts). The master runs the shape (so the phases) and judges; it runs no users. Each worker records
+its own samples and ships them to the master: every few seconds with Locust's own stats report
+(`report_to_master` / `worker_report`), and a last time, marked final, when it stops or when the
+master, about to judge, asks for them (a custom message). The master judges only once every worker
+has sent its last samples (waiting up to 10 s for connected ones); a worker whose last samples
+never come makes the run INCONCLUSIVE. The phase windows are the master's clock and the samples
+carry the workers' start times: hosts running workers need synchronized clocks (NTP; a skew of a
+few ms is harmless). Heavy requests in flight are sampled by every worker on the clock's
+half-second grid and added up slot by slot.
 
 THE VERDICT, from the fast requests' own samples (recorded by start time into the phase windows):
   FAIL          any fast request failed (any phase; a timeout counts), or the mixed phase's
                 achieved fast rate < --min-rate-fraction (95%) of the baseline's (Locust is
                 closed-loop: a delayed fast user sends fewer requests, which percentiles hide),
                 or mixed p95 or p99 > --ratio x baseline + --slack-ms;
-  INCONCLUSIVE  Locust warned that its own CPU was saturated (its timings are then suspect), a
+  INCONCLUSIVE  a worker's last samples never reached the master, Locust warned that its own CPU
+                (any of its processes) was saturated (its timings are then suspect), a
                 judged phase has fewer than --min-samples fast samples (p99 needs about 500), the
                 run stopped before the mixed phase ended, or nothing proves the heavy load
                 saturated the slow path: no 503 seen and fewer than --slow-workers heavy requests
                 in flight in 90% of the mixed phase's half-second samples;
   PASS          otherwise.
-The order decides between reasons: fast failures, then Locust's CPU, then baseline samples, then
-saturation (a mixed phase without it proves nothing either way), then the rate, then mixed
-samples, then latency. Headless, the verdict is the exit code
+The order decides between reasons: fast failures, then lost worker samples, then Locust's CPU, then
+baseline samples, then saturation (a mixed phase without it proves nothing either way), then the
+rate, then mixed samples, then latency. Headless, the verdict is the exit code
 (0 PASS, 3 FAIL, 4 INCONCLUSIVE; on a PASS Locust's own rule still applies: exit 1 if some heavy
 request failed in an unexpected way, e.g. a 500 or 502) and the per-phase table is printed; with
 --csv the table is also written to <prefix>_isolation.csv.
@@ -90,6 +105,7 @@ from urllib.parse import urlsplit
 import gevent
 from locust import HttpUser, LoadTestShape, events, task
 from locust.contrib.fasthttp import FastHttpUser
+from locust.runners import STATE_MISSING, MasterRunner, WorkerRunner
 from requests.adapters import HTTPAdapter
 from locust.user.wait_time import constant_throughput
 
@@ -124,6 +140,22 @@ OPTIONS = [
 DEFAULTS = SimpleNamespace(**{name.replace("-", "_"): default for name, _, default, _ in OPTIONS})
 
 PHASES = ("warm-up", "baseline", "mixed", "recovery")
+
+# With workers: the key of the samples in Locust's stats report, the worker's last samples (a custom
+# message, worker -> master) and the master's request for them (master -> worker).
+REPORT_KEY = "isolation"
+SAMPLES_MESSAGE = "isolation_samples"
+FLUSH_MESSAGE = "isolation_flush"
+LAST_SAMPLES_TIMEOUT = 10.0  # seconds the master waits for every worker's last samples before judging
+INFLIGHT_PERIOD = 0.5  # seconds between samples of the heavy requests in flight
+
+
+class Node:
+    """This process's part: "local" (one process does everything), "master" (runs the shape and
+    judges, runs no users) or "worker" (runs users and ships its samples to the master)."""
+
+    role = "local"
+    heavy_now = 0  # heavy requests this process has in flight
 
 
 @events.init_command_line_parser.add_listener
@@ -190,23 +222,30 @@ class Recorder:
     starts: list[float] = field(default_factory=list)  # wall-clock start of each entered phase
     names: list[str] = field(default_factory=list)
     ended_at: float | None = None  # when the last phase ended (run over)
+    ran_out: bool = False  # the run ended because its last phase did (not stopped early)
     fast: list[tuple[float, float, bool]] = field(default_factory=list)  # start_time, ms, ok
     heavy: list[tuple[float, str]] = field(default_factory=list)  # start_time, ok|shed503|shed429|error
-    inflight: list[tuple[float, int]] = field(default_factory=list)  # half-second samples
-    heavy_now: int = 0
+    # heavy requests in flight, per process ("local" or a worker's id): half-second slot -> count
+    inflight: dict[str, dict[float, int]] = field(default_factory=dict)
     cpu_warning: bool = False
     error: str | None = None  # invalid options
     started: bool = False
     print_on_quit: bool = False  # headless: the table goes last, after Locust's summary
+    distributed: bool = False  # the master of workers: the samples come from them
+    workers: set[str] = field(default_factory=set)  # workers that sent samples (or were asked for them)
+    final: set[str] = field(default_factory=set)  # workers whose last samples arrived
+    lost: list[str] = field(default_factory=list)  # workers whose last samples never arrived
+    closed: bool = False  # judged: later samples are ignored, so the table stays the verdict's
 
     def enter(self, phase: str) -> None:
         if not self.names or self.names[-1] != phase:
             self.starts.append(time.time())
             self.names.append(phase)
 
-    def finish(self) -> None:
+    def finish(self, ran_out: bool = False) -> None:
         if self.ended_at is None and self.names:
             self.ended_at = time.time()
+            self.ran_out = ran_out
 
     def window(self, phase: str) -> tuple[float, float] | None:
         """(start, end) of a phase; end is now while it runs."""
@@ -218,10 +257,48 @@ class Recorder:
 
     def complete(self, phase: str) -> bool:
         i = self.names.index(phase) if phase in self.names else -1
-        return i >= 0 and (i + 1 < len(self.starts) or self.ended_at is not None)
+        return i >= 0 and (i + 1 < len(self.starts) or self.ran_out)
+
+    def merge(self, worker: str, batch: dict) -> None:
+        """The master's side: adds a batch of one worker's samples (see Outbox.take)."""
+        if self.closed:
+            return
+        self.workers.add(worker)
+        self.fast.extend((t, ms, ok) for t, ms, ok in batch.get("fast", ()))
+        self.heavy.extend((t, kind) for t, kind in batch.get("heavy", ()))
+        self.inflight.setdefault(worker, {}).update((slot, n) for slot, n in batch.get("inflight", ()))
+        # A worker's CPU warning counts if it came while the phases ran (it may arrive later).
+        end = self.ended_at or math.inf
+        if self.starts and any(self.starts[0] <= t <= end for t in batch.get("cpu", ())):
+            self.cpu_warning = True
+        if batch.get("final"):
+            self.final.add(worker)
 
 
 RECORDER = Recorder()
+
+
+@dataclass
+class Outbox:
+    """A worker's samples that the master has not received yet."""
+
+    fast: list[tuple[float, float, bool]] = field(default_factory=list)
+    heavy: list[tuple[float, str]] = field(default_factory=list)
+    inflight: list[tuple[float, int]] = field(default_factory=list)  # (half-second slot, count)
+    cpu: list[float] = field(default_factory=list)  # when Locust warned about this worker's CPU
+
+    def __bool__(self) -> bool:
+        return bool(self.fast or self.heavy or self.inflight or self.cpu)
+
+    def take(self, final: bool = False) -> dict:
+        """Empties the outbox into a batch for the master; final: the last batch of this run."""
+        batch = {"fast": self.fast, "heavy": self.heavy, "inflight": self.inflight, "cpu": self.cpu,
+                 "final": final}
+        self.fast, self.heavy, self.inflight, self.cpu = [], [], [], []
+        return batch
+
+
+OUTBOX = Outbox()
 
 
 def percentile(ordered: list[float], p: float) -> float | None:
@@ -234,7 +311,7 @@ def percentile(ordered: list[float], p: float) -> float | None:
 @dataclass
 class PhaseFigures:
     name: str
-    state: str  # pending, running, done, skipped
+    state: str  # pending, running, done, stopped (cut short by a stop), skipped
     seconds: float = 0.0
     requests: int = 0
     failures: int = 0
@@ -258,7 +335,8 @@ def figures(rec: Recorder) -> dict[str, PhaseFigures]:
             out[name] = PhaseFigures(name, "skipped" if rec.ended_at is not None else "pending")
             continue
         start, end = window
-        f = PhaseFigures(name, "done" if rec.complete(name) else "running", seconds=max(end - start, 1e-9))
+        state = "done" if rec.complete(name) else "running" if rec.ended_at is None else "stopped"
+        f = PhaseFigures(name, state, seconds=max(end - start, 1e-9))
         times = sorted(ms for t, ms, ok in rec.fast if start <= t < end and ok)
         f.requests = sum(1 for t, _, _ in rec.fast if start <= t < end)
         f.failures = f.requests - len(times)
@@ -274,7 +352,12 @@ def figures(rec: Recorder) -> dict[str, PhaseFigures]:
                     f.shed429 += 1
                 else:
                     f.heavy_errors += 1
-        samples = sorted(n for t, n in rec.inflight if start <= t < end)
+        slots: dict[float, int] = {}  # every process's count, added up slot by slot
+        for counts in rec.inflight.values():
+            for slot, n in counts.items():
+                if start <= slot < end:
+                    slots[slot] = slots.get(slot, 0) + n
+        samples = sorted(slots.values())
         if samples:
             f.inflight_median = percentile(samples, 50)
             f.inflight_saturated = sum(1 for n in samples if n >= rec.opts.slow_workers) / len(samples)
@@ -314,6 +397,16 @@ def _judge(rec: Recorder) -> Verdict:
     total = sum(x.requests for x in f.values())
     failed = sum(x.failures for x in f.values())
     checks.append((failed == 0, f"fast failures: {failed} of {total} fast requests"))
+    if rec.distributed:
+        workers = len(rec.workers)
+        if rec.lost:
+            checks.append((False, f"the last samples of {len(rec.lost)} of {workers} Locust workers never "
+                                  f"arrived: {', '.join(rec.lost)}"))
+        elif not workers:
+            checks.append((False if rec.ended_at is not None else None, "no Locust worker took part so far"))
+        else:
+            checks.append((True if rec.closed else None,
+                           f"samples from {workers} Locust worker(s)" + (", all in" if rec.closed else " so far")))
     cpu = rec.cpu_warning
     checks.append((not cpu, "Locust's CPU " + ("went above 90%: its timings are suspect" if cpu
                                                else "stayed below 90%")))
@@ -343,6 +436,12 @@ def _judge(rec: Recorder) -> Verdict:
 
     if failed:
         return result("FAIL", f"{failed} fast request(s) failed: the fast routes must never fail")
+    if rec.lost:
+        return result("INCONCLUSIVE", f"the last samples of {len(rec.lost)} Locust worker(s) never reached the "
+                                      "master, so fast samples (and failures) may be missing")
+    if rec.distributed and not rec.workers and rec.ended_at is not None:
+        return result("INCONCLUSIVE", "no Locust worker took part (the master runs no users): start the workers "
+                                      "first (--expect-workers makes a headless master wait for them)")
     if cpu:
         return result("INCONCLUSIVE", "Locust's own CPU went above 90%, so its timings cannot be trusted; "
                                       "run it on a quieter machine or with fewer users")
@@ -490,8 +589,9 @@ class HeavyUser(HttpUser):
     """Floods the slow path with the --heavy-mix, back-to-back; pauses --heavy-backoff after a shed answer.
 
     A flood comes from many clients: against a host on loopback, each heavy user connects from an
-    address of its own (127.0.1.1, 127.0.1.2, ...), so a server's per-client limit on heavy requests
-    (the fleet's slow.max_per_client) limits each user, not the whole flood as if it were one client.
+    address of its own (127.0.1.1, 127.0.1.2, ...; Locust worker k uses 127.0.k+1.x, so the workers'
+    users never share one), so a server's per-client limit on heavy requests (the fleet's
+    slow.max_per_client) limits each user, not the whole flood as if it were one client.
     """
 
     numbered = 0  # heavy users created so far: each gets the next source address
@@ -505,7 +605,8 @@ class HeavyUser(HttpUser):
         super().__init__(environment)
         if _on_loopback(self.host):
             HeavyUser.numbered += 1
-            self.source = f"127.0.1.{(HeavyUser.numbered - 1) % 250 + 1}"
+            worker = max(getattr(environment.runner, "worker_index", 0), 0)  # 0 in a single process
+            self.source = f"127.0.{worker % 254 + 1}.{(HeavyUser.numbered - 1) % 250 + 1}"
             self.client.mount("http://", SourceAddress(self.source))
 
     def wait_time(self) -> float:
@@ -514,7 +615,7 @@ class HeavyUser(HttpUser):
     @task
     def heavy(self) -> None:
         path = random.choices(self.paths, self.weights)[0]
-        RECORDER.heavy_now += 1
+        Node.heavy_now += 1
         try:
             with self.client.get(path, name=path, context={"role": "heavy"}, catch_response=True,
                                  timeout=self.timeout) as response:
@@ -526,7 +627,7 @@ class HeavyUser(HttpUser):
                     response.request_meta["name"] = f"{path} (shed {response.status_code})"
                     response.success()
         finally:
-            RECORDER.heavy_now -= 1
+            Node.heavy_now -= 1
 
 
 # the shape ------------------------------------------------------------------------------------------
@@ -536,9 +637,14 @@ class IsolationShape(LoadTestShape):
 
     def reset_time(self):
         global RECORDER
+        if (RECORDER.started and RECORDER.ended_at is None
+                and getattr(self.runner, "shape_greenlet", None) is gevent.getcurrent()):
+            # A master resets the shape once more from its first tick (MasterRunner.start), after
+            # start_shape() did: keep the clock and the phase that tick entered, as one process does.
+            return
         super().reset_time()
         o = options(self.runner.environment)
-        RECORDER = Recorder(opts=o, started=True)
+        RECORDER = Recorder(opts=o, started=True, distributed=Node.role == "master")
         try:
             check_options(o)
         except ValueError as exc:
@@ -562,7 +668,7 @@ class IsolationShape(LoadTestShape):
             if elapsed < end:
                 rec.enter(name)
                 return users, SPAWN_RATE, classes
-        rec.finish()
+        rec.finish(ran_out=True)
         return None
 
 
@@ -571,28 +677,68 @@ class IsolationShape(LoadTestShape):
 @events.request.add_listener
 def on_request(start_time, response_time, exception, context, response=None, **_kwargs):
     role = (context or {}).get("role")
+    sink = OUTBOX if Node.role == "worker" else RECORDER
     if role == "fast":
-        RECORDER.fast.append((start_time, response_time, exception is None))
+        sink.fast.append((start_time, response_time, exception is None))
     elif role == "heavy":
         status = getattr(response, "status_code", None)
         kind = "error" if exception else "shed503" if status == 503 else "shed429" if status == 429 else "ok"
-        RECORDER.heavy.append((start_time, kind))
+        sink.heavy.append((start_time, kind))
 
 
 @events.cpu_warning.add_listener
 def on_cpu_warning(**_kwargs):
-    if RECORDER.started and RECORDER.ended_at is None:
+    if Node.role == "worker":
+        OUTBOX.cpu.append(time.time())  # the master decides whether the run was on at that time
+    elif RECORDER.started and RECORDER.ended_at is None:
         RECORDER.cpu_warning = True
+
+
+def send_last_samples(runner) -> None:
+    """Worker: everything not sent yet, marked final, so the master knows it has all of this worker's."""
+    try:
+        runner.send_message(SAMPLES_MESSAGE, OUTBOX.take(final=True))
+    except Exception as exc:  # a lost master: nothing to judge with them anyway
+        log.warning("isolation check: could not send the last samples to the master: %s", exc)
+
+
+def await_last_samples(runner, rec: Recorder, timeout: float = LAST_SAMPLES_TIMEOUT) -> None:
+    """Master: wait until every worker's last samples are in (rec.lost names those that never came).
+
+    A worker sends them by itself when it is told to stop, before it reports having stopped (the web
+    UI's STOP, or the shape's end with a web UI): those are usually in already. A headless master
+    stops without telling its workers (they only hear "quit" after the verdict), so it asks for them.
+    Only connected workers are waited for: a missing one (no heartbeat) has lost its samples.
+    """
+
+    def connected() -> set[str]:
+        return {c.id for c in runner.clients.all if c.state != STATE_MISSING}
+
+    for worker in connected() - rec.final:
+        runner.send_message(FLUSH_MESSAGE, None, client_id=worker)
+    rec.workers |= connected()
+    deadline = time.monotonic() + timeout
+    while (rec.workers - rec.final) & connected() and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    rec.lost = sorted(rec.workers - rec.final)
 
 
 @events.test_stop.add_listener
 def on_test_stop(environment, **_kwargs):
+    if Node.role == "worker":
+        send_last_samples(environment.runner)
+        return
     rec = RECORDER
-    if not rec.started:
+    if not rec.started or rec.closed:
         return
     rec.finish()
-    if getattr(environment.runner, "cpu_warning_emitted", False):
+    if Node.role == "master":
+        await_last_samples(environment.runner, rec)
+    elif getattr(environment.runner, "cpu_warning_emitted", False):
+        # One process: Locust's own flag. A master's is never reset between runs, and its workers'
+        # warnings come with their samples.
         rec.cpu_warning = True
+    rec.closed = True
     v = judge(rec)
     o = environment.parsed_options
     if o is not None and getattr(o, "csv_prefix", None):
@@ -616,11 +762,53 @@ def on_quit(exit_code, **_kwargs):
                   flush=True)
 
 
-def sample_inflight() -> None:
+def sample_inflight(runner) -> None:
+    """Heavy requests in flight, every half second on the clock's half-second grid, so that the
+    master can add up the workers' samples slot by slot."""
     while True:
-        gevent.sleep(0.5)
-        if RECORDER.names and RECORDER.ended_at is None:
-            RECORDER.inflight.append((time.time(), RECORDER.heavy_now))
+        gevent.sleep(INFLIGHT_PERIOD - time.time() % INFLIGHT_PERIOD)
+        slot = round(time.time() / INFLIGHT_PERIOD) * INFLIGHT_PERIOD
+        if Node.role == "worker":
+            if runner.user_count:  # the worker does not know the phases: the master sorts the slots in
+                OUTBOX.inflight.append((slot, Node.heavy_now))
+        elif RECORDER.names and RECORDER.ended_at is None:
+            RECORDER.inflight.setdefault("local", {})[slot] = Node.heavy_now
+
+
+def on_worker_report(client_id, data, **_kwargs):
+    """Master: a worker's samples, sent along with Locust's stats report every few seconds."""
+    batch = data.get(REPORT_KEY)
+    if batch and RECORDER.started:
+        RECORDER.merge(client_id, batch)
+
+
+def on_samples_message(environment, msg, **_kwargs):
+    """Master: a worker's last samples."""
+    if RECORDER.started:
+        RECORDER.merge(msg.node_id, msg.data)
+
+
+def on_report_to_master(client_id, data, **_kwargs):
+    """Worker: ride along with Locust's stats report (every 3 s)."""
+    if OUTBOX:
+        data[REPORT_KEY] = OUTBOX.take()
+
+
+def setup_node(environment) -> None:
+    """Decide this process's role from its runner, and wire the samples between workers and master."""
+    runner = environment.runner
+    if isinstance(runner, MasterRunner):
+        Node.role = "master"
+        environment.events.worker_report.add_listener(on_worker_report)
+        runner.register_message(SAMPLES_MESSAGE, on_samples_message)
+    elif isinstance(runner, WorkerRunner):
+        Node.role = "worker"
+        environment.events.report_to_master.add_listener(on_report_to_master)
+        runner.register_message(FLUSH_MESSAGE, lambda environment, **_kw: send_last_samples(environment.runner))
+    else:
+        Node.role = "local"
+    if Node.role != "master":  # a master runs no users
+        gevent.spawn(sample_inflight, runner)
 
 
 @events.init.add_listener
@@ -630,7 +818,7 @@ def on_init(environment, **_kwargs):
             check_options(options(environment))
         except ValueError as exc:
             raise SystemExit(f"locustfile.py: invalid option: {exc}") from None
-    gevent.spawn(sample_inflight)
+    setup_node(environment)
     web_ui = environment.web_ui
     if not web_ui:
         return

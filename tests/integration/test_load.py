@@ -1,6 +1,7 @@
 """The isolation proof, checked both ways: it PASSes on the fleet and FAILs on a server that computes
-in its event loop (a check that cannot fail proves nothing), and its web UI tab shows the verdict in
-a real browser.
+in its event loop (a check that cannot fail proves nothing), the same with Locust's master and two
+worker processes (`make load-check LOCUST_WORKERS=2`), and its web UI tab shows the verdict in a
+real browser.
 
 Locust always runs as a subprocess: it monkey-patches the process with gevent, which must never
 happen inside pytest. Phases are shorter than the defaults (about 35 s a run instead of 80 s) but
@@ -47,6 +48,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def master_port() -> list[str]:
+    """Locust's master port for --processes on a free port (the default 5557 may be another run's)."""
+    port = str(free_port())
+    return ["--master-bind-port", port, "--master-port", port]
 
 
 def locust_env() -> dict[str, str]:
@@ -107,6 +114,35 @@ def phase_row(stdout: str, phase: str) -> list[str]:
     return match.group(1).split()
 
 
+def fast_requests_in_table(stdout: str) -> int:
+    """The fast requests the Isolation table counted, all phases together."""
+    return sum(int(phase_row(stdout, phase)[1].replace(",", "")) for phase in ("warm-up", "baseline", "mixed",
+                                                                                 "recovery"))
+
+
+def locust_count(output: str, method: str, name: str) -> int:
+    """The request count of one row of Locust's own summary (the master's, merged from its workers)."""
+    match = re.search(rf"^{method}\s+{re.escape(name)}\s+(\d+)\s", output, re.MULTILINE)
+    assert match, f"no {method} {name} row in Locust's summary:\n{output[-3000:]}"
+    return int(match.group(1))
+
+
+def assert_every_worker_sample_arrived(result: subprocess.CompletedProcess, workers: int,
+                                       routes: list[tuple[str, str]]) -> None:
+    """Samples recorded in the workers reached the master: its table counts (nearly) every fast
+    request that Locust's own merged stats count; a lost worker's batch would be missing."""
+    output = result.stdout + result.stderr
+    assert re.search(rf"Sending spawn jobs of \d+ users at [\d.]+ spawn rate to {workers} ready workers", output)
+    assert f"ok  samples from {workers} Locust worker(s), all in" in result.stdout, result.stdout[-3000:]
+    counted = fast_requests_in_table(result.stdout)
+    merged = sum(locust_count(output, method, path) for method, path in routes)
+    # The only fast requests outside the phase windows are those started after the last phase
+    # ended, while the workers wait for their "quit" (measured: a quarter of a second's worth). One
+    # worker's lost stats-report batch would be 1.5 s worth (3 s, half of the users).
+    per_second = float(phase_row(result.stdout, "baseline")[2].replace(",", ""))
+    assert merged - per_second <= counted <= merged, (counted, merged, per_second)
+
+
 def test_fleet_keeps_fast_routes_fast(private_fleet):
     fleet = private_fleet(**DEPLOYED_DEFAULTS)
     result = run_check(f"http://127.0.0.1:{fleet.edge_port}", *SHORT_PHASES, *FLEET_ROUTES)
@@ -123,6 +159,35 @@ def test_naive_server_fails(naive_server):
     result = run_check(naive_server, *SHORT_PHASES)
     assert "VERDICT: FAIL" in result.stdout, result.stdout[-3000:]
     assert result.returncode == EXIT_FAIL
+
+
+def test_make_load_check_with_locust_workers_passes_on_the_fleet(private_fleet):
+    """`make load-check LOCUST_WORKERS=2`: a master and two worker processes; the workers' samples
+    are judged on the master, with the same verdict as one process."""
+    fleet = private_fleet(**DEPLOYED_DEFAULTS)
+    env = {k: v for k, v in fleet.env.items()
+           if not k.startswith("LOCUST_") and k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    result = subprocess.run(["make", "--no-print-directory", "load-check", "LOCUST_WORKERS=2",
+                             f"LOAD_OPTS={' '.join(SHORT_PHASES + master_port())}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    print(result.stdout[-6000:])
+    print(result.stderr[-3000:], file=sys.stderr)
+    assert "VERDICT: PASS" in result.stdout, result.stdout[-3000:]
+    assert result.returncode == EXIT_PASS
+    assert "with 2 Locust worker processes" in result.stdout
+    assert_every_worker_sample_arrived(result, workers=2, routes=[("GET", "/fast"), ("POST", "/echo")])
+    assert re.search(r"saturated the slow path: [1-9][\d,]* shed with 503", result.stdout)
+    # 10 fast users x 4 iterations/s x 2 routes x 15 s, whichever worker runs them
+    assert int(phase_row(result.stdout, "baseline")[1].replace(",", "")) >= 1100
+    assert (fleet.run_dir / "load-check_isolation.csv").read_text().count("PASS") == 1
+
+
+def test_naive_server_fails_with_locust_workers(naive_server):
+    """The negative control holds with two worker processes: FAIL, from the master's merged samples."""
+    result = run_check(naive_server, *SHORT_PHASES, "--processes", "2", *master_port())
+    assert "VERDICT: FAIL" in result.stdout, result.stdout[-3000:]
+    assert result.returncode == EXIT_FAIL
+    assert_every_worker_sample_arrived(result, workers=2, routes=[("GET", "/fast")])
 
 
 def test_no_heavy_load_is_inconclusive(naive_server):
