@@ -96,7 +96,6 @@ def context(settings: Settings) -> dict:
         "fast_spares": upstream(s, "fast", spares=True),
         "slow_spares": upstream(s, "slow", spares=True),
         "address": s.address,
-        "single_host": s.inventory.single,
         "edge_here": s.inventory.runs("edge"),
         "proxy_bind": None if s.inventory.single else s.inventory.edge.address,
         "upstream_keepalive_timeout": max(1, math.floor(min(s.fast.drain_timeout, s.slow.drain_timeout)) - 1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import json
 import shutil
 import subprocess
 
@@ -143,3 +144,55 @@ def test_listening_ports_in_the_ephemeral_range_are_named_in_a_warning(tmp_path,
     warn_of_ephemeral_ports(settings_for(tmp_path, FLEET_FAST_BASE_PORT=str(low + 10)))
     out = capsys.readouterr().out
     assert out.startswith("warning: ") and f"{low + 11} (fast-01)" in out and f"below {low}" in out
+
+
+# a fleet across hosts ------------------------------------------------------------------------------
+
+EXAMPLE = str(render.REPO_ROOT / "deploy" / "hosts.example.toml")
+
+
+def host_part(tmp_path, host, **env):
+    files = render.render(settings_for(tmp_path, FLEET_SETTINGS=EXAMPLE, FLEET_HOST=host, **env))
+    conf = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",))
+    conf.read_string(files["supervisord.conf"])
+    programs = {s.split(":", 1)[1]: conf[s]["command"] for s in conf.sections() if s.startswith("program:")}
+    return files, programs
+
+
+def test_each_host_renders_only_its_part_bound_to_its_address(tmp_path):
+    files, web1 = host_part(tmp_path, "web1")
+    assert set(web1) == {"nginx", "dask-scheduler", "slow-01", "slow-spare", "fast-01", "fast-02", "fast-spare"}
+    assert "--host 10.77.0.1 --port 8786 --dashboard-address 10.77.0.1:8787" in web1["dask-scheduler"]
+    files, heavy1 = host_part(tmp_path, "heavy1", FLEET_DASK_WORKERS="2")
+    assert set(heavy1) == {"dask-worker-01", "dask-worker-02"}
+    assert "tls://10.77.0.1:8786 --name heavy1-dask-worker-01" in heavy1["dask-worker-01"]
+    assert "--host 10.77.0.2 --worker-port 8801 --dashboard-address 10.77.0.2:8802" in heavy1["dask-worker-01"]
+    targets = json.loads(files["prometheus/targets.json"])
+    assert [t["targets"] for t in targets] == [["10.77.0.2:8802"], ["10.77.0.2:8804"]]
+
+
+def test_dask_across_hosts_speaks_tls_with_the_host_s_own_certificate_and_requires_it(tmp_path):
+    certs = tmp_path / "certs"
+    for host, program in (("web1", "dask-scheduler"), ("heavy2", "dask-worker-01")):
+        files, programs = host_part(tmp_path, host, FLEET_DASK_CERTS_DIR=str(certs))
+        assert f"--tls-ca-file {certs}/ca.pem --tls-cert {certs}/{host}.pem --tls-key {certs}/{host}-key.pem" \
+            in programs[program]
+        assert 'DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION="True"' in files["supervisord.conf"]
+    assert "--protocol tls" in host_part(tmp_path, "web1")[1]["dask-scheduler"]
+    single = render.render(settings_for(tmp_path, FLEET_SLOW_BACKEND="dask"))["supervisord.conf"]
+    assert "--tls" not in single and "REQUIRE_ENCRYPTION" not in single and "tcp://127.0.0.1:8786" in single
+
+
+def test_nginx_balances_over_every_host_s_instances_from_the_edge_address(tmp_path):
+    two_web = tmp_path / "two.toml"
+    two_web.write_text(
+        '[hosts.web1]\naddress = "10.0.0.1"\nroles = ["edge", "fast", "slow"]\n'
+        '[hosts.web2]\naddress = "10.0.0.2"\nroles = ["fast"]\n')
+    nginx = render.render(settings_for(tmp_path, FLEET_SETTINGS=str(two_web), FLEET_HOST="web2"))[
+        "nginx/conf/nginx.conf"]
+    for server in ("10.0.0.1:8101", "10.0.0.1:8102", "10.0.0.2:8101", "10.0.0.2:8102", "10.0.0.1:8201"):
+        assert f"server {server} max_fails" in nginx, server
+    assert "server 10.0.0.2:8100 backup" in nginx and "server 10.0.0.1:8100 backup" in nginx
+    assert "10.0.0.2:820" not in nginx  # web2 has no slow role
+    assert "proxy_bind 10.0.0.1;" in nginx
+    assert "proxy_bind" not in render.render(settings_for(tmp_path))["nginx/conf/nginx.conf"]
