@@ -135,6 +135,9 @@ class Fleet(Subject):
         # edge on base; fast's spare on base+1, fast-01.. after it; slow's spare, then slow-01..
         base = procs.free_port_block(1 + (fast + 1) + (slow + 1))
         self.env = clean_env()
+        # The flood repeats one request; coalesced, it would measure one job per distinct request
+        # in flight, not the pool. Peers do not coalesce either (the hot-key scenario turns it on).
+        self.env["FLEET_SLOW_COALESCE"] = "false"
         self.env.update(overrides or {})  # --fleet-env: a lever under test, never by default
         self.env.update(
             FLEET_RUN_DIR=str(self.run_dir),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -59,6 +60,7 @@ def wait_workers_joined(settings: Settings) -> None:
 
 def start(settings: Settings) -> None:
     check_ports_free(settings)
+    clear_edge_cache(settings)
     files = render.render(settings)
     render.write(settings, files)
     if settings.inventory.runs("edge"):
@@ -124,6 +126,7 @@ def stop(settings: Settings) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(alive(p) for p in leftovers):
         time.sleep(0.05)
+    clear_edge_cache(settings)
     temp = render.nginx_temp_dir(settings)
     if not temp.is_relative_to(settings.run_dir):
         shutil.rmtree(temp, ignore_errors=True)  # nginx's temp files outside the run dir
@@ -131,6 +134,12 @@ def stop(settings: Settings) -> None:
         check_ports_free(settings)
     except FleetError as exc:
         raise FleetError(f"after stop, {exc}") from None
+
+
+def clear_edge_cache(settings: Settings) -> None:
+    """A fleet starts and stops with an empty edge cache, unless edge.cache_keep says otherwise."""
+    if not settings.edge.cache_keep:
+        shutil.rmtree(render.edge_cache_dir(settings), ignore_errors=True)
 
 
 def instance_figures(port: int, address: str = "127.0.0.1") -> dict[str, float]:
@@ -183,6 +192,32 @@ def status(settings: Settings) -> None:
               f"{settings.observe.blocked_loop_ms} ms)")
     if settings.slow.backend == "dask" and settings.inventory.runs("slow"):
         print(cluster_line(settings))
+    if settings.inventory.runs("slow"):
+        print(compute_once_line(settings))
+
+
+def compute_once_line(settings: Settings) -> str:
+    """Requests that shared another's job (the slow instances' /metrics), and the edge cache's
+    answers in the access log's latest lines."""
+    shared = 0.0
+    for _, port in settings.instances("slow"):
+        try:
+            with urllib.request.urlopen(f"http://{host_port(settings.address, port)}/metrics", timeout=1) as r:
+                shared += sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
+                              if line.startswith("fleet_slow_coalesced_total{"))
+        except (OSError, ValueError):
+            pass
+    line = f"compute once: {shared:.0f} request(s) shared a job in flight"
+    log = settings.run_dir / "logs" / "nginx-access.log"
+    if settings.inventory.runs("edge") and log.exists():
+        with open(log, "rb") as f:
+            f.seek(max(0, log.stat().st_size - (2 << 20)))  # the latest 2 MiB: a glance, not an audit
+            counts: dict[str, int] = {}
+            for status in re.findall(rb'"cache":"([A-Z]+)"', f.read()):
+                counts[status.decode()] = counts.get(status.decode(), 0) + 1
+        if counts:
+            line += "; edge cache, latest requests: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    return line
 
 
 def cluster_line(settings: Settings) -> str:

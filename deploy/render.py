@@ -65,6 +65,24 @@ def nginx_temp_dir(settings: Settings) -> Path:
     return Path(tempfile.gettempdir()) / f"fleet-nginx-{zlib.crc32(str(settings.run_dir).encode()):08x}"
 
 
+def edge_cache_dir(settings: Settings) -> Path:
+    """Where nginx keeps the cached answers of tasks with a cache_ttl (edge.cache_dir, relative to
+    the run dir); beside the temp files when nginx's workers cannot reach the run dir."""
+    wanted = settings.run_dir / settings.edge.cache_dir
+    temp = nginx_temp_dir(settings)
+    if Path(settings.edge.cache_dir).is_absolute() or temp.is_relative_to(settings.run_dir):
+        return wanted
+    return temp / "cache"
+
+
+def cached_tasks(settings: Settings) -> list[tuple[str, int]]:
+    """[(task name, cache_ttl)] of the served tasks whose answers the edge caches."""
+    from services.slow import registry
+
+    return sorted((t.name, t.cache_ttl) for t in registry.load(settings.slow.task_modules).values()
+                  if t.cache_ttl is not None)
+
+
 def _traversable_by_others(path: Path) -> bool:
     for directory in [path, *path.parents]:
         try:
@@ -86,6 +104,8 @@ def context(settings: Settings) -> dict:
         "header": HEADER,
         "run_dir": str(s.run_dir),
         "nginx_temp": str(nginx_temp_dir(s)),
+        "cache_dir": str(edge_cache_dir(s)),
+        "cached_tasks": cached_tasks(s),
         "repo": str(REPO_ROOT),
         "python": sys.executable,
         "nginx": nginx_binary(),

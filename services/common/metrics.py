@@ -11,6 +11,7 @@ targets file that deploy renders into the run dir (prometheus/targets.json). Fam
     fleet_slow_workers, fleet_slow_workers_busy, fleet_slow_queue_depth   gauges (slow only)
     fleet_slow_jobs_total{task,outcome,backend}                counter
     fleet_slow_job_duration_seconds{task,backend}              histogram
+    fleet_slow_coalesced_total{task}                           counter (requests that shared a job)
     fleet_event_loop_lag_seconds                               histogram (watchdog.py)
     fleet_event_loop_blocked_total                             counter (watchdog.py)
     process_*, python_*                                        prometheus-client's own collectors
@@ -35,6 +36,8 @@ SLOW_WORKERS_BUSY = Gauge("fleet_slow_workers_busy", "Worker processes running a
 SLOW_QUEUE_DEPTH = Gauge("fleet_slow_queue_depth", "Jobs waiting for a worker")
 SLOW_JOBS = Counter("fleet_slow_jobs_total", "Jobs by task, outcome and backend (local or dask)",
                     ["task", "outcome", "backend"])
+SLOW_COALESCED = Counter("fleet_slow_coalesced_total",
+                         "Requests answered by a job that an identical request had started (coalesce.py)", ["task"])
 SLOW_JOB_DURATION = Histogram("fleet_slow_job_duration_seconds", "Time a job ran in its worker",
                               ["task", "backend"], buckets=BUCKETS)
 LOOP_LAG = Histogram(
@@ -78,3 +81,4 @@ def declare_tasks(task_names, backend: str) -> None:
         for outcome in JOB_OUTCOMES:
             SLOW_JOBS.labels(name, outcome, backend)
         SLOW_JOB_DURATION.labels(name, backend)
+        SLOW_COALESCED.labels(name)

@@ -161,6 +161,10 @@ SCHEMA: dict[str, Spec] = {
     "edge.slow_rate_per_second": Spec(int, 1, 100000),
     "edge.slow_rate_burst": Spec(int, 0, 100000),
     "edge.client_timeout": Spec(float, 1, 300),
+    "edge.cache_mb": Spec(int, 1, 1_000_000),
+    "edge.cache_keys_mb": Spec(int, 1, 1024),
+    "edge.cache_dir": Spec(str, check=_check_path),
+    "edge.cache_keep": Spec(bool),
     "fast.instances": Spec(int, 1, 64),
     "fast.base_port": Spec(int, 1024, 65000),
     "fast.drain_timeout": Spec(float, 2, 300),
@@ -188,6 +192,7 @@ SCHEMA: dict[str, Spec] = {
     "slow.idle_cgroup": Spec(bool),
     "slow.drain_timeout": Spec(float, 2, 3600),
     "slow.max_result_mb": Spec(int, 1, 1024),
+    "slow.coalesce": Spec(bool),
     "slow.event_loop": Spec(str, check=_check_event_loop),
     "slow.task_modules": Spec(str, check=_check_modules),
     "observe.blocked_loop_ms": Spec(int, 10, 60000),
@@ -195,6 +200,7 @@ SCHEMA: dict[str, Spec] = {
     "tasks.fib.max_n": Spec(int, 0, 40),
     "tasks.pbkdf2.max_rounds": Spec(int, 1000, 10_000_000),
     "tasks.sleep.max_seconds": Spec(float, 0, 600),
+    "tasks.primes.max_n": Spec(int, 0, 100_000_000),
 }
 
 

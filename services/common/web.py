@@ -61,6 +61,9 @@ class ApiError(web.HTTPError):
         self.headers = headers or {}
         self.extra = extra
 
+    def copy(self) -> "ApiError":
+        return ApiError(self.status_code, self.error, self.message, dict(self.headers), **self.extra)
+
 
 class BaseHandler(web.RequestHandler):
     """Base of every route: request id, X-Served-By, JSON bodies and JSON errors."""

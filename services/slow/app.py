@@ -21,7 +21,7 @@ from tornado import web
 
 from services.common import metrics, server
 from services.common.web import ApiError, BaseHandler, HealthHandler, MetricsHandler, NotFoundHandler
-from services.slow import registry
+from services.slow import coalesce, registry
 from services.slow.admission import Admission, ClientLimited, Overloaded
 from services.slow.pool import (BackendUnavailable, JobFailed, JobTimeout, NoWorkers, ResultTooLarge,
                                 TaskUnavailable, WorkerDied, WorkerPool)
@@ -37,10 +37,10 @@ class TaskHandler(BaseHandler):
     admission: Admission
     pool: Any  # WorkerPool or InlinePool: `async run(task, kwargs, timeout) -> (result JSON, elapsed ms)`
     fleet: Any  # the fleet Settings
-    jobs: set  # every job in progress on this instance
-    stopped_jobs: set  # the ones a drain deadline cancelled
+    flights: coalesce.Flights  # every job in progress on this instance, and who waits for it
 
-    _job: asyncio.Future | None = None
+    _flight: coalesce.Flight | None = None
+    _waiting: asyncio.Future | None = None
     _client_gone = False
 
     async def get(self, name: str, path: str | None) -> None:
@@ -75,23 +75,37 @@ class TaskHandler(BaseHandler):
             kwargs = task.parse(path, params, self.fleet.task_config(name))
         except registry.BadArgument as exc:
             raise ApiError(400, "bad_argument", str(exc)) from None
-        # Saved so on_connection_close can cancel it: a waiting job leaves the line, a running
-        # job's worker is killed.
-        self._job = asyncio.ensure_future(self._run(task, kwargs))
-        self.jobs.add(self._job)
+        if task.cache_ttl is not None:
+            canonical = f"/slow/{task.name}/{task.url(kwargs)}"
+            if self.request.uri != canonical:
+                # One spelling per call, so the edge keeps one cache entry per call (never cached).
+                self.set_header("Location", canonical)
+                self.write_json({"location": canonical}, status=301)
+                return
+        # The same task with the same arguments already in flight here: wait for that job.
+        key = coalesce.job_key(task.name, kwargs) if task.coalesce and self.fleet.slow.coalesce else None
+        flight, shared = self.flights.join(key, lambda: asyncio.ensure_future(self._run(task, kwargs)))
+        if shared:
+            metrics.SLOW_COALESCED.labels(task.name).inc()
+            self.set_header("X-Shared-Job", "true")
+        # Saved so on_connection_close can leave: the last waiter to leave cancels the job (a
+        # waiting job leaves the line, a running job's worker is killed); shield: one waiter's
+        # cancellation is not the job's.
+        self._flight, self._waiting = flight, asyncio.shield(flight.job)
         try:
-            body = await self._job
+            body = await self._waiting
         except asyncio.CancelledError:
-            if self._job.cancelled() and self._job in self.stopped_jobs:
+            if flight.stopped:
                 raise ApiError(503, "shutting_down", "this instance stopped before the job finished; retry",
                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
             if not self._client_gone:
                 raise
             self.set_status(499, "Client Closed Request")  # for the access log; nobody reads it
             return
-        finally:
-            self.jobs.discard(self._job)
-            self.stopped_jobs.discard(self._job)
+        except ApiError as exc:
+            raise exc.copy() if shared else exc  # each waiter its own exception (and traceback)
+        if task.cache_ttl is not None:
+            self.set_header("X-Accel-Expires", str(task.cache_ttl))  # nginx caches this answer that long
         self.set_header("Content-Type", "application/json")
         self.finish(body)
 
@@ -160,10 +174,14 @@ class TaskHandler(BaseHandler):
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
-        if self._job is not None and not self._job.done():
+        if self._waiting is not None and not self._waiting.done():
             self._client_gone = True
-            log.info("client went away; cancelling its job", extra={"request_id": self.request_id})
-            self._job.cancel()
+            flight = self._flight
+            last = flight.waiters == 1
+            log.info("client went away; %s", "cancelling its job" if last else
+                     f"its job goes on for {flight.waiters - 1} other request(s)", extra={"request_id": self.request_id})
+            self._waiting.cancel()
+            flight.leave()
 
 
 class SlowHealthHandler(HealthHandler):
@@ -194,18 +212,16 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
     pool.on_capacity = admission.resize  # a cluster's workers come and go
     # A job left to run after its client went away (past the kill budget) yields to other clients.
     pool.others_waiting = admission.others_waiting
-    jobs: set[asyncio.Future] = set()
-    stopped_jobs: set[asyncio.Future] = set()
+    flights = coalesce.Flights()
 
     def stop_jobs() -> None:
         """At a drain's deadline: answer every unfinished job 503 (its worker is killed)."""
         pool.kill_on_cancel = True  # kill each one's worker now, whatever the kill budget says
-        for job in list(jobs):
-            stopped_jobs.add(job)
-            job.cancel()
+        for flight in list(flights.all):
+            flight.stopped = True
+            flight.job.cancel()
 
-    shared = {"tasks": tasks, "admission": admission, "pool": pool, "fleet": fleet,
-              "jobs": jobs, "stopped_jobs": stopped_jobs}
+    shared = {"tasks": tasks, "admission": admission, "pool": pool, "fleet": fleet, "flights": flights}
     settings = server.app_settings(instance)
     settings["on_drain_deadline"] = stop_jobs
     metrics.declare_tasks(tasks, fleet.slow.backend)

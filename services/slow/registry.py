@@ -18,6 +18,11 @@ tests call them directly.
 A task may declare `setup`, a function run once in each worker process when it starts (load a
 model, open a connection, warm a cache); its return value is passed as the first argument to every
 job of that task on that worker.
+
+Identical requests (same task, same parsed arguments) in flight on an instance share one job
+(coalesce.py); a task whose every call must run, such as a call with side effects, declares
+`coalesce=False`. A task whose answer may be reused for a while declares `cache_ttl=<seconds>`
+and `url=` (its canonical URL from its arguments): nginx then serves it from its cache.
 """
 
 from __future__ import annotations
@@ -47,6 +52,15 @@ class Task:
     methods: tuple[str, ...] = ("GET",)
     echo: tuple[str, ...] = ()  # arguments repeated in the response (never secrets)
     module: str = field(default="", compare=False)
+    # Identical requests in flight share one job (coalesce.py); False when two calls must run twice
+    # (a call with side effects, a test task that reports which worker ran it).
+    coalesce: bool = True
+    # Seconds the edge may serve this task's answer to the same URL without computing it again
+    # (nginx's cache, one computation across all slow instances); None: never cached.
+    cache_ttl: int | None = None
+    # The canonical spelling of a call, what follows /slow/<name>/ (path and query): another
+    # spelling of the same arguments is redirected to it, so the cache keeps one entry per call.
+    url: Callable[[dict], str] | None = None
 
 
 _TASKS: dict[str, Task] = {}
@@ -54,10 +68,16 @@ _TASKS: dict[str, Task] = {}
 
 def task(name: str, *, parse: Parser, timeout: float | None = None,
          setup: Callable[[], Any] | None = None, methods: tuple[str, ...] = ("GET",),
-         echo: tuple[str, ...] = ()) -> Callable:
+         echo: tuple[str, ...] = (), coalesce: bool = True, cache_ttl: int | None = None,
+         url: Callable[[dict], str] | None = None) -> Callable:
     """Register the decorated module-level function as task `name`; the function is unchanged."""
     if not name.replace("_", "").isalnum() or not name.islower():
         raise ValueError(f"task name {name!r}: use lower-case letters, digits and underscores")
+    if cache_ttl is not None:
+        if not isinstance(cache_ttl, int) or not 1 <= cache_ttl <= 31_536_000:
+            raise ValueError(f"task {name!r}: cache_ttl is whole seconds, 1 to a year")
+        if tuple(methods) != ("GET",) or url is None:
+            raise ValueError(f"task {name!r}: a cached task takes GET only and declares url= (its canonical URL)")
 
     def register(fn: Callable) -> Callable:
         if "<locals>" in fn.__qualname__:
@@ -65,7 +85,8 @@ def task(name: str, *, parse: Parser, timeout: float | None = None,
         known = _TASKS.get(name)
         if known is not None and (known.module, known.fn.__qualname__) != (fn.__module__, fn.__qualname__):
             raise ValueError(f"task {name!r} is registered twice: {known.module} and {fn.__module__}")
-        _TASKS[name] = Task(name, fn, parse, timeout, setup, tuple(methods), tuple(echo), fn.__module__)
+        _TASKS[name] = Task(name, fn, parse, timeout, setup, tuple(methods), tuple(echo), fn.__module__, coalesce,
+                            cache_ttl, url)
         return fn
 
     return register

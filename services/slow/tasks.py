@@ -3,6 +3,7 @@
 - fib: naive recursive Fibonacci, pure-Python CPU work (the source documents' example).
 - pbkdf2: password hashing with a bounded iteration count, the realistic CPU-heavy request.
 - sleep: a legacy blocking client held in each worker (per-worker setup), a worker busy waiting.
+- primes: how many primes are below n, a deterministic report whose answer the edge caches.
 """
 
 from __future__ import annotations
@@ -51,6 +52,29 @@ def pbkdf2(password: str, salt: str, rounds: int) -> str:
     return hashlib.pbkdf2_hmac("sha256", password.encode(), salt.encode(), rounds).hex()
 
 
+# primes: a deterministic report, cached at the edge -------------------------------------------------
+
+def parse_primes(path: str, params: Mapping[str, str], config: Mapping[str, Any]) -> dict:
+    if path == "":
+        raise BadArgument("missing n: use /slow/primes/<n>")
+    return {"n": bounded_int(path, "n", 0, config["max_n"])}
+
+
+# The same n always gives the same answer: the edge serves it for a minute without computing it
+# again (/slow/primes/1000 and /slow/primes/01000 are one entry: the second is redirected).
+@task("primes", parse=parse_primes, echo=("n",), cache_ttl=60, url=lambda kwargs: str(kwargs["n"]))
+def primes(n: int) -> int:
+    """How many primes are below n (a sieve of Eratosthenes)."""
+    if n < 3:
+        return 0
+    sieve = bytearray([1]) * n
+    sieve[0] = sieve[1] = 0
+    for i in range(2, int(n ** 0.5) + 1):
+        if sieve[i]:
+            sieve[i * i::i] = bytes(len(range(i * i, n, i)))
+    return sum(sieve)
+
+
 # sleep: a blocking client kept per worker ---------------------------------------------------------
 
 class LegacyClient:
@@ -80,6 +104,7 @@ def parse_sleep(path: str, params: Mapping[str, str], config: Mapping[str, Any])
     return {"seconds": bounded_float(path, "seconds", 0, config["max_seconds"])}
 
 
-@task("sleep", parse=parse_sleep, setup=connect_legacy_client, echo=("seconds",))
+# coalesce=False: each request is its own call to the outside service (a call may have effects).
+@task("sleep", parse=parse_sleep, setup=connect_legacy_client, echo=("seconds",), coalesce=False)
 def blocking_call(client: LegacyClient, seconds: float) -> dict:
     return client.call(seconds)

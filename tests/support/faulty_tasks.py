@@ -6,6 +6,7 @@ Served only by fleets whose slow.task_modules names this module (the integration
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -15,7 +16,13 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from services.slow.registry import bounded_float, bounded_int, task
+from services.slow import registry
+from services.slow.registry import bounded_float, bounded_int
+
+# Every call of a fault-injection task must run (tests fill workers with identical /slow/spin/1.5
+# requests, kill the worker of one exit_worker and expect the next to run): none coalesces. The
+# tasks that show coalescing (below, "shared_*") are registered with registry.task itself.
+task = functools.partial(registry.task, coalesce=False)
 
 
 def no_args(path: str, params: Mapping[str, str], config: Mapping[str, Any]) -> dict:
@@ -151,3 +158,39 @@ def spin_and_tell(seconds: float) -> float:
     """spin, after writing the pid of the process running it: a test can see it stop."""
     setup_flag("spinner").write_text(str(os.getpid()))
     return spin(seconds)
+
+
+# coalescing (services/slow/coalesce.py) ------------------------------------------------------------
+
+@registry.task("shared_spin", parse=seconds_arg, echo=("seconds",))
+def shared_spin(seconds: float) -> dict:
+    """spin, then say which process ran it: identical requests in flight share one job."""
+    spin(seconds)
+    return {"pid": os.getpid(), "token": os.urandom(8).hex()}  # the same token for every waiter of one job
+
+
+@registry.task("shared_raise", parse=seconds_arg)
+def shared_raise(seconds: float) -> None:
+    """spin, then raise: every waiter of the job gets the same 500."""
+    spin(seconds)
+    raise ValueError(f"failed after {seconds:g} s")
+
+
+# the edge cache (cache_ttl) -------------------------------------------------------------------------
+
+def seconds_url(kwargs: dict) -> str:
+    return f"{kwargs['seconds']:g}"
+
+
+@registry.task("cached_spin", parse=seconds_arg, echo=("seconds",), cache_ttl=2, url=seconds_url)
+def cached_spin(seconds: float) -> dict:
+    """shared_spin, cached at the edge for 2 s: a test sees it expire."""
+    return shared_spin(seconds)
+
+
+@registry.task("cached_flaky", parse=seconds_arg, cache_ttl=60, url=seconds_url)
+def cached_flaky(seconds: float) -> dict:
+    """Raises while the "cached_flaky" flag file exists: an error must never be cached."""
+    if setup_flag("cached_flaky").exists():
+        raise RuntimeError("the report's source is down")
+    return shared_spin(seconds)

@@ -418,17 +418,19 @@ class SlowAppPerClientTest(ContractTestCase):
     def get_httpserver_options(self):
         return {"xheaders": True}  # as the instances run: the client is nginx's X-Real-IP
 
-    def job(self, client: str):
-        return self.http_client.fetch(self.get_url("/slow/fib/25"), headers={"X-Real-IP": client}, raise_error=False)
+    def job(self, client: str, n: int):
+        # Different arguments: identical requests in flight would share one job (coalesce.py).
+        return self.http_client.fetch(self.get_url(f"/slow/fib/{n}"), headers={"X-Real-IP": client},
+                                      raise_error=False)
 
     @gen_test(timeout=10)
     async def test_a_client_over_its_share_gets_429_while_others_are_still_admitted(self):
-        first = self.job("10.0.0.1")
+        first = self.job("10.0.0.1", 25)
         await asyncio.wait_for(self.pool.started.wait(), 5)
-        refused = await self.job("10.0.0.1")
+        refused = await self.job("10.0.0.1", 26)
         body = self.assert_json_error(refused, 429, "rate_limited")
         assert "at most 1" in body["message"] and refused.headers["Retry-After"] == "1"
-        other = self.job("10.0.0.2")  # another address waits in line, as usual
+        other = self.job("10.0.0.2", 27)  # another address waits in line, as usual
         for _ in range(100):
             health = json.loads((await self.http_client.fetch(self.get_url("/healthz"))).body)
             if health["waiting"] == 1:

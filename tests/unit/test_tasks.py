@@ -129,7 +129,7 @@ def test_parse_sleep_rejects_anything_else(path):
 
 def test_registry_load_returns_only_the_tasks_of_the_named_modules():
     shipped = registry.load("services.slow.tasks")
-    assert set(shipped) == {"fib", "pbkdf2", "sleep"}
+    assert set(shipped) == {"fib", "pbkdf2", "sleep", "primes"}
     faulty = registry.load("tests.support.faulty_tasks")
     assert "fib" not in faulty
     assert {"raise_error", "exit_worker", "spin", "pid"} <= set(faulty)
@@ -180,3 +180,24 @@ def test_task_decorator_accepts_the_same_function_registered_again():
 def test_task_decorator_refuses_names_that_do_not_fit_the_route(name):
     with pytest.raises(ValueError, match="lower-case"):
         registry.task(name, parse=tasks.parse_fib)
+
+
+# primes: cached at the edge ----------------------------------------------------------------------
+
+def test_primes_counts_the_primes_below_n():
+    assert [tasks.primes(n) for n in (0, 2, 3, 10, 100, 1000)] == [0, 0, 1, 4, 25, 168]
+
+
+def test_primes_declares_its_cache_ttl_and_canonical_url():
+    primes = registry.load("services.slow.tasks")["primes"]
+    assert primes.cache_ttl == 60 and primes.methods == ("GET",)
+    assert primes.url(tasks.parse_primes("01000", {}, {"max_n": 10**6})) == "1000"
+
+
+def test_a_cached_task_must_take_get_only_and_say_its_canonical_url():
+    with pytest.raises(ValueError, match="declares url="):
+        registry.task("bad_cached", parse=lambda p, q, c: {}, cache_ttl=5)
+    with pytest.raises(ValueError, match="GET only"):
+        registry.task("bad_cached", parse=lambda p, q, c: {}, cache_ttl=5, methods=("POST",), url=str)
+    with pytest.raises(ValueError, match="whole seconds"):
+        registry.task("bad_cached", parse=lambda p, q, c: {}, cache_ttl=0, url=str)

@@ -1,0 +1,155 @@
+"""Compute once, on real fleets: identical heavy requests in flight share one job (both backends),
+and the answers of tasks with a cache_ttl come from nginx's cache, computed once across every slow
+instance. Jobs are counted from the instances' own /metrics (fleet_slow_jobs_total)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.integration.conftest import Fleet, make_fleet
+
+CONCURRENT = 50
+
+
+def jobs(fleet: Fleet, task: str, outcome: str = "ok") -> float:
+    """Jobs of `task` with `outcome` run by the fleet's slow instances, all of them together."""
+    total = 0.0
+    pattern = re.compile(rf'^fleet_slow_jobs_total{{task="{task}",outcome="{outcome}",backend="\w+"}} (\S+)$', re.M)
+    for port in fleet.slow_ports:
+        total += sum(float(v) for v in pattern.findall(fleet.get("/metrics", port=port).body.decode()))
+    return total
+
+
+def at_once(fleet: Fleet, path: str, count: int = CONCURRENT) -> list:
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda _: fleet.get(path, timeout=30), range(count)))
+
+
+def hanging_up(fleet: Fleet, path: str) -> socket.socket:
+    """A client that sent its request and can hang up (close the socket)."""
+    sock = socket.create_connection(("127.0.0.1", fleet.edge_port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    return sock
+
+
+def wait_for(predicate, timeout: float = 10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met")
+
+
+# in-flight coalescing, both backends ------------------------------------------------------------------
+
+def test_fifty_identical_requests_run_one_job_and_all_get_its_answer(slow_fleet: Fleet):
+    before = jobs(slow_fleet, "shared_spin")
+    answers = at_once(slow_fleet, "/slow/shared_spin/1")
+    assert [a.status for a in answers] == [200] * CONCURRENT, {a.body for a in answers}
+    assert len({a.json()["result"]["token"] for a in answers}) == 1
+    assert jobs(slow_fleet, "shared_spin") - before == 1
+    assert sum(a.headers.get("x-shared-job") == "true" for a in answers) == CONCURRENT - 1
+    assert len({a.headers["x-request-id"] for a in answers}) == CONCURRENT
+
+
+def test_the_first_client_leaving_does_not_cancel_the_job_of_the_others(slow_fleet: Fleet):
+    before_ok, before_cancelled = jobs(slow_fleet, "shared_spin"), jobs(slow_fleet, "shared_spin", "cancelled")
+    first = hanging_up(slow_fleet, "/slow/shared_spin/1.25")
+    time.sleep(0.3)
+    with ThreadPoolExecutor(10) as pool:
+        others = [pool.submit(slow_fleet.get, "/slow/shared_spin/1.25") for _ in range(10)]
+        time.sleep(0.3)
+        first.close()
+        answers = [o.result() for o in others]
+    assert [a.status for a in answers] == [200] * 10
+    assert len({a.json()["result"]["token"] for a in answers}) == 1
+    assert jobs(slow_fleet, "shared_spin") - before_ok == 1
+    assert jobs(slow_fleet, "shared_spin", "cancelled") == before_cancelled
+
+
+def test_every_client_leaving_stops_the_shared_job(slow_fleet: Fleet):
+    before = jobs(slow_fleet, "shared_spin", "cancelled")
+    clients = [hanging_up(slow_fleet, "/slow/shared_spin/2.5") for _ in range(5)]
+    time.sleep(0.5)
+    for c in clients[:4]:
+        c.close()
+    time.sleep(0.3)
+    assert jobs(slow_fleet, "shared_spin", "cancelled") == before  # one is still there
+    clients[4].close()
+    wait_for(lambda: jobs(slow_fleet, "shared_spin", "cancelled") == before + 1, 5)
+
+
+def test_a_task_that_raises_gives_every_waiter_the_500(slow_fleet: Fleet):
+    before = jobs(slow_fleet, "shared_raise", "error")
+    answers = at_once(slow_fleet, "/slow/shared_raise/0.5", 20)
+    for a in answers:
+        assert a.status == 500 and a.json()["error"] == "job_failed", a.body
+        assert a.json()["message"] == "ValueError: failed after 0.5 s"
+    assert jobs(slow_fleet, "shared_raise", "error") - before == 1
+
+
+# the edge cache -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_slow(tmp_path_factory):
+    """Two slow instances: the cache lock must make one computation across both."""
+    f = make_fleet(tmp_path_factory.mktemp("cache"), slow=2, FLEET_SLOW_INSTANCES="2")
+    f.command("up")
+    yield f
+    f.command("stop")
+
+
+def test_fifty_cold_requests_over_two_instances_run_once_then_hit_the_cache(two_slow: Fleet):
+    answers = at_once(two_slow, "/slow/cached_spin/1")
+    assert [a.status for a in answers] == [200] * CONCURRENT, {a.body for a in answers}
+    assert len({a.json()["result"]["token"] for a in answers}) == 1
+    assert jobs(two_slow, "cached_spin") == 1
+    assert len({a.headers["x-request-id"] for a in answers}) == CONCURRENT  # never replayed
+    later = [two_slow.get("/slow/cached_spin/1") for _ in range(5)]
+    assert {a.headers["x-cache"] for a in later} == {"HIT"}
+    assert {a.headers["x-served-by"] for a in later} == {"edge-cache"}
+    assert jobs(two_slow, "cached_spin") == 1  # no job at all
+
+
+def test_an_expired_entry_is_refreshed_once_while_the_stale_one_is_served(two_slow: Fleet):
+    first = two_slow.get("/slow/cached_spin/0.5")
+    before = jobs(two_slow, "cached_spin")
+    time.sleep(2.5)  # past the task's cache_ttl of 2 s
+    answers = at_once(two_slow, "/slow/cached_spin/0.5", 10)
+    assert {a.status for a in answers} == {200}
+    assert {a.json()["result"]["token"] for a in answers} == {first.json()["result"]["token"]}  # the stale one
+    assert {a.headers["x-cache"] for a in answers} <= {"STALE", "UPDATING"}
+    assert max(a.elapsed for a in answers) < 0.4  # nobody waited for the refresh
+    wait_for(lambda: jobs(two_slow, "cached_spin") == before + 1, 5)
+    time.sleep(0.5)
+    assert jobs(two_slow, "cached_spin") == before + 1  # refreshed once
+    assert two_slow.get("/slow/cached_spin/0.5").json()["result"]["token"] != first.json()["result"]["token"]
+
+
+def test_an_error_is_never_cached(two_slow: Fleet):
+    flag = two_slow.run_dir / "break-cached_flaky"
+    flag.touch()
+    failed = two_slow.get("/slow/cached_flaky/0")
+    assert failed.status == 500 and failed.json()["error"] == "job_failed"
+    flag.unlink()
+    fresh = two_slow.get("/slow/cached_flaky/0")
+    assert fresh.status == 200 and fresh.headers["x-cache"] == "MISS"
+    assert two_slow.get("/slow/cached_flaky/0").headers["x-cache"] == "HIT"
+
+
+def test_another_spelling_of_a_call_is_redirected_to_its_canonical_url(two_slow: Fleet):
+    moved = two_slow.get("/slow/cached_spin/0.50")
+    assert moved.status == 301 and moved.headers["location"] == "/slow/cached_spin/0.5"
+    assert "x-cache" in moved.headers and moved.headers["x-cache"] != "HIT"
+    assert two_slow.get("/slow/cached_spin/0.50").status == 301  # never served from the cache
+
+
+def test_uncached_tasks_never_go_through_the_cache(two_slow: Fleet):
+    answer = two_slow.get("/slow/fib/10")
+    assert answer.status == 200 and "x-cache" not in answer.headers
