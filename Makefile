@@ -9,6 +9,9 @@ LOCUST := .venv/bin/locust
 # LOCUST_WORKERS=N (N >= 0) runs Locust as a master with N worker processes (--processes N) for
 # load beyond one core; 0 or unset is one process. Workers on other hosts: README.md, "Prove it".
 FAST_ROUTES := GET /fast, POST /echo
+# The heavy flood against the fleet: distinct work in every request ({random}), which the fleet's
+# compute-once cannot merge (a flood of identical /slow/fib/30 would be a few shared jobs).
+HEAVY_MIX := /slow/digest/300000?data={random}:3,/slow/digest/1000000?data={random}:1,/slow/fib/25:1
 LOAD_OPTS ?=
 LOCUST_WORKERS ?= 0
 # --processes N when LOCUST_WORKERS > 0, after the shell checked that it is a whole number
@@ -62,14 +65,14 @@ load: bootstrap ## Locust's web UI on http://127.0.0.1:8089 (host preset to the 
 	@$(FLEET_UP_IF_DOWN)
 	@edge=$$($(EDGE_URL)); echo "Locust web UI: http://127.0.0.1:8089  (host $$edge; start the shaped run, then open the Isolation tab)"; \
 	exec $(LOCUST) -f locustfile.py $(LOCUST_PROCESSES) --web-host 127.0.0.1 --web-port 8089 --host "$$edge" \
-	    --fast-routes "$(FAST_ROUTES)" $(LOAD_OPTS)
+	    --fast-routes "$(FAST_ROUTES)" --heavy-mix "$(HEAVY_MIX)" $(LOAD_OPTS)
 
 load-check: bootstrap ## Headless isolation proof against the fleet: per-phase table, report in the run dir, exit code = verdict; LOCUST_WORKERS=N
 	@$(CHECK_LOCUST_WORKERS)
 	@$(FLEET_UP_IF_DOWN)
 	@run=$${FLEET_RUN_DIR:-.run}; edge=$$($(EDGE_URL)); mkdir -p "$$run"; \
 	echo "isolation check against $$edge$(if $(LOCUST_PROCESSES), with $(LOCUST_WORKERS) Locust worker processes) (about 80 s; report: $$run/load-check.html, CSVs: $$run/load-check_*.csv)"; \
-	$(LOCUST) -f locustfile.py $(LOCUST_PROCESSES) --headless --only-summary --host "$$edge" --fast-routes "$(FAST_ROUTES)" \
+	$(LOCUST) -f locustfile.py $(LOCUST_PROCESSES) --headless --only-summary --host "$$edge" --fast-routes "$(FAST_ROUTES)" --heavy-mix "$(HEAVY_MIX)" \
 	    --html "$$run/load-check.html" --csv "$$run/load-check" $(LOAD_OPTS)
 
 bootstrap:
@@ -78,6 +81,8 @@ bootstrap:
 bench: bootstrap ## Benchmark naive, pool, fleet and the edge ceiling side by side; results in bench/results/
 	@bench/bootstrap.sh
 	@$(PY) -m bench $(BENCH_ARGS)
+	@# The hot-key scenario (compute once on and off, and the edge cache), bench/hotkey.py.
+	@$(PY) -m bench.hotkey $(if $(findstring --quick,$(BENCH_ARGS)),--rounds 1 --waves 3 --out bench/results-quick/hotkey.md,--out bench/results/hotkey.md)
 
 help: ## This list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'

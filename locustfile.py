@@ -14,7 +14,9 @@ THE RUN (a LoadTestShape): warm-up (fast users only, not judged), baseline (the 
 only), mixed (the same fast users plus the heavy users), recovery (fast users only, shown, not
 judged). Fast users send the fast routes at a fixed rate (constant_throughput, every route
 once per iteration in one task, so each route's rate is steady); heavy users loop over
-`/slow/fib/<n>` with a weighted mix and pause briefly after a shed answer. A heavy 503 (the slow
+`/slow/fib/<n>` with a weighted mix (`--heavy-mix`; a `{random}` in a path is a new random token
+in each request: `make load-check` floods the fleet with `/slow/digest/<rounds>?data={random}`,
+distinct work that the fleet's compute-once cannot merge) and pause briefly after a shed answer. A heavy 503 (the slow
 path shedding) and a heavy 429 (the edge's per-client limits shedding) are expected, reported
 as "shed" and never failures; the heavy flood is paced (`--heavy-backoff`) to stay far below the
 edge's default 50 requests/s per client, and on a loopback host each heavy user connects from its
@@ -96,6 +98,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import socket
 import time
 from dataclasses import dataclass, field
@@ -127,7 +130,8 @@ OPTIONS = [
     ("fast-routes", str, "GET /fast", "Fast routes, comma-separated 'METHOD /path' (POST sends a small JSON body)"),
     ("fast-timeout", float, 10.0, "Seconds before a fast request counts as failed"),
     ("heavy-users", int, 16, "Heavy users in the mixed phase (more than workers + waiting places)"),
-    ("heavy-mix", str, "/slow/fib/30:3,/slow/fib/32:1,/slow/fib/25:1", "Heavy requests, comma-separated 'path:weight'"),
+    ("heavy-mix", str, "/slow/fib/30:3,/slow/fib/32:1,/slow/fib/25:1",
+     "Heavy requests, comma-separated 'path:weight'; {random} in a path becomes a new random token each time"),
     ("heavy-backoff", float, 0.5, "Seconds a heavy user pauses after a shed answer (503 or 429)"),
     ("heavy-timeout", float, 120.0, "Seconds before a heavy request counts as failed"),
     ("slow-workers", int, os.cpu_count() or 2,
@@ -615,9 +619,12 @@ class HeavyUser(HttpUser):
     @task
     def heavy(self) -> None:
         path = random.choices(self.paths, self.weights)[0]
+        # Distinct work: a server that computes identical requests in flight once (the fleet does)
+        # would otherwise see a flood of a few requests.
+        url = path.replace("{random}", secrets.token_hex(8))
         Node.heavy_now += 1
         try:
-            with self.client.get(path, name=path, context={"role": "heavy"}, catch_response=True,
+            with self.client.get(url, name=path, context={"role": "heavy"}, catch_response=True,
                                  timeout=self.timeout) as response:
                 # Back to back while answers come; a pause after anything else, so a refused or
                 # broken server is not hammered in a tight loop.

@@ -201,6 +201,7 @@ SCHEMA: dict[str, Spec] = {
     "tasks.pbkdf2.max_rounds": Spec(int, 1000, 10_000_000),
     "tasks.sleep.max_seconds": Spec(float, 0, 600),
     "tasks.primes.max_n": Spec(int, 0, 100_000_000),
+    "tasks.digest.max_rounds": Spec(int, 1, 100_000_000),
 }
 
 

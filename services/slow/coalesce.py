@@ -88,7 +88,9 @@ class Flights:
     def join(self, key: str | None, start: Callable[[], asyncio.Future]) -> tuple[Flight, bool]:
         """The flight for `key`, started with `start()` if none is in the air; True if it was."""
         flight = self.by_key.get(key) if key is not None else None
-        shared = flight is not None and not flight.job.done()
+        # Not a job whose waiters have all left: it was cancelled, and may only be finishing (over
+        # the kill budget, pool.py); a new waiter would make its next cancel kill the worker.
+        shared = flight is not None and flight.waiters > 0 and not flight.job.done()
         if not shared:
             flight = Flight(start(), key)
             self.all.add(flight)

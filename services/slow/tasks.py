@@ -3,6 +3,7 @@
 - fib: naive recursive Fibonacci, pure-Python CPU work (the source documents' example).
 - pbkdf2: password hashing with a bounded iteration count, the realistic CPU-heavy request.
 - sleep: a legacy blocking client held in each worker (per-worker setup), a worker busy waiting.
+- digest: iterated SHA-256 of client data, CPU work whose arguments rarely repeat (floods use it).
 - primes: how many primes are below n, a deterministic report whose answer the edge caches.
 """
 
@@ -50,6 +51,26 @@ def parse_pbkdf2(path: str, params: Mapping[str, Any], config: Mapping[str, Any]
 def pbkdf2(password: str, salt: str, rounds: int) -> str:
     """PBKDF2-HMAC-SHA256 of a password, hex; POST a JSON body so secrets stay out of URLs and logs."""
     return hashlib.pbkdf2_hmac("sha256", password.encode(), salt.encode(), rounds).hex()
+
+
+# digest: CPU work on the client's own data ---------------------------------------------------------
+
+def parse_digest(path: str, params: Mapping[str, str], config: Mapping[str, Any]) -> dict:
+    if path == "":
+        raise BadArgument("missing rounds: use /slow/digest/<rounds>?data=<text>")
+    data = params.get("data", "")
+    if not isinstance(data, str) or len(data) > 1024:
+        raise BadArgument('"data" must be text of at most 1024 characters')
+    return {"rounds": bounded_int(path, "rounds", 1, config["max_rounds"]), "data": data}
+
+
+@task("digest", parse=parse_digest, echo=("rounds",))
+def digest(rounds: int, data: str) -> str:
+    """SHA-256 applied `rounds` times to the data, hex: about 0.3 s per million rounds here."""
+    value = data.encode("utf-8", "surrogatepass")
+    for _ in range(rounds):
+        value = hashlib.sha256(value).digest()
+    return value.hex()
 
 
 # primes: a deterministic report, cached at the edge -------------------------------------------------

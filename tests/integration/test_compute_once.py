@@ -19,9 +19,11 @@ CONCURRENT = 50
 def jobs(fleet: Fleet, task: str, outcome: str = "ok") -> float:
     """Jobs of `task` with `outcome` run by the fleet's slow instances, all of them together."""
     total = 0.0
-    pattern = re.compile(rf'^fleet_slow_jobs_total{{task="{task}",outcome="{outcome}",backend="\w+"}} (\S+)$', re.M)
     for port in fleet.slow_ports:
-        total += sum(float(v) for v in pattern.findall(fleet.get("/metrics", port=port).body.decode()))
+        for labels, value in re.findall(r"^fleet_slow_jobs_total\{(.*)\} (\S+)$",
+                                        fleet.get("/metrics", port=port).body.decode(), re.M):
+            if f'task="{task}"' in labels.split(",") and f'outcome="{outcome}"' in labels.split(","):
+                total += float(value)
     return total
 
 

@@ -64,6 +64,30 @@ def test_one_waiter_leaving_cancels_nobody_and_the_last_cancels_the_job():
     asyncio.run(scenario())
 
 
+def test_a_job_whose_waiters_all_left_is_never_joined_even_while_it_finishes():
+    async def scenario():
+        flights = Flights()
+
+        async def finishes_anyway():  # as the pool does over its kill budget
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.05)
+
+        left, _ = flights.join("k", lambda: asyncio.ensure_future(finishes_anyway()))
+        await asyncio.sleep(0)  # the job has started
+        left.leave()
+        await asyncio.sleep(0.01)
+        assert not left.job.done()
+        fresh, shared = flights.join("k", lambda: asyncio.ensure_future(asyncio.sleep(0)))
+        assert fresh is not left and not shared and flights.by_key["k"] is fresh
+        await asyncio.gather(left.job, fresh.job, return_exceptions=True)
+        await asyncio.sleep(0)
+        assert flights.by_key == {}
+
+    asyncio.run(scenario())
+
+
 def test_a_finished_job_is_never_joined_and_jobs_without_a_key_are_never_shared():
     async def scenario():
         flights = Flights()

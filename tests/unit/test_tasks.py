@@ -129,7 +129,7 @@ def test_parse_sleep_rejects_anything_else(path):
 
 def test_registry_load_returns_only_the_tasks_of_the_named_modules():
     shipped = registry.load("services.slow.tasks")
-    assert set(shipped) == {"fib", "pbkdf2", "sleep", "primes"}
+    assert set(shipped) == {"fib", "pbkdf2", "sleep", "primes", "digest"}
     faulty = registry.load("tests.support.faulty_tasks")
     assert "fib" not in faulty
     assert {"raise_error", "exit_worker", "spin", "pid"} <= set(faulty)
@@ -201,3 +201,19 @@ def test_a_cached_task_must_take_get_only_and_say_its_canonical_url():
         registry.task("bad_cached", parse=lambda p, q, c: {}, cache_ttl=5, methods=("POST",), url=str)
     with pytest.raises(ValueError, match="whole seconds"):
         registry.task("bad_cached", parse=lambda p, q, c: {}, cache_ttl=0, url=str)
+
+
+# digest ------------------------------------------------------------------------------------------
+
+def test_digest_iterates_sha256_over_the_data():
+    import hashlib
+    once = hashlib.sha256(b"abc").digest()
+    assert tasks.digest(1, "abc") == once.hex()
+    assert tasks.digest(2, "abc") == hashlib.sha256(once).hexdigest()
+
+
+@pytest.mark.parametrize("path, params", [("", {}), ("0", {}), ("x", {}), ("5", {"data": "x" * 1025}),
+                                          ("5", {"data": ["a"]})])
+def test_parse_digest_rejects_bad_rounds_and_data(path, params):
+    with pytest.raises(BadArgument):
+        tasks.parse_digest(path, params, {"max_rounds": 1000})
