@@ -157,3 +157,19 @@ def test_another_spelling_of_a_call_is_redirected_to_its_canonical_url(two_slow:
 def test_uncached_tasks_never_go_through_the_cache(two_slow: Fleet):
     answer = two_slow.get("/slow/fib/10")
     assert answer.status == 200 and "x-cache" not in answer.headers
+
+
+def test_status_shows_shared_jobs_and_cache_answers_and_a_restart_empties_the_cache(two_slow: Fleet):
+    at_once(two_slow, "/slow/cached_spin/0.25", 5)
+    assert two_slow.get("/slow/cached_spin/0.25").headers["x-cache"] == "HIT"
+    status = two_slow.command("status").stdout
+    assert "compute once:" in status and "edge cache, latest requests:" in status and "HIT" in status, status
+    from deploy.render import edge_cache_dir
+    from services.common.settings import load
+
+    cache = edge_cache_dir(load(env=two_slow.env))
+    assert any(cache.rglob("*")), cache  # the entries nginx stored
+    two_slow.command("stop")
+    assert not cache.exists()  # edge.cache_keep = false
+    two_slow.command("up")
+    assert two_slow.get("/slow/cached_spin/0.25").headers["x-cache"] == "MISS"
