@@ -143,6 +143,8 @@ def hosts(tmp_path_factory):
             subprocess.run(["make", "certs"], env=fleet.env("web1"), cwd=REPO, check=True, capture_output=True)
             for host in HOSTS:
                 fleet.make(host, "deploy-local")
+            # The slow instance re-reads the cluster's threads each second: both hosts' workers.
+            wait_for(lambda: fleet.cluster()["threads"] == 2, 30, "the slow instance sees both workers")
             yield fleet
         finally:
             for host in ("heavy1", "heavy2", "web1"):
