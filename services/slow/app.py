@@ -23,18 +23,21 @@ from services.common import metrics, server
 from services.common.web import ApiError, BaseHandler, HealthHandler, MetricsHandler, NotFoundHandler
 from services.slow import coalesce, registry
 from services.slow.admission import Admission, ClientLimited, Overloaded
+from services.slow.backoff import RetryAfter
 from services.slow.pool import (BackendUnavailable, JobFailed, JobTimeout, NoWorkers, ResultTooLarge,
                                 TaskUnavailable, WorkerDied, WorkerPool)
 
 log = logging.getLogger("fleet.slow")
 
-# What a refused client is told to wait before retrying: about one short job's time.
+# What a client is told to wait when no estimate applies (no worker, a task unavailable, a stop):
+# about one short job's time. A full line and a client's full share are estimated (backoff.py).
 RETRY_AFTER_SECONDS = 1
 
 
 class TaskHandler(BaseHandler):
     tasks: Mapping[str, registry.Task]
     admission: Admission
+    retry_after: RetryAfter  # what a refused client is told to wait (backoff.py)
     pool: Any  # WorkerPool or InlinePool: `async run(task, kwargs, timeout) -> (result JSON, elapsed ms)`
     fleet: Any  # the fleet Settings
     flights: coalesce.Flights  # every job in progress on this instance, and who waits for it
@@ -127,14 +130,19 @@ class TaskHandler(BaseHandler):
                 started = loop.time()
                 try:
                     result_json, elapsed_ms = await self.pool.run(task.name, kwargs, timeout, client)
+                    self.retry_after.record(task.name, loop.time() - started)
                 finally:
                     metrics.SLOW_JOB_DURATION.labels(task.name, backend).observe(loop.time() - started)
         except Overloaded as exc:
             count("shed")
-            raise ApiError(503, "overloaded", f"slow pool is full ({exc}); retry later", headers=retry) from None
+            wait = self.retry_after.overloaded(task.name, self.admission.waiting, self.admission.slots)
+            raise ApiError(503, "overloaded", f"slow pool is full ({exc}); retry in {wait} s",
+                           headers={"Retry-After": str(wait)}) from None
         except ClientLimited as exc:
             count("limited")
-            raise ApiError(429, "rate_limited", f"{exc}; retry when one has finished", headers=retry) from None
+            wait = self.retry_after.client_limited(task.name)
+            raise ApiError(429, "rate_limited", f"{exc}; retry when one has finished, in about {wait} s",
+                           headers={"Retry-After": str(wait)}) from None
         except NoWorkers as exc:
             count("no_workers")
             raise ApiError(503, "no_workers", str(exc), headers=retry) from None
@@ -146,6 +154,7 @@ class TaskHandler(BaseHandler):
             raise ApiError(503, "backend_unavailable", str(exc), headers=retry) from None
         except JobTimeout as exc:
             count("timeout")
+            self.retry_after.record(task.name, timeout)
             log.warning("%s", exc)
             raise ApiError(504, "job_timeout", str(exc)) from None
         except WorkerDied as exc:
@@ -221,7 +230,8 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
             flight.stopped = True
             flight.job.cancel()
 
-    shared = {"tasks": tasks, "admission": admission, "pool": pool, "fleet": fleet, "flights": flights}
+    shared = {"tasks": tasks, "admission": admission, "pool": pool, "fleet": fleet, "flights": flights,
+              "retry_after": RetryAfter(ceiling=fleet.slow.job_timeout)}
     settings = server.app_settings(instance)
     settings["on_drain_deadline"] = stop_jobs
     metrics.declare_tasks(tasks, fleet.slow.backend)
