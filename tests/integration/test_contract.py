@@ -133,7 +133,9 @@ def test_more_jobs_than_workers_and_queue_get_immediate_503_while_fast_keeps_ans
     assert len(refused) == 3, [r.status for r in results]
     for r in refused:
         assert_contract_error(r, 503, "overloaded")
-        assert r.headers["retry-after"] == "1"
+        # An estimate from the line and spin's recent job times (backoff.py): whole seconds, at
+        # least 1, at most the job deadline (3 s here).
+        assert 1 <= int(r.headers["retry-after"]) <= 3
         assert r.elapsed < 0.5
     assert sum(r.status == 200 for r in results) == 4
     assert all(r.status == 200 for r in fast)
