@@ -169,7 +169,12 @@ class TaskHandler(BaseHandler):
             count("error")
             log.error("job %s raised %s: %s", task.name, exc.type_name, exc.message,
                       extra={"fields": {"traceback": exc.traceback_text, "task": task.name}})
-            raise ApiError(500, "job_failed", f"{exc.type_name}: {exc.message}", type=exc.type_name) from None
+            if task.expose_errors:
+                message = f"{exc.type_name}: {exc.message}"
+            else:  # the message stays in the log, under the request id of the job
+                message = (f"the task raised {exc.type_name}; its message is in the slow instance's log "
+                           f"(request id {self.request_id})")
+            raise ApiError(500, "job_failed", message, type=exc.type_name) from None
         except asyncio.CancelledError:
             count("cancelled")
             raise

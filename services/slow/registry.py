@@ -23,6 +23,9 @@ Identical requests (same task, same parsed arguments) in flight on an instance s
 (coalesce.py); a task whose every call must run, such as a call with side effects, declares
 `coalesce=False`. A task whose answer may be reused for a while declares `cache_ttl=<seconds>`
 and `url=` (its canonical URL from its arguments): nginx then serves it from its cache.
+
+A task that raises answers 500 `job_failed` with the exception's type; its message reaches the
+client only with `expose_errors=True` (it stays in the log otherwise: a message may hold anything).
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ class Task:
     # The canonical spelling of a call, what follows /slow/<name>/ (path and query): another
     # spelling of the same arguments is redirected to it, so the cache keeps one entry per call.
     url: Callable[[dict], str] | None = None
+    # Whether a client sees the message of an exception the task raised. By default it sees the
+    # exception's type and the request id to find it in the log: a message may hold anything (a
+    # path, a query, a user's data).
+    expose_errors: bool = False
 
 
 _TASKS: dict[str, Task] = {}
@@ -69,7 +76,7 @@ _TASKS: dict[str, Task] = {}
 def task(name: str, *, parse: Parser, timeout: float | None = None,
          setup: Callable[[], Any] | None = None, methods: tuple[str, ...] = ("GET",),
          echo: tuple[str, ...] = (), coalesce: bool = True, cache_ttl: int | None = None,
-         url: Callable[[dict], str] | None = None) -> Callable:
+         url: Callable[[dict], str] | None = None, expose_errors: bool = False) -> Callable:
     """Register the decorated module-level function as task `name`; the function is unchanged."""
     if not name.replace("_", "").isalnum() or not name.islower():
         raise ValueError(f"task name {name!r}: use lower-case letters, digits and underscores")
@@ -86,7 +93,7 @@ def task(name: str, *, parse: Parser, timeout: float | None = None,
         if known is not None and (known.module, known.fn.__qualname__) != (fn.__module__, fn.__qualname__):
             raise ValueError(f"task {name!r} is registered twice: {known.module} and {fn.__module__}")
         _TASKS[name] = Task(name, fn, parse, timeout, setup, tuple(methods), tuple(echo), fn.__module__, coalesce,
-                            cache_ttl, url)
+                            cache_ttl, url, expose_errors)
         return fn
 
     return register

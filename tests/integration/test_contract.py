@@ -82,6 +82,16 @@ def test_a_job_that_raises_gets_500_with_its_type_and_the_traceback_only_in_the_
     assert "raise_error" in line
 
 
+def test_an_exception_message_reaches_the_log_and_not_the_client_unless_the_task_exposes_it(slow_fleet: Fleet):
+    request_id = f"hidden-{time.monotonic_ns()}"
+    response = slow_fleet.get("/slow/hidden_raise", headers={"X-Request-ID": request_id})
+    body = assert_contract_error(response, 500, "job_failed")
+    assert body["type"] == "PermissionError" and request_id in body["message"]
+    assert "alice" not in response.body.decode() and "/srv/secret" not in response.body.decode()
+    log = wait_for(lambda: request_id in slow_fleet.log("slow-01") and slow_fleet.log("slow-01"))
+    assert any(request_id in line and "alice" in line for line in log.splitlines())
+
+
 def test_a_job_past_its_deadline_gets_504_stops_using_the_cpu_and_the_next_job_is_served(slow_fleet: Fleet):
     flag = slow_fleet.run_dir / "break-spinner"
     before = flag.read_text() if flag.exists() else None

@@ -20,9 +20,10 @@ from services.slow import registry
 from services.slow.registry import bounded_float, bounded_int
 
 # Every call of a fault-injection task must run (tests fill workers with identical /slow/spin/1.5
-# requests, kill the worker of one exit_worker and expect the next to run): none coalesces. The
-# tasks that show coalescing (below, "shared_*") are registered with registry.task itself.
-task = functools.partial(registry.task, coalesce=False)
+# requests, kill the worker of one exit_worker and expect the next to run): none coalesces. Their
+# exception messages are what the tests check: they are exposed. The tasks that show coalescing
+# (below, "shared_*") and the hidden message (hidden_raise) are registered with registry.task itself.
+task = functools.partial(registry.task, coalesce=False, expose_errors=True)
 
 
 def no_args(path: str, params: Mapping[str, str], config: Mapping[str, Any]) -> dict:
@@ -169,7 +170,7 @@ def shared_spin(seconds: float) -> dict:
     return {"pid": os.getpid(), "token": os.urandom(8).hex()}  # the same token for every waiter of one job
 
 
-@registry.task("shared_raise", parse=seconds_arg)
+@registry.task("shared_raise", parse=seconds_arg, expose_errors=True)
 def shared_raise(seconds: float) -> None:
     """spin, then raise: every waiter of the job gets the same 500."""
     spin(seconds)
@@ -194,3 +195,11 @@ def cached_flaky(seconds: float) -> dict:
     if setup_flag("cached_flaky").exists():
         raise RuntimeError("the report's source is down")
     return shared_spin(seconds)
+
+
+# what an exception tells a client ----------------------------------------------------------------------
+
+@registry.task("hidden_raise", parse=no_args, coalesce=False)
+def hidden_raise() -> None:
+    """Raises with a message a client must never see (expose_errors is off by default)."""
+    raise PermissionError("cannot open /srv/secret/report.db for user alice")

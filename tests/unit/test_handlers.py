@@ -241,6 +241,13 @@ class SlowAppTest(ContractTestCase):
         text = response.body.decode()
         assert "Traceback" not in text and "File \"" not in text and "faulty_tasks" not in text
 
+    def test_an_exception_message_stays_in_the_log_unless_the_task_exposes_it(self):
+        response = self.request("/slow/hidden_raise")
+        body = self.assert_json_error(response, 500, "job_failed")
+        assert body["type"] == "PermissionError"
+        assert "secret" not in response.body.decode() and "alice" not in response.body.decode()
+        assert body["request_id"] in body["message"] and "log" in body["message"]
+
     def test_a_task_returning_something_that_is_not_json_is_a_json_500(self):
         body = self.assert_json_error(self.request("/slow/return_unpicklable"), 500, "job_failed")
         assert "not JSON" in body["message"]
