@@ -208,7 +208,7 @@ def test_instances_answer_only_the_edge_host_and_their_own(hosts):
 
 # A refused Dask client, collected after its event loop closed, complains in __del__.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.filterwarnings("ignore:coroutine 'wait_for' was never awaited:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 def test_the_scheduler_refuses_a_client_without_the_fleet_s_certificate(hosts, tmp_path):
     from distributed import Client, Security
 
