@@ -108,9 +108,9 @@ class BaseHandler(web.RequestHandler):
         trusted = self.settings.get("trusted_peers")
         peer = getattr(self.request.connection, "context", None)
         address = getattr(peer, "address", None)
-        if trusted is None or not isinstance(address, tuple):
-            return  # unit tests' connections, Unix sockets
-        ip = ipaddress.ip_address(address[0].split("%")[0])
+        if trusted is None or not isinstance(address, tuple) or address[0] in trusted:
+            return  # unit tests' connections, Unix sockets; the usual case costs one set lookup
+        ip = ipaddress.ip_address(address[0].split("%")[0])  # ::ffff:10.0.0.1 is 10.0.0.1
         if ip.version == 6 and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
         if str(ip) not in trusted:

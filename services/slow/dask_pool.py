@@ -91,10 +91,9 @@ class DaskPool:
         # The cluster's threads are shared among every slow instance of every host with the role.
         slow_hosts = [h.name for h in settings.role_hosts("slow")]
         self.instances = settings.slow.instances * len(slow_hosts)
-        on_one_host = settings.inventory.single or self.managed and len(settings.role_hosts("workers")) == 1 \
-            and settings.role_hosts("workers")[0] == settings.inventory.here
-        # Workers beside this instance are waited for at start; those of other hosts may come later.
-        self.expected_threads = dask.workers * dask.threads_per_worker if self.managed and on_one_host else 0
+        # This host's own managed workers are waited for at start; other hosts' may come later.
+        runs_workers = self.managed and settings.inventory.runs("workers")
+        self.expected_threads = dask.workers * dask.threads_per_worker if runs_workers else 0
         here = slow_hosts.index(settings.inventory.here.name) if settings.inventory.here.name in slow_hosts else 0
         # The spare takes slow-01's share.
         self.index = here * settings.slow.instances + max(0, instance_number - 1) % settings.slow.instances
