@@ -322,6 +322,11 @@ def _held_ports(settings: Settings) -> set[int]:
     return {port for _, _, port, _ in ports_of(running)}
 
 
+# (signalled, new workers seen) monotonic times of every nginx reload this process made: `make
+# chaos` tells a request reset by a reload's closing of idle keep-alive connections from a lost one.
+RELOADS: list[tuple[float, float]] = []
+
+
 def reload_nginx(settings: Settings, previous_conf: str | None) -> None:
     """Reload nginx and prove it took, by what nginx runs: new worker processes, no [emerg].
 
@@ -335,8 +340,9 @@ def reload_nginx(settings: Settings, previous_conf: str | None) -> None:
     before = set(worker_pids(master)) if master else set()
     log = run / "logs" / "nginx-error.log"
     offset = log.stat().st_size if log.exists() else 0
+    signalled = time.monotonic()
     supervisor(settings).supervisor.signalProcess("nginx:nginx", "HUP")
-    deadline = time.monotonic() + 10
+    deadline = signalled + 10
     while time.monotonic() < deadline:
         fresh = log.read_text(errors="replace")[offset:] if log.exists() else ""
         if "[emerg]" in fresh:
@@ -347,6 +353,7 @@ def reload_nginx(settings: Settings, previous_conf: str | None) -> None:
         master = _master_pid(run)
         new = set(worker_pids(master)) - before if master else set()
         if new:
+            RELOADS.append((signalled, time.monotonic()))
             print("nginx reloaded: new workers " + ", ".join(map(str, sorted(new))))
             return
         time.sleep(0.05)

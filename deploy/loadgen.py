@@ -10,6 +10,12 @@ not closed it (stale check); a request that could not be written at all on a reu
 is sent again once on a new one, whatever its method (the server never saw it); a GET whose reused
 connection closed before any byte of the answer is sent again once (RFC 9110 9.2.2). A POST that
 was written is never resent. Everything else counts as it came.
+
+One case is marked, not hidden: a POST written on a reused connection that the server closed
+before any byte of an answer (`idle_race`). nginx 1.22 closes its idle client keep-alive
+connections when it reloads, and a request sent in that instant meets a closed socket (nginx
+1.27.4's `keepalive_min_timeout` closes the gap). The Tally counts such an outcome apart when it
+fell in a reload's window, and as lost anywhere else.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class Outcome:
     error: str = ""  # exception, or the JSON error code of a non-200 answer
     json_error: bool = False  # a non-200 answer with the contract's JSON body
     retried: bool = False
+    idle_race: bool = False  # written on a reused connection the server closed before answering
 
     @property
     def ok(self) -> bool:
@@ -154,7 +161,9 @@ class _KeptAliveClient:
                 closed = isinstance(exc, (ConnectionResetError, BrokenPipeError))
                 if reused and closed and attempt == 1 and (not written or route.method == "GET"):
                     continue  # never seen by the server, or an idempotent GET: send again, fresh
-                return Outcome(route, started, None, type(exc).__name__, retried=attempt == 2)
+                unanswered = isinstance(exc, (ConnectionResetError, http.client.RemoteDisconnected))
+                return Outcome(route, started, None, type(exc).__name__, retried=attempt == 2,
+                               idle_race=reused and written and unanswered)
             if response.getheader("Connection", "").lower() == "close":
                 self.close()
             return _outcome(route, started, response.status, data, retried=attempt == 2)
@@ -190,17 +199,24 @@ class Tally:
     hit: int = 0  # the fault reached it, and it was answered with the contract's JSON error
     lost: int = 0  # no answer at all, or an error without the contract's JSON
     retried: int = 0
+    reload_races: int = 0  # POSTs sent on a kept-alive connection as an nginx reload closed it
     examples: list[str] = field(default_factory=list)
 
     @classmethod
-    def of(cls, outcomes: list[Outcome], may_hit: frozenset[str] = frozenset()) -> "Tally":
+    def of(cls, outcomes: list[Outcome], may_hit: frozenset[str] = frozenset(),
+           reloads: list[tuple[float, float]] = ()) -> "Tally":
+        """`reloads`: (signalled, new workers seen) monotonic times of the nginx reloads during the
+        load. Old workers close their idle connections right after the new ones start; a second
+        of margin covers a busy machine."""
         t = cls(sent=len(outcomes))
         for o in outcomes:
             t.retried += o.retried
             if o.ok:
                 continue
             reachable = o.route.kind in may_hit or f"{o.route.kind} {o.route.method}" in may_hit
-            if not o.json_error:
+            if o.idle_race and any(start <= o.started <= seen + 1.0 for start, seen in reloads):
+                t.reload_races += 1
+            elif not o.json_error:
                 t.lost += 1
             elif reachable:
                 t.hit += 1

@@ -1,0 +1,89 @@
+"""The chaos load's client and its tally: what counts as lost, and the one race counted apart."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+from deploy.loadgen import Outcome, Route, Tally, _KeptAliveClient
+
+POST = Route("fast POST /echo", "fast", "POST", "/echo", rate=1, clients=1, body=b"{}")
+GET = Route("fast GET /fast", "fast", "GET", "/fast", rate=1, clients=1)
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+
+
+class ClosesOnSecondRequest:
+    """A kept-alive server that answers the first request, then resets the connection once the
+    second one has arrived, unread: what an nginx worker does when it closes an idle connection
+    in the instant a request is on its way. A new connection is answered normally."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            first = self.connections == 1
+            conn.recv(65536)
+            conn.sendall(OK)
+            conn.recv(1, socket.MSG_PEEK) if first else conn.recv(65536)  # the next request arrives
+            if first:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # unread data (or linger 0): the client sees a reset
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_post_reset_on_a_reused_connection_is_marked_as_the_idle_race_and_not_resent():
+    server = ClosesOnSecondRequest()
+    client = _KeptAliveClient("127.0.0.1", server.port, timeout=5)
+    try:
+        assert client.send(POST).ok
+        outcome = client.send(POST)
+    finally:
+        client.close()
+        server.close()
+    assert outcome.status is None and outcome.idle_race and not outcome.retried
+    assert server.connections == 1  # a written POST is never sent again
+
+
+def test_a_get_reset_on_a_reused_connection_is_sent_again_on_a_new_one():
+    server = ClosesOnSecondRequest()
+    client = _KeptAliveClient("127.0.0.1", server.port, timeout=5)
+    try:
+        assert client.send(GET).ok
+        outcome = client.send(GET)
+    finally:
+        client.close()
+        server.close()
+    assert outcome.ok and outcome.retried and not outcome.idle_race
+    assert server.connections == 2
+
+
+def _race(started: float) -> Outcome:
+    return Outcome(POST, started, None, "ConnectionResetError", idle_race=True)
+
+
+def test_an_idle_race_counts_apart_only_within_a_reloads_window():
+    reloads = [(10.0, 10.4)]
+    inside, late, before = _race(10.2), _race(11.6), _race(9.9)
+    t = Tally.of([inside, late, before], reloads=reloads)
+    assert (t.reload_races, t.lost) == (1, 2)
+    assert Tally.of([inside]).lost == 1  # with no reload, the same outcome is lost
+
+
+def test_other_failures_in_a_reloads_window_still_count_as_lost_or_failed():
+    reloads = [(10.0, 10.4)]
+    timeout = Outcome(POST, 10.1, None, "TimeoutError")  # no race: the request was not answered
+    error = Outcome(GET, 10.1, 502, "bad_gateway", json_error=True)
+    t = Tally.of([timeout, error], reloads=reloads)
+    assert (t.lost, t.failed, t.reload_races) == (1, 1, 0)
