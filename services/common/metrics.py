@@ -46,7 +46,8 @@ LOOP_LAG = Histogram(
 )
 LOOP_BLOCKED = Counter("fleet_event_loop_blocked_total", "Times the event loop was blocked past the threshold")
 
-JOB_OUTCOMES = ("ok", "error", "timeout", "crashed", "shed", "limited", "no_workers", "unavailable", "cancelled")
+JOB_OUTCOMES = ("ok", "error", "timeout", "crashed", "out_of_memory", "shed", "limited", "no_workers", "unavailable",
+                "cancelled")
 
 # Labels come from fixed sets only: a label a client could choose (its method, its path) would let
 # one client grow every instance's memory and /metrics without bound.

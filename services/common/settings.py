@@ -36,6 +36,9 @@ class SettingsError(ValueError):
     """A setting is missing, unknown or out of range; the message names it and what is allowed."""
 
 
+MIN_WORKER_RSS_MB = 64  # a worker's cap below this would kill every worker at its first job
+
+
 @dataclass(frozen=True)
 class Spec:
     kind: type  # int, float, str or bool
@@ -192,6 +195,8 @@ SCHEMA: dict[str, Spec] = {
     "slow.idle_cgroup": Spec(bool),
     "slow.drain_timeout": Spec(float, 2, 3600),
     "slow.max_result_mb": Spec(int, 1, 1024),
+    "slow.worker_max_rss_mb": Spec(int, 0, 1 << 20),
+    "slow.worker_max_jobs": Spec(int, 0, 1_000_000_000),
     "slow.coalesce": Spec(bool),
     "slow.event_loop": Spec(str, check=_check_event_loop),
     "slow.task_modules": Spec(str, check=_check_modules),
@@ -298,6 +303,9 @@ def _check_consistency(v: Mapping[str, Any]) -> None:
             f"slow.drain_timeout ({v['slow.drain_timeout']:g}) must be longer than slow.job_timeout "
             f"({v['slow.job_timeout']:g}), so that a stopping instance lets its running jobs finish"
         )
+    if 0 < v["slow.worker_max_rss_mb"] < MIN_WORKER_RSS_MB:
+        raise SettingsError(f"slow.worker_max_rss_mb ({v['slow.worker_max_rss_mb']}) must be 0 (no cap) or at least "
+                            f"{MIN_WORKER_RSS_MB}: an idle worker alone holds about 30 MiB")
     if v["slow.min_workers"] > heavy_capacity(v):
         raise SettingsError(f"slow.min_workers ({v['slow.min_workers']}) cannot exceed the jobs an instance "
                             f"can run at once ({heavy_capacity(v)}: slow.workers, or its share of the Dask cluster)")
@@ -395,7 +403,12 @@ class Settings:
     @classmethod
     def from_snapshot(cls, path: Path | str) -> "Settings":
         data = json.loads(Path(path).read_text())
-        values = resolve(data["values"], env={}, origin=str(path))
+        # A fleet deployed by another version of this code may lack a key added since, or hold one
+        # removed since: its snapshot still reads (a key it lacks takes today's default), so the
+        # new code can stop, inspect and update the fleet the old one started.
+        defaults = flatten(_read_toml(DEFAULT_FILE))
+        recorded = {k: v for k, v in data["values"].items() if k in SCHEMA}
+        values = resolve({**defaults, **recorded}, env={}, origin=str(path))
         inventory = Inventory.from_snapshot(data.get("inventory", {}), values)
         return cls(values, Path(data["run_dir"]), inventory)
 

@@ -25,7 +25,7 @@ from services.slow import coalesce, registry
 from services.slow.admission import Admission, ClientLimited, Overloaded
 from services.slow.backoff import RetryAfter
 from services.slow.pool import (BackendUnavailable, JobFailed, JobTimeout, NoWorkers, ResultTooLarge,
-                                TaskUnavailable, WorkerDied, WorkerPool)
+                                TaskUnavailable, WorkerDied, WorkerOutOfMemory, WorkerPool)
 
 log = logging.getLogger("fleet.slow")
 
@@ -157,6 +157,10 @@ class TaskHandler(BaseHandler):
             self.retry_after.record(task.name, timeout)
             log.warning("%s", exc)
             raise ApiError(504, "job_timeout", str(exc)) from None
+        except WorkerOutOfMemory as exc:
+            count("out_of_memory")
+            log.warning("job %s failed: %s", task.name, exc)
+            raise ApiError(502, "worker_out_of_memory", str(exc)) from None
         except WorkerDied as exc:
             count("crashed")
             log.warning("job %s failed: %s", task.name, exc)
@@ -271,7 +275,8 @@ def make_pool(instance: server.Instance) -> Any:
     cgroup = f"{instance.name}-{zlib.crc32(str(fleet.run_dir).encode()):08x}" if fleet.slow.idle_cgroup else None
     return WorkerPool(fleet.slow.workers, fleet.slow.task_modules, fleet.slow.nice,
                       sched_idle=fleet.slow.sched_idle, idle_cgroup=cgroup,
-                      max_result_bytes=fleet.slow.max_result_mb << 20, marker=f"{fleet.run_dir}:{instance.name}")
+                      max_result_bytes=fleet.slow.max_result_mb << 20, marker=f"{fleet.run_dir}:{instance.name}",
+                      max_rss_mb=fleet.slow.worker_max_rss_mb, max_jobs=fleet.slow.worker_max_jobs)
 
 
 async def run(instance: server.Instance) -> None:

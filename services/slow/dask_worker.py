@@ -126,7 +126,8 @@ async def dask_setup(server: Scheduler | Worker) -> None:
     # worker's dispatching keeps ahead of the jobs it dispatches.
     pool = WorkerPool(server.state.nthreads, slow.task_modules, slow.nice, sched_idle=slow.sched_idle,
                       idle_cgroup=cgroup, max_result_bytes=slow.max_result_mb << 20,
-                      marker=f"{settings.run_dir}:{server.name}")
+                      marker=f"{settings.run_dir}:{server.name}",
+                      max_rss_mb=slow.worker_max_rss_mb, max_jobs=slow.worker_max_jobs)
     pool.kill_on_cancel = True  # the slow instance decided (and budgeted) before it cancelled
     await pool.start()
     server.fleet_pool = pool

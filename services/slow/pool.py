@@ -13,6 +13,7 @@ raises one of:
     ResultTooLarge   the JSON result is larger than max_result_bytes (500): refused in the worker
     JobTimeout       past its deadline, the worker was killed and replaced (504)
     WorkerDied       the worker exited mid-job (502)
+    WorkerOutOfMemory  the worker passed its memory cap mid-job; it was killed and replaced (502)
     TaskUnavailable  this task's setup fails in every worker (503); other tasks are unaffected
     NoWorkers        no worker could take the job: the pool cannot start workers (at once), or
                      none became free before the job's deadline (503)
@@ -24,6 +25,16 @@ size - 1). Past the budget (an abort storm) the job runs to its end instead, and
 only then, so that the caller's slot, and the client's share of them, stay taken while the worker
 is: aborting costs a client nothing it could not spend by waiting. Such a job is still killed once
 it has run RECLAIM_AFTER seconds while another client's job waits (others_waiting).
+
+Workers cannot eat the machine: with max_rss_mb, a worker whose resident memory passes the cap
+during a job is killed (checked every MEMORY_CHECK_INTERVAL, as uWSGI's evil-reload-on-rss does;
+a fast allocation can overshoot it by what it touches in that time), and one left above it after
+a job is replaced (as uWSGI's reload-on-rss and Celery's max_memory_per_child). With max_jobs a
+worker is replaced after that many jobs (plus up to 10 % jitter, as gunicorn's max_requests_jitter,
+so workers started together do not all restart together); its replacement starts at once, with no
+wait like ProcessPoolExecutor's max_tasks_per_child. Each worker sets its oom_score_adj to
+OOM_SCORE_ADJ, so that the kernel's OOM killer picks a worker (and what its job started) before
+an instance, nginx or supervisord.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import random
 import select
 import signal
 import struct
@@ -65,6 +77,11 @@ MAX_SPAWN_BACKOFF = 10
 RECLAIM_AFTER = 1.0
 # A task whose setup failed is tried again (on one worker) after 1, 2, 4, ... s, at most this apart.
 MAX_SETUP_BACKOFF = 60
+# How often busy workers' resident memory is read against max_rss_mb (one /proc read per busy worker).
+MEMORY_CHECK_INTERVAL = 0.05
+# The most a process may raise itself without privilege: the OOM killer's first choice.
+OOM_SCORE_ADJ = 1000
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class JobError(Exception):
@@ -111,6 +128,10 @@ class WorkerDied(JobError):
         self._init_args = (pid, exitcode, description)
         self.pid = pid
         self.exitcode = exitcode
+
+
+class WorkerOutOfMemory(JobError):
+    """The worker's resident memory passed the pool's cap during the job; it was killed and replaced."""
 
 
 class TaskUnavailable(JobError):
@@ -179,6 +200,10 @@ def worker_main(conn: Connection, task_modules: str, nice: int, sched_idle: bool
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent stops us; no Python-level handler
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is for the server
     signal.set_wakeup_fd(-1)
+    try:  # inherited by what a task starts
+        Path("/proc/self/oom_score_adj").write_text(str(OOM_SCORE_ADJ))
+    except OSError:
+        pass  # no /proc: the kernel's default choice
     os.nice(nice)
     if sched_idle:
         # Below every normal process, not just behind it: a waking event loop or nginx worker
@@ -286,6 +311,8 @@ class _Worker:
     broken: dict[str, tuple] = field(default_factory=dict)  # tasks whose setup failed here
     started: float = field(default_factory=time.monotonic)
     job_started: float = 0.0
+    jobs: int = 0  # jobs it has run to their end
+    job_limit: int = 0  # replaced after this many jobs; 0: never
 
     @property
     def pid(self) -> int:
@@ -306,8 +333,10 @@ class _Setup:
 class WorkerPool:
     def __init__(self, size: int, task_modules: str, nice: int = 10, start_timeout: float = 60,
                  sched_idle: bool = False, idle_cgroup: str | None = None,
-                 max_result_bytes: int = 16 << 20, marker: str = ""):
+                 max_result_bytes: int = 16 << 20, marker: str = "", max_rss_mb: int = 0, max_jobs: int = 0):
         self.size = size
+        self.max_rss_bytes = max_rss_mb << 20  # 0: no cap
+        self.max_jobs = max_jobs  # 0: a worker runs jobs for as long as it lives
         self.task_modules = task_modules
         self.nice = nice
         self.sched_idle = sched_idle
@@ -331,6 +360,7 @@ class WorkerPool:
         self.kill_on_cancel = False
         self._spawn_failures = 0  # consecutive failed starts of a replacement worker
         self._refiller: asyncio.Task | None = None  # starts workers until the pool is whole again
+        self._memory_watch: asyncio.Task | None = None  # kills workers past max_rss_mb mid-job
         # Whether a client other than the one given has a job waiting (the app's admission knows).
         self.others_waiting: Callable[[str], bool] = lambda client: False
         self._setups: dict[str, _Setup] = {}  # tasks whose setup failed, and when to try again
@@ -339,7 +369,7 @@ class WorkerPool:
         self.on_capacity: Callable[[int], None] | None = None  # the interface's; a local pool's size never changes
         self.counters = {"started": 0, "ok": 0, "error": 0, "timeout": 0, "crashed": 0, "cancelled": 0,
                          "finished_after_cancel": 0, "reclaimed": 0, "start_failed": 0, "unavailable": 0,
-                         "no_workers": 0}
+                         "no_workers": 0, "out_of_memory": 0, "recycled": 0}
 
     # lifecycle
 
@@ -355,11 +385,15 @@ class WorkerPool:
         if self.marker:
             _kill_leftovers(self.marker)
         await asyncio.gather(*(self._spawn() for _ in range(self.size)))
+        if self.max_rss_bytes:
+            self._memory_watch = asyncio.get_running_loop().create_task(self._watch_memory())
 
     async def close(self, timeout: float = 5) -> None:
         """Stop every worker: close their pipes (they exit), kill whoever is still there after
         `timeout`, and whatever their jobs started."""
         self._closing = True
+        if self._memory_watch is not None:
+            self._memory_watch.cancel()
         workers = list(self._workers)
         for w in workers:
             self._detach(w)
@@ -400,10 +434,14 @@ class WorkerPool:
         if status == "died":
             self.counters["crashed"] += 1
             raise WorkerDied(worker.pid, reply[1])
+        if status == "out_of_memory":  # counted, and the worker killed, by _watch_memory
+            raise WorkerOutOfMemory(f"job {task} took its worker past the memory cap of "
+                                    f"{self.max_rss_bytes >> 20} MiB (slow.worker_max_rss_mb: "
+                                    f"{reply[1] >> 20} MiB resident); the worker was killed and replaced")
         if task in worker.broken:  # its setup worked this time
             del worker.broken[task]
             self._setups.pop(task, None)
-        self._put_idle(worker)
+        self._job_done(worker)
         if status == "ok":
             self.counters["ok"] += 1
             return reply[1], reply[2]
@@ -518,11 +556,37 @@ class WorkerPool:
             worker.job = None
             if reply[0] == "unavailable":
                 self._setup_failed(worker, task, reply[1:])
-            if reply[0] != "died":
                 self._put_idle(worker)
+            elif reply[0] not in ("died", "out_of_memory"):
+                self._job_done(worker)
         raise asyncio.CancelledError
 
     # workers
+
+    def _job_done(self, worker: _Worker) -> None:
+        """A job ended in the worker (a result or the task's error): it takes the next one, unless it
+        has run its share of jobs or kept more memory than the cap; then a fresh one replaces it."""
+        worker.jobs += 1
+        if worker.job_limit and worker.jobs >= worker.job_limit:
+            self._retire(worker, "recycled", f"it has run {worker.jobs} jobs (slow.worker_max_jobs)")
+        elif self.max_rss_bytes and (rss := _resident_bytes(worker.pid)) > self.max_rss_bytes:
+            self._retire(worker, "recycled", f"it kept {rss >> 20} MiB resident after a job, over "
+                                             f"{self.max_rss_bytes >> 20} MiB (slow.worker_max_rss_mb)")
+        else:
+            self._put_idle(worker)
+
+    async def _watch_memory(self) -> None:
+        """Kill a worker whose resident memory passes the cap mid-job: its job gets WorkerOutOfMemory."""
+        while not self._closing:
+            await asyncio.sleep(MEMORY_CHECK_INTERVAL)
+            for worker in list(self._workers):
+                if worker.job is None or worker.job.done() or worker.retired or worker.exited:
+                    continue
+                rss = _resident_bytes(worker.pid)
+                if rss > self.max_rss_bytes:
+                    worker.job.set_result(("out_of_memory", rss))
+                    self._retire(worker, "out_of_memory", f"{rss >> 20} MiB resident during a job, over "
+                                                          f"{self.max_rss_bytes >> 20} MiB (slow.worker_max_rss_mb)")
 
     def _put_idle(self, worker: _Worker) -> None:
         self._idle.append(worker)
@@ -551,7 +615,8 @@ class WorkerPool:
             process.join(1)
             parent_end.close()
             return
-        worker = _Worker(process, parent_end, loop.create_future())
+        jitter = random.randint(0, self.max_jobs // 10) if self.max_jobs else 0
+        worker = _Worker(process, parent_end, loop.create_future(), job_limit=self.max_jobs + jitter)
         self._workers.add(worker)
         self.counters["started"] += 1
         loop.add_reader(parent_end.fileno(), self._on_readable, worker)
@@ -671,14 +736,15 @@ class WorkerPool:
                 self._wake_waiters()  # with no worker left, waiting jobs are answered now
                 await asyncio.sleep(delay)
 
-    def _retire(self, worker: _Worker, why: str) -> None:
-        """Kill a worker on purpose (its job timed out or was cancelled); _on_exit replaces it."""
+    def _retire(self, worker: _Worker, why: str, detail: str = "") -> None:
+        """Kill a worker on purpose (its job timed out or was cancelled, ...); _on_exit replaces it."""
         if worker.retired:
             return
         worker.retired = True
         if why in self.counters:
             self.counters[why] += 1
-        log.info("killing worker %d: %s", worker.pid, why)
+        (log.warning if why == "out_of_memory" else log.info)(
+            "killing worker %d: %s", worker.pid, f"{why}: {detail}" if detail else why)
         self._kill_group(worker)
 
     def _kill_group(self, worker: _Worker) -> None:
@@ -707,6 +773,15 @@ class WorkerPool:
             asyncio.get_running_loop().remove_reader(fd)
         except (OSError, ValueError):
             pass
+
+
+def _resident_bytes(pid: int) -> int:
+    """A process's resident memory (RSS) from /proc; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _write_message(fd: int, message: Any, patience: float = 5) -> None:

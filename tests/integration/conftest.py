@@ -34,6 +34,7 @@ TEST_SETTINGS = {
     "FLEET_SLOW_MAX_PER_CLIENT": "100",  # every test client is 127.0.0.1; the per-client limit has its own tests
     "FLEET_EDGE_CLIENT_TIMEOUT": "2",  # slow senders are cut off quickly
     "FLEET_OBSERVE_TEST_ROUTES": "true",  # /_test/block/<ms> for the blocked-loop detector
+    "FLEET_SLOW_WORKER_MAX_RSS_MB": "256",  # /slow/allocate/<mb> passes it at will
 }
 
 

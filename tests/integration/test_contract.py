@@ -125,6 +125,20 @@ def test_a_job_whose_process_exits_fails_alone_with_502_and_the_next_jobs_are_se
     assert all(slow_fleet.get("/slow/fib/10").json()["result"] == 55 for _ in range(3))
 
 
+def test_a_job_past_the_workers_memory_cap_gets_502_and_only_its_worker_is_replaced(slow_fleet: Fleet):
+    before, workers = slow_fleet.pid("slow-01"), slow_fleet.slow_health()["pool"]["workers"]
+    with ThreadPoolExecutor(2) as pool:
+        neighbour = pool.submit(slow_fleet.get, "/slow/spin/1")
+        time.sleep(0.2)
+        hog = slow_fleet.get("/slow/allocate/700")  # the test fleets cap workers at 256 MiB
+        body = assert_contract_error(hog, 502, "worker_out_of_memory")
+        assert "256 MiB" in body["message"] and "slow.worker_max_rss_mb" in body["message"]
+        assert neighbour.result().status == 200
+    assert slow_fleet.get("/slow/allocate/20").json()["result"] == 20  # under the cap: served
+    assert slow_fleet.pid("slow-01") == before  # the instance lived through it
+    wait_for(lambda: slow_fleet.slow_health()["pool"]["workers"] == workers, timeout=10)  # whole again
+
+
 def test_a_task_whose_setup_fails_answers_503_and_every_other_task_runs(slow_fleet: Fleet):
     response = slow_fleet.get("/slow/needs_setup")
     body = assert_contract_error(response, 503, "task_unavailable")

@@ -203,3 +203,27 @@ def cached_flaky(seconds: float) -> dict:
 def hidden_raise() -> None:
     """Raises with a message a client must never see (expose_errors is off by default)."""
     raise PermissionError("cannot open /srv/secret/report.db for user alice")
+
+
+# memory ---------------------------------------------------------------------------------------------
+
+_kept: list[bytes] = []  # what keep_memory leaves in its worker after the job
+
+
+def megabytes_arg(path: str, params: Mapping[str, str], config: Mapping[str, Any]) -> dict:
+    return {"mb": bounded_int(path or "0", "mb", 0, 8192)}
+
+
+@task("allocate", parse=megabytes_arg, echo=("mb",))
+def allocate(mb: int) -> int:
+    """Touches `mb` MiB (every page resident), holds them a moment, then frees them."""
+    block = b"x" * (mb << 20)
+    time.sleep(0.5)  # resident long enough for any watcher to see it
+    return len(block) >> 20
+
+
+@task("keep_memory", parse=megabytes_arg, echo=("mb",))
+def keep_memory(mb: int) -> int:
+    """Leaves `mb` MiB resident in its worker after the job: a leak."""
+    _kept.append(b"x" * (mb << 20))
+    return sum(len(b) for b in _kept) >> 20

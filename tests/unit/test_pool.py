@@ -12,7 +12,8 @@ from typing import Awaitable, Callable
 
 import pytest
 
-from services.slow.pool import JobFailed, JobTimeout, WorkerDied, WorkerPool
+from services.slow import pool as pool_module
+from services.slow.pool import JobFailed, JobTimeout, WorkerDied, WorkerOutOfMemory, WorkerPool
 
 MODULES = "services.slow.tasks,tests.support.faulty_tasks"
 
@@ -53,10 +54,10 @@ async def eventually(check: Callable[[], bool], timeout: float = 5, what: str = 
 
 
 def with_pool(body: Callable[[WorkerPool], Awaitable[None]], size: int = 2, nice: int = 0,
-              modules: str = MODULES, sched_idle: bool = False) -> None:
+              modules: str = MODULES, sched_idle: bool = False, **options) -> None:
     """Run `body(pool)` in a fresh event loop; the pool is closed whatever happens."""
     async def main():
-        pool = WorkerPool(size, modules, nice=nice, sched_idle=sched_idle)
+        pool = WorkerPool(size, modules, nice=nice, sched_idle=sched_idle, **options)
         await pool.start()
         try:
             await body(pool)
@@ -557,5 +558,62 @@ def test_after_an_outage_the_pool_refills_every_worker_as_soon_as_one_starts(fla
         started = time.monotonic()
         await eventually(lambda: pool.stats()["workers"] == 2, timeout=15, what="both workers back")
         assert time.monotonic() - started < 5  # one back-off step, then both at once
+
+    with_pool(body)
+
+
+# memory and recycling -------------------------------------------------------------------------------
+
+def test_a_job_past_the_memory_cap_gets_worker_out_of_memory_and_the_pool_refills():
+    async def body(pool):
+        before = pool.stats()["pids"]
+        started = time.monotonic()
+        with pytest.raises(WorkerOutOfMemory, match=r"memory cap of 200 MiB"):
+            await pool.run("allocate", {"mb": 600}, timeout=20)
+        assert time.monotonic() - started < 0.5  # killed as it passed the cap, not when the job ended
+        assert pool.counters["out_of_memory"] == 1
+        pids = await refilled(pool, next(p for p in before if p not in pool.stats()["pids"]), before)
+        assert (await pool.run("allocate", {"mb": 50}, timeout=20))[0] == b"50"  # under the cap: runs
+        assert pool.stats()["pids"] == pids
+
+    with_pool(body, max_rss_mb=200)
+
+
+def test_a_worker_left_above_the_cap_after_its_job_is_replaced_and_the_job_still_succeeds(monkeypatch):
+    # The watcher reads memory every 50 ms: a job that passes the cap and ends in between is
+    # caught after it. Here the watcher never looks, so only that check can see it.
+    monkeypatch.setattr(pool_module, "MEMORY_CHECK_INTERVAL", 3600)
+
+    async def body(pool):
+        before = pool.stats()["pids"]
+        assert (await pool.run("keep_memory", {"mb": 20}, timeout=20))[0] == b"20"
+        assert pool.stats()["pids"] == before and pool.counters["recycled"] == 0  # under the cap: kept
+        assert (await pool.run("keep_memory", {"mb": 120}, timeout=20))[0] == b"140"
+        assert pool.counters["recycled"] == 1 and pool.counters["out_of_memory"] == 0
+        await eventually(lambda: len(pool.stats()["pids"]) == 1 and pool.stats()["pids"] != before,
+                         what="a fresh worker")
+        assert (await pool.run("keep_memory", {"mb": 1}, timeout=20))[0] == b"1"  # nothing kept: a new process
+
+    with_pool(body, size=1, max_rss_mb=128)
+
+
+def test_workers_are_replaced_after_max_jobs_and_no_job_waits_or_fails_for_it():
+    async def body(pool):
+        seen = []
+        for _ in range(12):
+            seen.append(int((await asyncio.wait_for(pool.run("pid", {}, timeout=5), 5))[0]))
+        # size 1, max_jobs 4 (jitter 0): pids change every 4 jobs
+        assert [len(set(seen[i:i + 4])) for i in range(0, 12, 4)] == [1, 1, 1]
+        assert len(set(seen)) == 3 and pool.counters["recycled"] >= 2
+        assert pool.counters["ok"] == 12
+
+    with_pool(body, size=1, max_jobs=4)
+
+
+def test_workers_are_the_oom_killer_s_first_choice():
+    async def body(pool):
+        for pid in pool.stats()["pids"]:
+            assert Path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "1000"
+        assert Path("/proc/self/oom_score_adj").read_text().strip() != "1000"  # the instance is not
 
     with_pool(body)

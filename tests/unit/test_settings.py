@@ -395,6 +395,26 @@ def test_from_snapshot_validates_what_it_reads(tmp_path):
         Settings.from_snapshot(path)
 
 
+def test_a_snapshot_from_another_version_reads_with_today_s_defaults_for_what_it_lacks(tmp_path):
+    # A fleet started by older code has no key added since (and may hold one removed since): newer
+    # code must still stop and update it. Found when `stop` failed on such a fleet.
+    data = json.loads(load(env={"FLEET_EDGE_PORT": "9090"}).snapshot())
+    del data["values"]["slow.worker_max_jobs"]
+    data["values"]["slow.retired_key"] = 1
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(data))
+    old = Settings.from_snapshot(path)
+    assert old.edge.port == 9090
+    assert old.slow.worker_max_jobs == load(env={}).slow.worker_max_jobs
+
+
+def test_a_worker_memory_cap_is_off_or_above_what_an_idle_worker_holds():
+    assert load(env={"FLEET_SLOW_WORKER_MAX_RSS_MB": "0"}).slow.worker_max_rss_mb == 0
+    assert load(env={"FLEET_SLOW_WORKER_MAX_RSS_MB": "64"}).slow.worker_max_rss_mb == 64
+    with pytest.raises(SettingsError, match=r"slow\.worker_max_rss_mb \(10\) must be 0 \(no cap\) or at least 64"):
+        load(env={"FLEET_SLOW_WORKER_MAX_RSS_MB": "10"})
+
+
 def test_a_dask_backend_sizes_the_line_from_the_managed_cluster_and_keeps_its_ports_apart():
     s = load(env={"FLEET_SLOW_BACKEND": "dask", "FLEET_DASK_WORKERS": "4", "FLEET_DASK_THREADS_PER_WORKER": "2",
                   "FLEET_SLOW_INSTANCES": "2"})
