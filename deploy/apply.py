@@ -344,7 +344,8 @@ def reload_nginx(settings: Settings, previous_conf: str | None) -> None:
     supervisor(settings).supervisor.signalProcess("nginx:nginx", "HUP")
     deadline = signalled + 10
     while time.monotonic() < deadline:
-        fresh = log.read_text(errors="replace")[offset:] if log.exists() else ""
+        text = log.read_text(errors="replace") if log.exists() else ""
+        fresh = text[offset:] if len(text) >= offset else text  # rotated meanwhile: all of the new file
         if "[emerg]" in fresh:
             if previous_conf is not None:
                 (run / NGINX_CONF).write_text(previous_conf)

@@ -194,6 +194,16 @@ def status(settings: Settings) -> None:
         print(cluster_line(settings))
     if settings.inventory.runs("slow"):
         print(compute_once_line(settings))
+    print(logs_line(settings))
+
+
+def logs_line(settings: Settings) -> str:
+    """What the run dir's logs hold now, and the most they can hold (observe.log_max_mb, log_backups)."""
+    logs = settings.run_dir / "logs"
+    used = sum(p.stat().st_size for p in logs.iterdir() if p.is_file()) if logs.exists() else 0
+    return (f"logs: {used / 2**20:.1f} MiB in {logs}; at most about {render.log_bound_mb(settings):,} MiB "
+            f"({render.log_count(settings)} logs x {settings.observe.log_max_mb} MiB x "
+            f"{settings.observe.log_backups + 1} files)")
 
 
 def compute_once_line(settings: Settings) -> str:

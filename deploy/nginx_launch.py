@@ -19,6 +19,7 @@ the master:
   retires the old one and closes the old socket, so the old port stops accepting at once and
   the new one never refused a connection. A new master that fails leaves everything as it was.
 - supervisor's other signals (QUIT to stop, USR1 to reopen logs) are passed to the master.
+- nginx's access and error logs are rotated by size (deploy/log_rotation.py).
 - The launcher itself was killed: the next one first retires every nginx process of this run dir.
 """
 
@@ -36,7 +37,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from deploy import render
+from deploy import log_rotation, render
 from deploy.procs import alive, children_of, processes_of
 from services.common.settings import Settings
 
@@ -146,6 +147,7 @@ class Launcher:
         self.stopping = False
         self.reload_asked = False
         self.retiring: set[int] = set()  # workers of a dead master, and masters of a moved address
+        self.next_rotation_check = 0.0
 
     def start_master(self, sock: socket.socket) -> subprocess.Popen:
         env = {**os.environ, "NGINX": f"{sock.fileno()};"}
@@ -190,6 +192,13 @@ class Launcher:
         self.sock.close()
         self.master, self.sock, self.address = master, sock, address
 
+    def rotate_logs(self) -> None:
+        now = time.monotonic()
+        if now < self.next_rotation_check:
+            return
+        self.next_rotation_check = now + log_rotation.CHECK_INTERVAL
+        log_rotation.rotate(self.run_dir / "logs", self.run_dir / "settings.json")
+
     def log_emerg(self, message: str) -> None:
         """Tell deploy's reload check, which reads nginx's error log, that this reload failed."""
         say(message)
@@ -216,6 +225,7 @@ class Launcher:
                     break
                 except subprocess.TimeoutExpired:
                     self.reap_retiring()
+                    self.rotate_logs()
                     if self.reload_asked and not self.stopping:
                         self.reload_asked = False
                         self.reload()

@@ -130,6 +130,8 @@ def context(settings: Settings) -> dict:
         "scheduler_address": s.scheduler_address,
         "worker_ttl": f"{s.dask.worker_ttl:g}",
         "tls": dask_tls_options(s),
+        "log_max_mb": s.observe.log_max_mb,
+        "log_backups": s.observe.log_backups,
     }
 
 
@@ -231,6 +233,19 @@ def render(settings: Settings) -> dict[str, str]:
         "settings.json": settings.snapshot(),
         "prometheus/targets.json": prometheus_targets(settings),
     }
+
+
+def log_count(settings: Settings) -> int:
+    """The logs this host's part of the fleet writes: supervisord's, one per program (spares
+    included), and nginx's access and error logs plus the launcher's output on the edge host."""
+    edge = 3 if settings.inventory.runs("edge") else 0
+    return 1 + len(programs(settings)) + len(cluster_programs(settings)) + edge
+
+
+def log_bound_mb(settings: Settings) -> int:
+    """The most the logs hold, in MiB: each rotated past observe.log_max_mb, log_backups kept.
+    (nginx's two may pass the size by what a flood writes between two checks, half a second.)"""
+    return log_count(settings) * settings.observe.log_max_mb * (settings.observe.log_backups + 1)
 
 
 def prometheus_targets(settings: Settings) -> str:

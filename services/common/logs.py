@@ -14,6 +14,8 @@ import time
 from services.common import metrics
 from services.common.web import current_request_id
 
+ACCESS_LOGGER = "fleet.access"  # one line per failed request (log_request); rate-limited
+
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, instance: str):
@@ -36,12 +38,48 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def setup(instance: str, level: int = logging.INFO) -> None:
+class FailedRequestLines(logging.Filter):
+    """Lets through at most `rate` failed-request lines a second (bursts of 10 x rate); counts the
+    rest, and the next line let through says how many were left out (`suppressed`).
+
+    A client can make an instance fail requests as fast as it can send them (bad input, a flood
+    past the per-client limit): without this, a minute of it would rotate the job tracebacks, which
+    are logged by other loggers, out of the instance's log files. nginx's access log still has
+    every request.
+    """
+
+    def __init__(self, rate: float, clock=time.monotonic):
+        super().__init__()
+        self.rate, self.burst = rate, 10 * rate
+        self.tokens = self.burst
+        self.clock = clock
+        self.updated = clock()
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            self.suppressed += 1
+            return False
+        self.tokens -= 1
+        if self.suppressed:
+            record.fields = {**getattr(record, "fields", {}), "suppressed": self.suppressed}
+            record.msg += " (%d similar lines left out before this one)"
+            record.args = (*record.args, self.suppressed)
+            self.suppressed = 0
+        return True
+
+
+def setup(instance: str, level: int = logging.INFO, failed_request_lines_per_second: float = 20) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(instance))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    access = logging.getLogger(ACCESS_LOGGER)
+    access.filters[:] = [FailedRequestLines(failed_request_lines_per_second)]
 
 
 def on_request_done(handler) -> None:
@@ -62,7 +100,7 @@ def log_request(handler) -> None:
         return
     level = logging.WARNING if status < 500 else logging.ERROR
     request = handler.request
-    logging.getLogger("fleet.access").log(
+    logging.getLogger(ACCESS_LOGGER).log(
         level,
         "%s %s %d",
         request.method,

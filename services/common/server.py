@@ -64,7 +64,7 @@ def parse_args(role: str, argv: list[str] | None = None) -> Instance:
     if not 0 <= number <= count:
         parser.error(f'--instance must be 1-{count} or "spare" for {role}')
     instance = Instance(role, number, settings)
-    logs.setup(instance.name)
+    logs.setup(instance.name, failed_request_lines_per_second=settings.observe.failed_request_lines_per_second)
     return instance
 
 

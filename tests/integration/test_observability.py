@@ -4,8 +4,10 @@ flame graphs and `status`."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -132,3 +134,57 @@ def test_a_prometheus_targets_file_lists_every_instance(fleet: Fleet):
     groups = json.loads((fleet.run_dir / "prometheus" / "targets.json").read_text())
     targets = {t for g in groups for t in g["targets"]}
     assert targets == {f"127.0.0.1:{p}" for p in fleet.fast_ports + fleet.slow_ports}
+
+
+# bounded logs ---------------------------------------------------------------------------------------
+
+def flood(fleet: Fleet, request: bytes, count: int, per_connection: int = 500) -> int:
+    """Send `count` requests, pipelined `per_connection` at a time on kept-alive connections; return
+    how many answers came back."""
+    answers = 0
+    for start in range(0, count, per_connection):
+        n = min(per_connection, count - start)
+        last = request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+        with socket.create_connection(("127.0.0.1", fleet.edge_port), timeout=30) as sock:
+            sock.sendall(request * (n - 1) + last)
+            data = bytearray()
+            while chunk := sock.recv(1 << 16):
+                data += chunk
+        answers += data.count(b"HTTP/1.1 ")
+    return answers
+
+
+def test_logs_stay_bounded_under_a_flood_and_a_traceback_outlives_it(private_fleet):
+    fleet = private_fleet(FLEET_OBSERVE_LOG_MAX_MB="1", FLEET_OBSERVE_LOG_BACKUPS="2",
+                          FLEET_OBSERVE_FAILED_REQUEST_LINES_PER_SECOND="5")
+    logs = fleet.run_dir / "logs"
+    request_id = f"tb-{uuid.uuid4().hex[:8]}"
+    fleet.get("/slow/raise_error", headers={"X-Request-ID": request_id})
+
+    # A client's flood of bad input reaches the slow instance: it logs a few lines, counts the rest.
+    started = time.monotonic()
+    assert flood(fleet, b"GET /slow/fib/abc HTTP/1.1\r\nHost: x\r\n\r\n", 3000) == 3000
+    seconds = time.monotonic() - started
+    lines = [json.loads(line) for line in fleet.log("slow-01").splitlines() if '"fleet.access"' in line]
+    assert len(lines) <= 50 + 5 * (seconds + 1)  # the burst, then 5 a second
+    assert any(request_id in line and "Traceback" in line for line in fleet.log("slow-01").splitlines())
+    time.sleep(1)
+    fleet.get("/slow/fib/abc")  # the next line let through says how many were left out before it
+
+    def accounted() -> int:
+        lines = [json.loads(line) for line in fleet.log("slow-01").splitlines() if '"fleet.access"' in line]
+        return sum(1 + line.get("suppressed", 0) for line in lines if line["message"].startswith("GET /slow/fib/abc"))
+    wait_for(lambda: accounted() == 3001, timeout=5)  # every failed request written or counted
+
+    # Floods the edge answers itself (made-up methods, 405), 2.6 MB of access log each: rotated
+    # past 1 MiB, two files kept, the oldest dropped, and nginx writes on in a fresh file.
+    for _ in range(4):
+        assert flood(fleet, b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n", 10000) == 10000
+        time.sleep(1.5)  # past a rotation check
+    assert sorted(p.name for p in logs.glob("nginx-access.log*")) == [
+        "nginx-access.log", "nginx-access.log.1", "nginx-access.log.2"]
+    # Each file holds at most what nginx wrote between two checks (0.5 s) past 1 MiB: one flood here.
+    assert all(p.stat().st_size < (1 << 20) + (4 << 20) for p in logs.glob("nginx-access.log*"))
+    marker = f"after-{uuid.uuid4().hex[:8]}"
+    assert fleet.get("/fast", headers={"X-Request-ID": marker}).status == 200
+    wait_for(lambda: marker in (logs / "nginx-access.log").read_text(), timeout=5)  # reopened by name

@@ -87,6 +87,18 @@ def test_supervisor_runs_each_instance_with_a_stop_wait_longer_than_its_drain(tm
     assert "inet_http_server" not in parser
 
 
+def test_every_log_supervisor_writes_is_rotated_by_the_settings_size_and_count(tmp_path):
+    s = settings_for(tmp_path, FLEET_OBSERVE_LOG_MAX_MB="7", FLEET_OBSERVE_LOG_BACKUPS="4", FLEET_SLOW_BACKEND="dask")
+    parser = configparser.RawConfigParser(inline_comment_prefixes=(";",))
+    parser.read_string(render.render(s)["supervisord.conf"])
+    assert (parser["supervisord"]["logfile_maxbytes"], parser["supervisord"]["logfile_backups"]) == ("7MB", "4")
+    programs = [name for name in parser.sections() if name.startswith("program:")]
+    assert "program:dask-scheduler" in programs
+    for program in programs:
+        assert parser[program]["stdout_logfile_maxbytes"] == "7MB" and parser[program]["stdout_logfile_backups"] == "4"
+        assert parser[program]["redirect_stderr"] == "true"  # so stdout's bound covers stderr too
+
+
 def test_write_reports_only_the_files_that_changed(tmp_path):
     s = settings_for(tmp_path)
     assert len(render.write(s)) == 4
