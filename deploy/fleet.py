@@ -28,6 +28,7 @@ from deploy.control import (HEALTH_TIMEOUT, FleetError, check_nginx, check_ports
 from deploy.procs import MEMBER_MARKER, alive, cmdline, processes_of, worker_pids  # noqa: F401
 from services.common.inventory import host_port
 from services.common.settings import Settings, SettingsError, load
+from services.slow import cpu_priority
 
 
 # commands --------------------------------------------------------------------------------------
@@ -126,6 +127,9 @@ def stop(settings: Settings) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(alive(p) for p in leftovers):
         time.sleep(0.05)
+    # The workers' idle cgroups: an instance removes its own as it stops, but not when it is killed.
+    for group in cpu_priority.remove_recorded(settings.run_dir / cpu_priority.RECORD):
+        print(f"warning: cgroup {group} still holds processes; not removed")
     clear_edge_cache(settings)
     temp = render.nginx_temp_dir(settings)
     if not temp.is_relative_to(settings.run_dir):

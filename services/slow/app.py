@@ -21,7 +21,7 @@ from tornado import web
 
 from services.common import metrics, server
 from services.common.web import ApiError, BaseHandler, HealthHandler, MetricsHandler, NotFoundHandler
-from services.slow import coalesce, registry
+from services.slow import coalesce, cpu_priority, registry
 from services.slow.admission import Admission, ClientLimited, Overloaded
 from services.slow.backoff import RetryAfter
 from services.slow.pool import (BackendUnavailable, JobFailed, JobTimeout, NoWorkers, ResultTooLarge,
@@ -276,7 +276,8 @@ def make_pool(instance: server.Instance) -> Any:
     return WorkerPool(fleet.slow.workers, fleet.slow.task_modules, fleet.slow.nice,
                       sched_idle=fleet.slow.sched_idle, idle_cgroup=cgroup,
                       max_result_bytes=fleet.slow.max_result_mb << 20, marker=f"{fleet.run_dir}:{instance.name}",
-                      max_rss_mb=fleet.slow.worker_max_rss_mb, max_jobs=fleet.slow.worker_max_jobs)
+                      max_rss_mb=fleet.slow.worker_max_rss_mb, max_jobs=fleet.slow.worker_max_jobs,
+                      cgroup_record=fleet.run_dir / cpu_priority.RECORD)
 
 
 async def run(instance: server.Instance) -> None:

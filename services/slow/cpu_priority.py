@@ -17,31 +17,111 @@ from pathlib import Path
 
 log = logging.getLogger("fleet.cpu")
 
-# cgroup v1 mounts the cpu controller on its own; cgroup v2 has one unified tree.
-CPU_CONTROLLER_MOUNTS = (Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/cpu,cpuacct"), Path("/sys/fs/cgroup"))
+IDLE = "fleet-idle"  # the idle groups' parent, under the fleet's own cgroup
+LEAF = "fleet-main"  # cgroup v2: where the service's own processes move, so that its cgroup may delegate
+RECORD = "cgroups"  # in the run dir: every group the fleet created, one path a line
+MOUNTINFO = Path("/proc/self/mountinfo")
+MEMBERSHIP = Path("/proc/self/cgroup")
 
 
-def create_idle_cgroup(name: str) -> Path | None:
-    """Create (or reuse) the cpu cgroup `fleet-idle/<name>` with cpu.idle = 1; None if not possible."""
-    for mount in CPU_CONTROLLER_MOUNTS:
-        if not (mount / "cgroup.procs").exists():
-            continue
-        group = mount / "fleet-idle" / name
-        try:
-            if (mount / "cgroup.subtree_control").exists():  # cgroup v2: delegate cpu down to us
-                (mount / "cgroup.subtree_control").write_text("+cpu")
-                group.parent.mkdir(exist_ok=True)
-                (group.parent / "cgroup.subtree_control").write_text("+cpu")
-            group.mkdir(parents=True, exist_ok=True)
-            for directory in (group.parent, group):  # v2: idle is a property of each level
-                if (directory / "cpu.idle").exists():
-                    (directory / "cpu.idle").write_text("1")
-            if (group / "cpu.idle").read_text().strip() == "1":
-                return group
-        except OSError as exc:
-            log.info("no idle cpu cgroup under %s (%s); workers rely on nice/SCHED_IDLE", mount, exc)
-            continue
+def own_cpu_cgroup(mountinfo: Path = MOUNTINFO, membership: Path = MEMBERSHIP) -> tuple[Path, bool, bool] | None:
+    """(directory of this process's cpu cgroup, cgroup v2?, is it its hierarchy's root?), or None
+    when no cpu controller is mounted for us. v1 mounts the cpu controller on its own hierarchy;
+    v2 has one tree, whose cgroup must offer "cpu" to be of use."""
+    mounts = []  # (fstype, mount point, root of the hierarchy it shows, super options)
+    for line in mountinfo.read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields, (fstype, _source, options) = left.split(), right.split()[:3]
+        mounts.append((fstype, fields[4], fields[3], options.split(",")))
+    paths = {}  # controllers ("cpu,cpuacct", or "" for v2) -> this process's path in that hierarchy
+    for line in membership.read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        paths[controllers] = path
+    for fstype, point, root, options in mounts:
+        if fstype == "cgroup" and "cpu" in options:
+            path = next((p for c, p in paths.items() if "cpu" in c.split(",")), None)
+            if path is not None:
+                return _inside(point, root, path), False, path == "/"
+    for fstype, point, root, _ in mounts:
+        if fstype == "cgroup2" and "" in paths:
+            directory = _inside(point, root, paths[""])
+            controllers = directory / "cgroup.controllers"
+            if controllers.exists() and "cpu" in controllers.read_text().split():
+                return directory, True, paths[""] == "/"
     return None
+
+
+def _inside(point: str, root: str, path: str) -> Path:
+    """The directory of hierarchy path `path` under a mount that shows the hierarchy from `root`."""
+    relative = path[len(root):] if root != "/" and path.startswith(root) else path
+    return Path(point) / relative.lstrip("/")
+
+
+def create_idle_cgroup(name: str, record: Path | None = None) -> Path | None:
+    """Create (or reuse) `fleet-idle/<name>` with cpu.idle = 1 under this process's own cpu cgroup;
+    None if not possible. `record`: a file each created group's path is appended to, for `make
+    stop` to remove what a killed instance left.
+
+    cgroup v1 (as here): under the process's cpu cgroup, wherever supervisord was started. cgroup
+    v2: only inside a delegated cgroup (systemd's Delegate=yes, deploy/fleet.service): its
+    processes first move to a leaf, `fleet-main` (v2 lets a cgroup hand a controller to children
+    only while it holds no process), then cpu is enabled for its children. Never in the root
+    cgroup of v2: the root's subtree_control is the machine's, not the fleet's.
+    """
+    try:
+        found = own_cpu_cgroup()
+    except (OSError, ValueError) as exc:
+        log.info("cannot read this process's cgroups (%s); workers rely on nice/SCHED_IDLE", exc)
+        return None
+    if found is None:
+        return None
+    base, v2, at_root = found
+    if v2 and at_root:
+        log.info("running in cgroup v2's root cgroup: no idle group (run under the systemd unit "
+                 "deploy/fleet.service, Delegate=yes, for one); workers rely on nice/SCHED_IDLE")
+        return None
+    group = base / IDLE / name
+    try:
+        if v2:
+            _delegate_cpu(base)
+            group.parent.mkdir(exist_ok=True)
+            if "cpu" not in (group.parent / "cgroup.subtree_control").read_text().split():
+                (group.parent / "cgroup.subtree_control").write_text("+cpu")
+        group.mkdir(parents=True, exist_ok=True)
+        for directory in (group.parent, group):  # v2: idle is a property of each level
+            if (directory / "cpu.idle").exists():
+                (directory / "cpu.idle").write_text("1")
+        if (group / "cpu.idle").read_text().strip() != "1":
+            return None
+    except OSError as exc:
+        log.info("no idle cpu cgroup under %s (%s); workers rely on nice/SCHED_IDLE", base, exc)
+        return None
+    if record is not None:
+        with open(record, "a") as f:
+            f.write(f"{group}\n")
+    return group
+
+
+def _delegate_cpu(base: Path, tries: int = 50) -> None:
+    """Let v2 cgroup `base` hand the cpu controller to its children: its processes (supervisord,
+    the instances) move to the leaf LEAF first, as many times as new ones appear."""
+    control = base / "cgroup.subtree_control"
+    if "cpu" in control.read_text().split():
+        return
+    leaf = base / LEAF
+    leaf.mkdir(exist_ok=True)
+    for _ in range(tries):
+        for pid in (base / "cgroup.procs").read_text().split():
+            try:
+                (leaf / "cgroup.procs").write_text(pid)
+            except ProcessLookupError:
+                pass  # it exited meanwhile
+        try:
+            control.write_text("+cpu")
+            return
+        except OSError as exc:  # EBUSY: a process forked into base meanwhile
+            error = exc
+    raise error
 
 
 def join(group: Path) -> None:
@@ -53,8 +133,25 @@ def join(group: Path) -> None:
 
 
 def remove(group: Path) -> None:
-    """Remove the group once its workers are gone (rmdir fails while it holds processes)."""
+    """Remove the group once its workers are gone (rmdir fails while it holds processes), and its
+    fleet-idle parent when no other instance's group is left in it."""
+    for directory in (group, group.parent):
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
+def remove_recorded(record: Path) -> list[str]:
+    """At `make stop`, once no process of the fleet is left: remove every group the fleet created
+    (a killed instance never removed its own). Returns the ones that could not be removed."""
     try:
-        group.rmdir()
-    except OSError:
-        pass
+        groups = {Path(line) for line in record.read_text().splitlines() if line.strip()}
+    except FileNotFoundError:
+        return []
+    for group in groups:
+        remove(group)
+    left = sorted(str(g) for g in groups if g.exists())
+    if not left:
+        record.unlink(missing_ok=True)
+    return left

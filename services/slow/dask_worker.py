@@ -101,7 +101,7 @@ def below_the_fast_path(settings: Settings, name: str) -> str | None:
     from services.slow import cpu_priority
 
     name = f"{name}-{zlib.crc32(str(settings.run_dir).encode()):08x}"
-    group = cpu_priority.create_idle_cgroup(name)
+    group = cpu_priority.create_idle_cgroup(name, settings.run_dir / cpu_priority.RECORD)
     if group is not None:
         cpu_priority.join(group)
     return name
@@ -127,7 +127,8 @@ async def dask_setup(server: Scheduler | Worker) -> None:
     pool = WorkerPool(server.state.nthreads, slow.task_modules, slow.nice, sched_idle=slow.sched_idle,
                       idle_cgroup=cgroup, max_result_bytes=slow.max_result_mb << 20,
                       marker=f"{settings.run_dir}:{server.name}",
-                      max_rss_mb=slow.worker_max_rss_mb, max_jobs=slow.worker_max_jobs)
+                      max_rss_mb=slow.worker_max_rss_mb, max_jobs=slow.worker_max_jobs,
+                      cgroup_record=settings.run_dir / cpu_priority.RECORD)
     pool.kill_on_cancel = True  # the slow instance decided (and budgeted) before it cancelled
     await pool.start()
     server.fleet_pool = pool

@@ -333,7 +333,8 @@ class _Setup:
 class WorkerPool:
     def __init__(self, size: int, task_modules: str, nice: int = 10, start_timeout: float = 60,
                  sched_idle: bool = False, idle_cgroup: str | None = None,
-                 max_result_bytes: int = 16 << 20, marker: str = "", max_rss_mb: int = 0, max_jobs: int = 0):
+                 max_result_bytes: int = 16 << 20, marker: str = "", max_rss_mb: int = 0, max_jobs: int = 0,
+                 cgroup_record: Path | None = None):
         self.size = size
         self.max_rss_bytes = max_rss_mb << 20  # 0: no cap
         self.max_jobs = max_jobs  # 0: a worker runs jobs for as long as it lives
@@ -344,7 +345,8 @@ class WorkerPool:
         # Names this pool's workers and their children (WORKER_MARKER); "" for none.
         self.marker = marker
         # An idle cpu cgroup for the workers (cpu_priority.py), named per instance; None: none.
-        self.cgroup = cpu_priority.create_idle_cgroup(idle_cgroup) if idle_cgroup else None
+        # cgroup_record: the run dir's list of created groups, which `make stop` removes.
+        self.cgroup = cpu_priority.create_idle_cgroup(idle_cgroup, cgroup_record) if idle_cgroup else None
         self.start_timeout = start_timeout
         self._ctx = multiprocessing.get_context("forkserver")
         # Workers fork from a server that has already imported the task code: a replacement is

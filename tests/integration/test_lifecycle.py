@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
 from deploy.fleet import processes_of
-from tests.integration.conftest import port_is_free
+from services.slow import cpu_priority
+from tests.integration.conftest import REPO, make_fleet, port_is_free
 from tests.integration.test_fleet import wait_for
 
 pytestmark = pytest.mark.integration
@@ -99,3 +104,52 @@ def _health_or_none(fleet):
     except OSError:
         time.sleep(0.1)
         return None
+
+
+def cpu_cgroup_of(pid: int) -> str:
+    return next(line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                if "cpu" in line.split(":")[1].split(","))
+
+
+def test_the_workers_idle_cgroups_live_under_the_fleet_s_own_and_none_outlives_it(tmp_path):
+    """A fleet started inside a cgroup of its own (as systemd gives a service) puts its workers'
+    idle groups under it, and leaves none behind: after a stop, and after a kill -9 of supervisord
+    followed by a stop."""
+    found = cpu_priority.own_cpu_cgroup()
+    if found is None or found[1] or not os.access(found[0], os.W_OK):
+        pytest.skip("needs a writable cgroup v1 cpu hierarchy (root); v2 needs systemd's Delegate=yes")
+    service = found[0] / f"fleet-test-{uuid.uuid4().hex[:8]}"
+    service.mkdir()  # the service's own cgroup
+    fleet = make_fleet(tmp_path / "fleet")
+
+    def up() -> None:
+        subprocess.run([sys.executable, "-m", "deploy.fleet", "up"], cwd=REPO, env=fleet.env, check=True,
+                       capture_output=True, timeout=120,
+                       preexec_fn=lambda: (service / "cgroup.procs").write_text(str(os.getpid())))
+
+    def groups_under_service() -> list[str]:
+        return sorted(str(p.relative_to(service)) for p in service.rglob("*") if p.is_dir())
+
+    try:
+        for stop_after_kill in (False, True):
+            up()
+            own = "/" + str(service.relative_to(found[0]))
+            supervisord = int((fleet.run_dir / "supervisord.pid").read_text())
+            assert cpu_cgroup_of(supervisord) == own and cpu_cgroup_of(fleet.pid("slow-01")) == own
+            for worker in fleet.slow_health()["pool"]["pids"]:
+                group = cpu_cgroup_of(worker)
+                assert group.startswith(f"{own}/{cpu_priority.IDLE}/slow-01-"), group
+                assert (found[0] / group.lstrip("/") / "cpu.idle").read_text().strip() == "1"
+            if stop_after_kill:
+                os.kill(supervisord, signal.SIGKILL)
+            fleet.command("stop")
+            assert groups_under_service() == [], "a cgroup of the fleet outlived it"
+            assert not (fleet.run_dir / cpu_priority.RECORD).exists()
+    finally:
+        fleet.command("stop", check=False)
+        for pid in (service / "cgroup.procs").read_text().split():  # nothing should be there; never leak
+            os.kill(int(pid), signal.SIGKILL)
+        wait_for(lambda: not (service / "cgroup.procs").read_text().split(), timeout=5)
+        for directory in sorted((p for p in service.rglob("*") if p.is_dir()), reverse=True):
+            directory.rmdir()
+        service.rmdir()

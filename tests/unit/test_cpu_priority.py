@@ -1,19 +1,89 @@
-"""cpu_priority: an idle cgroup where the machine allows one, and a quiet fallback where not."""
+"""cpu_priority: an idle cgroup under the fleet's own cgroup where the machine allows one, and a
+quiet fallback where not. The real kernel's groups are exercised by the integration tests; here,
+the reading of /proc's cgroup files, on the layouts machines have."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from services.slow import cpu_priority
 
+V1 = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+"""
+V2 = """\
+29 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw,nsdelegate
+"""
 
-def test_no_cgroup_is_made_where_no_cpu_controller_is_mounted(tmp_path, monkeypatch):
-    monkeypatch.setattr(cpu_priority, "CPU_CONTROLLER_MOUNTS", (tmp_path / "absent",))
+
+def own(tmp_path: Path, mountinfo: str, membership: str) -> tuple[Path, bool, bool] | None:
+    (tmp_path / "mountinfo").write_text(mountinfo)
+    (tmp_path / "cgroup").write_text(membership)
+    return cpu_priority.own_cpu_cgroup(tmp_path / "mountinfo", tmp_path / "cgroup")
+
+
+def test_v1_the_group_is_the_process_s_cpu_cgroup_under_the_cpu_mount(tmp_path):
+    membership = "4:memory:/system.slice/fleet.service\n2:cpu,cpuacct:/system.slice/fleet.service\n0::/\n"
+    assert own(tmp_path, V1, membership) == (Path("/sys/fs/cgroup/cpu,cpuacct/system.slice/fleet.service"), False,
+                                             False)
+    assert own(tmp_path, V1, "2:cpu,cpuacct:/\n")[2] is True  # started in the root group: says so
+
+
+def test_a_container_s_mount_shows_its_hierarchy_from_a_subdirectory(tmp_path):
+    mountinfo = "32 31 0:29 /docker/abc /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
+    assert own(tmp_path, mountinfo, "1:cpu:/docker/abc/fleet\n")[0] == Path("/sys/fs/cgroup/cpu/fleet")
+
+
+def test_v2_the_group_counts_only_if_it_is_offered_the_cpu_controller(tmp_path, monkeypatch):
+    tree = tmp_path / "tree"
+    service = tree / "system.slice" / "fleet.service"
+    service.mkdir(parents=True)
+    (service / "cgroup.controllers").write_text("cpu memory pids\n")
+    mountinfo = V2.replace("/sys/fs/cgroup", str(tree))
+    assert own(tmp_path, mountinfo, "0::/system.slice/fleet.service\n") == (service, True, False)
+    (service / "cgroup.controllers").write_text("memory pids\n")  # not delegated cpu
+    assert own(tmp_path, mountinfo, "0::/system.slice/fleet.service\n") is None
+
+
+def test_no_cpu_controller_mounted_means_no_group(tmp_path):
+    assert own(tmp_path, "35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n", "4:memory:/\n") is None
+
+
+def test_v2_s_root_cgroup_is_never_touched(tmp_path, monkeypatch):
+    touched = []
+    monkeypatch.setattr(cpu_priority, "own_cpu_cgroup", lambda: (tmp_path, True, True))
+    monkeypatch.setattr(cpu_priority, "_delegate_cpu", lambda base: touched.append(base))
     assert cpu_priority.create_idle_cgroup("slow-01-test") is None
+    assert touched == [] and list(tmp_path.iterdir()) == []
 
 
 def test_a_directory_without_cpu_idle_is_not_taken_for_an_idle_cgroup(tmp_path, monkeypatch):
-    (tmp_path / "cgroup.procs").write_text("")  # looks like a cgroup mount, but the kernel is not behind it
-    monkeypatch.setattr(cpu_priority, "CPU_CONTROLLER_MOUNTS", (tmp_path,))
+    monkeypatch.setattr(cpu_priority, "own_cpu_cgroup", lambda: (tmp_path, False, False))
+    # looks like a cgroup, but no kernel is behind it: mkdir makes no cpu.idle file
     assert cpu_priority.create_idle_cgroup("slow-01-test") is None
+
+
+def test_recorded_groups_are_removed_with_their_parent_once_empty(tmp_path):
+    groups = [tmp_path / cpu_priority.IDLE / name for name in ("slow-01-x", "dask-worker-01-x")]
+    for group in groups:
+        group.mkdir(parents=True)
+    record = tmp_path / "cgroups"
+    record.write_text("".join(f"{g}\n" for g in groups + groups[:1]))  # written once per creator
+    assert cpu_priority.remove_recorded(record) == []
+    assert not (tmp_path / cpu_priority.IDLE).exists() and not record.exists()
+    assert cpu_priority.remove_recorded(record) == []  # nothing recorded: nothing to do
+
+
+def test_a_group_that_still_holds_something_is_reported_and_kept_in_the_record(tmp_path):
+    group = tmp_path / cpu_priority.IDLE / "slow-01-x"
+    group.mkdir(parents=True)
+    (group / "cgroup.procs").write_text("123\n")  # a real cgroup refuses rmdir while it holds a process
+    record = tmp_path / "cgroups"
+    record.write_text(f"{group}\n")
+    assert cpu_priority.remove_recorded(record) == [str(group)]
+    assert record.exists()
 
 
 def test_removing_a_group_that_is_gone_is_harmless(tmp_path):
