@@ -45,6 +45,13 @@ if [ "$needs_nginx" = yes ] && ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr
     fi
 fi
 
+# process.user = "auto": when root deploys, the fleet's processes run as this system user (no
+# login, no home), if it can read the code and the run dir (deploy/privilege.py).
+if [ "$(id -u)" = 0 ] && ! getent passwd fleet >/dev/null 2>&1 && command -v useradd >/dev/null 2>&1; then
+    echo "bootstrap: creating the system user fleet"
+    useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin fleet
+fi
+
 wanted=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.requirements.sha256 2>/dev/null)" != "$wanted" ]; then
     echo "bootstrap: creating .venv from requirements.txt"

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from deploy import apply, render
 from deploy.control import (HEALTH_TIMEOUT, FleetError, check_nginx, check_ports_free, diagnose, edge_url,  # noqa: F401
@@ -62,6 +63,7 @@ def wait_workers_joined(settings: Settings) -> None:
 def start(settings: Settings) -> None:
     check_ports_free(settings)
     clear_edge_cache(settings)
+    cpu_priority.remove_recorded(settings.run_dir / cpu_priority.RECORD, patience=0)  # a last run's leftovers
     files = render.render(settings)
     render.write(settings, files)
     if settings.inventory.runs("edge"):
@@ -129,7 +131,12 @@ def stop(settings: Settings) -> None:
         time.sleep(0.05)
     # The workers' idle cgroups: an instance removes its own as it stops, but not when it is killed.
     for group in cpu_priority.remove_recorded(settings.run_dir / cpu_priority.RECORD):
-        print(f"warning: cgroup {group} still holds processes; not removed")
+        pids = (Path(group) / "cgroup.procs").read_text().split() if Path(group).exists() else []
+        if pids:
+            held = ", ".join(f"{pid} ({cmdline(int(pid))[:60]})" for pid in pids)
+            print(f"warning: cgroup {group} still holds processes: {held}")
+        else:  # see cpu_priority.remove_recorded
+            print(f"note: cgroup {group} is empty but the kernel still holds it; the next stop or start removes it")
     clear_edge_cache(settings)
     temp = render.nginx_temp_dir(settings)
     if not temp.is_relative_to(settings.run_dir):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jinja2
 
+from deploy import privilege
 from services.common.inventory import host_port
 from services.common.settings import REPO_ROOT, Settings, load
 
@@ -130,6 +131,7 @@ def context(settings: Settings) -> dict:
         "scheduler_address": s.scheduler_address,
         "worker_ttl": f"{s.dask.worker_ttl:g}",
         "tls": dask_tls_options(s),
+        "run_as": privilege.run_as(s),  # None: as the deploying user
         "log_max_mb": s.observe.log_max_mb,
         "log_backups": s.observe.log_backups,
     }
@@ -151,7 +153,7 @@ def dask_tls_options(settings: Settings) -> str:
     """The command-line options that make a Dask process speak TLS with this host's certificate."""
     if not settings.dask_tls:
         return ""
-    c = settings.certs()
+    c = settings.tls_files()
     return f"--tls-ca-file {c['ca']} --tls-cert {c['cert']} --tls-key {c['key']}"
 
 
@@ -248,6 +250,23 @@ def log_bound_mb(settings: Settings) -> int:
     return log_count(settings) * settings.observe.log_max_mb * (settings.observe.log_backups + 1)
 
 
+def copy_tls_files(settings: Settings, user: "privilege.User | None") -> None:
+    """This host's CA, certificate and key (make certs) into the run dir, readable by the user the
+    fleet's processes run as and nobody else: the originals stay root's."""
+    tls = settings.run_dir / "tls"
+    tls.mkdir(mode=0o700, exist_ok=True)
+    for what, source in settings.certs().items():
+        target = settings.tls_files()[what]
+        if source.is_file():  # deploy's check_certs names any missing one
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(source.read_bytes())
+            tmp.chmod(0o600)
+            tmp.replace(target)
+    if user is not None:
+        for path in (tls, *tls.iterdir()):
+            os.chown(path, user.uid, user.gid)
+
+
 def prometheus_targets(settings: Settings) -> str:
     """A Prometheus file_sd targets file: this host's instances' /metrics (and its Dask processes'),
     on the host's address; each host of a fleet across hosts renders its own.
@@ -273,6 +292,11 @@ def write(settings: Settings, files: dict[str, str] | None = None) -> list[str]:
     for sub in ("logs", "nginx/conf", "nginx/temp", "prometheus", "profiles", "dask"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     nginx_temp_dir(settings).mkdir(mode=0o711, exist_ok=True)  # nginx makes its subdirectories, for its workers
+    user = privilege.run_as(settings)
+    if settings.dask_tls:
+        copy_tls_files(settings, user)
+    if user is not None:
+        privilege.prepare(settings, user)
     changed = []
     for relative, text in files.items():
         path = run_dir / relative

@@ -18,6 +18,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,12 @@ def _check_scheduler(value: str) -> None:
     scheme, _, rest = value.partition("://")
     host, _, port = rest.rpartition(":")
     if scheme not in ("tcp", "tls") or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(value)
+
+
+def _check_user(value: str) -> None:
+    """"auto", "root", or the name of a system user"""
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value):
         raise ValueError(value)
 
 
@@ -200,6 +207,7 @@ SCHEMA: dict[str, Spec] = {
     "slow.coalesce": Spec(bool),
     "slow.event_loop": Spec(str, check=_check_event_loop),
     "slow.task_modules": Spec(str, check=_check_modules),
+    "process.user": Spec(str, check=_check_user),
     "observe.blocked_loop_ms": Spec(int, 10, 60000),
     "observe.test_routes": Spec(bool),
     "observe.log_max_mb": Spec(int, 1, 10240),
@@ -282,7 +290,7 @@ def resolve(file_values: Mapping[str, Any], env: Mapping[str, str], origin: str)
         else:
             values[key] = _convert(key, file_values[key], f"{origin} [{key}]")
     for key, spec in SCHEMA.items():  # in schema order, so "auto" may use keys resolved before it
-        if values[key] == "auto":
+        if values[key] == "auto" and spec.auto is not None:  # else "auto" is the value itself (process.user)
             values[key] = spec.auto(values)
     _check_consistency(values)
     return values
@@ -396,6 +404,12 @@ class Settings:
         name = host or self.inventory.here.name
         return {"ca": self.certs_dir / "ca.pem", "cert": self.certs_dir / f"{name}.pem",
                 "key": self.certs_dir / f"{name}-key.pem"}
+
+    def tls_files(self) -> dict[str, Path]:
+        """This host's TLS files as the fleet's processes read them: copies in the run dir, owned by
+        the user they run as (process.user), made by deploy from certs()."""
+        tls = self.run_dir / "tls"
+        return {"ca": tls / "ca.pem", "cert": tls / "cert.pem", "key": tls / "key.pem"}
 
     # snapshots ------------------------------------------------------------------------------
 

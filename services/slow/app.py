@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import os
-import zlib
 from typing import Any, Mapping
 
 from tornado import web
@@ -272,7 +271,7 @@ def make_pool(instance: server.Instance) -> Any:
 
         return DaskPool(fleet, instance.number)
     # One idle cgroup per instance of each fleet (run dirs differ): stopping one never empties another's.
-    cgroup = f"{instance.name}-{zlib.crc32(str(fleet.run_dir).encode()):08x}" if fleet.slow.idle_cgroup else None
+    cgroup = cpu_priority.group_name(instance.name, fleet.run_dir) if fleet.slow.idle_cgroup else None
     return WorkerPool(fleet.slow.workers, fleet.slow.task_modules, fleet.slow.nice,
                       sched_idle=fleet.slow.sched_idle, idle_cgroup=cgroup,
                       max_result_bytes=fleet.slow.max_result_mb << 20, marker=f"{fleet.run_dir}:{instance.name}",

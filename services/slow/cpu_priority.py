@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+import zlib
 from pathlib import Path
 
 log = logging.getLogger("fleet.cpu")
@@ -22,6 +24,12 @@ LEAF = "fleet-main"  # cgroup v2: where the service's own processes move, so tha
 RECORD = "cgroups"  # in the run dir: every group the fleet created, one path a line
 MOUNTINFO = Path("/proc/self/mountinfo")
 MEMBERSHIP = Path("/proc/self/cgroup")
+
+
+def group_name(owner: str, run_dir: Path) -> str:
+    """An idle group's name: its owner (slow-01, a Dask worker) and its fleet's run dir, so that two
+    fleets on one machine never share or remove each other's."""
+    return f"{owner}-{zlib.crc32(str(run_dir).encode()):08x}"
 
 
 def own_cpu_cgroup(mountinfo: Path = MOUNTINFO, membership: Path = MEMBERSHIP) -> tuple[Path, bool, bool] | None:
@@ -57,10 +65,11 @@ def _inside(point: str, root: str, path: str) -> Path:
     return Path(point) / relative.lstrip("/")
 
 
-def create_idle_cgroup(name: str, record: Path | None = None) -> Path | None:
+def create_idle_cgroup(name: str, record: Path | None = None, pid: int | None = None) -> Path | None:
     """Create (or reuse) `fleet-idle/<name>` with cpu.idle = 1 under this process's own cpu cgroup;
     None if not possible. `record`: a file each created group's path is appended to, for `make
-    stop` to remove what a killed instance left.
+    stop` to remove what a killed instance left. `pid`: under that process's cgroup (supervisord's,
+    when root prepares the groups for instances that run as the fleet's user), else this one's.
 
     cgroup v1 (as here): under the process's cpu cgroup, wherever supervisord was started. cgroup
     v2: only inside a delegated cgroup (systemd's Delegate=yes, deploy/fleet.service): its
@@ -69,7 +78,7 @@ def create_idle_cgroup(name: str, record: Path | None = None) -> Path | None:
     cgroup of v2: the root's subtree_control is the machine's, not the fleet's.
     """
     try:
-        found = own_cpu_cgroup()
+        found = own_cpu_cgroup(membership=Path(f"/proc/{pid}/cgroup")) if pid else own_cpu_cgroup()
     except (OSError, ValueError) as exc:
         log.info("cannot read this process's cgroups (%s); workers rely on nice/SCHED_IDLE", exc)
         return None
@@ -81,6 +90,8 @@ def create_idle_cgroup(name: str, record: Path | None = None) -> Path | None:
                  "deploy/fleet.service, Delegate=yes, for one); workers rely on nice/SCHED_IDLE")
         return None
     group = base / IDLE / name
+    if _is_idle(group):  # made already, by root at deploy for an unprivileged instance: join it
+        return group
     try:
         if v2:
             _delegate_cpu(base)
@@ -100,6 +111,26 @@ def create_idle_cgroup(name: str, record: Path | None = None) -> Path | None:
         with open(record, "a") as f:
             f.write(f"{group}\n")
     return group
+
+
+def _is_idle(group: Path) -> bool:
+    try:
+        return (group / "cpu.idle").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def hand_over(group: Path, uid: int, gid: int) -> None:
+    """Let processes of user `uid` move themselves into `group` (what systemd's Delegate=yes does
+    for a unit's User=): the group and its process lists become theirs. On v2 a move also needs
+    write access to the lists of the common ancestor of where a process is and where it goes."""
+    files = [group, *(group / f for f in ("cgroup.procs", "tasks", "cgroup.threads") if (group / f).exists())]
+    base = group.parent.parent
+    if (base / "cgroup.subtree_control").exists():  # v2
+        files.append(base / "cgroup.procs")
+        files += [p / "cgroup.procs" for p in (base / LEAF, group.parent) if (p / "cgroup.procs").exists()]
+    for path in files:
+        os.chown(path, uid, gid)
 
 
 def _delegate_cpu(base: Path, tries: int = 50) -> None:
@@ -142,16 +173,28 @@ def remove(group: Path) -> None:
             return
 
 
-def remove_recorded(record: Path) -> list[str]:
-    """At `make stop`, once no process of the fleet is left: remove every group the fleet created
-    (a killed instance never removed its own). Returns the ones that could not be removed."""
+def remove_recorded(record: Path, patience: float = 5.0) -> list[str]:
+    """At `make stop`, once no process of the fleet is left, and before the next start: remove every
+    group the fleet created (a killed instance never removed its own, and a Dask process sits in
+    its own group until it exits). Returns the ones that could not be removed yet; they stay in
+    the record, for the next stop or start.
+
+    Measured here (kernel 6.18, cgroup v1): a Dask worker's group, empty (no task listed, none in
+    any /proc/*/cgroup), can still refuse rmdir (EBUSY) for minutes after its processes exited."""
     try:
         groups = {Path(line) for line in record.read_text().splitlines() if line.strip()}
     except FileNotFoundError:
         return []
-    for group in groups:
-        remove(group)
-    left = sorted(str(g) for g in groups if g.exists())
+    deadline = time.monotonic() + patience
+    # A process that exited holds its group until it is reaped: an orphan (a Dask worker's
+    # forkserver) by init, which here reaps every two seconds or so.
+    while True:
+        for group in groups:
+            remove(group)
+        left = sorted(str(g) for g in groups if g.exists())
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     if not left:
         record.unlink(missing_ok=True)
     return left

@@ -77,7 +77,7 @@ def security(settings: Settings) -> Security | None:
     (settings.dask_tls); Dask then refuses any peer without a certificate of that CA."""
     if not settings.dask_tls:
         return None
-    c = settings.certs()
+    c = settings.tls_files()
     return Security(tls_ca_file=str(c["ca"]), tls_client_cert=str(c["cert"]), tls_client_key=str(c["key"]),
                     require_encryption=True)
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import zlib
 from typing import Any
 
 from distributed import Scheduler, Worker, get_worker
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 from services.common.settings import Settings
+from services.slow import cpu_priority
 
 log = logging.getLogger("fleet.dask")
 
@@ -98,9 +98,7 @@ def below_the_fast_path(settings: Settings, name: str) -> str | None:
     os.nice(slow.nice)
     if not slow.idle_cgroup:
         return None
-    from services.slow import cpu_priority
-
-    name = f"{name}-{zlib.crc32(str(settings.run_dir).encode()):08x}"
+    name = cpu_priority.group_name(name, settings.run_dir)
     group = cpu_priority.create_idle_cgroup(name, settings.run_dir / cpu_priority.RECORD)
     if group is not None:
         cpu_priority.join(group)
@@ -116,6 +114,16 @@ async def dask_setup(server: Scheduler | Worker) -> None:
         if SETTINGS_ENV in os.environ:
             below_the_fast_path(Settings.from_snapshot(os.environ[SETTINGS_ENV]), "dask-scheduler")
         return
+    try:
+        await _set_up_worker(server)
+    except BaseException:
+        # distributed logs a failed preload and lets the worker join anyway: it would then fail
+        # every job sent to it. Exit instead: supervisor shows it failing and starts it again.
+        log.critical("the fleet's set-up of %s failed; exiting", server.name, exc_info=True)
+        os._exit(3)
+
+
+async def _set_up_worker(server: Worker) -> None:
     settings = Settings.from_snapshot(os.environ[SETTINGS_ENV])
     from services.slow.pool import WorkerPool  # the worker's side only
 

@@ -185,11 +185,18 @@ def test_each_host_renders_only_its_part_bound_to_its_address(tmp_path):
 
 def test_dask_across_hosts_speaks_tls_with_the_host_s_own_certificate_and_requires_it(tmp_path):
     certs = tmp_path / "certs"
+    certs.mkdir()
+    for name in ("ca", "heavy2", "heavy2-key"):
+        (certs / f"{name}.pem").write_text(f"{name}\n")
     for host, program in (("web1", "dask-scheduler"), ("heavy2", "dask-worker-01")):
+        settings = settings_for(tmp_path, FLEET_SETTINGS=EXAMPLE, FLEET_HOST=host, FLEET_DASK_CERTS_DIR=str(certs))
         files, programs = host_part(tmp_path, host, FLEET_DASK_CERTS_DIR=str(certs))
-        assert f"--tls-ca-file {certs}/ca.pem --tls-cert {certs}/{host}.pem --tls-key {certs}/{host}-key.pem" \
-            in programs[program]
+        tls = settings.run_dir / "tls"  # the processes read copies in the run dir, readable by their user only
+        assert f"--tls-ca-file {tls}/ca.pem --tls-cert {tls}/cert.pem --tls-key {tls}/key.pem" in programs[program]
         assert 'DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION="True"' in files["supervisord.conf"]
+    render.write(settings, files)  # heavy2's: its own certificate and key, copied
+    assert (tls / "cert.pem").read_text() == "heavy2\n" and (tls / "key.pem").read_text() == "heavy2-key\n"
+    assert oct((tls / "key.pem").stat().st_mode & 0o777) == "0o600" and oct(tls.stat().st_mode & 0o777) == "0o700"
     assert "--protocol tls" in host_part(tmp_path, "web1")[1]["dask-scheduler"]
     single = render.render(settings_for(tmp_path, FLEET_SLOW_BACKEND="dask"))["supervisord.conf"]
     assert "--tls" not in single and "REQUIRE_ENCRYPTION" not in single and "tcp://127.0.0.1:8786" in single

@@ -1,0 +1,134 @@
+"""Least privilege: deployed by root, only supervisord, the nginx launcher and nginx's master keep
+root; nginx's workers, the instances, their workers and the Dask processes run as the fleet's user.
+
+The fleet's user must be able to read the code, the interpreter and the run dir. This machine's
+repository (a mktemp -d clone, or under /root) and its .venv's interpreter (pyenv, under /root)
+may be closed to it, so the test deploys from a copy it can read: the tracked files, the .venv
+hard-linked, with Debian's python3.11 as its interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from deploy.procs import processes_of
+from services.slow import cpu_priority
+from tests.integration.conftest import REPO, Fleet, make_fleet
+from tests.integration.test_lifecycle import cpu_cgroup_of
+
+pytestmark = pytest.mark.integration
+
+SYSTEM_PYTHON = Path("/usr/bin/python3.11")
+
+
+def uid_of(pid: int) -> int:
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid:"))
+    return int(line.split()[2])  # effective
+
+
+def name_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def readable_copy():
+    """A copy of the repository any user can read, whose .venv runs on the system's python3.11."""
+    if os.geteuid() != 0 or not SYSTEM_PYTHON.exists():
+        pytest.skip("needs root and Debian's python3.11")
+    base = Path(tempfile.mkdtemp(prefix="fleet-privilege-", dir="/tmp"))
+    base.chmod(0o755)
+    repo = base / "repo"
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in tracked.splitlines():
+        if (REPO / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    subprocess.run(["cp", "-al", str(REPO / ".venv"), str(repo / ".venv")], check=True)
+    venv = repo / ".venv"
+    (venv / "bin" / "python3").unlink()  # a hard-linked copy: replace files, never write into them
+    (venv / "bin" / "python3").symlink_to(SYSTEM_PYTHON)
+    (venv / "pyvenv.cfg").unlink()
+    (venv / "pyvenv.cfg").write_text(f"home = {SYSTEM_PYTHON.parent}\ninclude-system-site-packages = false\n"
+                                     f"version = 3.11\nexecutable = {SYSTEM_PYTHON}\n")
+    for directory in [repo, *(p for p in repo.rglob("*") if p.is_dir() and ".venv" not in p.parts)]:
+        directory.chmod(0o755)
+    yield repo
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def deploy(repo: Path, fleet: Fleet, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(repo / ".venv" / "bin" / "python"), "-m", "deploy.fleet", *args], cwd=repo,
+                          env=fleet.env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("backend", ["local", "dask"])
+def test_deployed_by_root_only_supervisord_and_nginx_s_master_keep_root(readable_copy, backend):
+    user = pwd.getpwnam("fleet" if _exists("fleet") else "nobody")
+    run_dir = readable_copy.parent / f"run-{backend}"
+    fleet = make_fleet(run_dir, **({"FLEET_SLOW_BACKEND": "dask"} if backend == "dask" else {}))
+    try:
+        up = deploy(readable_copy, fleet, "up")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "runs as root" not in up.stderr  # the copy is readable: no fallback
+        assert fleet.get("/fast").status == 200
+        assert fleet.get("/slow/fib/20").json()["result"] == 6765
+        supervisord = int((run_dir / "supervisord.pid").read_text())
+        nginx_master = int((run_dir / "nginx" / "nginx.pid").read_text())
+        kept_root = {supervisord, nginx_master, fleet.pid("nginx")}  # the launcher is nginx's program
+        members = processes_of(run_dir)
+        assert kept_root <= set(members)
+        wrong = {pid: name_of(pid)[:100] for pid in members
+                 if uid_of(pid) != (0 if pid in kept_root else user.pw_uid)}
+        assert not wrong, f"not as expected (root only for {sorted(kept_root)}): {wrong}"
+        # Every kind of process is there, as the fleet's user: nginx's workers, the instances, the
+        # job processes (a local pool's workers, or a Dask worker's children) and Dask itself.
+        as_user = [name_of(pid) for pid in members if uid_of(pid) == user.pw_uid]
+        for kind in ["nginx: worker process", "services.fast", "services.slow"] + (
+                ["dask_scheduler", "dask_worker"] if backend == "dask" else []):
+            assert any(kind in name for name in as_user), f"no {kind} among {as_user}"
+        job_processes = fleet.slow_health()["pool"].get("pids") or []
+        assert all(uid_of(pid) == user.pw_uid for pid in job_processes)
+        found = cpu_priority.own_cpu_cgroup()
+        if found is not None and not found[1] and backend == "local":  # v1, as here: workers joined root's group
+            for pid in job_processes:
+                assert f"/{cpu_priority.IDLE}/slow-01-" in cpu_cgroup_of(pid)
+    finally:
+        stop = deploy(readable_copy, fleet, "stop")
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert processes_of(run_dir) == []
+    # No cgroup holds a process of the fleet. The local pool's groups are gone; an empty Dask
+    # group can stay busy in the kernel for minutes (cpu_priority.remove_recorded): stop says so.
+    record = run_dir / cpu_priority.RECORD
+    left = record.read_text().split() if record.exists() else []
+    assert all(not (Path(g) / "cgroup.procs").read_text().split() for g in left if Path(g).exists())
+    assert backend == "dask" or not left, stop.stdout
+
+
+def test_a_named_user_that_cannot_read_the_code_is_an_error_and_auto_falls_back_to_root(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    fleet = make_fleet(tmp_path / "run", FLEET_PROCESS_USER="nobody")  # pytest's temp dir is 0700
+    result = subprocess.run([sys.executable, "-m", "deploy.fleet", "render"], cwd=REPO, env=fleet.env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "process.user = 'nobody': user nobody cannot" in result.stderr
+    fleet.env["FLEET_PROCESS_USER"] = "auto"
+    result = subprocess.run([sys.executable, "-m", "deploy.fleet", "render"], cwd=REPO, env=fleet.env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "warning: the fleet runs as root" in result.stderr
+    assert "user=" not in (tmp_path / "run" / "supervisord.conf").read_text()
+
+
+def _exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
