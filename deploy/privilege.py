@@ -67,7 +67,7 @@ def _run_as(wanted: str, run_dir: str, euid: int) -> User | None:
         return None
     if wanted == "root":
         return None
-    name = wanted if wanted != "auto" else DEFAULT_USER if _exists(DEFAULT_USER) else "nobody"
+    name = wanted if wanted != "auto" else DEFAULT_USER if user_exists(DEFAULT_USER) else "nobody"
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
@@ -84,7 +84,7 @@ def _run_as(wanted: str, run_dir: str, euid: int) -> User | None:
     return None
 
 
-def _exists(name: str) -> bool:
+def user_exists(name: str) -> bool:
     try:
         pwd.getpwnam(name)
         return True

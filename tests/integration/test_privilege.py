@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy import privilege
 from deploy.procs import processes_of
 from services.slow import cpu_priority
 from tests.integration.conftest import REPO, Fleet, make_fleet
@@ -71,7 +72,7 @@ def deploy(repo: Path, fleet: Fleet, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("backend", ["local", "dask"])
 def test_deployed_by_root_only_supervisord_and_nginx_s_master_keep_root(readable_copy, backend):
-    user = pwd.getpwnam("fleet" if _exists("fleet") else "nobody")
+    user = pwd.getpwnam(privilege.DEFAULT_USER if privilege.user_exists(privilege.DEFAULT_USER) else "nobody")
     run_dir = readable_copy.parent / f"run-{backend}"
     fleet = make_fleet(run_dir, **({"FLEET_SLOW_BACKEND": "dask"} if backend == "dask" else {}))
     try:
@@ -125,10 +126,3 @@ def test_a_named_user_that_cannot_read_the_code_is_an_error_and_auto_falls_back_
     assert result.returncode == 0 and "warning: the fleet runs as root" in result.stderr
     assert "user=" not in (tmp_path / "run" / "supervisord.conf").read_text()
 
-
-def _exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-        return True
-    except KeyError:
-        return False
