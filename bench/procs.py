@@ -137,9 +137,16 @@ def free_port_block(size: int) -> int:
     low = ephemeral_ports().start
     for _ in range(500):
         base = random.randrange(10000, low - size)
-        if all(port_is_free(base + i) for i in range(size)):
+        block = range(base, base + size)
+        if any(block.start < r.stop and r.start < block.stop for r in _HANDED_OUT):
+            continue  # given to a fleet of this process that does not listen on all of it yet (spares)
+        if all(port_is_free(port) for port in block):
+            _HANDED_OUT.append(block)
             return base
     raise RuntimeError(f"no block of {size} free ports on 127.0.0.1")
+
+
+_HANDED_OUT: list[range] = []  # free_port_block's answers so far
 
 
 # HTTP --------------------------------------------------------------------------------------------

@@ -113,6 +113,13 @@ def create_idle_cgroup(name: str, record: Path | None = None, pid: int | None = 
     return group
 
 
+def _holds_processes(group: Path) -> bool:
+    try:
+        return bool((group / "cgroup.procs").read_text().split())
+    except OSError:
+        return False
+
+
 def _is_idle(group: Path) -> bool:
     try:
         return (group / "cpu.idle").read_text().strip() == "1"
@@ -192,8 +199,8 @@ def remove_recorded(record: Path, patience: float = 5.0) -> list[str]:
         for group in groups:
             remove(group)
         left = sorted(str(g) for g in groups if g.exists())
-        if not left or time.monotonic() > deadline:
-            break
+        if not any(_holds_processes(Path(g)) for g in left) or time.monotonic() > deadline:
+            break  # an empty group the kernel still holds is not waited for: it can take minutes
         time.sleep(0.05)
     if not left:
         record.unlink(missing_ok=True)

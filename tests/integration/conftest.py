@@ -120,8 +120,13 @@ class Fleet:
 
 
 def make_fleet(run_dir: Path, fast: int = 2, slow: int = 1, **overrides: str) -> Fleet:
-    # edge; fast-spare, fast-01..; slow-spare, slow-01..; room for two more of each role (changes)
-    base = free_port_block(1 + (fast + 3) + (slow + 3))
+    # edge; fast-spare, fast-01..; slow-spare, slow-01..; room for two more of each role (changes);
+    # then a managed Dask cluster's: one block, so that the two can never overlap (two random
+    # blocks picked one after the other once did, in a run of the whole suite)
+    size = 1 + (fast + 3) + (slow + 3)
+    dask_workers = int(overrides.get("FLEET_DASK_WORKERS", DASK_SETTINGS["FLEET_DASK_WORKERS"]))
+    dask_size = 2 + 2 * dask_workers + 4  # scheduler, dashboard, a pair per worker, room
+    base = free_port_block(size + dask_size)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(TEST_SETTINGS)
     env.update(
@@ -133,8 +138,7 @@ def make_fleet(run_dir: Path, fast: int = 2, slow: int = 1, **overrides: str) ->
         FLEET_SLOW_BASE_PORT=str(base + fast + 4),
     )
     if overrides.get("FLEET_SLOW_BACKEND") == "dask" and "FLEET_DASK_SCHEDULER" not in overrides:
-        workers = int(overrides.get("FLEET_DASK_WORKERS", DASK_SETTINGS["FLEET_DASK_WORKERS"]))
-        dask = free_port_block(2 + 2 * workers + 4)  # scheduler, dashboard, a pair per worker, room
+        dask = base + size
         env.update(DASK_SETTINGS, FLEET_DASK_SCHEDULER_PORT=str(dask), FLEET_DASK_DASHBOARD_PORT=str(dask + 1),
                    FLEET_DASK_WORKER_BASE_PORT=str(dask + 1))  # dask-worker-01 on dask+2, its dashboard dask+3
     env.update(overrides)
