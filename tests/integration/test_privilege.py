@@ -52,8 +52,11 @@ def readable_copy():
         if (REPO / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, repo / name)
-    subprocess.run(["cp", "-al", str(REPO / ".venv"), str(repo / ".venv")], check=True)
+    # The .venv itself, resolved: were it a symlink, the copy would be one too, and the edits below
+    # would land in the original.
+    subprocess.run(["cp", "-al", str((REPO / ".venv").resolve()), str(repo / ".venv")], check=True)
     venv = repo / ".venv"
+    assert not venv.is_symlink() and not (venv / "pyvenv.cfg").is_symlink()
     (venv / "bin" / "python3").unlink()  # a hard-linked copy: replace files, never write into them
     (venv / "bin" / "python3").symlink_to(SYSTEM_PYTHON)
     (venv / "pyvenv.cfg").unlink()

@@ -531,7 +531,7 @@ def test_a_job_left_to_finish_after_its_client_went_away_yields_to_another_clien
     async def body(pool):
         waiting: set[str] = set()
         pool.others_waiting = lambda client: bool(waiting - {client})
-        pool._kill_budget.tokens = 0  # an abort storm spent the budget
+        pool._kill_budget.tokens, pool._kill_budget.updated = 0, time.monotonic()  # an abort storm spent it
         abandoned = asyncio.create_task(pool.run("spin", {"seconds": 30}, timeout=60, client="10.0.0.1"))
         await eventually(lambda: pool.stats()["busy"] == 1, what="job running")
         abandoned.cancel()
