@@ -132,11 +132,8 @@ def stop(settings: Settings) -> None:
     # The workers' idle cgroups: an instance removes its own as it stops, but not when it is killed.
     for group in cpu_priority.remove_recorded(settings.run_dir / cpu_priority.RECORD):
         pids = (Path(group) / "cgroup.procs").read_text().split() if Path(group).exists() else []
-        if pids:
-            held = ", ".join(f"{pid} ({cmdline(int(pid))[:60]})" for pid in pids)
-            print(f"warning: cgroup {group} still holds processes: {held}")
-        else:  # see cpu_priority.remove_recorded
-            print(f"note: cgroup {group} is empty but the kernel still holds it; the next stop or start removes it")
+        held = ", ".join(f"{pid} ({cmdline(int(pid))[:60]})" for pid in pids) or "no process listed"
+        print(f"warning: cgroup {group} could not be removed ({held}); the next stop or start tries again")
     clear_edge_cache(settings)
     temp = render.nginx_temp_dir(settings)
     if not temp.is_relative_to(settings.run_dir):

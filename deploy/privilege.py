@@ -102,7 +102,7 @@ def _cannot_reach(user: User, run_dir: str) -> str | None:
     except (OSError, subprocess.SubprocessError) as exc:
         interpreter = os.path.realpath(sys.executable)
         return (f"user {user.name} cannot run the .venv's interpreter {interpreter} ({exc.__class__.__name__}); "
-                f"a .venv made from a system Python (PYTHON=/usr/bin/python3.11) can be")
+                f"make the .venv from a system Python (rm -rf .venv; PYTHON=/usr/bin/python3.11 make deploy-local)")
     if result.returncode == 3:
         return f"user {user.name} cannot reach the run dir {run_dir}"
     if result.returncode != 0:

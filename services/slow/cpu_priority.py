@@ -85,6 +85,10 @@ def create_idle_cgroup(name: str, record: Path | None = None, pid: int | None = 
     if found is None:
         return None
     base, v2, at_root = found
+    if base.parent.name == IDLE:
+        # This process sits in an idle group already (a Dask worker, whose job processes get one
+        # of the same name): the group is a sibling of its own, never a child of it.
+        base = base.parent.parent
     if v2 and at_root:
         log.info("running in cgroup v2's root cgroup: no idle group (run under the systemd unit "
                  "deploy/fleet.service, Delegate=yes, for one); workers rely on nice/SCHED_IDLE")
@@ -111,13 +115,6 @@ def create_idle_cgroup(name: str, record: Path | None = None, pid: int | None = 
         with open(record, "a") as f:
             f.write(f"{group}\n")
     return group
-
-
-def _holds_processes(group: Path) -> bool:
-    try:
-        return bool((group / "cgroup.procs").read_text().split())
-    except OSError:
-        return False
 
 
 def _is_idle(group: Path) -> bool:
@@ -183,15 +180,13 @@ def remove(group: Path) -> None:
 def remove_recorded(record: Path, patience: float = 5.0) -> list[str]:
     """At `make stop`, once no process of the fleet is left, and before the next start: remove every
     group the fleet created (a killed instance never removed its own, and a Dask process sits in
-    its own group until it exits). Returns the ones that could not be removed yet; they stay in
-    the record, for the next stop or start.
-
-    Measured here (kernel 6.18, cgroup v1): a Dask worker's group, empty (no task listed, none in
-    any /proc/*/cgroup), can still refuse rmdir (EBUSY) for minutes after its processes exited."""
+    its own group until it exits). Returns the ones that could not be removed (still holding a
+    process); they stay in the record, for the next stop or start."""
     try:
         groups = {Path(line) for line in record.read_text().splitlines() if line.strip()}
     except FileNotFoundError:
         return []
+    groups = sorted(groups, key=lambda g: len(g.parts), reverse=True)  # a child before its parent
     deadline = time.monotonic() + patience
     # A process that exited holds its group until it is reaped: an orphan (a Dask worker's
     # forkserver) by init, which here reaps every two seconds or so.
@@ -199,8 +194,8 @@ def remove_recorded(record: Path, patience: float = 5.0) -> list[str]:
         for group in groups:
             remove(group)
         left = sorted(str(g) for g in groups if g.exists())
-        if not any(_holds_processes(Path(g)) for g in left) or time.monotonic() > deadline:
-            break  # an empty group the kernel still holds is not waited for: it can take minutes
+        if not left or time.monotonic() > deadline:
+            break
         time.sleep(0.05)
     if not left:
         record.unlink(missing_ok=True)

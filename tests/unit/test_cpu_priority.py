@@ -88,3 +88,24 @@ def test_a_group_that_still_holds_something_is_reported_and_kept_in_the_record(t
 
 def test_removing_a_group_that_is_gone_is_harmless(tmp_path):
     cpu_priority.remove(tmp_path / "never-made")
+
+
+def test_a_process_already_in_an_idle_group_makes_a_sibling_group_not_a_child(tmp_path, monkeypatch):
+    # A Dask worker joins its own idle group, then its job pool asks for one: nesting it made the
+    # worker's group impossible to remove while the child existed (found by make stop).
+    own = tmp_path / cpu_priority.IDLE / "dask-worker-01-x"
+    own.mkdir(parents=True)
+    (own / "cpu.idle").write_text("1\n")
+    monkeypatch.setattr(cpu_priority, "own_cpu_cgroup", lambda: (own, False, False))
+    assert cpu_priority.create_idle_cgroup("dask-worker-01-x") == own
+    assert list(own.glob("*/")) == []
+
+
+def test_a_nested_group_is_removed_before_its_parent_whatever_the_record_s_order(tmp_path):
+    parent = tmp_path / cpu_priority.IDLE / "dask-worker-01-x"
+    child = parent / cpu_priority.IDLE / "dask-worker-01-x"
+    child.mkdir(parents=True)
+    record = tmp_path / "cgroups"
+    record.write_text(f"{parent}\n{child}\n")
+    assert cpu_priority.remove_recorded(record, patience=0) == []
+    assert not parent.exists()
