@@ -63,7 +63,7 @@ def _run_as(wanted: str, run_dir: str, euid: int) -> User | None:
         current = pwd.getpwuid(euid).pw_name
         if wanted not in ("auto", current):
             raise SettingsError(f"process.user = {wanted!r}: only root can run the fleet as another user "
-                             f"(this deploy runs as {current}); set it to \"auto\"")
+                                f"(this deploy runs as {current}); set it to \"auto\"")
         return None
     if wanted == "root":
         return None

@@ -89,6 +89,8 @@ def create_idle_cgroup(name: str, record: Path | None = None, pid: int | None = 
         # This process sits in an idle group already (a Dask worker, whose job processes get one
         # of the same name): the group is a sibling of its own, never a child of it.
         base = base.parent.parent
+    elif base.name == LEAF:  # v2: moved to the leaf by an earlier delegation; the fleet's is above
+        base = base.parent
     if v2 and at_root:
         log.info("running in cgroup v2's root cgroup: no idle group (run under the systemd unit "
                  "deploy/fleet.service, Delegate=yes, for one); workers rely on nice/SCHED_IDLE")

@@ -109,3 +109,14 @@ def test_a_nested_group_is_removed_before_its_parent_whatever_the_record_s_order
     record.write_text(f"{parent}\n{child}\n")
     assert cpu_priority.remove_recorded(record, patience=0) == []
     assert not parent.exists()
+
+
+def test_v2_a_process_in_the_leaf_makes_its_group_under_the_fleet_s_cgroup_not_under_the_leaf(tmp_path, monkeypatch):
+    service = tmp_path / "fleet.service"
+    leaf = service / cpu_priority.LEAF
+    group = service / cpu_priority.IDLE / "slow-01-x"
+    for directory in (leaf, group):
+        directory.mkdir(parents=True)
+    (group / "cpu.idle").write_text("1\n")  # made at the first instance's start
+    monkeypatch.setattr(cpu_priority, "own_cpu_cgroup", lambda: (leaf, True, False))
+    assert cpu_priority.create_idle_cgroup("slow-01-x") == group
