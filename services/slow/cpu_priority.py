@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import zlib
 from pathlib import Path
@@ -29,7 +30,8 @@ MEMBERSHIP = Path("/proc/self/cgroup")
 def group_name(owner: str, run_dir: Path) -> str:
     """An idle group's name: its owner (slow-01, a Dask worker) and its fleet's run dir, so that two
     fleets on one machine never share or remove each other's."""
-    return f"{owner}-{zlib.crc32(str(run_dir).encode()):08x}"
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", owner)  # a Dask worker started without --name is named by its address
+    return f"{safe}-{zlib.crc32(str(run_dir).encode()):08x}"
 
 
 def own_cpu_cgroup(mountinfo: Path = MOUNTINFO, membership: Path = MEMBERSHIP) -> tuple[Path, bool, bool] | None:

@@ -120,3 +120,11 @@ def test_v2_a_process_in_the_leaf_makes_its_group_under_the_fleet_s_cgroup_not_u
     (group / "cpu.idle").write_text("1\n")  # made at the first instance's start
     monkeypatch.setattr(cpu_priority, "own_cpu_cgroup", lambda: (leaf, True, False))
     assert cpu_priority.create_idle_cgroup("slow-01-x") == group
+
+
+def test_a_group_name_is_one_directory_whatever_its_owner_is_called(tmp_path):
+    # An external cluster's worker started without --name is named "tcp://127.0.0.1:42365": its
+    # slashes once made nested directories that no stop removed.
+    name = cpu_priority.group_name("tcp://127.0.0.1:42365", tmp_path)
+    assert "/" not in name and name.startswith("tcp___127.0.0.1_42365-")
+    assert cpu_priority.group_name("slow-01", tmp_path).startswith("slow-01-")
