@@ -13,6 +13,7 @@ from tornado import web
 
 from services.common import server
 from services.common.web import BaseHandler, HealthHandler, MetricsHandler, NotFoundHandler
+from services.fast import negative_control
 
 
 class HelloHandler(BaseHandler):
@@ -45,9 +46,14 @@ class BlockTheLoopHandler(BaseHandler):
 
 
 def make_app(instance: server.Instance) -> web.Application:
+    hello, echo = HelloHandler, EchoHandler
+    delay_ms = instance.settings.observe.test_fast_delay_ms
+    if delay_ms:  # the isolation check's negative control: a fleet that must FAIL it
+        sensor = negative_control.HeavyJobSensor(instance.settings)
+        hello, echo = (negative_control.delayed(h, sensor, delay_ms) for h in (hello, echo))
     routes = [
-        (r"/fast", HelloHandler, {"route_pattern": "/fast"}),
-        (r"/echo", EchoHandler, {"route_pattern": "/echo"}),
+        (r"/fast", hello, {"route_pattern": "/fast"}),
+        (r"/echo", echo, {"route_pattern": "/echo"}),
         (r"/healthz", HealthHandler, {"route_pattern": "/healthz"}),
         (r"/metrics", MetricsHandler),
     ]
