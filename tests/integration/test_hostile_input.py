@@ -70,6 +70,14 @@ CORPUS: list[tuple[str, bytes, set]] = [
     ("chunk size overflow", req(b"POST /echo HTTP/1.1", b"Transfer-Encoding: chunked", body=b"FFFFFFFFFFFFFFFFFFFF\r\nx\r\n"), {400, 413}),
     ("chunked body too large", req(b"POST /echo HTTP/1.1", b"Transfer-Encoding: chunked", body=b"200000\r\n" + b"x" * 65536), {413}),
     ("unknown transfer coding", req(b"POST /echo HTTP/1.1", b"Transfer-Encoding: gzip, chunked", body=b"0\r\n\r\n"), {400}),
+    # Found by the fuzzer (test_fuzz_edge.py): the 405's error page met the body's 400, and nginx
+    # answered its own HTML page until recursive_error_pages.
+    ("refused method, malformed chunked body", req(b"A /fast HTTP/1.1", b"Transfer-Encoding: chunked", body=b"{}"), {400}),
+    # Found by the fuzzer: a HEAD with a bad version looped between error pages (500), and a
+    # control character in a header value got Tornado's bare 400 (the edge no longer passes
+    # client headers on).
+    ("HEAD with a bad version", req(b"HEAD /fast HTTP/2.0"), {400}),
+    ("control character in a header value", req(b"GET /fast HTTP/1.1", b"X-Odd: \x01"), {200}),
     # nginx drops a header line it cannot parse (ignore_invalid_headers, on by default) and
     # serves the rest of the request: documented, harmless, so 200 is the expected answer here.
     ("header without colon", req(b"GET /fast HTTP/1.1", b"NoColonHere"), {200}),
