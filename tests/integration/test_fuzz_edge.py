@@ -13,7 +13,7 @@ are huge, deeply nested, or not JSON at all. The property, for every one:
   version string;
 - afterwards the fleet is healthy and no instance logged a traceback.
 
-A few hundred requests here; HYPOTHESIS_PROFILE=fuzz sends thousands (see test_task_parsers_fuzz.py).
+200 requests here; HYPOTHESIS_PROFILE=fuzz sends thousands (see test_task_parsers_fuzz.py).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ CLOSE = "close"
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = {"default": 300, "fuzz": 5000}[os.environ.get("HYPOTHESIS_PROFILE", "default")]
+EXAMPLES = {"default": 200, "fuzz": 5000}[os.environ.get("HYPOTHESIS_PROFILE", "default")]
 
 # Every task bounded to quick jobs, and only the shipped tasks (the test tasks fail on purpose).
 FUZZ_SETTINGS = {
