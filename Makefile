@@ -22,7 +22,7 @@ EDGE_URL := $(PY) -c 'from deploy.fleet import edge_url; from services.common.se
 FLEET_UP_IF_DOWN := $(PY) -c 'import sys; from deploy.fleet import supervisord_pid; from services.common.settings import load; \
 	sys.exit(0 if supervisord_pid(load()) else 1)' || $(PY) -m deploy.fleet up
 
-.PHONY: deploy-local stop status logs profile reload chaos certs test test-unit test-integration help bootstrap render load load-check bench
+.PHONY: deploy-local stop status logs profile reload chaos certs test test-unit test-integration fuzz help bootstrap render load load-check bench
 
 deploy-local: bootstrap ## Start the fleet (or apply changed settings), wait for /healthz, print the URLs
 	@$(PY) -m deploy.fleet up
@@ -59,6 +59,9 @@ test-unit: bootstrap ## In-process tests only (settings, rendering, tasks, pool,
 
 test-integration: bootstrap ## Tests against private fleets in temp run dirs
 	@$(PY) -m pytest tests/integration
+
+fuzz: bootstrap ## Generated hostile input by the thousand (Hypothesis): 2,000 per task parser, 5,000 raw requests through a private fleet's edge (about 6 min)
+	@HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/unit/test_task_parsers_fuzz.py tests/integration/test_fuzz_edge.py
 
 load: bootstrap ## Locust's web UI on http://127.0.0.1:8089 (host preset to the edge; deploys the fleet if it is down); LOCUST_WORKERS=N
 	@$(CHECK_LOCUST_WORKERS)

@@ -236,9 +236,11 @@ def test_web_ui_shows_the_verdict(private_fleet, tmp_path):
 
     fleet = private_fleet(**DEPLOYED_DEFAULTS)
     port = free_port()
+    # Any verdict will do for the test; the README's screenshot shows a whole one (500+ samples).
+    PHASE = "10" if os.environ.get("UPDATE_SCREENSHOT") else "6"
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--web-host", "127.0.0.1",
            "--web-port", str(port), "--host", f"http://127.0.0.1:{fleet.edge_port}", *FLEET_ROUTES,
-           "--warmup-seconds", "2", "--baseline-seconds", "6", "--mixed-seconds", "6", "--recovery-seconds", "2"]
+           "--warmup-seconds", "2", "--baseline-seconds", PHASE, "--mixed-seconds", PHASE, "--recovery-seconds", "2"]
     log = (tmp_path / "locust.log").open("w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=locust_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -254,7 +256,7 @@ def test_web_ui_shows_the_verdict(private_fleet, tmp_path):
                 # The start form shows the check's options ("Custom parameters"), prefilled from the
                 # command line, and what is typed there is what the run uses.
                 page.get_by_role("button", name="Custom parameters").click()
-                expect(page.locator("input[name='mixedSeconds']")).to_have_value("6")
+                expect(page.locator("input[name='mixedSeconds']")).to_have_value(PHASE)
                 page.locator("input[name='warmupSeconds']").fill("1")
                 page.get_by_role("button", name=re.compile("^start$", re.I)).click()
                 page.get_by_role("tab", name="Isolation").click()
