@@ -57,7 +57,8 @@ with limits relative to the baseline measured in the same run:
   PASS          otherwise.
 The order decides between reasons: fast failures, then lost worker samples, then Locust's CPU, then
 baseline samples, then saturation (a mixed phase without it proves nothing either way), then
-Locust's lateness, then mixed samples, then latency. Headless, the verdict is the exit code
+Locust's lateness, then mixed samples (a p50 over its limit by more than Locust's lag is a FAIL
+with 100 samples already), then latency. Headless, the verdict is the exit code
 (0 PASS, 3 FAIL, 4 INCONCLUSIVE; on a PASS Locust's own rule still applies: exit 1 if some heavy
 request failed in an unexpected way, e.g. a 500 or 502) and the per-phase table is printed; with
 --csv the table is also written to <prefix>_isolation.csv.
@@ -162,6 +163,7 @@ SAMPLES_MESSAGE = "isolation_samples"
 FLUSH_MESSAGE = "isolation_flush"
 LAST_SAMPLES_TIMEOUT = 10.0  # seconds the master waits for every worker's last samples before judging
 INFLIGHT_PERIOD = 0.5  # seconds between samples of the heavy requests in flight
+MEDIAN_SAMPLES = 100  # enough for a p50 (a p99 needs --min-samples)
 
 
 class Node:
@@ -499,6 +501,11 @@ def _judge(rec: Recorder) -> Verdict:
                                       f"{fmt(max(x.late_p99 for x in late))} ms in the {late[0].name} phase), so "
                                       "its timings cannot be trusted: run it on a quieter machine, or with "
                                       "LOCUST_WORKERS=2")
+    # A median needs far fewer samples than a p99: a p50 over its limit by more than Locust's lag,
+    # on 100 samples or more, is a FAIL even when a lagging Locust sent fewer than --min-samples.
+    p50_limit = limits.get("p50", (0, 0, math.inf))[2]
+    if m_ok >= MEDIAN_SAMPLES and m.p50 is not None and m.p50 > p50_limit + lag:
+        return result("FAIL", "the heavy load slowed the fast routes: mixed " + ", ".join(slower))
     if m_ok < o.min_samples:
         return result("INCONCLUSIVE", f"only {m_ok} mixed fast samples (need {o.min_samples})")
     if slower:
