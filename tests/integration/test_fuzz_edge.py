@@ -21,16 +21,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import time
 from urllib.parse import quote_from_bytes
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.integration.conftest import Fleet, make_fleet
-
-CLOSE = "close"
+from tests.integration.test_hostile_input import CLOSE, complete, exchange
 
 pytestmark = pytest.mark.integration
 
@@ -115,82 +112,20 @@ def requests(draw) -> bytes:
 
 # --- the property -----------------------------------------------------------------------------------
 
-def complete(data: bytes, head_only: bool) -> bytes | None:
-    """The body once `data` holds a whole response (by Content-Length, chunked or a HEAD's
-    headers), else None. A generated header may ask for keep-alive: the end is found, not waited for."""
-    if b"\r\n\r\n" not in data:
-        return None
-    head, _, rest = data.partition(b"\r\n\r\n")
-    if head_only:
-        return b""
-    fields = [line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line]
-    headers = {name.strip().lower(): value.strip() for name, value in fields}
-    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-        body, chunks = b"", rest
-        while b"\r\n" in chunks:
-            size_text, _, chunks = chunks.partition(b"\r\n")
-            size = int(size_text.split(b";")[0], 16)
-            if size == 0:
-                return body
-            if len(chunks) < size + 2:
-                return None
-            body, chunks = body + chunks[:size], chunks[size + 2:]
-        return None
-    if b"content-length" in headers:
-        length = int(headers[b"content-length"])
-        return rest[:length] if len(rest) >= length else None
-    return None
-
-
-def exchange(port: int, raw: bytes, wait: float = 10) -> tuple[object, bytes, bytes]:
-    """Send raw bytes; return (status or CLOSE, everything received, the body)."""
-    head_only = raw.startswith(b"HEAD ")
-    data = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
-        try:
-            s.sendall(raw)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # answered and closed before all of the request was read
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            except socket.timeout:
-                raise AssertionError(f"no answer and no close within {wait} s: the request hangs") from None
-            if not chunk:
-                break
-            data += chunk
-            data = INTERIM.sub(b"", data)  # "100 Continue" before the answer
-            if data.startswith(b"HTTP/") and complete(data, head_only) is not None:
-                break
-        else:
-            raise AssertionError(f"no answer and no close within {wait} s: the request hangs")
-    if not data:
-        return CLOSE, data, b""
-    if not data.startswith(b"HTTP/"):
-        return "0.9", data, b""
-    body = complete(data, head_only)
-    assert body is not None, f"a cut-off answer: {data[:500]!r}"
-    return int(data.split(b" ", 2)[1]), data, body
-
-
 VERSION_STRING = re.compile(rb"nginx/\d|TornadoServer|Python/\d|Traceback")
-INTERIM = re.compile(rb"\AHTTP/1\.[01] 1\d\d [^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n")
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])
 @given(raw=requests())
 def test_a_generated_request_gets_a_contract_answer_or_a_clean_close(fuzz_fleet: Fleet, raw: bytes):
-    outcome, data, body = exchange(fuzz_fleet.edge_port, raw)
+    outcome, data = exchange(fuzz_fleet.edge_port, raw, wait=10)
     assert not VERSION_STRING.search(data), data[:500]
     if outcome in (CLOSE, "0.9"):
         return
     assert outcome < 500, f"{outcome} for {raw[:300]!r}:\n{data[:500]!r}"
     if outcome >= 400 and not raw.startswith(b"HEAD "):
-        parsed = json.loads(body)  # an error always says what went wrong, in the contract's JSON
+        parsed = json.loads(complete(data, head_only=False))  # an error always says what went wrong, in the contract's JSON
         assert isinstance(parsed, dict) and {"error", "message", "request_id"} <= set(parsed), parsed
 
 
