@@ -163,6 +163,30 @@ def test_a_job_past_its_deadline_raises_job_timeout_and_its_worker_is_killed_and
     with_pool(body)
 
 
+def test_killed_and_replaced_workers_leave_no_descriptor_behind():
+    """Found by make soak: every killed worker left its sentinel and a pipe end open in the instance
+    for as long as anything referred to the worker; here, the job errors a caller keeps (their
+    tracebacks hold the pool's frames)."""
+    def open_descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def body(pool):
+        await pool.run("fib", {"n": 5}, timeout=10)
+        before = open_descriptors()
+        kept = []
+        for task, args in [("spin", {"seconds": 30}), ("exit_worker", {})] * 3:
+            pids = pool.stats()["pids"]
+            try:
+                await pool.run(task, args, timeout=0.3)
+            except (JobTimeout, WorkerDied) as exc:
+                kept.append(exc)
+            await refilled(pool, -1, pids)
+        assert len(kept) == 6
+        assert open_descriptors() == before
+
+    with_pool(body)
+
+
 def test_cancelling_a_running_job_kills_its_worker():
     async def body(pool):
         before = pool.stats()["pids"]
