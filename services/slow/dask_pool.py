@@ -175,9 +175,15 @@ class DaskPool:
 
     async def _wait(self, future: Any, task: str, timeout: float, client: str) -> tuple[bytes, float]:
         submitted = time.monotonic()
+        # One task awaits the Dask future; callers only ever wait on it through shield(), so a
+        # departed client cannot cancel the job by accident. Its outcome is always retrieved: a
+        # job cancelled for a departed client ends it with FutureCancelledError, which asyncio
+        # would otherwise log, with a traceback, as "Task exception was never retrieved".
+        outcome = asyncio.ensure_future(future)
+        outcome.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
             try:
-                return await asyncio.wait_for(asyncio.shield(future), timeout + GRACE)
+                return await asyncio.wait_for(asyncio.shield(outcome), timeout + GRACE)
             except asyncio.CancelledError:  # the client went away
                 if not (self.kill_on_cancel or self._kill_budget.take()):
                     # Left to finish, keeping its slot; yields to another client's waiting job once
@@ -186,7 +192,7 @@ class DaskPool:
                     end = time.monotonic() + timeout + GRACE
                     while not future.done() and time.monotonic() < end:
                         with contextlib.suppress(Exception):
-                            await asyncio.wait_for(asyncio.shield(future), 0.25)
+                            await asyncio.wait_for(asyncio.shield(outcome), 0.25)
                         if (not future.done() and time.monotonic() - submitted >= RECLAIM_AFTER
                                 and self.others_waiting(client)):
                             self.counters["reclaimed"] += 1

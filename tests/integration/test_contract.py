@@ -113,6 +113,8 @@ def test_a_departed_client_s_running_job_is_stopped(slow_fleet: Fleet):
         runaway = spinner_pid(slow_fleet, before)
     wait_for(lambda: not alive(runaway), timeout=2)  # well before its 2.5 s were up
     assert slow_fleet.get("/slow/fib/10").json()["result"] == 55
+    # the cancelled job's outcome was consumed, not logged as an asyncio error with a traceback
+    assert "never retrieved" not in slow_fleet.log("slow-01")
 
 
 def test_a_job_whose_process_exits_fails_alone_with_502_and_the_next_jobs_are_served(slow_fleet: Fleet):
