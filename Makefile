@@ -13,6 +13,8 @@ FAST_ROUTES := GET /fast, POST /echo
 # compute-once cannot merge (a flood of identical /slow/fib/30 would be a few shared jobs).
 HEAVY_MIX := /slow/digest/300000?data={random}:3,/slow/digest/1000000?data={random}:1,/slow/fib/25:1
 LOAD_OPTS ?=
+SOAK_MINUTES ?= 10
+SOAK_OPTS ?=
 LOCUST_WORKERS ?= 0
 # --processes N when LOCUST_WORKERS > 0, after the shell checked that it is a whole number
 LOCUST_PROCESSES = $(if $(filter-out 0,$(LOCUST_WORKERS)),--processes $(LOCUST_WORKERS))
@@ -22,7 +24,7 @@ EDGE_URL := $(PY) -c 'from deploy.fleet import edge_url; from services.common.se
 FLEET_UP_IF_DOWN := $(PY) -c 'import sys; from deploy.fleet import supervisord_pid; from services.common.settings import load; \
 	sys.exit(0 if supervisord_pid(load()) else 1)' || $(PY) -m deploy.fleet up
 
-.PHONY: deploy-local stop status logs profile reload chaos certs test test-unit test-integration fuzz help bootstrap render load load-check bench
+.PHONY: deploy-local stop status logs profile reload chaos certs test test-unit test-integration fuzz soak help bootstrap render load load-check bench
 
 deploy-local: bootstrap ## Start the fleet (or apply changed settings), wait for /healthz, print the URLs
 	@$(PY) -m deploy.fleet up
@@ -62,6 +64,9 @@ test-integration: bootstrap ## Tests against private fleets in temp run dirs
 
 fuzz: bootstrap ## Generated hostile input by the thousand (Hypothesis): 2,000 per task parser, 5,000 raw requests through a private fleet's edge (about 6 min)
 	@HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/unit/test_task_parsers_fuzz.py tests/integration/test_fuzz_edge.py
+
+soak: bootstrap ## Load for SOAK_MINUTES (10) while faults recur (kills, overruns, bursts, reloads): fails on any failed request, growth or leftover; SOAK_OPTS="--out bench/results"
+	@$(PY) -m deploy.soak --deploy --minutes $(SOAK_MINUTES) $(SOAK_OPTS)
 
 load: bootstrap ## Locust's web UI on http://127.0.0.1:8089 (host preset to the edge; deploys the fleet if it is down); LOCUST_WORKERS=N
 	@$(CHECK_LOCUST_WORKERS)

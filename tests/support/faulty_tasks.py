@@ -73,6 +73,14 @@ def spin(seconds: float) -> float:
     return seconds
 
 
+@task("spin_past_deadline", parse=no_args, timeout=0.5)
+def spin_past_deadline() -> None:
+    """Burns CPU until its own deadline (0.5 s, whatever slow.job_timeout says) kills its worker:
+    the deadline overrun of `make soak`."""
+    while True:
+        pass
+
+
 @task("pid", parse=no_args)
 def pid() -> int:
     return os.getpid()
