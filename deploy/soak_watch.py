@@ -27,7 +27,7 @@ from services.slow import cpu_priority
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 # Kinds of descendants that live as long as their parent program: the rest come and go.
 LONG_LIVED_KINDS = ("nginx master", "nginx worker", "nginx cache manager", "forkserver", "resource tracker")
-WORKER_KIND = "worker"  # a pool's worker: a child of a forkserver (local pool, or a Dask worker's)
+WORKER_KIND = "pool worker"  # a pool's worker: a child of a forkserver (local pool, or a Dask worker's)
 # nginx keeps at most this many idle connections per worker to each upstream (nginx.conf.j2)
 UPSTREAM_KEEPALIVE = 32 + 16
 
@@ -122,7 +122,7 @@ def figures(pid: int, table: dict[int, tuple[int, str, str]]) -> Figures | None:
 
 def pool_workers(processes: list[Proc], table: dict[int, tuple[int, str, str]]) -> int:
     """Live pool workers of the whole fleet: local workers, or the job processes of Dask workers."""
-    return sum(1 for p in processes if p.label.endswith(" " + WORKER_KIND) and table.get(p.pid, (0, "Z"))[1] != "Z")
+    return sum(1 for p in processes if p.label.endswith(f" {WORKER_KIND}") and table.get(p.pid, (0, "Z"))[1] != "Z")
 
 
 # leftovers ----------------------------------------------------------------------------------------

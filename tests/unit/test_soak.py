@@ -70,5 +70,14 @@ def test_an_error_counts_as_hit_only_inside_a_window_of_a_fault_that_could_reach
 def test_a_forkserver_s_children_are_workers_though_they_keep_its_command_line():
     forkserver = "python -c from multiprocessing.forkserver import main; main(...)"
     assert kind_of(forkserver, "python -m services.slow.app") == "forkserver"
-    assert kind_of(forkserver, forkserver) == "worker"
-    assert kind_of("nginx: worker process", "nginx: master process") == "nginx worker"
+    assert kind_of(forkserver, forkserver) == "pool worker"
+    assert kind_of("nginx: worker process", "nginx: master process") == "nginx worker"  # not a pool's
+
+
+def test_only_pool_workers_count_as_workers():
+    from deploy.soak_watch import Proc, pool_workers
+
+    processes = [Proc("nginx worker", 1, True), Proc("slow-01 pool worker", 2, False),
+                 Proc("dask-worker-01 pool worker", 3, False), Proc("slow-01 pool worker", 4, False)]
+    table = {1: (0, "S", ""), 2: (0, "S", ""), 3: (0, "R", ""), 4: (0, "Z", "")}
+    assert pool_workers(processes, table) == 2
