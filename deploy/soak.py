@@ -357,10 +357,8 @@ def with_fault_tasks(settings: Settings) -> Settings:
 
 
 def deploy(settings: Settings) -> Settings:
-    """Deploy the fleet as it runs (or, if it is down, as configured) plus the fault tasks: a
-    running fleet gets them by the usual live change (its slow instances restart one at a time)."""
-    if fleet.supervisord_pid(settings) and (settings.run_dir / "settings.json").exists():
-        settings = Settings.from_snapshot(settings.run_dir / "settings.json")
+    """`make deploy-local` with these settings (fleet.toml and the FLEET_* overrides) plus the fault
+    tasks: a running fleet gets the change live (its slow instances restart one at a time)."""
     wanted = with_fault_tasks(settings)
     fleet.up(wanted)
     return wanted
@@ -500,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds before the first fault, and of each process's own warm-up (default 60)")
     parser.add_argument("--sample-every", type=float, default=5, help="seconds between samples (default 5)")
     parser.add_argument("--deploy", action="store_true",
-                        help="first deploy the fleet (as it runs, or as configured if down) with the fault tasks added")
+                        help="first deploy the fleet as make deploy-local would, with the fault tasks added")
     parser.add_argument("--out", type=Path, help="where soak.md, soak.json and the charts go (default: the run dir's soak/)")
     options = parser.parse_args(argv)
     try:
