@@ -15,7 +15,8 @@ Job errors (pool.JobError) pickle whole, so the slow instance receives exactly w
 would have raised. The worker kills a job's child when the scheduler cancels the job (the client
 went away) through a WorkerPlugin that watches the task leave the executing state.
 
-Loaded into the scheduler, the module only tightens message batching (BATCH_INTERVAL).
+Loaded into the scheduler, the module tightens message batching (BATCH_INTERVAL) and forgets
+finished spans, which Dask would keep forever (forget_finished_spans).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 from distributed import Scheduler, Worker, get_worker
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+from tornado.ioloop import PeriodicCallback
 
 from services.common.settings import Settings
 from services.slow import cpu_priority
@@ -90,6 +92,42 @@ class FastBatches(SchedulerPlugin):
             comm.interval = BATCH_INTERVAL
 
 
+SPANS_KEPT = 100  # finished spans the dashboard still shows
+SPANS_PRUNE_EVERY_MS = 30_000
+
+
+def forget_finished_spans(scheduler: Scheduler, keep: int = SPANS_KEPT) -> int:
+    """Drop the scheduler's oldest spans whose task groups it has all forgotten; keep the newest
+    `keep`. Returns how many went.
+
+    Written here because Dask keeps every span forever (dask/distributed#7977, open): a span
+    starts each time work arrives at an idle cluster, which for a fleet's stream of separate jobs
+    is most jobs. `make soak` measured the managed scheduler's memory grow 22 % in 9 minutes (a
+    span and its task groups, about 5 KB, kept per job). A span whose groups the scheduler still
+    holds stays: a task joining such a group is filed under the group's span (spans.py).
+    """
+    ext = scheduler.extensions.get("spans")
+    if ext is None:
+        return 0
+    live_groups = scheduler.task_groups
+    gone: set[str] = set()
+    for root in ext.root_spans[:-keep] if keep else ext.root_spans:
+        family = list(root.traverse_spans())
+        if all(live_groups.get(tg.name) is not tg for span in family for tg in span.groups):
+            gone.update(span.id for span in family)
+    if not gone:
+        return 0
+    ext.root_spans = [span for span in ext.root_spans if span.id not in gone]
+    for span_id in gone:
+        del ext.spans[span_id]
+    for index in (ext.spans_search_by_name, ext.spans_search_by_tag):
+        for key in list(index):
+            index[key] = [span for span in index[key] if span.id not in gone]
+            if not index[key]:
+                del index[key]
+    return len(gone)
+
+
 def below_the_fast_path(settings: Settings, name: str) -> str | None:
     """Nice this process and put it in an idle cpu cgroup of its own, as local workers are: the
     cluster's own work (dispatching jobs, moving results) never takes a CPU from an event loop.
@@ -109,6 +147,10 @@ async def dask_setup(server: Scheduler | Worker) -> None:
     """The preload's hook: called with the scheduler or the worker it is loaded into."""
     if isinstance(server, Scheduler):
         server.add_plugin(FastBatches(server))
+        # the scheduler stops its periodic callbacks when it closes
+        prune = PeriodicCallback(lambda: forget_finished_spans(server), SPANS_PRUNE_EVERY_MS)
+        server.periodic_callbacks["fleet-forget-finished-spans"] = prune
+        prune.start()
         # The scheduler of an existing cluster may run without the fleet's settings: it then only
         # batches faster, and its host's operator decides its priority.
         if SETTINGS_ENV in os.environ:
