@@ -50,8 +50,8 @@ class Profile:
 FULL = Profile("full", repeat=3, rate=200, fast_samples=2000, rtt_rate=80, rtt_samples=400,
                heavy_clients=4, heavy_n=27, ramp=1.0, heavy_seconds=6, wrk_seconds=5, wrk_warmup=1,
                drain_timeout=20, quiet_wait=30)
-QUICK = Profile("quick", repeat=1, rate=200, fast_samples=300, rtt_rate=80, rtt_samples=80,
-                heavy_clients=4, heavy_n=27, ramp=0.5, heavy_seconds=1.5, wrk_seconds=2, wrk_warmup=0,
+QUICK = Profile("quick", repeat=1, rate=200, fast_samples=200, rtt_rate=80, rtt_samples=80,
+                heavy_clients=4, heavy_n=27, ramp=0.5, heavy_seconds=1.0, wrk_seconds=1, wrk_warmup=0,
                 drain_timeout=5, quiet_wait=0)
 
 

@@ -19,8 +19,8 @@ def test_a_minute_of_load_with_every_fault_loses_nothing_grows_nothing_and_leave
     fleet = private_fleet()  # the test fleets serve the fault tasks (tests.support.faulty_tasks)
     out = tmp_path / "soak"
     result = subprocess.run(
-        [sys.executable, "-m", "deploy.soak", "--minutes", "1", "--fault-every", "2", "--restart-every", "2",
-         "--warmup", "8", "--sample-every", "1", "--out", str(out)],
+        [sys.executable, "-m", "deploy.soak", "--minutes", "0.85", "--fault-every", "2", "--restart-every", "2",
+         "--warmup", "6", "--sample-every", "1", "--out", str(out)],
         cwd=REPO, env=fleet.env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "PASS: nothing failed, was lost, grew or was left behind" in result.stdout
