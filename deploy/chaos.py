@@ -232,12 +232,12 @@ def settings_change(settings: Settings, load: SteadyLoad) -> str:
             f"fast.drain_timeout +1 and back, each applied live")
 
 
-def _raw_client(settings: Settings, source: str, timeout: float = 10) -> socket.socket:
+def raw_client(settings: Settings, source: str, timeout: float = 10) -> socket.socket:
     """A connection to the edge from one local address: a client of its own."""
     return socket.create_connection(("127.0.0.1", settings.edge.port), timeout=timeout, source_address=(source, 0))
 
 
-def _answer(sock: socket.socket) -> tuple[int, dict, bytes]:
+def answer(sock: socket.socket) -> tuple[int, dict, bytes]:
     """Read one HTTP answer (the edge always sends Content-Length): status, headers, body."""
     data = b""
     while b"\r\n\r\n" not in data:
@@ -257,7 +257,7 @@ def _answer(sock: socket.socket) -> tuple[int, dict, bytes]:
     return int(lines[0].split()[1]), headers, body[:length]
 
 
-def _contract_json(body: bytes) -> bool:
+def contract_json(body: bytes) -> bool:
     try:
         return {"error", "message", "request_id"} <= set(json.loads(body))
     except ValueError:
@@ -285,7 +285,7 @@ def abort_storm(settings: Settings, load: SteadyLoad, rate: float = 50, seconds:
             due[1].close()  # hang up before the answer: nginx closes its side, the instance sees it
             open_ones.remove(due)
         if next_send < start + seconds and now >= next_send:
-            sock = _raw_client(settings, "127.0.0.2")
+            sock = raw_client(settings, "127.0.0.2")
             sock.sendall(b"GET /slow/fib/30 HTTP/1.1\r\nHost: storm\r\n\r\n")
             open_ones.append((now + 0.02, sock))
             sent += 1
@@ -314,14 +314,14 @@ def monopolist(settings: Settings, load: SteadyLoad, clients: int = 20, seconds:
     def hog() -> None:
         while time.monotonic() < end:
             try:
-                with _raw_client(settings, "127.0.0.3", timeout=30) as sock:
+                with raw_client(settings, "127.0.0.3", timeout=30) as sock:
                     sock.sendall(b"GET /slow/sleep/1 HTTP/1.1\r\nHost: hog\r\n\r\n")
-                    status, _, body = _answer(sock)
+                    status, _, body = answer(sock)
             except OSError as exc:
                 bad.append(f"no answer: {exc}")
                 continue
             statuses.append(status)
-            if status != 200 and not _contract_json(body):
+            if status != 200 and not contract_json(body):
                 bad.append(f"{status} without the contract's JSON")
             if status == 429:
                 time.sleep(0.2)  # as told by Retry-After, roughly
@@ -346,12 +346,12 @@ def unknown_methods(settings: Settings, load: SteadyLoad, count: int = 2000) -> 
     bad: list[str] = []
 
     def flood(share: int) -> None:
-        with _raw_client(settings, "127.0.0.4") as sock:
+        with raw_client(settings, "127.0.0.4") as sock:
             for i in range(share):
                 method = "".join(random.choices(string.ascii_uppercase, k=8))
                 sock.sendall(f"{method} /fast HTTP/1.1\r\nHost: flood\r\n\r\n".encode())
-                status, headers, body = _answer(sock)
-                if status != 405 or headers.get("x-served-by") != "edge" or not _contract_json(body):
+                status, headers, body = answer(sock)
+                if status != 405 or headers.get("x-served-by") != "edge" or not contract_json(body):
                     bad.append(f"{method}: {status} from {headers.get('x-served-by')}")
 
     threads = [threading.Thread(target=flood, args=(count // 4,), daemon=True) for _ in range(4)]

@@ -80,15 +80,15 @@ def overload_burst(settings: Settings, load: SteadyLoad, clients: int = 4, each:
 
     def one(address: str, i: int) -> None:
         try:
-            with chaos._raw_client(settings, address, timeout=60) as sock:
+            with chaos.raw_client(settings, address, timeout=60) as sock:
                 # distinct seconds: identical jobs would share one (compute once), and never overload
                 sock.sendall(f"GET /slow/sleep/{1 + i / 1000:.3f} HTTP/1.1\r\nHost: burst\r\n\r\n".encode())
-                status, headers, body = chaos._answer(sock)
+                status, headers, body = chaos.answer(sock)
         except OSError as exc:
             bad.append(f"no answer: {exc}")
             return
         statuses.append(status)
-        if status != 200 and not (status in (429, 503) and chaos._contract_json(body) and "retry-after" in headers):
+        if status != 200 and not (status in (429, 503) and chaos.contract_json(body) and "retry-after" in headers):
             bad.append(f"{status} {body[:80]!r}")
 
     before = threading.active_count()
