@@ -109,6 +109,7 @@ import random
 import secrets
 import socket
 import time
+import weakref
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from urllib.parse import urlsplit
@@ -240,6 +241,7 @@ class Recorder:
     ended_at: float | None = None  # when the last phase ended (run over)
     ran_out: bool = False  # the run ended because its last phase did (not stopped early)
     fast: list[tuple[float, float, bool]] = field(default_factory=list)  # start_time, ms, ok
+    unanswered: list[float] = field(default_factory=list)  # start_time of fast samples cut short by the end
     late: list[tuple[float, float]] = field(default_factory=list)  # a fast user's tick: time, ms late
     heavy: list[tuple[float, str]] = field(default_factory=list)  # start_time, ok|shed503|shed429|error
     # heavy requests in flight, per process ("local" or a worker's id): half-second slot -> count
@@ -282,6 +284,7 @@ class Recorder:
             return
         self.workers.add(worker)
         self.fast.extend((t, ms, ok) for t, ms, ok in batch.get("fast", ()))
+        self.unanswered.extend(batch.get("unanswered", ()))
         self.late.extend((t, ms) for t, ms in batch.get("late", ()))
         self.heavy.extend((t, kind) for t, kind in batch.get("heavy", ()))
         self.inflight.setdefault(worker, {}).update((slot, n) for slot, n in batch.get("inflight", ()))
@@ -301,19 +304,20 @@ class Outbox:
     """A worker's samples that the master has not received yet."""
 
     fast: list[tuple[float, float, bool]] = field(default_factory=list)
+    unanswered: list[float] = field(default_factory=list)
     late: list[tuple[float, float]] = field(default_factory=list)
     heavy: list[tuple[float, str]] = field(default_factory=list)
     inflight: list[tuple[float, int]] = field(default_factory=list)  # (half-second slot, count)
     cpu: list[float] = field(default_factory=list)  # when Locust warned about this worker's CPU
 
     def __bool__(self) -> bool:
-        return bool(self.fast or self.late or self.heavy or self.inflight or self.cpu)
+        return bool(self.fast or self.unanswered or self.late or self.heavy or self.inflight or self.cpu)
 
     def take(self, final: bool = False) -> dict:
         """Empties the outbox into a batch for the master; final: the last batch of this run."""
-        batch = {"fast": self.fast, "late": self.late, "heavy": self.heavy, "inflight": self.inflight,
-                 "cpu": self.cpu, "final": final}
-        self.fast, self.late, self.heavy, self.inflight, self.cpu = [], [], [], [], []
+        batch = {"fast": self.fast, "unanswered": self.unanswered, "late": self.late, "heavy": self.heavy,
+                 "inflight": self.inflight, "cpu": self.cpu, "final": final}
+        self.fast, self.unanswered, self.late, self.heavy, self.inflight, self.cpu = [], [], [], [], [], []
         return batch
 
 
@@ -558,6 +562,13 @@ def table_rows(rec: Recorder) -> list[dict[str, str]]:
     return rows
 
 
+def unanswered_count(rec: Recorder) -> int:
+    """Fast requests in the phase windows that the end of the run cut short (counted in the table,
+    never in Locust's own stats, which only see answers)."""
+    start, end = rec.starts[0] if rec.starts else 0.0, rec.ended_at or math.inf
+    return sum(1 for t in rec.unanswered if start <= t < end)
+
+
 def report_text(rec: Recorder) -> str:
     rows = table_rows(rec)
     keys = [k for k, _ in COLUMNS if k != "check"]
@@ -571,6 +582,10 @@ def report_text(rec: Recorder) -> str:
     v = judge(rec)
     lines.append("rules:")
     lines += [f"  {'ok' if ok else 'not judged' if ok is None else 'BROKEN':>10}  {text}" for ok, text in v.checks]
+    cut_short = unanswered_count(rec)
+    if cut_short:
+        lines.append(f"note: {cut_short:,} fast requests were still unanswered when the run ended; "
+                     "each counts with the time it had waited")
     lines.append(f"VERDICT: {v.verdict}: {v.reason}")
     return "\n".join(lines)
 
@@ -604,6 +619,7 @@ class FastUser(FastHttpUser):
     """
 
     concurrency = 32  # connections per user: requests overlap only while the server is slow
+    alive: "weakref.WeakSet[FastUser]" = weakref.WeakSet()  # this process's users (a worker's flush cuts them short)
 
     def __init__(self, environment):
         o = options(environment)
@@ -614,11 +630,15 @@ class FastUser(FastHttpUser):
         self.sends = gevent.pool.Group()
         # Users start together at a phase change: spread their ticks over one period.
         self.next_tick = time.monotonic() + random.uniform(0, self.period)
+        FastUser.alive.add(self)
 
     def wait_time(self) -> float:
         return max(0.0, self.next_tick - time.monotonic())
 
     def on_stop(self) -> None:
+        self.cut_short()
+
+    def cut_short(self) -> None:
         self.sends.kill(block=True, timeout=2)  # each one left records itself (send)
 
     @task
@@ -649,6 +669,7 @@ class FastUser(FastHttpUser):
             # so far, the least it would have taken.
             sink = OUTBOX if Node.role == "worker" else RECORDER
             sink.fast.append((started, (time.perf_counter() - clock) * 1000, True))
+            sink.unanswered.append(started)
             raise
 
 
@@ -870,6 +891,15 @@ def on_samples_message(environment, msg, **_kwargs):
         RECORDER.merge(msg.node_id, msg.data)
 
 
+def on_flush_message(environment, **_kwargs):
+    """Worker: the master's run is over (its users run on until "quit"). The fast requests still in
+    flight are recorded now, cut short as a stopped user's are (the slowest answers of a stalled
+    server are among them), then everything goes to the master as the last batch."""
+    for user in list(FastUser.alive):
+        user.cut_short()
+    send_last_samples(environment.runner)
+
+
 def on_report_to_master(client_id, data, **_kwargs):
     """Worker: ride along with Locust's stats report (every 3 s)."""
     if OUTBOX:
@@ -886,7 +916,7 @@ def setup_node(environment) -> None:
     elif isinstance(runner, WorkerRunner):
         Node.role = "worker"
         environment.events.report_to_master.add_listener(on_report_to_master)
-        runner.register_message(FLUSH_MESSAGE, lambda environment, **_kw: send_last_samples(environment.runner))
+        runner.register_message(FLUSH_MESSAGE, on_flush_message)
     else:
         Node.role = "local"
     if Node.role != "master":  # a master runs no users
