@@ -86,7 +86,7 @@ load-check: bootstrap ## Headless isolation proof against the fleet: per-phase t
 bootstrap:
 	@$(BOOTSTRAP)
 
-bench: bootstrap ## Benchmark naive, pool, fleet and the edge ceiling side by side; results in bench/results/
+bench: bootstrap ## Benchmark the fleet against naive, pool, the peers (FastAPI, gunicorn, Tornado+Dask) and the machine's floor; results in bench/results/
 	@bench/bootstrap.sh
 	@$(PY) -m bench $(BENCH_ARGS)
 	@# The hot-key scenario (compute once on and off, and the edge cache), bench/hotkey.py.

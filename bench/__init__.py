@@ -1,4 +1,5 @@
-"""`make bench`: the fleet against the simpler set-ups, side by side (issue 5).
+"""`make bench`: the fleet against the simpler set-ups, what users would run instead and the machine's
+floor, side by side (issues 5 and 12).
 
     .venv/bin/python -m bench                    # every configuration, 3 repetitions
     .venv/bin/python -m bench --quick            # smoke run: 1 repetition, short phases
@@ -7,7 +8,11 @@
 
 Modules, one role each:
     __main__     command line; runs every configuration, repetitions interleaved; writes the results
-    subjects     the configurations under test (naive, pool, fleet, edge): start, processes, stop
+    subjects     the configurations under test (naive, pool, peers, fleet, floor, edge): start,
+                 processes, stop
+    peers/       the peers' servers (FastAPI, gunicorn sync / gthread + dirty arbiters, Tornado +
+                 Dask), run from their own environment, bench/peers/.venv (see peers/__init__.py)
+    floor        the floor: nginx -> one Tornado Hello, and the burners that stand in for a flood
     naive_server one Tornado process computing the heavy task in its handler
     pool_server  one Tornado process with a concurrent.futures process pool, no nginx
     edge         the minimal nginx config that answers /fast itself (the edge ceiling)

@@ -1,4 +1,5 @@
-"""The edge ceiling: nginx answering /fast itself, the most the fleet's edge path could give.
+"""The edge ceiling: nginx answering /fast itself, the most the fleet's edge path could give; and the
+floor's edge: the same nginx passing /fast to one Tornado instance (bench/floor.py).
 
 Same nginx, same worker count and client keep-alive as the fleet's defaults, the same buffered
 access log, but no upstream: `location = /fast { return 200 "Hello!"; }`. Rendered into a temp dir
@@ -37,12 +38,12 @@ http {{
     log_format bench '$remote_addr [$time_iso8601] "$request" $status $body_bytes_sent $request_time';
     access_log {dir}/access.log bench buffer=64k flush=1s;   # as the fleet: buffered
 
+{upstream}
     server {{
         listen 127.0.0.1:{port} default_server;
         server_name _;
         location = /fast {{
-            default_type text/plain;
-            return 200 "Hello!";
+{fast}
         }}
         location = /healthz {{
             default_type application/json;
@@ -60,13 +61,34 @@ def nginx_binary() -> str:
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def render(directory: Path, port: int) -> Path:
-    """Write nginx.conf into `directory` (with its temp dirs); return the config's path."""
+ANSWER_ITSELF = """\
+            default_type text/plain;
+            return 200 "Hello!";"""
+
+# As the fleet's edge passes /fast (nginx/nginx.conf.j2), to one instance.
+PASS_TO_INSTANCE = """\
+            proxy_pass http://fast;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";   # keep the upstream connection alive"""
+
+UPSTREAM = """\
+    upstream fast {{
+        server 127.0.0.1:{port};
+        keepalive 32;             # idle connections kept per worker, as the fleet's
+        keepalive_requests 100000;
+    }}"""
+
+
+def render(directory: Path, port: int, instance_port: int | None = None) -> Path:
+    """Write nginx.conf into `directory` (with its temp dirs); return the config's path. With
+    `instance_port`, /fast goes to the instance there; without, nginx answers it itself."""
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (directory / "temp" / sub).mkdir(parents=True, exist_ok=True)
     workers = load(env={}).edge.worker_processes  # the fleet's default (deploy/fleet.toml)
     conf = directory / "nginx.conf"
-    conf.write_text(TEMPLATE.format(dir=directory, port=port, workers=workers))
+    upstream = UPSTREAM.format(port=instance_port) if instance_port else ""
+    fast = PASS_TO_INSTANCE if instance_port else ANSWER_ITSELF
+    conf.write_text(TEMPLATE.format(dir=directory, port=port, workers=workers, upstream=upstream, fast=fast))
     return conf
 
 

@@ -14,27 +14,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
-import time
 
 from tornado import web
 from tornado.httpserver import HTTPServer
 
-from services.slow.tasks import fib
+from bench.peers.common import FIB_PATH, fib_body, timed_fib
 
 
-# Both baseline servers (this one and pool_server.py) answer fib for n <= 35, like the fleet.
-FIB_ROUTE = r"/slow/fib/([0-9]|[12][0-9]|3[0-5])"
-
-
-def timed_fib(n: int) -> tuple[int, float]:
-    started = time.perf_counter()
-    return fib(n), 1000 * (time.perf_counter() - started)
-
-
-def fib_body(n: int, result: int, elapsed_ms: float) -> str:
-    return json.dumps({"task": "fib", "n": n, "result": result, "elapsed_ms": round(elapsed_ms, 2)})
+FIB_ROUTE = FIB_PATH.pattern  # n <= 35, like the fleet (and every peer)
 
 
 class Hello(web.RequestHandler):
@@ -72,7 +60,15 @@ async def serve(port: int, role: str, fib_route: tuple) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True)
-    asyncio.run(serve(parser.parse_args().port, "naive", (FIB_ROUTE, Fib)))
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="event loop (the floor's instance runs uvloop, as the fleet's instances do)")
+    parser.add_argument("--role", default="naive")
+    options = parser.parse_args()
+    run = asyncio.run
+    if options.loop == "uvloop":
+        import uvloop
+        run = uvloop.run
+    run(serve(options.port, options.role, (FIB_ROUTE, Fib)))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ For a configuration with a heavy route, in this order:
                     (started `ramp` s earlier so every worker is busy); memory sampled throughout
   6. heavy          the heavy clients alone for `heavy_seconds`: completed jobs per second
   7. saturation     wrk -t1 -c32 on /fast (closed loop); memory sampled throughout
-The edge ceiling has no heavy route: phases 1-3 and 7 only.
+The edge ceiling has no heavy route: phases 1-3 and 7 only. The floor has none either; its phase 5
+is the same open loop while W burners spin at the fleet's worker priority (bench/floor.py).
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class Profile:
 FULL = Profile("full", repeat=3, rate=200, fast_samples=2000, rtt_rate=80, rtt_samples=400,
                heavy_clients=4, heavy_n=27, ramp=1.0, heavy_seconds=6, wrk_seconds=5, wrk_warmup=1,
                drain_timeout=20, quiet_wait=30)
-QUICK = Profile("quick", repeat=1, rate=200, fast_samples=200, rtt_rate=80, rtt_samples=80,
-                heavy_clients=4, heavy_n=27, ramp=0.5, heavy_seconds=1.0, wrk_seconds=1, wrk_warmup=0,
+QUICK = Profile("quick", repeat=1, rate=200, fast_samples=120, rtt_rate=80, rtt_samples=40,
+                heavy_clients=4, heavy_n=27, ramp=0.3, heavy_seconds=0.7, wrk_seconds=1, wrk_warmup=0,
                 drain_timeout=5, quiet_wait=0)
 
 
@@ -101,11 +102,11 @@ class MemorySampler:
 async def warm_up(subject: Subject, heavy_n: int) -> None:
     conn = await HttpConnection.open(HOST, subject.port)
     try:
-        for _ in range(20):
-            await conn.get("/fast")
+        for path in ["/fast"] * 20 + (["/slow/fib/1"] * 4 if subject.has_slow else []):
+            if conn.closed:  # a server without keep-alive (gunicorn's sync workers)
+                conn = await HttpConnection.open(HOST, subject.port)
+            await conn.get(path)
         if subject.has_slow:
-            for _ in range(4):
-                await conn.get("/slow/fib/1")
             # one heavy job per worker, at once, so that every worker has run one
             await asyncio.gather(*(_one(subject.port, f"/slow/fib/{heavy_n}") for _ in range(subject.workers)))
     finally:
@@ -157,6 +158,13 @@ def measure(subject: Subject, p: Profile, say: Callable[[str], None] = lambda _:
     m["idle"] = summarize(idle["/fast"])
     m["foreign_cores"]["idle"] = foreign.cores
     load_samples: list[dict] = []
+    if hasattr(subject, "burners"):  # the floor: spinning burners at worker priority stand in for the flood
+        say("fast under burners")
+        with subject.burners(), ForeignCpu(subject.processes) as foreign:
+            time.sleep(p.ramp)
+            burned = asyncio.run(open_loop(HOST, subject.port, ["/fast"], p.rate, p.fast_samples, p.drain_timeout))
+        m["flood"] = summarize(burned["/fast"])
+        m["foreign_cores"]["flood"] = foreign.cores
     if subject.has_slow:
         say("round trip")
         with ForeignCpu(subject.processes) as foreign:

@@ -22,7 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 from tornado import web
 
-from bench.naive_server import FIB_ROUTE, fib_body, serve, timed_fib
+from bench.naive_server import FIB_ROUTE, serve
+from bench.peers.common import fib_body, timed_fib
 
 
 def _worker_init(nice: int) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench.stats import Spread, ratio
-from bench.subjects import DESCRIPTIONS
+from bench.subjects import DESCRIPTIONS, PEERS
 
 
 # figures of one repetition ------------------------------------------------------------------------
@@ -31,7 +31,7 @@ def figures(record: dict) -> dict[str, float | None]:
     f: dict[str, float | None] = {}
     for phase in ("idle", "flood"):
         cell = m.get(phase) or {}
-        for key in ("p50", "p95", "p99", "rate"):
+        for key in ("p50", "p95", "p99", "rate", "lateness_p99"):
             f[f"{phase}_{key}"] = cell.get(key)
     f["isolation"] = ratio(f["flood_p99"], f["idle_p99"])
     rtt = m.get("rtt") or {}
@@ -63,8 +63,24 @@ def cross_figures(records: list[dict]) -> dict[str, list[float]]:
     by_rep: dict[int, dict[str, dict]] = {}
     for r in records:
         by_rep.setdefault(r["rep"], {})[r["config"]] = figures(r)
-    out: dict[str, list[float]] = {"fleet_over_pool_wrk": [], "dask_over_local_isolation": []}
+    out: dict[str, list[float]] = {"fleet_over_pool_wrk": [], "dask_over_local_isolation": [],
+                                   "fleet_over_floor_isolation": [], "fleet_flood_p99_over_lowest_other": [],
+                                   "fleet_wrk_over_best_peer": [], "fleet_heavy_over_best_peer": []}
     for rep in sorted(by_rep):
+        fleet = by_rep[rep].get("fleet") or {}
+        value = ratio(fleet.get("isolation"), (by_rep[rep].get("floor") or {}).get("isolation"))
+        if value is not None:
+            out["fleet_over_floor_isolation"].append(value)
+        # The others: every configuration with a heavy route but the fleet on its default pool.
+        others = {n: f for n, f in by_rep[rep].items() if n not in ("fleet", "floor", "edge")}
+        peers = {n: f for n, f in others.items() if n in PEERS_AND_BASELINES}
+        for key, name, pick, among in (("flood_p99", "fleet_flood_p99_over_lowest_other", min, others),
+                                       ("wrk_rps", "fleet_wrk_over_best_peer", max, peers),
+                                       ("heavy_jobs_s", "fleet_heavy_over_best_peer", max, peers)):
+            values = [f[key] for f in among.values() if f.get(key) is not None]
+            value = ratio(fleet.get(key), pick(values)) if values else None
+            if value is not None:
+                out[name].append(value)
         value = ratio((by_rep[rep].get("fleet") or {}).get("wrk_rps"), (by_rep[rep].get("pool") or {}).get("wrk_rps"))
         if value is not None:
             out["fleet_over_pool_wrk"].append(value)
@@ -73,6 +89,9 @@ def cross_figures(records: list[dict]) -> dict[str, list[float]]:
         if value is not None:
             out["dask_over_local_isolation"].append(value)
     return out
+
+
+PEERS_AND_BASELINES = ("naive", "pool", *PEERS)  # what a user would run instead of the fleet
 
 
 def aggregate(records: list[dict], configs: list[str]) -> dict:
@@ -111,6 +130,10 @@ def _dask_isolation_over_local(agg: dict) -> Spread | None:
     return agg["cross"].get("dask_over_local_isolation")
 
 
+def _cross(key: str) -> Callable[[dict], Spread | None]:
+    return lambda agg: agg["cross"].get(key)
+
+
 TARGETS = [
     Target("isolation ratio, fleet (fast p99 under flood ÷ idle)", "<=", 1.2, "", _fleet("isolation"),
            "naive ≈ 1,000; pool ≈ 3.3"),
@@ -125,6 +148,14 @@ TARGETS = [
     Target("Dask: parallel efficiency (W Dask workers vs 1)", ">=", 0.9, "", _fleet("efficiency", "fleet-dask"), ""),
     Target("Dask: isolation ratio ÷ the local pool's, same repetition", "<=", 1.0, "", _dask_isolation_over_local,
            "no worse than the local pool"),
+    Target("peers: fleet isolation ratio ÷ the floor's, same repetition", "<=", 1.2, "", _cross("fleet_over_floor_isolation"),
+           "issue 12: the floor is nginx + one Tornado Hello beside spinning burners"),
+    Target("peers: fleet fast p99 under flood ÷ the lowest other subject's", "<=", 1.0, "",
+           _cross("fleet_flood_p99_over_lowest_other"), "issue 12: lowest of all subjects"),
+    Target("peers: fleet fast req/s (wrk) ÷ the best peer's", ">=", 1.0, "", _cross("fleet_wrk_over_best_peer"),
+           "issue 12: at least every peer's"),
+    Target("peers: fleet heavy jobs/s ÷ the best peer's", ">=", 0.9, "", _cross("fleet_heavy_over_best_peer"),
+           "issue 12"),
 ]
 
 
@@ -213,7 +244,7 @@ def markdown(records: list[dict], agg: dict, configs: list[str], profile: dict, 
         "",
         *([f"**Not the defaults**: the fleet ran with {', '.join(f'`{k}={v}`' for k, v in run['fleet_env'].items())} "
            "(`--fleet-env`).", ""] if run.get("fleet_env") else []),
-        "## Targets (issue 5; the Dask rows: issue 9)",
+        "## Targets (issue 5; the Dask rows: issue 9; the peers' rows: issue 12)",
         "",
     ]
     rows = []
@@ -232,13 +263,18 @@ def markdown(records: list[dict], agg: dict, configs: list[str], profile: dict, 
         f"GET /fast sent on a fixed schedule, latency counted from each request's **scheduled** send time "
         f"(no coordinated omission), {p['fast_samples']:,} requests per cell. Flood: {p['heavy_clients']} "
         f"clients looping `/slow/fib/{p['heavy_n']}` back to back, started {p['ramp']:g} s before the "
-        f"measurement. Achieved rate: answers per second actually received.",
+        f"measurement. Achieved rate: answers per second actually received. The floor's flood is "
+        "W burners spinning at the fleet's worker priority (no heavy route). Probe late: how late the "
+        "load generator itself sent (p99 of each send's delay past its schedule): a cell whose probe ran "
+        "late measured the load generator as much as the subject.",
         "",
     ]
     lat_keys = [("idle_p50", "ms"), ("idle_p95", "ms"), ("idle_p99", "ms"), ("flood_p50", "ms"), ("flood_p95", "ms"),
-                ("flood_p99", "ms"), ("isolation", "ratio"), ("idle_rate", "ms"), ("flood_rate", "ms")]
+                ("flood_p99", "ms"), ("isolation", "ratio"), ("idle_rate", "ms"), ("flood_rate", "ms"),
+                ("idle_lateness_p99", "ms"), ("flood_lateness_p99", "ms")]
     out += [table(["configuration", "idle p50", "idle p95", "idle p99", "flood p50", "flood p95", "flood p99",
-                   "isolation (p99 flood ÷ idle)", "achieved req/s idle", "achieved req/s flood"],
+                   "isolation (p99 flood ÷ idle)", "achieved req/s idle", "achieved req/s flood",
+                   "probe late p99 idle", "probe late p99 flood"],
                   [row(n, lat_keys) for n in configs]), ""]
     out += [
         "## Throughput",

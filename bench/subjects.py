@@ -5,6 +5,10 @@
     fleet  this project through nginx, deploy/fleet.toml defaults, in a temp run dir on free ports
     fleet-dask  the same with slow.backend = "dask": a managed cluster of W Dask workers
     edge   nginx answering /fast itself, the ceiling of the edge path     (bench/edge.py)
+    floor  nginx -> one Tornado "Hello!", spinning burners for a flood     (bench/floor.py)
+    peers  what users would run instead, from bench/peers/.venv           (bench/peers/)
+           fastapi, gunicorn-sync, gunicorn-sync-2w, gunicorn-dirty, gunicorn-dirty-nice,
+           tornado-dask
 
 `pool`, `fleet` and `fleet-dask` also exist with one heavy worker (workers=1), for the parallel
 efficiency.
@@ -16,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench import edge, procs
@@ -25,10 +30,19 @@ REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 START_TIMEOUT = 60  # seconds a configuration may take to answer /healthz
 
-CONFIGS = ("naive", "pool", "fleet", "fleet-dask", "edge")
+PEER_BIN = REPO / "bench" / "peers" / ".venv" / "bin"
+PEERS = ("fastapi", "gunicorn-sync", "gunicorn-sync-2w", "gunicorn-dirty", "gunicorn-dirty-nice", "tornado-dask")
+CONFIGS = ("naive", "pool", *PEERS, "fleet", "fleet-dask", "floor", "edge")
 DESCRIPTIONS = {
     "naive": "one Tornado process, fib computed in the handler",
     "pool": "one Tornado process + ProcessPoolExecutor (W workers, not niced), no nginx",
+    "fastapi": "gunicorn + uvicorn workers (one per core) + FastAPI, fib in a ProcessPoolExecutor per worker",
+    "gunicorn-sync": "gunicorn sync workers (W+1), fib computed in the request",
+    "gunicorn-sync-2w": "gunicorn sync workers (2W+1), fib computed in the request",
+    "gunicorn-dirty": "gunicorn gthread (one worker per core, 8 threads) + W dirty arbiter workers for fib",
+    "gunicorn-dirty-nice": "the same, dirty workers niced and in the idle cgroup as the fleet's (dirty_worker_init hook)",
+    "tornado-dask": "source document 000: Tornado + Dask Client(asynchronous=True), local cluster, pure=False",
+    "floor": "nginx -> one Tornado Hello; flood = W burners spinning at the fleet's worker priority",
     "fleet": "this project: nginx + fast and slow instances + worker pool, fleet.toml defaults",
     "fleet-dask": "this project with slow.backend = dask: jobs on a managed Dask cluster of W workers",
     "edge": "nginx answering /fast itself (return 200): the edge path's ceiling",
@@ -209,6 +223,110 @@ class Fleet(Subject):
         return len(leftovers)
 
 
+class Peer(Subject):
+    """A peer from bench/peers/, run from its own environment (bench/bootstrap.sh builds it)."""
+
+    def __init__(self, workdir: Path, name: str):
+        self.name = name
+        w = default_workers()
+        cores = os.cpu_count() or 1
+        # Processes computing heavy jobs in parallel: what the peer's own defaults give.
+        self.workers = {"fastapi": cores * cores, "gunicorn-sync": w + 1, "gunicorn-sync-2w": 2 * w + 1,
+                        "tornado-dask": cores}.get(name, w)
+        super().__init__(workdir)
+
+    def command(self) -> list[str]:
+        w, cores = default_workers(), os.cpu_count() or 1
+        gunicorn = [str(PEER_BIN / "gunicorn"), "--bind", f"{HOST}:{self.port}",
+                    "--no-control-socket"]  # no control socket left in $HOME or the working directory
+        dirty = ["--worker-class", "gthread", "--workers", str(cores), "--threads", "8",
+                 "--dirty-app", "bench.peers.wsgi_app:FibApp", "--dirty-workers", str(w)]
+        return {
+            "fastapi": [*gunicorn, "--worker-class", "uvicorn_worker.UvicornWorker", "--workers", str(cores),
+                        "bench.peers.asgi_pool:app"],
+            "gunicorn-sync": [*gunicorn, "--workers", str(w + 1), "bench.peers.wsgi_app:app"],
+            "gunicorn-sync-2w": [*gunicorn, "--workers", str(2 * w + 1), "bench.peers.wsgi_app:app"],
+            "gunicorn-dirty": [*gunicorn, *dirty, "bench.peers.wsgi_app:dirty_app"],
+            "gunicorn-dirty-nice": [*gunicorn, "--config", "python:bench.peers.dirty_nice", *dirty,
+                                    "bench.peers.wsgi_app:dirty_app"],
+            "tornado-dask": [str(PEER_BIN / "python"), "-m", "bench.peers.tornado_dask", "--port", str(self.port)],
+        }[self.name]
+
+    def start(self) -> None:
+        if not (PEER_BIN / "python").exists():
+            raise RuntimeError(f"{PEER_BIN.parent} is missing: run `make bench` (bench/bootstrap.sh builds it)")
+        self.port = procs.free_port_block(1)
+        slow = load(env={}).slow
+        env = {**clean_env(), "PYTHONPATH": str(REPO), "PEER_NICE": str(slow.nice),
+               "PEER_IDLE_CGROUP": f"bench-peer-{os.getpid()}" if slow.idle_cgroup else "",
+               "PEER_CGROUP_RECORD": str(self.workdir)}
+        self.popen = procs.spawn(self.command(), self.log, env=env, cwd=REPO)
+        procs.wait_http(f"http://{HOST}:{self.port}/healthz", START_TIMEOUT, self.popen, self.log)
+
+    def stop(self) -> int:
+        """The server's own graceful stop (SIGTERM to its master); then a second for the rest of
+        its processes, and SIGKILL for any left. fastapi's pool processes are: forked by a uvicorn
+        worker, they inherit its SIGTERM handler (which only sets a flag) and its listening socket,
+        and outlive gunicorn's stop holding the port (measured; counted in the results' notes)."""
+        if self.popen is None:
+            return 0
+        family = procs.identify(self.processes())
+        killed = procs.stop(family[:1], grace=10)
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline and any(procs.alive(p) for p in family[1:]):
+            time.sleep(0.05)
+        left = [p for p in family[1:] if procs.alive(p)]
+        if left:
+            killed += procs.stop(left, first=signal.SIGKILL, grace=0)
+        procs.reap(self.popen)
+        from services.slow import cpu_priority  # the niced dirty workers' group, once they are gone
+        cpu_priority.remove_recorded(self.workdir / cpu_priority.RECORD)
+        return killed
+
+
+class Floor(Subject):
+    """nginx -> one Tornado "Hello!" (bench/floor.py); the flood phase runs W burners instead."""
+
+    name = "floor"
+    workers = None  # no heavy route: the burners stand in for the flood
+
+    def __init__(self, workdir: Path):
+        super().__init__(workdir)
+        self.instance: subprocess.Popen | None = None
+        self.burner_count = default_workers()
+        self._burners = None  # bench.floor.Burners, once the flood phase made them
+
+    def start(self) -> None:
+        base = procs.free_port_block(2)
+        self.port, instance_port = base, base + 1
+        self.instance = procs.spawn([sys.executable, "-m", "bench.naive_server", "--port", str(instance_port),
+                                     "--loop", "uvloop", "--role", "floor"], self.log, env=clean_env(), cwd=REPO)
+        procs.wait_http(f"http://{HOST}:{instance_port}/healthz", START_TIMEOUT, self.instance, self.log)
+        edge.render(self.workdir, self.port, instance_port)
+        self.popen = procs.spawn(edge.command(self.workdir), self.log, env=clean_env(), cwd=self.workdir)
+        procs.wait_http(f"http://{HOST}:{self.port}/fast", START_TIMEOUT, self.popen, self.log)
+
+    def burners(self):
+        from bench.floor import Burners
+        slow = load(env={}).slow
+        self._burners = Burners(self.burner_count, slow.nice, slow.idle_cgroup, self.workdir, self.log)
+        return self._burners
+
+    def processes(self) -> list[int]:
+        burners = self._burners.pids() if self._burners is not None else []
+        return [*(procs.tree(self.instance.pid) if self.instance else []), *super().processes(), *burners]
+
+    def stop(self) -> int:
+        killed = 0
+        if self.popen is not None:
+            killed += len(procs.stop(procs.identify(procs.tree(self.popen.pid)), first=signal.SIGQUIT, grace=10))
+            procs.reap(self.popen)
+        if self.instance is not None:
+            killed += len(procs.stop(procs.identify(procs.tree(self.instance.pid)), grace=10))
+            procs.reap(self.instance)
+        return killed
+
+
 def make(name: str, workdir: Path, workers: int | None = None, overrides: dict[str, str] | None = None) -> Subject:
     if name == "naive":
         return Naive(workdir)
@@ -220,4 +338,8 @@ def make(name: str, workdir: Path, workers: int | None = None, overrides: dict[s
         return Fleet(workdir, workers, {**(overrides or {}), "FLEET_SLOW_BACKEND": "dask"}, name="fleet-dask")
     if name == "edge":
         return Edge(workdir)
+    if name == "floor":
+        return Floor(workdir)
+    if name in PEERS:
+        return Peer(workdir, name)
     raise ValueError(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
