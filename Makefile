@@ -91,6 +91,10 @@ bench: bootstrap ## Benchmark the fleet against naive, pool, the peers (FastAPI,
 	@$(PY) -m bench $(BENCH_ARGS)
 	@# The hot-key scenario (compute once on and off, and the edge cache), bench/hotkey.py.
 	@$(PY) -m bench.hotkey $(if $(findstring --quick,$(BENCH_ARGS)),--rounds 1 --waves 3 --out bench/results-quick/hotkey.md,--out bench/results/hotkey.md)
+	@# Fast latency across load levels, idle and under the flood (bench/levels.py), and source
+	@# document 000's two experiments (bench/doc000.py).
+	@$(PY) -m bench.levels $(if $(findstring --quick,$(BENCH_ARGS)),--quick --out bench/results-quick,--out bench/results)
+	@$(PY) -m bench.doc000 $(if $(findstring --quick,$(BENCH_ARGS)),--repeat 1 --out bench/results-quick/doc000.md,--out bench/results/doc000.md)
 
 help: ## This list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'

@@ -27,4 +27,7 @@ Modules, one role each:
     report       results.md, results.json and machine.md
     charts       the PNG charts (matplotlib, Agg)
     levers       `python -m bench.levers`: A/B runs of one lever at a time (results/levers.md)
+    levels       `python -m bench.levels`: fast p50/p99 at fixed rates up to saturation, idle and
+                 under the flood, per configuration (results/levels.md, levels.png)
+    doc000       `python -m bench.doc000`: source document 000's experiments (results/doc000.md)
 """

@@ -127,7 +127,7 @@ class Bench:
             record["m"] = phases.measure(subject, p, say=lambda phase: self.say(f"    {phase}"))
         finally:
             record["killed"] = self.stop(subject)
-        if name in ("pool", "fleet", "fleet-dask") and subject.workers and subject.workers > 1:
+        if p.one_worker_runs and name in ("pool", "fleet", "fleet-dask") and subject.workers and subject.workers > 1:
             self.say("    heavy throughput with one worker")
             one = subjects.make(name, self.workdir / f"rep{rep + 1}" / f"{name}-w1", workers=1,
                                 overrides=self.fleet_env)

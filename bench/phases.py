@@ -46,6 +46,7 @@ class Profile:
     drain_timeout: float  # seconds to wait for the last answers of an open-loop run
     quiet_wait: float  # seconds to wait, before each configuration, for other programs to calm down
     memory_interval: float = 0.5
+    one_worker_runs: bool = True  # the heavy run with one worker (parallel efficiency)
 
 
 FULL = Profile("full", repeat=3, rate=200, fast_samples=2000, rtt_rate=80, rtt_samples=400,
@@ -53,7 +54,7 @@ FULL = Profile("full", repeat=3, rate=200, fast_samples=2000, rtt_rate=80, rtt_s
                drain_timeout=20, quiet_wait=30)
 QUICK = Profile("quick", repeat=1, rate=200, fast_samples=120, rtt_rate=80, rtt_samples=40,
                 heavy_clients=4, heavy_n=27, ramp=0.3, heavy_seconds=0.7, wrk_seconds=1, wrk_warmup=0,
-                drain_timeout=5, quiet_wait=0)
+                drain_timeout=5, quiet_wait=0, one_worker_runs=False)
 
 
 def summarize(s: Samples) -> dict:

@@ -216,12 +216,17 @@ class Tally:
             reachable = o.route.kind in may_hit or f"{o.route.kind} {o.route.method}" in may_hit
             if o.idle_race and any(start <= o.started <= seen + 1.0 for start, seen in reloads):
                 t.reload_races += 1
+                kind = "reload race"
             elif not o.json_error:
                 t.lost += 1
+                kind = "LOST"
             elif reachable:
                 t.hit += 1
+                kind = "hit"
             else:
                 t.failed += 1
-            if len(t.examples) < 5:
-                t.examples.append(f"{o.route.name}: {o.status} {o.error}")
+                kind = "FAILED"
+            t.examples.append(f"{kind}: {o.route.name}: {o.status} {o.error}")
+        # The ones that make a verdict fail first, and a few of each kind at most.
+        t.examples = sorted(t.examples, key=lambda e: not e.startswith(("FAILED", "LOST")))[:5]
         return t

@@ -405,7 +405,8 @@ def _tally(outcomes, windows, reloads) -> Tally:
         t = Tally.of(group, reach, reloads)
         for name in ("sent", "failed", "hit", "lost", "retried", "reload_races"):
             setattr(total, name, getattr(total, name) + getattr(t, name))
-        total.examples += t.examples[: 5 - len(total.examples)]
+        total.examples += t.examples
+    total.examples = sorted(total.examples, key=lambda e: not e.startswith(("FAILED", "LOST")))[:5]
     return total
 
 

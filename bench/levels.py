@@ -1,0 +1,213 @@
+"""Fast latency across load levels, idle and under the heavy flood (source document 004's method).
+
+    .venv/bin/python -m bench.levels [--quick] [--configs fleet,fastapi,...] [--rates 250,500,1000,2000]
+                                     [--repeat N] [--out DIR]
+
+For each configuration, started once per repetition (repetitions interleaved): its saturation
+point first (wrk, closed loop), then GET /fast open loop at each fixed rate and at the saturation
+point, each rate idle and then under the flood (the floor: its burners). p50/p99 from the
+scheduled send time, the rate achieved, and the load generator's own lateness. Results:
+DIR/levels.md and DIR/levels.png (p99 against the offered rate, one line per configuration).
+
+The target (issue 12): at every level up to 80 % of its saturation, the fleet's p99 under the
+flood is at most 2 x its idle p99 at that level. The load generator is one Python process on
+the same 2 cores: where it cannot keep the schedule, its lateness column says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench import phases, subjects, wrk
+from bench.levers import Started
+from bench.load import HeavyFlood, open_loop
+from bench.report import cell, num, table
+from bench.stats import Spread
+
+HOST = subjects.HOST
+DEFAULT_CONFIGS = ("fastapi", "gunicorn-dirty-nice", "tornado-dask", "fleet", "fleet-dask", "floor")
+RATES = (250, 500, 1000, 2000)
+SECONDS = {"full": 4.0, "quick": 0.5}  # of open-loop sending per cell
+MAX_RATIO = 2.0  # the target: p99 under the flood <= 2 x idle p99, up to 80 % of saturation
+UP_TO = 0.8
+
+
+@contextlib.contextmanager
+def flood(subject: subjects.Subject, p: phases.Profile):
+    """The heavy flood for one cell (the floor: its burners)."""
+    if hasattr(subject, "burners"):
+        with subject.burners():
+            time.sleep(p.ramp)
+            yield
+        return
+    loop = asyncio.new_event_loop()
+    heavy = HeavyFlood(HOST, subject.port, f"/slow/fib/{p.heavy_n}", p.heavy_clients)
+    # The probe's open loop runs in asyncio.run on this thread: the flood's clients get a thread
+    # and an event loop of their own.
+    ready, stop = threading.Event(), threading.Event()
+
+    def run() -> None:
+        async def main() -> None:
+            async with heavy:
+                ready.set()
+                while not stop.is_set():
+                    await asyncio.sleep(0.05)
+        loop.run_until_complete(main())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ready.wait(10)
+    time.sleep(p.ramp)
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(30)
+        loop.close()
+
+
+def cell_figures(samples) -> dict:
+    s = phases.summarize(samples)
+    return {k: s[k] for k in ("p50", "p99", "rate", "lateness_p99", "sent", "ok", "errors", "timeouts")}
+
+
+def measure(subject: subjects.Subject, rates: list[float], p: phases.Profile, seconds: float) -> dict:
+    asyncio.run(phases.warm_up(subject, p.heavy_n))
+    saturation = wrk.run(f"http://{HOST}:{subject.port}/fast", max(1, round(seconds)))["rps"]
+    levels = sorted({*rates, round(saturation)})
+    out: dict = {"saturation": saturation, "levels": {}}
+    for rate in levels:
+        count = max(50, int(rate * seconds))
+        row = {}
+        for state in ("idle", "flood"):
+            with (flood(subject, p) if state == "flood" else contextlib.nullcontext()):
+                samples = asyncio.run(open_loop(HOST, subject.port, ["/fast"], rate, count, p.drain_timeout,
+                                                max_connections=512))["/fast"]
+            row[state] = cell_figures(samples)
+        out["levels"][str(rate)] = row
+    return out
+
+
+def judge(results: dict[str, list[dict]]) -> tuple[bool | None, list[str]]:
+    """The fleet's p99 under the flood ÷ idle p99 at each level up to 80 % of its saturation."""
+    runs = results.get("fleet") or []
+    if not runs:
+        return None, ["the fleet was not measured"]
+    saturation = Spread.of(r["saturation"] for r in runs).median
+    lines, ok = [], True
+    for rate in sorted({float(k) for r in runs for k in r["levels"]}):
+        if rate > UP_TO * saturation:
+            continue
+        ratios = [r["levels"][key]["flood"]["p99"] / r["levels"][key]["idle"]["p99"] for r in runs
+                  for key in [next((k for k in r["levels"] if float(k) == rate), None)] if key
+                  and r["levels"][key]["idle"]["p99"]]
+        s = Spread.of(ratios)
+        passed = s is not None and s.median <= MAX_RATIO
+        ok &= passed
+        lines.append(f"{rate:,.0f} req/s: p99 flood ÷ idle {cell(s, 'ratio')} "
+                     f"({'pass' if passed else 'FAIL'}, target <= {MAX_RATIO:g})")
+    return ok, lines
+
+
+def markdown(results: dict[str, list[dict]], command: str, seconds: float) -> str:
+    out = ["# Fast latency across load levels", "",
+           f"Generated by `{command}`. GET /fast open loop at each rate for {seconds:g} s, idle and under the "
+           "heavy flood (the floor: its burners); medians over the repetitions (min–max). Saturation: wrk, "
+           "closed loop. Probe late: the load generator's own p99 delay past its schedule.", ""]
+    ok, lines = judge(results)
+    out += ["## Target (issue 12)", "",
+            f"At every level up to {UP_TO:.0%} of its saturation, the fleet's p99 under the flood ≤ "
+            f"{MAX_RATIO:g} × its idle p99 at that level: **{'pass' if ok else 'not measured' if ok is None else 'FAIL'}**",
+            "", *[f"- {line}" for line in lines], ""]
+    for name, runs in results.items():
+        sat = Spread.of(r["saturation"] for r in runs)
+        out += [f"## {name}", "", f"Saturation (wrk): {cell(sat, 'int')} req/s.", ""]
+        rows = []
+        for key in sorted({k for r in runs for k in r["levels"]}, key=float):
+            def fig(state: str, figure: str, runs=runs, key=key) -> Spread | None:
+                return Spread.of(r["levels"][key][state][figure] for r in runs if key in r["levels"])
+            rows.append([f"{float(key):,.0f}"] + [cell(fig(st, f), kind) for st in ("idle", "flood")
+                                                  for f, kind in (("p50", "ms"), ("p99", "ms"), ("rate", "int"),
+                                                                  ("lateness_p99", "ms"))])
+        out += [table(["offered req/s", "idle p50", "idle p99", "idle achieved", "idle probe late p99",
+                       "flood p50", "flood p99", "flood achieved", "flood probe late p99"], rows), ""]
+    return "\n".join(out)
+
+
+def chart(results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, (name, runs) in enumerate(results.items()):
+        keys = sorted({k for r in runs for k in r["levels"]}, key=float)
+        color = f"C{i}"
+        for state, style in (("idle", "--"), ("flood", "-")):
+            xs, ys = [], []
+            for key in keys:
+                s = Spread.of(r["levels"][key][state]["p99"] for r in runs if key in r["levels"])
+                if s is not None:
+                    xs.append(float(key))
+                    ys.append(s.median)
+            ax.plot(xs, ys, style, marker="o", color=color, label=f"{name} ({state})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered /fast rate, req/s (open loop; the last point of each line: its saturation)")
+    ax.set_ylabel("p99 latency, ms")
+    ax.set_title("Fast p99 against offered rate: idle (dashed) and under the heavy flood (solid)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.levels", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, short cells")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
+    parser.add_argument("--rates", default=",".join(map(str, RATES)))
+    parser.add_argument("--repeat", type=int)
+    parser.add_argument("--out", type=Path, default=subjects.REPO / "bench" / "results")
+    o = parser.parse_args(argv)
+    configs = [c for c in o.configs.split(",") if c]
+    unknown = [c for c in configs if c not in subjects.CONFIGS or c == "edge"]
+    if unknown:
+        parser.error(f"--configs: unknown or without a fast instance: {', '.join(unknown)}")
+    rates = [float(r) for r in o.rates.split(",") if r]
+    p = phases.QUICK if o.quick else phases.FULL
+    seconds = SECONDS["quick" if o.quick else "full"]
+    repeat = o.repeat or p.repeat
+    results: dict[str, list[dict]] = {c: [] for c in configs}
+    work = Path(tempfile.mkdtemp(prefix="fleet-levels-"))
+    command = "python -m bench.levels " + " ".join(argv if argv is not None else sys.argv[1:])
+    for rep in range(repeat):
+        for name in configs:
+            print(f"[{rep + 1}/{repeat}] {name}", flush=True)
+            with Started(subjects.make(name, work / f"rep{rep + 1}" / name)) as subject:
+                r = measure(subject, rates, p, seconds)
+            results[name].append(r)
+            print("  saturation {:,.0f} req/s; ".format(r["saturation"]) + ", ".join(
+                f"{float(k):,.0f}: p99 {num(v['idle']['p99'])} -> {num(v['flood']['p99'])} ms"
+                for k, v in r["levels"].items()), flush=True)
+    o.out.mkdir(parents=True, exist_ok=True)
+    (o.out / "levels.json").write_text(json.dumps(results, indent=1))
+    (o.out / "levels.md").write_text(markdown(results, command.strip(), seconds))
+    chart(results, o.out / "levels.png")
+    ok, lines = judge(results)
+    print("\n".join(lines) + f"\nresults: {o.out / 'levels.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

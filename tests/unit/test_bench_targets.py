@@ -1,0 +1,70 @@
+"""The benchmark's judgements against the peers (issue 12), on made-up measurements: each can fail."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import levels, report
+
+
+def record(config: str, rep: int = 0, **figures: float) -> dict:
+    """A repetition's raw measurements shaped as bench/phases.py writes them."""
+    m = {"idle": {"p99": figures.get("idle_p99", 1.0)}, "flood": {"p99": figures.get("flood_p99", 2.0)},
+         "wrk": {"rps": figures.get("wrk", 5000.0)}}
+    if "heavy" in figures:
+        m["heavy"] = {"jobs_s": figures["heavy"]}
+    return {"config": config, "rep": rep, "m": m}
+
+
+def cross(*records: dict) -> dict[str, list[float]]:
+    return report.cross_figures(list(records))
+
+
+def test_fleet_against_the_floor_and_the_peers():
+    c = cross(record("fleet", idle_p99=1.0, flood_p99=3.0, wrk=7000, heavy=75),
+              record("floor", idle_p99=1.0, flood_p99=2.0),
+              record("fastapi", flood_p99=5.0, wrk=17000, heavy=88),
+              record("gunicorn-sync", flood_p99=30.0, wrk=8000, heavy=80),
+              record("edge", idle_p99=0.5, flood_p99=0.1, wrk=190000))  # never a peer, never compared
+    assert c["fleet_over_floor_isolation"] == [pytest.approx(1.5)]
+    assert c["fleet_flood_p99_over_lowest_other"] == [pytest.approx(3.0 / 5.0)]
+    assert c["fleet_wrk_over_best_peer"] == [pytest.approx(7000 / 17000)]
+    assert c["fleet_heavy_over_best_peer"] == [pytest.approx(75 / 88)]
+
+
+def test_each_repetition_is_compared_within_itself():
+    c = cross(record("fleet", 0, flood_p99=3.0), record("fastapi", 0, flood_p99=6.0),
+              record("fleet", 1, flood_p99=3.0), record("fastapi", 1, flood_p99=2.0))
+    assert c["fleet_flood_p99_over_lowest_other"] == [pytest.approx(0.5), pytest.approx(1.5)]
+
+
+def test_the_peer_targets_pass_and_fail():
+    targets = {t.figure: t for t in report.TARGETS}
+    floor = targets["peers: fleet isolation ratio ÷ the floor's, same repetition"]
+    heavy = targets["peers: fleet heavy jobs/s ÷ the best peer's"]
+    agg = report.aggregate([record("fleet", idle_p99=1.0, flood_p99=1.1, heavy=80),
+                            record("floor", idle_p99=1.0, flood_p99=1.0), record("fastapi", heavy=100)],
+                           ["fleet", "floor", "fastapi"])
+    assert floor.verdict(floor.get(agg)) == "pass"  # 1.1 <= 1.2
+    assert heavy.verdict(heavy.get(agg)) == "**FAIL**"  # 0.8 < 0.9
+
+
+def level(idle_p99: float, flood_p99: float) -> dict:
+    return {"idle": {"p99": idle_p99}, "flood": {"p99": flood_p99}}
+
+
+def test_load_levels_judge_only_up_to_80_percent_of_saturation():
+    run = {"saturation": 1000.0, "levels": {"250": level(1.0, 1.5), "500": level(1.0, 1.9),
+                                            "1000": level(1.0, 50.0)}}  # past 80 %: not judged
+    ok, lines = levels.judge({"fleet": [run]})
+    assert ok is True and len(lines) == 2, lines
+
+
+def test_load_levels_fail_when_the_flood_doubles_the_tail():
+    run = {"saturation": 5000.0, "levels": {"250": level(1.0, 1.5), "1000": level(1.0, 2.5)}}
+    ok, lines = levels.judge({"fleet": [run]})
+    assert ok is False and "FAIL" in lines[1], lines
+
+
+def test_load_levels_without_the_fleet_are_not_judged():
+    assert levels.judge({"fastapi": []})[0] is None
