@@ -41,6 +41,7 @@ def figures(record: dict) -> dict[str, float | None]:
     f["rtt_ratio"] = ratio(f["rtt_fib1_p50"], f["rtt_fast_p50"])
     f["wrk_rps"] = (m.get("wrk") or {}).get("rps")
     f["heavy_jobs_s"] = (m.get("heavy") or {}).get("jobs_s")
+    f["heavy_workers"] = m.get("workers") if f["heavy_jobs_s"] is not None else None
     f["flood_jobs_s"] = (m.get("flood_heavy") or {}).get("jobs_s")
     w1 = record.get("w1") or {}
     f["heavy_w1_jobs_s"] = w1.get("jobs_s")
@@ -231,6 +232,59 @@ def problems(records: list[dict]) -> list[str]:
     return notes
 
 
+def _median(agg: dict, config: str, key: str) -> float | None:
+    s = (agg["configs"].get(config) or {}).get(key)
+    return s.median if s is not None else None
+
+
+def _best(agg: dict, key: str, among: tuple[str, ...], pick=max) -> tuple[str, float] | None:
+    values = [(n, v) for n in among if (v := _median(agg, n, key)) is not None]
+    return pick(values, key=lambda nv: nv[1]) if values else None
+
+
+def peer_findings(agg: dict) -> list[str]:
+    """The issue-12 figures next to what explains them, from this run's own measurements: the floor
+    (the machine), the edge ceiling (nginx alone), and where each best peer's figure comes from."""
+    fleet = lambda key: _median(agg, "fleet", key)  # noqa: E731
+    floor = lambda key: _median(agg, "floor", key)  # noqa: E731
+    if fleet("flood_p99") is None:
+        return []
+    lines = []
+    if floor("isolation") is not None:
+        lines.append(
+            f"- **Isolation.** The floor (nginx and one Tornado Hello, beside W processes that only spin at the "
+            f"fleet's worker priority) goes from p99 {num(floor('idle_p99'))} to {num(floor('flood_p99'))} ms "
+            f"(ratio {num(floor('isolation'), 'ratio')}): that much is the machine, with no pool, no admission and "
+            f"no job traffic. The fleet goes from {num(fleet('idle_p99'))} to {num(fleet('flood_p99'))} ms "
+            f"(ratio {num(fleet('isolation'), 'ratio')}); the difference is what the fleet's path has and the "
+            "floor's does not: jobs dispatched and results coming back through the slow instance, on the "
+            "same busy cores.")
+    others = tuple(n for n in agg["configs"] if n not in ("fleet", "floor", "edge"))
+    lowest = _best(agg, "flood_p99", others, min)
+    if lowest is not None:
+        lines.append(
+            f"- **Fast p99 under the flood.** Lowest of the others: {lowest[0]}, {num(lowest[1])} ms; the fleet "
+            f"{num(fleet('flood_p99'))} ms; the floor's {num(floor('flood_p99'))} ms is the least a path through "
+            "nginx to a Tornado instance gets on these 2 cores while they are busy.")
+    peers = tuple(n for n in PEERS_AND_BASELINES if n in agg["configs"])
+    best_wrk = _best(agg, "wrk_rps", peers)
+    if best_wrk is not None:
+        lines.append(
+            f"- **Fast throughput.** Best peer: {best_wrk[0]}, {num(best_wrk[1], 'int')} req/s; the fleet "
+            f"{num(fleet('wrk_rps'), 'int')}; the floor (nginx + one instance) {num(floor('wrk_rps'), 'int')}; "
+            f"nginx alone (edge ceiling) {num(_median(agg, 'edge', 'wrk_rps'), 'int')}. wrk shares the 2 cores: "
+            "every request through nginx costs a second process's CPU on the same cores (the CPU split below), "
+            "which servers answering the client directly do not pay.")
+    best_heavy = _best(agg, "heavy_jobs_s", peers)
+    if best_heavy is not None:
+        lines.append(
+            f"- **Heavy jobs/s.** Best peer: {best_heavy[0]}, {num(best_heavy[1])} jobs/s "
+            f"(W={num(_median(agg, best_heavy[0], 'heavy_workers'), 'int')}); the fleet "
+            f"{num(fleet('heavy_jobs_s'))} with W={num(fleet('heavy_workers'), 'int')} niced workers, which yield "
+            "the CPU to every event loop.")
+    return lines
+
+
 def markdown(records: list[dict], agg: dict, configs: list[str], profile: dict, run: dict) -> str:
     C = agg["configs"]
     p = profile
@@ -253,6 +307,9 @@ def markdown(records: list[dict], agg: dict, configs: list[str], profile: dict, 
         rows.append([t.figure, f"{t.op} {t.bound:g}{t.unit}", cell(s, "ratio" if not t.unit else "ms") + t.unit,
                      t.verdict(s), t.anchor or ""])
     out += [table(["figure", "target", "measured", "result", "anchors in the issue"], rows), ""]
+    findings = peer_findings(agg)
+    if findings:
+        out += ["### Against the peers and the floor: what the same run measured", "", *findings, ""]
 
     def row(name: str, keys: list[tuple[str, str]]) -> list[str]:
         return [f"**{name}**"] + [cell((C.get(name) or {}).get(k), kind) for k, kind in keys]
@@ -510,3 +567,23 @@ def summary(agg: dict) -> str:
 
 def now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def render_again(out: Path) -> None:
+    """results.md, machine.md and the charts again from results.json (after a change to the report)."""
+    from bench import charts
+
+    data = json.loads((out / "results.json").read_text())
+    records, run, profile = data["records"], data["run"], data["profile"]
+    configs = run["configs"]
+    agg = aggregate(records, configs)
+    (out / "results.md").write_text(markdown(records, agg, configs, profile, run))
+    (out / "machine.md").write_text(machine_markdown(data["machine"], run))
+    charts.write(out, agg, configs, profile["rate"])
+
+
+if __name__ == "__main__":
+    import sys
+
+    # python -m bench.report DIR: render DIR/results.md again from DIR/results.json
+    render_again(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results")

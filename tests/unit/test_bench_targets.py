@@ -68,3 +68,16 @@ def test_load_levels_fail_when_the_flood_doubles_the_tail():
 
 def test_load_levels_without_the_fleet_are_not_judged():
     assert levels.judge({"fastapi": []})[0] is None
+
+
+def test_the_results_page_names_the_floor_and_the_best_peer_beside_the_fleet():
+    records = [record("fleet", idle_p99=1.0, flood_p99=3.0, wrk=7000, heavy=75),
+               record("floor", idle_p99=1.0, flood_p99=2.0, wrk=5500),
+               record("fastapi", flood_p99=5.0, wrk=17000, heavy=88),
+               record("gunicorn-sync", flood_p99=2.5, wrk=8000, heavy=80)]
+    agg = report.aggregate(records, ["fleet", "floor", "fastapi", "gunicorn-sync"])
+    text = "\n".join(report.peer_findings(agg))
+    assert "ratio 2.00" in text and "ratio 3.00" in text  # the floor's isolation, then the fleet's
+    assert "Lowest of the others: gunicorn-sync, 2.50 ms" in text
+    assert "Best peer: fastapi, 17,000 req/s" in text and "Best peer: fastapi, 88.0 jobs/s" in text
+    assert report.peer_findings(report.aggregate(records[1:], ["floor", "fastapi"])) == []  # no fleet, nothing to say
