@@ -97,8 +97,20 @@ def measure(subject: subjects.Subject, rates: list[float], p: phases.Profile, se
     return out
 
 
+def flood_over_idle(runs: list[dict], rate: float) -> Spread | None:
+    """p99 under the flood ÷ idle p99 at `rate`, over the repetitions."""
+    ratios = []
+    for r in runs:
+        key = next((k for k in r["levels"] if float(k) == rate), None)
+        cells = r["levels"].get(key) if key else None
+        if cells and cells["idle"]["p99"] and cells["flood"]["p99"] is not None:
+            ratios.append(cells["flood"]["p99"] / cells["idle"]["p99"])
+    return Spread.of(ratios)
+
+
 def judge(results: dict[str, list[dict]]) -> tuple[bool | None, list[str]]:
-    """The fleet's p99 under the flood ÷ idle p99 at each level up to 80 % of its saturation."""
+    """The fleet's p99 under the flood ÷ idle p99 at each level up to 80 % of its saturation; the
+    floor's at the same level beside it (what the machine alone does at that rate)."""
     runs = results.get("fleet") or []
     if not runs:
         return None, ["the fleet was not measured"]
@@ -107,14 +119,13 @@ def judge(results: dict[str, list[dict]]) -> tuple[bool | None, list[str]]:
     for rate in sorted({float(k) for r in runs for k in r["levels"]}):
         if rate > UP_TO * saturation:
             continue
-        ratios = [r["levels"][key]["flood"]["p99"] / r["levels"][key]["idle"]["p99"] for r in runs
-                  for key in [next((k for k in r["levels"] if float(k) == rate), None)] if key
-                  and r["levels"][key]["idle"]["p99"]]
-        s = Spread.of(ratios)
+        s = flood_over_idle(runs, rate)
         passed = s is not None and s.median <= MAX_RATIO
         ok &= passed
+        floor = flood_over_idle(results.get("floor") or [], rate)
         lines.append(f"{rate:,.0f} req/s: p99 flood ÷ idle {cell(s, 'ratio')} "
-                     f"({'pass' if passed else 'FAIL'}, target <= {MAX_RATIO:g})")
+                     f"({'pass' if passed else 'FAIL'}, target <= {MAX_RATIO:g})"
+                     + (f"; the floor's at this rate: {cell(floor, 'ratio')}" if floor is not None else ""))
     return ok, lines
 
 
