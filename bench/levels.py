@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import signal
 import sys
 import tempfile
 import threading
@@ -86,7 +87,9 @@ def measure(subject: subjects.Subject, rates: list[float], p: phases.Profile, se
     levels = sorted({*rates, round(saturation)})
     out: dict = {"saturation": saturation, "levels": {}}
     for rate in levels:
-        count = max(50, int(rate * seconds))
+        # Past the fixed rates (the saturation point) the load generator cannot keep the schedule
+        # anyway: one second of it is enough to show that, where four would pile up a long drain.
+        count = max(50, int(rate * (seconds if rate <= max(rates) else min(seconds, 1.0))))
         row = {}
         for state in ("idle", "flood"):
             with (flood(subject, p) if state == "flood" else contextlib.nullcontext()):
@@ -189,6 +192,10 @@ def chart(results: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.levels", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, short cells")
@@ -202,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--configs: unknown or without a fast instance: {', '.join(unknown)}")
     rates = [float(r) for r in o.rates.split(",") if r]
+    signal.signal(signal.SIGTERM, _terminate)  # as Ctrl-C: the configuration running is stopped
     p = phases.QUICK if o.quick else phases.FULL
     seconds = SECONDS["quick" if o.quick else "full"]
     repeat = o.repeat or p.repeat
@@ -211,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(repeat):
         for name in configs:
             print(f"[{rep + 1}/{repeat}] {name}", flush=True)
-            with Started(subjects.make(name, work / f"rep{rep + 1}" / name)) as subject:
+            with Started(subjects.make(name, work / f"rep{rep + 1}" / name)) as subject:  # stopped on any exit
                 r = measure(subject, rates, p, seconds)
             results[name].append(r)
             print("  saturation {:,.0f} req/s; ".format(r["saturation"]) + ", ".join(
