@@ -128,7 +128,7 @@ async def fast_flood(subject: Subject, p: Profile) -> tuple[Samples, dict]:
         started = time.monotonic()
         fast = (await open_loop(HOST, subject.port, ["/fast"], p.rate, p.fast_samples, p.drain_timeout))["/fast"]
         ended = time.monotonic()
-        done = flood.completed(started, ended)
+    done = flood.completed(started, ended)  # the flood process reports its answers when it stops
     return fast, {"jobs_s": done.get(200, 0) / (ended - started),
                   "non_200": {str(k): v for k, v in done.items() if k != 200}, "errors": flood.errors}
 
@@ -139,7 +139,7 @@ async def heavy(subject: Subject, p: Profile) -> dict:
         started = time.monotonic()
         await asyncio.sleep(p.heavy_seconds)
         ended = time.monotonic()
-        done = flood.completed(started, ended)
+    done = flood.completed(started, ended)
     return {"jobs_s": done.get(200, 0) / (ended - started), "jobs": done.get(200, 0),
             "non_200": {str(k): v for k, v in done.items() if k != 200}, "errors": flood.errors,
             "workers": subject.workers}
