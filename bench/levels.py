@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -42,38 +40,21 @@ MAX_RATIO = 2.0  # the target: p99 under the flood <= 2 x idle p99, up to 80 % o
 UP_TO = 0.8
 
 
-@contextlib.contextmanager
-def flood(subject: subjects.Subject, p: phases.Profile):
-    """The heavy flood for one cell (the floor: its burners)."""
+async def fast_cell(subject: subjects.Subject, p: phases.Profile, rate: float, count: int, flooded: bool):
+    """/fast open loop at `rate`, alone or under the flood (the floor: its burners)."""
+    async def probe():
+        return (await open_loop(HOST, subject.port, ["/fast"], rate, count, p.drain_timeout,
+                                max_connections=512))["/fast"]
+
+    if not flooded:
+        return await probe()
     if hasattr(subject, "burners"):
         with subject.burners():
-            time.sleep(p.ramp)
-            yield
-        return
-    loop = asyncio.new_event_loop()
-    heavy = HeavyFlood(HOST, subject.port, f"/slow/fib/{p.heavy_n}", p.heavy_clients)
-    # The probe's open loop runs in asyncio.run on this thread: the flood's clients get a thread
-    # and an event loop of their own.
-    ready, stop = threading.Event(), threading.Event()
-
-    def run() -> None:
-        async def main() -> None:
-            async with heavy:
-                ready.set()
-                while not stop.is_set():
-                    await asyncio.sleep(0.05)
-        loop.run_until_complete(main())
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    ready.wait(10)
-    time.sleep(p.ramp)
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(30)
-        loop.close()
+            await asyncio.sleep(p.ramp)
+            return await probe()
+    async with HeavyFlood(HOST, subject.port, f"/slow/fib/{p.heavy_n}", p.heavy_clients):
+        await asyncio.sleep(p.ramp)
+        return await probe()
 
 
 def cell_figures(samples) -> dict:
@@ -92,10 +73,7 @@ def measure(subject: subjects.Subject, rates: list[float], p: phases.Profile, se
         count = max(50, int(rate * (seconds if rate <= max(rates) else min(seconds, 1.0))))
         row = {}
         for state in ("idle", "flood"):
-            with (flood(subject, p) if state == "flood" else contextlib.nullcontext()):
-                samples = asyncio.run(open_loop(HOST, subject.port, ["/fast"], rate, count, p.drain_timeout,
-                                                max_connections=512))["/fast"]
-            row[state] = cell_figures(samples)
+            row[state] = cell_figures(asyncio.run(fast_cell(subject, p, rate, count, state == "flood")))
         out["levels"][str(rate)] = row
     return out
 

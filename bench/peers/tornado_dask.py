@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
 from dask.distributed import Client
 from tornado import web
 
-from bench.peers.common import FIB_PATH, HELLO, fib_body, health_body, timed_fib
+from bench.naive_server import serve
+from bench.peers.common import FIB_PATH, fib_body, timed_fib
 
 
 class FibHandler(web.RequestHandler):
@@ -32,34 +32,16 @@ class FibHandler(web.RequestHandler):
         self.finish(fib_body(int(n), result, elapsed_ms))
 
 
-class FastHandler(web.RequestHandler):
-    def get(self) -> None:
-        self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.finish(HELLO)
-
-
-class Health(web.RequestHandler):
-    def get(self) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.finish(health_body("tornado-dask"))
-
-
-async def serve(port: int) -> None:
+async def serve_with_cluster(port: int) -> None:
     async with Client(asynchronous=True, host="127.0.0.1", dashboard_address=None) as client:
-        app = web.Application([(r"/fast", FastHandler), (r"/healthz", Health),
-                               (FIB_PATH.pattern, FibHandler, {"client": client})])
-        server = app.listen(port, address="127.0.0.1")
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-        await stop.wait()
-        server.stop()
+        # /fast and /healthz as the naive server has them; only the fib route differs
+        await serve(port, "tornado-dask", (FIB_PATH.pattern, FibHandler, {"client": client}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True)
-    asyncio.run(serve(parser.parse_args().port))
+    asyncio.run(serve_with_cluster(parser.parse_args().port))
 
 
 if __name__ == "__main__":
