@@ -9,6 +9,9 @@ child process of a Dask worker (dask_worker.py). Admission stays in the slow ins
 queues without bound: `size` is this instance's share of the cluster's worker threads, re-read
 every CAPACITY_EVERY seconds, and `on_capacity` tells the app when it changes.
 
+A small result comes back with the job's completion, as an event on this instance's topic
+(dask_worker.run_job says why); a larger one is gathered from its worker, as Dask does.
+
 Outcomes are the local pool's: the worker raises the same JobErrors, and here
 
     a Dask worker that died with the job (KilledWorker; allowed-failures 0)  -> WorkerDied (502)
@@ -97,6 +100,10 @@ class DaskPool:
         here = slow_hosts.index(settings.inventory.here.name) if settings.inventory.here.name in slow_hosts else 0
         # The spare takes slow-01's share.
         self.index = here * settings.slow.instances + max(0, instance_number - 1) % settings.slow.instances
+        # Where this instance's workers send its jobs' small results (dask_worker.run_job).
+        self.reply_topic = f"fleet-results/{settings.inventory.here.name}/{instance_number}"
+        self._pushed: dict[str, asyncio.Future] = {}  # job key -> its result, once pushed
+        self._subscribed_to: str | None = None  # id of the scheduler that knows our subscription
         # Jobs this instance may run at once: its share of the cluster's threads, at least 1 (a job
         # admitted to a cluster without workers is answered 503 at once, never left waiting in line).
         self.size = heavy_capacity(settings.values)  # until the cluster says
@@ -112,7 +119,7 @@ class DaskPool:
         self.others_waiting: Callable[[str], bool] = lambda client: False  # set by the app's admission
         self.counters = {"ok": 0, "error": 0, "timeout": 0, "crashed": 0, "cancelled": 0,
                          "finished_after_cancel": 0, "reclaimed": 0, "unavailable": 0, "no_workers": 0,
-                         "reconnects": 0}
+                         "reconnects": 0, "pushed": 0}
 
     # lifecycle
 
@@ -160,26 +167,33 @@ class DaskPool:
             self.counters["no_workers"] += 1
             raise NoWorkers("the Dask cluster has no worker; retry later")
         key = f"{task}-{uuid.uuid4().hex}"
-        future = client.submit(run_job, task, kwargs, timeout, key, pure=False, key=key)
+        pushed = self._pushed[key] = asyncio.get_running_loop().create_future()
+        future = client.submit(run_job, task, kwargs, timeout, key, self.reply_topic, pure=False, key=key)
         self._in_flight += 1
         try:
-            result = await self._wait(future, task, timeout, client)
+            result = await self._wait(future, pushed, task, timeout, client)
         except JobError:
             self.counters["error"] += 1
             raise
         finally:
             self._in_flight -= 1
+            del self._pushed[key]
+            pushed.cancel()
+            # Released even before the scheduler hears the job finished (a pushed result arrives
+            # first): the scheduler then frees the finished task on the worker, as it does when
+            # a client lets go of a task that has just finished.
             future.release()
         self.counters["ok"] += 1
         return result
 
-    async def _wait(self, future: Any, task: str, timeout: float, client: str) -> tuple[bytes, float]:
+    async def _wait(self, future: Any, pushed: asyncio.Future, task: str, timeout: float,
+                    client: str) -> tuple[bytes, float]:
         submitted = time.monotonic()
-        # One task awaits the Dask future; callers only ever wait on it through shield(), so a
+        # One task awaits the job's outcome; callers only ever wait on it through shield(), so a
         # departed client cannot cancel the job by accident. Its outcome is always retrieved: a
         # job cancelled for a departed client ends it with FutureCancelledError, which asyncio
         # would otherwise log, with a traceback, as "Task exception was never retrieved".
-        outcome = asyncio.ensure_future(future)
+        outcome = asyncio.ensure_future(self._outcome(future, pushed))
         outcome.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
             try:
@@ -190,14 +204,14 @@ class DaskPool:
                     # it has run RECLAIM_AFTER (pool.py says why).
                     self.counters["finished_after_cancel"] += 1
                     end = time.monotonic() + timeout + GRACE
-                    while not future.done() and time.monotonic() < end:
+                    while not outcome.done() and time.monotonic() < end:
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(asyncio.shield(outcome), 0.25)
-                        if (not future.done() and time.monotonic() - submitted >= RECLAIM_AFTER
+                        if (not outcome.done() and time.monotonic() - submitted >= RECLAIM_AFTER
                                 and self.others_waiting(client)):
                             self.counters["reclaimed"] += 1
                             break
-                    if future.done():
+                    if outcome.done():
                         raise
                 self.counters["cancelled"] += 1
                 await future.cancel()  # the worker kills the job's child process
@@ -212,6 +226,29 @@ class DaskPool:
         except (FutureCancelledError, OSError) as exc:
             self.counters["unavailable"] += 1
             raise BackendUnavailable(f"lost the Dask scheduler during the job ({type(exc).__name__}); retry") from None
+
+    async def _outcome(self, future: Any, pushed: asyncio.Future) -> tuple[bytes, float]:
+        """The job's result, whichever comes first: pushed with its completion, or gathered from
+        its worker (a larger result; a restarted scheduler that has not heard our subscription
+        yet). A failure always comes through the Dask future, with the scheduler's report."""
+        gathered = asyncio.ensure_future(future)
+        gathered.add_done_callback(lambda done: done.cancelled() or done.exception())
+        await asyncio.wait((pushed, gathered), return_when=asyncio.FIRST_COMPLETED)
+        if pushed.done() and not pushed.cancelled():
+            gathered.cancel()  # still waiting for the scheduler's report: nothing to gather
+            self.counters["pushed"] += 1
+            return pushed.result()
+        return await gathered
+
+    def _on_pushed(self, event: tuple[float, Any]) -> None:
+        """A topic event from a worker: [job key, result JSON, elapsed ms] (dask_worker.run_job)."""
+        try:
+            _, (key, result_json, elapsed_ms) = event
+            waiter = self._pushed.get(key)
+            if waiter is not None and not waiter.done():
+                waiter.set_result((bytes(result_json), float(elapsed_ms)))
+        except (TypeError, ValueError):
+            log.warning("ignored a malformed result event on %s", self.reply_topic)
 
     def stats(self) -> dict:
         return {"backend": "dask", "workers": self.size, "busy": self._in_flight,
@@ -236,6 +273,7 @@ class DaskPool:
             self.problem = f"{type(exc).__name__}: {exc}"[:200]
             return False
         client.scheduler_comm.interval = BATCH_INTERVAL  # dask_worker.py says why
+        self._subscribed_to = None
         if not self.managed:
             try:
                 mismatch = version_mismatch(await asyncio.wait_for(client.get_versions(), CONNECT_TIMEOUT))
@@ -272,8 +310,13 @@ class DaskPool:
                 self.problem = f"{type(exc).__name__}: {exc}"[:200]
 
     async def _read_capacity(self) -> None:
-        nthreads = await asyncio.wait_for(self.client.nthreads(), CONNECT_TIMEOUT)
-        self.workers, self.threads = len(nthreads), sum(nthreads.values())
+        identity = await asyncio.wait_for(self.client.scheduler.identity(n_workers=0), CONNECT_TIMEOUT)
+        if identity["id"] != self._subscribed_to:
+            # A new client, or a restarted scheduler (it knows no subscription; the client
+            # reconnects to it by itself and never says so): subscribe to our results' topic.
+            self.client.subscribe_topic(self.reply_topic, self._on_pushed)
+            self._subscribed_to = identity["id"]
+        self.workers, self.threads = identity["n_workers"], identity["total_threads"]
         share = self.threads // self.instances + (1 if self.index < self.threads % self.instances else 0)
         share = max(share, 1)  # more instances than threads: Dask queues the excess
         if share != self.size:

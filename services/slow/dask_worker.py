@@ -41,10 +41,17 @@ SETTINGS_ENV = "FLEET_SNAPSHOT"  # path of the fleet's settings snapshot (settin
 # (7.3 ms with the client's at 1 ms, 4.7 ms with every stream at 1 ms). 1 ms still batches.
 BATCH_INTERVAL = 0.001
 
+# A result this small also travels with the job's completion, as an event on the slow instance's
+# topic (`reply_to`): the instance answers without gathering it from the worker, two round trips
+# (who has it, then get it) fewer. Measured here on a trivial job: 7.6 ms -> 5.2 ms p50. Larger
+# results are gathered as Dask does. The scheduler keeps a topic's last 1,000 events
+# (distributed.admin.low-level-log-length), so this bounds what it holds: 4 MiB per topic.
+PUSH_LIMIT = 4096
+
 _running: dict[str, asyncio.Task] = {}  # task key -> the pool job running it (in this worker)
 
 
-async def run_job(task: str, kwargs: dict, timeout: float, key: str) -> tuple[bytes, float]:
+async def run_job(task: str, kwargs: dict, timeout: float, key: str, reply_to: str = "") -> tuple[bytes, float]:
     """The one entry point the slow instances submit: run `task` in this worker's pool.
 
     A coroutine, so the worker runs it on its event loop (its nthreads still bound how many run at
@@ -52,12 +59,18 @@ async def run_job(task: str, kwargs: dict, timeout: float, key: str) -> tuple[by
     hand-offs and their wake-ups fewer per job. `key` is the job's Dask key, for
     KillCancelledJobs. Returns (result JSON, elapsed ms) or raises a JobError.
     """
-    job = asyncio.ensure_future(get_worker().fleet_pool.run(task, kwargs, timeout))
+    worker = get_worker()
+    job = asyncio.ensure_future(worker.fleet_pool.run(task, kwargs, timeout))
     _running[key] = job
     try:
-        return await job
+        result_json, elapsed_ms = await job
     finally:
         _running.pop(key, None)
+    if reply_to and len(result_json) <= PUSH_LIMIT:
+        # Sent on the worker's stream to the scheduler before the task's completion, so the
+        # scheduler forwards it to the instance before it reports the task finished.
+        worker.log_event(reply_to, [key, result_json, elapsed_ms])
+    return result_json, elapsed_ms
 
 
 class KillCancelledJobs(WorkerPlugin):

@@ -83,6 +83,20 @@ def test_a_managed_cluster_runs_under_supervisor_on_loopback_with_its_dashboard(
     assert "dask cluster tcp://127.0.0.1:" in status and "2 worker(s), 2 thread(s)" in status
 
 
+def test_a_small_result_comes_back_with_the_job_s_completion_and_a_large_one_is_gathered(dask_fleet: Fleet):
+    """Up to dask_worker.PUSH_LIMIT a result travels as an event on the instance's topic (no
+    gather from the worker); past it Dask gathers it. Both whole, both counted."""
+    def pushed() -> int:
+        return slow_health(dask_fleet)["pool"]["pushed"]
+
+    before = pushed()
+    assert dask_fleet.get("/slow/fib/20").json()["result"] == 6765
+    assert pushed() == before + 1
+    large = dask_fleet.get("/slow/big_result/100000")
+    assert large.status == 200 and large.json()["result"] == "x" * 100000
+    assert pushed() == before + 1
+
+
 # cluster faults ----------------------------------------------------------------------------------------
 
 def test_kill_9_of_a_dask_worker_fails_only_its_job_and_the_next_jobs_are_served(private_dask_fleet):
@@ -137,6 +151,10 @@ def test_kill_9_of_the_scheduler_answers_in_flight_jobs_503_at_once_and_the_clus
         assert response.headers["retry-after"]
         wait_for(lambda: job_ok(fleet), timeout=60, interval=0.5)  # back by itself, workers included
     wait_for(lambda: slow_health(fleet)["pool"]["cluster"]["workers"] == 2, timeout=60, interval=0.5)
+    # The new scheduler knows no subscription: the instance subscribes again, and small results
+    # come back with their jobs' completion once more (not only gathered).
+    pushed = slow_health(fleet)["pool"]["pushed"]
+    wait_for(lambda: job_ok(fleet) and slow_health(fleet)["pool"]["pushed"] > pushed, timeout=10, interval=0.5)
 
 
 def test_a_scheduler_away_longer_than_the_client_s_timeout_is_rejoined_without_a_restart(private_dask_fleet):

@@ -13,13 +13,20 @@ from services.slow.pool import BackendUnavailable, NoWorkers
 
 
 class FakeClient:
+    """What DaskPool reads of a client: the scheduler's identity, and its topic subscriptions."""
     status = "running"
 
-    def __init__(self, nthreads: dict[str, int]):
+    def __init__(self, nthreads: dict[str, int], scheduler_id: str = "scheduler-1"):
         self.threads = nthreads
+        self.scheduler = self  # client.scheduler.identity(...): an rpc to the scheduler
+        self.scheduler_id = scheduler_id
+        self.subscriptions: list[str] = []
 
-    async def nthreads(self) -> dict[str, int]:
-        return self.threads
+    async def identity(self, n_workers: int = -1) -> dict:
+        return {"id": self.scheduler_id, "n_workers": len(self.threads), "total_threads": sum(self.threads.values())}
+
+    def subscribe_topic(self, topic: str, handler) -> None:
+        self.subscriptions.append(topic)
 
 
 def pool_for(number: int, instances: int = 3) -> DaskPool:
@@ -90,3 +97,33 @@ def test_a_cluster_that_differs_in_what_pickles_or_speaks_the_protocol_is_named(
     else:
         found["workers"]["tcp://10.0.0.2:8800"] = versions
     assert version_mismatch(found) == expected
+
+
+def test_the_instance_subscribes_to_its_results_topic_again_when_the_scheduler_is_a_new_one():
+    """A restarted scheduler knows no subscription, and the client reconnects to it silently:
+    without a new subscription every result would be gathered (slower, never lost)."""
+    async def main():
+        pool = pool_for(2)
+        pool.client = client = FakeClient({"w": 1})
+        await pool._read_capacity()
+        await pool._read_capacity()
+        assert client.subscriptions == [pool.reply_topic]  # once per scheduler
+        client.scheduler_id = "scheduler-2"
+        await pool._read_capacity()
+        assert client.subscriptions == [pool.reply_topic] * 2
+        assert pool.reply_topic != pool_for(1).reply_topic  # each instance hears only its own jobs
+
+    asyncio.run(main())
+
+
+def test_a_pushed_result_answers_the_job_and_a_stray_or_malformed_event_is_ignored():
+    async def main():
+        pool = pool_for(1)
+        waiter = pool._pushed["fib-1"] = asyncio.get_running_loop().create_future()
+        pool._on_pushed((0.0, ["fib-0", b"{}", 1.0]))  # a job this instance no longer waits for
+        pool._on_pushed((0.0, "garbage"))
+        assert not waiter.done()
+        pool._on_pushed((0.0, ["fib-1", b'{"result": 1}', 0.25]))
+        assert waiter.result() == (b'{"result": 1}', 0.25)
+
+    asyncio.run(main())
