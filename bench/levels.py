@@ -32,7 +32,8 @@ from bench.report import cell, num, table
 from bench.stats import Spread
 
 HOST = subjects.HOST
-DEFAULT_CONFIGS = ("fastapi", "gunicorn-dirty-nice", "tornado-dask", "fleet", "fleet-dask", "floor")
+# The fleet and every peer (issue 12), and the floor to judge them by.
+DEFAULT_CONFIGS = (*subjects.PEERS, "fleet", "fleet-dask", "floor")
 RATES = (250, 500, 1000, 2000)
 SECONDS = {"full": 4.0, "quick": 0.5}  # of open-loop sending per cell
 PROBE_BOUND_MS = 10.0  # the load generator's own p99 lateness past which a row measures it, not the subject
@@ -141,30 +142,39 @@ def markdown(results: dict[str, list[dict]], command: str, seconds: float) -> st
 
 
 def chart(results: dict[str, list[dict]], path: Path) -> None:
+    """One panel per configuration (shared axes, so panels compare at a glance): p99 against the
+    offered rate, idle (dashed) and under the flood (solid), medians of the repetitions."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for i, (name, runs) in enumerate(results.items()):
+    columns = min(3, len(results))
+    rows = math.ceil(len(results) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.9 * rows), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, (name, runs) in zip(axes.flat, results.items()):
         keys = sorted({k for r in runs for k in r["levels"]}, key=float)
-        color = f"C{i}"
-        for state, style in (("idle", "--"), ("flood", "-")):
+        for state, style, color in (("idle", "--", "C0"), ("flood", "-", "C3")):
             xs, ys = [], []
             for key in keys:
                 s = Spread.of(r["levels"][key][state]["p99"] for r in runs if key in r["levels"])
                 if s is not None:
                     xs.append(float(key))
                     ys.append(s.median)
-            ax.plot(xs, ys, style, marker="o", color=color, label=f"{name} ({state})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("offered /fast rate, req/s (open loop; the last point of each line: its saturation)")
-    ax.set_ylabel("p99 latency, ms")
-    ax.set_title("Fast p99 against offered rate: idle (dashed) and under the heavy flood (solid)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+            ax.plot(xs, ys, style, marker="o", markersize=3, color=color, label=state)
+        ax.set_title(name, fontsize=9)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes.flat[len(results):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.supxlabel("offered /fast rate, req/s (open loop; each line's last point: its saturation)", fontsize=9)
+    fig.supylabel("fast p99, ms", fontsize=9)
+    fig.suptitle("Fast p99 against offered rate, idle (dashed) and under the heavy flood (solid)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
