@@ -95,7 +95,10 @@ def short_name(pid: int) -> str:
         return "nginx " + line[len("nginx: "):].split(" process")[0]
     for needle, name in (("forkserver", "forkserver"), ("resource_tracker", "resource tracker"),
                          ("supervisord", "supervisord"), ("nginx_launch", "nginx launcher"),
-                         ("bench.pool_server", "pool server"), ("bench.naive_server", "naive server")):
+                         ("bench.pool_server", "pool server"), ("bench.naive_server", "naive server"),
+                         ("dask_scheduler", "dask scheduler"), ("dask_worker", "dask worker"),
+                         ("bench.peers.tornado_dask", "tornado-dask server"), ("gunicorn", "gunicorn"),
+                         ("multiprocessing.spawn", "spawned process")):
         if needle in line:
             return name + (" worker" if parent == argv else "")  # a forked child keeps its parent's argv
     return line[:40]

@@ -242,6 +242,16 @@ def _best(agg: dict, key: str, among: tuple[str, ...], pick=max) -> tuple[str, f
     return pick(values, key=lambda nv: nv[1]) if values else None
 
 
+def readable_process(name: str, config: str) -> str:
+    """Runs before cpu.short_name knew the peers and Dask named their processes by the first 40
+    characters of the command line, a path: name them by what they are."""
+    if "/peers/.venv/" in name:
+        return f"{config} (its processes)"
+    if ".venv/bin/python -m di" in name:
+        return "dask scheduler and workers"
+    return name
+
+
 def peer_findings(agg: dict) -> list[str]:
     """The issue-12 figures next to what explains them, from this run's own measurements: the floor
     (the machine), the edge ceiling (nginx alone), and where each best peer's figure comes from."""
@@ -361,6 +371,7 @@ def markdown(records: list[dict], agg: dict, configs: list[str], profile: dict, 
             "the load generator is idle then):", ""]
     for n in configs:
         splits = [rec["m"].get("wrk_cpu_split") or {} for rec in records if rec["config"] == n and rec.get("m")]
+        splits = [{readable_process(name, n): v for name, v in split.items()} for split in splits]
         names = {name for split in splits for name in split}
         medians = {name: statistics.median(split.get(name, 0.0) for split in splits) for name in names}
         shown = [f"{name} {v:.2f}" for name, v in sorted(medians.items(), key=lambda kv: -kv[1]) if v >= 0.01]
