@@ -217,3 +217,26 @@ def test_no_response_reveals_versions_or_tracebacks(fleet: Fleet):
     for response in (fleet.get("/fast"), fleet.get("/nope"), fleet.get("/slow/raise_error"), fleet.get("/" + "a" * 9000)):
         assert response.headers.get("server", "nginx") == "nginx"
         assert b"Traceback" not in response.body and b"Tornado" not in response.body
+
+
+def test_a_burst_of_new_connections_to_stalled_fast_instances_waits_in_their_backlog(private_fleet):
+    """Both fast instances stalled (SIGSTOP) for 2 s while 400 requests arrive. Past its keep-alive
+    pool nginx opens a new connection per request; with Tornado's default backlog (128) the kernel
+    dropped those past it, nginx's connects timed out (1 s), it marked every instance failed and
+    answered 502 to everyone (seen at saturation under the flood). With the instances' backlog
+    (server.LISTEN_BACKLOG) each request waits there and is answered once the instances run."""
+    fleet = private_fleet()
+    stalled = [fleet.pid(name) for name in ("fast-01", "fast-02")]
+    try:
+        for pid in stalled:
+            os.kill(pid, signal.SIGSTOP)
+        with ThreadPoolExecutor(400) as pool:
+            answers = [pool.submit(fleet.get, "/fast", timeout=30) for _ in range(400)]
+            time.sleep(2)
+            for pid in stalled:
+                os.kill(pid, signal.SIGCONT)
+            statuses = sorted(str(a.result().status) for a in answers)
+    finally:
+        for pid in stalled:
+            os.kill(pid, signal.SIGCONT)
+    assert set(statuses) == {"200"}, {s: statuses.count(s) for s in set(statuses)}
