@@ -60,7 +60,7 @@ async def fast_cell(subject: subjects.Subject, p: phases.Profile, rate: float, c
 
 def cell_figures(samples) -> dict:
     s = phases.summarize(samples)
-    return {k: s[k] for k in ("p50", "p99", "rate", "lateness_p99", "sent", "ok", "errors", "timeouts")}
+    return {k: s[k] for k in ("p50", "p99", "rate", "lateness_p99", "sent", "ok", "non_200", "errors", "timeouts")}
 
 
 def measure(subject: subjects.Subject, rates: list[float], p: phases.Profile, seconds: float) -> dict:
@@ -138,6 +138,13 @@ def markdown(results: dict[str, list[dict]], command: str, seconds: float) -> st
                                                                   ("lateness_p99", "ms"))])
         out += [table(["offered req/s", "idle p50", "idle p99", "idle achieved", "idle probe late p99",
                        "flood p50", "flood p99", "flood achieved", "flood probe late p99"], rows), ""]
+        # Percentiles count 200s only: say where other answers came instead.
+        other = [f"{float(key):,.0f} req/s {state}, repetition {i + 1}: "
+                 + ", ".join(f"{status} x {n:,}" for status, n in sorted(c[state]["non_200"].items()))
+                 for i, r in enumerate(runs) for key, c in r["levels"].items() for state in ("idle", "flood")
+                 if c[state].get("non_200")]
+        if other:
+            out += ["Answers other than 200 (not in the percentiles): " + "; ".join(other) + ".", ""]
     return "\n".join(out)
 
 

@@ -190,10 +190,15 @@ class HeavyFlood:
             self.done = [(t, status) for t, status in data.get("done", [])]
             self.errors = data.get("errors", 0)
         finally:
-            if proc.returncode is None:
+            # Killed only if it does not exit by itself: Popen.kill() first polls, and a poll that
+            # reaps an exiting process steals it from asyncio's child watcher ("Unknown child
+            # process pid ..., will report returncode 255", seen in every bench log).
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except asyncio.TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
-            await proc.wait()
+                await proc.wait()
 
     def completed(self, start: float, end: float) -> Counter:
         """Statuses of the responses received in [start, end)."""
