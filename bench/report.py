@@ -268,7 +268,13 @@ def peer_findings(agg: dict) -> list[str]:
             f"no job traffic. The fleet goes from {num(fleet('idle_p99'))} to {num(fleet('flood_p99'))} ms "
             f"(ratio {num(fleet('isolation'), 'ratio')}); the difference is what the fleet's path has and the "
             "floor's does not: jobs dispatched and results coming back through the slow instance, on the "
-            "same busy cores.")
+            "same busy cores."
+            + (" A floor ratio below 1 is this machine's idle cost: a vCPU that idles wakes slowly, one kept "
+               "busy by the burners does not." if (floor("isolation") or 1) < 1 else "")
+            + (f" And the load generator itself: under the fleet's flood it sent late by "
+               f"{num(fleet('flood_lateness_p99'))} ms at p99 (the flood's clients and the jobs' answers share the "
+               f"cores with it), beside the floor's burners by {num(floor('flood_lateness_p99'))} ms; latency "
+               "counts from the scheduled send." if fleet("flood_lateness_p99") is not None else ""))
     others = tuple(n for n in agg["configs"] if n not in ("fleet", "floor", "edge"))
     lowest = _best(agg, "flood_p99", others, min)
     if lowest is not None:
@@ -292,6 +298,15 @@ def peer_findings(agg: dict) -> list[str]:
             f"(W={num(_median(agg, best_heavy[0], 'heavy_workers'), 'int')}); the fleet "
             f"{num(fleet('heavy_jobs_s'))} with W={num(fleet('heavy_workers'), 'int')} niced workers, which yield "
             "the CPU to every event loop.")
+    dask = lambda key: _median(agg, "fleet-dask", key)  # noqa: E731
+    if dask("efficiency") is not None and fleet("heavy_w1_jobs_s") is not None:
+        lines.append(
+            f"- **Dask parallel efficiency** {num(dask('efficiency'), 'ratio')}: one Dask worker alone ran "
+            f"{num(dask('heavy_w1_jobs_s'))} jobs/s where the local pool's one worker ran "
+            f"{num(fleet('heavy_w1_jobs_s'))}: after each job its worker waits idle for the next one's round trip "
+            f"through the scheduler (a trivial job's: {num(dask('rtt_fib1_p50'))} ms through the edge), and with "
+            f"W={num(dask('heavy_workers'), 'int')} workers on {num(dask('heavy_workers'), 'int')} busy cores "
+            "those dispatching processes wait for a CPU too.")
     return lines
 
 
