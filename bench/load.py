@@ -202,7 +202,12 @@ class HeavyFlood:
 
     def completed(self, start: float, end: float) -> Counter:
         """Statuses of the responses received in [start, end)."""
-        return Counter(status for t, status in self.done if start <= t < end)
+        return statuses_between(self.done, start, end)
+
+
+def statuses_between(done: list[tuple[float, int]], start: float, end: float) -> Counter:
+    """Statuses of the (monotonic time, status) answers received in [start, end)."""
+    return Counter(status for t, status in done if start <= t < end)
 
 
 def flood_process(host: str, port: int, path: str, clients: int) -> None:
@@ -270,7 +275,7 @@ class FloodClients:
 
     def completed(self, start: float, end: float) -> Counter:
         """Statuses of the responses received in [start, end)."""
-        return Counter(status for t, status in self.done if start <= t < end)
+        return statuses_between(self.done, start, end)
 
 
 if __name__ == "__main__":

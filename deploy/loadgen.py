@@ -227,6 +227,10 @@ class Tally:
                 t.failed += 1
                 kind = "FAILED"
             t.examples.append(f"{kind}: {o.route.name}: {o.status} {o.error}")
-        # The ones that make a verdict fail first, and a few of each kind at most.
-        t.examples = sorted(t.examples, key=lambda e: not e.startswith(("FAILED", "LOST")))[:5]
+        t.examples = cls.worst_first(t.examples)
         return t
+
+    @staticmethod
+    def worst_first(examples: list[str]) -> list[str]:
+        """Five examples at most, those that make a verdict fail (FAILED, LOST) first."""
+        return sorted(examples, key=lambda e: not e.startswith(("FAILED", "LOST")))[:5]

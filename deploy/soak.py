@@ -406,7 +406,7 @@ def _tally(outcomes, windows, reloads) -> Tally:
         for name in ("sent", "failed", "hit", "lost", "retried", "reload_races"):
             setattr(total, name, getattr(total, name) + getattr(t, name))
         total.examples += t.examples
-    total.examples = sorted(total.examples, key=lambda e: not e.startswith(("FAILED", "LOST")))[:5]
+    total.examples = Tally.worst_first(total.examples)
     return total
 
 
