@@ -107,6 +107,8 @@ def short_name(pid: int) -> str:
 class Split:
     """Cores used by each process of a configuration, and by the bench with its children (wrk)."""
 
+    OURS = ("load generator (bench)", "wrk")  # the entries that are not the configuration's
+
     def __init__(self, processes: Callable[[], list[int]]):
         self.processes = processes
         self.cores: dict[str, float] = {}
@@ -124,6 +126,6 @@ class Split:
         for pid in self._pids:
             name = self._names[pid]
             cores[name] = cores.get(name, 0.0) + (process_cpu([pid]) - self._start[1][pid]) / wall
-        cores["load generator (bench)"] = (t1.user + t1.system - t0.user - t0.system) / wall
-        cores["wrk"] = (t1.children_user + t1.children_system - t0.children_user - t0.children_system) / wall
+        cores[self.OURS[0]] = (t1.user + t1.system - t0.user - t0.system) / wall
+        cores[self.OURS[1]] = (t1.children_user + t1.children_system - t0.children_user - t0.children_system) / wall
         self.cores = {k: round(v, 3) for k, v in sorted(cores.items(), key=lambda kv: -kv[1])}

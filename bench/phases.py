@@ -16,6 +16,7 @@ is the same open loop while W burners spin at the fleet's worker priority (bench
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -134,15 +135,22 @@ async def fast_flood(subject: Subject, p: Profile) -> tuple[Samples, dict]:
 
 
 async def heavy(subject: Subject, p: Profile) -> dict:
+    """Completed jobs per second, and the CPU each job cost the configuration's processes meanwhile
+    (by process role): on a machine whose cores the jobs share with their dispatching, no more than
+    cores ÷ CPU per job can complete in a second, whatever the number of workers."""
     async with HeavyFlood(HOST, subject.port, f"/slow/fib/{p.heavy_n}", p.heavy_clients) as flood:
         await asyncio.sleep(p.ramp)
-        started = time.monotonic()
-        await asyncio.sleep(p.heavy_seconds)
-        ended = time.monotonic()
+        with Split(subject.processes) as split:
+            started = time.monotonic()
+            await asyncio.sleep(p.heavy_seconds)
+            ended = time.monotonic()
     done = flood.completed(started, ended)
-    return {"jobs_s": done.get(200, 0) / (ended - started), "jobs": done.get(200, 0),
+    jobs = done.get(200, 0)
+    cpu_ms = {name: cores * (ended - started) * 1000 / jobs for name, cores in split.cores.items()
+              if name not in Split.OURS} if jobs else {}
+    return {"jobs_s": jobs / (ended - started), "jobs": jobs,
             "non_200": {str(k): v for k, v in done.items() if k != 200}, "errors": flood.errors,
-            "workers": subject.workers}
+            "workers": subject.workers, "cpu_ms_per_job": cpu_ms, "cores": len(os.sched_getaffinity(0))}
 
 
 def measure(subject: Subject, p: Profile, say: Callable[[str], None] = lambda _: None) -> dict:

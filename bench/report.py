@@ -47,6 +47,15 @@ def figures(record: dict) -> dict[str, float | None]:
     f["heavy_w1_jobs_s"] = w1.get("jobs_s")
     workers = m.get("workers")
     f["efficiency"] = ratio(f["heavy_jobs_s"], workers * f["heavy_w1_jobs_s"]) if workers and f["heavy_w1_jobs_s"] else None
+    # What each job cost the configuration's processes with W workers, and what that allows: the
+    # cores complete at most cores ÷ CPU per job jobs a second, so the efficiency cannot pass
+    # that ÷ (W × jobs/s(1)) on this machine (a bound from CPU time alone, whatever the scheduling).
+    heavy_cpu = (m.get("heavy") or {}).get("cpu_ms_per_job") or {}
+    f["heavy_cpu_ms"] = sum(heavy_cpu.values()) if heavy_cpu else None
+    f["heavy_job_cpu_ms"] = heavy_cpu.get("forkserver worker")  # the job processes (a pool's or a Dask worker's)
+    cores = (m.get("heavy") or {}).get("cores")
+    f["efficiency_ceiling"] = (ratio(cores * 1000 / f["heavy_cpu_ms"], workers * f["heavy_w1_jobs_s"])
+                               if cores and f["heavy_cpu_ms"] and workers and f["heavy_w1_jobs_s"] else None)
     for when in ("idle", "load"):
         mem = m.get(f"memory_{when}") or {}
         f[f"rss_{when}"] = mem.get("rss_mb")
@@ -307,6 +316,15 @@ def peer_findings(agg: dict) -> list[str]:
             f"through the scheduler (a trivial job's: {num(dask('rtt_fib1_p50'))} ms through the edge), and with "
             f"W={num(dask('heavy_workers'), 'int')} workers on {num(dask('heavy_workers'), 'int')} busy cores "
             "those dispatching processes wait for a CPU too.")
+        if dask("heavy_cpu_ms") is not None and fleet("heavy_cpu_ms") is not None:
+            lines.append(
+                f"  With W workers each job cost the fleet's processes {num(dask('heavy_cpu_ms'))} ms of CPU on Dask "
+                f"(the job's own process {num(dask('heavy_job_cpu_ms'))} ms), {num(fleet('heavy_cpu_ms'))} ms on "
+                f"the local pool (the job's {num(fleet('heavy_job_cpu_ms'))} ms): Dask's scheduler and workers "
+                "dispatch on the cores the jobs run on. From CPU time alone, the cores complete at most "
+                "cores ÷ CPU per job jobs a second, which caps the efficiency at "
+                f"{num(dask('efficiency_ceiling'), 'ratio')} on Dask and {num(fleet('efficiency_ceiling'), 'ratio')} "
+                "on the local pool here (the ceiling column).")
     return lines
 
 
@@ -364,11 +382,13 @@ def markdown(records: list[dict], agg: dict, configs: list[str], profile: dict, 
         f"Fast: `wrk -t1 -c32 -d{p['wrk_seconds']}s` on /fast (closed loop, saturation; wrk shares the 2 cores). "
         f"Heavy: {p['heavy_clients']} clients looping `/slow/fib/{p['heavy_n']}` for {p['heavy_seconds']:g} s, "
         "completed jobs per second, with the configuration's W workers and again with one worker; "
-        "parallel efficiency = jobs/s(W) ÷ (W × jobs/s(1)).",
+        "parallel efficiency = jobs/s(W) ÷ (W × jobs/s(1)). CPU per job: the CPU time of every process of "
+        "the configuration during the W-worker run ÷ the jobs completed (the flood's clients excluded); the "
+        "efficiency ceiling is what CPU time alone allows: (cores ÷ CPU per job) ÷ (W × jobs/s(1)).",
         "",
     ]
     thr_keys = [("wrk_rps", "int"), ("heavy_jobs_s", "ms"), ("heavy_w1_jobs_s", "ms"), ("efficiency", "ratio"),
-                ("flood_jobs_s", "ms")]
+                ("heavy_cpu_ms", "ms"), ("heavy_job_cpu_ms", "ms"), ("efficiency_ceiling", "ratio"), ("flood_jobs_s", "ms")]
     thr_rows = []
     for n in configs:
         r = row(n, thr_keys)
@@ -377,7 +397,8 @@ def markdown(records: list[dict], agg: dict, configs: list[str], profile: dict, 
         r[0] += f" (W={workers})" if workers and w else ""
         thr_rows.append(r)
     out += [table(["configuration", "fast req/s (wrk)", "heavy jobs/s (W workers)", "heavy jobs/s (1 worker)",
-                   "parallel efficiency", "heavy jobs/s during the latency flood"], thr_rows), ""]
+                   "parallel efficiency", "CPU per job, ms (W workers)", "of which the job's process",
+                   "efficiency ceiling (CPU)", "heavy jobs/s during the latency flood"], thr_rows), ""]
     cross = agg["cross"].get("fleet_over_pool_wrk")
     if cross:
         out += [f"Fleet via nginx ÷ pool process direct, fast req/s: **{cell(cross, 'ratio')}** "

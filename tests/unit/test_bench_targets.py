@@ -81,3 +81,20 @@ def test_the_results_page_names_the_floor_and_the_best_peer_beside_the_fleet():
     assert "Lowest of the others: gunicorn-sync, 2.50 ms" in text
     assert "Best peer: fastapi, 17,000 req/s" in text and "Best peer: fastapi, 88.0 jobs/s" in text
     assert report.peer_findings(report.aggregate(records[1:], ["floor", "fastapi"])) == []  # no fleet, nothing to say
+
+
+def test_the_efficiency_ceiling_comes_from_the_cpu_each_job_cost():
+    # 2 workers on 2 cores, 30 ms of CPU a job across the configuration's processes: at most
+    # 2000 / 30 = 66.7 jobs/s, so with one worker at 40 jobs/s the efficiency cannot pass 0.83.
+    r = record("fleet-dask", heavy=65)
+    r["m"]["workers"] = 2
+    r["m"]["heavy"]["cpu_ms_per_job"] = {"forkserver worker": 21.0, "dask worker": 4.0, "dask scheduler": 3.0,
+                                         "slow-01": 2.0}
+    r["m"]["heavy"]["cores"] = 2
+    r["w1"] = {"jobs_s": 40.0}
+    f = report.figures(r)
+    assert f["heavy_cpu_ms"] == pytest.approx(30.0) and f["heavy_job_cpu_ms"] == 21.0
+    assert f["efficiency"] == pytest.approx(65 / 80)
+    assert f["efficiency_ceiling"] == pytest.approx((2000 / 30) / 80)
+    del r["w1"]  # no one-worker run: no efficiency, no ceiling
+    assert report.figures(r)["efficiency_ceiling"] is None
