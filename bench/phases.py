@@ -135,9 +135,9 @@ async def fast_flood(subject: Subject, p: Profile) -> tuple[Samples, dict]:
 
 
 async def heavy(subject: Subject, p: Profile) -> dict:
-    """Completed jobs per second, and the CPU each job cost the configuration's processes meanwhile
-    (by process role): on a machine whose cores the jobs share with their dispatching, no more than
-    cores ÷ CPU per job can complete in a second, whatever the number of workers."""
+    """Completed jobs per second; the CPU each job cost the configuration's processes meanwhile (by
+    process role), and the cores they kept busy: what dispatching a job costs beside computing it,
+    and whether the cores were full or waited."""
     async with HeavyFlood(HOST, subject.port, f"/slow/fib/{p.heavy_n}", p.heavy_clients) as flood:
         await asyncio.sleep(p.ramp)
         with Split(subject.processes) as split:
@@ -146,11 +146,12 @@ async def heavy(subject: Subject, p: Profile) -> dict:
             ended = time.monotonic()
     done = flood.completed(started, ended)
     jobs = done.get(200, 0)
-    cpu_ms = {name: cores * (ended - started) * 1000 / jobs for name, cores in split.cores.items()
-              if name not in Split.OURS} if jobs else {}
+    ours = {name: cores for name, cores in split.cores.items() if name not in Split.OURS}
+    cpu_ms = {name: cores * (ended - started) * 1000 / jobs for name, cores in ours.items()} if jobs else {}
     return {"jobs_s": jobs / (ended - started), "jobs": jobs,
             "non_200": {str(k): v for k, v in done.items() if k != 200}, "errors": flood.errors,
-            "workers": subject.workers, "cpu_ms_per_job": cpu_ms, "cores": len(os.sched_getaffinity(0))}
+            "workers": subject.workers, "cpu_ms_per_job": cpu_ms, "busy_cores": sum(ours.values()),
+            "cores": len(os.sched_getaffinity(0))}
 
 
 def measure(subject: Subject, p: Profile, say: Callable[[str], None] = lambda _: None) -> dict:

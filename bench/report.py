@@ -47,15 +47,21 @@ def figures(record: dict) -> dict[str, float | None]:
     f["heavy_w1_jobs_s"] = w1.get("jobs_s")
     workers = m.get("workers")
     f["efficiency"] = ratio(f["heavy_jobs_s"], workers * f["heavy_w1_jobs_s"]) if workers and f["heavy_w1_jobs_s"] else None
-    # What each job cost the configuration's processes with W workers, and what that allows: the
-    # cores complete at most cores ÷ CPU per job jobs a second, so the efficiency cannot pass
-    # that ÷ (W × jobs/s(1)) on this machine (a bound from CPU time alone, whatever the scheduling).
-    heavy_cpu = (m.get("heavy") or {}).get("cpu_ms_per_job") or {}
+    # What each job cost the configuration's processes with W workers: its own process, and the rest
+    # (dispatching it: the slow instance, and on Dask the scheduler and the Dask worker). With one
+    # worker that rest runs on a spare core while the worker waits; with W workers on W cores, what
+    # of it runs while the other jobs compute is taken from them.
+    heavy = m.get("heavy") or {}
+    heavy_cpu = heavy.get("cpu_ms_per_job") or {}
     f["heavy_cpu_ms"] = sum(heavy_cpu.values()) if heavy_cpu else None
     f["heavy_job_cpu_ms"] = heavy_cpu.get("forkserver worker")  # the job processes (a pool's or a Dask worker's)
-    cores = (m.get("heavy") or {}).get("cores")
-    f["efficiency_ceiling"] = (ratio(cores * 1000 / f["heavy_cpu_ms"], workers * f["heavy_w1_jobs_s"])
-                               if cores and f["heavy_cpu_ms"] and workers and f["heavy_w1_jobs_s"] else None)
+    f["heavy_dispatch_cpu_ms"] = (f["heavy_cpu_ms"] - f["heavy_job_cpu_ms"]
+                                  if f["heavy_cpu_ms"] is not None and f["heavy_job_cpu_ms"] is not None else None)
+    f["heavy_busy_cores"] = heavy.get("busy_cores")
+    # With one worker, the time per job its worker did not spend computing: its dispatch round trip.
+    w1_job_cpu = (w1.get("cpu_ms_per_job") or {}).get("forkserver worker")
+    f["w1_wait_ms"] = (1000 / f["heavy_w1_jobs_s"] - w1_job_cpu
+                       if f["heavy_w1_jobs_s"] and w1_job_cpu is not None else None)
     for when in ("idle", "load"):
         mem = m.get(f"memory_{when}") or {}
         f[f"rss_{when}"] = mem.get("rss_mb")
@@ -309,22 +315,22 @@ def peer_findings(agg: dict) -> list[str]:
             "the CPU to every event loop.")
     dask = lambda key: _median(agg, "fleet-dask", key)  # noqa: E731
     if dask("efficiency") is not None and fleet("heavy_w1_jobs_s") is not None:
+        workers = num(dask("heavy_workers"), "int")
+        where = ""
+        if dask("heavy_dispatch_cpu_ms") is not None and fleet("heavy_dispatch_cpu_ms") is not None:
+            where = (
+                f" Each job's own process took {num(dask('heavy_job_cpu_ms'))} ms of CPU; dispatching it took "
+                f"{num(dask('heavy_dispatch_cpu_ms'))} ms more on Dask (scheduler, Dask worker, slow instance, nginx), "
+                f"{num(fleet('heavy_dispatch_cpu_ms'))} ms on the local pool. With {workers} workers on {workers} cores "
+                "there is no spare core: what dispatching runs while the other jobs compute is taken from them, and "
+                f"the round trips' waits still leave cores idle (busy {num(dask('heavy_busy_cores'), 'ratio')} of "
+                f"{workers}; the local pool {num(fleet('heavy_busy_cores'), 'ratio')}).")
         lines.append(
-            f"- **Dask parallel efficiency** {num(dask('efficiency'), 'ratio')}: one Dask worker alone ran "
+            f"- **Dask parallel efficiency** {num(dask('efficiency'), 'ratio')}. One Dask worker alone ran "
             f"{num(dask('heavy_w1_jobs_s'))} jobs/s where the local pool's one worker ran "
-            f"{num(fleet('heavy_w1_jobs_s'))}: after each job its worker waits idle for the next one's round trip "
-            f"through the scheduler (a trivial job's: {num(dask('rtt_fib1_p50'))} ms through the edge), and with "
-            f"W={num(dask('heavy_workers'), 'int')} workers on {num(dask('heavy_workers'), 'int')} busy cores "
-            "those dispatching processes wait for a CPU too.")
-        if dask("heavy_cpu_ms") is not None and fleet("heavy_cpu_ms") is not None:
-            lines.append(
-                f"  With W workers each job cost the fleet's processes {num(dask('heavy_cpu_ms'))} ms of CPU on Dask "
-                f"(the job's own process {num(dask('heavy_job_cpu_ms'))} ms), {num(fleet('heavy_cpu_ms'))} ms on "
-                f"the local pool (the job's {num(fleet('heavy_job_cpu_ms'))} ms): Dask's scheduler and workers "
-                "dispatch on the cores the jobs run on. From CPU time alone, the cores complete at most "
-                "cores ÷ CPU per job jobs a second, which caps the efficiency at "
-                f"{num(dask('efficiency_ceiling'), 'ratio')} on Dask and {num(fleet('efficiency_ceiling'), 'ratio')} "
-                "on the local pool here (the ceiling column).")
+            f"{num(fleet('heavy_w1_jobs_s'))}: after each job it waits for the next one's round trip through the "
+            f"scheduler ({num(dask('w1_wait_ms'))} ms a job; a trivial job's round trip through the edge: "
+            f"{num(dask('rtt_fib1_p50'))} ms), its dispatching running on the spare core meanwhile." + where)
     return lines
 
 
@@ -382,13 +388,15 @@ def markdown(records: list[dict], agg: dict, configs: list[str], profile: dict, 
         f"Fast: `wrk -t1 -c32 -d{p['wrk_seconds']}s` on /fast (closed loop, saturation; wrk shares the 2 cores). "
         f"Heavy: {p['heavy_clients']} clients looping `/slow/fib/{p['heavy_n']}` for {p['heavy_seconds']:g} s, "
         "completed jobs per second, with the configuration's W workers and again with one worker; "
-        "parallel efficiency = jobs/s(W) ÷ (W × jobs/s(1)). CPU per job: the CPU time of every process of "
-        "the configuration during the W-worker run ÷ the jobs completed (the flood's clients excluded); the "
-        "efficiency ceiling is what CPU time alone allows: (cores ÷ CPU per job) ÷ (W × jobs/s(1)).",
+        "parallel efficiency = jobs/s(W) ÷ (W × jobs/s(1)). CPU per job, during the W-worker run: the job "
+        "processes' CPU time ÷ the jobs completed, and every other process of the configuration's (dispatching "
+        "the jobs: instances, nginx, a Dask scheduler and workers; the flood's clients excluded); cores busy: "
+        "the configuration's CPU time ÷ the run's length.",
         "",
     ]
     thr_keys = [("wrk_rps", "int"), ("heavy_jobs_s", "ms"), ("heavy_w1_jobs_s", "ms"), ("efficiency", "ratio"),
-                ("heavy_cpu_ms", "ms"), ("heavy_job_cpu_ms", "ms"), ("efficiency_ceiling", "ratio"), ("flood_jobs_s", "ms")]
+                ("heavy_job_cpu_ms", "ms"), ("heavy_dispatch_cpu_ms", "ms"), ("heavy_busy_cores", "ratio"),
+                ("flood_jobs_s", "ms")]
     thr_rows = []
     for n in configs:
         r = row(n, thr_keys)
@@ -397,8 +405,8 @@ def markdown(records: list[dict], agg: dict, configs: list[str], profile: dict, 
         r[0] += f" (W={workers})" if workers and w else ""
         thr_rows.append(r)
     out += [table(["configuration", "fast req/s (wrk)", "heavy jobs/s (W workers)", "heavy jobs/s (1 worker)",
-                   "parallel efficiency", "CPU per job, ms (W workers)", "of which the job's process",
-                   "efficiency ceiling (CPU)", "heavy jobs/s during the latency flood"], thr_rows), ""]
+                   "parallel efficiency", "CPU per job: the job's process, ms", "CPU per job: dispatching it, ms",
+                   "cores busy (W workers)", "heavy jobs/s during the latency flood"], thr_rows), ""]
     cross = agg["cross"].get("fleet_over_pool_wrk")
     if cross:
         out += [f"Fleet via nginx ÷ pool process direct, fast req/s: **{cell(cross, 'ratio')}** "

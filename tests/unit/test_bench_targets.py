@@ -83,18 +83,18 @@ def test_the_results_page_names_the_floor_and_the_best_peer_beside_the_fleet():
     assert report.peer_findings(report.aggregate(records[1:], ["floor", "fastapi"])) == []  # no fleet, nothing to say
 
 
-def test_the_efficiency_ceiling_comes_from_the_cpu_each_job_cost():
-    # 2 workers on 2 cores, 30 ms of CPU a job across the configuration's processes: at most
-    # 2000 / 30 = 66.7 jobs/s, so with one worker at 40 jobs/s the efficiency cannot pass 0.83.
+def test_the_cpu_a_job_cost_splits_into_its_own_process_and_its_dispatching():
     r = record("fleet-dask", heavy=65)
     r["m"]["workers"] = 2
-    r["m"]["heavy"]["cpu_ms_per_job"] = {"forkserver worker": 21.0, "dask worker": 4.0, "dask scheduler": 3.0,
-                                         "slow-01": 2.0}
-    r["m"]["heavy"]["cores"] = 2
-    r["w1"] = {"jobs_s": 40.0}
+    r["m"]["heavy"].update(cpu_ms_per_job={"forkserver worker": 20.0, "dask worker": 4.0, "dask scheduler": 3.0,
+                                           "slow-01": 2.0}, busy_cores=1.8)
+    r["w1"] = {"jobs_s": 40.0, "cpu_ms_per_job": {"forkserver worker": 19.0, "dask worker": 5.0}}
     f = report.figures(r)
-    assert f["heavy_cpu_ms"] == pytest.approx(30.0) and f["heavy_job_cpu_ms"] == 21.0
+    assert f["heavy_cpu_ms"] == pytest.approx(29.0) and f["heavy_job_cpu_ms"] == 20.0
+    assert f["heavy_dispatch_cpu_ms"] == pytest.approx(9.0) and f["heavy_busy_cores"] == 1.8
     assert f["efficiency"] == pytest.approx(65 / 80)
-    assert f["efficiency_ceiling"] == pytest.approx((2000 / 30) / 80)
-    del r["w1"]  # no one-worker run: no efficiency, no ceiling
-    assert report.figures(r)["efficiency_ceiling"] is None
+    assert f["w1_wait_ms"] == pytest.approx(1000 / 40 - 19)  # one worker: 25 ms a job, 19 of them computing
+    del r["w1"]  # no one-worker run: no wait to tell
+    assert report.figures(r)["w1_wait_ms"] is None
+    del r["m"]["heavy"]["cpu_ms_per_job"]  # an older results.json: nothing to split
+    assert report.figures(r)["heavy_dispatch_cpu_ms"] is None
