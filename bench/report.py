@@ -25,6 +25,10 @@ from bench.subjects import DESCRIPTIONS, PEERS
 
 # figures of one repetition ------------------------------------------------------------------------
 
+# cpu.short_name's role for the job processes, a pool's or a Dask worker's: forked by a forkserver.
+JOB_PROCESSES = "forkserver worker"
+
+
 def figures(record: dict) -> dict[str, float | None]:
     """The figures the tables show, from one configuration's raw measurements in one repetition."""
     m = record.get("m") or {}
@@ -54,12 +58,12 @@ def figures(record: dict) -> dict[str, float | None]:
     heavy = m.get("heavy") or {}
     heavy_cpu = heavy.get("cpu_ms_per_job") or {}
     f["heavy_cpu_ms"] = sum(heavy_cpu.values()) if heavy_cpu else None
-    f["heavy_job_cpu_ms"] = heavy_cpu.get("forkserver worker")  # the job processes (a pool's or a Dask worker's)
+    f["heavy_job_cpu_ms"] = heavy_cpu.get(JOB_PROCESSES)
     f["heavy_dispatch_cpu_ms"] = (f["heavy_cpu_ms"] - f["heavy_job_cpu_ms"]
                                   if f["heavy_cpu_ms"] is not None and f["heavy_job_cpu_ms"] is not None else None)
     f["heavy_busy_cores"] = heavy.get("busy_cores")
     # With one worker, the time per job its worker did not spend computing: its dispatch round trip.
-    w1_job_cpu = (w1.get("cpu_ms_per_job") or {}).get("forkserver worker")
+    w1_job_cpu = (w1.get("cpu_ms_per_job") or {}).get(JOB_PROCESSES)
     f["w1_wait_ms"] = (1000 / f["heavy_w1_jobs_s"] - w1_job_cpu
                        if f["heavy_w1_jobs_s"] and w1_job_cpu is not None else None)
     for when in ("idle", "load"):
@@ -257,16 +261,6 @@ def _best(agg: dict, key: str, among: tuple[str, ...], pick=max) -> tuple[str, f
     return pick(values, key=lambda nv: nv[1]) if values else None
 
 
-def readable_process(name: str, config: str) -> str:
-    """Runs before cpu.short_name knew the peers and Dask named their processes by the first 40
-    characters of the command line, a path: name them by what they are."""
-    if "/peers/.venv/" in name:
-        return f"{config} (its processes)"
-    if ".venv/bin/python -m di" in name:
-        return "dask scheduler and workers"
-    return name
-
-
 def peer_findings(agg: dict) -> list[str]:
     """The issue-12 figures next to what explains them, from this run's own measurements: the floor
     (the machine), the edge ceiling (nginx alone), and where each best peer's figure comes from."""
@@ -415,7 +409,6 @@ def markdown(records: list[dict], agg: dict, configs: list[str], profile: dict, 
             "the load generator is idle then):", ""]
     for n in configs:
         splits = [rec["m"].get("wrk_cpu_split") or {} for rec in records if rec["config"] == n and rec.get("m")]
-        splits = [{readable_process(name, n): v for name, v in split.items()} for split in splits]
         names = {name for split in splits for name in split}
         medians = {name: statistics.median(split.get(name, 0.0) for split in splits) for name in names}
         shown = [f"{name} {v:.2f}" for name, v in sorted(medians.items(), key=lambda kv: -kv[1]) if v >= 0.01]
