@@ -208,9 +208,9 @@ def isolation(rounds: int, work: Path, samples: int = 2000) -> dict:
         "slow.sched_idle=true": ("fleet", {"FLEET_SLOW_SCHED_IDLE": "true"}),
         "slow.workers=1 (one core left to the fast path)": ("fleet", {"FLEET_SLOW_WORKERS": "1"}),
         # The Dask backend's gap to the local pool (README, Benchmark), and what did not close it.
-        "fleet-dask defaults": ("fleet-dask", {}),
+        "fleet-dask defaults (slow.sched_idle=auto: true)": ("fleet-dask", {}),
         "fleet-dask, slow.instance_nice=19": ("fleet-dask", {"FLEET_SLOW_INSTANCE_NICE": "19"}),
-        "fleet-dask, slow.sched_idle=true": ("fleet-dask", {"FLEET_SLOW_SCHED_IDLE": "true"}),
+        "fleet-dask, slow.sched_idle=false": ("fleet-dask", {"FLEET_SLOW_SCHED_IDLE": "false"}),
         "fleet-dask, slow.idle_cgroup=false": ("fleet-dask", {"FLEET_SLOW_IDLE_CGROUP": "false"}),
     }
     p = phases.FULL

@@ -198,7 +198,12 @@ SCHEMA: dict[str, Spec] = {
     "slow.job_timeout": Spec(float, 0.1, 3600),
     "slow.nice": Spec(int, 0, 19),
     "slow.instance_nice": Spec(int, 0, 19),
-    "slow.sched_idle": Spec(bool),
+    # auto: on Dask only, where job processes sleep and wake once per job (the local pool's run jobs
+    # back to back) and event loops waited behind them more often (perf sched). Measured: the Dask
+    # fleet's fast-route p99 under a heavy flood fell from
+    # 4.6-4.9 ms to 3.7-4.0 with SCHED_IDLE jobs, while the local fleet's rose from 3.1-4.0 to
+    # 4.1-4.6 (two `python -m bench --configs fleet,fleet-dask` runs of 2a016a7, 3 repetitions each).
+    "slow.sched_idle": Spec(bool, auto=lambda v: v["slow.backend"] == "dask"),
     "slow.idle_cgroup": Spec(bool),
     "slow.drain_timeout": Spec(float, 2, 3600),
     "slow.max_result_mb": Spec(int, 1, 1024),

@@ -97,6 +97,30 @@ def test_a_small_result_comes_back_with_the_job_s_completion_and_a_large_one_is_
     assert pushed() == before + 1
 
 
+def test_dask_job_processes_run_under_sched_idle_and_the_dask_workers_do_not(dask_fleet: Fleet):
+    """slow.sched_idle = "auto" means true on Dask: a job process there wakes once per job, and
+    each wake-up must yield to any waiting event loop. Its Dask worker dispatches at normal policy."""
+    assert dask_fleet.get("/slow/fib/10").status == 200  # the pools are up
+    for name in ("dask-worker-01", "dask-worker-02"):
+        worker = dask_fleet.pid(name)
+        # the worker's pool: its forkserver, whose children are the job processes
+        jobs = [job for forkserver in children(worker) for job in children(forkserver)]
+        assert jobs, f"no job process under {name}"
+        assert {os.sched_getscheduler(pid) for pid in jobs} == {os.SCHED_IDLE}
+        assert os.sched_getscheduler(worker) == os.SCHED_OTHER
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+        except OSError:
+            pass  # gone meanwhile
+    return found
+
+
 # cluster faults ----------------------------------------------------------------------------------------
 
 def test_kill_9_of_a_dask_worker_fails_only_its_job_and_the_next_jobs_are_served(private_dask_fleet):

@@ -213,6 +213,14 @@ def test_auto_can_be_given_explicitly_and_numbers_replace_it():
     assert (s.slow.workers, s.slow.queue_limit) == (settings.usable_cpus(), 0)
 
 
+def test_auto_sched_idle_is_on_for_dask_job_processes_only_and_either_can_be_forced():
+    assert load(env={}).slow.sched_idle is False
+    assert load(env={"FLEET_SLOW_BACKEND": "dask"}).slow.sched_idle is True
+    assert load(env={"FLEET_SLOW_BACKEND": "dask", "FLEET_SLOW_SCHED_IDLE": "false"}).slow.sched_idle is False
+    assert load(env={"FLEET_SLOW_SCHED_IDLE": "true"}).slow.sched_idle is True
+    assert 'true or false or "auto"' in error_of(env={"FLEET_SLOW_SCHED_IDLE": "sometimes"})
+
+
 def test_auto_is_refused_for_a_key_without_an_auto_value():
     message = error_of(env={"FLEET_EDGE_PORT": "auto"})
     assert "FLEET_EDGE_PORT" in message and "1-65535" in message
