@@ -10,6 +10,9 @@
 - isolation   fast p99 idle vs under the heavy flood for slow.nice 0/10/19 and slow.workers 1, and
               the Dask backend with its priority levers
 - rtt         /slow/fib/1 vs /fast round trip for slow.event_loop asyncio vs uvloop
+- sched       whom the fast path waits behind under the heavy flood, local pool against Dask:
+              `perf sched record` while the probe runs, and each wait of more than 1 ms of the
+              processes that serve or send /fast charged to the process that held that CPU
 
 Variants are interleaved over `--rounds` rounds (medians reported), on free loopback ports, each
 fleet started and stopped by pid like the bench's; the CPU other programs used is reported with
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -32,7 +36,7 @@ import time
 from pathlib import Path
 
 from bench import edge, phases, procs, subjects, wrk
-from bench.cpu import ForeignCpu
+from bench.cpu import ForeignCpu, short_name
 from bench.load import open_loop
 
 HOST = subjects.HOST
@@ -255,6 +259,80 @@ def rtt(rounds: int, work: Path) -> dict:
     return {name: {k: median([x[k] for x in xs]) for k in xs[0]} | {"runs": xs} for name, xs in out.items()}
 
 
+LOAD_GENERATOR = "load generator (bench)"
+# The processes a /fast answer waits for: their waits are the fast path's tail under the flood.
+FAST_PATH = (LOAD_GENERATOR, "nginx worker", "fast-")
+JOB_PROCESSES = "forkserver worker"  # a pool's (or a Dask worker's pool's) job process, by cpu.short_name
+
+
+def sched_waits(rounds: int, work: Path, seconds: float = 8.0, longer_than_ms: float = 1.0) -> dict:
+    variants = {"fleet defaults": ("fleet", {}),
+                "fleet-dask defaults (slow.sched_idle=auto: true)": ("fleet-dask", {}),
+                "fleet-dask, slow.sched_idle=false": ("fleet-dask", {"FLEET_SLOW_SCHED_IDLE": "false"})}
+    p = phases.FULL
+    out: dict[str, list] = {name: [] for name in variants}
+    for r in range(rounds):
+        for i, (name, (config, env)) in enumerate(variants.items()):
+            subject = subjects.make(config, work / f"sched{r}-{i}", overrides=env)
+            trace = work / f"sched{r}-{i}.data"
+            with Started(subject):
+                asyncio.run(phases.warm_up(subject, p.heavy_n))
+                roles = {pid: short_name(pid) for pid in subject.processes()}  # before the flood's own
+                roles[os.getpid()] = LOAD_GENERATOR
+                flood_p99 = asyncio.run(_flood_under_perf(subject, p, trace, seconds))
+            timehist = subprocess.run(["perf", "sched", "timehist", "-i", str(trace)],
+                                      capture_output=True, text=True, check=True).stdout
+            trace.unlink()
+            waits = waits_by_holder(timehist, roles, longer_than_ms)
+            total = sum(waits.values())
+            x = {"flood_p99": flood_p99, "waits_ms_s": total / seconds,
+                 "behind_jobs_ms_s": waits.get(JOB_PROCESSES, 0.0) / seconds,
+                 "behind": {holder: round(ms / seconds, 2) for holder, ms in sorted(waits.items(), key=lambda kv: -kv[1])[:6]}}
+            out[name].append(x)
+            print(f"  sched round {r + 1}: {name}: flood p99 {flood_p99:.2f} ms; the fast path waited "
+                  f"{x['waits_ms_s']:.1f} ms/s in waits > {longer_than_ms:g} ms, behind {x['behind']}", flush=True)
+    return {name: {k: median([x[k] for x in xs]) for k in ("flood_p99", "waits_ms_s", "behind_jobs_ms_s")}
+            | {"runs": xs} for name, xs in out.items()}
+
+
+async def _flood_under_perf(subject: subjects.Subject, p: phases.Profile, trace: Path, seconds: float) -> float:
+    """The flood with the probe, `perf sched record -a` over `seconds` of it; the probe's p99."""
+    async with phases.HeavyFlood(HOST, subject.port, f"/slow/fib/{p.heavy_n}", p.heavy_clients):
+        await asyncio.sleep(p.ramp)
+        perf = subprocess.Popen(["perf", "sched", "record", "-a", "-o", str(trace), "--", "sleep", str(seconds)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        samples = int(p.rate * (seconds + 1))
+        fast = (await open_loop(HOST, subject.port, ["/fast"], p.rate, samples, p.drain_timeout))["/fast"]
+        if perf.wait() != 0:
+            raise RuntimeError("perf sched record failed (root, or kernel.perf_event_paranoid <= 0, is needed)")
+    return phases.summarize(fast)["p99"]
+
+
+def waits_by_holder(timehist: str, roles: dict[int, str], longer_than_ms: float = 1.0) -> dict[str, float]:
+    """ms that the fast path's processes waited for a CPU, in waits longer than `longer_than_ms`,
+    by the role of the process that ran on that CPU just before them (the one they waited behind).
+
+    `perf sched timehist` prints one line per switch-out: time, [cpu], task[tid/pid], wait time,
+    scheduling delay (woken, not yet running), run time."""
+    last_on: dict[int, str] = {}  # cpu -> the role that last ran there
+    by_holder: dict[str, float] = {}
+    for line in timehist.splitlines():
+        idle = re.match(r"\s*[\d.]+\s+\[(\d+)\]\s+<idle>", line)
+        if idle:  # the CPU slept: a task woken there waited for the (virtual) CPU to wake
+            last_on[int(idle[1])] = "idle CPU"
+            continue
+        match = re.match(r"\s*[\d.]+\s+\[(\d+)\]\s+(.*?)\[(\d+)(?:/(\d+))?\]\s+[\d.]+\s+([\d.]+)\s+[\d.]+\s*$", line)
+        if not match:
+            continue
+        cpu, comm, pid, delay = int(match[1]), match[2], int(match[4] or match[3]), float(match[5])
+        role = roles.get(pid) or comm.strip()
+        if delay > longer_than_ms and role.startswith(FAST_PATH):
+            holder = last_on.get(cpu, "?")
+            by_holder[holder] = by_holder.get(holder, 0.0) + delay
+        last_on[cpu] = role
+    return by_holder
+
+
 COLUMNS = {
     "throughput": [("rps", "fast req/s (wrk -t1 -c32)", "{:,.0f}"), ("foreign_cores", "others' cores", "{:.2f}")],
     "nginx": [("rps", "fast req/s (wrk -t1 -c32)", "{:,.0f}"), ("foreign_cores", "others' cores", "{:.2f}")],
@@ -263,6 +341,9 @@ COLUMNS = {
                   ("foreign_idle", "others' cores idle", "{:.2f}"), ("foreign_flood", "others' cores flood", "{:.2f}")],
     "rtt": [("fast_p50", "/fast p50 ms", "{:.2f}"), ("fib1_p50", "/slow/fib/1 p50 ms", "{:.2f}"),
             ("ratio", "ratio", "{:.2f}"), ("foreign", "others' cores", "{:.2f}")],
+    "sched": [("flood_p99", "flood p99 ms", "{:.2f}"),
+              ("waits_ms_s", "fast path's waits > 1 ms, ms per s", "{:.1f}"),
+              ("behind_jobs_ms_s", "of it behind job processes", "{:.1f}")],
 }
 
 
@@ -285,18 +366,19 @@ def markdown(results: dict, rounds: int) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.levers", description=__doc__.split("\n")[0])
-    parser.add_argument("which", nargs="*", help="throughput, nginx, isolation, rtt (default: all)")
+    parser.add_argument("which", nargs="*", help="throughput, nginx, isolation, rtt, sched (default: all but sched)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     parser.add_argument("--md", type=Path, help="write the figures as a markdown page here")
     options = parser.parse_args()
     options.which = options.which or ["throughput", "nginx", "isolation", "rtt"]
-    unknown = set(options.which) - {"throughput", "nginx", "isolation", "rtt"}
+    unknown = set(options.which) - {"throughput", "nginx", "isolation", "rtt", "sched"}
     if unknown:
         parser.error(f"unknown experiment(s): {', '.join(sorted(unknown))}")
     work = Path(tempfile.mkdtemp(prefix="fleet-levers-"))
     results = {}
-    experiments = {"throughput": throughput, "nginx": nginx_variants, "isolation": isolation, "rtt": rtt}
+    experiments = {"throughput": throughput, "nginx": nginx_variants, "isolation": isolation, "rtt": rtt,
+                   "sched": sched_waits}
     try:
         for name in options.which:
             print(f"{name}:", flush=True)

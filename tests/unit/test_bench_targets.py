@@ -98,3 +98,25 @@ def test_the_cpu_a_job_cost_splits_into_its_own_process_and_its_dispatching():
     assert report.figures(r)["w1_wait_ms"] is None
     del r["m"]["heavy"]["cpu_ms_per_job"]  # an older results.json: nothing to split
     assert report.figures(r)["heavy_dispatch_cpu_ms"] is None
+
+
+def test_a_fast_path_wait_is_charged_to_whatever_held_its_cpu():
+    """bench.levers sched: perf sched timehist's switch-outs, one CPU's history read in order."""
+    from bench.levers import waits_by_holder
+
+    timehist = """\
+           time    cpu  task name                       wait time  sch delay   run time
+                        [tid/pid]                          (msec)     (msec)     (msec)
+--------------- ------  ------------------------------  ---------  ---------  ---------
+    100.000100 [0001]  python[30]                          0.000      0.000      4.000
+    100.003000 [0001]  python[10]                          0.500      2.500      0.200
+    100.003100 [0000]  <idle>                              0.000      0.000      1.000
+    100.004500 [0000]  nginx[21]                           1.000      1.300      0.100
+    100.005000 [0001]  python[40/11]                       0.100      0.800      0.100
+    100.006000 [0001]  python[30]                          0.000      0.000      1.000
+    100.008000 [0001]  python[12]                          3.000      1.900      0.100
+"""
+    roles = {10: "load generator (bench)", 11: "fast-01", 12: "fast-02", 21: "nginx worker",
+             30: "forkserver worker"}
+    assert waits_by_holder(timehist, roles) == {"forkserver worker": 2.5 + 1.9, "idle CPU": 1.3}
+    assert waits_by_holder(timehist, roles, longer_than_ms=2.0) == {"forkserver worker": 2.5}
