@@ -36,8 +36,9 @@ import time
 from pathlib import Path
 
 from bench import edge, phases, procs, subjects, wrk
-from bench.cpu import ForeignCpu, short_name
+from bench.cpu import ForeignCpu, Split, short_name
 from bench.load import open_loop
+from bench.report import JOB_PROCESSES
 
 HOST = subjects.HOST
 
@@ -259,10 +260,9 @@ def rtt(rounds: int, work: Path) -> dict:
     return {name: {k: median([x[k] for x in xs]) for k in xs[0]} | {"runs": xs} for name, xs in out.items()}
 
 
-LOAD_GENERATOR = "load generator (bench)"
+LOAD_GENERATOR = Split.OURS[0]  # this process, as the CPU split names it
 # The processes a /fast answer waits for: their waits are the fast path's tail under the flood.
 FAST_PATH = (LOAD_GENERATOR, "nginx worker", "fast-")
-JOB_PROCESSES = "forkserver worker"  # a pool's (or a Dask worker's pool's) job process, by cpu.short_name
 
 
 def sched_waits(rounds: int, work: Path, seconds: float = 8.0, longer_than_ms: float = 1.0) -> dict:

@@ -199,10 +199,9 @@ SCHEMA: dict[str, Spec] = {
     "slow.nice": Spec(int, 0, 19),
     "slow.instance_nice": Spec(int, 0, 19),
     # auto: on Dask only, where job processes sleep and wake once per job (the local pool's run jobs
-    # back to back) and event loops waited behind them more often (perf sched). Measured: the Dask
-    # fleet's fast-route p99 under a heavy flood fell from
-    # 4.6-4.9 ms to 3.7-4.0 with SCHED_IDLE jobs, while the local fleet's rose from 3.1-4.0 to
-    # 4.1-4.6 (two `python -m bench --configs fleet,fleet-dask` runs of 2a016a7, 3 repetitions each).
+    # back to back). perf sched under a heavy flood (python -m bench.levers sched): the fast path
+    # waited 13.7 ms a second behind Dask's job processes, 6.0 with SCHED_IDLE, 0.7 behind the local
+    # pool's; the local fleet's flood p99 rose with SCHED_IDLE (3.1-4.0 -> 4.1-4.6 ms, at 2a016a7).
     "slow.sched_idle": Spec(bool, auto=lambda v: v["slow.backend"] == "dask"),
     "slow.idle_cgroup": Spec(bool),
     "slow.drain_timeout": Spec(float, 2, 3600),
