@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.procs import children_map
 from tests.integration.conftest import REPO, Fleet, free_port_block, make_fleet, port_is_free
 from tests.integration.test_fleet import assert_contract_error, wait_for
 
@@ -104,21 +105,11 @@ def test_dask_job_processes_run_under_sched_idle_and_the_dask_workers_do_not(das
     for name in ("dask-worker-01", "dask-worker-02"):
         worker = dask_fleet.pid(name)
         # the worker's pool: its forkserver, whose children are the job processes
-        jobs = [job for forkserver in children(worker) for job in children(forkserver)]
+        children = children_map()
+        jobs = [job for forkserver in children.get(worker, []) for job in children.get(forkserver, [])]
         assert jobs, f"no job process under {name}"
         assert {os.sched_getscheduler(pid) for pid in jobs} == {os.SCHED_IDLE}
         assert os.sched_getscheduler(worker) == os.SCHED_OTHER
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-        except OSError:
-            pass  # gone meanwhile
-    return found
 
 
 # cluster faults ----------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from bench.cpu import process_cpu
 from tests.integration.conftest import Fleet
 
 pytestmark = pytest.mark.integration
@@ -39,20 +40,13 @@ def busy_worker_pid(fleet: Fleet) -> int:
     """The pid of the worker burning CPU in slow-01: the one whose CPU time grew most, by at least
     0.1 s, over 0.3 s. (State R alone once picked a worker that had just been replaced and was
     still starting up, while the job ran on the other.)"""
-    def cpu_ticks(pid: int) -> int | None:
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return int(fields[11]) + int(fields[12])  # utime + stime
-
     def burning():
-        before = {pid: cpu_ticks(pid) for pid in fleet.slow_health()["pool"]["pids"]}
+        pids = fleet.slow_health()["pool"]["pids"]
+        before = {pid: process_cpu([pid]) for pid in pids}
         time.sleep(0.3)
-        grown = {pid: now - then for pid, then in before.items()
-                 if then is not None and (now := cpu_ticks(pid)) is not None}
+        grown = {pid: process_cpu([pid]) - before[pid] for pid in pids}  # a process gone meanwhile: negative
         pid = max(grown, key=grown.get, default=None)
-        return pid if pid is not None and grown[pid] >= os.sysconf("SC_CLK_TCK") // 10 else None
+        return pid if pid is not None and grown[pid] >= 0.1 else None
     return wait_for(burning, timeout=5, interval=0.01)
 
 
