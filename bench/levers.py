@@ -99,6 +99,7 @@ def throughput(rounds: int, work: Path) -> dict:
         "pool process direct (asyncio)": ("pool", {}),
         "fleet defaults": ("fleet", {}),
         "fleet, fast.event_loop=asyncio": ("fleet", {"FLEET_FAST_EVENT_LOOP": "asyncio"}),
+        "fleet, fast.sched_slice_us=0": ("fleet", {"FLEET_FAST_SCHED_SLICE_US": "0"}),
         "fleet, edge.worker_processes=2": ("fleet", {"FLEET_EDGE_WORKER_PROCESSES": "2"}),
         "fleet, fast.instances=1": ("fleet", {"FLEET_FAST_INSTANCES": "1"}),
         "fleet, fast.instances=3": ("fleet", {"FLEET_FAST_INSTANCES": "3"}),
@@ -266,9 +267,11 @@ FAST_PATH = (LOAD_GENERATOR, "nginx worker", "fast-")
 
 
 def sched_waits(rounds: int, work: Path, seconds: float = 8.0, longer_than_ms: float = 1.0) -> dict:
+    kernel_slice = {"FLEET_FAST_SCHED_SLICE_US": "0"}  # the fast path without its short time slice
     variants = {"fleet defaults": ("fleet", {}),
-                "fleet-dask defaults (slow.sched_idle=auto: true)": ("fleet-dask", {}),
-                "fleet-dask, slow.sched_idle=false": ("fleet-dask", {"FLEET_SLOW_SCHED_IDLE": "false"})}
+                "fleet, fast.sched_slice_us=0": ("fleet", kernel_slice),
+                "fleet-dask defaults": ("fleet-dask", {}),
+                "fleet-dask, fast.sched_slice_us=0": ("fleet-dask", kernel_slice)}
     p = phases.FULL
     out: dict[str, list] = {name: [] for name in variants}
     for r in range(rounds):

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from deploy import log_rotation, render
 from deploy.procs import alive, children_of, processes_of
+from services.common import cpu_slice
 from services.common.settings import Settings
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -261,7 +262,11 @@ def main() -> None:
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphaned workers become our children
     for signum in FORWARDED + (signal.SIGHUP,):
         signal.signal(signum, launcher.on_signal)
-    wait_for_upstreams(Settings.from_snapshot(run_dir_path / "settings.json"))
+    settings = Settings.from_snapshot(run_dir_path / "settings.json")
+    # nginx's master and workers inherit this process's time slice: the edge is on the fast path
+    # as much as the fast instances are (services/common/cpu_slice.py).
+    cpu_slice.request(settings.fast.sched_slice_us)
+    wait_for_upstreams(settings)
     launcher.run()
 
 

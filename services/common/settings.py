@@ -179,6 +179,7 @@ SCHEMA: dict[str, Spec] = {
     "fast.base_port": Spec(int, 1024, 65000),
     "fast.drain_timeout": Spec(float, 2, 300),
     "fast.event_loop": Spec(str, check=_check_event_loop),
+    "fast.sched_slice_us": Spec(int, 0, 100_000),  # services/common/cpu_slice.py
     "slow.instances": Spec(int, 1, 16),
     "slow.base_port": Spec(int, 1024, 65000),
     "slow.workers": Spec(int, 1, 256, auto=lambda v: usable_cpus()),

@@ -11,7 +11,7 @@ import time
 
 from tornado import web
 
-from services.common import server
+from services.common import cpu_slice, server
 from services.common.web import BaseHandler, HealthHandler, MetricsHandler, NotFoundHandler
 from services.fast import negative_control
 
@@ -64,6 +64,9 @@ def make_app(instance: server.Instance) -> web.Application:
 
 def main(argv: list[str] | None = None) -> None:
     instance = server.parse_args("fast", argv)
+    # Before any thread starts (threads inherit it): a slice shorter than the heavy path's, so a
+    # request wakes this loop onto the CPU at once (services/common/cpu_slice.py).
+    cpu_slice.request(instance.settings.fast.sched_slice_us)
     server.run(instance, lambda: server.serve(make_app(instance), instance))
 
 

@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from bench.cpu import process_cpu
+from bench.procs import children_map
+from services.common import cpu_slice
 from tests.integration.conftest import Fleet
 
 pytestmark = pytest.mark.integration
@@ -132,6 +134,23 @@ def test_oversized_requests_get_the_edge_s_json_errors(fleet: Fleet):
     assert_contract_error(fleet.get("/fast", headers={"X-Big": "a" * 9000}), 431, "headers_too_large")
     r = fleet.get("/fast", headers={"X-Big": "a" * 9000})
     assert r.headers["x-served-by"] == "edge"
+
+
+def test_the_fast_path_asks_for_a_short_time_slice_and_the_heavy_path_keeps_the_kernel_s(fleet: Fleet):
+    """fast.sched_slice_us (100 us): the fast instances and every nginx process run with it, so a
+    woken event loop preempts heavy work at once; the slow instance and its workers keep the default."""
+    if not cpu_slice.kernel_has_custom_slices():
+        pytest.skip("custom time slices need Linux 6.12+")
+    children = children_map()
+    launcher = fleet.pid("nginx")
+    nginx = [pid for master in children.get(launcher, []) for pid in [master] + children.get(master, [])]
+    assert len(nginx) >= 2, "no nginx master and worker under the launcher"
+    fast = [fleet.pid(f"fast-{n:02d}") for n in (1, 2)]
+    for pid in fast + nginx:
+        assert cpu_slice.slice_ns(pid) == 100_000, f"pid {pid}"
+    heavy = [fleet.pid("slow-01")] + fleet.slow_health()["pool"]["pids"]
+    for pid in heavy:
+        assert cpu_slice.slice_ns(pid) > 100_000, f"pid {pid}"
 
 
 def test_workers_run_below_every_other_process_group_when_the_machine_allows_it(fleet: Fleet):
