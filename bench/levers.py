@@ -94,12 +94,15 @@ class Started:
         self.subject.stop()
 
 
+KERNEL_SLICE = {"FLEET_FAST_SCHED_SLICE_US": "0"}  # the fast path without its short time slice
+
+
 def throughput(rounds: int, work: Path) -> dict:
     variants = {
         "pool process direct (asyncio)": ("pool", {}),
         "fleet defaults": ("fleet", {}),
         "fleet, fast.event_loop=asyncio": ("fleet", {"FLEET_FAST_EVENT_LOOP": "asyncio"}),
-        "fleet, fast.sched_slice_us=0": ("fleet", {"FLEET_FAST_SCHED_SLICE_US": "0"}),
+        "fleet, fast.sched_slice_us=0": ("fleet", KERNEL_SLICE),
         "fleet, edge.worker_processes=2": ("fleet", {"FLEET_EDGE_WORKER_PROCESSES": "2"}),
         "fleet, fast.instances=1": ("fleet", {"FLEET_FAST_INSTANCES": "1"}),
         "fleet, fast.instances=3": ("fleet", {"FLEET_FAST_INSTANCES": "3"}),
@@ -267,11 +270,10 @@ FAST_PATH = (LOAD_GENERATOR, "nginx worker", "fast-")
 
 
 def sched_waits(rounds: int, work: Path, seconds: float = 8.0, longer_than_ms: float = 1.0) -> dict:
-    kernel_slice = {"FLEET_FAST_SCHED_SLICE_US": "0"}  # the fast path without its short time slice
     variants = {"fleet defaults": ("fleet", {}),
-                "fleet, fast.sched_slice_us=0": ("fleet", kernel_slice),
+                "fleet, fast.sched_slice_us=0": ("fleet", KERNEL_SLICE),
                 "fleet-dask defaults": ("fleet-dask", {}),
-                "fleet-dask, fast.sched_slice_us=0": ("fleet-dask", kernel_slice)}
+                "fleet-dask, fast.sched_slice_us=0": ("fleet-dask", KERNEL_SLICE)}
     p = phases.FULL
     out: dict[str, list] = {name: [] for name in variants}
     for r in range(rounds):

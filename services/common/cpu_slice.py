@@ -40,23 +40,24 @@ ATTR = struct.Struct("=IIQiIQQQII")
 SCHED_OTHER = 0
 
 
-def request(slice_us: int, pid: int = 0) -> bool:
-    """Ask for a `slice_us` microsecond slice for `pid` (0: this thread), keeping its niceness and
-    its SCHED_OTHER policy. 0 leaves the kernel's default. True if the kernel now reports it."""
+def request(slice_us: int) -> bool:
+    """Ask for a `slice_us` microsecond slice for the calling thread (and what it starts after),
+    keeping its niceness and its SCHED_OTHER policy. 0 leaves the kernel's default. True if the
+    kernel now reports it."""
     if slice_us <= 0:
         return False
     number = SYSCALL.get(platform.machine())
     if number is None:
         log.info("no sched_setattr number for %s: the kernel's default time slice", platform.machine())
         return False
-    nice = os.getpriority(os.PRIO_PROCESS, pid)  # sched_setattr sets niceness too: keep it
+    nice = os.getpriority(os.PRIO_PROCESS, 0)  # sched_setattr sets niceness too: keep it
     attr = ctypes.create_string_buffer(ATTR.pack(ATTR.size, SCHED_OTHER, 0, nice, 0, slice_us * 1000, 0, 0, 0, 0))
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(number, pid, attr, 0) != 0:
+    if libc.syscall(number, 0, attr, 0) != 0:  # 0: the calling thread
         errno = ctypes.get_errno()
         log.info("sched_setattr refused a %d us slice (%s): the kernel's default", slice_us, os.strerror(errno))
         return False
-    granted = slice_ns(pid or os.getpid())
+    granted = slice_ns("thread-self")
     if granted is None or granted != max(slice_us, 100) * 1000:
         log.info("this kernel has no custom time slices (Linux 6.12+): the default, %s ns", granted)
         return False
@@ -68,8 +69,9 @@ def kernel_has_custom_slices(release: str = platform.release()) -> bool:
     return tuple(int(x) for x in re.findall(r"\d+", release)[:2]) >= (6, 12)
 
 
-def slice_ns(pid: int) -> int | None:
-    """The time slice the kernel gives `pid`, from /proc/<pid>/sched; None where it shows none."""
+def slice_ns(pid: int | str) -> int | None:
+    """The time slice the kernel gives `pid` (or "thread-self"), from /proc/<pid>/sched; None where
+    it shows none."""
     try:
         text = Path(f"/proc/{pid}/sched").read_text()
     except OSError:
