@@ -155,11 +155,27 @@ def assert_every_worker_sample_arrived(result: subprocess.CompletedProcess, work
     assert merged - per_second <= answered <= merged, (answered, merged, per_second)
 
 
+def only_locust_lagged(stdout: str) -> bool:
+    """The check refused to judge only because Locust fell behind its own schedule (a busy CI
+    machine: the baseline's probes alone were seen 21.6 ms late at p99 on an idle fleet), while
+    every latency rule and every other rule held."""
+    broken = re.findall(r"^\s+BROKEN\s+(.*)$", stdout, re.MULTILINE)
+    return ("VERDICT: INCONCLUSIVE: Locust fell behind" in stdout
+            and all(rule.startswith("the fast users kept their schedule") for rule in broken)
+            and all(re.search(rf"^\s+ok\s+mixed {q} ", stdout, re.MULTILINE) for q in ("p50", "p95", "p99")))
+
+
 def test_fleet_keeps_fast_routes_fast(private_fleet):
     fleet = private_fleet(**DEPLOYED_DEFAULTS)
-    result = run_check(f"http://127.0.0.1:{fleet.edge_port}", *SHORT_PHASES, *FLEET_ROUTES)
-    assert "VERDICT: PASS" in result.stdout, result.stdout[-3000:]
-    assert result.returncode == EXIT_PASS
+    host = f"http://127.0.0.1:{fleet.edge_port}"
+    result = run_check(host, *SHORT_PHASES, *FLEET_ROUTES)
+    if only_locust_lagged(result.stdout):
+        # Untrustworthy timings are measured again once, not judged; a second lagging run is
+        # accepted only as only_locust_lagged allows (every latency rule held).
+        result = run_check(host, *SHORT_PHASES, *FLEET_ROUTES)
+    passed = "VERDICT: PASS" in result.stdout
+    assert passed or only_locust_lagged(result.stdout), result.stdout[-3000:]
+    assert result.returncode == (EXIT_PASS if passed else EXIT_INCONCLUSIVE)
     # The table has every judged figure, and the heavy flood really overflowed the slow path.
     for phase in ("baseline", "mixed"):
         assert len(phase_row(result.stdout, phase)) >= 11
@@ -178,10 +194,10 @@ def test_a_fleet_whose_fast_routes_are_20_ms_slower_under_heavy_load_fails(priva
     p50 = 4  # columns after the state: seconds, requests, rate, failures, p50
     assert float(baseline[p50].replace(",", "")) < 20 <= float(mixed[p50].replace(",", "")), (baseline, mixed)
     assert re.search(r"BROKEN\s+mixed p50", result.stdout)
-    # Everything else held: the fleet was saturated, nothing failed, Locust kept its schedule.
+    # Everything else held: the fleet was saturated, nothing failed. (Whether Locust kept its schedule
+    # is not asserted: a p50 beyond the limit plus Locust's own lag is a FAIL either way.)
     assert re.search(r"saturated the slow path: [1-9][\d,]* shed with 503", result.stdout)
     assert re.search(r"ok\s+fast failures: 0 of", result.stdout)
-    assert re.search(r"ok\s+the fast users kept their schedule", result.stdout)
 
 
 def test_make_load_check_with_locust_workers_passes_on_the_fleet(private_fleet):
@@ -200,11 +216,7 @@ def test_make_load_check_with_locust_workers_passes_on_the_fleet(private_fleet):
         # The heaviest run of the suite (master, two workers, the fleet, the flood on 2 cores): on a
         # busy CI machine Locust itself can fall behind its schedule, and the check then rightly
         # refuses to judge (seen once). Every latency rule must still have held.
-        broken = re.findall(r"^\s+BROKEN\s+(.*)$", result.stdout, re.MULTILINE)
-        assert ("VERDICT: INCONCLUSIVE: Locust fell behind" in result.stdout
-                and all(rule.startswith("the fast users kept their schedule") for rule in broken)
-                and all(re.search(rf"^\s+ok\s+mixed {q} ", result.stdout, re.MULTILINE) for q in ("p50", "p95", "p99"))
-                ), result.stdout[-3000:]
+        assert only_locust_lagged(result.stdout), result.stdout[-3000:]
     if passed:
         assert result.returncode == EXIT_PASS
     else:  # make exits 2 when its recipe fails; the check's own exit status is in make's message
