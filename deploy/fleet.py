@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import xmlrpc.client
 from pathlib import Path
 
 from deploy import apply, render
@@ -111,9 +112,12 @@ def stop(settings: Settings) -> None:
     if pid is None:
         print(f"no fleet running in {settings.run_dir}")
     else:
-        supervisor(settings).supervisor.shutdown()
-        # supervisor stops the programs one after another, each within its stopwaitsecs.
         deadline = time.monotonic() + 30 + settings.fast.drain_timeout + settings.slow.drain_timeout
+        try:
+            stop_programs_in_order(supervisor(settings).supervisor, deadline)
+        except (OSError, xmlrpc.client.Error) as exc:  # shutdown still stops what is left
+            print(f"warning: stopping the programs tier by tier failed ({exc}); supervisord stops them")
+        supervisor(settings).supervisor.shutdown()
         while time.monotonic() < deadline and alive(pid):
             time.sleep(0.1)
         if alive(pid):
@@ -142,6 +146,38 @@ def stop(settings: Settings) -> None:
         check_ports_free(settings)
     except FleetError as exc:
         raise FleetError(f"after stop, {exc}") from None
+
+
+NOT_RUNNING = 70  # supervisor's fault code (supervisor.xmlrpc.Faults): the program ended meanwhile
+
+
+def stop_programs_in_order(rpc: xmlrpc.client.ServerProxy, deadline: float) -> None:
+    """Stop every running program in supervisord's own shutdown order (highest priority first:
+    nginx, the fast instances, the slow ones, the Dask workers, the scheduler), a whole tier at once,
+    each program within its stopwaitsecs (supervisord sends SIGKILL after it).
+
+    The same order as supervisord's shutdown, without its wait: it moves to the next tier only on
+    a turn of its main loop, which sleeps up to 1 s when nothing else happens (supervisord.py, the
+    poller's timeout), so a fleet with nothing to drain took 1 s per tier (2.7 s locally, measured).
+    Asking for the states every 50 ms wakes that loop, which then reaps the stopped programs.
+    """
+    tiers: dict[int, list[str]] = {}
+    for c in rpc.getAllConfigInfo():
+        tiers.setdefault(c["group_prio"], []).append(f"{c['group']}:{c['name']}")
+    for priority in sorted(tiers, reverse=True):
+        names = set(tiers[priority])
+        running = {f"{i['group']}:{i['name']}" for i in rpc.getAllProcessInfo()
+                   if i["statename"] in ("STARTING", "RUNNING", "BACKOFF")} & names
+        for name in sorted(running):
+            try:
+                rpc.stopProcess(name, False)  # wait=False: the whole tier drains at once
+            except xmlrpc.client.Fault as fault:
+                if fault.faultCode != NOT_RUNNING:
+                    raise
+        while running and time.monotonic() < deadline:
+            time.sleep(0.05)
+            running = {f"{i['group']}:{i['name']}" for i in rpc.getAllProcessInfo()
+                       if i["statename"] == "STOPPING"} & names
 
 
 def clear_edge_cache(settings: Settings) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -309,3 +310,23 @@ def test_a_reload_restarts_the_dask_workers_one_at_a_time_failing_no_accepted_jo
         assert after[name] != before[name], name
     assert after["dask-scheduler"] == before["dask-scheduler"]  # a reload leaves the scheduler be
     assert "restarted dask-worker-01" in result.stdout
+
+
+# a stop --------------------------------------------------------------------------------------------------
+
+def test_a_stop_answers_the_job_in_flight_and_stops_the_parts_in_order(private_dask_fleet):
+    """`make stop` stops the parts a tier at a time, in supervisord's shutdown order: nginx, the fast
+    instances, the slow instances (which drain: their jobs still need the cluster), the Dask
+    workers, the scheduler. A job accepted before the stop is answered."""
+    fleet = private_dask_fleet()
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(fleet.get, "/slow/spin/1.5")
+        time.sleep(0.5)
+        fleet.command("stop")
+        assert job.result().status == 200, job.result().body
+    log = (fleet.run_dir / "logs" / "supervisord.log").read_text()
+    stopped = re.findall(r"INFO stopped: (\S+) \(", log)
+    tier = {"nginx": 0, "fast": 1, "slow": 2, "dask-worker": 3, "dask-scheduler": 4}
+    tiers = [tier[next(prefix for prefix in sorted(tier, key=len, reverse=True) if name.startswith(prefix))]
+             for name in stopped]
+    assert tiers == sorted(tiers) and set(tiers) == set(tier.values()), stopped
