@@ -123,4 +123,7 @@ def test_a_named_user_that_cannot_read_the_code_is_an_error_and_auto_falls_back_
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "warning: the fleet runs as root" in result.stderr
     assert "user=" not in (tmp_path / "run" / "supervisord.conf").read_text()
+    # What `render` made outside the run dir (nginx's temp dir: nobody cannot reach a 0700 dir),
+    # `stop` removes, with no fleet running.
+    assert "no fleet running" in fleet.command("stop").stdout
 

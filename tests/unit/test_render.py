@@ -17,6 +17,17 @@ def settings_for(tmp_path, **env):
     return load(env={"FLEET_RUN_DIR": str(tmp_path), **env})
 
 
+@pytest.fixture(autouse=True)
+def no_nginx_temp_dir_left_behind(tmp_path):
+    """render.write makes nginx's temp dir, outside the run dir when nginx's workers cannot reach
+    it (pytest's temp dirs are 0700; as root they run as nobody): `make stop` removes it for a
+    fleet, this for a test that only rendered."""
+    yield
+    temp = render.nginx_temp_dir(settings_for(tmp_path))
+    if not temp.is_relative_to(tmp_path):
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def test_every_rendered_file_says_on_line_one_that_it_is_generated(tmp_path):
     for name, text in render.render(settings_for(tmp_path)).items():
         first = text.splitlines()[0]
