@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     o.out.write_text(markdown(results, ("python -m bench.doc000 " + " ".join(argv or sys.argv[1:])).strip()))
     o.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     print(f"results: {o.out}")
+    shutil.rmtree(work, ignore_errors=True)  # the subjects' run dirs and logs; kept when a run fails
     return 0
 
 

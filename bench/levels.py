@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import signal
 import sys
 import tempfile
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     chart(results, o.out / "levels.png")
     ok, lines = judge(results)
     print("\n".join(lines) + f"\nresults: {o.out / 'levels.md'}")
+    shutil.rmtree(work, ignore_errors=True)  # the subjects' run dirs and logs; kept when a run fails
     return 0
 
 
