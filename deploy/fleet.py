@@ -113,11 +113,12 @@ def stop(settings: Settings) -> None:
         print(f"no fleet running in {settings.run_dir}")
     else:
         deadline = time.monotonic() + 30 + settings.fast.drain_timeout + settings.slow.drain_timeout
+        rpc = supervisor(settings).supervisor
         try:
-            stop_programs_in_order(supervisor(settings).supervisor, deadline)
+            stop_programs_in_order(rpc, deadline)
         except (OSError, xmlrpc.client.Error) as exc:  # shutdown still stops what is left
             print(f"warning: stopping the programs tier by tier failed ({exc}); supervisord stops them")
-        supervisor(settings).supervisor.shutdown()
+        rpc.shutdown()
         while time.monotonic() < deadline and alive(pid):
             time.sleep(0.1)
         if alive(pid):
@@ -161,13 +162,14 @@ def stop_programs_in_order(rpc: xmlrpc.client.ServerProxy, deadline: float) -> N
     poller's timeout), so a fleet with nothing to drain took 1 s per tier (2.7 s locally, measured).
     Asking for the states every 50 ms wakes that loop, which then reaps the stopped programs.
     """
-    tiers: dict[int, list[str]] = {}
+    def in_states(*states: str) -> set[str]:
+        return {f"{i['group']}:{i['name']}" for i in rpc.getAllProcessInfo() if i["statename"] in states}
+
+    tiers: dict[int, set[str]] = {}
     for c in rpc.getAllConfigInfo():
-        tiers.setdefault(c["group_prio"], []).append(f"{c['group']}:{c['name']}")
+        tiers.setdefault(c["group_prio"], set()).add(f"{c['group']}:{c['name']}")
     for priority in sorted(tiers, reverse=True):
-        names = set(tiers[priority])
-        running = {f"{i['group']}:{i['name']}" for i in rpc.getAllProcessInfo()
-                   if i["statename"] in ("STARTING", "RUNNING", "BACKOFF")} & names
+        running = in_states("STARTING", "RUNNING", "BACKOFF") & tiers[priority]
         for name in sorted(running):
             try:
                 rpc.stopProcess(name, False)  # wait=False: the whole tier drains at once
@@ -176,8 +178,7 @@ def stop_programs_in_order(rpc: xmlrpc.client.ServerProxy, deadline: float) -> N
                     raise
         while running and time.monotonic() < deadline:
             time.sleep(0.05)
-            running = {f"{i['group']}:{i['name']}" for i in rpc.getAllProcessInfo()
-                       if i["statename"] == "STOPPING"} & names
+            running = in_states("STOPPING") & tiers[priority]
 
 
 def clear_edge_cache(settings: Settings) -> None:
