@@ -532,6 +532,10 @@ class WorkerPool:
             if self.kill_on_cancel or (self._whole and self._kill_budget.take()):
                 self._retire(worker, "cancelled")
                 raise
+            # The cancellation is swallowed here: say so to the task, or the asyncio.timeout_at
+            # below reads its own expiry as a cancellation from outside (Python before 3.11.3, such
+            # as Debian 12's 3.11.2, compares uncancel() with 0) and the job is killed after 0.25 s.
+            asyncio.current_task().uncancel()
         # An abort storm: over the kill budget, the job runs to its end, and this caller keeps its
         # admission slot until then; but a second cancel (as at a drain's deadline) kills it after
         # all, and so does another client's job waiting while it has run RECLAIM_AFTER seconds.
