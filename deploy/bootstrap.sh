@@ -5,10 +5,42 @@
 set -o errexit -o nounset -o pipefail
 cd "$(dirname "$0")/.."
 
-python=${PYTHON:-python3}
-if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+# process.user = "auto": when root deploys, the fleet's processes run as this system user (no
+# login, no home), if it can read the code and the run dir (deploy/privilege.py).
+SERVICE_USER=fleet
+if [ "${1:-}" != --print-python ] && [ "$(id -u)" = 0 ] && ! getent passwd "$SERVICE_USER" >/dev/null 2>&1 && command -v useradd >/dev/null 2>&1; then
+    echo "bootstrap: creating the system user $SERVICE_USER"
+    useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$SERVICE_USER"
+fi
+
+# The interpreter the .venv is made from. That user must be able to run it: a Python under /root
+# (pyenv) is closed to it, and the fleet would fall back to running everything as root. So, unless
+# PYTHON says which, take the first Python 3.11+ of these that it can run (Debian's
+# /usr/bin/python3.11 where python3 is pyenv's), else the first Python 3.11+ at all.
+# `deploy/bootstrap.sh --print-python` prints the choice and changes nothing.
+is_311() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; }
+user_can_run() {  # as the service user, with no group of root's
+    [ "$(id -u)" = 0 ] && getent passwd "$SERVICE_USER" >/dev/null 2>&1 \
+        && setpriv --reuid="$SERVICE_USER" --regid="$SERVICE_USER" --clear-groups -- "$1" -c '' >/dev/null 2>&1
+}
+choose_python() {
+    local candidate first=""
+    for candidate in python3 /usr/bin/python3.11 /usr/bin/python3 /usr/local/bin/python3.11; do
+        command -v "$candidate" >/dev/null 2>&1 && is_311 "$candidate" || continue
+        candidate=$(command -v "$candidate")
+        [ -n "$first" ] || first=$candidate
+        if user_can_run "$candidate"; then echo "$candidate"; return; fi
+    done
+    echo "$first"
+}
+python=${PYTHON:-$(choose_python)}
+if [ -z "$python" ] || ! is_311 "$python"; then
     echo "error: Python 3.11 or newer is needed (tomllib, asyncio.timeout); set PYTHON=/path/to/python3.11" >&2
     exit 1
+fi
+if [ "${1:-}" = --print-python ]; then
+    echo "$python"
+    exit 0
 fi
 
 # Only the edge host of a fleet across hosts runs nginx (FLEET_HOST's roles in FLEET_SETTINGS).
@@ -45,11 +77,12 @@ if [ "$needs_nginx" = yes ] && ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr
     fi
 fi
 
-# process.user = "auto": when root deploys, the fleet's processes run as this system user (no
-# login, no home), if it can read the code and the run dir (deploy/privilege.py).
-if [ "$(id -u)" = 0 ] && ! getent passwd fleet >/dev/null 2>&1 && command -v useradd >/dev/null 2>&1; then
-    echo "bootstrap: creating the system user fleet"
-    useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin fleet
+
+# A .venv made before from an interpreter the service user cannot run (pyenv's, under /root) is
+# made again from one it can, when there is one: the fleet then drops root as it should.
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && ! user_can_run .venv/bin/python && user_can_run "$python"; then
+    echo "bootstrap: the user $SERVICE_USER cannot run .venv's interpreter ($(readlink -f .venv/bin/python)); making .venv again from $python"
+    rm -rf .venv
 fi
 
 wanted=$(sha256sum requirements.txt | cut -d' ' -f1)
