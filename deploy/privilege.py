@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy import rundir
 from services.common.settings import Settings, SettingsError
 from services.slow import cpu_priority
 
@@ -112,13 +113,13 @@ def _cannot_reach(user: User, run_dir: str) -> str | None:
 
 def prepare(settings: Settings, user: User) -> None:
     """As root, before the programs start: what the fleet's user writes in the run dir is its own
-    (a Dask worker's local directory, a home for tools that want one), and the workers' idle
+    (Dask workers' local directories, a home for tools that want one), and the workers' idle
     cgroups exist, made by root under supervisord's cgroup and handed to the user to join."""
     run_dir = settings.run_dir
     for directory in (run_dir / "dask", run_dir / "home"):
-        directory.mkdir(exist_ok=True)
-        for path in [directory, *directory.rglob("*")]:
-            os.chown(path, user.uid, user.gid, follow_symlinks=False)
+        # Made by root and handed over by descriptor; never walked into, since the user may have
+        # put links in it (an lchown of a path whose parent they swapped for a link follows it).
+        rundir.handed_over_dir(directory, user.uid, user.gid)
     if not settings.slow.idle_cgroup:
         return
     for name in idle_cgroup_owners(settings):

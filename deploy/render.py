@@ -12,16 +12,13 @@ import json
 import math
 import os
 import shutil
-import stat
 import sys
-import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
-from deploy import privilege
+from deploy import certs, private, privilege, rundir
 from services.common.inventory import host_port
 from services.common.settings import REPO_ROOT, Settings, load
 
@@ -54,26 +51,56 @@ def nginx_binary() -> str:
 
 
 def nginx_temp_dir(settings: Settings) -> Path:
-    """Where nginx's workers write temp files: in the run dir if they can reach it.
+    """Where nginx's workers write temp files (bodies and answers too large for memory): in the run
+    dir, root's directory; nginx's master makes one subdirectory per kind and gives it to them."""
+    return settings.run_dir / "nginx" / "temp"
 
-    As root, nginx runs its workers as nobody, who needs execute permission on every directory
-    above the run dir; where that is missing, a private directory of the system's temp dir (one
-    per run dir, removed by `make stop`) holds them instead.
-    """
-    inside = settings.run_dir / "nginx" / "temp"
-    if os.geteuid() != 0 or _traversable_by_others(settings.run_dir):
-        return inside
-    return Path(tempfile.gettempdir()) / f"fleet-nginx-{zlib.crc32(str(settings.run_dir).encode()):08x}"
+
+# In edge.cache_dir, a file that says the fleet made that directory: the only kind it ever empties.
+CACHE_MARK = ".made-by-fleet"
 
 
 def edge_cache_dir(settings: Settings) -> Path:
-    """Where nginx keeps the cached answers of tasks with a cache_ttl (edge.cache_dir, relative to
-    the run dir); beside the temp files when nginx's workers cannot reach the run dir."""
-    wanted = settings.run_dir / settings.edge.cache_dir
-    temp = nginx_temp_dir(settings)
-    if Path(settings.edge.cache_dir).is_absolute() or temp.is_relative_to(settings.run_dir):
-        return wanted
-    return temp / "cache"
+    """The edge cache's directory (edge.cache_dir, inside the run dir): made by the fleet, root's,
+    with CACHE_MARK in it. nginx keeps its entries one level down, in edge_cache_entries, which
+    nginx's master makes and gives to its workers; the mark stays where they cannot remove it."""
+    return settings.run_dir / settings.edge.cache_dir
+
+
+def edge_cache_entries(settings: Settings) -> Path:
+    return edge_cache_dir(settings) / "entries"
+
+
+def mark_edge_cache(settings: Settings) -> None:
+    """Make edge.cache_dir and mark it the fleet's; refuse one that is there without the mark, so
+    the fleet never empties, nor lets nginx take over, a directory it did not make. (To give the
+    cache a directory of your own, a mount point say, put an empty CACHE_MARK file in it.)"""
+    directory = edge_cache_dir(settings)
+    rundir.check_not_writable_by_others(directory, "edge.cache_dir")
+    if directory.exists() and not edge_cache_marked(settings):
+        raise rundir.RunDirError(f"edge.cache_dir {directory} is there and was not made by the fleet (no {CACHE_MARK} "
+                                 "in it): the fleet empties its cache, so it takes only a directory it made; "
+                                 "choose another edge.cache_dir, or remove that one")
+    rundir.own_dir(directory)
+    if not edge_cache_marked(settings):
+        rundir.write_file(directory / CACHE_MARK, b"made by the fleet's deploy: its edge cache, emptied at each start and stop\n")
+
+
+def edge_cache_marked(settings: Settings) -> bool:
+    mark = edge_cache_dir(settings) / CACHE_MARK
+    return mark.is_file() and not mark.is_symlink()
+
+
+def nginx_user(settings: Settings) -> "privilege.User | None":
+    """Whom nginx's workers run as: the fleet's user, as the instances (process.user). When those
+    run as root (process.user = "root", or no other user can reach the code), so do the workers:
+    they then write their temp files and cache in the run dir, which only root may reach, never in
+    a directory of the system's temp dir that another user could have made first. Deployed by an
+    ordinary user, nginx runs as that user (None: no `user` directive)."""
+    user = privilege.run_as(settings)
+    if user is None and os.geteuid() == 0:
+        return privilege.User("root", 0, 0, "root")
+    return user
 
 
 def cached_tasks(settings: Settings) -> list[tuple[str, int]]:
@@ -82,16 +109,6 @@ def cached_tasks(settings: Settings) -> list[tuple[str, int]]:
 
     return sorted((t.name, t.cache_ttl) for t in registry.load(settings.slow.task_modules).values()
                   if t.cache_ttl is not None)
-
-
-def _traversable_by_others(path: Path) -> bool:
-    for directory in [path, *path.parents]:
-        try:
-            if not directory.stat().st_mode & stat.S_IXOTH:
-                return False
-        except FileNotFoundError:
-            continue  # created later by write(), with the usual 0755
-    return True
 
 
 def _listen(bind: str, port: int) -> str:
@@ -105,7 +122,13 @@ def context(settings: Settings) -> dict:
         "header": HEADER,
         "run_dir": str(s.run_dir),
         "nginx_temp": str(nginx_temp_dir(s)),
-        "cache_dir": str(edge_cache_dir(s)),
+        "cache_dir": str(edge_cache_entries(s)),
+        "nginx_user": nginx_user(s),
+        "edge_header_conf": private.edge_header_conf(s),
+        "edge_tls": s.edge_tls,
+        "upstream_scheme": "https" if s.edge_tls else "http",
+        "tls_files": {k: str(v) for k, v in s.tls_files().items()},
+        "instance_tls_name": certs.INSTANCE_NAME,
         "cached_tasks": cached_tasks(s),
         "repo": str(REPO_ROOT),
         "python": sys.executable,
@@ -129,6 +152,7 @@ def context(settings: Settings) -> dict:
         "programs": programs(s),
         "cluster": cluster_programs(s),
         "scheduler_address": s.scheduler_address,
+        "dashboard_address": s.dashboard_address,
         "worker_ttl": f"{s.dask.worker_ttl:g}",
         "tls": dask_tls_options(s),
         "run_as": privilege.run_as(s),  # None: as the deploying user
@@ -250,60 +274,51 @@ def log_bound_mb(settings: Settings) -> int:
     return log_count(settings) * settings.observe.log_max_mb * (settings.observe.log_backups + 1)
 
 
-def copy_tls_files(settings: Settings, user: "privilege.User | None") -> None:
-    """This host's CA, certificate and key (make certs) into the run dir, readable by the user the
-    fleet's processes run as and nobody else: the originals stay root's."""
-    tls = settings.run_dir / "tls"
-    tls.mkdir(mode=0o700, exist_ok=True)
-    for what, source in settings.certs().items():
-        target = settings.tls_files()[what]
-        if source.is_file():  # deploy's check_certs names any missing one
-            tmp = target.with_suffix(".tmp")
-            tmp.write_bytes(source.read_bytes())
-            tmp.chmod(0o600)
-            tmp.replace(target)
-    if user is not None:
-        for path in (tls, *tls.iterdir()):
-            os.chown(path, user.uid, user.gid)
-
-
 def prometheus_targets(settings: Settings) -> str:
     """A Prometheus file_sd targets file: this host's instances' /metrics (and its Dask processes'),
     on the host's address; each host of a fleet across hosts renders its own.
 
     In prometheus.yml:  scrape_configs: [{job_name: fleet, file_sd_configs: [{files: [<this file>]}]}]
+    Across hosts the instances speak TLS and want a certificate of the fleet's CA (__scheme__
+    https): give the scrape config a tls_config with the CA, and a host's certificate and key.
     """
     host = settings.inventory.here
-    labels = {} if settings.inventory.single else {"fleet_host": host.name}
+    labels = {} if settings.inventory.single else {"fleet_host": host.name, "__scheme__": "https"}
     groups = [
         {"targets": [host_port(host.address, p.port)], "labels": {"role": p.role, "fleet_instance": p.name, **labels}}
         for p in programs(settings) if not p.spare
     ]
-    groups += [{"targets": [host_port(host.address, c.dashboard)],
-                "labels": {"role": "dask", "fleet_instance": c.name, **labels}}
+    dask_labels = {} if settings.inventory.single else {"fleet_host": host.name}
+    groups += [{"targets": [host_port(settings.dashboard_address, c.dashboard)],
+                "labels": {"role": "dask", "fleet_instance": c.name, **dask_labels}}
                for c in cluster_programs(settings)]  # Dask's own /metrics, on its HTTP port
     return json.dumps(groups, indent=2) + "\n"
 
 
 def write(settings: Settings, files: dict[str, str] | None = None) -> list[str]:
-    """Write the rendered files into the run dir; return the ones whose content changed."""
+    """Write the rendered files into the run dir; return the ones whose content changed.
+
+    As root, the run dir must be one nobody else can change, and what is made in it is made as
+    deploy/rundir.py says (no link followed, nothing of another user's walked into)."""
     files = render(settings) if files is None else files
     run_dir = settings.run_dir
-    for sub in ("logs", "nginx/conf", "nginx/temp", "prometheus", "profiles", "dask"):
-        (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    nginx_temp_dir(settings).mkdir(mode=0o711, exist_ok=True)  # nginx makes its subdirectories, for its workers
+    rundir.check_not_writable_by_others(run_dir, "the run dir")
+    # 0755 whatever the umask: the fleet's user reads the snapshot, nginx's workers reach their temp dir.
+    for sub in ("", "logs", "nginx", "nginx/conf", "nginx/temp", "prometheus", "profiles"):
+        rundir.own_dir(run_dir / sub)
+    if cached_tasks(settings):
+        mark_edge_cache(settings)
     user = privilege.run_as(settings)
-    if settings.dask_tls:
-        copy_tls_files(settings, user)
+    private.write(settings, user)
     if user is not None:
         privilege.prepare(settings, user)
+    else:
+        rundir.own_dir(run_dir / "dask")
     changed = []
     for relative, text in files.items():
         path = run_dir / relative
-        if not path.exists() or path.read_text() != text:
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)  # atomic: a reader sees the old file or the new one, never half
+        if rundir.read_file(path) != text.encode():
+            rundir.write_file(path, text.encode())  # atomic: a reader sees the old file or the new one
             changed.append(relative)
     return changed
 

@@ -17,17 +17,6 @@ def settings_for(tmp_path, **env):
     return load(env={"FLEET_RUN_DIR": str(tmp_path), **env})
 
 
-@pytest.fixture(autouse=True)
-def no_nginx_temp_dir_left_behind(tmp_path):
-    """render.write makes nginx's temp dir, outside the run dir when nginx's workers cannot reach
-    it (pytest's temp dirs are 0700; as root they run as nobody): `make stop` removes it for a
-    fleet, this for a test that only rendered."""
-    yield
-    temp = render.nginx_temp_dir(settings_for(tmp_path))
-    if not temp.is_relative_to(tmp_path):
-        shutil.rmtree(temp, ignore_errors=True)
-
-
 def test_every_rendered_file_says_on_line_one_that_it_is_generated(tmp_path):
     for name, text in render.render(settings_for(tmp_path)).items():
         first = text.splitlines()[0]
@@ -185,13 +174,16 @@ def host_part(tmp_path, host, **env):
 def test_each_host_renders_only_its_part_bound_to_its_address(tmp_path):
     files, web1 = host_part(tmp_path, "web1")
     assert set(web1) == {"nginx", "dask-scheduler", "slow-01", "slow-spare", "fast-01", "fast-02", "fast-spare"}
-    assert "--host 10.77.0.1 --port 8786 --dashboard-address 10.77.0.1:8787" in web1["dask-scheduler"]
+    # Dashboards (task names, logs, stacks; no login) stay on loopback unless exposed on purpose.
+    assert "--host 10.77.0.1 --port 8786 --dashboard-address 127.0.0.1:8787" in web1["dask-scheduler"]
+    exposed = host_part(tmp_path, "web1", FLEET_DASK_EXPOSE_DASHBOARDS="true")[1]
+    assert "--dashboard-address 10.77.0.1:8787" in exposed["dask-scheduler"]
     files, heavy1 = host_part(tmp_path, "heavy1", FLEET_DASK_WORKERS="2")
     assert set(heavy1) == {"dask-worker-01", "dask-worker-02"}
     assert "tls://10.77.0.1:8786 --name heavy1-dask-worker-01" in heavy1["dask-worker-01"]
-    assert "--host 10.77.0.2 --worker-port 8801 --dashboard-address 10.77.0.2:8802" in heavy1["dask-worker-01"]
+    assert "--host 10.77.0.2 --worker-port 8801 --dashboard-address 127.0.0.1:8802" in heavy1["dask-worker-01"]
     targets = json.loads(files["prometheus/targets.json"])
-    assert [t["targets"] for t in targets] == [["10.77.0.2:8802"], ["10.77.0.2:8804"]]
+    assert [t["targets"] for t in targets] == [["127.0.0.1:8802"], ["127.0.0.1:8804"]]
 
 
 def test_dask_across_hosts_speaks_tls_with_the_host_s_own_certificate_and_requires_it(tmp_path):
@@ -199,18 +191,37 @@ def test_dask_across_hosts_speaks_tls_with_the_host_s_own_certificate_and_requir
     certs.mkdir()
     for name in ("ca", "heavy2", "heavy2-key"):
         (certs / f"{name}.pem").write_text(f"{name}\n")
+    (certs / "edge-token").write_text("0123abcd\n")
     for host, program in (("web1", "dask-scheduler"), ("heavy2", "dask-worker-01")):
         settings = settings_for(tmp_path, FLEET_SETTINGS=EXAMPLE, FLEET_HOST=host, FLEET_DASK_CERTS_DIR=str(certs))
         files, programs = host_part(tmp_path, host, FLEET_DASK_CERTS_DIR=str(certs))
-        tls = settings.run_dir / "tls"  # the processes read copies in the run dir, readable by their user only
+        tls = settings.run_dir / "private"  # the processes read copies in the run dir, readable by their user only
         assert f"--tls-ca-file {tls}/ca.pem --tls-cert {tls}/cert.pem --tls-key {tls}/key.pem" in programs[program]
         assert 'DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION="True"' in files["supervisord.conf"]
     render.write(settings, files)  # heavy2's: its own certificate and key, copied
     assert (tls / "cert.pem").read_text() == "heavy2\n" and (tls / "key.pem").read_text() == "heavy2-key\n"
-    assert oct((tls / "key.pem").stat().st_mode & 0o777) == "0o600" and oct(tls.stat().st_mode & 0o777) == "0o700"
+    assert (tls / "edge-token").read_text() == "0123abcd\n"  # the fleet's, the same on every host
+    assert oct((tls / "key.pem").stat().st_mode & 0o777) == "0o600" and oct(tls.stat().st_mode & 0o777) == "0o711"
     assert "--protocol tls" in host_part(tmp_path, "web1")[1]["dask-scheduler"]
-    single = render.render(settings_for(tmp_path, FLEET_SLOW_BACKEND="dask"))["supervisord.conf"]
-    assert "--tls" not in single and "REQUIRE_ENCRYPTION" not in single and "tcp://127.0.0.1:8786" in single
+
+
+def test_a_managed_cluster_on_one_host_speaks_tls_with_certificates_deploy_makes_itself(tmp_path):
+    settings = settings_for(tmp_path, FLEET_SLOW_BACKEND="dask")
+    files = render.render(settings)
+    single = files["supervisord.conf"]
+    assert "--protocol tls --tls-ca-file" in single and 'REQUIRE_ENCRYPTION="True"' in single
+    assert "tls://127.0.0.1:8786" in single
+    render.write(settings, files)
+    private = settings.private_dir
+    first = {name: (private / name).read_bytes() for name in ("ca.pem", "cert.pem", "key.pem")}
+    render.write(settings, files)  # kept across deploys: the running cluster's processes hold them
+    assert {name: (private / name).read_bytes() for name in first} == first
+
+    from cryptography import x509
+
+    ca = x509.load_pem_x509_certificate(first["ca.pem"])
+    cert = x509.load_pem_x509_certificate(first["cert.pem"])
+    assert cert.issuer == ca.subject and b"PRIVATE KEY" in first["key.pem"]
 
 
 def test_nginx_balances_over_every_host_s_instances_from_the_edge_address(tmp_path):
