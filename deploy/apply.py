@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from deploy import render
-from deploy.control import (HEALTH_TIMEOUT, FleetError, check_ports_free, health_url, nginx_test, ports_of, supervisor,
+from deploy.control import (HEALTH_TIMEOUT, FleetError, check_ports_free, instance_url, nginx_test, ports_of, supervisor,
                             wait_healthy)
 from deploy.procs import worker_pids
 from services.common.inventory import host_port
@@ -211,7 +211,7 @@ class Applier:
             self.rpc.startProcess(f"{name}:{name}", True)
         self.running_spares.append(name)
         # It runs its previous definition, on its previous port, until the plan's last step.
-        wait_healthy(self.settings, [name], urls={name: health_url(self.applied["ports"][name], self.settings.address)})
+        wait_healthy(self.settings, [name], urls={name: instance_url(self.settings, self.applied["ports"][name])})
 
     def start_instances(self, names: list[str]) -> None:
         """Start or replace each instance, one at a time, each only once its new port is free."""

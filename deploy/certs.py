@@ -1,16 +1,22 @@
-"""The fleet's own CA and one certificate per inventory host, for Dask's TLS between hosts.
+"""The fleet's own CA and one certificate per inventory host, for TLS between hosts.
 
     make certs                                            # python -m deploy.certs
     FLEET_SETTINGS=deploy/hosts.example.toml make certs   # every host of that inventory
 
 Writes into dask.certs_dir (.certs/ by default): ca.pem and ca-key.pem, then <host>.pem and
-<host>-key.pem for each host. Copy the directory to every host; ca-key.pem only needs to stay
-where new certificates are made. An existing CA is kept (certificates already handed out stay
+<host>-key.pem for each host, and edge-token (the secret nginx adds to every request it passes to
+an instance). Copy the directory to every host; ca-key.pem only needs to stay where new
+certificates are made. An existing CA and token are kept (certificates already handed out stay
 valid), and so is a host's certificate that still names the host's address and has a year left.
 
 Dask checks that every peer (scheduler, worker, client) presents a certificate of this CA; it
-does not check names, so any host of the fleet can take any role. The certificates name their
-host and address all the same, for the operator reading them.
+does not check names, so any host of the fleet can take any role. Between the edge and the
+instances both sides show their host's certificate; nginx checks the instance's against
+INSTANCE_NAME, which every host's certificate carries (any host may run instances). The
+certificates name their host and address too, for the operator reading them.
+
+A managed Dask cluster on one host needs none of this: deploy makes that host's files in the run
+dir itself (one_host_files: a CA that signs one certificate, its key never written anywhere).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -31,6 +38,8 @@ from services.common.settings import Settings, SettingsError, load
 CA_YEARS = 10
 HOST_YEARS = 2
 RENEW_BEFORE = datetime.timedelta(days=365)
+# The name nginx checks on every instance's certificate (proxy_ssl_name): every host carries it.
+INSTANCE_NAME = "instance.fleet"
 
 
 def now() -> datetime.datetime:
@@ -41,10 +50,18 @@ def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
 def write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     """A private key, readable by its owner only, from the moment it exists."""
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    data = key_pem(key)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -54,7 +71,7 @@ def write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 def write_cert(path: Path, cert: x509.Certificate) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    tmp.write_bytes(cert_pem(cert))
     tmp.replace(path)
 
 
@@ -67,6 +84,13 @@ def load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateK
 
 
 def make_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert, key = new_ca()
+    write_private(directory / "ca-key.pem", key)
+    write_cert(directory / "ca.pem", cert)
+    return cert, key
+
+
+def new_ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleet CA")])
     cert = (x509.CertificateBuilder()
@@ -81,8 +105,6 @@ def make_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateK
                                          crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256()))
-    write_private(directory / "ca-key.pem", key)
-    write_cert(directory / "ca.pem", cert)
     return cert, key
 
 
@@ -91,17 +113,29 @@ def host_cert_current(path: Path, address: str, ca: x509.Certificate) -> bool:
     if not path.is_file() or not path.with_name(path.stem + "-key.pem").is_file():
         return False
     cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return cert_current(cert, address, ca)
+
+
+def cert_current(cert: x509.Certificate, address: str, ca: x509.Certificate) -> bool:
+    """Signed by this CA, names `address` and INSTANCE_NAME, and has a year left."""
     try:
-        ips = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-            x509.IPAddress)
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return False
-    return (cert.issuer == ca.subject and ipaddress.ip_address(address) in ips
+    return (cert.issuer == ca.subject and ipaddress.ip_address(address) in names.get_values_for_type(x509.IPAddress)
+            and INSTANCE_NAME in names.get_values_for_type(x509.DNSName)
             and cert.not_valid_after_utc - now() > RENEW_BEFORE)
 
 
 def make_host_cert(directory: Path, name: str, address: str, ca: x509.Certificate,
                    ca_key: ec.EllipticCurvePrivateKey) -> None:
+    cert, key = new_host_cert(name, address, ca, ca_key)
+    write_private(directory / f"{name}-key.pem", key)
+    write_cert(directory / f"{name}.pem", cert)
+
+
+def new_host_cert(name: str, address: str, ca: x509.Certificate,
+                  ca_key: ec.EllipticCurvePrivateKey) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = new_key()
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -111,17 +145,29 @@ def make_host_cert(directory: Path, name: str, address: str, ca: x509.Certificat
             .not_valid_before(now() - datetime.timedelta(minutes=5))
             .not_valid_after(now() + datetime.timedelta(days=365 * HOST_YEARS))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name),
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name), x509.DNSName(INSTANCE_NAME),
                                                         x509.IPAddress(ipaddress.ip_address(address))]),
                            critical=False)
-            # Every Dask process is a TLS server and a client of the others: both usages.
+            # Every Dask process, and every instance, is a TLS server and a client of others: both.
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    write_private(directory / f"{name}-key.pem", key)
-    write_cert(directory / f"{name}.pem", cert)
+    return cert, key
+
+
+def one_host_files(address: str) -> dict[str, bytes]:
+    """PEM bytes of a CA, and of one certificate and key it signed for this host: a managed Dask
+    cluster on one host authenticates its peers with them. The CA's key signs this one certificate
+    and is then forgotten, so nothing can ever sign another."""
+    ca, ca_key = new_ca()
+    cert, key = new_host_cert("localhost", address, ca, ca_key)
+    return {"ca": cert_pem(ca), "cert": cert_pem(cert), "key": key_pem(key)}
+
+
+def new_edge_token() -> bytes:
+    return secrets.token_hex(32).encode() + b"\n"
 
 
 def make_certs(settings: Settings) -> list[str]:
@@ -138,6 +184,12 @@ def make_certs(settings: Settings) -> list[str]:
         if not host_cert_current(directory / f"{host.name}.pem", host.address, ca):
             make_host_cert(directory, host.name, host.address, ca, ca_key)
             made.append(f"{host.name}.pem")
+    token = settings.certs()["edge_token"]
+    if not token.is_file():
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(new_edge_token())
+        made.append(token.name)
     return made
 
 

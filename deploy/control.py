@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -115,14 +116,18 @@ def ports_of(settings: Settings) -> list[tuple[str, str, int, str]]:
 
 
 def check_certs(settings: Settings) -> None:
-    """A fleet whose Dask traffic uses TLS needs this host's files of the fleet's CA (make certs)."""
-    if not settings.dask_tls:
+    """A fleet across hosts, or on a tls:// scheduler, needs this host's files of the fleet's CA
+    (make certs), and across hosts the edge's token too. On one host deploy makes its own."""
+    if settings.own_certs or not (settings.dask_tls or settings.edge_tls):
         return
-    missing = [str(path) for path in settings.certs().values() if not path.is_file()]
+    wanted = settings.certs()
+    if settings.inventory.single:
+        wanted.pop("edge_token")  # a tls:// scheduler on one host: the token is the run dir's own
+    missing = [str(path) for path in wanted.values() if not path.is_file()]
     if missing:
         raise FleetError(
-            f"Dask traffic between hosts uses TLS, and this host ({settings.inventory.here.name}) lacks "
-            f"{', '.join(missing)}: run `make certs` (with the same FLEET_SETTINGS) on one host and copy "
+            f"this host ({settings.inventory.here.name}) lacks {', '.join(missing)}, which TLS between the "
+            f"fleet's hosts needs: run `make certs` (with the same FLEET_SETTINGS) on one host and copy "
             f"{settings.certs_dir}/ to every host (dask.certs_dir, FLEET_DASK_CERTS_DIR)")
 
 
@@ -145,10 +150,11 @@ def nginx_test(settings: Settings) -> None:
 
 # health ----------------------------------------------------------------------------------------
 
-def get_json(url: str, timeout: float = 2) -> tuple[int, dict]:
-    """(status, JSON body); {} for a body that is not JSON (a Dask process's /health says "ok")."""
+def get_json(url: str, timeout: float = 2, context: ssl.SSLContext | None = None) -> tuple[int, dict]:
+    """(status, JSON body); {} for a body that is not JSON (a Dask process's /health says "ok").
+    context: for an instance's https URL across hosts (client_context)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
             try:
                 return response.status, json.loads(response.read())
             except ValueError:
@@ -160,15 +166,31 @@ def get_json(url: str, timeout: float = 2) -> tuple[int, dict]:
             return exc.code, {}
 
 
+def instance_url(settings: Settings, port: int, path: str = "/healthz", address: str | None = None) -> str:
+    """An instance's own URL: https across hosts, where the instances speak TLS (settings.edge_tls)."""
+    return f"{'https' if settings.edge_tls else 'http'}://{host_port(address or settings.address, port)}{path}"
+
+
+def client_context(settings: Settings) -> ssl.SSLContext | None:
+    """TLS for talking to this fleet's instances across hosts: their certificate checked against
+    the fleet's CA, and this host's own shown (they refuse a client without one). None on one host."""
+    if not settings.edge_tls:
+        return None
+    files = settings.tls_files()
+    context = ssl.create_default_context(cafile=str(files["ca"]))
+    context.load_cert_chain(str(files["cert"]), str(files["key"]))
+    return context
+
+
 def health_url(port: int, address: str = "127.0.0.1") -> str:
     return f"http://{host_port(address, port)}/healthz"
 
 
 def health_urls(settings: Settings) -> dict[str, str]:
     """/healthz of this host's instances and of the edge, if here (spares included: they answer
-    only when up); /health of its Dask processes."""
-    urls = {p.name: health_url(p.port, settings.address) for p in render.programs(settings)}
-    urls.update({c.name: f"http://{host_port(settings.address, c.dashboard)}/health"
+    only when up); /health of its Dask processes (on their dashboard's address)."""
+    urls = {p.name: instance_url(settings, p.port) for p in render.programs(settings)}
+    urls.update({c.name: f"http://{host_port(settings.dashboard_address, c.dashboard)}/health"
                  for c in render.cluster_programs(settings)})
     if settings.inventory.runs("edge"):
         urls["edge"] = f"{edge_url(settings)}/healthz"
@@ -181,13 +203,14 @@ def edge_url(settings: Settings) -> str:
     return f"http://{host}:{settings.edge.port}"
 
 
-def healthy(url: str, name: str | None = None, degraded_ok: bool = False) -> bool | str:
+def healthy(url: str, name: str | None = None, degraded_ok: bool = False,
+            context: ssl.SSLContext | None = None) -> bool | str:
     """200 from /healthz, and from the instance asked for (not another fleet's on a reused port).
 
     degraded_ok: an instance that answers 503 "degraded" (its pool cannot work: no worker can
     start, its Dask scheduler is unreachable) counts as started too; the reason is returned."""
     try:
-        status, body = get_json(url, timeout=1)
+        status, body = get_json(url, timeout=1, context=context)
     except (OSError, ValueError):
         return False
     if name is not None and body.get("instance") != name:
@@ -206,10 +229,12 @@ def wait_healthy(settings: Settings, names: list[str] | None = None, timeout: fl
     with a warning that says why."""
     known = {**health_urls(settings), **(urls or {})}
     pending = {n: known[n] for n in (names or [n for n in known if not n.endswith("-spare")])}
+    context = client_context(settings)
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         # Instances name themselves in their /healthz; the edge and Dask's processes only answer.
-        answers = {n: healthy(u, None if n == "edge" or n.startswith("dask-") else n, degraded_ok)
+        answers = {n: healthy(u, None if n == "edge" or n.startswith("dask-") else n, degraded_ok,
+                              context if u.startswith("https:") else None)
                    for n, u in pending.items()}
         for name, answer in answers.items():
             if isinstance(answer, str):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,9 +22,9 @@ import urllib.request
 import xmlrpc.client
 from pathlib import Path
 
-from deploy import apply, render
+from deploy import apply, render, rundir
 from deploy.control import (HEALTH_TIMEOUT, FleetError, check_nginx, check_ports_free, diagnose, edge_url,  # noqa: F401
-                            check_certs, get_json, health_url, health_urls, healthy, nginx_test, process_info, process_infos, supervisor,
+                            check_certs, client_context, get_json, health_urls, healthy, instance_url, nginx_test, process_info, process_infos, supervisor,
                             supervisord_pid, wait_healthy)
 from deploy.procs import MEMBER_MARKER, alive, cmdline, processes_of, worker_pids  # noqa: F401
 from services.common.inventory import host_port
@@ -63,10 +62,10 @@ def wait_workers_joined(settings: Settings) -> None:
 
 def start(settings: Settings) -> None:
     check_ports_free(settings)
-    clear_edge_cache(settings)
     cpu_priority.remove_recorded(settings.run_dir / cpu_priority.RECORD, patience=0)  # a last run's leftovers
     files = render.render(settings)
-    render.write(settings, files)
+    render.write(settings, files)  # refuses a run dir or an edge.cache_dir that is not the fleet's
+    clear_edge_cache(settings)
     if settings.inventory.runs("edge"):
         nginx_test(settings)
     for stale in ("supervisor.sock", "supervisord.pid"):
@@ -140,9 +139,6 @@ def stop(settings: Settings) -> None:
         held = ", ".join(f"{pid} ({cmdline(int(pid))[:60]})" for pid in pids) or "no process listed"
         print(f"warning: cgroup {group} could not be removed ({held}); the next stop or start tries again")
     clear_edge_cache(settings)
-    temp = render.nginx_temp_dir(settings)
-    if not temp.is_relative_to(settings.run_dir):
-        shutil.rmtree(temp, ignore_errors=True)  # nginx's temp files outside the run dir
     try:
         check_ports_free(settings)
     except FleetError as exc:
@@ -182,16 +178,21 @@ def stop_programs_in_order(rpc: xmlrpc.client.ServerProxy, deadline: float) -> N
 
 
 def clear_edge_cache(settings: Settings) -> None:
-    """A fleet starts and stops with an empty edge cache, unless edge.cache_keep says otherwise."""
-    if not settings.edge.cache_keep:
-        shutil.rmtree(render.edge_cache_dir(settings), ignore_errors=True)
+    """A fleet starts and stops with an empty edge cache, unless edge.cache_keep says otherwise.
+    Only nginx's entries go, and only from a directory the fleet made and marked (render.py); a
+    run dir another user could change is refused before anything is removed."""
+    if settings.edge.cache_keep or not render.edge_cache_marked(settings):
+        return
+    rundir.check_not_writable_by_others(render.edge_cache_dir(settings), "edge.cache_dir")
+    rundir.remove_tree(render.edge_cache_entries(settings))
 
 
-def instance_figures(port: int, address: str = "127.0.0.1") -> dict[str, float]:
+def instance_figures(settings: Settings, port: int) -> dict[str, float]:
     """The figures `status` shows, read from an instance's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"http://{host_port(address, port)}/metrics", timeout=1) as response:
+    with urllib.request.urlopen(instance_url(settings, port, "/metrics"), timeout=1,
+                                context=client_context(settings)) as response:
         text = response.read().decode()
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -220,7 +221,7 @@ def status(settings: Settings) -> None:
                 f"{p['pid'] or '-':>7} {str(p['now'] - p['start']) + 's' if running else '-':>8}")
         if name in ports and running:
             try:
-                v = instance_figures(ports[name], settings.address)
+                v = instance_figures(settings, ports[name])
                 slow = name.startswith("slow-")
                 workers = f"{v['fleet_slow_workers_busy']:.0f}/{v['fleet_slow_workers']:.0f}" if slow else "-"
                 queued = f"{v['fleet_slow_queue_depth']:.0f}" if slow else "-"
@@ -257,7 +258,8 @@ def compute_once_line(settings: Settings) -> str:
     shared = 0.0
     for _, port in settings.instances("slow"):
         try:
-            with urllib.request.urlopen(f"http://{host_port(settings.address, port)}/metrics", timeout=1) as r:
+            with urllib.request.urlopen(instance_url(settings, port, "/metrics"), timeout=1,
+                                        context=client_context(settings)) as r:
                 shared += sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
                               if line.startswith("fleet_slow_coalesced_total{"))
         except (OSError, ValueError):
@@ -279,21 +281,23 @@ def cluster_line(settings: Settings) -> str:
     """The Dask cluster as the slow instances see it (and, when managed, as its scheduler counts)."""
     name, port = settings.instances("slow")[0]
     try:
-        pool = get_json(health_url(port, settings.address), timeout=2)[1].get("pool", {})
+        pool = get_json(instance_url(settings, port), timeout=2, context=client_context(settings))[1].get("pool", {})
     except OSError:
         pool = {}
     cluster = pool.get("cluster", {})
     waiting = 0
     for _, p in settings.instances("slow"):
         try:
-            waiting += get_json(health_url(p, settings.address), timeout=2)[1].get("waiting", 0)
+            waiting += get_json(instance_url(settings, p), timeout=2, context=client_context(settings))[1].get("waiting", 0)
         except OSError:
             pass
     line = (f"dask cluster {cluster.get('scheduler', settings.dask.scheduler)}: "
             f"{'connected' if cluster.get('connected') else 'NOT CONNECTED (' + str(pool.get('problem')) + ')'}, "
             f"{cluster.get('workers', '?')} worker(s), {cluster.get('threads', '?')} thread(s)")
-    if settings.dask.scheduler == "managed":
-        scheduler_host = settings.role_hosts("scheduler")[0].address
+    if settings.dask.scheduler == "managed" and (settings.inventory.runs("scheduler") or settings.dask.expose_dashboards):
+        # The scheduler's dashboard: this host's loopback, or its host's address when exposed.
+        scheduler_host = settings.dashboard_address if settings.inventory.runs("scheduler") else \
+            settings.role_hosts("scheduler")[0].address
         try:
             counts = get_json(f"http://{host_port(scheduler_host, settings.dask.dashboard_port)}/json/counts.json",
                               timeout=2)[1]
@@ -313,7 +317,7 @@ def print_welcome(settings: Settings) -> None:
     if settings.slow.backend == "dask":
         d = settings.dask
         jobs = f"jobs on Dask, {settings.slow.queue_limit} may wait"
-        cluster = (f"\n  dask: scheduler tcp://127.0.0.1:{d.scheduler_port}, {d.workers} worker(s) x "
+        cluster = (f"\n  dask: scheduler {settings.scheduler_address}, {d.workers} worker(s) x "
                    f"{d.threads_per_worker} thread(s); dashboard http://127.0.0.1:{d.dashboard_port}/status"
                    if d.scheduler == "managed" else f"\n  dask: the cluster at {d.scheduler}")
     else:
@@ -336,7 +340,7 @@ def print_host_welcome(settings: Settings) -> None:
         here.insert(0, "nginx")
     dashboard = ""
     if settings.inventory.runs("scheduler"):
-        dashboard = f"\n  dask dashboard: http://{host_port(host.address, settings.dask.dashboard_port)}/status"
+        dashboard = f"\n  dask dashboard: http://{host_port(settings.dashboard_address, settings.dask.dashboard_port)}/status"
     print(f"""
 host {host.name} ({host.address}) is up: {', '.join(here)}  (run dir {settings.run_dir})
   the fleet's edge: {edge_url(settings)} on {edge.name}; Dask scheduler {settings.scheduler_address}{dashboard}
@@ -368,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             if not supervisord_pid(settings):
                 raise FleetError(f"no fleet running in {settings.run_dir}: run make deploy-local")
             apply_changes(settings, restart_instances=True)
-    except (SettingsError, FleetError) as exc:
+    except (SettingsError, FleetError, rundir.RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

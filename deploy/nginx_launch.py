@@ -30,6 +30,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from deploy import log_rotation, render
+from deploy import control, log_rotation, render
 from deploy.procs import alive, children_of, processes_of
 from services.common import cpu_slice
 from services.common.settings import Settings
@@ -116,18 +117,19 @@ def listening_socket(address: tuple[str, int], patience: float = 10) -> socket.s
 def wait_for_upstreams(settings: Settings, timeout: float = UPSTREAM_WAIT) -> None:
     """Wait until every instance (of every host) answers HTTP (any status: it is up), or `timeout` passes."""
     waiting = [where for role in ("fast", "slow") for _, where in render.upstream(settings, role)]
+    scheme, context = ("https", control.client_context(settings)) if settings.edge_tls else ("http", None)
     deadline = time.monotonic() + timeout
     while waiting and time.monotonic() < deadline:
-        waiting = [w for w in waiting if not _answers(w)]
+        waiting = [w for w in waiting if not _answers(f"{scheme}://{w}/healthz", context)]
         if waiting:
             time.sleep(0.1)
     if waiting:
         say(f"instances at {', '.join(waiting)} still do not answer after {timeout:.0f} s; starting nginx anyway")
 
 
-def _answers(where: str) -> bool:
+def _answers(url: str, context: ssl.SSLContext | None) -> bool:
     try:
-        with urllib.request.urlopen(f"http://{where}/healthz", timeout=1):
+        with urllib.request.urlopen(url, timeout=1, context=context):
             return True
     except urllib.error.HTTPError:
         return True  # it answered, if not 200 (draining, degraded)

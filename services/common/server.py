@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
 from typing import Callable, Coroutine
 
@@ -125,11 +126,30 @@ class InFlight:
 LISTEN_BACKLOG = 4096  # connections waiting to be accepted (the kernel caps it at net.core.somaxconn)
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """Across hosts the edge reaches this instance over a network: TLS, with this host's
+    certificate of the fleet's CA, and a client must show one too (nginx shows the edge host's;
+    deploy's health checks their own host's). On one host, plain HTTP on loopback."""
+    if not settings.edge_tls:
+        return None
+    files = settings.tls_files()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(files["ca"]))
+    context.load_cert_chain(str(files["cert"]), str(files["key"]))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    return context
+
+
 async def serve(app: web.Application, instance: Instance) -> None:
     """Listen, serve until SIGTERM or SIGINT, then drain within the instance's drain timeout."""
+    # The edge's secret (deploy/private.py): with it a request is the edge's, whose X-Real-IP
+    # and X-Request-ID are then believed (web.BaseHandler); xheaders stays off, so that no other
+    # caller's headers can change the client address. Read before serving: none, no start.
+    app.settings["edge_token"] = instance.settings.edge_token_file.read_bytes().strip()
     server = HTTPServer(
         app,
-        xheaders=True,  # trust X-Real-IP / X-Forwarded-For from nginx, the only client
+        xheaders=False,
+        ssl_options=tls_context(instance.settings),
         max_body_size=instance.settings.edge.max_body_kb * 1024,
         idle_connection_timeout=IDLE_CONNECTION_TIMEOUT,
     )

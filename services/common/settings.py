@@ -21,7 +21,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
@@ -105,6 +105,13 @@ def _check_path(value: str) -> None:
         raise ValueError(value)
 
 
+def _check_run_dir_path(value: str) -> None:
+    """a directory inside the run dir: a relative path such as "nginx/cache", without ".." """
+    parts = PurePosixPath(value).parts
+    if not parts or PurePosixPath(value).is_absolute() or ".." in parts or "\0" in value or not value.strip():
+        raise ValueError(value)
+
+
 def _check_modules(value: str) -> None:
     """comma-separated dotted module names"""
     names = [n.strip() for n in value.split(",")]
@@ -173,7 +180,9 @@ SCHEMA: dict[str, Spec] = {
     "edge.client_timeout": Spec(float, 1, 300),
     "edge.cache_mb": Spec(int, 1, 1_000_000),
     "edge.cache_keys_mb": Spec(int, 1, 1024),
-    "edge.cache_dir": Spec(str, check=_check_path),
+    # Inside the run dir only: the fleet empties it at each start and stop (edge.cache_keep), and
+    # may only ever remove what it made there (deploy/fleet.py, prepare_edge_cache).
+    "edge.cache_dir": Spec(str, check=_check_run_dir_path),
     "edge.cache_keep": Spec(bool),
     "fast.instances": Spec(int, 1, 64),
     "fast.base_port": Spec(int, 1024, 65000),
@@ -192,6 +201,8 @@ SCHEMA: dict[str, Spec] = {
     "dask.worker_base_port": Spec(int, 1024, 65000),
     "dask.worker_ttl": Spec(float, 1, 3600),
     "dask.certs_dir": Spec(str, check=_check_path),
+    "dask.allow_insecure": Spec(bool),
+    "dask.expose_dashboards": Spec(bool),
     "slow.queue_limit": Spec(int, 0, 10000, auto=lambda v: 4 * heavy_capacity(v)),
     "slow.max_per_client": Spec(int, 1, 100000, auto=lambda v: max(
         1, (heavy_capacity(v) + v["slow.queue_limit"]) * v["slow.instances"] // 2)),
@@ -326,6 +337,11 @@ def _check_consistency(v: Mapping[str, Any]) -> None:
     if v["slow.min_workers"] > heavy_capacity(v):
         raise SettingsError(f"slow.min_workers ({v['slow.min_workers']}) cannot exceed the jobs an instance "
                             f"can run at once ({heavy_capacity(v)}: slow.workers, or its share of the Dask cluster)")
+    if v["slow.backend"] == "dask" and not v["dask.allow_insecure"] and _plaintext_beyond_host(v["dask.scheduler"]):
+        raise SettingsError(
+            f"dask.scheduler {v['dask.scheduler']}: a tcp:// scheduler beyond this host carries every job's "
+            "arguments and results in clear, and runs code for anyone who reaches it; use tls:// with the "
+            "fleet's certificates (make certs), or set dask.allow_insecure = true to accept it")
     if v["slow.backend"] == "dask" and v["dask.scheduler"] == "managed":
         used = {"edge.port": {v["edge.port"]}, "fast": set(fast), "slow": set(slow)}
         dask = {v["dask.scheduler_port"], v["dask.dashboard_port"],
@@ -338,6 +354,19 @@ def _check_consistency(v: Mapping[str, Any]) -> None:
                                     f"dask.worker_base_port+1..+{2 * v['dask.workers']}) overlap {what}: move one")
         if max(dask) > 65535:
             raise SettingsError("dask.worker_base_port + 2 x dask.workers exceeds 65535: lower it")
+
+
+def _plaintext_beyond_host(scheduler: str) -> bool:
+    """A tcp:// scheduler address that is not this host's loopback."""
+    if not scheduler.startswith("tcp://"):
+        return False
+    host = scheduler[len("tcp://"):].rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: wherever it points, it is not known to be this host
 
 
 class Settings:
@@ -385,13 +414,24 @@ class Settings:
 
     @property
     def dask_tls(self) -> bool:
-        """Dask traffic uses TLS with the fleet's own certificates: always when the managed cluster
-        spans hosts (a reachable scheduler runs whatever it is sent), and for a tls:// scheduler."""
+        """Dask traffic uses TLS with the fleet's own certificates: always on a managed cluster (on
+        one host too: a scheduler anyone can reach runs whatever it is sent, as root if the fleet
+        runs as root), and for a tls:// scheduler."""
         if self.slow.backend != "dask":
             return False
-        if self.dask.scheduler == "managed":
-            return not self.inventory.single
-        return self.dask.scheduler.startswith("tls://")
+        return self.dask.scheduler == "managed" or self.dask.scheduler.startswith("tls://")
+
+    @property
+    def edge_tls(self) -> bool:
+        """The edge reaches the instances over TLS, each side showing a certificate of the fleet's
+        CA: across hosts, where the hop crosses a network. On one host it stays on loopback."""
+        return not self.inventory.single
+
+    @property
+    def own_certs(self) -> bool:
+        """This host's TLS files are made by deploy itself, in the run dir (a managed cluster on one
+        host: nothing to copy anywhere); else they come from certs_dir (make certs)."""
+        return self.inventory.single and self.dask.scheduler == "managed"
 
     @property
     def scheduler_address(self) -> str:
@@ -402,20 +442,38 @@ class Settings:
         return f"{'tls' if self.dask_tls else 'tcp'}://{host_port(host.address, self.dask.scheduler_port)}"
 
     @property
+    def dashboard_address(self) -> str:
+        """Where this host's Dask dashboards listen: loopback, unless dask.expose_dashboards (they
+        show task names, logs and stacks to anyone who reaches them, with no login)."""
+        return self.address if self.dask.expose_dashboards else ("::1" if ":" in self.address else "127.0.0.1")
+
+    @property
     def certs_dir(self) -> Path:
         return (REPO_ROOT / self.dask.certs_dir).resolve()
 
     def certs(self, host: str | None = None) -> dict[str, Path]:
-        """This host's (or `host`'s) files of the fleet's CA, made by `make certs`."""
+        """This host's (or `host`'s) files of the fleet's CA, made by `make certs`, and the edge's
+        token that every host of the fleet shares."""
         name = host or self.inventory.here.name
         return {"ca": self.certs_dir / "ca.pem", "cert": self.certs_dir / f"{name}.pem",
-                "key": self.certs_dir / f"{name}-key.pem"}
+                "key": self.certs_dir / f"{name}-key.pem", "edge_token": self.certs_dir / "edge-token"}
+
+    @property
+    def private_dir(self) -> Path:
+        """The run dir's private files (deploy/private.py): root's directory, files readable by the
+        user the fleet's processes run as and nobody else."""
+        return self.run_dir / "private"
 
     def tls_files(self) -> dict[str, Path]:
-        """This host's TLS files as the fleet's processes read them: copies in the run dir, owned by
-        the user they run as (process.user), made by deploy from certs()."""
-        tls = self.run_dir / "tls"
-        return {"ca": tls / "ca.pem", "cert": tls / "cert.pem", "key": tls / "key.pem"}
+        """This host's TLS files as the fleet's processes read them, in private_dir."""
+        p = self.private_dir
+        return {"ca": p / "ca.pem", "cert": p / "cert.pem", "key": p / "key.pem"}
+
+    @property
+    def edge_token_file(self) -> Path:
+        """The secret nginx adds to every request it passes on (X-Fleet-Edge): instances trust a
+        request's client address and request id only with it."""
+        return self.private_dir / "edge-token"
 
     # snapshots ------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ Tornado's own HTTPError) and `write_error` renders it. Nothing ever sends a trac
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import logging
 import re
@@ -28,8 +29,13 @@ log = logging.getLogger("fleet.web")
 # Set in prepare(): every log line written while serving a request carries its id (logs.py).
 current_request_id: ContextVar[str] = ContextVar("current_request_id", default="-")
 
-# nginx replaces an unsafe incoming X-Request-ID; an instance hit directly applies the same rule.
+# nginx always sends its own; kept only from the edge, and only if it has this shape.
 SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+# The fleet's secret, which nginx adds to every request it passes on (nginx/nginx.conf.j2). Any
+# local process can connect to an instance's port: only a request that carries it is the edge's,
+# and only the edge's say about the client (X-Real-IP) and the request id are believed.
+EDGE_HEADER = "X-Fleet-Edge"
 
 # The contract's error codes for the statuses Tornado raises on its own.
 ERROR_CODES = {
@@ -89,11 +95,24 @@ class BaseHandler(web.RequestHandler):
     @property
     def request_id(self) -> str:
         if not hasattr(self, "_request_id"):
-            incoming = self.request.headers.get("X-Request-ID", "")
+            incoming = self.request.headers.get("X-Request-ID", "") if self.from_edge else ""
             self._request_id = incoming if SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
         return self._request_id
 
+    @property
+    def from_edge(self) -> bool:
+        """The request came through the fleet's nginx: it carries the edge's secret. (An app with no
+        secret, as unit tests build them in-process, has no edge to tell apart: everything is.)"""
+        if not hasattr(self, "_from_edge"):
+            token = self.settings.get("edge_token")
+            sent = self.request.headers.get(EDGE_HEADER)
+            self._from_edge = token is None or (sent is not None and hmac.compare_digest(sent.encode(), token))
+        return self._from_edge
+
     route_pattern = "unmatched"  # the route's pattern, the metrics label (set per route in make_app)
+    # Routes any local process may call on an instance's own port (health checks, Prometheus);
+    # every other route answers the edge only.
+    open_to_all = False
 
     def prepare(self) -> None:
         current_request_id.set(self.request_id)
@@ -101,10 +120,16 @@ class BaseHandler(web.RequestHandler):
         self.settings["in_flight"].enter()
         self._in_flight = True
         self.refuse_untrusted_peer()
+        if self.from_edge:
+            # The client's address as nginx saw it; from anyone else, the socket's peer stands
+            # (the server runs with xheaders off, so no header can change it).
+            self.request.remote_ip = self.request.headers.get("X-Real-IP") or self.request.remote_ip
+        elif not self.open_to_all:
+            raise ApiError(403, "forbidden", "this instance answers the fleet's edge only; send requests to "
+                                             "the edge (nginx), or only /healthz and /metrics here")
 
     def refuse_untrusted_peer(self) -> None:
-        """403 to anyone but the edge host and this host. The TCP peer, not X-Real-IP: with
-        xheaders on, request.remote_ip is whatever a client wrote in that header."""
+        """403 to anyone but the edge host and this host (a fleet across hosts): the TCP peer."""
         trusted = self.settings.get("trusted_peers")
         peer = getattr(self.request.connection, "context", None)
         address = getattr(peer, "address", None)
@@ -165,6 +190,8 @@ class NotFoundHandler(BaseHandler):
 class HealthHandler(BaseHandler):
     """GET /healthz: the instance is up and its event loop answers (503 while it drains)."""
 
+    open_to_all = True
+
     def get(self) -> None:
         figures = self.figures()
         body = {"role": self.settings["role"], "instance": self.settings["instance_name"], **figures}
@@ -196,6 +223,7 @@ class MetricsHandler(BaseHandler):
     """
 
     route_pattern = "/metrics"
+    open_to_all = True
 
     async def get(self) -> None:
         metrics.refresh()  # read the loop's own state here, on the loop

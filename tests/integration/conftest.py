@@ -115,6 +115,11 @@ class Fleet:
                                 capture_output=True, text=True, timeout=60)
         return result.stdout
 
+    def edge_headers(self) -> dict[str, str]:
+        """What nginx adds to every request it passes on, for a test that speaks to an instance
+        as the edge would (only root and the fleet's user can read it)."""
+        return {"X-Fleet-Edge": (self.run_dir / "private" / "edge-token").read_text().strip()}
+
     def log(self, name: str) -> str:
         return (self.run_dir / "logs" / f"{name}.log").read_text(errors="replace")
 

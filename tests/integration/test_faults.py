@@ -128,7 +128,7 @@ def test_a_draining_instance_answers_kept_alive_requests_with_connection_close(p
 
     fleet = private_fleet()
     conn = http.client.HTTPConnection("127.0.0.1", fleet.fast_ports[0], timeout=10)
-    conn.request("GET", "/fast")
+    conn.request("GET", "/fast", headers=fleet.edge_headers())  # as nginx would, on a kept-alive connection
     first = conn.getresponse()
     first.read()
     assert first.getheader("Connection") != "close"
@@ -136,7 +136,7 @@ def test_a_draining_instance_answers_kept_alive_requests_with_connection_close(p
     os.kill(pid, signal.SIGTERM)
     time.sleep(0.3)
     assert socket.socket().connect_ex(("127.0.0.1", fleet.fast_ports[0])) != 0  # no longer accepting
-    conn.request("GET", "/fast")
+    conn.request("GET", "/fast", headers=fleet.edge_headers())
     second = conn.getresponse()
     assert second.status == 200 and second.read() == b"Hello!"
     assert second.getheader("Connection") == "close"

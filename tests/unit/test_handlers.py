@@ -12,6 +12,7 @@ from tornado.testing import AsyncHTTPTestCase, gen_test
 
 from services.common.server import Instance
 from services.common.settings import REPO_ROOT, load
+from services.common.web import BaseHandler
 from services.fast.app import make_app as make_fast_app
 from services.slow import registry
 from services.slow.app import make_app as make_slow_app
@@ -50,7 +51,7 @@ class UntrustedPeerTest(ContractTestCase):
         return make_fast_app(Instance("fast", 1, load(env={"FLEET_SETTINGS": EXAMPLE, "FLEET_HOST": "web1"})))
 
     def get_httpserver_options(self):
-        return {"xheaders": True}  # as the fleet serves: X-Real-IP trusted for the client's address
+        return {"xheaders": False}  # as the fleet serves: no header changes the peer's address
 
     def test_anyone_but_the_edge_and_the_own_host_gets_403_json(self):
         self.assert_json_error(self.request("/fast"), 403, "forbidden")
@@ -70,6 +71,41 @@ class TrustedPeerTest(UntrustedPeerTest):
 
     def test_a_header_naming_the_edge_does_not_make_a_peer_trusted(self):
         assert self.request("/fast", **{"X-Real-IP": "10.77.0.1"}).code == 200
+
+
+class WhoIsTheClient(BaseHandler):
+    """A route of the test's own: what an instance takes for the client's address and request id."""
+
+    def get(self) -> None:
+        self.write_json({"client": self.request.remote_ip, "request_id": self.request_id})
+
+
+class EdgeSecretTest(ContractTestCase):
+    """One host: any local process can connect to an instance's port (issue 29, item 5). Only a
+    request with the edge's secret is the edge's: its X-Real-IP and X-Request-ID are believed."""
+
+    SECRET = b"0123456789abcdef"
+
+    def get_app(self):
+        instance = Instance("fast", 1, load(env={}))
+        app = make_fast_app(instance)
+        app.add_handlers(r".*", [(r"/_who", WhoIsTheClient)])
+        app.settings["edge_token"] = self.SECRET  # what server.serve reads from the run dir
+        return app
+
+    def test_a_local_process_that_is_not_the_edge_gets_403_on_every_route_but_health_and_metrics(self):
+        for path in ("/fast", "/_who", "/nosuch"):
+            self.assert_json_error(self.request(path, **{"X-Real-IP": "10.9.9.9"}), 403, "forbidden")
+        self.assert_json_error(self.request("/echo", "POST", b"x"), 403, "forbidden")
+        self.assert_json_error(self.request("/fast", **{"X-Fleet-Edge": "guess"}), 403, "forbidden")
+        assert self.request("/healthz").code == 200 and self.request("/metrics").code == 200
+
+    def test_only_the_edge_says_who_the_client_is_and_which_request_this_is(self):
+        edge = {"X-Fleet-Edge": self.SECRET.decode()}
+        body = json.loads(self.request("/_who", **edge, **{"X-Real-IP": "10.9.9.9", "X-Request-ID": "edge-1"}).body)
+        assert body == {"client": "10.9.9.9", "request_id": "edge-1"}
+        direct = self.request("/healthz", **{"X-Real-IP": "10.9.9.9", "X-Request-ID": "someone-else-s"})
+        assert HEX_ID.match(direct.headers["X-Request-ID"])
 
 
 # the fast app -----------------------------------------------------------------------------------

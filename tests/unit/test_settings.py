@@ -456,10 +456,10 @@ def test_an_inventory_without_fleet_host_is_refused_naming_the_hosts():
     assert "no such host" in error_of(env={"FLEET_SETTINGS": str(EXAMPLE), "FLEET_HOST": "heavy9"})
 
 
-def test_without_hosts_the_fleet_is_one_loopback_host_without_tls():
+def test_without_hosts_the_fleet_is_one_loopback_host_whose_managed_cluster_still_speaks_tls():
     s = load(env={"FLEET_SLOW_BACKEND": "dask"})
     assert s.inventory.single and s.address == "127.0.0.1"
-    assert s.scheduler_address == "tcp://127.0.0.1:8786" and not s.dask_tls
+    assert s.scheduler_address == "tls://127.0.0.1:8786" and s.dask_tls and s.own_certs and not s.edge_tls
     assert load(env={"FLEET_SLOW_BACKEND": "dask", "FLEET_DASK_SCHEDULER": "tls://10.0.0.9:8786"}).dask_tls
 
 
