@@ -131,8 +131,8 @@ def check_certs(settings: Settings) -> None:
 def check_installed(venv: Path | None = None) -> None:
     """Refuse to start from a .venv built from another requirements.txt than this checkout's (code
     updated, `make install` not run yet): the fleet would run new code on old packages, and
-    installing is `make install`'s job, never a start's (systemd starts with this).
-    deploy/bootstrap.sh records the sha256 of the requirements.txt it installed in .venv/.requirements.sha256."""
+    installing is `make install`'s job, never a start's (systemd starts with this). deploy/bootstrap.sh
+    records the sha256 of the requirements.txt it installed from in .venv/.requirements.sha256."""
     if venv is None:
         if sys.prefix == sys.base_prefix:
             return  # not run from a virtual environment: no .venv of make install's to check
