@@ -24,10 +24,15 @@ EDGE_URL := $(PY) -c 'from deploy.fleet import edge_url; from services.common.se
 FLEET_UP_IF_DOWN := $(PY) -c 'import sys; from deploy.fleet import supervisord_pid; from services.common.settings import load; \
 	sys.exit(0 if supervisord_pid(load()) else 1)' || $(PY) -m deploy.fleet up
 
-.PHONY: deploy-local stop status logs profile reload chaos certs test test-unit test-integration fuzz soak help bootstrap render load load-check bench
+.PHONY: deploy-local stop status logs profile reload chaos certs test test-unit test-integration fuzz soak help install bootstrap render load load-check bench
 
 deploy-local: bootstrap ## Start the fleet (or apply changed settings), wait for /healthz, print the URLs
 	@$(PY) -m deploy.fleet up
+
+# The bootstrap alone, for a machine whose fleet is started by systemd (deploy/fleet.service), which
+# never installs: run it after each update of the code.
+install: ## Install what the fleet runs on, nothing else: nginx when missing (as root), the .venv from requirements.txt
+	@$(BOOTSTRAP)
 
 stop: bootstrap ## Stop every process of the fleet and free its ports
 	@$(PY) -m deploy.fleet stop

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make this machine ready to run the fleet: nginx (through apt-get when root) and .venv from the
-# pinned requirements.txt. Idempotent and quick when nothing changed; `make deploy-local`,
-# `make test` and .ci/run all start here.
+# pinned requirements.txt. Idempotent and quick when nothing changed; `make install` runs it alone,
+# and `make deploy-local`, `make test` and .ci/run all start here (deploy/fleet.service never does).
 set -o errexit -o nounset -o pipefail
 cd "$(dirname "$0")/.."
 

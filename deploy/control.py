@@ -5,11 +5,13 @@ Shared by the commands (fleet.py), the change applier (apply.py) and make chaos 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +22,7 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from deploy import render
 from services.common.inventory import host_port
-from services.common.settings import Settings
+from services.common.settings import REPO_ROOT, Settings
 
 HEALTH_TIMEOUT = 60  # seconds a command waits for instances to answer /healthz
 
@@ -129,6 +131,29 @@ def check_certs(settings: Settings) -> None:
             f"this host ({settings.inventory.here.name}) lacks {', '.join(missing)}, which TLS between the "
             f"fleet's hosts needs: run `make certs` (with the same FLEET_SETTINGS) on one host and copy "
             f"{settings.certs_dir}/ to every host (dask.certs_dir, FLEET_DASK_CERTS_DIR)")
+
+
+def check_installed(venv: Path | None = None) -> None:
+    """Refuse to start from a .venv built from another requirements.txt than this checkout's (code
+    updated, `make install` not run yet): the fleet would run new code on old packages, and
+    installing is `make install`'s job, never a start's (systemd starts with this). deploy/bootstrap.sh
+    records the sha256 of the requirements.txt it installed from in .venv/.requirements.sha256."""
+    if venv is None:
+        if sys.prefix == sys.base_prefix:
+            return  # not run from a virtual environment: no .venv of make install's to check
+        venv = Path(sys.prefix)
+    requirements = REPO_ROOT / "requirements.txt"
+    wanted = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    try:
+        installed = (venv / ".requirements.sha256").read_text().strip()
+    except FileNotFoundError:
+        installed = None
+    if not installed:
+        raise FleetError(f"{venv} has no record of the requirements.txt it was built from "
+                         f"(.requirements.sha256): run `make install`, then start again")
+    if installed != wanted:
+        raise FleetError(f"{venv} was built from another requirements.txt than {requirements}: "
+                         f"run `make install`, then start again")
 
 
 def check_nginx() -> None:

@@ -26,6 +26,7 @@ from deploy import apply, render, rundir
 from deploy.control import (HEALTH_TIMEOUT, FleetError, check_nginx, check_ports_free, diagnose, edge_url,  # noqa: F401
                             check_certs, client_context, get_json, health_urls, healthy, instance_url, nginx_test, process_info, process_infos, supervisor,
                             supervisord_pid, wait_healthy)
+from deploy.control import check_installed
 from deploy.procs import MEMBER_MARKER, alive, cmdline, processes_of, worker_pids  # noqa: F401
 from services.common.inventory import host_port
 from services.common.settings import Settings, SettingsError, load
@@ -352,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "stop", "status", "reload", "render"])
     command = parser.parse_args(argv).command
     try:
+        if command in ("up", "reload"):
+            check_installed()  # systemd runs these: they start what `make install` installed, never install
         # stop and status work from the run dir's snapshot, which knows this machine's host.
         settings = load(any_host=command in ("stop", "status"))
         if command in ("stop", "status") and (settings.run_dir / "settings.json").exists():

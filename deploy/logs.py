@@ -6,7 +6,8 @@
 
 nginx's JSON access log and the instances' JSON lines are shown as
 `time  source  level  request_id  message`; other lines (supervisord, nginx's error log) as they
-are. A request id from an X-Request-ID header finds the request at the edge and in the instance.
+are. The request id a response carries (X-Request-ID, the edge's own) finds the request at the edge
+and in the instance; an id the client sent is shown on the edge's line (client_request_id=...).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def render(source: str, line: str) -> str:
     if "uri" in record and "status" in record:  # nginx access log
         return (f"{record.get('time', '')[11:19]}  {'edge':<11} {'access':<7} {record.get('request_id', '-'):<32} "
                 f"{record.get('method')} {record.get('uri')} {record.get('status')} "
-                f"{record.get('request_time')}s upstream={record.get('upstream_addr') or '-'}")
+                f"{record.get('request_time')}s upstream={record.get('upstream_addr') or '-'}"
+                + (f" client_request_id={record['client_request_id']}" if record.get("client_request_id") else ""))
     text = (f"{record.get('time', '')[11:23]}  {record.get('instance', source):<11} {record.get('level', ''):<7} "
             f"{record.get('request_id', '-'):<32} {record.get('message', '')}")
     if record.get("traceback"):

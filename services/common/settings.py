@@ -14,6 +14,7 @@ a fleet across hosts (services/common/inventory.py); `FLEET_HOST` names this mac
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import math
@@ -238,6 +239,19 @@ SCHEMA: dict[str, Spec] = {
 }
 
 
+# The FLEET_* environment variables that are not settings: the fleet's own, read by deploy/ and
+# services/ or set by the fleet in its processes' environments. Every other FLEET_* name must be a
+# setting's (env_name), so that a misspelt one is refused instead of silently deploying a default.
+NON_SETTING_VARIABLES = frozenset({
+    "FLEET_RUN_DIR",    # the run dir (run_dir_from)
+    "FLEET_SETTINGS",   # the settings file (settings_file)
+    "FLEET_HOST",       # this machine's host in the inventory (load)
+    "FLEET_SNAPSHOT",   # a Dask worker's settings.json (services/slow/dask_worker.py)
+    "FLEET_MEMBER_OF",  # marks every process of a fleet (deploy/procs.py)
+    "FLEET_WORKER_OF",  # marks a pool's workers and their children (services/slow/pool.py)
+})
+
+
 def env_name(key: str) -> str:
     """The environment variable that overrides `key`: tasks.fib.max_n -> FLEET_TASKS_FIB_MAX_N."""
     return "FLEET_" + key.replace(".", "_").upper()
@@ -294,11 +308,12 @@ def resolve(file_values: Mapping[str, Any], env: Mapping[str, str], origin: str)
     missing = sorted(set(SCHEMA) - set(file_values))
     if missing:
         raise SettingsError(f"{origin}: missing setting {missing[0]}")
-    sections = {key.split(".")[0].upper() for key in SCHEMA}
     by_env = {env_name(key): key for key in SCHEMA}
     for name in env:
-        if name.startswith("FLEET_") and name.split("_")[1] in sections and name not in by_env:
-            raise SettingsError(f"{name}: no such setting; known: {', '.join(sorted(by_env))}")
+        if name.startswith("FLEET_") and name not in by_env and name not in NON_SETTING_VARIABLES:
+            closest = difflib.get_close_matches(name, [*by_env, *NON_SETTING_VARIABLES], n=1, cutoff=0)[0]
+            raise SettingsError(f"{name}: no such setting; did you mean {closest}? (the settings are "
+                                "FLEET_<SECTION>_<KEY> for the keys of deploy/fleet.toml)")
     values: dict[str, Any] = {}
     for key in SCHEMA:
         name = env_name(key)

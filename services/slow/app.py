@@ -3,7 +3,7 @@
     python -m services.slow --settings .run/settings.json --instance 1
     curl -s localhost:8080/slow/fib/25   # through nginx -> {"task": "fib", "n": 25, "result": 75025, ...}
 
-GET /slow/<task>/<argument>?<params> (or POST with a JSON object body, for tasks that take POST)
+GET /slow/<task>/<argument>?<params> (or POST with a JSON object body and no query string, for tasks that take POST)
 runs a task from the registry (registry.py; the shipped ones are in tasks.py). The event loop only
 parses, admits and waits: it never computes.
 """
@@ -52,7 +52,12 @@ class TaskHandler(BaseHandler):
         await self._serve(name, path or "")
 
     def _params(self) -> dict[str, Any]:
-        """Query arguments, and for a POST the JSON object of its body."""
+        """A GET's query arguments, or the JSON object of a POST's body."""
+        if self.request.method == "POST" and self.request.query:
+            # A query string is written to access logs (nginx's, the instance's) and a POST's
+            # parameters may be secrets (pbkdf2's password): refused, and never echoed back.
+            raise ApiError(400, "bad_request", "a POST's parameters come from its JSON body only (the query "
+                                               "string is logged): send them in the body, with no query string")
         params: dict[str, Any] = {k: self.get_query_argument(k) for k in self.request.query_arguments}
         if self.request.method == "POST" and self.request.body:
             try:

@@ -68,9 +68,8 @@ def test_metrics_are_refused_through_the_public_edge(fleet: Fleet):
 
 def test_a_blocked_event_loop_is_reported_with_the_blocking_function_and_then_its_whole_length(fleet: Fleet):
     before = {p: sample(scrape(fleet, p), "fleet_event_loop_blocked", "_total") for p in fleet.fast_ports}
-    request_id = f"block-{uuid.uuid4().hex[:8]}"
-    response = fleet.get("/_test/block/400", headers={"X-Request-ID": request_id})
-    instance = response.headers["x-served-by"]
+    response = fleet.get("/_test/block/400")
+    request_id, instance = response.headers["x-request-id"], response.headers["x-served-by"]
     port = fleet.fast_ports[int(instance[-2:]) - 1]
     wait_for(lambda: sample(scrape(fleet, port), "fleet_event_loop_blocked", "_total") == before[port] + 1, timeout=3)
     lines = wait_for(lambda: [json.loads(line) for line in fleet.log(instance).splitlines()
@@ -85,15 +84,21 @@ def test_a_blocked_event_loop_is_reported_with_the_blocking_function_and_then_it
     assert ended["episode"] == "ended" and 300 <= ended["blocked_ms"] <= 1000
 
 
-def test_one_request_id_is_found_in_nginx_s_json_log_and_in_the_instance_s_log(fleet: Fleet):
-    request_id = f"trace-{uuid.uuid4().hex[:8]}"
-    assert fleet.get("/slow/fib/12", headers={"X-Request-ID": request_id}).status == 200
-
-    def access_line():
+def access_line(fleet: Fleet, request_id: str) -> dict:
+    """nginx's access log line of one request (the log is flushed every second)."""
+    def find():
         for line in (fleet.run_dir / "logs" / "nginx-access.log").read_text().splitlines():
             if request_id in line:
                 return json.loads(line)
-    edge = wait_for(access_line, timeout=5)  # the access log is flushed every second
+    return wait_for(find, timeout=5)
+
+
+def test_one_request_id_is_found_in_nginx_s_json_log_and_in_the_instance_s_log(fleet: Fleet):
+    response = fleet.get("/slow/fib/12")
+    assert response.status == 200
+    request_id = response.headers["x-request-id"]
+    edge = access_line(fleet, request_id)
+    assert edge["request_id"] == request_id and edge["client_request_id"] == ""
     assert edge["status"] == 200 and edge["uri"] == "/slow/fib/12" and edge["upstream_status"] == "200"
     assert {"time", "method", "bytes", "request_time", "upstream_addr", "upstream_response_time"} <= set(edge)
     instance = [json.loads(line) for line in fleet.log("slow-01").splitlines() if request_id in line]
@@ -104,9 +109,43 @@ def test_one_request_id_is_found_in_nginx_s_json_log_and_in_the_instance_s_log(f
     assert sum(request_id in line for line in merged.splitlines()) >= 2  # edge and instance, one stream
 
 
+def test_a_client_s_own_request_id_is_only_logged_in_a_field_of_its_own(fleet: Fleet):
+    mine = f"client-{uuid.uuid4().hex[:8]}"
+    response = fleet.get("/slow/fib/12", headers={"X-Request-ID": mine})
+    request_id = response.headers["x-request-id"]
+    assert request_id != mine
+    edge = access_line(fleet, request_id)
+    assert edge["request_id"] == request_id and edge["client_request_id"] == mine
+    assert mine not in fleet.log("slow-01")  # the instance knows the request by the edge's id only
+    merged = subprocess.run([sys.executable, "-m", "deploy.logs", "--once"], cwd=REPO, env=fleet.env,
+                            capture_output=True, text=True, timeout=30).stdout
+    assert any(request_id in line and f"client_request_id={mine}" in line for line in merged.splitlines())
+    # An id that is not a short safe token is not logged at all.
+    unsafe = fleet.get("/fast", headers={"X-Request-ID": 'x" onload=1'}).headers["x-request-id"]
+    assert access_line(fleet, unsafe)["client_request_id"] == ""
+
+
+def test_a_post_s_query_string_is_refused_and_never_logged(fleet: Fleet):
+    secret = f"hunter2-{uuid.uuid4().hex[:8]}"
+    response = fleet.request("POST", f"/slow/pbkdf2?password={secret}", body=b'{"password": "pw", "rounds": 1000}')
+    assert_contract_error(response, 400, "bad_request")
+    assert secret not in response.body.decode()
+    assert access_line(fleet, response.headers["x-request-id"])["uri"] == "/slow/pbkdf2"
+    # One the edge answers itself, through an error page (an internal redirect): the client's path.
+    response = fleet.request("POST", f"/slow?password={secret}", body=b"{}")
+    assert_contract_error(response, 404, "not_found")
+    assert access_line(fleet, response.headers["x-request-id"])["uri"] == "/slow"
+    # A GET's query is its arguments, and is logged as sent.
+    response = fleet.get(f"/slow/digest/1?data={secret}")
+    assert response.status == 200
+    assert access_line(fleet, response.headers["x-request-id"])["uri"] == f"/slow/digest/1?data={secret}"
+    logs = fleet.run_dir / "logs"
+    assert secret not in (logs / "nginx-access.log").read_text().replace(f"/slow/digest/1?data={secret}", "")
+    assert secret not in fleet.log("slow-01") + (logs / "nginx-error.log").read_text()
+
+
 def test_a_job_s_traceback_is_logged_with_its_request_id(fleet: Fleet):
-    request_id = f"tb-{uuid.uuid4().hex[:8]}"
-    fleet.get("/slow/raise_error", headers={"X-Request-ID": request_id})
+    request_id = fleet.get("/slow/raise_error").headers["x-request-id"]
     line = next(json.loads(line) for line in fleet.log("slow-01").splitlines() if request_id in line and "raised" in line)
     assert "Traceback" in line["traceback"] and "raise_error" in line["traceback"]
 
@@ -158,8 +197,7 @@ def test_logs_stay_bounded_under_a_flood_and_a_traceback_outlives_it(private_fle
     fleet = private_fleet(FLEET_OBSERVE_LOG_MAX_MB="1", FLEET_OBSERVE_LOG_BACKUPS="2",
                           FLEET_OBSERVE_FAILED_REQUEST_LINES_PER_SECOND="5")
     logs = fleet.run_dir / "logs"
-    request_id = f"tb-{uuid.uuid4().hex[:8]}"
-    fleet.get("/slow/raise_error", headers={"X-Request-ID": request_id})
+    request_id = fleet.get("/slow/raise_error").headers["x-request-id"]
 
     # A client's flood of bad input reaches the slow instance: it logs a few lines, counts the rest.
     started = time.monotonic()
@@ -185,6 +223,7 @@ def test_logs_stay_bounded_under_a_flood_and_a_traceback_outlives_it(private_fle
         "nginx-access.log", "nginx-access.log.1", "nginx-access.log.2"]
     # Each file holds at most what nginx wrote between two checks (0.5 s) past 1 MiB: one flood here.
     assert all(p.stat().st_size < (1 << 20) + (4 << 20) for p in logs.glob("nginx-access.log*"))
-    marker = f"after-{uuid.uuid4().hex[:8]}"
-    assert fleet.get("/fast", headers={"X-Request-ID": marker}).status == 200
+    response = fleet.get("/fast")
+    assert response.status == 200
+    marker = response.headers["x-request-id"]
     wait_for(lambda: marker in (logs / "nginx-access.log").read_text(), timeout=5)  # reopened by name

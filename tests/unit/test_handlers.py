@@ -260,6 +260,23 @@ class SlowAppTest(ContractTestCase):
         assert body["rounds"] == 1000
         assert "hunter2" not in response.body.decode()
 
+    def test_a_post_with_a_query_string_is_refused_400_without_echoing_or_logging_the_query(self):
+        # A query string is written to access logs; a POST's parameters (a password) come from its body.
+        body = json.dumps({"password": "hunter2", "salt": "s", "rounds": 1000})
+        with self.assertLogs("fleet.access", level="WARNING") as logged:
+            for query in ("?password=hunter2", "?rounds=1000&x=hunter2", "?hunter2"):
+                response = self.request("/slow/pbkdf2" + query, method="POST", body=body)
+                error = self.assert_json_error(response, 400, "bad_request")
+                assert "body" in error["message"] and "query" in error["message"]
+                assert "hunter2" not in response.body.decode()
+        assert len(logged.records) == 3
+        assert all("hunter2" not in record.getMessage() for record in logged.records)
+        assert self.pool.counters == {"ok": 0, "error": 0}
+
+    def test_a_post_with_only_a_json_body_still_runs(self):
+        response = self.request("/slow/pbkdf2", method="POST", body=json.dumps({"password": "pw", "rounds": 1000}))
+        assert response.code == 200
+
     def test_pbkdf2_with_a_body_that_is_not_json_is_a_json_400(self):
         for body in (b"{not json", b"\xff\xfe", b"[1, 2]", b'"password"'):
             self.assert_json_error(self.request("/slow/pbkdf2", method="POST", body=body), 400, "bad_request")

@@ -144,9 +144,43 @@ def test_run_directory_defaults_to_dot_run_in_the_repository():
     assert load(env={}).run_dir == settings.REPO_ROOT / ".run"
 
 
-def test_env_vars_outside_the_settings_sections_are_ignored():
-    s = load(env={"FLEET_RUN_DIR": "/tmp", "FLEETING": "x", "PATH": "/bin", "FLEET_WHATEVER_X": "1"})
+def test_env_vars_that_do_not_start_with_fleet_underscore_are_ignored():
+    s = load(env={"FLEET_RUN_DIR": "/tmp", "FLEETING": "x", "PATH": "/bin", "fleet_slwo_workers": "3"})
     assert s.edge.port == 8080
+
+
+def test_the_fleet_s_own_variables_that_are_not_settings_are_accepted():
+    file_values = settings.flatten(tomllib.loads(FLEET_TOML.read_text()))
+    env = {name: "x" for name in settings.NON_SETTING_VARIABLES}
+    assert settings.resolve(file_values, env, "fleet.toml")["edge.port"] == 8080
+
+
+@pytest.mark.parametrize("name, closest", [
+    ("FLEET_SLWO_WORKERS", "FLEET_SLOW_WORKERS"),  # a misspelt section: was silently ignored
+    ("FLEET_EGDE_PORT", "FLEET_EDGE_PORT"),
+    ("FLEET_TASK_FIB_MAX_N", "FLEET_TASKS_FIB_MAX_N"),
+    ("FLEET_RUNDIR", "FLEET_RUN_DIR"),  # one of the fleet's own variables, misspelt
+    ("FLEET_WHATEVER_X", None),
+])
+def test_a_fleet_env_var_that_is_neither_a_setting_nor_the_fleet_s_own_is_refused_naming_the_closest(name, closest):
+    message = error_of(env={name: "3"})
+    assert message.startswith(f"{name}: no such setting")
+    assert "did you mean FLEET_" in message and "deploy/fleet.toml" in message
+    if closest:
+        assert f"did you mean {closest}?" in message
+
+
+def test_every_fleet_variable_the_repository_sets_or_documents_is_a_setting_or_the_fleet_s_own():
+    # What the fleet sets in its processes, tests and bench pass, and README shows: none may now be refused.
+    names = re.compile(r"""["'](FLEET_[A-Z0-9_]+)["']|(?<![\w"'])(FLEET_[A-Z0-9_]+)=""")
+    root = settings.REPO_ROOT
+    files = [p for d in ("deploy", "services", "bench", "tests", ".ci") for p in (root / d).rglob("*")
+             if p.is_file() and p.suffix != ".pyc" and p.name != "test_settings.py"]  # its misspellings are on purpose
+    files += [root / "Makefile", root / "locustfile.py", root / "README.md"]
+    allowed = {env_name(key) for key in SCHEMA} | settings.NON_SETTING_VARIABLES
+    found = {m.group(1) or m.group(2): path for path in files for m in names.finditer(path.read_text(errors="replace"))}
+    assert len(found) > 20
+    assert {name: str(path) for name, path in found.items() if name not in allowed} == {}
 
 
 def test_load_reads_os_environ_when_no_env_is_given(monkeypatch):
