@@ -164,12 +164,13 @@ def test_status_shows_shared_jobs_and_cache_answers_and_a_restart_empties_the_ca
     assert two_slow.get("/slow/cached_spin/0.25").headers["x-cache"] == "HIT"
     status = two_slow.command("status").stdout
     assert "compute once:" in status and "edge cache, latest requests:" in status and "HIT" in status, status
-    from deploy.render import edge_cache_dir
+    from deploy.render import CACHE_MARK, edge_cache_dir, edge_cache_entries
     from services.common.settings import load
 
-    cache = edge_cache_dir(load(env=two_slow.env))
+    cache = edge_cache_entries(load(env=two_slow.env))
     assert any(cache.rglob("*")), cache  # the entries nginx stored
     two_slow.command("stop")
     assert not cache.exists()  # edge.cache_keep = false
+    assert (edge_cache_dir(load(env=two_slow.env)) / CACHE_MARK).is_file()  # the fleet's: emptied, kept
     two_slow.command("up")
     assert two_slow.get("/slow/cached_spin/0.25").headers["x-cache"] == "MISS"

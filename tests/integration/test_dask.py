@@ -82,7 +82,7 @@ def test_a_managed_cluster_runs_under_supervisor_on_loopback_with_its_dashboard(
     health = slow_health(dask_fleet)
     assert health["pool"]["backend"] == "dask" and health["pool"]["cluster"]["threads"] == 2
     status = dask_fleet.command("status").stdout
-    assert "dask cluster tcp://127.0.0.1:" in status and "2 worker(s), 2 thread(s)" in status
+    assert "dask cluster tls://127.0.0.1:" in status and "2 worker(s), 2 thread(s)" in status  # TLS on one host too
 
 
 def test_a_small_result_comes_back_with_the_job_s_completion_and_a_large_one_is_gathered(dask_fleet: Fleet):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import ssl
 import statistics
 import subprocess
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from deploy.procs import MEMBER_MARKER, processes_of
+from services.common.settings import load
 from tests.integration.conftest import REPO, TEST_SETTINGS, Response
 from tests.support import netns
 
@@ -55,13 +57,28 @@ class Hosts:
     def make(self, host: str, target: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.net.run(host, ["make", target], self.env(host), cwd=str(REPO), check=check, timeout=300)
 
+    def tls(self, host: str, certificate: bool = True) -> ssl.SSLContext:
+        """A client's TLS for an instance (they speak TLS across hosts): the fleet's CA, and the
+        host's own certificate, as deploy's health checks on that host show it."""
+        files = load(env=self.env(host)).tls_files()
+        context = ssl.create_default_context(cafile=str(files["ca"]))
+        if certificate:
+            context.load_cert_chain(str(files["cert"]), str(files["key"]))
+        return context
+
     def request(self, path: str, host: str = "web1", where: tuple[str, int] = EDGE, timeout: float = 30,
-                method: str = "GET") -> Response:
+                method: str = "GET", tls: ssl.SSLContext | bool | None = None, headers: dict | None = None) -> Response:
+        """From inside `host`'s namespace; to an instance (not the edge) over TLS with the host's own
+        certificate unless `tls` says otherwise (False: plain HTTP)."""
+        if where != EDGE and tls is None:
+            tls = self.tls(host)
+
         def send() -> Response:
-            conn = http.client.HTTPConnection(*where, timeout=timeout)
+            conn = (http.client.HTTPSConnection(*where, timeout=timeout, context=tls) if tls else
+                    http.client.HTTPConnection(*where, timeout=timeout))
             started = time.monotonic()
             try:
-                conn.request(method, path)
+                conn.request(method, path, headers=headers or {})
                 response = conn.getresponse()
                 return Response(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read(),
                                 time.monotonic() - started)
@@ -70,7 +87,7 @@ class Hosts:
 
         return self.net.in_thread(host, send)
 
-    def cluster(self) -> dict:
+    def cluster(self) -> dict:  # from the slow instance's own host, with its certificate
         return self.request("/healthz", where=("10.77.0.1", 8201)).json()["pool"]["cluster"]
 
     def host_of_pid(self, pid: int) -> str | None:
@@ -178,8 +195,12 @@ def test_each_host_runs_only_its_part_bound_to_its_own_address(hosts):
         programs = {line[len("[program:"):-1] for line in conf.splitlines() if line.startswith("[program:")}
         assert programs - {"fast-spare", "slow-spare"} == wanted, (host, programs)
         listening = hosts.net.run(host, ["ss", "-Htlnp"]).stdout
-        addresses = {line.split()[3].rsplit(":", 1)[0] for line in listening.splitlines()}
-        assert addresses == {HOSTS[host]}, (host, listening)  # never 0.0.0.0, not even loopback
+        bound = {tuple(line.split()[3].rsplit(":", 1)) for line in listening.splitlines()}
+        # Never 0.0.0.0; loopback only for Dask's dashboards (dask.expose_dashboards is off).
+        assert {address for address, _ in bound} <= {HOSTS[host], "127.0.0.1"}, (host, listening)
+        dashboards = {str(p) for p in (8787, 8802)}
+        assert all(address == HOSTS[host] for address, port in bound if port not in dashboards), (host, listening)
+        assert all(address == "127.0.0.1" for address, port in bound if port in dashboards), (host, listening)
     # The slow instance re-reads the cluster each second: both heavy hosts' workers, over TLS.
     wait_for(lambda: "dask cluster tls://10.77.0.1:8786: connected, 2 worker(s), 2 thread(s)"
              in hosts.make("web1", "status").stdout, 10, "make status shows both workers")
@@ -200,10 +221,30 @@ def test_the_contract_holds_through_the_edge_and_heavy_jobs_run_on_the_heavy_hos
 def test_instances_answer_only_the_edge_host_and_their_own(hosts):
     # From heavy1: the edge answers (it is public), an instance refuses, whatever X-Real-IP says.
     assert hosts.request("/fast", host="heavy1").status == 200
-    refused = hosts.request("/fast", host="heavy1", where=("10.77.0.1", 8101))
+    refused = hosts.request("/fast", host="heavy1", where=("10.77.0.1", 8101), headers={"X-Real-IP": "10.77.0.1"})
     assert refused.status == 403 and refused.json()["error"] == "forbidden"
     assert hosts.request("/healthz", host="heavy1", where=("10.77.0.1", 8201)).status == 403
     assert hosts.request("/healthz", host="web1", where=("10.77.0.1", 8201)).status == 200  # its own host
+    # Its own host's processes get /healthz and /metrics only: the rest is the edge's (its secret).
+    assert hosts.request("/fast", host="web1", where=("10.77.0.1", 8101)).status == 403
+
+
+def test_the_edge_to_instance_hop_across_hosts_is_tls_with_a_certificate_of_the_fleet_s_ca(hosts):
+    instance = ("10.77.0.1", 8101)
+    for context in (None, hosts.tls("heavy1", certificate=False)):  # plain HTTP; TLS but no certificate
+        with pytest.raises((OSError, http.client.HTTPException)):
+            response = hosts.request("/healthz", host="heavy1", where=instance, tls=context or False)
+            raise OSError(f"answered {response.status}")  # a plain request gets no HTTP answer either
+    # nginx reaches them so, from the edge host, with its secret: the contract above holds.
+    assert hosts.request("/fast").body == b"Hello!"
+    conf = (hosts.run_dir("web1") / "nginx" / "conf" / "nginx.conf").read_text()
+    assert "proxy_pass https://fast;" in conf and "proxy_ssl_verify on;" in conf
+
+
+def test_dask_dashboards_are_not_reachable_from_other_hosts(hosts):
+    for host, where in (("heavy1", ("10.77.0.1", 8787)), ("web1", ("10.77.0.2", 8802))):
+        with pytest.raises(OSError):
+            hosts.request("/status", host=host, where=where, tls=False)
 
 
 # A refused Dask client, collected after its event loop closed, complains in __del__.
