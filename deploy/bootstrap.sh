@@ -19,9 +19,9 @@ fi
 # /usr/bin/python3.11 where python3 is pyenv's), else the first Python 3.11+ at all.
 # `deploy/bootstrap.sh --print-python` prints the choice and changes nothing.
 is_311() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; }
-user_can_run() {  # as the service user, with no group of root's
+user_can_run() {  # as the service user, with its own groups only (runuser: setpriv resolved the path as root)
     [ "$(id -u)" = 0 ] && getent passwd "$SERVICE_USER" >/dev/null 2>&1 \
-        && setpriv --reuid="$SERVICE_USER" --regid="$SERVICE_USER" --clear-groups -- "$1" -c '' >/dev/null 2>&1
+        && runuser -u "$SERVICE_USER" -- "$1" -c '' >/dev/null 2>&1
 }
 choose_python() {
     local candidate first=""

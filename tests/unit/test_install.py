@@ -4,6 +4,7 @@ what is installed, and refuse a .venv built from another requirements.txt."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import subprocess
 import sys
@@ -80,3 +81,33 @@ def test_fleet_up_refuses_a_venv_from_another_requirements_txt_and_installs_and_
     assert "requirements.txt" in error and "make install" in error and str(venv) in error
     assert not (tmp_path / "run").exists()  # nothing rendered
     assert sorted(p.name for p in venv.iterdir()) == [".requirements.sha256"]  # nothing installed
+
+
+# the interpreter the .venv is made from (issue 29, item 9) ----------------------------------------
+
+SYSTEM_PYTHON = "/usr/bin/python3.11"
+
+
+def fleet_user_can_run(python: str) -> bool:
+    from deploy import privilege
+
+    user = privilege.DEFAULT_USER
+    return subprocess.run(["runuser", "-u", user, "--", python, "-c", ""], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON), reason="needs root and Debian's python3.11")
+def test_the_bootstrap_makes_the_venv_from_a_python_the_fleet_s_user_can_run_when_python3_is_closed_to_it(tmp_path):
+    from deploy import privilege
+
+    if not privilege.user_exists(privilege.DEFAULT_USER):
+        pytest.skip("the bootstrap makes the user fleet first")
+    # python3 first on PATH is one the fleet's user cannot run, as a pyenv Python under /root is.
+    closed = tmp_path / "closed"  # pytest's temp dirs are 0700
+    closed.mkdir(mode=0o700)
+    (closed / "python3").symlink_to(SYSTEM_PYTHON)
+    assert not fleet_user_can_run(str(closed / "python3"))
+    result = subprocess.run(["bash", str(REPO_ROOT / "deploy" / "bootstrap.sh"), "--print-python"],
+                            env={**os.environ, "PATH": f"{closed}:{os.environ['PATH']}", "PYTHON": ""},
+                            capture_output=True, text=True, timeout=60)
+    chosen = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert chosen and fleet_user_can_run(chosen), result.stdout + result.stderr
