@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from deploy import render
+from deploy import private, render
 from deploy.control import (HEALTH_TIMEOUT, FleetError, check_ports_free, instance_url, nginx_test, ports_of, supervisor,
                             wait_healthy)
 from deploy.procs import worker_pids
@@ -179,6 +179,8 @@ class Applier:
         try:
             # A cluster the fleet did not run yet (slow.backend changed to "dask") comes first: the
             # spares already read the new settings snapshot, and would wait for it.
+            if plan.nginx_conf:
+                self.send_edge_secret_first()
             new_cluster = [n for n in plan.start if role_of(n) == "dask" and n not in self.applied["programs"]]
             self.start_instances(new_cluster)
             for role in SPARED:
@@ -204,6 +206,24 @@ class Applier:
             print("nginx's supervisor program changed: restarting nginx (its listening socket closes briefly)")
             self.replace_group("nginx", start=True)
             self.record("nginx")
+
+    def send_edge_secret_first(self) -> None:
+        """Updating a fleet whose nginx does not send the edge's secret yet (deployed by a version
+        before it): instances of this version refuse what that nginx passes them (403), so nginx
+        must send it before one of them starts. Instances of before ignore the header, so the
+        running config plus the include is loaded first; the new config follows as usual."""
+        previous, include = self.previous_nginx_conf, private.edge_header_conf(self.settings)
+        anchor = "        proxy_set_header X-Forwarded-Proto $scheme;\n"
+        if previous is None or include in previous or anchor not in previous:
+            return
+        conf = self.settings.run_dir / NGINX_CONF
+        wanted = conf.read_text()
+        bridge = previous.replace(anchor, f"{anchor}        include {include};  # the edge's secret, first\n")
+        conf.write_text(bridge)
+        print("applying: nginx sends the edge's secret before instances that require it start")
+        reload_nginx(self.settings, previous)  # refused: the previous config goes back, as always
+        conf.write_text(wanted)
+        self.previous_nginx_conf = bridge  # what nginx serves now, should the new config be refused
 
     def start_spare(self, role: str) -> None:
         name = f"{role}-spare"

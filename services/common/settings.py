@@ -182,7 +182,7 @@ SCHEMA: dict[str, Spec] = {
     "edge.cache_mb": Spec(int, 1, 1_000_000),
     "edge.cache_keys_mb": Spec(int, 1, 1024),
     # Inside the run dir only: the fleet empties it at each start and stop (edge.cache_keep), and
-    # may only ever remove what it made there (deploy/fleet.py, prepare_edge_cache).
+    # may only ever remove what it made there (deploy/render.py, mark_edge_cache).
     "edge.cache_dir": Spec(str, check=_check_run_dir_path),
     "edge.cache_keep": Spec(bool),
     "fast.instances": Spec(int, 1, 64),

@@ -472,6 +472,20 @@ def test_a_scheduler_that_is_neither_managed_nor_an_address_is_refused(address):
     assert "dask.scheduler" in message and "tcp://host:port" in message
 
 
+@pytest.mark.parametrize("address", ["tcp://10.0.0.5:8786", "tcp://scheduler.example:8786", "tcp://[2001:db8::5]:8786"])
+def test_a_plaintext_scheduler_beyond_this_host_is_refused_unless_said_insecure_on_purpose(address):
+    message = error_of(env={"FLEET_SLOW_BACKEND": "dask", "FLEET_DASK_SCHEDULER": address})
+    assert "in clear" in message and "tls://" in message and "dask.allow_insecure" in message
+    insecure = load(env={"FLEET_SLOW_BACKEND": "dask", "FLEET_DASK_SCHEDULER": address, "FLEET_DASK_ALLOW_INSECURE": "true"})
+    assert insecure.scheduler_address == address and not insecure.dask_tls
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:8786", "tcp://localhost:8786", "tcp://[::1]:8786",
+                                     "tls://10.0.0.5:8786"])
+def test_a_loopback_or_tls_scheduler_needs_no_insecure_setting(address):
+    assert load(env={"FLEET_SLOW_BACKEND": "dask", "FLEET_DASK_SCHEDULER": address}).scheduler_address == address
+
+
 # the inventory ------------------------------------------------------------------------------------
 
 EXAMPLE = settings.REPO_ROOT / "deploy" / "hosts.example.toml"
