@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,7 @@ def context(settings: Settings) -> dict:
         "run_dir": str(s.run_dir),
         "nginx_temp": str(nginx_temp_dir(s)),
         "cache_dir": str(edge_cache_entries(s)),
+        "cache_zone": f"fleet_cache_{zlib.crc32(str(edge_cache_entries(s)).encode()):08x}",
         "nginx_user": nginx_user(s),
         "edge_header_conf": private.edge_header_conf(s),
         "edge_tls": s.edge_tls,
