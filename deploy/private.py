@@ -17,11 +17,10 @@ Where they come from:
 
 from __future__ import annotations
 
-import os
-
 from deploy import certs, rundir
 from deploy.privilege import User
 from services.common.settings import Settings
+from services.common.web import EDGE_HEADER
 
 EDGE_HEADER_CONF = "edge-header.conf"
 # What versions before this one kept in the run dir, as the fleet's user's directory.
@@ -43,7 +42,7 @@ def write(settings: Settings, user: User | None) -> None:
             rundir.write_file(settings.tls_files()[what], data, 0o600, **owner)
     token = edge_token(settings)
     rundir.write_file(settings.edge_token_file, token, 0o600, **owner)
-    header = f'proxy_set_header X-Fleet-Edge "{token.decode().strip()}";\n'
+    header = f'proxy_set_header {EDGE_HEADER} "{token.decode().strip()}";\n'
     rundir.write_file(private / EDGE_HEADER_CONF, header.encode(), 0o600)
 
 
@@ -85,9 +84,3 @@ def edge_token(settings: Settings) -> bytes:
         return token
     token = rundir.read_file(settings.edge_token_file)
     return token if token and token.strip().isalnum() else certs.new_edge_token()
-
-
-def read_edge_token(path: os.PathLike) -> str:
-    """As an instance reads it at start (its own file)."""
-    with open(path) as f:
-        return f.read().strip()

@@ -314,8 +314,8 @@ def write(settings: Settings, files: dict[str, str] | None = None) -> list[str]:
     private.write(settings, user)
     if user is not None:
         privilege.prepare(settings, user)
-    else:
-        rundir.own_dir(run_dir / "dask")
+    else:  # Dask's local directories, ours (taken back from the fleet's user, had it run as one)
+        rundir.handed_over_dir(run_dir / "dask", os.geteuid(), os.getegid())
     changed = []
     for relative, text in files.items():
         path = run_dir / relative
