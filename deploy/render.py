@@ -21,7 +21,7 @@ import jinja2
 
 from deploy import certs, private, privilege, rundir
 from services.common.inventory import host_port
-from services.common.settings import REPO_ROOT, Settings, load
+from services.common.settings import REPO_ROOT, Settings, heavy_capacity, load
 
 HEADER = "# generated from deploy/fleet.toml by deploy/render.py, do not edit"
 
@@ -118,7 +118,9 @@ def _listen(bind: str, port: int) -> str:
 
 def context(settings: Settings) -> dict:
     s = settings
-    waves = 1 + math.ceil(s.slow.queue_limit / s.slow.workers)  # a job may wait this many job times
+    # A job may wait this many job times, then run: its instance's line over its running slots (its
+    # share of a Dask cluster's threads, not slow.workers, which only the local pool has).
+    waves = 1 + math.ceil(s.slow.queue_limit / heavy_capacity(s.values))
     return {
         "header": HEADER,
         "run_dir": str(s.run_dir),

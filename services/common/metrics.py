@@ -46,9 +46,6 @@ LOOP_LAG = Histogram(
 )
 LOOP_BLOCKED = Counter("fleet_event_loop_blocked_total", "Times the event loop was blocked past the threshold")
 
-JOB_OUTCOMES = ("ok", "error", "timeout", "crashed", "out_of_memory", "shed", "limited", "no_workers", "unavailable",
-                "cancelled")
-
 # Labels come from fixed sets only: a label a client could choose (its method, its path) would let
 # one client grow every instance's memory and /metrics without bound.
 METHODS = frozenset(("GET", "POST", "HEAD"))
@@ -76,10 +73,11 @@ def refresh() -> None:
         fn()
 
 
-def declare_tasks(task_names, backend: str) -> None:
-    """Create every task's series at zero, so a rate() works from the first scrape."""
+def declare_tasks(task_names, backend: str, outcomes) -> None:
+    """Create every task's series at zero, so a rate() works from the first scrape (`outcomes`:
+    services/slow/jobs.py's, every way a job can end)."""
     for name in task_names:
-        for outcome in JOB_OUTCOMES:
+        for outcome in outcomes:
             SLOW_JOBS.labels(name, outcome, backend)
         SLOW_JOB_DURATION.labels(name, backend)
         SLOW_COALESCED.labels(name)

@@ -2,7 +2,8 @@
 
 Decided in the event loop, before anything reaches the pool: a job either gets a slot now, waits
 in line (where it can always be withdrawn), or is refused at once: Overloaded (503) when the line
-is full, ClientLimited (429) when its client already holds `per_client` slots and places.
+is full, ClientLimited (429) when its client already holds `per_client` slots and places (both
+jobs.JobErrors). It is the `line` its pool asks (jobs.Line): resize, others_waiting.
 
 Fair between clients: the line is one queue per client address. A freed slot goes to the waiting
 client that runs the fewest jobs (max-min fairness), ties served in turn; so a client that queued
@@ -21,13 +22,7 @@ from collections import Counter, OrderedDict, deque
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-
-class Overloaded(Exception):
-    """Every slot is busy and the waiting line is full."""
-
-
-class ClientLimited(Exception):
-    """This client already holds its share of the slots and waiting places."""
+from services.slow.jobs import ClientLimited, Overloaded  # its refusals, answered as every job outcome is
 
 
 class Admission:

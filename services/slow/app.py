@@ -20,24 +20,21 @@ from tornado import web
 
 from services.common import metrics, server
 from services.common.web import ApiError, BaseHandler, HealthHandler, MetricsHandler, NotFoundHandler
-from services.slow import coalesce, cpu_priority, registry
-from services.slow.admission import Admission, ClientLimited, Overloaded
+from services.common.settings import heavy_capacity
+from services.slow import coalesce, jobs, registry
+from services.slow.admission import Admission
 from services.slow.backoff import RetryAfter
-from services.slow.pool import (BackendUnavailable, JobFailed, JobTimeout, NoWorkers, ResultTooLarge,
-                                TaskUnavailable, WorkerDied, WorkerOutOfMemory, WorkerPool)
+from services.slow.jobs import RETRY_AFTER_SECONDS
+from services.slow.pool import WorkerPool
 
 log = logging.getLogger("fleet.slow")
-
-# What a client is told to wait when no estimate applies (no worker, a task unavailable, a stop):
-# about one short job's time. A full line and a client's full share are estimated (backoff.py).
-RETRY_AFTER_SECONDS = 1
 
 
 class TaskHandler(BaseHandler):
     tasks: Mapping[str, registry.Task]
     admission: Admission
     retry_after: RetryAfter  # what a refused client is told to wait (backoff.py)
-    pool: Any  # WorkerPool or InlinePool: `async run(task, kwargs, timeout) -> (result JSON, elapsed ms)`
+    pool: jobs.Pool  # WorkerPool, DaskPool or InlinePool: `async run(task, kwargs, timeout, client)`
     fleet: Any  # the fleet Settings
     flights: coalesce.Flights  # every job in progress on this instance, and who waits for it
 
@@ -125,7 +122,6 @@ class TaskHandler(BaseHandler):
         def count(outcome: str) -> None:
             metrics.SLOW_JOBS.labels(task.name, outcome, backend).inc()
 
-        retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         try:
             # The client's own address, as nginx saw it (X-Real-IP): its share of the line.
             client = self.request.remote_ip
@@ -137,52 +133,9 @@ class TaskHandler(BaseHandler):
                     self.retry_after.record(task.name, loop.time() - started)
                 finally:
                     metrics.SLOW_JOB_DURATION.labels(task.name, backend).observe(loop.time() - started)
-        except Overloaded as exc:
-            count("shed")
-            wait = self.retry_after.overloaded(task.name, self.admission.waiting, self.admission.slots)
-            raise ApiError(503, "overloaded", f"slow pool is full ({exc}); retry in {wait} s",
-                           headers={"Retry-After": str(wait)}) from None
-        except ClientLimited as exc:
-            count("limited")
-            wait = self.retry_after.client_limited(task.name)
-            raise ApiError(429, "rate_limited", f"{exc}; retry when one has finished, in about {wait} s",
-                           headers={"Retry-After": str(wait)}) from None
-        except NoWorkers as exc:
-            count("no_workers")
-            raise ApiError(503, "no_workers", str(exc), headers=retry) from None
-        except TaskUnavailable as exc:
-            count("unavailable")
-            raise ApiError(503, "task_unavailable", str(exc), headers=retry) from None
-        except BackendUnavailable as exc:
-            count("unavailable")
-            raise ApiError(503, "backend_unavailable", str(exc), headers=retry) from None
-        except JobTimeout as exc:
-            count("timeout")
-            self.retry_after.record(task.name, timeout)
-            log.warning("%s", exc)
-            raise ApiError(504, "job_timeout", str(exc)) from None
-        except WorkerOutOfMemory as exc:
-            count("out_of_memory")
-            log.warning("job %s failed: %s", task.name, exc)
-            raise ApiError(502, "worker_out_of_memory", str(exc)) from None
-        except WorkerDied as exc:
-            count("crashed")
-            log.warning("job %s failed: %s", task.name, exc)
-            raise ApiError(502, "worker_died", f"the worker running this job died: {exc}") from None
-        except ResultTooLarge as exc:
-            count("error")
-            log.error("job %s: %s", task.name, exc)
-            raise ApiError(500, "result_too_large", str(exc)) from None
-        except JobFailed as exc:
-            count("error")
-            log.error("job %s raised %s: %s", task.name, exc.type_name, exc.message,
-                      extra={"fields": {"traceback": exc.traceback_text, "task": task.name}})
-            if task.expose_errors:
-                message = f"{exc.type_name}: {exc.message}"
-            else:  # the message stays in the log, under the request id of the job
-                message = (f"the task raised {exc.type_name}; its message is in the slow instance's log "
-                           f"(request id {self.request_id})")
-            raise ApiError(500, "job_failed", message, type=exc.type_name) from None
+        except jobs.JobError as exc:
+            count(exc.outcome)
+            raise self._answer(exc, task, timeout) from None
         except asyncio.CancelledError:
             count("cancelled")
             raise
@@ -193,6 +146,18 @@ class TaskHandler(BaseHandler):
         head = json.dumps({"task": task.name, **{k: kwargs[k] for k in task.echo}})[:-1]
         tail = json.dumps({"elapsed_ms": round(elapsed_ms, 2), "queued_ms": round(queued_ms, 2)})[1:]
         return b"".join((head.encode(), b', "result": ', result_json, b", ", tail.encode()))
+
+    def _answer(self, exc: jobs.JobError, task: registry.Task, timeout: float) -> ApiError:
+        """The contract's JSON error for a job that ended without a result: each kind of ending
+        carries its status, code and message (jobs.py)."""
+        if isinstance(exc, jobs.JobTimeout):
+            self.retry_after.record(task.name, timeout)  # it took at least its deadline
+        if exc.log_level is not None:
+            log.log(exc.log_level, "%s", exc.describe(task.name),
+                    extra={"fields": {"task": task.name, **exc.log_fields()}})
+        wait = exc.retry_after(self.retry_after, task.name, self.admission) if exc.retry else None
+        return ApiError(exc.status, exc.code, exc.answer(wait, task.expose_errors, self.request_id),
+                        headers={"Retry-After": str(wait)} if wait is not None else None, **exc.details())
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
@@ -228,12 +193,17 @@ class SlowHealthHandler(HealthHandler):
         return None
 
 
-def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool: Any) -> web.Application:
+def make_admission(fleet: Any, slots: int) -> Admission:
+    """The line in front of a slow instance's pool: `slots` running, slow.queue_limit waiting."""
+    return Admission(slots=slots, queue_limit=fleet.slow.queue_limit, per_client=fleet.slow.max_per_client)
+
+
+def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool: jobs.Pool,
+             admission: Admission | None = None) -> web.Application:
+    """The slow app for `pool` and the `admission` its pool was made with (make_pool); a test's
+    pool that needs no line gets one of its own size."""
     fleet = instance.settings
-    admission = Admission(slots=pool.size, queue_limit=fleet.slow.queue_limit, per_client=fleet.slow.max_per_client)
-    pool.on_capacity = admission.resize  # a cluster's workers come and go
-    # A job left to run after its client went away (past the kill budget) yields to other clients.
-    pool.others_waiting = admission.others_waiting
+    admission = admission or make_admission(fleet, pool.size)
     flights = coalesce.Flights()
 
     def stop_jobs() -> None:
@@ -247,7 +217,7 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
               "retry_after": RetryAfter(ceiling=fleet.slow.job_timeout)}
     settings = server.app_settings(instance)
     settings["on_drain_deadline"] = stop_jobs
-    metrics.declare_tasks(tasks, fleet.slow.backend)
+    metrics.declare_tasks(tasks, fleet.slow.backend, jobs.OUTCOMES)
 
     def refresh_gauges() -> None:
         stats = pool.stats()
@@ -268,28 +238,25 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
     )
 
 
-def make_pool(instance: server.Instance) -> Any:
-    """The one place that picks the backend (slow.backend); both have the same interface."""
+def make_pool(instance: server.Instance, line: Admission) -> jobs.Pool:
+    """The one place that picks the backend (slow.backend); both keep the jobs.Pool contract, and
+    both are told of `line`, the admission in front of them."""
     fleet = instance.settings
     if fleet.slow.backend == "dask":
         from services.slow.dask_pool import DaskPool  # imports Dask only where it is used
 
-        return DaskPool(fleet, instance.number)
+        return DaskPool(fleet, instance.number, line=line)
     # One idle cgroup per instance of each fleet (run dirs differ): stopping one never empties another's.
-    cgroup = cpu_priority.group_name(instance.name, fleet.run_dir) if fleet.slow.idle_cgroup else None
-    return WorkerPool(fleet.slow.workers, fleet.slow.task_modules, fleet.slow.nice,
-                      sched_idle=fleet.slow.sched_idle, idle_cgroup=cgroup,
-                      max_result_bytes=fleet.slow.max_result_mb << 20, marker=f"{fleet.run_dir}:{instance.name}",
-                      max_rss_mb=fleet.slow.worker_max_rss_mb, max_jobs=fleet.slow.worker_max_jobs,
-                      cgroup_record=fleet.run_dir / cpu_priority.RECORD)
+    return WorkerPool.from_settings(fleet, fleet.slow.workers, owner=instance.name, line=line)
 
 
 async def run(instance: server.Instance) -> None:
     tasks = registry.load(instance.settings.slow.task_modules)
+    admission = make_admission(instance.settings, heavy_capacity(instance.settings.values))
     # The pool starts (local workers forked, niced, set up; or the cluster joined) before the port is
     # bound: the first request never waits for it, and no worker can ever hold the server's socket.
-    async with make_pool(instance) as pool:
-        await server.serve(make_app(instance, tasks, pool), instance)
+    async with make_pool(instance, admission) as pool:
+        await server.serve(make_app(instance, tasks, pool, admission), instance)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,18 +1,18 @@
-"""The slow pool on a Dask distributed cluster: the same interface as pool.WorkerPool.
+"""The slow pool on a Dask distributed cluster: the same contract as the local pool (jobs.py).
 
-    async with DaskPool(settings, instance_number=1) as pool:
+    async with DaskPool(settings, instance_number=1, line=admission) as pool:
         result_json, elapsed_ms = await pool.run("fib", {"n": 25}, timeout=30)
 
 Jobs are submitted to the cluster as one stable entry point (dask_worker.run_job) with the task's
 name as a string and pure=False (Dask would otherwise merge identical jobs into one), and run in a
 child process of a Dask worker (dask_worker.py). Admission stays in the slow instance, since Dask
 queues without bound: `size` is this instance's share of the cluster's worker threads, re-read
-every CAPACITY_EVERY seconds, and `on_capacity` tells the app when it changes.
+every CAPACITY_EVERY seconds, and the admission `line` in front of it is told when it changes.
 
 A small result comes back with the job's completion, as an event on this instance's topic
 (dask_worker.run_job says why); a larger one is gathered from its worker, as Dask does.
 
-Outcomes are the local pool's: the worker raises the same JobErrors, and here
+Outcomes are the local pool's: the worker raises the same jobs.JobErrors, and here
 
     a Dask worker that died with the job (KilledWorker; allowed-failures 0)  -> WorkerDied (502)
     the scheduler unreachable, or lost with the job (FutureCancelledError)   -> BackendUnavailable (503)
@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any
 
 from distributed import Client, Security
 from distributed.client import FutureCancelledError
@@ -38,8 +38,8 @@ from distributed.scheduler import KilledWorker
 
 from services.common.settings import Settings, heavy_capacity
 from services.slow.dask_worker import BATCH_INTERVAL, run_job
-from services.slow.pool import (RECLAIM_AFTER, BackendUnavailable, JobError, JobTimeout, NoWorkers, WorkerDied,
-                                _KillBudget)
+from services.slow.jobs import (RECLAIM_AFTER, BackendUnavailable, JobError, JobTimeout, KillBudget, Line,
+                                NoWorkers, WorkerDied)
 
 log = logging.getLogger("fleet.dask")
 
@@ -86,7 +86,7 @@ def security(settings: Settings) -> Security | None:
 
 
 class DaskPool:
-    def __init__(self, settings: Settings, instance_number: int = 1):
+    def __init__(self, settings: Settings, instance_number: int = 1, line: Line | None = None):
         dask = settings.dask
         self.managed = dask.scheduler == "managed"
         self.address = settings.scheduler_address
@@ -109,14 +109,13 @@ class DaskPool:
         self.size = heavy_capacity(settings.values)  # until the cluster says
         self.threads = 0  # the whole cluster's
         self.workers = 0
-        self.on_capacity: Callable[[int], None] | None = None
+        self.line = line  # the admission in front of this pool: told the share, asked who waits
         self.kill_on_cancel = False
         self.client: Client | None = None
         self.problem = "not connected yet"
-        self._kill_budget = _KillBudget(rate=0.4, burst=4)  # as a 2-worker local pool (pool.py)
+        self._kill_budget = KillBudget(rate=0.4, burst=4)  # as a 2-worker local pool (pool.py)
         self._watcher: asyncio.Task | None = None
         self._in_flight = 0
-        self.others_waiting: Callable[[str], bool] = lambda client: False  # set by the app's admission
         self.counters = {"ok": 0, "error": 0, "timeout": 0, "crashed": 0, "cancelled": 0,
                          "finished_after_cancel": 0, "reclaimed": 0, "unavailable": 0, "no_workers": 0,
                          "reconnects": 0, "pushed": 0}
@@ -208,7 +207,7 @@ class DaskPool:
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(asyncio.shield(outcome), 0.25)
                         if (not outcome.done() and time.monotonic() - submitted >= RECLAIM_AFTER
-                                and self.others_waiting(client)):
+                                and self.line is not None and self.line.others_waiting(client)):
                             self.counters["reclaimed"] += 1
                             break
                     if outcome.done():
@@ -323,5 +322,5 @@ class DaskPool:
             log.info("cluster: %d worker(s), %d thread(s); this instance's share: %d", self.workers,
                      self.threads, share)
             self.size = share
-            if self.on_capacity is not None:
-                self.on_capacity(share)
+            if self.line is not None:
+                self.line.resize(share)

@@ -11,7 +11,7 @@ process group, a crash fails only its job, results are encoded (and capped) in t
 (a coroutine, on the worker's event loop) only hands the job to that pool and waits; the slow instance
 submits one stable entry point, `run_job`, with the task's name as a string, never the function.
 
-Job errors (pool.JobError) pickle whole, so the slow instance receives exactly what the local pool
+Job errors (jobs.JobError) pickle whole, so the slow instance receives exactly what the local pool
 would have raised. The worker kills a job's child when the scheduler cancels the job (the client
 went away) through a WorkerPlugin that watches the task leave the executing state.
 
@@ -183,16 +183,11 @@ async def _set_up_worker(server: Worker) -> None:
     from services.slow.pool import WorkerPool  # the worker's side only
 
     server.batched_stream.interval = BATCH_INTERVAL
-    slow = settings.slow
-    cgroup = below_the_fast_path(settings, server.name)
-    # The job processes nice themselves by slow.nice more (19 at most), in the same cgroup: the
-    # worker's dispatching keeps ahead of the jobs it dispatches.
-    pool = WorkerPool(server.state.nthreads, slow.task_modules, slow.nice, sched_idle=slow.sched_idle,
-                      idle_cgroup=cgroup, max_result_bytes=slow.max_result_mb << 20,
-                      marker=f"{settings.run_dir}:{server.name}",
-                      max_rss_mb=slow.worker_max_rss_mb, max_jobs=slow.worker_max_jobs,
-                      cgroup_record=settings.run_dir / cpu_priority.RECORD)
-    pool.kill_on_cancel = True  # the slow instance decided (and budgeted) before it cancelled
+    below_the_fast_path(settings, server.name)
+    # The job processes nice themselves by slow.nice more (19 at most), in the worker's own cgroup
+    # (named after it, as below_the_fast_path's): its dispatching keeps ahead of the jobs it
+    # dispatches. kill_on_cancel: the slow instance decided (and budgeted) before it cancelled.
+    pool = WorkerPool.from_settings(settings, server.state.nthreads, owner=server.name, kill_on_cancel=True)
     await pool.start()
     server.fleet_pool = pool
     await server.plugin_add(KillCancelledJobs())

@@ -1,22 +1,16 @@
-"""The slow instance's worker pool: W processes, one pipe each, watched by the event loop.
+"""The local backend: W worker processes, one pipe each, watched by the slow instance's event loop.
 
-One small interface, so that something else (a Dask cluster) can stand behind it later:
+This is the parent side; a worker's own life, and the pipe's messages, are worker.py. The contract
+(the errors `run` raises, the Pool protocol, the kill budget) is jobs.py:
 
-    async with WorkerPool(size=2, task_modules="services.slow.tasks", nice=10) as pool:
+    async with WorkerPool.from_settings(settings, size=2, owner="slow-01", line=admission) as pool:
         result_json, elapsed_ms = await pool.run("fib", {"n": 25}, timeout=30)   # b"75025", 8.1
 
 `run` returns the task's result already encoded as JSON (by the worker: a large result never costs
 the event loop an encode, and a result that is not JSON fails in the worker, as the job's error), or
-raises one of:
-
-    JobFailed        the task raised (500), or its result is not JSON
-    ResultTooLarge   the JSON result is larger than max_result_bytes (500): refused in the worker
-    JobTimeout       past its deadline, the worker was killed and replaced (504)
-    WorkerDied       the worker exited mid-job (502)
-    WorkerOutOfMemory  the worker passed its memory cap mid-job; it was killed and replaced (502)
-    TaskUnavailable  this task's setup fails in every worker (503); other tasks are unaffected
-    NoWorkers        no worker could take the job: the pool cannot start workers (at once), or
-                     none became free before the job's deadline (503)
+raises a jobs.JobError: JobFailed, ResultTooLarge, JobTimeout (the worker was killed and replaced),
+WorkerDied, WorkerOutOfMemory, TaskUnavailable (this task's setup fails in every worker; others
+run), NoWorkers (none can start, or none became free before the job's deadline).
 
 The deadline covers the wait for a free worker and the run. Cancelling `run` (the client went
 away) kills the job's worker, within a budget (2 x size at once, then one kill per worker every
@@ -24,7 +18,7 @@ away) kills the job's worker, within a budget (2 x size at once, then one kill p
 size - 1). Past the budget (an abort storm) the job runs to its end instead, and `run` returns
 only then, so that the caller's slot, and the client's share of them, stay taken while the worker
 is: aborting costs a client nothing it could not spend by waiting. Such a job is still killed once
-it has run RECLAIM_AFTER seconds while another client's job waits (others_waiting).
+it has run RECLAIM_AFTER seconds while another client's job waits (the admission `line` says).
 
 Workers cannot eat the machine: with max_rss_mb, a worker whose resident memory passes the cap
 during a job is killed (checked every MEMORY_CHECK_INTERVAL, as uWSGI's evil-reload-on-rss does;
@@ -33,15 +27,13 @@ a job is replaced (as uWSGI's reload-on-rss and Celery's max_memory_per_child). 
 worker is replaced after that many jobs (plus up to 10 % jitter, as gunicorn's max_requests_jitter,
 so workers started together do not all restart together); its replacement starts at once, with no
 wait like ProcessPoolExecutor's max_tasks_per_child. Each worker sets its oom_score_adj to
-OOM_SCORE_ADJ, so that the kernel's OOM killer picks a worker (and what its job started) before
-an instance, nginx or supervisord.
+worker.OOM_SCORE_ADJ, so that the kernel's OOM killer picks a worker (and what its job started)
+before an instance, nginx or supervisord.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import json
 import logging
 import multiprocessing
 import os
@@ -49,253 +41,32 @@ import pickle
 import random
 import select
 import signal
-import struct
 import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from services.common.settings import Settings
 from services.slow import cpu_priority
+from services.slow.jobs import (RECLAIM_AFTER, JobFailed, JobTimeout, KillBudget, Line, NoWorkers, ResultTooLarge,
+                                TaskUnavailable, WorkerDied, WorkerOutOfMemory)
+from services.slow.worker import WORKER_MARKER, Frames, worker_main, write_message
 
 log = logging.getLogger("fleet.pool")
 
-PR_SET_PDEATHSIG = 1
-# Every worker, and every process a task starts, carries this in its environment: a restarted
-# instance kills what a killed one left behind (a task's children outlive a SIGKILLed worker).
-WORKER_MARKER = "FLEET_WORKER_OF"
 READ_CHUNK = 1 << 16  # bytes read from a worker's pipe per loop turn: a big result never blocks the loop (and a
 # small one is not read into a 1 MiB buffer: os.read allocates its whole size, 13 us for 1 MiB)
 # Replacement workers that fail to start are retried after 0.5, 1, 2, ... s, at most this apart:
 # a failing pool costs little, and one that can work again is whole within this time.
 MAX_SPAWN_BACKOFF = 10
-# A job whose client went away, left to run past the kill budget, is killed after all once it has
-# run this long while another client's job waits: killing a shorter one would cost that job a
-# worker's restart, which takes longer than the rest of a short job.
-RECLAIM_AFTER = 1.0
 # A task whose setup failed is tried again (on one worker) after 1, 2, 4, ... s, at most this apart.
 MAX_SETUP_BACKOFF = 60
 # How often busy workers' resident memory is read against max_rss_mb (one /proc read per busy worker).
 MEMORY_CHECK_INTERVAL = 0.05
-# The most a process may raise itself without privilege: the OOM killer's first choice.
-OOM_SCORE_ADJ = 1000
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-class JobError(Exception):
-    """Base of the errors a job can end with.
-
-    Each pickles with the arguments it was made from, so it crosses a process boundary whole (a
-    Dask worker raises it, the slow instance catches it): Exception's default pickling replays
-    only the message, which a class with other arguments cannot be rebuilt from (bpo-31699).
-    """
-
-    def __reduce__(self):
-        return self.__class__, self._init_args
-
-    def __init__(self, *args: Any):
-        super().__init__(*args)
-        self._init_args = args
-
-
-class JobFailed(JobError):
-    """The task raised; type and message go to the client, the traceback to the log."""
-
-    def __init__(self, type_name: str, message: str, traceback_text: str):
-        super().__init__(f"{type_name}: {message}")
-        self._init_args = (type_name, message, traceback_text)
-        self.type_name = type_name
-        self.message = message
-        self.traceback_text = traceback_text
-
-
-class ResultTooLarge(JobError):
-    """The job's JSON result is over the pool's max_result_bytes; it never left the worker."""
-
-
-class JobTimeout(JobError):
-    """The job ran past its deadline; its worker was killed and replaced."""
-
-
-class WorkerDied(JobError):
-    """The worker running the job exited (crash, OOM kill, kill -9); the pool replaces it."""
-
-    def __init__(self, pid: int, exitcode: int | None, description: str | None = None):
-        how = f"signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exit code {exitcode}"
-        super().__init__(description or f"worker {pid} died ({how})")
-        self._init_args = (pid, exitcode, description)
-        self.pid = pid
-        self.exitcode = exitcode
-
-
-class WorkerOutOfMemory(JobError):
-    """The worker's resident memory passed the pool's cap during the job; it was killed and replaced."""
-
-
-class TaskUnavailable(JobError):
-    """The task's per-worker setup fails; it is tried again later. Nothing ran."""
-
-
-class NoWorkers(JobError):
-    """No worker could take the job: none can be started, or none became free in time. Nothing ran."""
-
-
-class BackendUnavailable(JobError):
-    """The cluster behind the pool cannot be reached (a Dask scheduler down or restarting). Nothing
-    ran, or what ran was lost with the cluster."""
-
-
-# --- inside a worker process ---------------------------------------------------------------------
-
-def _die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this worker when its parent (the forkserver) exits.
-
-    The forkserver exits as soon as the instance that owns it dies, even by SIGKILL, so no worker
-    outlives its instance and keeps a CPU or a file busy.
-    """
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _error_reply(exc: BaseException) -> tuple:
-    try:
-        message = str(exc)
-    except Exception:  # a broken __str__ must not take the worker down
-        message = "<unprintable message>"
-    return ("error", type(exc).__name__, message[:2000], traceback.format_exc())
-
-
-def encode_result(result: Any, max_bytes: int) -> tuple:
-    """The reply for a task's return value: ("ok", JSON bytes) or an error reply, never an exception."""
-    try:
-        body = json.dumps(result, allow_nan=False).encode()
-    except (TypeError, ValueError, RecursionError) as exc:
-        return ("error", type(exc).__name__, f"the task returned a value that is not JSON: {exc}"[:2000],
-                traceback.format_exc())
-    if len(body) > max_bytes:
-        return ("too_large", len(body))
-    return ("ok", body)
-
-
-def _run_setup(task) -> tuple[Any, tuple | None]:
-    try:
-        return task.setup(), None
-    except BaseException as exc:  # one task's broken setup must not take the others down
-        return None, _error_reply(exc)[1:]
-
-
-def worker_main(conn: Connection, task_modules: str, nice: int, sched_idle: bool = False,
-                cgroup: str | None = None, max_result_bytes: int = 1 << 62, marker: str = "") -> None:
-    """A worker's whole life: set up once, then run one job at a time from its pipe."""
-    os.setpgid(0, 0)  # its own process group: a kill takes whatever the job started along
-    _die_with_parent()
-    if marker:
-        os.environ[WORKER_MARKER] = marker  # inherited by every process a task starts
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent stops us; no Python-level handler
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is for the server
-    signal.set_wakeup_fd(-1)
-    try:  # inherited by what a task starts
-        Path("/proc/self/oom_score_adj").write_text(str(OOM_SCORE_ADJ))
-    except OSError:
-        pass  # no /proc: the kernel's default choice
-    os.nice(nice)
-    if sched_idle:
-        # Below every normal process, not just behind it: a waking event loop or nginx worker
-        # preempts this worker at once, on any kernel scheduler (nice alone only tilts shares).
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    if cgroup is not None:
-        cpu_priority.join(Path(cgroup))  # below every other group, not only this session's
-    from services.slow import registry  # imported here: the forkserver preloads it
-
-    try:
-        tasks = registry.load(task_modules)
-    except BaseException as exc:  # nothing could run here: the pool sees a worker that cannot start
-        conn.send(("start_failed",) + _error_reply(exc)[1:])
-        return
-    state: dict[str, Any] = {}
-    broken: dict[str, tuple] = {}  # task name -> (type, message, traceback) of its failed setup
-    for name, t in tasks.items():
-        if t.setup is not None:
-            state[name], failure = _run_setup(t)
-            if failure is not None:
-                broken[name] = failure
-    conn.send(("ready", os.getpid(), broken))
-    while True:
-        try:
-            name, kwargs = conn.recv()
-        except (EOFError, OSError):
-            return  # the pool closed our pipe: shut down
-        t = tasks[name]
-        if name in broken:  # the pool sends a job here only when the setup is due another try
-            state[name], failure = _run_setup(t)
-            if failure is not None:
-                broken[name] = failure
-                conn.send(("unavailable",) + failure)
-                continue
-            del broken[name]
-        started = time.perf_counter()
-        try:
-            result = t.fn(state[name], **kwargs) if t.setup is not None else t.fn(**kwargs)
-            elapsed_ms = 1000 * (time.perf_counter() - started)
-            reply = encode_result(result, max_result_bytes) + (elapsed_ms,)
-        except BaseException as exc:  # converted here, so only plain strings cross the pipe
-            reply = _error_reply(exc)
-        conn.send(reply)
-
-
-# --- in the server's event loop ------------------------------------------------------------------
-
-class _Frames:
-    """Reassembles multiprocessing.Connection messages from a pipe read a chunk at a time.
-
-    Connection.recv() reads a whole message in one blocking call: for a large result, the event
-    loop would stop for its whole length. Here each loop turn reads at most READ_CHUNK bytes.
-    """
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-
-    def pop(self) -> bytes | None:
-        """The next complete message (the pickle's bytes), or None until one has arrived."""
-        buffer = self.buffer
-        if len(buffer) < 4:
-            return None
-        (size,) = struct.unpack_from("!i", buffer)
-        header = 4
-        if size == -1:  # Connection's framing for messages over 2 GiB
-            if len(buffer) < 12:
-                return None
-            (size,) = struct.unpack_from("!Q", buffer, 4)
-            header = 12
-        if len(buffer) < header + size:
-            return None
-        message = bytes(memoryview(buffer)[header:header + size])
-        del buffer[:header + size]
-        return message
-
-
-class _KillBudget:
-    """A token bucket: how many workers may be killed for departed clients (rate per second, burst)."""
-
-    def __init__(self, rate: float, burst: float):
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
-        self.updated = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
 
 
 @dataclass(eq=False)
@@ -303,7 +74,7 @@ class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: Connection
     ready: asyncio.Future
-    frames: _Frames = field(default_factory=_Frames)
+    frames: Frames = field(default_factory=Frames)
     job: asyncio.Future | None = None
     retired: bool = False  # killed on purpose; its exit is expected
     serving: bool = False  # became ready and joined the pool; its exit calls for a replacement
@@ -334,7 +105,7 @@ class WorkerPool:
     def __init__(self, size: int, task_modules: str, nice: int = 10, start_timeout: float = 60,
                  sched_idle: bool = False, idle_cgroup: str | None = None,
                  max_result_bytes: int = 16 << 20, marker: str = "", max_rss_mb: int = 0, max_jobs: int = 0,
-                 cgroup_record: Path | None = None):
+                 cgroup_record: Path | None = None, line: Line | None = None, kill_on_cancel: bool = False):
         self.size = size
         self.max_rss_bytes = max_rss_mb << 20  # 0: no cap
         self.max_jobs = max_jobs  # 0: a worker runs jobs for as long as it lives
@@ -342,11 +113,14 @@ class WorkerPool:
         self.nice = nice
         self.sched_idle = sched_idle
         self.max_result_bytes = max_result_bytes
-        # Names this pool's workers and their children (WORKER_MARKER); "" for none.
+        # Names this pool's workers and their children (worker.WORKER_MARKER); "" for none.
         self.marker = marker
         # An idle cpu cgroup for the workers (cpu_priority.py), named per instance; None: none.
         # cgroup_record: the run dir's list of created groups, which `make stop` removes.
         self.cgroup = cpu_priority.create_idle_cgroup(idle_cgroup, cgroup_record) if idle_cgroup else None
+        # The admission in front of this pool: whether another client's job waits (a job left to
+        # finish for a departed client yields to it). None: no line (a Dask worker's pool).
+        self.line = line
         self.start_timeout = start_timeout
         self._ctx = multiprocessing.get_context("forkserver")
         # Workers fork from a server that has already imported the task code: a replacement is
@@ -359,19 +133,29 @@ class WorkerPool:
         self._closing = False
         # True: a cancelled job's worker is killed whatever the budget (at a drain's deadline; in a
         # Dask worker, where the slow instance has decided already).
-        self.kill_on_cancel = False
+        self.kill_on_cancel = kill_on_cancel
         self._spawn_failures = 0  # consecutive failed starts of a replacement worker
         self._refiller: asyncio.Task | None = None  # starts workers until the pool is whole again
         self._memory_watch: asyncio.Task | None = None  # kills workers past max_rss_mb mid-job
-        # Whether a client other than the one given has a job waiting (the app's admission knows).
-        self.others_waiting: Callable[[str], bool] = lambda client: False
         self._setups: dict[str, _Setup] = {}  # tasks whose setup failed, and when to try again
         # Workers killed for departed clients: 2W at once, then one worker every 5 s on average.
-        self._kill_budget = _KillBudget(rate=size / 5, burst=2 * size)
-        self.on_capacity: Callable[[int], None] | None = None  # the interface's; a local pool's size never changes
+        self._kill_budget = KillBudget(rate=size / 5, burst=2 * size)
         self.counters = {"started": 0, "ok": 0, "error": 0, "timeout": 0, "crashed": 0, "cancelled": 0,
                          "finished_after_cancel": 0, "reclaimed": 0, "start_failed": 0, "unavailable": 0,
                          "no_workers": 0, "out_of_memory": 0, "recycled": 0}
+
+    @classmethod
+    def from_settings(cls, settings: Settings, size: int, owner: str, line: Line | None = None,
+                      kill_on_cancel: bool = False) -> "WorkerPool":
+        """The pool of `owner` (a slow instance, or a Dask worker for its job processes) as the
+        fleet's settings say: its idle cgroup and its workers' marker are named after its owner
+        and the run dir, so one fleet's pools never touch another's."""
+        slow, run_dir = settings.slow, settings.run_dir
+        return cls(size, slow.task_modules, slow.nice, sched_idle=slow.sched_idle,
+                   idle_cgroup=cpu_priority.group_name(owner, run_dir) if slow.idle_cgroup else None,
+                   max_result_bytes=slow.max_result_mb << 20, marker=f"{run_dir}:{owner}",
+                   max_rss_mb=slow.worker_max_rss_mb, max_jobs=slow.worker_max_jobs,
+                   cgroup_record=run_dir / cpu_priority.RECORD, line=line, kill_on_cancel=kill_on_cancel)
 
     # lifecycle
 
@@ -512,7 +296,7 @@ class WorkerPool:
         if worker.has_exited():
             return False  # its exit is on its way to _on_exit, which replaces it
         try:
-            _write_message(worker.conn.fileno(), (task, kwargs))
+            write_message(worker.conn.fileno(), (task, kwargs))
         except (OSError, ValueError):  # the pipe broke: the worker is gone or going
             self._retire(worker, "crashed")
             return False
@@ -550,7 +334,7 @@ class WorkerPool:
                     if asyncio.get_running_loop().time() >= deadline:
                         raise
                 if (time.monotonic() - worker.job_started >= RECLAIM_AFTER and self._whole
-                        and self.others_waiting(client)):
+                        and self.line is not None and self.line.others_waiting(client)):
                     self.counters["reclaimed"] += 1
                     self._retire(worker, "its client left and another client's job waits")
                     raise asyncio.CancelledError
@@ -803,21 +587,6 @@ def _resident_bytes(pid: int) -> int:
         return 0
 
 
-def _write_message(fd: int, message: Any, patience: float = 5) -> None:
-    """Send `message` as Connection.send would, on a descriptor the event loop may have made
-    non-blocking (uvloop does, for add_reader): a large job's arguments are written in as many
-    pieces as the pipe takes, never half a message. An idle worker reads at once; one that does not
-    take the message within `patience` seconds is treated as dead (OSError)."""
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    data = memoryview(struct.pack("!i", len(payload)) + payload)
-    while data:
-        try:
-            data = data[os.write(fd, data):]
-        except BlockingIOError:
-            if not select.select([], [fd], [], patience)[1]:
-                raise OSError(f"the worker took no part of its job for {patience:g} s") from None
-
-
 def _kill_leftovers(marker: str) -> None:
     """SIGKILL processes a previous run of this pool left behind (children of a killed worker)."""
     wanted = f"\0{WORKER_MARKER}={marker}\0".encode()
@@ -830,47 +599,3 @@ def _kill_leftovers(marker: str) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
         except (OSError, ValueError):
             continue
-
-
-class InlinePool:
-    """The same interface, run in the calling process: for handler tests that need no subprocesses.
-
-    It does not enforce deadlines or survive crashes; tests of those use WorkerPool.
-    """
-
-    def __init__(self, task_modules: str, max_result_bytes: int = 16 << 20):
-        from services.slow import registry
-
-        self.tasks = registry.load(task_modules)
-        self.state: dict[str, Any] = {}
-        self.size = 1
-        self.on_capacity = None
-        self.others_waiting = lambda client: False
-        self.max_result_bytes = max_result_bytes
-        self.kill_on_cancel = False
-        self.counters = {"ok": 0, "error": 0}
-
-    async def run(self, task: str, kwargs: dict, timeout: float, client: str = "") -> tuple[bytes, float]:
-        t = self.tasks[task]
-        started = time.perf_counter()
-        try:
-            if t.setup is not None:
-                if task not in self.state:
-                    self.state[task] = t.setup()
-                result = t.fn(self.state[task], **kwargs)
-            else:
-                result = t.fn(**kwargs)
-        except Exception as exc:
-            self.counters["error"] += 1
-            raise JobFailed(*_error_reply(exc)[1:]) from None
-        reply = encode_result(result, self.max_result_bytes)
-        if reply[0] != "ok":
-            self.counters["error"] += 1
-            if reply[0] == "too_large":
-                raise ResultTooLarge(f"the result of {task} is over {self.max_result_bytes} bytes of JSON")
-            raise JobFailed(*reply[1:4])
-        self.counters["ok"] += 1
-        return reply[1], 1000 * (time.perf_counter() - started)
-
-    def stats(self) -> dict:
-        return {"backend": "inline", "workers": 1, "busy": 0, "problem": None, **self.counters}  # it runs each job itself

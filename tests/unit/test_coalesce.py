@@ -112,10 +112,7 @@ class CountingPool:
         self.started = asyncio.Event()
         self.release = asyncio.Event()
         self.calls, self.cancelled = 0, 0
-        self.kill_on_cancel, self.size, self.on_capacity = False, 2, None
-
-    def others_waiting(self, client: str) -> bool:
-        return False
+        self.kill_on_cancel, self.size = False, 2
 
     async def run(self, task: str, kwargs: dict, timeout: float, client: str = ""):
         self.calls += 1
@@ -126,7 +123,7 @@ class CountingPool:
             self.cancelled += 1
             raise
         if task == "shared_raise":
-            from services.slow.pool import JobFailed
+            from services.slow.jobs import JobFailed
             raise JobFailed("ValueError", "failed after 1 s", "Traceback ...")
         return json.dumps({"calls": self.calls}).encode(), 1.0
 

@@ -9,7 +9,7 @@ import pytest
 
 from services.common.settings import load
 from services.slow.dask_pool import DaskPool, version_mismatch
-from services.slow.pool import BackendUnavailable, NoWorkers
+from services.slow.jobs import BackendUnavailable, NoWorkers
 
 
 class FakeClient:
@@ -29,10 +29,23 @@ class FakeClient:
         self.subscriptions.append(topic)
 
 
-def pool_for(number: int, instances: int = 3) -> DaskPool:
+class Heard:
+    """The admission in front of the pool (jobs.Line): what it is told of the cluster's capacity."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def resize(self, slots: int) -> None:
+        self.sizes.append(slots)
+
+    def others_waiting(self, client: str) -> bool:
+        return False
+
+
+def pool_for(number: int, instances: int = 3, line: Heard | None = None) -> DaskPool:
     settings = load(env={"FLEET_SLOW_BACKEND": "dask", "FLEET_SLOW_INSTANCES": str(instances),
                          "FLEET_DASK_WORKERS": "4"})
-    return DaskPool(settings, number)
+    return DaskPool(settings, number, line=line)
 
 
 @pytest.mark.parametrize("threads, shares", [(7, [3, 2, 2]), (3, [1, 1, 1]), (1, [1, 1, 1]), (0, [1, 1, 1])])
@@ -40,9 +53,9 @@ def test_each_instance_gets_its_share_of_the_cluster_s_threads_and_hears_of_chan
     async def main():
         got = []
         for number in (1, 2, 3):
-            pool = pool_for(number)
-            heard = []
-            pool.on_capacity = heard.append
+            line = Heard()
+            heard = line.sizes
+            pool = pool_for(number, line=line)
             pool.client = FakeClient({f"w{i}": 1 for i in range(threads)})
             before = pool.size  # deploy's estimate, until the cluster says
             await pool._read_capacity()

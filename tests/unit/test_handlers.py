@@ -16,7 +16,7 @@ from services.common.web import BaseHandler
 from services.fast.app import make_app as make_fast_app
 from services.slow import registry
 from services.slow.app import make_app as make_slow_app
-from services.slow.pool import InlinePool
+from services.slow.inline_pool import InlinePool
 
 MODULES = "services.slow.tasks,tests.support.faulty_tasks"
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -349,10 +349,6 @@ class ScriptedPool:
         self.workers = 2
         self.kill_on_cancel = False
         self.size = 1
-        self.on_capacity = None
-
-    def others_waiting(self, client: str) -> bool:  # replaced by the app
-        return False
 
     async def run(self, task: str, kwargs: dict, timeout: float, client: str = ""):
         if self.error is not None:
@@ -370,7 +366,7 @@ class SlowAppPoolOutcomesTest(ContractTestCase):
         return make_slow_app(Instance("slow", 1, settings), registry.load("services.slow.tasks"), self.pool)
 
     def test_no_worker_is_a_503_no_workers_with_retry_after(self):
-        from services.slow.pool import NoWorkers
+        from services.slow.jobs import NoWorkers
 
         self.pool.error = NoWorkers("this instance has no worker and cannot start one; retry later")
         response = self.request("/slow/fib/3")
@@ -378,7 +374,7 @@ class SlowAppPoolOutcomesTest(ContractTestCase):
         assert response.headers["Retry-After"] == "1"
 
     def test_a_task_whose_setup_fails_is_a_503_task_unavailable(self):
-        from services.slow.pool import TaskUnavailable
+        from services.slow.jobs import TaskUnavailable
 
         self.pool.error = TaskUnavailable("task fib is unavailable: its setup failed")
         response = self.request("/slow/fib/3")
@@ -386,7 +382,7 @@ class SlowAppPoolOutcomesTest(ContractTestCase):
         assert "setup failed" in body["message"] and response.headers["Retry-After"] == "1"
 
     def test_a_result_over_the_limit_is_a_500_result_too_large(self):
-        from services.slow.pool import ResultTooLarge
+        from services.slow.jobs import ResultTooLarge
 
         self.pool.error = ResultTooLarge("the result of fib is 20.0 MiB of JSON, over the limit of 16 MiB")
         self.assert_json_error(self.request("/slow/fib/3"), 500, "result_too_large")
@@ -411,10 +407,6 @@ class HeldPool:
         self.calls = 0
         self.kill_on_cancel = False
         self.size = 1
-        self.on_capacity = None
-
-    def others_waiting(self, client: str) -> bool:  # replaced by the app
-        return False
 
     async def run(self, task: str, kwargs: dict, timeout: float, client: str = ""):
         self.calls += 1

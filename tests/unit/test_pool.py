@@ -13,7 +13,8 @@ from typing import Awaitable, Callable
 import pytest
 
 from services.slow import pool as pool_module
-from services.slow.pool import JobFailed, JobTimeout, WorkerDied, WorkerOutOfMemory, WorkerPool
+from services.slow.jobs import JobFailed, JobTimeout, WorkerDied, WorkerOutOfMemory
+from services.slow.pool import WorkerPool
 
 MODULES = "services.slow.tasks,tests.support.faulty_tasks"
 
@@ -286,7 +287,8 @@ def test_a_result_that_cannot_be_unpickled_fails_its_job_at_once():
 
 # a pool that cannot set up a task, or start a worker ----------------------------------------------
 
-from services.slow.pool import NoWorkers, ResultTooLarge, TaskUnavailable, _Frames  # noqa: E402
+from services.slow.jobs import NoWorkers, ResultTooLarge, TaskUnavailable  # noqa: E402
+from services.slow.worker import Frames  # noqa: E402
 from tests.support.faulty_tasks import setup_flag  # noqa: E402
 
 
@@ -452,7 +454,7 @@ def test_frames_are_reassembled_from_any_split_of_the_stream():
     messages = [("ok", b"a" * 10), ("ready", 1, {}), ("ok", b"b" * 70000)]
     stream = b"".join(struct.pack("!i", len(p)) + p for p in map(pickle.dumps, messages))
     for chunk in (1, 3, 4096, len(stream)):
-        frames, got = _Frames(), []
+        frames, got = Frames(), []
         for i in range(0, len(stream), chunk):
             frames.buffer += stream[i:i + chunk]
             while (frame := frames.pop()) is not None:
@@ -551,10 +553,24 @@ def test_every_job_error_crosses_a_process_boundary_whole(error):
     assert type(copy) is type(error) and str(copy) == str(error) and vars(copy) == vars(error)
 
 
+class Waiting:
+    """The admission in front of a pool, as far as the pool asks it (jobs.Line): who waits."""
+
+    def __init__(self) -> None:
+        self.clients: set[str] = set()
+
+    def resize(self, slots: int) -> None:
+        pass
+
+    def others_waiting(self, client: str) -> bool:
+        return bool(self.clients - {client})
+
+
 def test_a_job_left_to_finish_after_its_client_went_away_yields_to_another_client_s_waiting_job():
+    line = Waiting()
+    waiting = line.clients
+
     async def body(pool):
-        waiting: set[str] = set()
-        pool.others_waiting = lambda client: bool(waiting - {client})
         pool._kill_budget.tokens, pool._kill_budget.updated = 0, time.monotonic()  # an abort storm spent it
         abandoned = asyncio.create_task(pool.run("spin", {"seconds": 30}, timeout=60, client="10.0.0.1"))
         await eventually(lambda: pool.stats()["busy"] == 1, what="job running")
@@ -568,7 +584,7 @@ def test_a_job_left_to_finish_after_its_client_went_away_yields_to_another_clien
         assert pool.counters["reclaimed"] == 1
         await eventually(lambda: pool.stats()["workers"] == 1, what="the pool whole")
 
-    with_pool(body, size=1)
+    with_pool(body, size=1, line=line)
 
 
 def test_after_an_outage_the_pool_refills_every_worker_as_soon_as_one_starts(flag):

@@ -63,6 +63,17 @@ def test_nginx_waits_longer_than_a_job_may_wait_and_run(tmp_path):
     assert read_timeout > 30 * (1 + 8 / 2)
 
 
+def test_nginx_waits_as_long_as_a_job_may_wait_and_run_on_a_dask_cluster_shared_by_two_instances(tmp_path):
+    # Two instances share a cluster of 2 one-thread workers: each runs 1 job at once, whatever
+    # slow.workers (the local pool's) says, and queues 4 (4 x its share): a job may wait 4 job times.
+    s = settings_for(tmp_path, FLEET_SLOW_BACKEND="dask", FLEET_SLOW_INSTANCES="2", FLEET_DASK_WORKERS="2",
+                     FLEET_DASK_THREADS_PER_WORKER="1", FLEET_SLOW_WORKERS="4", FLEET_SLOW_JOB_TIMEOUT="30")
+    assert s.slow.queue_limit == 4
+    conf = render.render(s)["nginx/conf/nginx.conf"]
+    read_timeout = int(conf.split("location /slow/ {")[1].split("proxy_read_timeout ")[1].split("s;")[0])
+    assert read_timeout > 30 * (1 + 4 / 1)
+
+
 def test_an_ipv6_bind_address_is_bracketed(tmp_path):
     conf = render.render(settings_for(tmp_path, FLEET_EDGE_BIND="::1"))["nginx/conf/nginx.conf"]
     assert "listen [::1]:8080 default_server;" in conf
