@@ -1,6 +1,6 @@
 """The local backend: W worker processes, one pipe each, watched by the slow instance's event loop.
 
-This is the parent side; a worker's own life, and the pipe's messages, are worker.py. The contract
+This is the parent side; a worker's own life, and the messages it sends, are worker.py. The contract
 (the errors `run` raises, the Pool protocol, the kill budget) is jobs.py:
 
     async with WorkerPool.from_settings(settings, size=2, owner="slow-01", line=admission) as pool:
@@ -8,9 +8,7 @@ This is the parent side; a worker's own life, and the pipe's messages, are worke
 
 `run` returns the task's result already encoded as JSON (by the worker: a large result never costs
 the event loop an encode, and a result that is not JSON fails in the worker, as the job's error), or
-raises a jobs.JobError: JobFailed, ResultTooLarge, JobTimeout (the worker was killed and replaced),
-WorkerDied, WorkerOutOfMemory, TaskUnavailable (this task's setup fails in every worker; others
-run), NoWorkers (none can start, or none became free before the job's deadline).
+raises a jobs.JobError. A worker that dies fails only its job; the pool refills itself.
 
 The deadline covers the wait for a free worker and the run. Cancelling `run` (the client went
 away) kills the job's worker, within a budget (2 x size at once, then one kill per worker every
@@ -41,6 +39,7 @@ import pickle
 import random
 import select
 import signal
+import struct
 import time
 import traceback
 from collections import deque
@@ -53,7 +52,7 @@ from services.common.settings import Settings
 from services.slow import cpu_priority
 from services.slow.jobs import (RECLAIM_AFTER, JobFailed, JobTimeout, KillBudget, Line, NoWorkers, ResultTooLarge,
                                 TaskUnavailable, WorkerDied, WorkerOutOfMemory)
-from services.slow.worker import WORKER_MARKER, Frames, worker_main, write_message
+from services.slow.worker import WORKER_MARKER, worker_main
 
 log = logging.getLogger("fleet.pool")
 
@@ -67,6 +66,52 @@ MAX_SETUP_BACKOFF = 60
 # How often busy workers' resident memory is read against max_rss_mb (one /proc read per busy worker).
 MEMORY_CHECK_INTERVAL = 0.05
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+# the pipe to a worker, read and written without blocking the event loop (worker.py has its other end)
+
+class Frames:
+    """Reassembles multiprocessing.Connection messages from a pipe read a chunk at a time.
+
+    Connection.recv() reads a whole message in one blocking call: for a large result, the event
+    loop would stop for its whole length. Here each loop turn reads at most READ_CHUNK bytes.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def pop(self) -> bytes | None:
+        """The next complete message (the pickle's bytes), or None until one has arrived."""
+        buffer = self.buffer
+        if len(buffer) < 4:
+            return None
+        (size,) = struct.unpack_from("!i", buffer)
+        header = 4
+        if size == -1:  # Connection's framing for messages over 2 GiB
+            if len(buffer) < 12:
+                return None
+            (size,) = struct.unpack_from("!Q", buffer, 4)
+            header = 12
+        if len(buffer) < header + size:
+            return None
+        message = bytes(memoryview(buffer)[header:header + size])
+        del buffer[:header + size]
+        return message
+
+
+def write_message(fd: int, message: Any, patience: float = 5) -> None:
+    """Send `message` as Connection.send would, on a descriptor the event loop may have made
+    non-blocking (uvloop does, for add_reader): a large job's arguments are written in as many
+    pieces as the pipe takes, never half a message. An idle worker reads at once; one that does not
+    take the message within `patience` seconds is treated as dead (OSError)."""
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    data = memoryview(struct.pack("!i", len(payload)) + payload)
+    while data:
+        try:
+            data = data[os.write(fd, data):]
+        except BlockingIOError:
+            if not select.select([], [fd], [], patience)[1]:
+                raise OSError(f"the worker took no part of its job for {patience:g} s") from None
 
 
 @dataclass(eq=False)

@@ -11,8 +11,8 @@ pipe and answers with a plain tuple, never an exception object:
     ("too_large", size)                                                     the result is over the cap
     ("unavailable", type, message, traceback)                               the task's setup failed again
 
-Messages use multiprocessing.Connection's framing (a 4-byte size, then the pickle), which the pool
-reads a chunk at a time (Frames) and writes without blocking its event loop (write_message).
+Messages use multiprocessing.Connection's framing (a 4-byte size, then the pickle): the worker
+blocks on its end; the pool reads and writes its end without blocking its event loop (pool.py).
 """
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import pickle
-import select
 import signal
-import struct
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -138,49 +135,3 @@ def worker_main(conn: Connection, task_modules: str, nice: int, sched_idle: bool
         except BaseException as exc:  # converted here, so only plain strings cross the pipe
             reply = error_reply(exc)
         conn.send(reply)
-
-
-# --- the pipe, as the pool reads and writes it ------------------------------------------------------
-
-class Frames:
-    """Reassembles multiprocessing.Connection messages from a pipe read a chunk at a time.
-
-    Connection.recv() reads a whole message in one blocking call: for a large result, the event
-    loop would stop for its whole length. Here each loop turn reads one chunk (pool.READ_CHUNK).
-    """
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-
-    def pop(self) -> bytes | None:
-        """The next complete message (the pickle's bytes), or None until one has arrived."""
-        buffer = self.buffer
-        if len(buffer) < 4:
-            return None
-        (size,) = struct.unpack_from("!i", buffer)
-        header = 4
-        if size == -1:  # Connection's framing for messages over 2 GiB
-            if len(buffer) < 12:
-                return None
-            (size,) = struct.unpack_from("!Q", buffer, 4)
-            header = 12
-        if len(buffer) < header + size:
-            return None
-        message = bytes(memoryview(buffer)[header:header + size])
-        del buffer[:header + size]
-        return message
-
-
-def write_message(fd: int, message: Any, patience: float = 5) -> None:
-    """Send `message` as Connection.send would, on a descriptor the event loop may have made
-    non-blocking (uvloop does, for add_reader): a large job's arguments are written in as many
-    pieces as the pipe takes, never half a message. An idle worker reads at once; one that does not
-    take the message within `patience` seconds is treated as dead (OSError)."""
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    data = memoryview(struct.pack("!i", len(payload)) + payload)
-    while data:
-        try:
-            data = data[os.write(fd, data):]
-        except BlockingIOError:
-            if not select.select([], [fd], [], patience)[1]:
-                raise OSError(f"the worker took no part of its job for {patience:g} s") from None
