@@ -50,8 +50,8 @@ from typing import Any
 
 from services.common.settings import Settings
 from services.slow import cpu_priority
-from services.slow.jobs import (RECLAIM_AFTER, JobFailed, JobTimeout, KillBudget, Line, NoWorkers, ResultTooLarge,
-                                TaskUnavailable, WorkerDied, WorkerOutOfMemory)
+from services.slow.jobs import (RECLAIM_AFTER, JobError, JobFailed, JobTimeout, KillBudget, Line, NoWorkers,
+                                ResultTooLarge, TaskUnavailable, WorkerDied, WorkerOutOfMemory)
 from services.slow.worker import WORKER_MARKER, worker_main
 
 log = logging.getLogger("fleet.pool")
@@ -263,25 +263,31 @@ class WorkerPool:
             self._setup_failed(worker, task, reply[1:])  # nothing ran; another worker may have it
             self._put_idle(worker)
         status = reply[0]
-        if status == "died":
-            self.counters["crashed"] += 1
-            raise WorkerDied(worker.pid, reply[1])
-        if status == "out_of_memory":  # counted, and the worker killed, by _watch_memory
-            raise WorkerOutOfMemory(f"job {task} took its worker past the memory cap of "
-                                    f"{self.max_rss_bytes >> 20} MiB (slow.worker_max_rss_mb: "
-                                    f"{reply[1] >> 20} MiB resident); the worker was killed and replaced")
-        if task in worker.broken:  # its setup worked this time
-            del worker.broken[task]
-            self._setups.pop(task, None)
-        self._job_done(worker)
+        if status not in ("died", "out_of_memory"):  # the worker lives on: it takes the next job
+            if task in worker.broken:  # its setup worked this time
+                del worker.broken[task]
+                self._setups.pop(task, None)
+            self._job_done(worker)
         if status == "ok":
             self.counters["ok"] += 1
             return reply[1], reply[2]
+        raise self._job_error(task, worker, reply)
+
+    def _job_error(self, task: str, worker: _Worker, reply: tuple) -> JobError:
+        """What a job that ended without a result raises, from its worker's reply."""
+        status = reply[0]
+        if status == "died":
+            self.counters["crashed"] += 1
+            return WorkerDied(worker.pid, reply[1])
+        if status == "out_of_memory":  # counted, and the worker killed, by _watch_memory
+            return WorkerOutOfMemory(f"job {task} took its worker past the memory cap of "
+                                     f"{self.max_rss_bytes >> 20} MiB (slow.worker_max_rss_mb: "
+                                     f"{reply[1] >> 20} MiB resident); the worker was killed and replaced")
         self.counters["error"] += 1
         if status == "too_large":
-            raise ResultTooLarge(f"the result of {task} is {reply[1] / 2**20:.1f} MiB of JSON, over the "
-                                 f"limit of {self.max_result_bytes / 2**20:g} MiB (slow.max_result_mb)")
-        raise JobFailed(*reply[1:4])
+            return ResultTooLarge(f"the result of {task} is {reply[1] / 2**20:.1f} MiB of JSON, over the "
+                                  f"limit of {self.max_result_bytes / 2**20:g} MiB (slow.max_result_mb)")
+        return JobFailed(*reply[1:4])
 
     def stats(self) -> dict:
         serving = [w for w in self._workers if w.serving and not w.retired]  # not the ones being killed
