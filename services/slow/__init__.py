@@ -1,0 +1,19 @@
+"""The slow instances: heavy routes, admitted in the event loop and computed in worker processes.
+
+A request's trip: app (parse, coalesce, admit) -> a pool's run -> a worker process -> back as JSON.
+
+    app           the task routes and /healthz; answers every job outcome with one rule
+    jobs          the contract: how a job ends (each error's status, code and metric), the Pool
+                  protocol both backends keep, the kill budget for departed clients
+    admission     running slots, the bounded waiting line, per-client shares (max-min fair)
+    coalesce      identical requests in flight share one job
+    backoff       Retry-After estimates from the tasks' recent job times
+    pool          the local backend, parent side: W worker processes, one pipe each
+    worker        a worker process's life: set-up, one job at a time, results encoded as JSON
+    dask_pool     the Dask backend: the same contract on a distributed cluster
+    dask_worker   what the cluster's scheduler and workers preload (jobs run in pool.py's workers)
+    inline_pool   the contract run in-process, for handler tests
+    cpu_priority  nice, SCHED_IDLE and the workers' idle cpu cgroup
+    registry      how a task is declared (@task), and its argument parsers' helpers
+    tasks         the shipped tasks
+"""
