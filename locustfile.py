@@ -62,8 +62,8 @@ with 100 samples already), then latency. Headless, the verdict is the exit code
 (0 PASS, 3 FAIL, 4 INCONCLUSIVE; on a PASS Locust's own rule still applies: exit 1 if some heavy
 request failed in an unexpected way, e.g. a 500 or 502) and the per-phase table is printed; with
 --csv the table is also written to <prefix>_isolation.csv. The figures, the verdict and the table
-are isolation_verdict.py's (no Locust in it, so made-up runs can be judged in a test); this file
-runs the phases and the users, and brings the samples to the one that judges.
+are isolation_verdict.py's (no Locust in it: tests/unit/test_isolation_verdict.py judges made-up
+runs); this file runs the phases and the users, and brings the samples to the one that judges.
 
 HOW THE DEFAULT THRESHOLDS WERE CHOSEN. Measured on this project's 2-core machine with the fleet's
 defaults (2 fast instances; 1 slow instance, 2 workers at nice 10, 8 waiting places) by
