@@ -61,7 +61,9 @@ Locust's lateness, then mixed samples (a p50 over its limit by more than Locust'
 with 100 samples already), then latency. Headless, the verdict is the exit code
 (0 PASS, 3 FAIL, 4 INCONCLUSIVE; on a PASS Locust's own rule still applies: exit 1 if some heavy
 request failed in an unexpected way, e.g. a 500 or 502) and the per-phase table is printed; with
---csv the table is also written to <prefix>_isolation.csv.
+--csv the table is also written to <prefix>_isolation.csv. The figures, the verdict and the table
+are isolation_verdict.py's (no Locust in it: tests/unit/test_isolation_verdict.py judges made-up
+runs); this file runs the phases and the users, and brings the samples to the one that judges.
 
 HOW THE DEFAULT THRESHOLDS WERE CHOSEN. Measured on this project's 2-core machine with the fleet's
 defaults (2 fast instances; 1 slow instance, 2 workers at nice 10, 8 waiting places) by
@@ -99,11 +101,9 @@ two fast routes (10 users x 4/s x 2 routes x 30 s) and 1,200 with GET /fast alon
 
 from __future__ import annotations
 
-import csv
 import ipaddress
 import json
 import logging
-import math
 import os
 import random
 import secrets
@@ -120,6 +120,15 @@ from locust import HttpUser, LoadTestShape, events, task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.runners import STATE_MISSING, MasterRunner, WorkerRunner
 from requests.adapters import HTTPAdapter
+
+try:
+    import isolation_verdict
+except ModuleNotFoundError as exc:
+    if exc.name != "isolation_verdict":
+        raise
+    # A worker on another host that fetched this file alone from its master (`locust -f - --worker`):
+    # workers only record and send samples, the master judges (setup_node refuses any other role).
+    isolation_verdict = None
 
 log = logging.getLogger("isolation")
 
@@ -155,8 +164,6 @@ OPTIONS = [
 ]
 DEFAULTS = SimpleNamespace(**{name.replace("-", "_"): default for name, _, default, _ in OPTIONS})
 
-PHASES = ("warm-up", "baseline", "mixed", "recovery")
-
 # With workers: the key of the samples in Locust's stats report, the worker's last samples (a custom
 # message, worker -> master) and the master's request for them (master -> worker).
 REPORT_KEY = "isolation"
@@ -164,7 +171,6 @@ SAMPLES_MESSAGE = "isolation_samples"
 FLUSH_MESSAGE = "isolation_flush"
 LAST_SAMPLES_TIMEOUT = 10.0  # seconds the master waits for every worker's last samples before judging
 INFLIGHT_PERIOD = 0.5  # seconds between samples of the heavy requests in flight
-MEDIAN_SAMPLES = 100  # enough for a p50 (a p99 needs --min-samples)
 
 
 class Node:
@@ -229,74 +235,11 @@ def check_options(o: SimpleNamespace) -> None:
         raise ValueError("fast-users must be >= 1; heavy-users, warmup-seconds and recovery-seconds >= 0")
 
 
-# the recorder ------------------------------------------------------------------------------------
+# the samples ----------------------------------------------------------------------------------------
 
-@dataclass
-class Recorder:
-    """Everything the verdict needs, for one run: phase windows and the samples that fall in them."""
-
-    opts: SimpleNamespace = field(default_factory=lambda: DEFAULTS)
-    starts: list[float] = field(default_factory=list)  # wall-clock start of each entered phase
-    names: list[str] = field(default_factory=list)
-    ended_at: float | None = None  # when the last phase ended (run over)
-    ran_out: bool = False  # the run ended because its last phase did (not stopped early)
-    fast: list[tuple[float, float, bool]] = field(default_factory=list)  # start_time, ms, ok
-    unanswered: list[float] = field(default_factory=list)  # start_time of fast samples cut short by the end
-    late: list[tuple[float, float]] = field(default_factory=list)  # a fast user's tick: time, ms late
-    heavy: list[tuple[float, str]] = field(default_factory=list)  # start_time, ok|shed503|shed429|error
-    # heavy requests in flight, per process ("local" or a worker's id): half-second slot -> count
-    inflight: dict[str, dict[float, int]] = field(default_factory=dict)
-    cpu_warning: bool = False
-    error: str | None = None  # invalid options
-    started: bool = False
-    print_on_quit: bool = False  # headless: the table goes last, after Locust's summary
-    distributed: bool = False  # the master of workers: the samples come from them
-    workers: set[str] = field(default_factory=set)  # workers that sent samples (or were asked for them)
-    final: set[str] = field(default_factory=set)  # workers whose last samples arrived
-    lost: list[str] = field(default_factory=list)  # workers whose last samples never arrived
-    closed: bool = False  # judged: later samples are ignored, so the table stays the verdict's
-
-    def enter(self, phase: str) -> None:
-        if not self.names or self.names[-1] != phase:
-            self.starts.append(time.time())
-            self.names.append(phase)
-
-    def finish(self, ran_out: bool = False) -> None:
-        if self.ended_at is None and self.names:
-            self.ended_at = time.time()
-            self.ran_out = ran_out
-
-    def window(self, phase: str) -> tuple[float, float] | None:
-        """(start, end) of a phase; end is now while it runs."""
-        if phase not in self.names:
-            return None
-        i = self.names.index(phase)
-        end = self.starts[i + 1] if i + 1 < len(self.starts) else (self.ended_at or time.time())
-        return self.starts[i], end
-
-    def complete(self, phase: str) -> bool:
-        i = self.names.index(phase) if phase in self.names else -1
-        return i >= 0 and (i + 1 < len(self.starts) or self.ran_out)
-
-    def merge(self, worker: str, batch: dict) -> None:
-        """The master's side: adds a batch of one worker's samples (see Outbox.take)."""
-        if self.closed:
-            return
-        self.workers.add(worker)
-        self.fast.extend((t, ms, ok) for t, ms, ok in batch.get("fast", ()))
-        self.unanswered.extend(batch.get("unanswered", ()))
-        self.late.extend((t, ms) for t, ms in batch.get("late", ()))
-        self.heavy.extend((t, kind) for t, kind in batch.get("heavy", ()))
-        self.inflight.setdefault(worker, {}).update((slot, n) for slot, n in batch.get("inflight", ()))
-        # A worker's CPU warning counts if it came while the phases ran (it may arrive later).
-        end = self.ended_at or math.inf
-        if self.starts and any(self.starts[0] <= t <= end for t in batch.get("cpu", ())):
-            self.cpu_warning = True
-        if batch.get("final"):
-            self.final.add(worker)
-
-
-RECORDER = Recorder()
+# The master's (or the one process's) samples of the current run, for isolation_verdict to judge;
+# a worker's wait in its OUTBOX until they are sent to the master.
+RECORDER = isolation_verdict.Recorder(DEFAULTS) if isolation_verdict else None
 
 
 @dataclass
@@ -322,280 +265,6 @@ class Outbox:
 
 
 OUTBOX = Outbox()
-
-
-def percentile(ordered: list[float], p: float) -> float | None:
-    """Nearest-rank percentile of an ascending list."""
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
-
-
-@dataclass
-class PhaseFigures:
-    name: str
-    state: str  # pending, running, done, stopped (cut short by a stop), skipped
-    seconds: float = 0.0
-    requests: int = 0
-    failures: int = 0
-    rate: float = 0.0
-    p50: float | None = None
-    p95: float | None = None
-    p99: float | None = None
-    late_p99: float | None = None  # how late the fast users' schedule fired (the probe's own lag)
-    heavy_ok: int = 0
-    shed503: int = 0
-    shed429: int = 0
-    heavy_errors: int = 0
-    inflight_median: float | None = None
-    inflight_saturated: float = 0.0  # fraction of samples with >= slow_workers heavy requests in flight
-
-
-def figures(rec: Recorder) -> dict[str, PhaseFigures]:
-    out = {}
-    for name in PHASES:
-        window = rec.window(name)
-        if window is None:
-            out[name] = PhaseFigures(name, "skipped" if rec.ended_at is not None else "pending")
-            continue
-        start, end = window
-        state = "done" if rec.complete(name) else "running" if rec.ended_at is None else "stopped"
-        f = PhaseFigures(name, state, seconds=max(end - start, 1e-9))
-        times = sorted(ms for t, ms, ok in rec.fast if start <= t < end and ok)
-        f.requests = sum(1 for t, _, _ in rec.fast if start <= t < end)
-        f.failures = f.requests - len(times)
-        f.rate = f.requests / f.seconds
-        f.p50, f.p95, f.p99 = (percentile(times, p) for p in (50, 95, 99))
-        f.late_p99 = percentile(sorted(ms for t, ms in rec.late if start <= t < end), 99)
-        for t, kind in rec.heavy:
-            if start <= t < end:
-                if kind == "ok":
-                    f.heavy_ok += 1
-                elif kind == "shed503":
-                    f.shed503 += 1
-                elif kind == "shed429":
-                    f.shed429 += 1
-                else:
-                    f.heavy_errors += 1
-        slots: dict[float, int] = {}  # every process's count, added up slot by slot
-        for counts in rec.inflight.values():
-            for slot, n in counts.items():
-                if start <= slot < end:
-                    slots[slot] = slots.get(slot, 0) + n
-        samples = sorted(slots.values())
-        if samples:
-            f.inflight_median = percentile(samples, 50)
-            f.inflight_saturated = sum(1 for n in samples if n >= rec.opts.slow_workers) / len(samples)
-        out[name] = f
-    return out
-
-
-@dataclass
-class Verdict:
-    verdict: str  # PASS, FAIL, INCONCLUSIVE, RUNNING
-    reason: str
-    checks: list[tuple[bool | None, str]]  # (passed, text); None = not judged yet
-    limits: dict[str, float] = field(default_factory=dict)  # "p50", "p95", "p99" -> mixed limit, ms
-
-
-def latency_limits(o: SimpleNamespace, baseline: PhaseFigures) -> dict[str, tuple[float, float, float]]:
-    """Each judged percentile's (ratio, slack, limit): the mixed phase's may be at most
-    ratio x the baseline's, measured in the same run, + slack ms."""
-    out = {}
-    for label, ratio, slack in (("p50", o.median_ratio, o.median_slack_ms), ("p95", o.ratio, o.slack_ms),
-                                ("p99", o.ratio, o.slack_ms)):
-        base = getattr(baseline, label)
-        if base is not None:
-            out[label] = (ratio, slack, ratio * base + slack)
-    return out
-
-
-def judge(rec: Recorder) -> Verdict:
-    """The verdict; while the run goes on it is RUNNING, with the verdict so far in its reason."""
-    v = _judge(rec)
-    if rec.ended_at is None and v.verdict != "RUNNING":
-        current = rec.names[-1] if rec.names else "warm-up"
-        return Verdict("RUNNING", f"{current} phase in progress; so far {v.verdict}: {v.reason}", v.checks,
-                       v.limits)
-    return v
-
-
-def _judge(rec: Recorder) -> Verdict:
-    o = rec.opts
-    f = figures(rec)
-    b, m = f["baseline"], f["mixed"]
-    if rec.error:
-        return Verdict("INCONCLUSIVE", f"invalid options: {rec.error}", [])
-    checks: list[tuple[bool | None, str]] = []
-    limits = latency_limits(o, b)
-
-    total = sum(x.requests for x in f.values())
-    failed = sum(x.failures for x in f.values())
-    checks.append((failed == 0, f"fast failures: {failed} of {total} fast requests"))
-    if rec.distributed:
-        workers = len(rec.workers)
-        if rec.lost:
-            checks.append((False, f"the last samples of {len(rec.lost)} of {workers} Locust workers never "
-                                  f"arrived: {', '.join(rec.lost)}"))
-        elif not workers:
-            checks.append((False if rec.ended_at is not None else None, "no Locust worker took part so far"))
-        else:
-            checks.append((True if rec.closed else None,
-                           f"samples from {workers} Locust worker(s)" + (", all in" if rec.closed else " so far")))
-    cpu = rec.cpu_warning
-    checks.append((not cpu, "Locust's CPU " + ("went above 90%: its timings are suspect" if cpu
-                                               else "stayed below 90%")))
-    b_ok = b.requests - b.failures
-    m_ok = m.requests - m.failures
-    checks.append((b_ok >= o.min_samples if b.state == "done" else None,
-                   f"baseline fast samples: {b_ok} (need {o.min_samples})"))
-    saturated = m.shed503 > 0 or m.inflight_saturated >= 0.9
-    checks.append((saturated if m.state == "done" else None,
-                   f"heavy load saturated the slow path: {m.shed503} shed with 503, heavy in flight "
-                   f">= {o.slow_workers} in {m.inflight_saturated:.0%} of samples "
-                   f"(median {fmt(m.inflight_median, 0)})"))
-    late = [x for x in (b, m) if x.state == "done" and (x.late_p99 or 0) > o.max_lateness_ms]
-    late_ok = not late if m.state == "done" else None
-    checks.append((late_ok, f"the fast users kept their schedule: ticks late by p99 {fmt(b.late_p99)} ms in the "
-                            f"baseline, {fmt(m.late_p99)} ms mixed (need <= {o.max_lateness_ms:g})"))
-    checks.append((m_ok >= o.min_samples if m.state == "done" else None,
-                   f"mixed fast samples: {m_ok} (need {o.min_samples})"))
-    slower = []
-    # Locust's own lag (how late its ticks fired) can add about that much to the times it measures:
-    # a breach larger than the limit plus that lag is the server's whatever Locust's state.
-    lag = max((x.late_p99 or 0.0) for x in (b, m))
-    beyond_lag = False
-    for label, (ratio, slack, limit) in limits.items():
-        value = getattr(m, label)
-        ok = value <= limit if m.state == "done" and value is not None else None
-        if ok is False:
-            slower.append(f"{label} {fmt(value)} ms > {fmt(limit)} ms")
-            beyond_lag |= value > limit + lag
-        checks.append((ok, f"mixed {label} {fmt(value)} ms vs limit {ratio:g} x {fmt(getattr(b, label))} + "
-                           f"{slack:g} = {fmt(limit)} ms"))
-
-    def result(verdict: str, reason: str) -> Verdict:
-        return Verdict(verdict, reason, checks, {label: limit for label, (_, _, limit) in limits.items()})
-
-    if failed:
-        return result("FAIL", f"{failed} fast request(s) failed: the fast routes must never fail")
-    if rec.lost:
-        return result("INCONCLUSIVE", f"the last samples of {len(rec.lost)} Locust worker(s) never reached the "
-                                      "master, so fast samples (and failures) may be missing")
-    if rec.distributed and not rec.workers and rec.ended_at is not None:
-        return result("INCONCLUSIVE", "no Locust worker took part (the master runs no users): start the workers "
-                                      "first (--expect-workers makes a headless master wait for them)")
-    if cpu:
-        return result("INCONCLUSIVE", "Locust's own CPU went above 90%, so its timings cannot be trusted; "
-                                      "run it on a quieter machine or with fewer users")
-    if not m.state == "done":
-        if rec.ended_at is not None:
-            return result("INCONCLUSIVE", "the run stopped before the mixed phase ended")
-        current = rec.names[-1] if rec.names else "warm-up"
-        return result("RUNNING", f"{current} phase in progress")
-    if b_ok < o.min_samples:
-        return result("INCONCLUSIVE", f"only {b_ok} baseline fast samples (need {o.min_samples}): "
-                                      "raise --fast-users, --fast-rate or --baseline-seconds")
-    if not saturated:
-        return result("INCONCLUSIVE", "nothing shows the heavy load saturated the slow path (no 503, too few "
-                                      "heavy requests in flight), so the mixed phase proves nothing: raise "
-                                      "--heavy-users or use heavier tasks")
-    if late and not beyond_lag:
-        return result("INCONCLUSIVE", f"Locust fell behind its own schedule (ticks late by p99 "
-                                      f"{fmt(max(x.late_p99 for x in late))} ms in the {late[0].name} phase), so "
-                                      "its timings cannot be trusted: run it on a quieter machine, or with "
-                                      "LOCUST_WORKERS=2")
-    # A median needs far fewer samples than a p99: a p50 over its limit by more than Locust's lag,
-    # on 100 samples or more, is a FAIL even when a lagging Locust sent fewer than --min-samples.
-    p50_limit = limits.get("p50", (0, 0, math.inf))[2]
-    if m_ok >= MEDIAN_SAMPLES and m.p50 is not None and m.p50 > p50_limit + lag:
-        return result("FAIL", "the heavy load slowed the fast routes: mixed " + ", ".join(slower))
-    if m_ok < o.min_samples:
-        return result("INCONCLUSIVE", f"only {m_ok} mixed fast samples (need {o.min_samples})")
-    if slower:
-        return result("FAIL", "the heavy load slowed the fast routes: mixed " + ", ".join(slower))
-    return result("PASS", "the fast routes kept their baseline latency while the slow path was saturated")
-
-
-def fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
-# the report: console, CSV, web UI -------------------------------------------------------------------
-
-COLUMNS = [  # key (one lowercase word: the web UI camel-cases keys), title
-    ("phase", "Phase"), ("state", "State"), ("seconds", "Seconds"), ("requests", "Fast requests"),
-    ("rate", "Fast req/s"), ("failures", "Fast failures"), ("p50", "p50 ms"), ("p95", "p95 ms"),
-    ("p99", "p99 ms"), ("late", "Probe late p99 ms"), ("heavy", "Heavy done"), ("shed", "Heavy shed 503/429"), ("inflight", "Heavy in flight"),
-    ("check", "Check"),
-]
-
-
-def table_rows(rec: Recorder) -> list[dict[str, str]]:
-    f = figures(rec)
-    v = judge(rec)
-    rows = []
-    for name in PHASES:
-        x = f[name]
-        check = ""
-        if name == "baseline":
-            check = "reference"
-        elif name == "mixed" and v.limits:
-            check = ", ".join(f"{label} <= {fmt(limit)}" for label, limit in v.limits.items())
-        elif name in ("warm-up", "recovery"):
-            check = "not judged"
-        if x.state in ("pending", "skipped"):
-            rows.append({**{k: "-" for k, _ in COLUMNS}, "phase": name, "state": x.state, "check": check})
-            continue
-        rows.append({
-            "phase": name, "state": x.state, "seconds": fmt(x.seconds),
-            "requests": f"{x.requests:,}", "rate": fmt(x.rate), "failures": str(x.failures),
-            "p50": fmt(x.p50), "p95": fmt(x.p95), "p99": fmt(x.p99), "late": fmt(x.late_p99),
-            "heavy": f"{x.heavy_ok + x.heavy_errors:,}" + (f" ({x.heavy_errors:,} errors)" if x.heavy_errors else ""),
-            "shed": f"{x.shed503:,} / {x.shed429:,}", "inflight": fmt(x.inflight_median, 0), "check": check,
-        })
-    blank = {k: "" for k, _ in COLUMNS}
-    rows.append({**blank, "phase": "VERDICT", "state": v.verdict, "check": v.reason})
-    for ok, text in v.checks:
-        rows.append({**blank, "phase": "rule", "state": "ok" if ok else "pending" if ok is None else "BROKEN",
-                     "check": text})
-    return rows
-
-
-def unanswered_count(rec: Recorder) -> int:
-    """Fast requests in the phase windows that the end of the run cut short (counted in the table,
-    never in Locust's own stats, which only see answers)."""
-    start, end = rec.starts[0] if rec.starts else 0.0, rec.ended_at or math.inf
-    return sum(1 for t in rec.unanswered if start <= t < end)
-
-
-def report_text(rec: Recorder) -> str:
-    rows = table_rows(rec)
-    keys = [k for k, _ in COLUMNS if k != "check"]
-    titles = dict(COLUMNS)
-    rows = rows[:len(PHASES)]
-    widths = {k: max(len(titles[k]), *(len(r[k]) for r in rows)) for k in keys}
-    lines = ["", "Isolation check: the fast routes, baseline vs mixed (fast + heavy flood)",
-             "  ".join(titles[k].ljust(widths[k]) if k == "phase" else titles[k].rjust(widths[k]) for k in keys)]
-    for r in rows:
-        lines.append("  ".join(r[k].ljust(widths[k]) if k == "phase" else r[k].rjust(widths[k]) for k in keys))
-    v = judge(rec)
-    lines.append("rules:")
-    lines += [f"  {'ok' if ok else 'not judged' if ok is None else 'BROKEN':>10}  {text}" for ok, text in v.checks]
-    cut_short = unanswered_count(rec)
-    if cut_short:
-        lines.append(f"note: {cut_short:,} fast requests were still unanswered when the run ended; "
-                     "each counts with the time it had waited")
-    lines.append(f"VERDICT: {v.verdict}: {v.reason}")
-    return "\n".join(lines)
-
-
-def write_csv(rec: Recorder, path: str) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow([title for _, title in COLUMNS])
-        for row in table_rows(rec):
-            writer.writerow([row[k] for k, _ in COLUMNS])
 
 
 # users ----------------------------------------------------------------------------------------------
@@ -747,7 +416,7 @@ class IsolationShape(LoadTestShape):
             return
         super().reset_time()
         o = options(self.runner.environment)
-        RECORDER = Recorder(opts=o, started=True, distributed=Node.role == "master")
+        RECORDER = isolation_verdict.Recorder(o, started=True, distributed=Node.role == "master")
         try:
             check_options(o)
         except ValueError as exc:
@@ -805,7 +474,7 @@ def send_last_samples(runner) -> None:
         log.warning("isolation check: could not send the last samples to the master: %s", exc)
 
 
-def await_last_samples(runner, rec: Recorder, timeout: float = LAST_SAMPLES_TIMEOUT) -> None:
+def await_last_samples(runner, rec: isolation_verdict.Recorder, timeout: float = LAST_SAMPLES_TIMEOUT) -> None:
     """Master: wait until every worker's last samples are in (rec.lost names those that never came).
 
     A worker sends them by itself when it is told to stop, before it reports having stopped (the web
@@ -842,24 +511,24 @@ def on_test_stop(environment, **_kwargs):
         # warnings come with their samples.
         rec.cpu_warning = True
     rec.closed = True
-    v = judge(rec)
+    v = isolation_verdict.judge(rec)
     o = environment.parsed_options
     if o is not None and getattr(o, "csv_prefix", None):
-        write_csv(rec, f"{o.csv_prefix}_isolation.csv")
+        isolation_verdict.write_csv(rec, f"{o.csv_prefix}_isolation.csv")
     if o is not None and o.headless:
         # The table is printed on `quit`, after Locust's own summary, so the verdict is the last thing
         # on the screen; the exit code is decided here.
         environment.process_exit_code = EXIT_CODES[v.verdict]
         rec.print_on_quit = True
     else:
-        print(report_text(rec), flush=True)
+        print(isolation_verdict.report_text(rec), flush=True)
     log.info("isolation verdict: %s: %s", v.verdict, v.reason)
 
 
 @events.quit.add_listener
 def on_quit(exit_code, **_kwargs):
-    if RECORDER.print_on_quit:
-        print(report_text(RECORDER), flush=True)
+    if Node.role != "worker" and RECORDER.print_on_quit:
+        print(isolation_verdict.report_text(RECORDER), flush=True)
         if exit_code not in (0, 3, 4):
             print(f"exit code {exit_code}: some heavy requests failed in an unexpected way (see the failures above)",
                   flush=True)
@@ -919,6 +588,8 @@ def setup_node(environment) -> None:
         runner.register_message(FLUSH_MESSAGE, on_flush_message)
     else:
         Node.role = "local"
+    if Node.role != "worker" and isolation_verdict is None:
+        raise SystemExit("locustfile.py: isolation_verdict.py must be beside it (only a worker runs without it)")
     if Node.role != "master":  # a master runs no users
         gevent.spawn(sample_inflight, runner)
 
@@ -938,7 +609,7 @@ def on_init(environment, **_kwargs):
 
     web_ui.template_args["extended_tabs"] = [{"title": "Isolation", "key": "isolation"}]
     web_ui.template_args["extended_tables"] = [
-        {"key": "isolation", "structure": [{"key": key, "title": title} for key, title in COLUMNS]}]
+        {"key": "isolation", "structure": [{"key": key, "title": title} for key, title in isolation_verdict.COLUMNS]}]
 
     @web_ui.app.after_request
     def add_isolation_rows(response):
@@ -946,8 +617,6 @@ def on_init(environment, **_kwargs):
             return response
         data = response.get_json(silent=True)
         if isinstance(data, dict):
-            rows = table_rows(RECORDER) if RECORDER.started else [
-                {"phase": "VERDICT", "state": "not started", "check": "start a run: the verdict appears here"}]
-            data["extended_stats"] = [{"key": "isolation", "data": rows}]
+            data["extended_stats"] = [{"key": "isolation", "data": isolation_verdict.tab_rows(RECORDER)}]
             response.set_data(json.dumps(data))
         return response

@@ -1,0 +1,389 @@
+"""The isolation check's verdict and report, from the samples of one run.
+
+locustfile.py runs the phases, records every fast and heavy request in a Recorder (a Locust master
+merges its workers' samples into one) and calls in here: `figures` turns the samples into each
+phase's statistics, `judge` applies the rules to them (PASS, FAIL or INCONCLUSIVE, with the rule
+that decided), and `report_text`, `write_csv` and `tab_rows` show the same table on the console, in
+<prefix>_isolation.csv and in the web UI's Isolation tab. Nothing here imports Locust or gevent, so
+a verdict can be checked from made-up samples, as tests/unit/test_isolation_verdict.py does:
+
+    >>> from types import SimpleNamespace
+    >>> rules = SimpleNamespace(median_ratio=1.5, median_slack_ms=2, ratio=2, slack_ms=10, max_lateness_ms=10,
+    ...                         min_samples=500, slow_workers=2)
+    >>> rec = Recorder(rules, names=["baseline", "mixed"], starts=[0.0, 30.0], ended_at=60.0, ran_out=True)
+    >>> rec.fast = [(t / 100, 1.0, True) for t in range(6000)]  # 1 ms answers, 100 a second, both phases
+    >>> rec.heavy = [(45.0, "shed503")]  # the slow path shed a heavy request: it was saturated
+    >>> judge(rec).verdict
+    'PASS'
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+PHASES = ("warm-up", "baseline", "mixed", "recovery")
+MEDIAN_SAMPLES = 100  # enough for a p50 (a p99 needs --min-samples)
+
+
+# the samples ----------------------------------------------------------------------------------------
+
+@dataclass
+class Recorder:
+    """Everything the verdict needs, for one run: phase windows and the samples that fall in them.
+
+    opts are the run's options (locustfile.py's OPTIONS); the verdict reads min_samples,
+    slow_workers, max_lateness_ms and the latency limits' median_ratio, median_slack_ms, ratio and
+    slack_ms.
+    """
+
+    opts: SimpleNamespace
+    starts: list[float] = field(default_factory=list)  # wall-clock start of each entered phase
+    names: list[str] = field(default_factory=list)
+    ended_at: float | None = None  # when the last phase ended (run over)
+    ran_out: bool = False  # the run ended because its last phase did (not stopped early)
+    fast: list[tuple[float, float, bool]] = field(default_factory=list)  # start_time, ms, ok
+    unanswered: list[float] = field(default_factory=list)  # start_time of fast samples cut short by the end
+    late: list[tuple[float, float]] = field(default_factory=list)  # a fast user's tick: time, ms late
+    heavy: list[tuple[float, str]] = field(default_factory=list)  # start_time, ok|shed503|shed429|error
+    # heavy requests in flight, per process ("local" or a worker's id): half-second slot -> count
+    inflight: dict[str, dict[float, int]] = field(default_factory=dict)
+    cpu_warning: bool = False
+    error: str | None = None  # invalid options
+    started: bool = False
+    print_on_quit: bool = False  # headless: the table goes last, after Locust's summary
+    distributed: bool = False  # the master of workers: the samples come from them
+    workers: set[str] = field(default_factory=set)  # workers that sent samples (or were asked for them)
+    final: set[str] = field(default_factory=set)  # workers whose last samples arrived
+    lost: list[str] = field(default_factory=list)  # workers whose last samples never arrived
+    closed: bool = False  # judged: later samples are ignored, so the table stays the verdict's
+
+    def enter(self, phase: str) -> None:
+        if not self.names or self.names[-1] != phase:
+            self.starts.append(time.time())
+            self.names.append(phase)
+
+    def finish(self, ran_out: bool = False) -> None:
+        if self.ended_at is None and self.names:
+            self.ended_at = time.time()
+            self.ran_out = ran_out
+
+    def window(self, phase: str) -> tuple[float, float] | None:
+        """(start, end) of a phase; end is now while it runs."""
+        if phase not in self.names:
+            return None
+        i = self.names.index(phase)
+        end = self.starts[i + 1] if i + 1 < len(self.starts) else (self.ended_at or time.time())
+        return self.starts[i], end
+
+    def complete(self, phase: str) -> bool:
+        i = self.names.index(phase) if phase in self.names else -1
+        return i >= 0 and (i + 1 < len(self.starts) or self.ran_out)
+
+    def merge(self, worker: str, batch: dict) -> None:
+        """The master's side: adds a batch of one worker's samples (see locustfile.py's Outbox.take)."""
+        if self.closed:
+            return
+        self.workers.add(worker)
+        self.fast.extend((t, ms, ok) for t, ms, ok in batch.get("fast", ()))
+        self.unanswered.extend(batch.get("unanswered", ()))
+        self.late.extend((t, ms) for t, ms in batch.get("late", ()))
+        self.heavy.extend((t, kind) for t, kind in batch.get("heavy", ()))
+        self.inflight.setdefault(worker, {}).update((slot, n) for slot, n in batch.get("inflight", ()))
+        # A worker's CPU warning counts if it came while the phases ran (it may arrive later).
+        end = self.ended_at or math.inf
+        if self.starts and any(self.starts[0] <= t <= end for t in batch.get("cpu", ())):
+            self.cpu_warning = True
+        if batch.get("final"):
+            self.final.add(worker)
+
+
+
+
+# the phase figures ----------------------------------------------------------------------------------
+
+def percentile(ordered: list[float], p: float) -> float | None:
+    """Nearest-rank percentile of an ascending list."""
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
+
+
+@dataclass
+class PhaseFigures:
+    name: str
+    state: str  # pending, running, done, stopped (cut short by a stop), skipped
+    seconds: float = 0.0
+    requests: int = 0
+    failures: int = 0
+    rate: float = 0.0
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    late_p99: float | None = None  # how late the fast users' schedule fired (the probe's own lag)
+    heavy_ok: int = 0
+    shed503: int = 0
+    shed429: int = 0
+    heavy_errors: int = 0
+    inflight_median: float | None = None
+    inflight_saturated: float = 0.0  # fraction of samples with >= slow_workers heavy requests in flight
+
+
+def figures(rec: Recorder) -> dict[str, PhaseFigures]:
+    out = {}
+    for name in PHASES:
+        window = rec.window(name)
+        if window is None:
+            out[name] = PhaseFigures(name, "skipped" if rec.ended_at is not None else "pending")
+            continue
+        start, end = window
+        state = "done" if rec.complete(name) else "running" if rec.ended_at is None else "stopped"
+        f = PhaseFigures(name, state, seconds=max(end - start, 1e-9))
+        times = sorted(ms for t, ms, ok in rec.fast if start <= t < end and ok)
+        f.requests = sum(1 for t, _, _ in rec.fast if start <= t < end)
+        f.failures = f.requests - len(times)
+        f.rate = f.requests / f.seconds
+        f.p50, f.p95, f.p99 = (percentile(times, p) for p in (50, 95, 99))
+        f.late_p99 = percentile(sorted(ms for t, ms in rec.late if start <= t < end), 99)
+        for t, kind in rec.heavy:
+            if start <= t < end:
+                if kind == "ok":
+                    f.heavy_ok += 1
+                elif kind == "shed503":
+                    f.shed503 += 1
+                elif kind == "shed429":
+                    f.shed429 += 1
+                else:
+                    f.heavy_errors += 1
+        slots: dict[float, int] = {}  # every process's count, added up slot by slot
+        for counts in rec.inflight.values():
+            for slot, n in counts.items():
+                if start <= slot < end:
+                    slots[slot] = slots.get(slot, 0) + n
+        samples = sorted(slots.values())
+        if samples:
+            f.inflight_median = percentile(samples, 50)
+            f.inflight_saturated = sum(1 for n in samples if n >= rec.opts.slow_workers) / len(samples)
+        out[name] = f
+    return out
+
+
+# the verdict ----------------------------------------------------------------------------------------
+
+@dataclass
+class Verdict:
+    verdict: str  # PASS, FAIL, INCONCLUSIVE, RUNNING
+    reason: str
+    checks: list[tuple[bool | None, str]]  # (passed, text); None = not judged yet
+    limits: dict[str, float] = field(default_factory=dict)  # "p50", "p95", "p99" -> mixed limit, ms
+
+
+def latency_limits(o: SimpleNamespace, baseline: PhaseFigures) -> dict[str, tuple[float, float, float]]:
+    """Each judged percentile's (ratio, slack, limit): the mixed phase's may be at most
+    ratio x the baseline's, measured in the same run, + slack ms."""
+    out = {}
+    for label, ratio, slack in (("p50", o.median_ratio, o.median_slack_ms), ("p95", o.ratio, o.slack_ms),
+                                ("p99", o.ratio, o.slack_ms)):
+        base = getattr(baseline, label)
+        if base is not None:
+            out[label] = (ratio, slack, ratio * base + slack)
+    return out
+
+
+def judge(rec: Recorder) -> Verdict:
+    """The verdict; while the run goes on it is RUNNING, with the verdict so far in its reason."""
+    v = _judge(rec)
+    if rec.ended_at is None and v.verdict != "RUNNING":
+        current = rec.names[-1] if rec.names else "warm-up"
+        return Verdict("RUNNING", f"{current} phase in progress; so far {v.verdict}: {v.reason}", v.checks,
+                       v.limits)
+    return v
+
+
+def _judge(rec: Recorder) -> Verdict:
+    o = rec.opts
+    f = figures(rec)
+    b, m = f["baseline"], f["mixed"]
+    if rec.error:
+        return Verdict("INCONCLUSIVE", f"invalid options: {rec.error}", [])
+    checks: list[tuple[bool | None, str]] = []
+    limits = latency_limits(o, b)
+
+    total = sum(x.requests for x in f.values())
+    failed = sum(x.failures for x in f.values())
+    checks.append((failed == 0, f"fast failures: {failed} of {total} fast requests"))
+    if rec.distributed:
+        workers = len(rec.workers)
+        if rec.lost:
+            checks.append((False, f"the last samples of {len(rec.lost)} of {workers} Locust workers never "
+                                  f"arrived: {', '.join(rec.lost)}"))
+        elif not workers:
+            checks.append((False if rec.ended_at is not None else None, "no Locust worker took part so far"))
+        else:
+            checks.append((True if rec.closed else None,
+                           f"samples from {workers} Locust worker(s)" + (", all in" if rec.closed else " so far")))
+    cpu = rec.cpu_warning
+    checks.append((not cpu, "Locust's CPU " + ("went above 90%: its timings are suspect" if cpu
+                                               else "stayed below 90%")))
+    b_ok = b.requests - b.failures
+    m_ok = m.requests - m.failures
+    checks.append((b_ok >= o.min_samples if b.state == "done" else None,
+                   f"baseline fast samples: {b_ok} (need {o.min_samples})"))
+    saturated = m.shed503 > 0 or m.inflight_saturated >= 0.9
+    checks.append((saturated if m.state == "done" else None,
+                   f"heavy load saturated the slow path: {m.shed503} shed with 503, heavy in flight "
+                   f">= {o.slow_workers} in {m.inflight_saturated:.0%} of samples "
+                   f"(median {fmt(m.inflight_median, 0)})"))
+    late = [x for x in (b, m) if x.state == "done" and (x.late_p99 or 0) > o.max_lateness_ms]
+    late_ok = not late if m.state == "done" else None
+    checks.append((late_ok, f"the fast users kept their schedule: ticks late by p99 {fmt(b.late_p99)} ms in the "
+                            f"baseline, {fmt(m.late_p99)} ms mixed (need <= {o.max_lateness_ms:g})"))
+    checks.append((m_ok >= o.min_samples if m.state == "done" else None,
+                   f"mixed fast samples: {m_ok} (need {o.min_samples})"))
+    slower = []
+    # Locust's own lag (how late its ticks fired) can add about that much to the times it measures:
+    # a breach larger than the limit plus that lag is the server's whatever Locust's state.
+    lag = max((x.late_p99 or 0.0) for x in (b, m))
+    beyond_lag = False
+    for label, (ratio, slack, limit) in limits.items():
+        value = getattr(m, label)
+        ok = value <= limit if m.state == "done" and value is not None else None
+        if ok is False:
+            slower.append(f"{label} {fmt(value)} ms > {fmt(limit)} ms")
+            beyond_lag |= value > limit + lag
+        checks.append((ok, f"mixed {label} {fmt(value)} ms vs limit {ratio:g} x {fmt(getattr(b, label))} + "
+                           f"{slack:g} = {fmt(limit)} ms"))
+
+    def result(verdict: str, reason: str) -> Verdict:
+        return Verdict(verdict, reason, checks, {label: limit for label, (_, _, limit) in limits.items()})
+
+    if failed:
+        return result("FAIL", f"{failed} fast request(s) failed: the fast routes must never fail")
+    if rec.lost:
+        return result("INCONCLUSIVE", f"the last samples of {len(rec.lost)} Locust worker(s) never reached the "
+                                      "master, so fast samples (and failures) may be missing")
+    if rec.distributed and not rec.workers and rec.ended_at is not None:
+        return result("INCONCLUSIVE", "no Locust worker took part (the master runs no users): start the workers "
+                                      "first (--expect-workers makes a headless master wait for them)")
+    if cpu:
+        return result("INCONCLUSIVE", "Locust's own CPU went above 90%, so its timings cannot be trusted; "
+                                      "run it on a quieter machine or with fewer users")
+    if not m.state == "done":
+        if rec.ended_at is not None:
+            return result("INCONCLUSIVE", "the run stopped before the mixed phase ended")
+        current = rec.names[-1] if rec.names else "warm-up"
+        return result("RUNNING", f"{current} phase in progress")
+    if b_ok < o.min_samples:
+        return result("INCONCLUSIVE", f"only {b_ok} baseline fast samples (need {o.min_samples}): "
+                                      "raise --fast-users, --fast-rate or --baseline-seconds")
+    if not saturated:
+        return result("INCONCLUSIVE", "nothing shows the heavy load saturated the slow path (no 503, too few "
+                                      "heavy requests in flight), so the mixed phase proves nothing: raise "
+                                      "--heavy-users or use heavier tasks")
+    if late and not beyond_lag:
+        return result("INCONCLUSIVE", f"Locust fell behind its own schedule (ticks late by p99 "
+                                      f"{fmt(max(x.late_p99 for x in late))} ms in the {late[0].name} phase), so "
+                                      "its timings cannot be trusted: run it on a quieter machine, or with "
+                                      "LOCUST_WORKERS=2")
+    # A median needs far fewer samples than a p99: a p50 over its limit by more than Locust's lag,
+    # on 100 samples or more, is a FAIL even when a lagging Locust sent fewer than --min-samples.
+    p50_limit = limits.get("p50", (0, 0, math.inf))[2]
+    if m_ok >= MEDIAN_SAMPLES and m.p50 is not None and m.p50 > p50_limit + lag:
+        return result("FAIL", "the heavy load slowed the fast routes: mixed " + ", ".join(slower))
+    if m_ok < o.min_samples:
+        return result("INCONCLUSIVE", f"only {m_ok} mixed fast samples (need {o.min_samples})")
+    if slower:
+        return result("FAIL", "the heavy load slowed the fast routes: mixed " + ", ".join(slower))
+    return result("PASS", "the fast routes kept their baseline latency while the slow path was saturated")
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+# the report: console, CSV, web UI -------------------------------------------------------------------
+
+COLUMNS = [  # key (one lowercase word: the web UI camel-cases keys), title
+    ("phase", "Phase"), ("state", "State"), ("seconds", "Seconds"), ("requests", "Fast requests"),
+    ("rate", "Fast req/s"), ("failures", "Fast failures"), ("p50", "p50 ms"), ("p95", "p95 ms"),
+    ("p99", "p99 ms"), ("late", "Probe late p99 ms"), ("heavy", "Heavy done"), ("shed", "Heavy shed 503/429"), ("inflight", "Heavy in flight"),
+    ("check", "Check"),
+]
+
+
+def table_rows(rec: Recorder) -> list[dict[str, str]]:
+    f = figures(rec)
+    v = judge(rec)
+    rows = []
+    for name in PHASES:
+        x = f[name]
+        check = ""
+        if name == "baseline":
+            check = "reference"
+        elif name == "mixed" and v.limits:
+            check = ", ".join(f"{label} <= {fmt(limit)}" for label, limit in v.limits.items())
+        elif name in ("warm-up", "recovery"):
+            check = "not judged"
+        if x.state in ("pending", "skipped"):
+            rows.append({**{k: "-" for k, _ in COLUMNS}, "phase": name, "state": x.state, "check": check})
+            continue
+        rows.append({
+            "phase": name, "state": x.state, "seconds": fmt(x.seconds),
+            "requests": f"{x.requests:,}", "rate": fmt(x.rate), "failures": str(x.failures),
+            "p50": fmt(x.p50), "p95": fmt(x.p95), "p99": fmt(x.p99), "late": fmt(x.late_p99),
+            "heavy": f"{x.heavy_ok + x.heavy_errors:,}" + (f" ({x.heavy_errors:,} errors)" if x.heavy_errors else ""),
+            "shed": f"{x.shed503:,} / {x.shed429:,}", "inflight": fmt(x.inflight_median, 0), "check": check,
+        })
+    blank = {k: "" for k, _ in COLUMNS}
+    rows.append({**blank, "phase": "VERDICT", "state": v.verdict, "check": v.reason})
+    for ok, text in v.checks:
+        rows.append({**blank, "phase": "rule", "state": "ok" if ok else "pending" if ok is None else "BROKEN",
+                     "check": text})
+    return rows
+
+
+def unanswered_count(rec: Recorder) -> int:
+    """Fast requests in the phase windows that the end of the run cut short (counted in the table,
+    never in Locust's own stats, which only see answers)."""
+    start, end = rec.starts[0] if rec.starts else 0.0, rec.ended_at or math.inf
+    return sum(1 for t in rec.unanswered if start <= t < end)
+
+
+def report_text(rec: Recorder) -> str:
+    rows = table_rows(rec)
+    keys = [k for k, _ in COLUMNS if k != "check"]
+    titles = dict(COLUMNS)
+    rows = rows[:len(PHASES)]
+    widths = {k: max(len(titles[k]), *(len(r[k]) for r in rows)) for k in keys}
+    lines = ["", "Isolation check: the fast routes, baseline vs mixed (fast + heavy flood)",
+             "  ".join(titles[k].ljust(widths[k]) if k == "phase" else titles[k].rjust(widths[k]) for k in keys)]
+    for r in rows:
+        lines.append("  ".join(r[k].ljust(widths[k]) if k == "phase" else r[k].rjust(widths[k]) for k in keys))
+    v = judge(rec)
+    lines.append("rules:")
+    lines += [f"  {'ok' if ok else 'not judged' if ok is None else 'BROKEN':>10}  {text}" for ok, text in v.checks]
+    cut_short = unanswered_count(rec)
+    if cut_short:
+        lines.append(f"note: {cut_short:,} fast requests were still unanswered when the run ended; "
+                     "each counts with the time it had waited")
+    lines.append(f"VERDICT: {v.verdict}: {v.reason}")
+    return "\n".join(lines)
+
+
+def write_csv(rec: Recorder, path: str) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([title for _, title in COLUMNS])
+        for row in table_rows(rec):
+            writer.writerow([row[k] for k, _ in COLUMNS])
+
+
+def tab_rows(rec: Recorder) -> list[dict[str, str]]:
+    """The web UI's Isolation tab: the table, or before the first run, where the verdict will appear."""
+    if not rec.started:
+        return [{"phase": "VERDICT", "state": "not started", "check": "start a run: the verdict appears here"}]
+    return table_rows(rec)
+
