@@ -1,6 +1,6 @@
 """Talking to a running fleet: its supervisord, its instances' /healthz, its nginx config check.
 
-Shared by the commands (fleet.py), the change applier (apply.py) and make chaos (chaos.py).
+Shared by the commands (fleet.py), the change applier (apply.py) and the drills (drills/).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Faults produced for real against a running fleet under a steady mixed load, outcomes counted.
 
-The scenarios are the ones `make chaos` runs (deploy/chaos.py); here each runs on a private fleet
+The scenarios are the ones `make chaos` runs (drills/chaos.py); here each runs on a private fleet
 and must keep the promise: no fast request fails, and a slow request fails only if the fault hit
 it, answered with the contract's JSON.
 """
@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from deploy import apply, chaos, loadgen
-from deploy.loadgen import Tally
+from deploy import apply
+from drills import chaos, loadgen
+from drills.loadgen import Tally
 from services.common.settings import load
 from tests.integration.conftest import Fleet, make_fleet
 from tests.integration.test_fleet import assert_contract_error, wait_for

@@ -1,11 +1,11 @@
 """`make soak`: a steady mixed load for minutes or hours while faults recur on a schedule; nothing
 may fail, be lost, grow or be left behind.
 
-    python -m deploy.soak                          # 10 minutes, against the fleet of .run/ (or $FLEET_RUN_DIR)
-    python -m deploy.soak --minutes 240            # SOAK_MINUTES=240 make soak
-    python -m deploy.soak --minutes 30 --out bench/results   # the recorded run (soak.md and charts)
+    python -m drills.soak                          # 10 minutes, against the fleet of .run/ (or $FLEET_RUN_DIR)
+    python -m drills.soak --minutes 240            # SOAK_MINUTES=240 make soak
+    python -m drills.soak --minutes 30 --out bench/results   # the recorded run (soak.md and charts)
 
-The load is make chaos's (deploy/loadgen.py: fast GET and POST, heavy GET and POST on kept-alive
+The load is make chaos's (drills/loadgen.py: fast GET and POST, heavy GET and POST on kept-alive
 connections) and the faults are make chaos's too, plus the soak's own, taken in turn every
 `--fault-every` seconds: the cheap ones all the time (a worker killed mid-job, a job past its
 deadline, a task that raises, clients that hang up mid-job, an overload burst that must be shed;
@@ -41,9 +41,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from deploy import apply, chaos, fleet, soak_watch
-from deploy.loadgen import Route, SteadyLoad, Tally
-from deploy.soak_watch import Figures, Proc
+from deploy import apply, fleet
+from drills import chaos, soak_watch
+from drills.loadgen import Route, SteadyLoad, Tally
+from drills.soak_watch import Figures, Proc
 from services.common.settings import Settings, SettingsError, load, resolve
 
 RSS_GROWTH_LIMIT = 0.10
@@ -476,7 +477,7 @@ def table(report: Report) -> str:
 
 
 def write(report: Report, watch: Watch, out: Path) -> list[Path]:
-    from deploy import soak_charts  # matplotlib: only when charts are wanted
+    from drills import soak_charts  # matplotlib: only when charts are wanted
 
     out.mkdir(parents=True, exist_ok=True)
     data = {"report": asdict(report) | {"passed": report.passed},
@@ -490,7 +491,7 @@ def write(report: Report, watch: Watch, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.soak", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m drills.soak", description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=10, help="how long the load runs (default 10)")
     parser.add_argument("--fault-every", type=float, default=20, help="seconds between faults (default 20)")
     parser.add_argument("--restart-every", type=int, default=5,

@@ -1,9 +1,9 @@
 """`make chaos`: break the running fleet in every way we promise to survive, under a steady load.
 
-    python -m deploy.chaos            # against the fleet of .run/ (or $FLEET_RUN_DIR)
-    python -m deploy.chaos --only kill-fast,reload
+    python -m drills.chaos            # against the fleet of .run/ (or $FLEET_RUN_DIR)
+    python -m drills.chaos --only kill-fast,reload
 
-Each scenario starts a steady mixed load through the edge (deploy/loadgen.py), produces one fault
+Each scenario starts a steady mixed load through the edge (drills/loadgen.py), produces one fault
 for real, waits until the fleet is whole again, and counts every request's outcome. The promise:
 no fast request fails, and the only slow requests that fail are those the fault itself hit, each
 answered with the contract's JSON error. Exit code 1 if a scenario breaks it.
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from deploy import apply, fleet, render
-from deploy.loadgen import Route, SteadyLoad, Tally
+from drills.loadgen import Route, SteadyLoad, Tally
 from deploy.procs import children_of
 from services.common.settings import Settings, SettingsError, heavy_capacity, load, resolve
 
@@ -434,7 +434,7 @@ def print_table(results: list[Result]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.chaos", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m drills.chaos", description=__doc__.split("\n")[0])
     parser.add_argument("--only", help="comma-separated scenarios, of: "
                         f"{', '.join(SCENARIOS)}; on a Dask fleet also {', '.join(DASK_SCENARIOS)}")
     options = parser.parse_args(argv)
