@@ -84,8 +84,9 @@ def start(settings: Settings) -> None:
     print(f"started supervisord for {settings.run_dir}")
 
 
-def apply_changes(settings: Settings, restart_instances: bool = False) -> None:
+def apply_changes(settings: Settings, restart_instances: bool = False) -> list[apply.Reload]:
     """The fleet is up: re-render, and apply whatever changed without failing a request (apply.py).
+    Returns the nginx reloads it made.
 
     restart_instances: restart every instance (one at a time) even if no setting changed, to pick
     up new code (make reload).
@@ -96,15 +97,19 @@ def apply_changes(settings: Settings, restart_instances: bool = False) -> None:
         print(f"no record of what runs in {settings.run_dir} ({apply.MANIFEST}): restarting the whole fleet once")
         stop(settings)
         start(settings)
-        return
+        return []
     files = render.render(settings)
-    if not apply.apply_changes(settings, files, applied, restart_instances):
+    reloads = apply.apply_changes(settings, files, applied, restart_instances)
+    if reloads is None:
         print(f"fleet in {settings.run_dir} is up and matches deploy/fleet.toml: nothing to apply")
+        return []
+    return reloads
 
 
-def rolling_restart(settings: Settings) -> None:
-    """Restart every instance, one at a time, with no request failed or refused (make reload)."""
-    apply_changes(settings, restart_instances=True)
+def rolling_restart(settings: Settings) -> list[apply.Reload]:
+    """Restart every instance, one at a time, with no request failed or refused (make reload);
+    the nginx reloads it made."""
+    return apply_changes(settings, restart_instances=True)
 
 
 def stop(settings: Settings) -> None:

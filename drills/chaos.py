@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from deploy import apply, fleet
+from deploy import fleet
 from drills import faults
 from drills.faults import SETTLE, Fault
 from drills.loadgen import SteadyLoad, Tally
@@ -37,6 +37,7 @@ class Result:
     tally: Tally
     recovered_in: float
     note: str = ""
+    reloads: list[tuple[float, float]] = field(default_factory=list)  # nginx reloads the fault made
 
     @property
     def passed(self) -> bool:
@@ -84,12 +85,11 @@ def run(settings: Settings, name: str) -> Result:
         time.sleep(SETTLE)
         fault = scenarios_for(settings)[name]
         start = time.monotonic()
-        reloads_before = len(apply.RELOADS)
         note = fault.produce(settings, load)
         faults.wait_whole(settings)
         recovered = time.monotonic() - start
         time.sleep(SETTLE)
-    return Result(name, Tally.of(load.outcomes, fault.may_hit, apply.RELOADS[reloads_before:]), recovered, note)
+    return Result(name, Tally.of(load.outcomes, fault.may_hit, load.reloads), recovered, note, load.reloads)
 
 
 def print_table(results: list[Result]) -> None:

@@ -197,7 +197,7 @@ def departed_clients(settings: Settings, load: SteadyLoad) -> str:
 
 def rolling_reload(settings: Settings, load: SteadyLoad) -> str:
     before = {p["name"]: p["pid"] for p in fleet.process_infos(settings)}
-    fleet.rolling_restart(settings)
+    load.reloads += fleet.rolling_restart(settings)
     after = {p["name"]: p["pid"] for p in fleet.process_infos(settings)}
     # nginx reloads only a changed config; the Dask scheduler holds no code of the fleet's.
     same = [n for n in before if n not in ("nginx", "dask-scheduler") and not n.endswith("-spare")
@@ -212,9 +212,9 @@ def settings_change(settings: Settings, load: SteadyLoad) -> str:
     values = {**settings.values, "fast.instances": settings.fast.instances + 1,
               "fast.drain_timeout": settings.fast.drain_timeout + 1}
     changed = Settings(resolve(values, env={}, origin="chaos settings-change"), settings.run_dir)
-    fleet.apply_changes(changed)
+    load.reloads += fleet.apply_changes(changed)
     fleet.wait_healthy(changed)
-    fleet.apply_changes(settings)
+    load.reloads += fleet.apply_changes(settings)
     return (f"fast.instances {settings.fast.instances}->{changed.fast.instances}->{settings.fast.instances}, "
             f"fast.drain_timeout +1 and back, each applied live")
 

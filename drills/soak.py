@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from deploy import apply, fleet
+from deploy import fleet
 from drills import faults, soak_watch
 from drills.faults import SETTLE, Fault
 from drills.loadgen import SteadyLoad, Tally
@@ -255,7 +255,6 @@ def run(settings: Settings, minutes: float, fault_every: float, restart_every: i
     slots = schedule(settings, restart_every)
     records: list[FaultRecord] = []
     windows: list[tuple[float, float, frozenset[str]]] = []  # monotonic (from, to, may_hit)
-    reloads_before = len(apply.RELOADS)
     alarms_before = soak_watch.log_alarms(settings)
     with Watch(settings, sample_every) as watch:
         start_leftovers = _quiet_leftovers(settings)
@@ -278,7 +277,7 @@ def run(settings: Settings, minutes: float, fault_every: float, restart_every: i
                 say(f"  {record.at:7.1f} s  {fault.name:<20} {record.error or record.note}")
                 next_fault = max(watch.start + record.at + fault_every, time.monotonic() + SETTLE)
         end_leftovers = _quiet_leftovers(settings)
-    requests = _tally(steady.outcomes, windows, apply.RELOADS[reloads_before:])
+    requests = _tally(steady.outcomes, windows, steady.reloads)
     growth = _growth(watch, warmup)
     leftover_problems = soak_watch.leftover_problems(start_leftovers, end_leftovers, nginx_workers)
     alarms = soak_watch.log_alarms(settings) - alarms_before

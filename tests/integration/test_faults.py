@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from deploy import apply
 from drills import chaos, loadgen
 from drills.loadgen import Tally
 from services.common.settings import load
@@ -91,14 +90,13 @@ def test_a_rolling_reload_under_load_restarts_every_instance_with_no_failed_requ
 
 
 def test_a_settings_change_supervisor_carries_is_applied_under_load_with_no_failed_request(chaos_fleet):
-    reloads_before = len(apply.RELOADS)
     result = run_scenario(chaos_fleet, "settings-change")  # one more fast instance, longer drain, and back
     assert_promise_kept(result.tally)
     assert result.tally.hit == 0
     # nginx reloads twice (the upstreams change). A reload closes idle client keep-alive connections
     # (nginx 1.22): at most one POST per POST client per reload can meet a closing connection, and
     # is counted apart, never as a success (measured: 1 in ~150 reloads under this load).
-    reloads = len(apply.RELOADS) - reloads_before
+    reloads = len(result.reloads)
     post_clients = sum(r.clients for r in loadgen.DEFAULT_ROUTES if r.method == "POST")
     assert reloads == 2
     assert result.tally.reload_races <= reloads * post_clients
