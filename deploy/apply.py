@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, NamedTuple
 
-from deploy import private, render
+from deploy import private, programs, render
 from deploy.control import (HEALTH_TIMEOUT, FleetError, check_ports_free, instance_url, nginx_test, ports_of, supervisor,
                             wait_healthy)
 from deploy.procs import worker_pids
@@ -77,7 +77,7 @@ def wanted_state(settings: Settings, files: dict[str, str]) -> dict:
         # each of them. nginx and the Dask scheduler do not read it.
         "programs": {name: sha(block + ("" if name in NO_SNAPSHOT else snapshot))
                      for name, block in program_blocks(files["supervisord.conf"]).items()},
-        "ports": {p.name: p.port for p in [*render.programs(settings), *render.cluster_programs(settings)]},
+        "ports": {p.name: p.port for p in [*programs.programs(settings), *programs.cluster_programs(settings)]},
     }
 
 

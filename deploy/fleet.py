@@ -22,7 +22,7 @@ import urllib.request
 import xmlrpc.client
 from pathlib import Path
 
-from deploy import apply, render, rundir
+from deploy import apply, programs, render, rundir
 from deploy.control import (HEALTH_TIMEOUT, FleetError, check_nginx, check_ports_free, diagnose, edge_url,  # noqa: F401
                             check_certs, client_context, get_json, health_urls, healthy, instance_url, nginx_test, process_info, process_infos, supervisor,
                             supervisord_pid, wait_healthy)
@@ -52,7 +52,7 @@ def up(settings: Settings) -> None:
 def wait_workers_joined(settings: Settings) -> None:
     """A workers host is up once the scheduler lists its workers; a scheduler that is not up yet
     (its host deploys later) is not this host's failure: they join when it comes."""
-    ports = {c.name: c.port for c in render.cluster_programs(settings)}
+    ports = {c.name: c.port for c in programs.cluster_programs(settings)}
     for name in ports:
         try:
             apply.wait_dask_worker_joined(settings, name, ports)
@@ -214,7 +214,7 @@ def status(settings: Settings) -> None:
     if not supervisord_pid(settings):
         print(f"no fleet running in {settings.run_dir}")
         return
-    ports = {p.name: p.port for p in render.programs(settings)}
+    ports = {p.name: p.port for p in programs.programs(settings)}
     if not settings.inventory.single:
         host = settings.inventory.here
         print(f"host {host.name} ({host.address}): {', '.join(host.roles)}")
@@ -341,7 +341,7 @@ stop it with: make stop""")
 def print_host_welcome(settings: Settings) -> None:
     """What runs on this host of a fleet across hosts, and where the rest is."""
     host, edge = settings.inventory.here, settings.inventory.edge
-    here = [p.name for p in render.programs(settings) if not p.spare] + [c.name for c in render.cluster_programs(settings)]
+    here = [p.name for p in programs.programs(settings) if not p.spare] + [c.name for c in programs.cluster_programs(settings)]
     if settings.inventory.runs("edge"):
         here.insert(0, "nginx")
     dashboard = ""

@@ -38,7 +38,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from deploy import control, log_rotation, render
+from deploy import control, log_rotation, programs
 from deploy.procs import alive, children_of, processes_of
 from services.common import cpu_slice
 from services.common.settings import Settings
@@ -116,7 +116,7 @@ def listening_socket(address: tuple[str, int], patience: float = 10) -> socket.s
 
 def wait_for_upstreams(settings: Settings, timeout: float = UPSTREAM_WAIT) -> None:
     """Wait until every instance (of every host) answers HTTP (any status: it is up), or `timeout` passes."""
-    waiting = [where for role in ("fast", "slow") for _, where in render.upstream(settings, role)]
+    waiting = [where for role in ("fast", "slow") for _, where in programs.upstream(settings, role)]
     scheme, context = ("https", control.client_context(settings)) if settings.edge_tls else ("http", None)
     deadline = time.monotonic() + timeout
     while waiting and time.monotonic() < deadline:
