@@ -37,7 +37,7 @@ from typing import Any, Awaitable, Callable, NamedTuple
 from deploy import private, programs, render
 from deploy.control import (HEALTH_TIMEOUT, FleetError, check_ports_free, instance_url, nginx_test, ports_of, supervisor,
                             wait_healthy)
-from deploy.procs import worker_pids
+from services.common import procfs
 from services.common.inventory import host_port
 from services.common.settings import Settings
 
@@ -365,7 +365,7 @@ def reload_nginx(settings: Settings, previous_conf: str | None) -> Reload:
     """
     run = settings.run_dir
     master = _master_pid(run)
-    before = set(worker_pids(master)) if master else set()
+    before = set(procfs.children(master)) if master else set()
     log = run / "logs" / "nginx-error.log"
     offset = log.stat().st_size if log.exists() else 0
     signalled = time.monotonic()
@@ -380,7 +380,7 @@ def reload_nginx(settings: Settings, previous_conf: str | None) -> Reload:
             raise FleetError(f"nginx refused the new config; it still serves the previous one, which is "
                              f"back in {run / NGINX_CONF}:\n{fresh.strip()}")
         master = _master_pid(run)
-        new = set(worker_pids(master)) - before if master else set()
+        new = set(procfs.children(master)) - before if master else set()
         if new:
             seen = time.monotonic()
             print("nginx reloaded: new workers " + ", ".join(map(str, sorted(new))))

@@ -27,7 +27,8 @@ from deploy.control import (HEALTH_TIMEOUT, FleetError, check_nginx, check_ports
                             check_certs, client_context, get_json, health_urls, healthy, instance_url, nginx_test, process_info, process_infos, supervisor,
                             supervisord_pid, wait_healthy)
 from deploy.control import check_installed
-from deploy.procs import MEMBER_MARKER, alive, cmdline, processes_of, worker_pids  # noqa: F401
+from deploy.procs import MEMBER_MARKER, processes_of
+from services.common import procfs
 from services.common.inventory import host_port
 from services.common.settings import Settings, SettingsError, load
 from services.slow import cpu_priority
@@ -124,25 +125,25 @@ def stop(settings: Settings) -> None:
         except (OSError, xmlrpc.client.Error) as exc:  # shutdown still stops what is left
             print(f"warning: stopping the programs tier by tier failed ({exc}); supervisord stops them")
         rpc.shutdown()
-        while time.monotonic() < deadline and alive(pid):
+        while time.monotonic() < deadline and procfs.alive(pid):
             time.sleep(0.1)
-        if alive(pid):
+        if procfs.alive(pid):
             os.kill(pid, signal.SIGKILL)
         print(f"stopped the fleet in {settings.run_dir}")
     leftovers = processes_of(settings.run_dir)
     for leftover in leftovers:  # only after a crash of supervisord itself: never leave one behind
-        print(f"killing leftover process {leftover}: {cmdline(leftover)[:120]}")
+        print(f"killing leftover process {leftover}: {procfs.cmdline(leftover)[:120]}")
         try:
             os.kill(leftover, signal.SIGKILL)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(alive(p) for p in leftovers):
+    while time.monotonic() < deadline and any(procfs.alive(p) for p in leftovers):
         time.sleep(0.05)
     # The workers' idle cgroups: an instance removes its own as it stops, but not when it is killed.
     for group in cpu_priority.remove_recorded(settings.run_dir / cpu_priority.RECORD):
         pids = (Path(group) / "cgroup.procs").read_text().split() if Path(group).exists() else []
-        held = ", ".join(f"{pid} ({cmdline(int(pid))[:60]})" for pid in pids) or "no process listed"
+        held = ", ".join(f"{pid} ({procfs.cmdline(int(pid))[:60]})" for pid in pids) or "no process listed"
         print(f"warning: cgroup {group} could not be removed ({held}); the next stop or start tries again")
     clear_edge_cache(settings)
     try:

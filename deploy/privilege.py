@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy import programs, rundir
+from services.common import procfs
 from services.common.settings import Settings, SettingsError
 from services.slow import cpu_priority
 
@@ -135,4 +136,4 @@ def _supervisord_pid(run_dir: Path) -> int | None:
         pid = int((run_dir / "supervisord.pid").read_text())
     except (OSError, ValueError):
         return None
-    return pid if Path(f"/proc/{pid}").exists() else None
+    return pid if procfs.stat(pid) is not None else None

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from deploy import fleet, render
-from deploy.procs import children_of
 from drills.loadgen import Route, SteadyLoad
+from services.common import procfs
 from services.common.settings import Settings, heavy_capacity, resolve
 
 # Seconds of load before the fault and after recovery: longer than nginx's fail_timeout, so errors
@@ -73,38 +73,22 @@ def wait_whole(settings: Settings, timeout: float = 60) -> None:
 def survivors(pids: list[int], within: float) -> list[int]:
     """Wait up to `within` seconds for `pids` to exit; return those still running."""
     deadline = time.monotonic() + within
-    while time.monotonic() < deadline and any(fleet.alive(p) for p in pids):
+    while time.monotonic() < deadline and any(procfs.alive(p) for p in pids):
         time.sleep(0.02)
-    return [p for p in pids if fleet.alive(p)]
+    return [p for p in pids if procfs.alive(p)]
 
 
 def busy_worker(settings: Settings, port: int) -> int | None:
     """A process running a job now (state R): a local worker, or a Dask worker's job process."""
     if settings.slow.backend == "dask":
         candidates = [pid for p in fleet.process_infos(settings) if p["name"].startswith("dask-worker-")
-                      for pid in descendants(p["pid"])]
+                      for pid in procfs.descendants(p["pid"])]
     else:
         candidates = slow_health(settings, port)["pool"]["pids"]
     for pid in candidates:
-        if state(pid) == "R":
+        if procfs.state(pid) == "R":
             return pid
     return None
-
-
-def state(pid: int) -> str:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "-"
-
-
-def descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        children = children_of(todo.pop())
-        found += children
-        todo += children
-    return found
 
 
 TARGET_JOB = Route("slow GET /slow/fib/30 (target)", "slow", "GET", "/slow/fib/30", rate=1)
@@ -154,7 +138,9 @@ def kill_dask_worker(settings: Settings, load: SteadyLoad) -> str:
         load.send_in_background(TARGET_JOB)
         time.sleep(0.05)
         for p in fleet.process_infos(settings):
-            if p["name"].startswith("dask-worker-") and any(state(c) == "R" for c in descendants(p["pid"])):
+            busy = p["name"].startswith("dask-worker-") and any(procfs.state(c) == "R"
+                                                                 for c in procfs.descendants(p["pid"]))
+            if busy:
                 os.kill(p["pid"], signal.SIGKILL)
                 return f"kill -9 {p['name']} (pid {p['pid']}) during a job; supervisor starts it again"
     raise fleet.FleetError("no busy Dask worker to kill")
@@ -170,7 +156,7 @@ def kill_dask_scheduler(settings: Settings, load: SteadyLoad) -> str:
 
 def kill_nginx_master(settings: Settings, load: SteadyLoad) -> str:
     master = int((settings.run_dir / "nginx" / "nginx.pid").read_text())
-    workers = fleet.worker_pids(master)
+    workers = procfs.children(master)
     os.kill(master, signal.SIGKILL)
     stale = survivors(workers, within=15)  # they finish their requests first
     if stale:
