@@ -17,6 +17,7 @@ import pytest
 
 from drills import chaos, loadgen
 from drills.loadgen import Tally
+from services.common import procfs
 from services.common.settings import load
 from tests.integration.conftest import Fleet, make_fleet
 from tests.integration.test_fleet import assert_contract_error, wait_for
@@ -188,21 +189,9 @@ def test_only_the_edge_listens_beyond_loopback_and_supervisor_is_private(fleet: 
     from deploy.fleet import processes_of
 
     members = set(processes_of(fleet.run_dir))
-    inodes = {}
-    for pid in members:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if link.startswith("socket:["):
-                    inodes[link[8:-1]] = pid
-        except OSError:
-            continue
-    listening = []
-    for line in open("/proc/net/tcp").read().splitlines()[1:] + open("/proc/net/tcp6").read().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
-            address, port = fields[1].rsplit(":", 1)
-            listening.append((address, int(port, 16)))
+    inodes = {inode for pid in members for inode in procfs.socket_inodes(pid)}
+    listening = [(s.address, s.port) for inode, s in procfs.tcp_sockets().items()
+                 if s.state == procfs.LISTEN and inode in inodes]
     ports = {port for _, port in listening}
     assert set(fleet.fast_ports + fleet.slow_ports + [fleet.edge_port]) <= ports
     for address, port in listening:
