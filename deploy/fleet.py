@@ -28,7 +28,7 @@ from deploy.control import (HEALTH_TIMEOUT, FleetError, check_nginx, check_ports
                             supervisord_pid, wait_healthy)
 from deploy.control import check_installed
 from deploy.procs import MEMBER_MARKER, processes_of
-from services.common import procfs
+from services.common import metrics_reader, procfs
 from services.common.inventory import host_port
 from services.common.settings import Settings, SettingsError, load
 from services.slow import cpu_priority
@@ -196,16 +196,10 @@ def clear_edge_cache(settings: Settings) -> None:
 
 def instance_figures(settings: Settings, port: int) -> dict[str, float]:
     """The figures `status` shows, read from an instance's /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     with urllib.request.urlopen(instance_url(settings, port, "/metrics"), timeout=1,
                                 context=client_context(settings)) as response:
         text = response.read().decode()
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if not sample.labels:
-                values[sample.name] = sample.value
+    values = {sample.name: sample.value for sample in metrics_reader.samples(text) if not sample.labels}
     lag_count = values.get("fleet_event_loop_lag_seconds_count", 0)
     values["lag_ms"] = 1000 * values.get("fleet_event_loop_lag_seconds_sum", 0) / lag_count if lag_count else 0
     return values
@@ -267,8 +261,7 @@ def compute_once_line(settings: Settings) -> str:
         try:
             with urllib.request.urlopen(instance_url(settings, port, "/metrics"), timeout=1,
                                         context=client_context(settings)) as r:
-                shared += sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
-                              if line.startswith("fleet_slow_coalesced_total{"))
+                shared += metrics_reader.total(r.read().decode(), "fleet_slow_coalesced_total")
         except (OSError, ValueError):
             pass
     line = f"compute once: {shared:.0f} request(s) shared a job in flight"

@@ -22,7 +22,7 @@ from typing import Callable
 
 from deploy import fleet, render
 from drills.loadgen import Route, SteadyLoad
-from services.common import procfs
+from services.common import metrics_reader, procfs
 from services.common.settings import Settings, heavy_capacity, resolve
 
 # Seconds of load before the fault and after recovery: longer than nginx's fail_timeout, so errors
@@ -332,19 +332,21 @@ def unknown_methods(settings: Settings, load: SteadyLoad, count: int = 2000) -> 
         thread.start()
     for thread in threads:
         thread.join()
-    foreign = {port: [line for line in _series(port) - series[port] if "method=" in line and not
-                      any(f'method="{m}"' in line for m in ("GET", "POST", "HEAD"))] for port in ports}
+    foreign = {port: [s for s in _series(port) - series[port] if s[1] not in ("GET", "POST", "HEAD")]
+               for port in ports}
     if bad or any(foreign.values()):
         raise fleet.FleetError(f"bad answers {bad[:3]}; metric series of other methods {foreign}")
     return f"{count} requests with made-up methods: all 405 JSON from the edge; no new metric series"
 
 
-def _series(port: int) -> set[str]:
+def _series(port: int) -> set[tuple[str, str, str]]:
+    """(route, method, status) of each of an instance's request-duration series."""
     from urllib.request import urlopen
 
     with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return {line.split(" ")[0] for line in response.read().decode().splitlines()
-                if line.startswith("fleet_http_request_duration_seconds_count")}
+        return {(s.labels["route"], s.labels["method"], s.labels["status"])
+                for s in metrics_reader.samples(response.read().decode())
+                if s.name == "fleet_http_request_duration_seconds_count"}
 
 
 # the soak's own faults, which need its test tasks (tests.support.faulty_tasks) ------------------
