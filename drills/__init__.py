@@ -9,6 +9,8 @@ deployer never imports them.
 Modules, one role each:
     loadgen      the steady mixed load (kept-alive clients, fast and slow routes) and its Tally:
                  sent, failed, hit by the fault, lost, reload races
+    faults       every fault the drills produce (kill -9s, drains, reloads, departed clients, bursts...),
+                 the Fault type that says what each may reach, and waiting until the fleet is whole
     chaos        `make chaos`: each fault once under its own load, the table, the exit status
     soak         `make soak`: the fault schedule, the sampling of every long-lived process, the verdict
     soak_watch   what the soak samples in /proc: the fleet's processes, their figures, leftovers
