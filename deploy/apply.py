@@ -50,14 +50,6 @@ ROLES = ("dask", "slow", "fast")
 SPARED = ("slow", "fast")
 
 
-class Reload(NamedTuple):
-    """One nginx reload, in monotonic seconds: from its signal until its new workers were seen. The
-    drills count a request reset in that window (nginx 1.22 closes idle keep-alive connections as
-    it reloads) apart from a lost one."""
-    signalled: float
-    seen: float
-
-
 def sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -353,6 +345,14 @@ def _held_ports(settings: Settings) -> set[int]:
     except (OSError, ValueError):
         return set()
     return {port for _, _, port, _ in ports_of(running)}
+
+
+class Reload(NamedTuple):
+    """One nginx reload, in monotonic seconds: from its signal until its new workers were seen. The
+    drills count a request reset in that window (nginx 1.22 closes idle keep-alive connections as
+    it reloads) apart from a lost one."""
+    signalled: float
+    seen: float
 
 
 def reload_nginx(settings: Settings, previous_conf: str | None) -> Reload:

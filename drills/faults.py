@@ -94,7 +94,7 @@ def busy_worker(settings: Settings, port: int) -> int | None:
 TARGET_JOB = Route("slow GET /slow/fib/30 (target)", "slow", "GET", "/slow/fib/30", rate=1)
 
 
-# the faults: each produces itself and returns a note; chaos and soak time the recovery ----------
+# the faults: each returns a note of what it did; chaos and soak time the recovery -------------
 
 def drain_fast(settings: Settings, load: SteadyLoad) -> str:
     name = settings.instances("fast")[0][0]

@@ -3,8 +3,8 @@
     >>> total(text, "fleet_slow_jobs_total", task="fib", outcome="ok")
     12.0
 
-metrics.py is the other side: what an instance serves. This reads what an instance (or Dask) answers,
-for `make status`, the drills, the bench and the tests; it registers no metric of its own.
+metrics.py is the other side: what an instance serves. This reads what an instance (or Dask)
+answers, for `make status`, the drills, the bench and the tests; it registers no metric itself.
 """
 
 from __future__ import annotations

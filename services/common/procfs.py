@@ -89,7 +89,8 @@ def descendants(pid: int) -> list[int]:
 
 def cmdline(pid: int | str) -> str:
     """Its command line, arguments joined by spaces; "" once it is gone (and for a kernel thread).
-    nginx and a forkserver's children rewrite or keep theirs: it says what they are, not what ran."""
+    nginx writes titles into its own ("nginx: worker process"); a forkserver's children keep the
+    forkserver's."""
     try:
         return (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
