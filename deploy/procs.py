@@ -19,8 +19,14 @@ MEMBER_MARKER = "FLEET_MEMBER_OF"
 def processes_of(run_dir: Path) -> list[int]:
     """Pids of every process of this run dir's fleet: supervisord, nginx, instances, workers."""
     marker = f"{MEMBER_MARKER}={run_dir}"
-    return [pid for pid in procfs.pids() if pid != os.getpid() and (
-        marker in procfs.environ(pid) or (procfs.cmdline(pid).startswith("nginx:") and holds_file_in(pid, run_dir)))]
+    found = []
+    for pid in procfs.pids():
+        if pid == os.getpid():
+            continue
+        if marker in procfs.environ(pid) or (
+                procfs.cmdline(pid).startswith("nginx:") and holds_file_in(pid, run_dir)):
+            found.append(pid)
+    return found
 
 
 def holds_file_in(pid: int, directory: Path) -> bool:
