@@ -50,7 +50,7 @@ reload: bootstrap ## Rolling restart, one instance at a time: new code and setti
 	@$(PY) -m deploy.fleet reload
 
 chaos: bootstrap ## Break the running fleet (kill -9 instances, workers, nginx; drain; reload) under load; print the table
-	@$(PY) -m deploy.chaos
+	@$(PY) -m drills.chaos
 
 render: bootstrap ## Render nginx.conf, supervisord.conf and settings.json into the run dir, and nginx -t them
 	@$(PY) -m deploy.fleet render
@@ -71,7 +71,7 @@ fuzz: bootstrap ## Generated hostile input by the thousand (Hypothesis): 2,000 p
 	@HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/unit/test_task_parsers_fuzz.py tests/integration/test_fuzz_edge.py
 
 soak: bootstrap ## Load for SOAK_MINUTES (10) while faults recur (kills, overruns, bursts, reloads): fails on any failed request, growth or leftover; SOAK_OPTS="--out bench/results"
-	@$(PY) -m deploy.soak --deploy --minutes $(SOAK_MINUTES) $(SOAK_OPTS)
+	@$(PY) -m drills.soak --deploy --minutes $(SOAK_MINUTES) $(SOAK_OPTS)
 
 load: bootstrap ## Locust's web UI on http://127.0.0.1:8089 (host preset to the edge; deploys the fleet if it is down); LOCUST_WORKERS=N
 	@$(CHECK_LOCUST_WORKERS)

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from services.common import procfs
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -25,14 +27,8 @@ def machine_busy() -> float:
 
 def process_cpu(pids: list[int]) -> float:
     """Seconds of CPU used so far by these processes (user + system)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / TICKS
+    stats = [procfs.stat(pid) for pid in pids]
+    return sum(s.utime + s.stime for s in stats if s is not None) / TICKS
 
 
 def own_cpu() -> float:
@@ -81,11 +77,9 @@ def wait_quiet(max_wait: float, threshold: float, window: float = 2.0,
 
 def short_name(pid: int) -> str:
     """A readable role for a process of a configuration: fast-01, nginx worker, forkserver, ..."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        parent = Path(f"/proc/{ppid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except (OSError, ValueError, IndexError):
+    argv, stat = procfs.argv(pid), procfs.stat(pid)
+    parent = procfs.argv(stat.ppid) if stat else None
+    if argv is None or parent is None:
         return str(pid)
     line = " ".join(argv)
     for module, role in (("services.fast", "fast"), ("services.slow", "slow")):

@@ -31,6 +31,7 @@ from bench import phases, subjects
 from bench.httpclient import HttpConnection, HttpError
 from bench.levers import Started
 from bench.load import open_loop
+from services.common import metrics_reader
 
 HOST = subjects.HOST
 KEYS = (31, 32, 33)  # fib(31..33): 0.13-0.33 s each here, longer than a wave takes to arrive
@@ -45,9 +46,8 @@ def jobs_run(fleet: subjects.Fleet) -> float:
     for _, port in fleet.settings.instances("slow"):
         with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as response:
             text = response.read().decode()
-        for labels, value in re.findall(r"^fleet_slow_jobs_total\{(.*)\} (\S+)$", text, re.M):
-            if not re.search(r'outcome="(shed|limited|no_workers|unavailable)"', labels):
-                total += float(value)
+        total += sum(s.value for s in metrics_reader.samples(text) if s.name == "fleet_slow_jobs_total"
+                     and s.labels.get("outcome") not in ("shed", "limited", "no_workers", "unavailable"))
     return total
 
 

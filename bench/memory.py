@@ -8,17 +8,7 @@ reported.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-
-def _kb(path: Path, key: str) -> int | None:
-    try:
-        for line in path.read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+from services.common import procfs
 
 
 def usage(pids: list[int]) -> dict:
@@ -26,10 +16,10 @@ def usage(pids: list[int]) -> dict:
     rss = pss = 0
     counted = 0
     for pid in pids:
-        r = _kb(Path(f"/proc/{pid}/status"), "VmRSS")
+        r = procfs.kilobytes(pid, "VmRSS")
         if r is None:
             continue  # exited meanwhile, or a kernel thread
-        p = _kb(Path(f"/proc/{pid}/smaps_rollup"), "Pss")
+        p = procfs.kilobytes(pid, "Pss", "smaps_rollup")
         rss += r
         pss += p if p is not None else r
         counted += 1
@@ -51,10 +41,10 @@ def describe(pids: list[int]) -> list[str]:
     """'pid rss_mb command' for each process, for the raw results."""
     lines = []
     for pid in pids:
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
+        argv = procfs.argv(pid)
+        if argv is None:
             continue
-        rss = _kb(Path(f"/proc/{pid}/status"), "VmRSS") or 0
+        cmd = " ".join(argv).strip()
+        rss = procfs.kilobytes(pid, "VmRSS") or 0
         lines.append(f"{pid} {rss / 1024:.1f} MB {cmd[:140]}")
     return lines

@@ -17,28 +17,19 @@ from pathlib import Path
 from typing import Iterable
 
 from deploy.control import ephemeral_ports
+from services.common import procfs
 
-Proc = tuple[int, int]  # (pid, start time in clock ticks since boot, from /proc/PID/stat)
+Proc = tuple[int, int]  # (pid, start time in clock ticks since boot: procfs.Stat.starttime)
 
 
 def start_time(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def state(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
+    stat = procfs.stat(pid)
+    return stat.starttime if stat else None
 
 
 def alive(proc: Proc) -> bool:
-    pid, started = proc
-    return start_time(pid) == started and state(pid) not in (None, "Z")
+    stat = procfs.stat(proc[0])
+    return stat is not None and stat.starttime == proc[1] and stat.state != "Z"
 
 
 def identify(pids: Iterable[int]) -> list[Proc]:
@@ -50,29 +41,9 @@ def identify(pids: Iterable[int]) -> list[Proc]:
     return found
 
 
-def children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
 def tree(root: int) -> list[int]:
     """root and every descendant of it that is alive now."""
-    if start_time(root) is None:
-        return []
-    children = children_map()
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
+    return [root, *procfs.descendants(root)] if procfs.stat(root) else []
 
 
 def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:

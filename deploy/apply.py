@@ -32,12 +32,12 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, NamedTuple
 
-from deploy import private, render
+from deploy import private, programs, render
 from deploy.control import (HEALTH_TIMEOUT, FleetError, check_ports_free, instance_url, nginx_test, ports_of, supervisor,
                             wait_healthy)
-from deploy.procs import worker_pids
+from services.common import procfs
 from services.common.inventory import host_port
 from services.common.settings import Settings
 
@@ -69,7 +69,7 @@ def wanted_state(settings: Settings, files: dict[str, str]) -> dict:
         # each of them. nginx and the Dask scheduler do not read it.
         "programs": {name: sha(block + ("" if name in NO_SNAPSHOT else snapshot))
                      for name, block in program_blocks(files["supervisord.conf"]).items()},
-        "ports": {p.name: p.port for p in [*render.programs(settings), *render.cluster_programs(settings)]},
+        "ports": {p.name: p.port for p in [*programs.programs(settings), *programs.cluster_programs(settings)]},
     }
 
 
@@ -173,14 +173,16 @@ class Applier:
         self.applied["nginx.conf"] = self.wanted["nginx.conf"]
         write_manifest(self.settings.run_dir, self.applied)
 
-    def run(self, plan: Plan) -> None:
+    def run(self, plan: Plan) -> list[Reload]:
+        """Carry out `plan`; the nginx reloads it made."""
+        reloads = []
         if plan.supervisor_changes:
             self.rpc.reloadConfig()  # supervisor learns the new definitions; nothing restarts yet
         try:
             # A cluster the fleet did not run yet (slow.backend changed to "dask") comes first: the
             # spares already read the new settings snapshot, and would wait for it.
             if plan.nginx_conf:
-                self.send_edge_secret_first()
+                reloads += self.send_edge_secret_first()
             new_cluster = [n for n in plan.start if role_of(n) == "dask" and n not in self.applied["programs"]]
             self.start_instances(new_cluster)
             for role in SPARED:
@@ -188,7 +190,7 @@ class Applier:
                     self.start_spare(role)
             self.start_instances([n for n in plan.start if n not in new_cluster])
             if plan.nginx_conf:
-                reload_nginx(self.settings, self.previous_nginx_conf)
+                reloads.append(reload_nginx(self.settings, self.previous_nginx_conf))
                 self.record_nginx_conf()
             for name in plan.remove:
                 self.rpc.stopProcess(f"{name}:{name}", True)  # it drains; nginx sends it nothing new
@@ -206,8 +208,9 @@ class Applier:
             print("nginx's supervisor program changed: restarting nginx (its listening socket closes briefly)")
             self.replace_group("nginx", start=True)
             self.record("nginx")
+        return reloads
 
-    def send_edge_secret_first(self) -> None:
+    def send_edge_secret_first(self) -> list[Reload]:
         """Updating a fleet whose nginx does not send the edge's secret yet (deployed by a version
         before it): instances of this version refuse what that nginx passes them (403), so nginx
         must send it before one of them starts. Instances of before ignore the header, so the
@@ -215,15 +218,16 @@ class Applier:
         previous, include = self.previous_nginx_conf, private.edge_header_conf(self.settings)
         anchor = "        proxy_set_header X-Forwarded-Proto $scheme;\n"
         if previous is None or include in previous or anchor not in previous:
-            return
+            return []
         conf = self.settings.run_dir / NGINX_CONF
         wanted = conf.read_text()
         bridge = previous.replace(anchor, f"{anchor}        include {include};  # the edge's secret, first\n")
         conf.write_text(bridge)
         print("applying: nginx sends the edge's secret before instances that require it start")
-        reload_nginx(self.settings, previous)  # refused: the previous config goes back, as always
+        reload = reload_nginx(self.settings, previous)  # refused: the previous config goes back, as always
         conf.write_text(wanted)
         self.previous_nginx_conf = bridge  # what nginx serves now, should the new config be refused
+        return [reload]
 
     def start_spare(self, role: str) -> None:
         name = f"{role}-spare"
@@ -310,12 +314,14 @@ class Applier:
                 time.sleep(0.05)
 
 
-def apply_changes(settings: Settings, files: dict[str, str], applied: dict, restart_instances: bool) -> bool:
-    """Bring the running fleet to `files`; False if there was nothing to apply."""
+def apply_changes(settings: Settings, files: dict[str, str], applied: dict,
+                  restart_instances: bool) -> list[Reload] | None:
+    """Bring the running fleet to `files`; the nginx reloads that took, or None if there was nothing
+    to apply."""
     wanted = wanted_state(settings, files)
     plan = make_plan(applied, wanted, restart_instances)
     if plan.empty:
-        return False
+        return None
     # New ports (a moved edge, more instances) must be free; the ones this fleet holds are not.
     check_ports_free(settings, ignore=_held_ports(settings))
     conf = settings.run_dir / NGINX_CONF
@@ -329,8 +335,7 @@ def apply_changes(settings: Settings, files: dict[str, str], applied: dict, rest
                 conf.write_text(previous_nginx_conf)
             raise
     print("applying: " + plan.describe(applied))
-    Applier(settings, applied, wanted, previous_nginx_conf).run(plan)
-    return True
+    return Applier(settings, applied, wanted, previous_nginx_conf).run(plan)
 
 
 def _held_ports(settings: Settings) -> set[int]:
@@ -342,12 +347,15 @@ def _held_ports(settings: Settings) -> set[int]:
     return {port for _, _, port, _ in ports_of(running)}
 
 
-# (signalled, new workers seen) monotonic times of every nginx reload this process made: `make
-# chaos` tells a request reset by a reload's closing of idle keep-alive connections from a lost one.
-RELOADS: list[tuple[float, float]] = []
+class Reload(NamedTuple):
+    """One nginx reload, in monotonic seconds: from its signal until its new workers were seen. The
+    drills count a request reset in that window (nginx 1.22 closes idle keep-alive connections as
+    it reloads) apart from a lost one."""
+    signalled: float
+    seen: float
 
 
-def reload_nginx(settings: Settings, previous_conf: str | None) -> None:
+def reload_nginx(settings: Settings, previous_conf: str | None) -> Reload:
     """Reload nginx and prove it took, by what nginx runs: new worker processes, no [emerg].
 
     Old workers may finish long requests for up to worker_shutdown_timeout: they do not make the
@@ -357,7 +365,7 @@ def reload_nginx(settings: Settings, previous_conf: str | None) -> None:
     """
     run = settings.run_dir
     master = _master_pid(run)
-    before = set(worker_pids(master)) if master else set()
+    before = set(procfs.children(master)) if master else set()
     log = run / "logs" / "nginx-error.log"
     offset = log.stat().st_size if log.exists() else 0
     signalled = time.monotonic()
@@ -372,11 +380,11 @@ def reload_nginx(settings: Settings, previous_conf: str | None) -> None:
             raise FleetError(f"nginx refused the new config; it still serves the previous one, which is "
                              f"back in {run / NGINX_CONF}:\n{fresh.strip()}")
         master = _master_pid(run)
-        new = set(worker_pids(master)) - before if master else set()
+        new = set(procfs.children(master)) - before if master else set()
         if new:
-            RELOADS.append((signalled, time.monotonic()))
+            seen = time.monotonic()
             print("nginx reloaded: new workers " + ", ".join(map(str, sorted(new))))
-            return
+            return Reload(signalled, seen)
         time.sleep(0.05)
     raise FleetError(f"nginx did not start new workers within 10 s of the reload; see {log}. "
                      "Run make deploy-local again to retry")

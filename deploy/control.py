@@ -1,6 +1,6 @@
 """Talking to a running fleet: its supervisord, its instances' /healthz, its nginx config check.
 
-Shared by the commands (fleet.py), the change applier (apply.py) and make chaos (chaos.py).
+Shared by the commands (fleet.py), the change applier (apply.py) and the drills (drills/).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from deploy import render
+from deploy import programs, render
 from services.common.inventory import host_port
 from services.common.settings import REPO_ROOT, Settings
 
@@ -108,8 +108,8 @@ def ports_of(settings: Settings) -> list[tuple[str, str, int, str]]:
     """(what, address, port, the setting that moves it) for every port a fleet of these settings uses."""
     here = settings.address
     wanted = [("edge", settings.edge.bind, settings.edge.port, "FLEET_EDGE_PORT")] if settings.inventory.runs("edge") else []
-    wanted += [(p.name, here, p.port, f"FLEET_{p.role.upper()}_BASE_PORT") for p in render.programs(settings)]
-    for c in render.cluster_programs(settings):
+    wanted += [(p.name, here, p.port, f"FLEET_{p.role.upper()}_BASE_PORT") for p in programs.programs(settings)]
+    for c in programs.cluster_programs(settings):
         knob = "FLEET_DASK_SCHEDULER_PORT" if c.name == "dask-scheduler" else "FLEET_DASK_WORKER_BASE_PORT"
         wanted += [(c.name, here, c.port, knob),
                    (f"{c.name} dashboard", here, c.dashboard,
@@ -214,9 +214,9 @@ def health_url(port: int, address: str = "127.0.0.1") -> str:
 def health_urls(settings: Settings) -> dict[str, str]:
     """/healthz of this host's instances and of the edge, if here (spares included: they answer
     only when up); /health of its Dask processes (on their dashboard's address)."""
-    urls = {p.name: instance_url(settings, p.port) for p in render.programs(settings)}
+    urls = {p.name: instance_url(settings, p.port) for p in programs.programs(settings)}
     urls.update({c.name: f"http://{host_port(settings.dashboard_address, c.dashboard)}/health"
-                 for c in render.cluster_programs(settings)})
+                 for c in programs.cluster_programs(settings)})
     if settings.inventory.runs("edge"):
         urls["edge"] = f"{edge_url(settings)}/healthz"
     return urls

@@ -22,12 +22,13 @@ import urllib.request
 import xmlrpc.client
 from pathlib import Path
 
-from deploy import apply, render, rundir
+from deploy import apply, programs, render, rundir
 from deploy.control import (HEALTH_TIMEOUT, FleetError, check_nginx, check_ports_free, diagnose, edge_url,  # noqa: F401
                             check_certs, client_context, get_json, health_urls, healthy, instance_url, nginx_test, process_info, process_infos, supervisor,
                             supervisord_pid, wait_healthy)
 from deploy.control import check_installed
-from deploy.procs import MEMBER_MARKER, alive, cmdline, processes_of, worker_pids  # noqa: F401
+from deploy.procs import MEMBER_MARKER, processes_of
+from services.common import metrics_reader, procfs
 from services.common.inventory import host_port
 from services.common.settings import Settings, SettingsError, load
 from services.slow import cpu_priority
@@ -52,7 +53,7 @@ def up(settings: Settings) -> None:
 def wait_workers_joined(settings: Settings) -> None:
     """A workers host is up once the scheduler lists its workers; a scheduler that is not up yet
     (its host deploys later) is not this host's failure: they join when it comes."""
-    ports = {c.name: c.port for c in render.cluster_programs(settings)}
+    ports = {c.name: c.port for c in programs.cluster_programs(settings)}
     for name in ports:
         try:
             apply.wait_dask_worker_joined(settings, name, ports)
@@ -84,8 +85,9 @@ def start(settings: Settings) -> None:
     print(f"started supervisord for {settings.run_dir}")
 
 
-def apply_changes(settings: Settings, restart_instances: bool = False) -> None:
+def apply_changes(settings: Settings, restart_instances: bool = False) -> list[apply.Reload]:
     """The fleet is up: re-render, and apply whatever changed without failing a request (apply.py).
+    Returns the nginx reloads it made.
 
     restart_instances: restart every instance (one at a time) even if no setting changed, to pick
     up new code (make reload).
@@ -96,15 +98,19 @@ def apply_changes(settings: Settings, restart_instances: bool = False) -> None:
         print(f"no record of what runs in {settings.run_dir} ({apply.MANIFEST}): restarting the whole fleet once")
         stop(settings)
         start(settings)
-        return
+        return []
     files = render.render(settings)
-    if not apply.apply_changes(settings, files, applied, restart_instances):
+    reloads = apply.apply_changes(settings, files, applied, restart_instances)
+    if reloads is None:
         print(f"fleet in {settings.run_dir} is up and matches deploy/fleet.toml: nothing to apply")
+        return []
+    return reloads
 
 
-def rolling_restart(settings: Settings) -> None:
-    """Restart every instance, one at a time, with no request failed or refused (make reload)."""
-    apply_changes(settings, restart_instances=True)
+def rolling_restart(settings: Settings) -> list[apply.Reload]:
+    """Restart every instance, one at a time, with no request failed or refused (make reload);
+    the nginx reloads it made."""
+    return apply_changes(settings, restart_instances=True)
 
 
 def stop(settings: Settings) -> None:
@@ -119,25 +125,25 @@ def stop(settings: Settings) -> None:
         except (OSError, xmlrpc.client.Error) as exc:  # shutdown still stops what is left
             print(f"warning: stopping the programs tier by tier failed ({exc}); supervisord stops them")
         rpc.shutdown()
-        while time.monotonic() < deadline and alive(pid):
+        while time.monotonic() < deadline and procfs.alive(pid):
             time.sleep(0.1)
-        if alive(pid):
+        if procfs.alive(pid):
             os.kill(pid, signal.SIGKILL)
         print(f"stopped the fleet in {settings.run_dir}")
     leftovers = processes_of(settings.run_dir)
     for leftover in leftovers:  # only after a crash of supervisord itself: never leave one behind
-        print(f"killing leftover process {leftover}: {cmdline(leftover)[:120]}")
+        print(f"killing leftover process {leftover}: {procfs.cmdline(leftover)[:120]}")
         try:
             os.kill(leftover, signal.SIGKILL)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(alive(p) for p in leftovers):
+    while time.monotonic() < deadline and any(procfs.alive(p) for p in leftovers):
         time.sleep(0.05)
     # The workers' idle cgroups: an instance removes its own as it stops, but not when it is killed.
     for group in cpu_priority.remove_recorded(settings.run_dir / cpu_priority.RECORD):
         pids = (Path(group) / "cgroup.procs").read_text().split() if Path(group).exists() else []
-        held = ", ".join(f"{pid} ({cmdline(int(pid))[:60]})" for pid in pids) or "no process listed"
+        held = ", ".join(f"{pid} ({procfs.cmdline(int(pid))[:60]})" for pid in pids) or "no process listed"
         print(f"warning: cgroup {group} could not be removed ({held}); the next stop or start tries again")
     clear_edge_cache(settings)
     try:
@@ -190,16 +196,10 @@ def clear_edge_cache(settings: Settings) -> None:
 
 def instance_figures(settings: Settings, port: int) -> dict[str, float]:
     """The figures `status` shows, read from an instance's /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     with urllib.request.urlopen(instance_url(settings, port, "/metrics"), timeout=1,
                                 context=client_context(settings)) as response:
         text = response.read().decode()
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if not sample.labels:
-                values[sample.name] = sample.value
+    values = {sample.name: sample.value for sample in metrics_reader.samples(text) if not sample.labels}
     lag_count = values.get("fleet_event_loop_lag_seconds_count", 0)
     values["lag_ms"] = 1000 * values.get("fleet_event_loop_lag_seconds_sum", 0) / lag_count if lag_count else 0
     return values
@@ -209,7 +209,7 @@ def status(settings: Settings) -> None:
     if not supervisord_pid(settings):
         print(f"no fleet running in {settings.run_dir}")
         return
-    ports = {p.name: p.port for p in render.programs(settings)}
+    ports = {p.name: p.port for p in programs.programs(settings)}
     if not settings.inventory.single:
         host = settings.inventory.here
         print(f"host {host.name} ({host.address}): {', '.join(host.roles)}")
@@ -261,8 +261,7 @@ def compute_once_line(settings: Settings) -> str:
         try:
             with urllib.request.urlopen(instance_url(settings, port, "/metrics"), timeout=1,
                                         context=client_context(settings)) as r:
-                shared += sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
-                              if line.startswith("fleet_slow_coalesced_total{"))
+                shared += metrics_reader.total(r.read().decode(), "fleet_slow_coalesced_total")
         except (OSError, ValueError):
             pass
     line = f"compute once: {shared:.0f} request(s) shared a job in flight"
@@ -336,7 +335,7 @@ stop it with: make stop""")
 def print_host_welcome(settings: Settings) -> None:
     """What runs on this host of a fleet across hosts, and where the rest is."""
     host, edge = settings.inventory.here, settings.inventory.edge
-    here = [p.name for p in render.programs(settings) if not p.spare] + [c.name for c in render.cluster_programs(settings)]
+    here = [p.name for p in programs.programs(settings) if not p.spare] + [c.name for c in programs.cluster_programs(settings)]
     if settings.inventory.runs("edge"):
         here.insert(0, "nginx")
     dashboard = ""

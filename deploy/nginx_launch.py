@@ -38,9 +38,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from deploy import control, log_rotation, render
-from deploy.procs import alive, children_of, processes_of
-from services.common import cpu_slice
+from deploy import control, log_rotation, programs
+from deploy.procs import processes_of
+from services.common import cpu_slice, procfs
 from services.common.settings import Settings
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -77,7 +77,7 @@ def retire(pids: list[int], grace: float) -> None:
     while time.monotonic() < deadline and not all(_reaped(p) for p in pids):
         time.sleep(0.02)
     for pid in pids:
-        if alive(pid):
+        if procfs.alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -85,14 +85,7 @@ def retire(pids: list[int], grace: float) -> None:
 
 
 def nginx_processes(run_dir: Path) -> list[int]:
-    found = []
-    for pid in processes_of(run_dir):
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"nginx:"):
-                found.append(pid)
-        except OSError:
-            pass
-    return found
+    return [pid for pid in processes_of(run_dir) if procfs.cmdline(pid).startswith("nginx:")]
 
 
 def listening_socket(address: tuple[str, int], patience: float = 10) -> socket.socket:
@@ -116,7 +109,7 @@ def listening_socket(address: tuple[str, int], patience: float = 10) -> socket.s
 
 def wait_for_upstreams(settings: Settings, timeout: float = UPSTREAM_WAIT) -> None:
     """Wait until every instance (of every host) answers HTTP (any status: it is up), or `timeout` passes."""
-    waiting = [where for role in ("fast", "slow") for _, where in render.upstream(settings, role)]
+    waiting = [where for role in ("fast", "slow") for _, where in programs.upstream(settings, role)]
     scheme, context = ("https", control.client_context(settings)) if settings.edge_tls else ("http", None)
     deadline = time.monotonic() + timeout
     while waiting and time.monotonic() < deadline:
@@ -180,9 +173,9 @@ class Launcher:
             return
         master = self.start_master(sock)
         deadline = time.monotonic() + NEW_MASTER_WAIT
-        while master.poll() is None and not children_of(master.pid) and time.monotonic() < deadline:
+        while master.poll() is None and not procfs.children(master.pid) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if master.poll() is not None or not children_of(master.pid):
+        if master.poll() is not None or not procfs.children(master.pid):
             if master.poll() is None:
                 master.send_signal(signal.SIGQUIT)
                 self.retiring.add(master.pid)
@@ -237,7 +230,7 @@ class Launcher:
                 sys.exit(code)
             now = time.monotonic()
             restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
-            orphans = [p for p in children_of(os.getpid()) if p != self.master.pid and p not in self.retiring]
+            orphans = [p for p in procfs.children(os.getpid()) if p != self.master.pid and p not in self.retiring]
             say(f"nginx master {self.master.pid} exited ({code}); retiring its workers {orphans}, "
                 "starting a new master")
             for pid in orphans:  # they stop accepting at once and finish what they have
@@ -277,7 +270,7 @@ def _reaped(pid: int) -> bool:
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
-        return not alive(pid)
+        return not procfs.alive(pid)
     return done == pid
 
 

@@ -26,7 +26,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy import rundir
+from deploy import programs, rundir
+from services.common import procfs
 from services.common.settings import Settings, SettingsError
 from services.slow import cpu_priority
 
@@ -122,21 +123,11 @@ def prepare(settings: Settings, user: User) -> None:
         rundir.handed_over_dir(directory, user.uid, user.gid)
     if not settings.slow.idle_cgroup:
         return
-    for name in idle_cgroup_owners(settings):
+    for name in programs.idle_cgroup_owners(settings):
         group = cpu_priority.create_idle_cgroup(cpu_priority.group_name(name, run_dir),
                                                 run_dir / cpu_priority.RECORD, pid=_supervisord_pid(run_dir))
         if group is not None:
             cpu_priority.hand_over(group, user.uid, user.gid)
-
-
-def idle_cgroup_owners(settings: Settings) -> list[str]:
-    """The processes of this host that make an idle cgroup: each slow instance (the spare too) for
-    its workers, each Dask process for itself and its jobs."""
-    from deploy import render  # render imports this module
-
-    names = [p.name for p in render.programs(settings) if p.role == "slow"]
-    names += [c.worker_name for c in render.cluster_programs(settings)]
-    return names
 
 
 def _supervisord_pid(run_dir: Path) -> int | None:
@@ -145,4 +136,4 @@ def _supervisord_pid(run_dir: Path) -> int | None:
         pid = int((run_dir / "supervisord.pid").read_text())
     except (OSError, ValueError):
         return None
-    return pid if Path(f"/proc/{pid}").exists() else None
+    return pid if procfs.stat(pid) is not None else None

@@ -14,12 +14,11 @@ import os
 import shutil
 import sys
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
-from deploy import certs, private, privilege, rundir
+from deploy import certs, private, privilege, programs, rundir
 from services.common.inventory import host_port
 from services.common.settings import REPO_ROOT, Settings, heavy_capacity, load
 
@@ -139,10 +138,10 @@ def context(settings: Settings) -> dict:
         "nginx": nginx_binary(),
         "edge": s.edge,
         "listen": _listen(s.edge.bind, s.edge.port),
-        "fast": upstream(s, "fast"),
-        "slow": upstream(s, "slow"),
-        "fast_spares": upstream(s, "fast", spares=True),
-        "slow_spares": upstream(s, "slow", spares=True),
+        "fast": programs.upstream(s, "fast"),
+        "slow": programs.upstream(s, "slow"),
+        "fast_spares": programs.upstream(s, "fast", spares=True),
+        "slow_spares": programs.upstream(s, "slow", spares=True),
         "address": s.address,
         "edge_here": s.inventory.runs("edge"),
         "proxy_bind": None if s.inventory.single else s.inventory.edge.address,
@@ -153,8 +152,8 @@ def context(settings: Settings) -> dict:
         "max_per_client": s.slow.max_per_client,
         "edge_errors": EDGE_ERRORS,
         "edge_stopwaitsecs": 10,
-        "programs": programs(s),
-        "cluster": cluster_programs(s),
+        "programs": programs.programs(s),
+        "cluster": programs.cluster_programs(s),
         "scheduler_address": s.scheduler_address,
         "dashboard_address": s.dashboard_address,
         "worker_ttl": f"{s.dask.worker_ttl:g}",
@@ -165,83 +164,12 @@ def context(settings: Settings) -> dict:
     }
 
 
-def upstream(settings: Settings, role: str, spares: bool = False) -> list[tuple[str, str]]:
-    """[(label, address:port)] of a role's instances (or spares) on every host that has the role:
-    what nginx balances over."""
-    hosts = settings.role_hosts(role)
-    found = []
-    for host in hosts:
-        members = [settings.spare(role)] if spares else settings.instances(role)
-        found += [(name if settings.inventory.single else f"{name} on {host.name}", host_port(host.address, port))
-                  for name, port in members]
-    return found
-
-
 def dask_tls_options(settings: Settings) -> str:
     """The command-line options that make a Dask process speak TLS with this host's certificate."""
     if not settings.dask_tls:
         return ""
     c = settings.tls_files()
     return f"--tls-ca-file {c['ca']} --tls-cert {c['cert']} --tls-key {c['key']}"
-
-
-@dataclass(frozen=True)
-class Program:
-    """One instance (or spare) as supervisor runs it: its own [program:<name>] and group."""
-    name: str  # "fast-01", "slow-spare"
-    role: str
-    argument: str  # --instance: the number, or "spare"
-    port: int
-    stopwaitsecs: int
-
-    @property
-    def spare(self) -> bool:
-        return self.argument == "spare"
-
-
-@dataclass(frozen=True)
-class ClusterProgram:
-    """A process of the managed Dask cluster: the scheduler, or one worker."""
-    name: str  # "dask-scheduler", "dask-worker-01"
-    port: int  # its Dask port
-    dashboard: int  # its HTTP port: dashboard, /health, Prometheus /metrics
-    scheduler_port: int
-    threads: int
-    worker_name: str  # the name it has in the cluster: "dask-worker-01", "heavy1-dask-worker-01"
-
-
-def cluster_programs(settings: Settings) -> list[ClusterProgram]:
-    """This host's processes of the managed Dask cluster (the scheduler role, the workers role);
-    none unless slow.backend = "dask" and the cluster is managed."""
-    d = settings.dask
-    if settings.slow.backend != "dask" or d.scheduler != "managed":
-        return []
-    found = []
-    if settings.inventory.runs("scheduler"):
-        found.append(ClusterProgram("dask-scheduler", d.scheduler_port, d.dashboard_port, d.scheduler_port, 0,
-                                    "dask-scheduler"))
-    if settings.inventory.runs("workers"):
-        # Worker names are unique in the cluster: the host's name in front when there are hosts.
-        prefix = "" if settings.inventory.single else f"{settings.inventory.here.name}-"
-        for i in range(1, d.workers + 1):
-            port = d.worker_base_port + 2 * i - 1
-            name = f"dask-worker-{i:02d}"
-            found.append(ClusterProgram(name, port, port + 1, d.scheduler_port, d.threads_per_worker, prefix + name))
-    return found
-
-
-def programs(settings: Settings) -> list[Program]:
-    """This host's instance programs (the fast and slow roles), slow before fast, each role's spare last."""
-    found = []
-    for role, margin in (("slow", 10), ("fast", 5)):
-        if not settings.inventory.runs(role):
-            continue
-        stopwaitsecs = math.ceil(getattr(settings, role).drain_timeout + margin)
-        for number, (name, port) in enumerate(settings.instances(role), start=1):
-            found.append(Program(name, role, str(number), port, stopwaitsecs))
-        name, port = settings.spare(role)
-        found.append(Program(name, role, "spare", port, stopwaitsecs))
-    return found
 
 
 def render(settings: Settings) -> dict[str, str]:
@@ -269,7 +197,7 @@ def log_count(settings: Settings) -> int:
     """The logs this host's part of the fleet writes: supervisord's, one per program (spares
     included), and nginx's access and error logs plus the launcher's output on the edge host."""
     edge = 3 if settings.inventory.runs("edge") else 0
-    return 1 + len(programs(settings)) + len(cluster_programs(settings)) + edge
+    return 1 + len(programs.programs(settings)) + len(programs.cluster_programs(settings)) + edge
 
 
 def log_bound_mb(settings: Settings) -> int:
@@ -290,12 +218,12 @@ def prometheus_targets(settings: Settings) -> str:
     labels = {} if settings.inventory.single else {"fleet_host": host.name, "__scheme__": "https"}
     groups = [
         {"targets": [host_port(host.address, p.port)], "labels": {"role": p.role, "fleet_instance": p.name, **labels}}
-        for p in programs(settings) if not p.spare
+        for p in programs.programs(settings) if not p.spare
     ]
     dask_labels = {} if settings.inventory.single else {"fleet_host": host.name}
     groups += [{"targets": [host_port(settings.dashboard_address, c.dashboard)],
                 "labels": {"role": "dask", "fleet_instance": c.name, **dask_labels}}
-               for c in cluster_programs(settings)]  # Dask's own /metrics, on its HTTP port
+               for c in programs.cluster_programs(settings)]  # Dask's own /metrics, on its HTTP port
     return json.dumps(groups, indent=2) + "\n"
 
 

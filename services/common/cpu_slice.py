@@ -28,7 +28,8 @@ import os
 import platform
 import re
 import struct
-from pathlib import Path
+
+from services.common import procfs
 
 log = logging.getLogger("fleet.cpu")
 
@@ -72,12 +73,5 @@ def kernel_has_custom_slices(release: str = platform.release()) -> bool:
 def slice_ns(pid: int | str) -> int | None:
     """The time slice the kernel gives `pid` (or "thread-self"), from /proc/<pid>/sched; None where
     it shows none."""
-    try:
-        text = Path(f"/proc/{pid}/sched").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() == "se.slice":
-            return int(value)
-    return None
+    value = (procfs.sched(pid) or {}).get("se.slice")
+    return int(value) if value is not None else None

@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
+from services.common import procfs
 from services.common.inventory import Host, Inventory, InventoryError, host_port
 from services.common.inventory import parse as parse_inventory
 
@@ -132,15 +133,11 @@ def usable_cpus() -> int:
     return max(1, min(cpus, math.ceil(quota)) if quota else cpus)
 
 
-def _cgroup_cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """CPUs' worth of quota of this process's cgroup and its ancestors (v2 cpu.max, v1 cfs), or None."""
-    try:
-        lines = proc_cgroup.read_text().splitlines()
-    except OSError:
-        return None
+def _cgroup_cpu_quota(proc_cgroup: Path | None = None, root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of quota of this process's cgroup and its ancestors (v2 cpu.max, v1 cfs), or None.
+    `proc_cgroup`: a file in /proc/self/cgroup's format to read instead (a test's)."""
     quotas = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
+    for controllers, path in procfs.cgroups("self", proc_cgroup).items():
         if controllers == "":  # cgroup v2: cpu.max = "<quota> <period>" or "max <period>"
             base, files = root, [("cpu.max", None)]
         elif "cpu" in controllers.split(","):  # cgroup v1

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from services.common import metrics_reader
 from tests.integration.conftest import Fleet, make_fleet
 
 CONCURRENT = 50
@@ -18,13 +19,8 @@ CONCURRENT = 50
 
 def jobs(fleet: Fleet, task: str, outcome: str = "ok") -> float:
     """Jobs of `task` with `outcome` run by the fleet's slow instances, all of them together."""
-    total = 0.0
-    for port in fleet.slow_ports:
-        for labels, value in re.findall(r"^fleet_slow_jobs_total\{(.*)\} (\S+)$",
-                                        fleet.get("/metrics", port=port).body.decode(), re.M):
-            if f'task="{task}"' in labels.split(",") and f'outcome="{outcome}"' in labels.split(","):
-                total += float(value)
-    return total
+    return sum(metrics_reader.total(fleet.get("/metrics", port=port).body.decode(), "fleet_slow_jobs_total",
+                                    task=task, outcome=outcome) for port in fleet.slow_ports)
 
 
 def at_once(fleet: Fleet, path: str, count: int = CONCURRENT) -> list:

@@ -13,17 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from services.common.procfs import alive
 from tests.integration.conftest import Fleet
 from tests.integration.test_fleet import assert_contract_error, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def alive(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def spinner_pid(fleet: Fleet, before: str | None) -> int:

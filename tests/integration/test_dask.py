@@ -21,18 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.procs import children_map
+from services.common import procfs
 from tests.integration.conftest import REPO, Fleet, free_port_block, make_fleet, port_is_free
 from tests.integration.test_fleet import assert_contract_error, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def alive(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def slow_health(fleet: Fleet) -> dict:
@@ -106,7 +99,7 @@ def test_dask_job_processes_run_under_sched_idle_and_the_dask_workers_do_not(das
     for name in ("dask-worker-01", "dask-worker-02"):
         worker = dask_fleet.pid(name)
         # the worker's pool: its forkserver, whose children are the job processes
-        children = children_map()
+        children = procfs.children_map()
         jobs = [job for forkserver in children.get(worker, []) for job in children.get(forkserver, [])]
         assert jobs, f"no job process under {name}"
         assert {os.sched_getscheduler(pid) for pid in jobs} == {os.SCHED_IDLE}
@@ -131,26 +124,7 @@ def test_kill_9_of_a_dask_worker_fails_only_its_job_and_the_next_jobs_are_served
 
 def _running_job(pid: int) -> bool:
     """The Dask worker `pid` has a job child burning CPU (state R)."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] == "R" and _descends_from(int(entry), pid):
-                return True
-    return False
-
-
-def _descends_from(pid: int, ancestor: int) -> bool:
-    for _ in range(5):
-        try:
-            pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            return False
-        if pid == ancestor:
-            return True
-    return False
+    return any(procfs.state(child) == "R" for child in procfs.descendants(pid))
 
 
 def test_kill_9_of_the_scheduler_answers_in_flight_jobs_503_at_once_and_the_cluster_comes_back(private_dask_fleet):

@@ -1,6 +1,6 @@
 """Faults produced for real against a running fleet under a steady mixed load, outcomes counted.
 
-The scenarios are the ones `make chaos` runs (deploy/chaos.py); here each runs on a private fleet
+The scenarios are the ones `make chaos` runs (drills/chaos.py); here each runs on a private fleet
 and must keep the promise: no fast request fails, and a slow request fails only if the fault hit
 it, answered with the contract's JSON.
 """
@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from deploy import apply, chaos, loadgen
-from deploy.loadgen import Tally
+from drills import chaos, loadgen
+from drills.loadgen import Tally
+from services.common import procfs
 from services.common.settings import load
 from tests.integration.conftest import Fleet, make_fleet
 from tests.integration.test_fleet import assert_contract_error, wait_for
@@ -90,14 +91,13 @@ def test_a_rolling_reload_under_load_restarts_every_instance_with_no_failed_requ
 
 
 def test_a_settings_change_supervisor_carries_is_applied_under_load_with_no_failed_request(chaos_fleet):
-    reloads_before = len(apply.RELOADS)
     result = run_scenario(chaos_fleet, "settings-change")  # one more fast instance, longer drain, and back
     assert_promise_kept(result.tally)
     assert result.tally.hit == 0
     # nginx reloads twice (the upstreams change). A reload closes idle client keep-alive connections
     # (nginx 1.22): at most one POST per POST client per reload can meet a closing connection, and
     # is counted apart, never as a success (measured: 1 in ~150 reloads under this load).
-    reloads = len(apply.RELOADS) - reloads_before
+    reloads = len(result.reloads)
     post_clients = sum(r.clients for r in loadgen.DEFAULT_ROUTES if r.method == "POST")
     assert reloads == 2
     assert result.tally.reload_races <= reloads * post_clients
@@ -189,21 +189,9 @@ def test_only_the_edge_listens_beyond_loopback_and_supervisor_is_private(fleet: 
     from deploy.fleet import processes_of
 
     members = set(processes_of(fleet.run_dir))
-    inodes = {}
-    for pid in members:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if link.startswith("socket:["):
-                    inodes[link[8:-1]] = pid
-        except OSError:
-            continue
-    listening = []
-    for line in open("/proc/net/tcp").read().splitlines()[1:] + open("/proc/net/tcp6").read().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
-            address, port = fields[1].rsplit(":", 1)
-            listening.append((address, int(port, 16)))
+    inodes = {inode for pid in members for inode in procfs.socket_inodes(pid)}
+    listening = [(s.address, s.port) for inode, s in procfs.tcp_sockets().items()
+                 if s.state == procfs.LISTEN and inode in inodes]
     ports = {port for _, port in listening}
     assert set(fleet.fast_ports + fleet.slow_ports + [fleet.edge_port]) <= ports
     for address, port in listening:

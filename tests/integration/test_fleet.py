@@ -11,8 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from bench.cpu import process_cpu
-from bench.procs import children_map
-from services.common import cpu_slice
+from services.common import cpu_slice, procfs
 from tests.integration.conftest import Fleet
 
 pytestmark = pytest.mark.integration
@@ -153,7 +152,7 @@ def test_the_fast_path_asks_for_a_short_time_slice_and_the_heavy_path_keeps_the_
     woken event loop preempts heavy work at once; the slow instance and its workers keep the default."""
     if not cpu_slice.kernel_has_custom_slices():
         pytest.skip("custom time slices need Linux 6.12+")
-    children = children_map()
+    children = procfs.children_map()
     launcher = fleet.pid("nginx")
     nginx = [pid for master in children.get(launcher, []) for pid in [master] + children.get(master, [])]
     assert len(nginx) >= 2, "no nginx master and worker under the launcher"
@@ -168,13 +167,13 @@ def test_the_fast_path_asks_for_a_short_time_slice_and_the_heavy_path_keeps_the_
 def test_workers_run_below_every_other_process_group_when_the_machine_allows_it(fleet: Fleet):
     """slow.idle_cgroup (on by default): workers sit in a cpu cgroup with cpu.idle = 1."""
     pids = fleet.slow_health()["pool"]["pids"]
-    groups = {open(f"/proc/{pid}/cgroup").read() for pid in pids}
-    if not any("fleet-idle" in g for g in groups):
+    groups = [procfs.cgroups(pid) for pid in pids]
+    if not any("fleet-idle" in path for group in groups for path in group.values()):
         pytest.skip("no writable cpu cgroup here (not root, or no delegation): workers rely on nice")
     for group in groups:
-        path = next(line.split(":", 2)[2] for line in group.splitlines() if "fleet-idle" in line)
+        path = next(path for path in group.values() if "fleet-idle" in path)
         mount = next(m for m in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup")
                      if os.path.exists(m + path))
         assert open(f"{mount}{path}/cpu.idle").read().strip() == "1"
-    server_group = open(f"/proc/{fleet.pid('slow-01')}/cgroup").read()
+    server_group = " ".join(procfs.cgroups(fleet.pid("slow-01")).values())  # its path in every hierarchy
     assert "fleet-idle" not in server_group  # the event loop keeps its normal priority

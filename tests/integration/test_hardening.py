@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from deploy.procs import processes_of
+from services.common import procfs
 from tests.integration.conftest import Fleet, Response, free_port_block, make_fleet, port_is_free
 from tests.integration.test_fleet import assert_contract_error, wait_for
 
@@ -39,13 +40,6 @@ def slow_status(fleet: Fleet) -> int | None:
         return fleet.get("/healthz", port=fleet.slow_ports[0], timeout=2).status
     except OSError:
         return None
-
-
-def alive(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # 1. labels a client could choose --------------------------------------------------------------------
@@ -137,7 +131,7 @@ def test_a_changed_edge_port_is_applied_completely(private_fleet):
         assert s.connect_ex(("127.0.0.1", old)) != 0  # refused: nothing listens there any more
     assert not port_is_free(new) and port_is_free(old)
     launcher = fleet.pid("nginx")
-    held = [os.readlink(f"/proc/{launcher}/fd/{fd}") for fd in os.listdir(f"/proc/{launcher}/fd")]
+    held = procfs.fd_targets(launcher)
     assert sum(link.startswith("socket:") for link in held) >= 1  # it holds the new socket for restarts
     os.kill(int((fleet.run_dir / "nginx" / "nginx.pid").read_text()), signal.SIGKILL)
     wait_for(lambda: _answers(fleet), timeout=10)  # a new master starts on the new socket
@@ -227,11 +221,11 @@ def test_a_restarted_instance_kills_what_its_killed_workers_started(private_flee
     with ThreadPoolExecutor(1) as pool:
         job = pool.submit(fleet.get, "/slow/spawn_child")
         child = int(wait_for(lambda: marker.exists() and marker.read_text()))
-        assert alive(child)
+        assert procfs.alive(child)
         os.kill(fleet.pid("slow-01"), signal.SIGKILL)  # its workers die with it; the child would not
         assert job.result().status == 502
     wait_for(lambda: slow_status(fleet) == 200, timeout=30)
-    wait_for(lambda: not alive(child), timeout=5)
+    wait_for(lambda: not procfs.alive(child), timeout=5)
     assert child not in processes_of(fleet.run_dir)
 
 

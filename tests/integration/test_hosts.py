@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from deploy.procs import MEMBER_MARKER, processes_of
+from services.common import procfs
 from services.common.settings import load
 from tests.integration.conftest import REPO, TEST_SETTINGS, Response
 from tests.support import netns
@@ -92,12 +93,9 @@ class Hosts:
 
     def host_of_pid(self, pid: int) -> str | None:
         """The host whose run dir the process belongs to (every fleet process carries it)."""
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            return None
+        environ = procfs.environ(pid)
         for host in HOSTS:
-            if f"{MEMBER_MARKER}={self.run_dir(host)}".encode() in environ:
+            if f"{MEMBER_MARKER}={self.run_dir(host)}" in environ:
                 return host
         return None
 

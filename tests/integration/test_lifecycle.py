@@ -9,11 +9,11 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from deploy.fleet import processes_of
+from services.common import procfs
 from services.slow import cpu_priority
 from tests.integration.conftest import REPO, make_fleet, port_is_free
 from tests.integration.test_fleet import wait_for
@@ -84,14 +84,7 @@ def test_kill_9_of_a_slow_instance_takes_its_workers_along_and_supervisor_brings
     instance = fleet.pid("slow-01")
     os.kill(instance, signal.SIGKILL)
 
-    def gone(pid: int) -> bool:
-        try:
-            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        return state == "Z"
-
-    wait_for(lambda: all(gone(pid) for pid in workers), timeout=5)
+    wait_for(lambda: not any(procfs.alive(pid) for pid in workers), timeout=5)
     back = wait_for(lambda: _health_or_none(fleet), timeout=20)
     assert back["status"] == "ok" and not set(back["pool"]["pids"]) & set(workers)
     wait_for(lambda: fleet.process("slow-01")["statename"] == "RUNNING")
@@ -107,8 +100,7 @@ def _health_or_none(fleet):
 
 
 def cpu_cgroup_of(pid: int) -> str:
-    return next(line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-                if "cpu" in line.split(":")[1].split(","))
+    return next(path for controllers, path in procfs.cgroups(pid).items() if "cpu" in controllers.split(","))
 
 
 def test_the_workers_idle_cgroups_live_under_the_fleet_s_own_and_none_outlives_it(tmp_path):

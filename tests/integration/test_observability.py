@@ -11,8 +11,8 @@ import time
 import uuid
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from services.common import metrics_reader
 from tests.integration.conftest import REPO, Fleet
 from tests.integration.test_fleet import assert_contract_error, wait_for
 
@@ -27,8 +27,7 @@ SLOW = {"fleet_slow_workers_busy", "fleet_slow_workers", "fleet_slow_queue_depth
 
 
 def scrape(fleet: Fleet, port: int) -> dict:
-    text = fleet.get("/metrics", port=port).body.decode()
-    return {family.name: family for family in text_string_to_metric_families(text)}
+    return metrics_reader.families(fleet.get("/metrics", port=port).body.decode())
 
 
 def sample(families: dict, name: str, suffix: str = "", **labels) -> float:

@@ -22,6 +22,7 @@ import pytest
 
 from deploy import privilege
 from deploy.procs import processes_of
+from services.common import procfs
 from services.slow import cpu_priority
 from tests.integration.conftest import REPO, Fleet, make_fleet
 from tests.integration.test_lifecycle import cpu_cgroup_of
@@ -29,15 +30,6 @@ from tests.integration.test_lifecycle import cpu_cgroup_of
 pytestmark = pytest.mark.integration
 
 SYSTEM_PYTHON = Path("/usr/bin/python3.11")
-
-
-def uid_of(pid: int) -> int:
-    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid:"))
-    return int(line.split()[2])  # effective
-
-
-def name_of(pid: int) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -107,17 +99,17 @@ def test_deployed_by_root_only_supervisord_and_nginx_s_master_keep_root(least_pr
     kept_root = {supervisord, nginx_master, fleet.pid("nginx")}  # the launcher is nginx's program
     members = processes_of(run_dir)
     assert kept_root <= set(members)
-    wrong = {pid: name_of(pid)[:100] for pid in members
-             if uid_of(pid) != (0 if pid in kept_root else user.pw_uid)}
+    wrong = {pid: procfs.cmdline(pid)[:100] for pid in members
+             if procfs.uid(pid) != (0 if pid in kept_root else user.pw_uid)}
     assert not wrong, f"not as expected (root only for {sorted(kept_root)}): {wrong}"
     # Every kind of process is there, as the fleet's user: nginx's workers, the instances, the
     # job processes (a local pool's workers, or a Dask worker's children) and Dask itself.
-    as_user = [name_of(pid) for pid in members if uid_of(pid) == user.pw_uid]
+    as_user = [procfs.cmdline(pid) for pid in members if procfs.uid(pid) == user.pw_uid]
     for kind in ["nginx: worker process", "services.fast", "services.slow"] + (
             ["dask_scheduler", "dask_worker"] if backend == "dask" else []):
         assert any(kind in name for name in as_user), f"no {kind} among {as_user}"
     job_processes = fleet.slow_health()["pool"].get("pids") or []
-    assert all(uid_of(pid) == user.pw_uid for pid in job_processes)
+    assert all(procfs.uid(pid) == user.pw_uid for pid in job_processes)
     found = cpu_priority.own_cpu_cgroup()
     if found is not None and not found[1] and backend == "local":  # v1, as here: workers joined root's group
         for pid in job_processes:

@@ -1,5 +1,5 @@
 """A short `make soak`: about a minute of steady load through a private fleet while every fault of
-the schedule strikes at least once; the verdict must be PASS (deploy/soak.py says what it checks).
+the schedule strikes at least once; the verdict must be PASS (drills/soak.py says what it checks).
 
 The hours-long soak is `SOAK_MINUTES=... make soak`; its latest recorded run is bench/results/soak.md.
 """
@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deploy.soak import CHEAP, RESTARTS
+from drills.soak import CHEAP, RESTARTS
 from tests.integration.conftest import REPO
 
 
@@ -19,7 +19,7 @@ def test_a_minute_of_load_with_every_fault_loses_nothing_grows_nothing_and_leave
     fleet = private_fleet()  # the test fleets serve the fault tasks (tests.support.faulty_tasks)
     out = tmp_path / "soak"
     result = subprocess.run(
-        [sys.executable, "-m", "deploy.soak", "--minutes", "0.85", "--fault-every", "2", "--restart-every", "2",
+        [sys.executable, "-m", "drills.soak", "--minutes", "0.85", "--fault-every", "2", "--restart-every", "2",
          "--warmup", "6", "--sample-every", "1", "--out", str(out)],
         cwd=REPO, env=fleet.env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

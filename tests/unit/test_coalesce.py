@@ -8,6 +8,7 @@ import json
 import pytest
 from tornado.testing import gen_test
 
+from services.common import metrics_reader
 from services.common.server import Instance
 from services.common.settings import load
 from services.slow import registry
@@ -154,8 +155,7 @@ class CoalescingTest(ContractTestCase):
         raise AssertionError("condition not met")
 
     def coalesced(self, metrics: str, task: str) -> float:
-        line = next(l for l in metrics.splitlines() if l.startswith(f'fleet_slow_coalesced_total{{task="{task}"}}'))
-        return float(line.split()[-1])
+        return metrics_reader.total(metrics, "fleet_slow_coalesced_total", task=task)
 
     @gen_test(timeout=10)
     async def test_fifty_identical_requests_run_one_job_and_get_the_same_answer(self):

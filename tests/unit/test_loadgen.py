@@ -6,7 +6,7 @@ import socket
 import struct
 import threading
 
-from deploy.loadgen import Outcome, Route, Tally, _KeptAliveClient
+from drills.loadgen import Outcome, Route, Tally, _KeptAliveClient
 
 POST = Route("fast POST /echo", "fast", "POST", "/echo", rate=1, clients=1, body=b"{}")
 GET = Route("fast GET /fast", "fast", "GET", "/fast", rate=1, clients=1)

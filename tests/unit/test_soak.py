@@ -1,13 +1,13 @@
-"""make soak's verdict: each rule it applies can fail (deploy/soak.py, deploy/soak_watch.py)."""
+"""make soak's verdict: each rule it applies can fail (drills/soak.py, drills/soak_watch.py)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from deploy import soak
-from deploy.loadgen import Outcome, Route
-from deploy.soak import Band, FaultRecord
-from deploy.soak_watch import Figures, kind_of, leftover_problems
+from drills import soak
+from drills.loadgen import Outcome, Route
+from drills.soak import Band, FaultRecord
+from drills.soak_watch import Figures, kind_of, leftover_problems
 
 QUIET = {"cgroups": 1, "run dir files": 9, "temp files": 0, "zombies": [], "listening ports": [80, 81],
          "established sockets": 4, "close_wait sockets": 0}
@@ -75,7 +75,7 @@ def test_a_forkserver_s_children_are_workers_though_they_keep_its_command_line()
 
 
 def test_only_pool_workers_count_as_workers():
-    from deploy.soak_watch import Proc, pool_workers
+    from drills.soak_watch import Proc, pool_workers
 
     processes = [Proc("nginx worker", 1, True), Proc("slow-01 pool worker", 2, False),
                  Proc("dask-worker-01 pool worker", 3, False), Proc("slow-01 pool worker", 4, False)]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy import control, render
+from services.common import procfs
 from services.common.settings import Settings
 from services.slow import cpu_priority
 
@@ -51,15 +52,11 @@ class Figures:
 def process_table() -> dict[int, tuple[int, str, str]]:
     """pid: (parent pid, state, command line) of every process of the machine."""
     table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        table[int(entry.name)] = (int(fields[1]), fields[0], command)
+    for pid in procfs.pids():
+        command = procfs.cmdline(pid)  # first: a process gone by then has no stat either
+        stat = procfs.stat(pid)
+        if stat is not None:
+            table[pid] = (stat.ppid, stat.state, command)
     return table
 
 
@@ -108,16 +105,13 @@ def fleet_processes(settings: Settings, table: dict[int, tuple[int, str, str]]) 
 
 
 def figures(pid: int, table: dict[int, tuple[int, str, str]]) -> Figures | None:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        fds = os.listdir(f"/proc/{pid}/fd")
-        sockets = len(_socket_inodes([pid]))
-    except OSError:
+    status, fds = procfs.status(pid), procfs.fd_targets(pid)
+    if status is None or fds is None:
         return None  # it exited meanwhile
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    rss_kb = int(fields.get("VmRSS", "0 kB").split()[0])
+    rss_kb = int(status.get("VmRSS", "0 kB").split()[0])  # a zombie shows none
+    sockets = sum(1 for target in fds if target.startswith("socket:["))
     children = sum(1 for ppid, state, _ in table.values() if ppid == pid and state != "Z")
-    return Figures(round(rss_kb / 1024, 2), len(fds), sockets, int(fields["Threads"]), children)
+    return Figures(round(rss_kb / 1024, 2), len(fds), sockets, int(status["Threads"]), children)
 
 
 def pool_workers(processes: list[Proc], table: dict[int, tuple[int, str, str]]) -> int:
@@ -135,32 +129,7 @@ def _files_under(directory: Path, skip: tuple[Path, ...] = ()) -> int:
     return count
 
 
-def _socket_inodes(pids: list[int]) -> list[str]:
-    inodes = []
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.append(target[8:-1])
-        except OSError:
-            continue
-    return inodes
-
-
-def _tcp_states() -> dict[str, tuple[str, int]]:
-    """inode: (state, local port) of every TCP socket of the machine."""
-    states = {}
-    for name in ("tcp", "tcp6"):
-        try:
-            lines = Path(f"/proc/net/{name}").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            states[parts[9]] = ({"0A": "listen", "01": "established", "08": "close_wait"}.get(parts[3], "other"),
-                                int(parts[1].rsplit(":", 1)[1], 16))
-    return states
+TCP_STATES = {procfs.LISTEN: "listen", procfs.ESTABLISHED: "established", procfs.CLOSE_WAIT: "close_wait"}
 
 
 def leftovers(settings: Settings, processes: list[Proc], table: dict[int, tuple[int, str, str]]) -> dict:
@@ -168,8 +137,9 @@ def leftovers(settings: Settings, processes: list[Proc], table: dict[int, tuple[
     record = settings.run_dir / cpu_priority.RECORD
     # a group is reused (and recorded again) when its instance restarts: count directories, once each
     groups = {line.strip() for line in (record.read_text().splitlines() if record.exists() else []) if line.strip()}
-    tcp = _tcp_states()
-    sockets = [tcp[i] for i in _socket_inodes(pids) if i in tcp]
+    tcp = procfs.tcp_sockets()
+    sockets = [(TCP_STATES.get(tcp[i].state, "other"), tcp[i].port)
+               for pid in pids for i in procfs.socket_inodes(pid) if i in tcp]
     temp_dirs = [render.nginx_temp_dir(settings)]
     owner = _run_as_uid(processes)
     shared_tmp = Path(tempfile.gettempdir())
@@ -188,11 +158,7 @@ def leftovers(settings: Settings, processes: list[Proc], table: dict[int, tuple[
 def _run_as_uid(processes: list[Proc]) -> int | None:
     """The user the instances run as, when it is not ours (then its files in /tmp are the fleet's)."""
     for p in processes:
-        if p.label.startswith(("fast-", "slow-")):
-            try:
-                uid = Path(f"/proc/{p.pid}").stat().st_uid
-            except OSError:
-                continue
+        if p.label.startswith(("fast-", "slow-")) and (uid := procfs.uid(p.pid)) is not None:
             return uid if uid != os.getuid() else None
     return None
 

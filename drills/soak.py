@@ -1,17 +1,17 @@
 """`make soak`: a steady mixed load for minutes or hours while faults recur on a schedule; nothing
 may fail, be lost, grow or be left behind.
 
-    python -m deploy.soak                          # 10 minutes, against the fleet of .run/ (or $FLEET_RUN_DIR)
-    python -m deploy.soak --minutes 240            # SOAK_MINUTES=240 make soak
-    python -m deploy.soak --minutes 30 --out bench/results   # the recorded run (soak.md and charts)
+    python -m drills.soak                          # 10 minutes, against the fleet of .run/ (or $FLEET_RUN_DIR)
+    python -m drills.soak --minutes 240            # SOAK_MINUTES=240 make soak
+    python -m drills.soak --minutes 30 --out bench/results   # the recorded run (soak.md and charts)
 
-The load is make chaos's (deploy/loadgen.py: fast GET and POST, heavy GET and POST on kept-alive
-connections) and the faults are make chaos's too, plus the soak's own, taken in turn every
-`--fault-every` seconds: the cheap ones all the time (a worker killed mid-job, a job past its
-deadline, a task that raises, clients that hang up mid-job, an overload burst that must be shed;
-on Dask a Dask worker killed), and every `--restart-every`th slot one that restarts a process
-(kill -9 of a fast instance, of a slow instance, of nginx's master, a rolling reload; on Dask a
-kill -9 of the scheduler), so that most processes live long enough for their growth to show.
+The load is make chaos's (drills/loadgen.py: fast GET and POST, heavy GET and POST on kept-alive
+connections) and the faults are make chaos's too, plus the soak's own (all in drills/faults.py),
+taken in turn every `--fault-every` seconds: the cheap ones all the time (a worker killed mid-job,
+a job past its deadline, a task that raises, clients that hang up mid-job, an overload burst that
+must be shed; on Dask a Dask worker killed), and every `--restart-every`th slot one that restarts
+a process (kill -9 of a fast instance, of a slow instance, of nginx's master, a rolling reload; on
+Dask a kill -9 of the scheduler), so that most processes live long enough for their growth to show.
 
 The verdict (exit status 0 only if every line holds):
 - requests: no failed or lost request, counted as make chaos counts them (a request the fault
@@ -41,9 +41,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from deploy import apply, chaos, fleet, soak_watch
-from deploy.loadgen import Route, SteadyLoad, Tally
-from deploy.soak_watch import Figures, Proc
+from deploy import fleet
+from drills import faults, soak_watch
+from drills.faults import SETTLE, Fault
+from drills.loadgen import SteadyLoad, Tally
+from drills.soak_watch import Figures, Proc
 from services.common.settings import Settings, SettingsError, load, resolve
 
 RSS_GROWTH_LIMIT = 0.10
@@ -52,84 +54,25 @@ RETURN_WITHIN = 15.0  # seconds for descriptors and threads to come back after a
 FAULT_TASK_MODULE = "tests.support.faulty_tasks"  # raise_error, spin_past_deadline
 
 
-# the soak's own faults (the rest are make chaos's) --------------------------------------------------
-
-def _expect(load: SteadyLoad, path: str, status: int) -> str:
-    outcome = load.send_one(Route(f"fault GET {path}", "fault", "GET", path, rate=1))
-    if outcome.status != status or not outcome.json_error:
-        raise fleet.FleetError(f"{path} was answered {outcome.status} {outcome.error}, expected {status} with JSON")
-    return f"{path}: {status} {outcome.error}"
-
-
-def deadline_overrun(settings: Settings, load: SteadyLoad) -> str:
-    return _expect(load, "/slow/spin_past_deadline", 504)
-
-
-def task_raises(settings: Settings, load: SteadyLoad) -> str:
-    return _expect(load, "/slow/raise_error", 500)
-
-
-def overload_burst(settings: Settings, load: SteadyLoad, clients: int = 4, each: int = 5) -> str:
-    """`clients` addresses each open `each` distinct one-second jobs at once: past the line, shed."""
-    statuses: list[int] = []
-    bad: list[str] = []
-
-    def client(address: str, first: int) -> None:
-        for i in range(each):
-            threading.Thread(target=one, args=(address, first + i), daemon=True).start()
-
-    def one(address: str, i: int) -> None:
-        try:
-            with chaos.raw_client(settings, address, timeout=60) as sock:
-                # distinct seconds: identical jobs would share one (compute once), and never overload
-                sock.sendall(f"GET /slow/sleep/{1 + i / 1000:.3f} HTTP/1.1\r\nHost: burst\r\n\r\n".encode())
-                status, headers, body = chaos.answer(sock)
-        except OSError as exc:
-            bad.append(f"no answer: {exc}")
-            return
-        statuses.append(status)
-        if status != 200 and not (status in (429, 503) and chaos.contract_json(body) and "retry-after" in headers):
-            bad.append(f"{status} {body[:80]!r}")
-
-    before = threading.active_count()
-    for c in range(clients):
-        client(f"127.0.0.{10 + c}", c * each)
-    deadline = time.monotonic() + 60
-    while len(statuses) + len(bad) < clients * each and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if bad or len(statuses) < clients * each:
-        raise fleet.FleetError(f"burst: {len(bad)} bad answers, e.g. {bad[:1]}; {threading.active_count() - before} hanging")
-    shed = sum(s in (429, 503) for s in statuses)
-    if not shed:
-        raise fleet.FleetError(f"a burst of {clients * each} one-second jobs was not shed: {statuses}")
-    return f"{clients * each} jobs at once: {statuses.count(200)} served, {shed} shed with Retry-After"
-
-
-@dataclass(frozen=True)
-class Fault:
-    name: str
-    produce: Callable[[Settings, SteadyLoad], str]
-    may_hit: frozenset[str]  # what it may reach, as in make chaos; "fault": its own requests
-    kills_workers: bool = False  # the pool's worker count must be back within WORKER_BACK_WITHIN
-
+# the schedule ---------------------------------------------------------------------------------------
 
 SLOW = frozenset({"slow", "fault"})
 CHEAP = (
-    Fault("kill-slow-worker", chaos.kill_slow_worker, SLOW, kills_workers=True),
-    Fault("deadline-overrun", deadline_overrun, SLOW, kills_workers=True),
-    Fault("task-raises", task_raises, SLOW),
-    Fault("departed-clients", chaos.departed_clients, SLOW, kills_workers=True),
+    Fault("kill-slow-worker", faults.kill_slow_worker, SLOW, kills_workers=True),
+    Fault("deadline-overrun", faults.deadline_overrun, SLOW, kills_workers=True),
+    Fault("task-raises", faults.task_raises, SLOW),
+    Fault("departed-clients", faults.departed_clients, SLOW, kills_workers=True),
     # the burst fills every place: steady heavy requests meanwhile may be shed too (503, JSON)
-    Fault("overload-burst", overload_burst, SLOW),
+    Fault("overload-burst", faults.overload_burst, SLOW),
 )
 RESTARTS = (
-    Fault("kill-fast", chaos.kill_fast, frozenset({"fast POST", "fault"})),
-    Fault("kill-nginx", chaos.kill_nginx_master, frozenset({"fault"})),
-    Fault("kill-slow", chaos.kill_slow_instance, SLOW),
-    Fault("reload", chaos.rolling_reload, frozenset({"fault"})),
+    Fault("kill-fast", faults.kill_fast, frozenset({"fast POST", "fault"})),
+    Fault("kill-nginx", faults.kill_nginx_master, frozenset({"fault"})),
+    Fault("kill-slow", faults.kill_slow_instance, SLOW),
+    Fault("reload", faults.rolling_reload, frozenset({"fault"})),
 )
-DASK_CHEAP = (Fault("kill-dask-worker", chaos.kill_dask_worker, SLOW),)
-DASK_RESTARTS = (Fault("kill-dask-scheduler", chaos.kill_dask_scheduler, SLOW),)
+DASK_CHEAP = (Fault("kill-dask-worker", faults.kill_dask_worker, SLOW),)
+DASK_RESTARTS = (Fault("kill-dask-scheduler", faults.kill_dask_scheduler, SLOW),)
 
 
 def schedule(settings: Settings, restart_every: int) -> list[Fault]:
@@ -303,16 +246,15 @@ class Report:
 
 def run(settings: Settings, minutes: float, fault_every: float, restart_every: int, warmup: float,
         sample_every: float, say: Callable[[str], None] = print) -> tuple[Report, Watch]:
-    chaos.wait_whole(settings)
+    faults.wait_whole(settings)
     if FAULT_TASK_MODULE not in [m.strip() for m in str(settings.slow.task_modules).split(",")]:
         raise fleet.FleetError(f"the fleet does not serve the soak's fault tasks: deploy it with {FAULT_TASK_MODULE} "
                                "in slow.task_modules (make soak does)")
     workers = live_workers(settings)
     nginx_workers = settings.edge.worker_processes
     slots = schedule(settings, restart_every)
-    faults: list[FaultRecord] = []
+    records: list[FaultRecord] = []
     windows: list[tuple[float, float, frozenset[str]]] = []  # monotonic (from, to, may_hit)
-    reloads_before = len(apply.RELOADS)
     alarms_before = soak_watch.log_alarms(settings)
     with Watch(settings, sample_every) as watch:
         start_leftovers = _quiet_leftovers(settings)
@@ -327,22 +269,22 @@ def run(settings: Settings, minutes: float, fault_every: float, restart_every: i
                     time.sleep(wait)
                 if time.monotonic() >= end_at:
                     break
-                fault = slots[len(faults) % len(slots)]
+                fault = slots[len(records) % len(slots)]
                 record = _produce(settings, steady, watch, fault, workers, warmup)
-                faults.append(record)
-                windows.append((watch.start + record.at - chaos.SETTLE,
-                                watch.start + record.at + record.recovered_in + chaos.SETTLE, fault.may_hit))
+                records.append(record)
+                windows.append((watch.start + record.at - SETTLE,
+                                watch.start + record.at + record.recovered_in + SETTLE, fault.may_hit))
                 say(f"  {record.at:7.1f} s  {fault.name:<20} {record.error or record.note}")
-                next_fault = max(watch.start + record.at + fault_every, time.monotonic() + chaos.SETTLE)
+                next_fault = max(watch.start + record.at + fault_every, time.monotonic() + SETTLE)
         end_leftovers = _quiet_leftovers(settings)
-    requests = _tally(steady.outcomes, windows, apply.RELOADS[reloads_before:])
+    requests = _tally(steady.outcomes, windows, steady.reloads)
     growth = _growth(watch, warmup)
     leftover_problems = soak_watch.leftover_problems(start_leftovers, end_leftovers, nginx_workers)
     alarms = soak_watch.log_alarms(settings) - alarms_before
     if alarms > 0:
         leftover_problems.append(f"{alarms} asyncio complaints in the logs ({' / '.join(soak_watch.ASYNCIO_ALARMS)})")
-    problems = _problems(requests, faults, growth, leftover_problems, slots)
-    report = Report(settings.slow.backend, minutes, requests, faults, growth,
+    problems = _problems(requests, records, growth, leftover_problems, slots)
+    report = Report(settings.slow.backend, minutes, requests, records, growth,
                     {"start": start_leftovers, "end": end_leftovers}, leftover_problems, problems)
     return report, watch
 
@@ -381,11 +323,11 @@ def _produce(settings: Settings, steady: SteadyLoad, watch: Watch, fault: Fault,
         record.note = fault.produce(settings, steady)
         if fault.kills_workers:
             record.workers_back_in = wait_workers(settings, workers)
-        chaos.wait_whole(settings)
+        faults.wait_whole(settings)
     except (fleet.FleetError, OSError) as exc:
         record.error = f"error: {exc}"
         try:
-            chaos.wait_whole(settings)
+            faults.wait_whole(settings)
         except fleet.FleetError as again:
             record.error += f"; {again}"
     record.recovered_in = time.monotonic() - start
@@ -424,12 +366,12 @@ def _growth(watch: Watch, warmup: float) -> list[dict]:
     return rows
 
 
-def _problems(requests: Tally, faults: list[FaultRecord], growth: list[dict], leftovers: list[str],
+def _problems(requests: Tally, records: list[FaultRecord], growth: list[dict], leftovers: list[str],
               slots: list[Fault]) -> list[str]:
     problems = []
     if requests.failed or requests.lost:
         problems.append(f"requests: {requests.failed} failed, {requests.lost} lost, e.g. {requests.examples[:3]}")
-    for f in faults:
+    for f in records:
         if f.error:
             problems.append(f"fault {f.name} at {f.at:.0f} s: {f.error}")
         if f.workers_back_in is not None and f.workers_back_in > WORKER_BACK_WITHIN:
@@ -441,7 +383,7 @@ def _problems(requests: Tally, faults: list[FaultRecord], growth: list[dict], le
             problems.append(f"{row['process']} (pid {row['pid']}): RSS grew {row['growth']:.0%} "
                             f"({row['rss_warm_mb']} -> {row['rss_end_mb']} MB)")
     problems += [f"leftover {line}" for line in leftovers]
-    missed = sorted({s.name for s in slots} - {f.name for f in faults})
+    missed = sorted({s.name for s in slots} - {f.name for f in records})
     if missed:
         problems.append(f"faults never produced (too short a soak): {', '.join(missed)}")
     return problems
@@ -476,7 +418,7 @@ def table(report: Report) -> str:
 
 
 def write(report: Report, watch: Watch, out: Path) -> list[Path]:
-    from deploy import soak_charts  # matplotlib: only when charts are wanted
+    from drills import soak_charts  # matplotlib: only when charts are wanted
 
     out.mkdir(parents=True, exist_ok=True)
     data = {"report": asdict(report) | {"passed": report.passed},
@@ -490,7 +432,7 @@ def write(report: Report, watch: Watch, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.soak", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m drills.soak", description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=10, help="how long the load runs (default 10)")
     parser.add_argument("--fault-every", type=float, default=20, help="seconds between faults (default 20)")
     parser.add_argument("--restart-every", type=int, default=5,

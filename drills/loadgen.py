@@ -70,6 +70,9 @@ class SteadyLoad:
     routes: tuple[Route, ...] = DEFAULT_ROUTES
     timeout: float = 60
     outcomes: list[Outcome] = field(default_factory=list)
+    # (signalled, new workers seen) of the nginx reloads made while it ran, as the reload returned
+    # them to the fault that made it: Tally counts a POST's idle race in one apart.
+    reloads: list[tuple[float, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()

@@ -1,57 +1,44 @@
-"""`make chaos`: break the running fleet in every way we promise to survive, under a steady load.
+"""The faults the drills produce for real on a running fleet, and what each may reach.
 
-    python -m deploy.chaos            # against the fleet of .run/ (or $FLEET_RUN_DIR)
-    python -m deploy.chaos --only kill-fast,reload
-
-Each scenario starts a steady mixed load through the edge (deploy/loadgen.py), produces one fault
-for real, waits until the fleet is whole again, and counts every request's outcome. The promise:
-no fast request fails, and the only slow requests that fail are those the fault itself hit, each
-answered with the contract's JSON error. Exit code 1 if a scenario breaks it.
-
-Columns: sent (requests during the scenario), failed (errors the fault could not explain: must be
-0), hit by the fault (requests in flight on the killed process, answered with JSON errors), lost
-(no answer, or an answer without the contract's JSON: must be 0), reload races (POSTs a client
-sent on a kept-alive connection in the instant an nginx reload closed it: nginx 1.22 closes idle
-client connections when it reloads; counted apart, never hidden, and only within a reload's
-window; elsewhere such an outcome is lost), recovered in (from the fault until every process
-runs, every instance answers /healthz and every pool is full).
+A fault is a function of (settings, the steady load running meanwhile): it breaks something (kill -9
+of a process, a rolling reload, clients that hang up, a burst past the waiting line...), checks
+that the fleet reacted as promised (FleetError if not: a worker outlived its instance, a burst was
+not shed...) and returns a line saying what happened. `make chaos` (chaos.py) produces each once;
+`make soak` (soak.py) produces them in turn for minutes or hours.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import signal
 import socket
 import string
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from deploy import apply, fleet, render
-from deploy.loadgen import Route, SteadyLoad, Tally
-from deploy.procs import children_of
-from services.common.settings import Settings, SettingsError, heavy_capacity, load, resolve
+from deploy import fleet, render
+from drills.loadgen import Route, SteadyLoad
+from services.common import metrics_reader, procfs
+from services.common.settings import Settings, heavy_capacity, resolve
 
 # Seconds of load before the fault and after recovery: longer than nginx's fail_timeout, so errors
-# of a scenario's aftermath are counted in that scenario, never in the next one.
+# of a fault's aftermath are counted with that fault, never with the next one.
 SETTLE = render.FAIL_TIMEOUT_SECONDS + 0.5
 
 
-@dataclass
-class Result:
-    scenario: str
-    tally: Tally
-    recovered_in: float
-    note: str = ""
-
-    @property
-    def passed(self) -> bool:
-        return self.tally.failed == 0 and self.tally.lost == 0
+@dataclass(frozen=True)
+class Fault:
+    """A fault as chaos and soak list it. `may_hit` names the requests it can reach, as Tally counts
+    them: "slow" (jobs on a killed worker or instance), "fast POST" (a POST in flight on a killed
+    fast instance, which nginx must not resend), "fault" (the soak's own requests of the fault)."""
+    name: str
+    produce: Callable[[Settings, SteadyLoad], str]
+    may_hit: frozenset[str]
+    kills_workers: bool = False  # the soak checks the pool's worker count is back within a second
 
 
 def pid_of(settings: Settings, name: str) -> int:
@@ -86,44 +73,28 @@ def wait_whole(settings: Settings, timeout: float = 60) -> None:
 def survivors(pids: list[int], within: float) -> list[int]:
     """Wait up to `within` seconds for `pids` to exit; return those still running."""
     deadline = time.monotonic() + within
-    while time.monotonic() < deadline and any(fleet.alive(p) for p in pids):
+    while time.monotonic() < deadline and any(procfs.alive(p) for p in pids):
         time.sleep(0.02)
-    return [p for p in pids if fleet.alive(p)]
+    return [p for p in pids if procfs.alive(p)]
 
 
 def busy_worker(settings: Settings, port: int) -> int | None:
     """A process running a job now (state R): a local worker, or a Dask worker's job process."""
     if settings.slow.backend == "dask":
         candidates = [pid for p in fleet.process_infos(settings) if p["name"].startswith("dask-worker-")
-                      for pid in descendants(p["pid"])]
+                      for pid in procfs.descendants(p["pid"])]
     else:
         candidates = slow_health(settings, port)["pool"]["pids"]
     for pid in candidates:
-        if state(pid) == "R":
+        if procfs.state(pid) == "R":
             return pid
     return None
-
-
-def state(pid: int) -> str:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "-"
-
-
-def descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        children = children_of(todo.pop())
-        found += children
-        todo += children
-    return found
 
 
 TARGET_JOB = Route("slow GET /slow/fib/30 (target)", "slow", "GET", "/slow/fib/30", rate=1)
 
 
-# scenarios: each produces its fault and returns a note; run() times the recovery ----------------
+# the faults: each returns a note of what it did; chaos and soak time the recovery -------------
 
 def drain_fast(settings: Settings, load: SteadyLoad) -> str:
     name = settings.instances("fast")[0][0]
@@ -167,7 +138,9 @@ def kill_dask_worker(settings: Settings, load: SteadyLoad) -> str:
         load.send_in_background(TARGET_JOB)
         time.sleep(0.05)
         for p in fleet.process_infos(settings):
-            if p["name"].startswith("dask-worker-") and any(state(c) == "R" for c in descendants(p["pid"])):
+            busy = p["name"].startswith("dask-worker-") and any(procfs.state(c) == "R"
+                                                                 for c in procfs.descendants(p["pid"]))
+            if busy:
                 os.kill(p["pid"], signal.SIGKILL)
                 return f"kill -9 {p['name']} (pid {p['pid']}) during a job; supervisor starts it again"
     raise fleet.FleetError("no busy Dask worker to kill")
@@ -183,7 +156,7 @@ def kill_dask_scheduler(settings: Settings, load: SteadyLoad) -> str:
 
 def kill_nginx_master(settings: Settings, load: SteadyLoad) -> str:
     master = int((settings.run_dir / "nginx" / "nginx.pid").read_text())
-    workers = fleet.worker_pids(master)
+    workers = procfs.children(master)
     os.kill(master, signal.SIGKILL)
     stale = survivors(workers, within=15)  # they finish their requests first
     if stale:
@@ -210,7 +183,7 @@ def departed_clients(settings: Settings, load: SteadyLoad) -> str:
 
 def rolling_reload(settings: Settings, load: SteadyLoad) -> str:
     before = {p["name"]: p["pid"] for p in fleet.process_infos(settings)}
-    fleet.rolling_restart(settings)
+    load.reloads += fleet.rolling_restart(settings)
     after = {p["name"]: p["pid"] for p in fleet.process_infos(settings)}
     # nginx reloads only a changed config; the Dask scheduler holds no code of the fleet's.
     same = [n for n in before if n not in ("nginx", "dask-scheduler") and not n.endswith("-spare")
@@ -225,9 +198,9 @@ def settings_change(settings: Settings, load: SteadyLoad) -> str:
     values = {**settings.values, "fast.instances": settings.fast.instances + 1,
               "fast.drain_timeout": settings.fast.drain_timeout + 1}
     changed = Settings(resolve(values, env={}, origin="chaos settings-change"), settings.run_dir)
-    fleet.apply_changes(changed)
+    load.reloads += fleet.apply_changes(changed)
     fleet.wait_healthy(changed)
-    fleet.apply_changes(settings)
+    load.reloads += fleet.apply_changes(settings)
     return (f"fast.instances {settings.fast.instances}->{changed.fast.instances}->{settings.fast.instances}, "
             f"fast.drain_timeout +1 and back, each applied live")
 
@@ -359,110 +332,71 @@ def unknown_methods(settings: Settings, load: SteadyLoad, count: int = 2000) -> 
         thread.start()
     for thread in threads:
         thread.join()
-    foreign = {port: [line for line in _series(port) - series[port] if "method=" in line and not
-                      any(f'method="{m}"' in line for m in ("GET", "POST", "HEAD"))] for port in ports}
+    foreign = {port: [s for s in _series(port) - series[port] if s[1] not in ("GET", "POST", "HEAD")]
+               for port in ports}
     if bad or any(foreign.values()):
         raise fleet.FleetError(f"bad answers {bad[:3]}; metric series of other methods {foreign}")
     return f"{count} requests with made-up methods: all 405 JSON from the edge; no new metric series"
 
 
-def _series(port: int) -> set[str]:
+def _series(port: int) -> set[tuple[str, str, str]]:
+    """(route, method, status) of each of an instance's request-duration series."""
     from urllib.request import urlopen
 
     with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return {line.split(" ")[0] for line in response.read().decode().splitlines()
-                if line.startswith("fleet_http_request_duration_seconds_count")}
+        return {(s.labels["route"], s.labels["method"], s.labels["status"])
+                for s in metrics_reader.samples(response.read().decode())
+                if s.name == "fleet_http_request_duration_seconds_count"}
 
 
-# name: (fault, what it may reach). A killed process takes the requests it was serving with it:
-# its jobs, and a POST in flight on a fast instance (nginx resends GETs, never a POST).
-SCENARIOS: dict[str, tuple[Callable[[Settings, SteadyLoad], str], frozenset[str]]] = {
-    "drain-fast": (drain_fast, frozenset()),
-    "kill-fast": (kill_fast, frozenset({"fast POST"})),
-    "kill-slow-worker": (kill_slow_worker, frozenset({"slow"})),
-    "kill-slow": (kill_slow_instance, frozenset({"slow"})),
-    "kill-nginx": (kill_nginx_master, frozenset()),
-    "departed-clients": (departed_clients, frozenset()),
-    "reload": (rolling_reload, frozenset()),
-    "settings-change": (settings_change, frozenset()),
-    "abort-storm": (abort_storm, frozenset()),
-    "monopolist": (monopolist, frozenset()),
-    "unknown-methods": (unknown_methods, frozenset()),
-}
-# Faults of the managed Dask cluster (slow.backend = "dask"): a job on the killed process, or in
-# flight while the scheduler is away, is hit (502 / 503 backend_unavailable, JSON).
-DASK_SCENARIOS: dict[str, tuple[Callable[[Settings, SteadyLoad], str], frozenset[str]]] = {
-    "kill-dask-worker": (kill_dask_worker, frozenset({"slow"})),
-    "kill-dask-scheduler": (kill_dask_scheduler, frozenset({"slow"})),
-}
-# Local-pool faults that a Dask fleet has no counterpart of (its workers are the cluster's).
-LOCAL_ONLY = ("abort-storm",)
+# the soak's own faults, which need its test tasks (tests.support.faulty_tasks) ------------------
+
+def _expect(load: SteadyLoad, path: str, status: int) -> str:
+    outcome = load.send_one(Route(f"fault GET {path}", "fault", "GET", path, rate=1))
+    if outcome.status != status or not outcome.json_error:
+        raise fleet.FleetError(f"{path} was answered {outcome.status} {outcome.error}, expected {status} with JSON")
+    return f"{path}: {status} {outcome.error}"
 
 
-def scenarios_for(settings: Settings) -> dict:
-    if settings.slow.backend == "dask":
-        managed = settings.dask.scheduler == "managed"
-        return {**{n: v for n, v in SCENARIOS.items() if n not in LOCAL_ONLY}, **(DASK_SCENARIOS if managed else {})}
-    return SCENARIOS
+def deadline_overrun(settings: Settings, load: SteadyLoad) -> str:
+    return _expect(load, "/slow/spin_past_deadline", 504)
 
 
-def run(settings: Settings, name: str) -> Result:
-    wait_whole(settings)
-    with SteadyLoad("127.0.0.1", settings.edge.port) as load:
-        time.sleep(SETTLE)
-        fault = time.monotonic()
-        fault_fn, may_hit = scenarios_for(settings)[name]
-        reloads_before = len(apply.RELOADS)
-        note = fault_fn(settings, load)
-        wait_whole(settings)
-        recovered = time.monotonic() - fault
-        time.sleep(SETTLE)
-    return Result(name, Tally.of(load.outcomes, may_hit, apply.RELOADS[reloads_before:]), recovered, note)
+def task_raises(settings: Settings, load: SteadyLoad) -> str:
+    return _expect(load, "/slow/raise_error", 500)
 
 
-def print_table(results: list[Result]) -> None:
-    header = (f"{'scenario':<18} {'sent':>6} {'failed':>7} {'hit by the fault (JSON)':>24} {'lost':>5} "
-              f"{'reload races':>13} {'recovered in (s)':>17}  what happened")
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        t = r.tally
-        print(f"{r.scenario:<18} {t.sent:>6} {t.failed:>7} {t.hit:>24} {t.lost:>5} {t.reload_races:>13} "
-              f"{r.recovered_in:>17.2f}  {r.note}")
-        for example in t.examples if not r.passed or t.reload_races else []:
-            print(f"{'':<18} {example}")
+def overload_burst(settings: Settings, load: SteadyLoad, clients: int = 4, each: int = 5) -> str:
+    """`clients` addresses each open `each` distinct one-second jobs at once: past the line, shed."""
+    statuses: list[int] = []
+    bad: list[str] = []
 
+    def client(address: str, first: int) -> None:
+        for i in range(each):
+            threading.Thread(target=one, args=(address, first + i), daemon=True).start()
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.chaos", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", help="comma-separated scenarios, of: "
-                        f"{', '.join(SCENARIOS)}; on a Dask fleet also {', '.join(DASK_SCENARIOS)}")
-    options = parser.parse_args(argv)
-    try:
-        settings = load()
-        if (settings.run_dir / "settings.json").exists():  # the fleet as it was deployed
-            settings = Settings.from_snapshot(settings.run_dir / "settings.json")
-        if not fleet.supervisord_pid(settings):
-            raise fleet.FleetError(f"no fleet running in {settings.run_dir}: run make deploy-local first")
-        known = scenarios_for(settings)
-        names = options.only.split(",") if options.only else list(known)
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            parser.error(f"unknown scenario {unknown[0]} for this fleet; known: {', '.join(known)}")
-        results = []
-        for name in names:
-            print(f"running {name} ...", flush=True)
-            results.append(run(settings, name))
-    except (SettingsError, fleet.FleetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print()
-    print_table(results)
-    failed = [r.scenario for r in results if not r.passed]
-    print("\n" + (f"FAILED: {', '.join(failed)}" if failed else
-                  "every scenario: no request failed or was lost; only requests the fault itself hit got (JSON) errors"))
-    return 1 if failed else 0
+    def one(address: str, i: int) -> None:
+        try:
+            with raw_client(settings, address, timeout=60) as sock:
+                # distinct seconds: identical jobs would share one (compute once), and never overload
+                sock.sendall(f"GET /slow/sleep/{1 + i / 1000:.3f} HTTP/1.1\r\nHost: burst\r\n\r\n".encode())
+                status, headers, body = answer(sock)
+        except OSError as exc:
+            bad.append(f"no answer: {exc}")
+            return
+        statuses.append(status)
+        if status != 200 and not (status in (429, 503) and contract_json(body) and "retry-after" in headers):
+            bad.append(f"{status} {body[:80]!r}")
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    before = threading.active_count()
+    for c in range(clients):
+        client(f"127.0.0.{10 + c}", c * each)
+    deadline = time.monotonic() + 60
+    while len(statuses) + len(bad) < clients * each and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if bad or len(statuses) < clients * each:
+        raise fleet.FleetError(f"burst: {len(bad)} bad answers, e.g. {bad[:1]}; {threading.active_count() - before} hanging")
+    shed = sum(s in (429, 503) for s in statuses)
+    if not shed:
+        raise fleet.FleetError(f"a burst of {clients * each} one-second jobs was not shed: {statuses}")
+    return f"{clients * each} jobs at once: {statuses.count(200)} served, {shed} shed with Retry-After"
