@@ -18,6 +18,8 @@ import time
 import zlib
 from pathlib import Path
 
+from services.common import procfs
+
 log = logging.getLogger("fleet.cpu")
 
 IDLE = "fleet-idle"  # the idle groups' parent, under the fleet's own cgroup
@@ -43,10 +45,7 @@ def own_cpu_cgroup(mountinfo: Path = MOUNTINFO, membership: Path = MEMBERSHIP) -
         left, _, right = line.partition(" - ")
         fields, (fstype, _source, options) = left.split(), right.split()[:3]
         mounts.append((fstype, fields[4], fields[3], options.split(",")))
-    paths = {}  # controllers ("cpu,cpuacct", or "" for v2) -> this process's path in that hierarchy
-    for line in membership.read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        paths[controllers] = path
+    paths = procfs.cgroups(file=membership)  # controllers ("cpu,cpuacct", or "" for v2) -> its path there
     for fstype, point, root, options in mounts:
         if fstype == "cgroup" and "cpu" in options:
             path = next((p for c, p in paths.items() if "cpu" in c.split(",")), None)

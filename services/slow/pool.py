@@ -41,23 +41,21 @@ import select
 import signal
 import struct
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from services.common import procfs
 from services.common.settings import Settings
 from services.slow import cpu_priority
 from services.slow.jobs import (RECLAIM_AFTER, JobError, JobFailed, JobTimeout, KillBudget, Line, NoWorkers,
                                 ResultTooLarge, TaskUnavailable, WorkerDied, WorkerOutOfMemory)
-from services.slow.worker import WORKER_MARKER, worker_main
+from services.slow.worker import WORKER_MARKER, Frames, worker_main
 
 log = logging.getLogger("fleet.pool")
 
-READ_CHUNK = 1 << 16  # bytes read from a worker's pipe per loop turn: a big result never blocks the loop (and a
-# small one is not read into a 1 MiB buffer: os.read allocates its whole size, 13 us for 1 MiB)
 # Replacement workers that fail to start are retried after 0.5, 1, 2, ... s, at most this apart:
 # a failing pool costs little, and one that can work again is whole within this time.
 MAX_SPAWN_BACKOFF = 10
@@ -65,39 +63,9 @@ MAX_SPAWN_BACKOFF = 10
 MAX_SETUP_BACKOFF = 60
 # How often busy workers' resident memory is read against max_rss_mb (one /proc read per busy worker).
 MEMORY_CHECK_INTERVAL = 0.05
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
-# the pipe to a worker, read and written without blocking the event loop (worker.py has its other end)
-
-class Frames:
-    """Reassembles multiprocessing.Connection messages from a pipe read a chunk at a time.
-
-    Connection.recv() reads a whole message in one blocking call: for a large result, the event
-    loop would stop for its whole length. Here each loop turn reads at most READ_CHUNK bytes.
-    """
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-
-    def pop(self) -> bytes | None:
-        """The next complete message (the pickle's bytes), or None until one has arrived."""
-        buffer = self.buffer
-        if len(buffer) < 4:
-            return None
-        (size,) = struct.unpack_from("!i", buffer)
-        header = 4
-        if size == -1:  # Connection's framing for messages over 2 GiB
-            if len(buffer) < 12:
-                return None
-            (size,) = struct.unpack_from("!Q", buffer, 4)
-            header = 12
-        if len(buffer) < header + size:
-            return None
-        message = bytes(memoryview(buffer)[header:header + size])
-        del buffer[:header + size]
-        return message
-
+# the pipe to a worker, written without blocking the event loop (read through worker.Frames)
 
 def write_message(fd: int, message: Any, patience: float = 5) -> None:
     """Send `message` as Connection.send would, on a descriptor the event loop may have made
@@ -411,7 +379,7 @@ class WorkerPool:
         worker.jobs += 1
         if worker.job_limit and worker.jobs >= worker.job_limit:
             self._retire(worker, "recycled", f"it has run {worker.jobs} jobs (slow.worker_max_jobs)")
-        elif self.max_rss_bytes and (rss := _resident_bytes(worker.pid)) > self.max_rss_bytes:
+        elif self.max_rss_bytes and (rss := procfs.resident_bytes(worker.pid)) > self.max_rss_bytes:
             self._retire(worker, "recycled", f"it kept {rss >> 20} MiB resident after a job, over "
                                              f"{self.max_rss_bytes >> 20} MiB (slow.worker_max_rss_mb)")
         else:
@@ -424,7 +392,7 @@ class WorkerPool:
             for worker in list(self._workers):
                 if worker.job is None or worker.job.done() or worker.retired or worker.exited:
                     continue
-                rss = _resident_bytes(worker.pid)
+                rss = procfs.resident_bytes(worker.pid)
                 if rss > self.max_rss_bytes:
                     worker.job.set_result(("out_of_memory", rss))
                     self._retire(worker, "out_of_memory", f"{rss >> 20} MiB resident during a job, over "
@@ -494,25 +462,13 @@ class WorkerPool:
         return f"task {task} is unavailable: its setup failed ({type_name}: {message}); next try in {wait:.0f} s"
 
     def _on_readable(self, worker: _Worker) -> None:
-        try:
-            data = os.read(worker.conn.fileno(), READ_CHUNK)
-        except OSError:
-            data = b""
-        if not data:  # the worker is exiting; _on_exit reports it
+        if not worker.frames.read(worker.conn.fileno()):  # the worker is exiting; _on_exit reports it
             self._remove_reader(worker.conn.fileno())
             return
-        worker.frames.buffer += data
         self._deliver(worker)
 
     def _deliver(self, worker: _Worker) -> None:
-        while (frame := worker.frames.pop()) is not None:
-            try:
-                message = pickle.loads(frame)
-            except Exception as exc:
-                # The reply arrived whole but does not unpickle here (bpo-31699): the pipe is still
-                # in step, so fail this job alone and keep the worker.
-                message = ("error", type(exc).__name__, f"the job's reply could not be read: {exc}",
-                           traceback.format_exc())
+        for message in worker.frames.messages():
             kind = message[0]
             if worker.ready.done() and kind in ("ready", "start_failed"):
                 continue  # too late: its start already timed out
@@ -526,16 +482,7 @@ class WorkerPool:
                 worker.job.set_result(message)
 
     def _on_exit(self, worker: _Worker) -> None:
-        # A reply the worker sent just before it exited may still be in the pipe: it counts.
-        fd = worker.conn.fileno()
-        while select.select([fd], [], [], 0)[0]:
-            try:
-                data = os.read(fd, READ_CHUNK)
-            except OSError:
-                break
-            if not data:
-                break
-            worker.frames.buffer += data
+        worker.frames.drain(worker.conn.fileno())  # a reply it sent just before it exited counts
         self._deliver(worker)
         self._detach(worker)
         self._kill_group(worker)  # whatever its job started dies with it
@@ -629,24 +576,13 @@ def _release(process: multiprocessing.process.BaseProcess) -> None:
         pass
 
 
-def _resident_bytes(pid: int) -> int:
-    """A process's resident memory (RSS) from /proc; 0 once it is gone."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * PAGE_SIZE
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
 def _kill_leftovers(marker: str) -> None:
     """SIGKILL processes a previous run of this pool left behind (children of a killed worker)."""
-    wanted = f"\0{WORKER_MARKER}={marker}\0".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if wanted in b"\0" + (entry / "environ").read_bytes():
-                log.warning("killing process %s left behind by a previous worker", entry.name)
-                os.kill(int(entry.name), signal.SIGKILL)
-        except (OSError, ValueError):
-            continue
+    wanted = f"{WORKER_MARKER}={marker}"
+    for pid in procfs.pids():
+        if pid != os.getpid() and wanted in procfs.environ(pid):
+            log.warning("killing process %s left behind by a previous worker", pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass

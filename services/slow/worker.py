@@ -12,7 +12,8 @@ pipe and answers with a plain tuple, never an exception object:
     ("unavailable", type, message, traceback)                               the task's setup failed again
 
 Messages use multiprocessing.Connection's framing (a 4-byte size, then the pickle): the worker
-blocks on its end; the pool reads and writes its end without blocking its event loop (pool.py).
+blocks on its end; the pool reads its end a chunk at a time (Frames, below) and writes it without
+blocking its event loop (pool.write_message).
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import pickle
+import select
 import signal
+import struct
 import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from services.slow import cpu_priority
 
@@ -135,3 +139,61 @@ def worker_main(conn: Connection, task_modules: str, nice: int, sched_idle: bool
         except BaseException as exc:  # converted here, so only plain strings cross the pipe
             reply = error_reply(exc)
         conn.send(reply)
+
+
+# --- the pipe's framing, as the pool reads its end -------------------------------------------------
+
+READ_CHUNK = 1 << 16  # bytes read from a worker's pipe per loop turn: a big result never blocks the loop (and a
+# small one is not read into a 1 MiB buffer: os.read allocates its whole size, 13 us for 1 MiB)
+
+
+class Frames:
+    """Reassembles multiprocessing.Connection messages from a pipe read a chunk at a time.
+
+    Connection.recv() reads a whole message in one blocking call: for a large result, the event
+    loop would stop for its whole length. Here each loop turn reads one chunk (read).
+    """
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def read(self, fd: int) -> bool:
+        """Add one chunk from the pipe; False when the worker's end is closed (it is exiting)."""
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except OSError:
+            data = b""
+        self.buffer += data
+        return bool(data)
+
+    def drain(self, fd: int) -> None:
+        """Read whatever is left in the pipe (a reply the worker sent just before it exited)."""
+        while select.select([fd], [], [], 0)[0] and self.read(fd):
+            pass
+
+    def messages(self) -> Iterator[tuple]:
+        """Each complete message, unpickled. One that arrived whole but does not unpickle here
+        (bpo-31699) comes as the job's error: the pipe is still in step, so only that job fails."""
+        while (frame := self.pop()) is not None:
+            try:
+                yield pickle.loads(frame)
+            except Exception as exc:
+                yield ("error", type(exc).__name__, f"the job's reply could not be read: {exc}", traceback.format_exc())
+
+    def pop(self) -> bytes | None:
+        """The next complete message (the pickle's bytes), or None until one has arrived."""
+        buffer = self.buffer
+        if len(buffer) < 4:
+            return None
+        (size,) = struct.unpack_from("!i", buffer)
+        header = 4
+        if size == -1:  # Connection's framing for messages over 2 GiB
+            if len(buffer) < 12:
+                return None
+            (size,) = struct.unpack_from("!Q", buffer, 4)
+            header = 12
+        if len(buffer) < header + size:
+            return None
+        message = bytes(memoryview(buffer)[header:header + size])
+        del buffer[:header + size]
+        return message

@@ -288,7 +288,7 @@ def test_a_result_that_cannot_be_unpickled_fails_its_job_at_once():
 # a pool that cannot set up a task, or start a worker ----------------------------------------------
 
 from services.slow.jobs import NoWorkers, ResultTooLarge, TaskUnavailable  # noqa: E402
-from services.slow.pool import Frames  # noqa: E402
+from services.slow.worker import Frames  # noqa: E402
 from tests.support.faulty_tasks import setup_flag  # noqa: E402
 
 
