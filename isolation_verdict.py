@@ -3,9 +3,10 @@
 locustfile.py runs the phases, records every fast and heavy request in a Recorder (a Locust master
 merges its workers' samples into one) and calls in here: `figures` turns the samples into each
 phase's statistics, `judge` applies the rules to them (PASS, FAIL or INCONCLUSIVE, with the rule
-that decided), and `report_text`, `write_csv` and `tab_rows` show the same table on the console, in
-<prefix>_isolation.csv and in the web UI's Isolation tab. Nothing here imports Locust or gevent, so
-a verdict can be checked from made-up samples, as tests/unit/test_isolation_verdict.py does:
+that decided), and `report_text`, `write_csv` and `tab_rows` make the same table for the console,
+<prefix>_isolation.csv and the web UI's Isolation tab (isolation_ui.py puts it there, and the
+verdict in the exit code). Nothing here imports Locust or gevent, so a verdict can be checked from
+made-up samples, as tests/unit/test_isolation_verdict.py does:
 
     >>> from types import SimpleNamespace
     >>> rules = SimpleNamespace(median_ratio=1.5, median_slack_ms=2, ratio=2, slack_ms=10, max_lateness_ms=10,

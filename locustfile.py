@@ -63,7 +63,8 @@ with 100 samples already), then latency. Headless, the verdict is the exit code
 request failed in an unexpected way, e.g. a 500 or 502) and the per-phase table is printed; with
 --csv the table is also written to <prefix>_isolation.csv. The figures, the verdict and the table
 are isolation_verdict.py's (no Locust in it: tests/unit/test_isolation_verdict.py judges made-up
-runs); this file runs the phases and the users, and brings the samples to the one that judges.
+runs), and isolation_ui.py shows them (exit code, console, CSV, web UI tab); this file runs the
+phases and the users, and brings the samples to the one that judges.
 
 HOW THE DEFAULT THRESHOLDS WERE CHOSEN. Measured on this project's 2-core machine with the fleet's
 defaults (2 fast instances; 1 slow instance, 2 workers at nice 10, 8 waiting places) by
@@ -102,7 +103,6 @@ two fast routes (10 users x 4/s x 2 routes x 30 s) and 1,200 with GET /fast alon
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import random
@@ -122,17 +122,18 @@ from locust.runners import STATE_MISSING, MasterRunner, WorkerRunner
 from requests.adapters import HTTPAdapter
 
 try:
+    import isolation_ui
     import isolation_verdict
 except ModuleNotFoundError as exc:
-    if exc.name != "isolation_verdict":
+    if exc.name not in ("isolation_ui", "isolation_verdict"):
         raise
     # A worker on another host that fetched this file alone from its master (`locust -f - --worker`):
-    # workers only record and send samples, the master judges (setup_node refuses any other role).
-    isolation_verdict = None
+    # workers only record and send samples, the master judges and shows the verdict (setup_node refuses
+    # any other role).
+    isolation_ui = isolation_verdict = None
 
 log = logging.getLogger("isolation")
 
-EXIT_CODES = {"PASS": None, "FAIL": 3, "INCONCLUSIVE": 4}  # None: Locust's own rule (0, or 1 on errors)
 SPAWN_RATE = 100  # users started per second at a phase change: every phase starts at full strength
 ECHO_BODY = b'{"probe": "isolation", "padding": "' + b"x" * 200 + b'"}'
 
@@ -511,27 +512,13 @@ def on_test_stop(environment, **_kwargs):
         # warnings come with their samples.
         rec.cpu_warning = True
     rec.closed = True
-    v = isolation_verdict.judge(rec)
-    o = environment.parsed_options
-    if o is not None and getattr(o, "csv_prefix", None):
-        isolation_verdict.write_csv(rec, f"{o.csv_prefix}_isolation.csv")
-    if o is not None and o.headless:
-        # The table is printed on `quit`, after Locust's own summary, so the verdict is the last thing
-        # on the screen; the exit code is decided here.
-        environment.process_exit_code = EXIT_CODES[v.verdict]
-        rec.print_on_quit = True
-    else:
-        print(isolation_verdict.report_text(rec), flush=True)
-    log.info("isolation verdict: %s: %s", v.verdict, v.reason)
+    isolation_ui.show_verdict(environment, rec)
 
 
 @events.quit.add_listener
 def on_quit(exit_code, **_kwargs):
-    if Node.role != "worker" and RECORDER.print_on_quit:
-        print(isolation_verdict.report_text(RECORDER), flush=True)
-        if exit_code not in (0, 3, 4):
-            print(f"exit code {exit_code}: some heavy requests failed in an unexpected way (see the failures above)",
-                  flush=True)
+    if Node.role != "worker":
+        isolation_ui.print_on_quit(RECORDER, exit_code)
 
 
 def sample_inflight(runner) -> None:
@@ -589,7 +576,8 @@ def setup_node(environment) -> None:
     else:
         Node.role = "local"
     if Node.role != "worker" and isolation_verdict is None:
-        raise SystemExit("locustfile.py: isolation_verdict.py must be beside it (only a worker runs without it)")
+        raise SystemExit("locustfile.py: isolation_verdict.py and isolation_ui.py must be beside it "
+                         "(only a worker runs without them)")
     if Node.role != "master":  # a master runs no users
         gevent.spawn(sample_inflight, runner)
 
@@ -602,21 +590,5 @@ def on_init(environment, **_kwargs):
         except ValueError as exc:
             raise SystemExit(f"locustfile.py: invalid option: {exc}") from None
     setup_node(environment)
-    web_ui = environment.web_ui
-    if not web_ui:
-        return
-    from flask import request  # Locust's web UI is Flask; imported only when it runs
-
-    web_ui.template_args["extended_tabs"] = [{"title": "Isolation", "key": "isolation"}]
-    web_ui.template_args["extended_tables"] = [
-        {"key": "isolation", "structure": [{"key": key, "title": title} for key, title in isolation_verdict.COLUMNS]}]
-
-    @web_ui.app.after_request
-    def add_isolation_rows(response):
-        if request.path != "/stats/requests" or response.status_code != 200:
-            return response
-        data = response.get_json(silent=True)
-        if isinstance(data, dict):
-            data["extended_stats"] = [{"key": "isolation", "data": isolation_verdict.tab_rows(RECORDER)}]
-            response.set_data(json.dumps(data))
-        return response
+    if environment.web_ui:
+        isolation_ui.add_tab(environment.web_ui, lambda: RECORDER)  # RECORDER: a new one each run

@@ -24,7 +24,8 @@ Modules, one role each:
     memory       RSS and PSS summed over a set of processes
     cpu          CPU used by programs outside the bench (a shared machine), and per process
     stats        percentiles and median/min/max over repetitions
-    report       results.md, results.json and machine.md
+    report       results.md, results.json and machine.md, rendered from the measurements
+    machine      what a run ran on: cores, CPU, memory, OS, versions, and the commit measured
     charts       the PNG charts (matplotlib, Agg)
     levers       `python -m bench.levers`: A/B runs of one lever at a time (results/levers.md)
     levels       `python -m bench.levels`: fast p50/p99 at fixed rates up to saturation, idle and

@@ -23,7 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import charts, cpu, phases, report, subjects, wrk
+from bench import charts, cpu, machine, phases, report, subjects, wrk
 from bench.subjects import CONFIGS, REPO, Subject
 
 DEFAULT_OUT = REPO / "bench" / "results"
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     run = {"command": command.strip(), "date": report.now(), "repeat": profile.repeat,
            "configs": options.configs, "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-           "source": report.source(), "fleet_env": options.fleet_env}
+           "source": machine.source(), "fleet_env": options.fleet_env}
     workdir = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
     bench = Bench(profile, workdir, options.fleet_env)
     records: list[dict] = []

@@ -126,7 +126,8 @@ async def cache_hits(fleet: subjects.Fleet) -> dict:
 
 
 def markdown(results: dict) -> str:
-    from bench.report import machine, now, source, table
+    from bench.machine import machine, source
+    from bench.report import now, table
 
     info, s, c = machine(), results["setup"], results["cache"]
     rows = [[name, f"{v['ok']:.0f} / {v['requests']:.0f}", f"{v['shed']:.0f}", f"{v['jobs']:.0f}",

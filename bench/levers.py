@@ -353,7 +353,8 @@ COLUMNS = {
 
 
 def markdown(results: dict, rounds: int) -> str:
-    from bench.report import machine, now, source, table
+    from bench.machine import machine, source
+    from bench.report import now, table
 
     info = machine()
     out = ["# What each lever buys (bench/levers.py)", "",
