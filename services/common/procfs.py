@@ -6,7 +6,7 @@ descriptors; the machine's TCP sockets (net/tcp, net/tcp6). Standard library onl
 launcher and the instances import it at no cost. The processes read are not ours: any of them may
 exit between two reads, so every reader answers for a process that is gone (None, "", [] or
 False) instead of raising. (What describes the machine, read once by one module, stays there:
-cpuinfo and meminfo in bench/report.py, /proc/stat's totals in bench/cpu.py, a sysctl in
+cpuinfo and meminfo in bench/machine.py, /proc/stat's totals in bench/cpu.py, a sysctl in
 deploy/control.py.)
 
     >>> procfs.stat(os.getpid()).state
