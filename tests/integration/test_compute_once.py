@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from services.common import metrics_reader
-from tests.integration.conftest import Fleet, make_fleet
+from tests.support.fleet import Fleet, make_fleet
 
 CONCURRENT = 50
 

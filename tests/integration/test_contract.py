@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from services.common.procfs import alive
-from tests.integration.conftest import Fleet
-from tests.integration.test_fleet import assert_contract_error, wait_for
+from tests.support.contract import assert_contract_error
+from tests.support.fleet import Fleet
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,9 @@ from drills import chaos, loadgen
 from drills.loadgen import Tally
 from services.common import procfs
 from services.common.settings import load
-from tests.integration.conftest import Fleet, make_fleet
-from tests.integration.test_fleet import assert_contract_error, wait_for
+from tests.support.contract import assert_contract_error
+from tests.support.fleet import Fleet, make_fleet
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -12,32 +12,13 @@ import pytest
 
 from bench.cpu import process_cpu
 from services.common import cpu_slice, procfs
-from tests.integration.conftest import Fleet
+from tests.support.contract import assert_contract_error
+from tests.support.fleet import Fleet
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
 NGINX_REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")  # nginx's $request_id
-
-
-def wait_for(predicate, timeout: float = 10, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
-
-
-def assert_contract_error(response, status: int, error: str | None = None) -> dict:
-    assert response.status == status, response.body
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) >= {"error", "message", "request_id"}
-    assert body["request_id"] == response.headers["x-request-id"]
-    if error:
-        assert body["error"] == error
-    return body
 
 
 def busy_worker_pid(fleet: Fleet) -> int:

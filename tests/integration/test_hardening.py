@@ -5,7 +5,6 @@ Each test names the review's item it covers (issue 14); the unit tier covers the
 
 from __future__ import annotations
 
-import http.client
 import os
 import signal
 import socket
@@ -17,29 +16,12 @@ import pytest
 
 from deploy.procs import processes_of
 from services.common import procfs
-from tests.integration.conftest import Fleet, Response, free_port_block, make_fleet, port_is_free
-from tests.integration.test_fleet import assert_contract_error, wait_for
+from bench.procs import free_port_block, port_is_free
+from tests.support.contract import assert_contract_error
+from tests.support.fleet import Fleet, make_fleet
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def request_from(fleet: Fleet, source: str, method: str, path: str, timeout: float = 30):
-    """One request through the edge from a client address of its own (any 127.x is this machine)."""
-    conn = http.client.HTTPConnection("127.0.0.1", fleet.edge_port, timeout=timeout, source_address=(source, 0))
-    try:
-        conn.request(method, path)
-        response = conn.getresponse()
-        return Response(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read(), 0)
-    finally:
-        conn.close()
-
-
-def slow_status(fleet: Fleet) -> int | None:
-    """The slow instance's /healthz status, None while nothing listens (it is restarting)."""
-    try:
-        return fleet.get("/healthz", port=fleet.slow_ports[0], timeout=2).status
-    except OSError:
-        return None
 
 
 # 1. labels a client could choose --------------------------------------------------------------------
@@ -134,14 +116,7 @@ def test_a_changed_edge_port_is_applied_completely(private_fleet):
     held = procfs.fd_targets(launcher)
     assert sum(link.startswith("socket:") for link in held) >= 1  # it holds the new socket for restarts
     os.kill(int((fleet.run_dir / "nginx" / "nginx.pid").read_text()), signal.SIGKILL)
-    wait_for(lambda: _answers(fleet), timeout=10)  # a new master starts on the new socket
-
-
-def _answers(fleet: Fleet) -> bool:
-    try:
-        return fleet.get("/fast", timeout=2).status == 200
-    except OSError:
-        return False
+    wait_for(fleet.answers, timeout=10)  # a new master starts on the new socket
 
 
 # 8. a cold start ------------------------------------------------------------------------------------
@@ -188,7 +163,7 @@ def test_a_pool_that_cannot_start_workers_is_degraded_and_answers_503_at_once(pr
     assert_contract_error(health, 503, "degraded")
     assert health.json()["status"] == "degraded"
     flag.unlink()
-    wait_for(lambda: slow_status(fleet) == 200, timeout=40)
+    wait_for(lambda: fleet.slow_healthy(), timeout=40)
     assert fleet.get("/slow/fib/10").json()["result"] == 55
 
 
@@ -202,7 +177,7 @@ def test_a_task_whose_setup_fails_is_listed_while_the_instance_stays_healthy(fle
 def test_one_client_gets_its_share_of_the_slow_path_and_everyone_else_still_gets_in(private_fleet):
     fleet = private_fleet(FLEET_SLOW_MAX_PER_CLIENT="2")  # 2 workers, 2 waiting places
     with ThreadPoolExecutor(5) as pool:
-        hog = [pool.submit(request_from, fleet, "127.0.0.2", "GET", "/slow/sleep/2") for _ in range(4)]
+        hog = [pool.submit(fleet.get, "/slow/sleep/2", source="127.0.0.2") for _ in range(4)]
         time.sleep(0.5)
         other = fleet.get("/slow/fib/10")  # from 127.0.0.1: admitted, not 503
         statuses = sorted(f.result().status for f in hog)
@@ -224,7 +199,7 @@ def test_a_restarted_instance_kills_what_its_killed_workers_started(private_flee
         assert procfs.alive(child)
         os.kill(fleet.pid("slow-01"), signal.SIGKILL)  # its workers die with it; the child would not
         assert job.result().status == 502
-    wait_for(lambda: slow_status(fleet) == 200, timeout=30)
+    wait_for(lambda: fleet.slow_healthy(), timeout=30)
     wait_for(lambda: not procfs.alive(child), timeout=5)
     assert child not in processes_of(fleet.run_dir)
 

@@ -25,7 +25,7 @@ import pytest
 from deploy.procs import MEMBER_MARKER, processes_of
 from services.common import procfs
 from services.common.settings import load
-from tests.integration.conftest import REPO, TEST_SETTINGS, Response
+from tests.support.fleet import REPO, TEST_SETTINGS, Response
 from tests.support import netns
 
 HOSTS = {"web1": "10.77.0.1", "heavy1": "10.77.0.2", "heavy2": "10.77.0.3"}
@@ -80,9 +80,7 @@ class Hosts:
             started = time.monotonic()
             try:
                 conn.request(method, path, headers=headers or {})
-                response = conn.getresponse()
-                return Response(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read(),
-                                time.monotonic() - started)
+                return Response.read(conn, started)
             finally:
                 conn.close()
 

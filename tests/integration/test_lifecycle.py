@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
@@ -15,8 +14,10 @@ import pytest
 from deploy.fleet import processes_of
 from services.common import procfs
 from services.slow import cpu_priority
-from tests.integration.conftest import REPO, make_fleet, port_is_free
-from tests.integration.test_fleet import wait_for
+from bench.procs import port_is_free
+from tests.support.cgroups import cpu_cgroup_of
+from tests.support.fleet import REPO, make_fleet
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -55,8 +56,6 @@ def test_deploying_with_changed_settings_applies_them_one_instance_at_a_time(pri
 
 
 def test_deploy_refuses_a_port_taken_by_another_program(private_fleet, tmp_path):
-    from tests.integration.conftest import make_fleet
-
     fleet = make_fleet(tmp_path / "taken")
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", fleet.fast_ports[1]))
@@ -69,8 +68,6 @@ def test_deploy_refuses_a_port_taken_by_another_program(private_fleet, tmp_path)
 
 
 def test_invalid_settings_fail_fast_naming_the_key(private_fleet, tmp_path):
-    from tests.integration.conftest import make_fleet
-
     fleet = make_fleet(tmp_path / "invalid", FLEET_SLOW_NICE="42")
     result = fleet.command("up", check=False)
     assert result.returncode == 1
@@ -85,22 +82,10 @@ def test_kill_9_of_a_slow_instance_takes_its_workers_along_and_supervisor_brings
     os.kill(instance, signal.SIGKILL)
 
     wait_for(lambda: not any(procfs.alive(pid) for pid in workers), timeout=5)
-    back = wait_for(lambda: _health_or_none(fleet), timeout=20)
+    back = wait_for(fleet.slow_health_or_none, timeout=20)
     assert back["status"] == "ok" and not set(back["pool"]["pids"]) & set(workers)
     wait_for(lambda: fleet.process("slow-01")["statename"] == "RUNNING")
     assert fleet.get("/slow/fib/12").json()["result"] == 144
-
-
-def _health_or_none(fleet):
-    try:
-        return fleet.slow_health()
-    except OSError:
-        time.sleep(0.1)
-        return None
-
-
-def cpu_cgroup_of(pid: int) -> str:
-    return next(path for controllers, path in procfs.cgroups(pid).items() if "cpu" in controllers.split(","))
 
 
 def test_the_workers_idle_cgroups_live_under_the_fleet_s_own_and_none_outlives_it(tmp_path):

@@ -13,8 +13,9 @@ import uuid
 import pytest
 
 from services.common import metrics_reader
-from tests.integration.conftest import REPO, Fleet
-from tests.integration.test_fleet import assert_contract_error, wait_for
+from tests.support.contract import assert_contract_error
+from tests.support.fleet import REPO, Fleet
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

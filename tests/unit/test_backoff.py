@@ -11,7 +11,8 @@ from services.common.settings import load
 from services.slow import registry
 from services.slow.app import make_app
 from services.slow.backoff import RetryAfter
-from tests.unit.test_handlers import ContractTestCase, HeldPool
+from tests.support.app_case import ContractTestCase
+from tests.support.fake_pools import HeldPool
 
 
 def test_the_wait_grows_with_the_line_and_the_task_s_job_time():

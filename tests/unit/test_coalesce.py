@@ -14,7 +14,7 @@ from services.common.settings import load
 from services.slow import registry
 from services.slow.app import make_app
 from services.slow.coalesce import Flights, job_key
-from tests.unit.test_handlers import ContractTestCase
+from tests.support.app_case import ContractTestCase
 
 
 # the key -------------------------------------------------------------------------------------------

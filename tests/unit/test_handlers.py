@@ -8,7 +8,7 @@ import json
 import re
 
 import tornado
-from tornado.testing import AsyncHTTPTestCase, gen_test
+from tornado.testing import gen_test
 
 from services.common.server import Instance
 from services.common.settings import REPO_ROOT, load
@@ -17,25 +17,11 @@ from services.fast.app import make_app as make_fast_app
 from services.slow import registry
 from services.slow.app import make_app as make_slow_app
 from services.slow.inline_pool import InlinePool
+from tests.support.app_case import ContractTestCase
+from tests.support.fake_pools import HeldPool
 
 MODULES = "services.slow.tasks,tests.support.faulty_tasks"
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-class ContractTestCase(AsyncHTTPTestCase):
-    def request(self, path: str, method: str = "GET", body: bytes | str | None = None, **headers):
-        if body is None and method in ("POST", "PUT"):
-            body = b""
-        return self.fetch(path, method=method, body=body, headers=headers, raise_error=False)
-
-    def assert_json_error(self, response, status: int, error: str) -> dict:
-        assert response.code == status, (response.code, response.body)
-        assert response.headers["Content-Type"].startswith("application/json")
-        body = json.loads(response.body)
-        assert body["error"] == error
-        assert isinstance(body["message"], str) and body["message"]
-        assert body["request_id"] == response.headers["X-Request-ID"]
-        return body
 
 
 # who may talk to an instance ----------------------------------------------------------------------
@@ -397,27 +383,6 @@ class SlowAppPoolOutcomesTest(ContractTestCase):
 
 
 # the slow app, the waiting line full ------------------------------------------------------------
-
-class HeldPool:
-    """A pool whose jobs run until the test lets them go."""
-
-    def __init__(self) -> None:
-        self.started = asyncio.Event()
-        self.release = asyncio.Event()
-        self.calls = 0
-        self.kill_on_cancel = False
-        self.size = 1
-
-    async def run(self, task: str, kwargs: dict, timeout: float, client: str = ""):
-        self.calls += 1
-        self.started.set()
-        await self.release.wait()
-        return b"75025", 1.0  # the interface: the result as JSON bytes
-
-    def stats(self) -> dict:
-        return {"workers": 1, "busy": int(self.started.is_set() and not self.release.is_set()),
-                "calls": self.calls}
-
 
 class SlowAppFullLineTest(ContractTestCase):
     def get_app(self):
