@@ -29,15 +29,19 @@ HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 EXAMPLE = str(REPO_ROOT / "deploy" / "hosts.example.toml")
 
 
-class UntrustedPeerTest(ContractTestCase):
+class PeerTestCase(ContractTestCase):
+    """An instance served as the fleet serves it: no header changes the peer's address."""
+
+    def get_httpserver_options(self):
+        return {"xheaders": False}
+
+
+class UntrustedPeerTest(PeerTestCase):
     """An instance of web1 in deploy/hosts.example.toml, reached from 127.0.0.1: neither the edge
     host (10.77.0.1) nor its own address."""
 
     def get_app(self):
         return make_fast_app(Instance("fast", 1, load(env={"FLEET_SETTINGS": EXAMPLE, "FLEET_HOST": "web1"})))
-
-    def get_httpserver_options(self):
-        return {"xheaders": False}  # as the fleet serves: no header changes the peer's address
 
     def test_anyone_but_the_edge_and_the_own_host_gets_403_json(self):
         self.assert_json_error(self.request("/fast"), 403, "forbidden")
@@ -48,14 +52,16 @@ class UntrustedPeerTest(ContractTestCase):
             self.assert_json_error(self.request("/fast", **{header: "10.77.0.1"}), 403, "forbidden")
 
 
-class TrustedPeerTest(UntrustedPeerTest):
-    def get_app(self):
-        return make_fast_app(Instance("fast", 1, load(env={})))  # one host: loopback is the edge
+class TrustedPeerTest(PeerTestCase):
+    """An instance of a fleet on one host, reached from 127.0.0.1: loopback is the edge's address."""
 
-    def test_anyone_but_the_edge_and_the_own_host_gets_403_json(self):
+    def get_app(self):
+        return make_fast_app(Instance("fast", 1, load(env={})))
+
+    def test_a_request_from_the_edge_s_address_is_served(self):
         assert self.request("/fast").code == 200
 
-    def test_a_header_naming_the_edge_does_not_make_a_peer_trusted(self):
+    def test_a_header_naming_another_address_does_not_make_the_edge_untrusted(self):
         assert self.request("/fast", **{"X-Real-IP": "10.77.0.1"}).code == 200
 
 
