@@ -1,7 +1,7 @@
 """The slow path's contract through the edge, on both backends: the instance's own worker processes
 (slow.backend = "local") and a managed Dask cluster ("dask"). Every test here runs twice.
 
-Backend-specific faults are in test_fleet.py and test_faults.py (local) and test_dask.py (Dask).
+Backend-specific faults are in test_local_pool.py and test_faults.py (local) and test_dask.py (Dask).
 """
 
 from __future__ import annotations

@@ -1,38 +1,23 @@
-"""The fleet's contract through the edge: routing, every error status produced for real, isolation."""
+"""The fleet's contract through the edge: routing, request ids, the errors the edge and the
+instances answer (produced for real), a client's share of the slow path, and each kind of process's
+CPU priority. The local pool's own faults are in test_local_pool.py."""
 
 from __future__ import annotations
 
 import os
 import re
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from bench.cpu import process_cpu
 from services.common import cpu_slice, procfs
 from tests.support.contract import assert_contract_error
 from tests.support.fleet import Fleet
-from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
 NGINX_REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")  # nginx's $request_id
-
-
-def busy_worker_pid(fleet: Fleet) -> int:
-    """The pid of the worker burning CPU in slow-01: the one whose CPU time grew most, by at least
-    0.1 s, over 0.3 s. (State R alone once picked a worker that had just been replaced and was
-    still starting up, while the job ran on the other.)"""
-    def burning():
-        pids = fleet.slow_health()["pool"]["pids"]
-        before = {pid: process_cpu([pid]) for pid in pids}
-        time.sleep(0.3)
-        grown = {pid: process_cpu([pid]) - before[pid] for pid in pids}  # a process gone meanwhile: negative
-        pid = max(grown, key=grown.get, default=None)
-        return pid if pid is not None and grown[pid] >= 0.1 else None
-    return wait_for(burning, timeout=5, interval=0.01)
 
 
 # routing -----------------------------------------------------------------------------------------
@@ -55,6 +40,12 @@ def test_healthz_answers_through_the_edge_and_on_each_instance_port(fleet: Fleet
     for port, role in [(p, "fast") for p in fleet.fast_ports] + [(p, "slow") for p in fleet.slow_ports]:
         body = fleet.get("/healthz", port=port).json()
         assert body["status"] == "ok" and body["role"] == role
+
+
+def test_head_on_fast_and_healthz_is_200_through_the_edge(fleet: Fleet):
+    for path in ("/fast", "/healthz"):
+        response = fleet.request("HEAD", path)
+        assert response.status == 200 and response.body == b"", path
 
 
 def test_the_edge_gives_every_request_its_own_id_whatever_id_the_client_sends(fleet: Fleet):
@@ -80,42 +71,22 @@ def test_unknown_routes_and_tasks_get_404_json(fleet: Fleet, path: str):
     assert_contract_error(fleet.get(path), 404, "not_found")
 
 
+def test_slow_without_its_slash_is_a_json_404_not_an_html_redirect(fleet: Fleet):
+    response = fleet.get("/slow")
+    assert_contract_error(response, 404, "not_found")
+    assert "location" not in response.headers
+
+
 def test_wrong_method_gets_405_json(fleet: Fleet):
     assert_contract_error(fleet.request("PUT", "/fast"), 405)
     assert_contract_error(fleet.get("/slow/pbkdf2"), 405)
 
 
-def test_a_worker_that_exits_fails_only_its_own_job_and_the_pool_refills(fleet: Fleet):
-    before = set(fleet.slow_health()["pool"]["pids"])
-    with ThreadPoolExecutor(2) as pool:
-        neighbour = pool.submit(fleet.get, "/slow/spin/1")
-        time.sleep(0.2)
-        crashed = fleet.get("/slow/exit_worker")
-        assert_contract_error(crashed, 502, "worker_died")
-        assert neighbour.result().status == 200
-    pids = wait_for(lambda: (p := fleet.slow_health()["pool"]["pids"]) and len(p) == 2 and p)
-    assert set(pids) != before
-    assert fleet.get("/slow/fib/10").json()["result"] == 55
-
-
-def test_kill_9_of_a_worker_during_a_job_gives_502_for_that_job_only(fleet: Fleet):
-    with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(fleet.get, "/slow/spin/2.5")
-        victim = busy_worker_pid(fleet)
-        os.kill(victim, signal.SIGKILL)
-        assert_contract_error(job.result(), 502, "worker_died")
-    assert fleet.get("/slow/fib/10").status == 200
-    assert victim not in fleet.slow_health()["pool"]["pids"]
-
-
-def test_a_departed_client_s_running_job_has_its_worker_killed_and_replaced(fleet: Fleet):
-    before = fleet.slow_health()["pool"]
-    with pytest.raises(TimeoutError):
-        fleet.get("/slow/spin/2.5", timeout=0.5)
-    after = wait_for(lambda: (h := fleet.slow_health()["pool"])["cancelled"] > before["cancelled"]
-                     and len(h["pids"]) == 2 and h)
-    assert after["cancelled"] == before["cancelled"] + 1
-    assert set(after["pids"]) != set(before["pids"])
+def test_unknown_methods_are_answered_405_json_by_the_edge_and_never_reach_an_instance(fleet: Fleet):
+    for method, path in (("FOOBAR", "/fast"), ("DELETE", "/slow/fib/1"), ("PUT", "/echo")):
+        response = fleet.request(method, path)
+        assert_contract_error(response, 405, "method_not_allowed")
+        assert response.headers["x-served-by"] == "edge" and response.headers["allow"] == "GET, HEAD, POST"
 
 
 def test_oversized_requests_get_the_edge_s_json_errors(fleet: Fleet):
@@ -127,6 +98,24 @@ def test_oversized_requests_get_the_edge_s_json_errors(fleet: Fleet):
     r = fleet.get("/fast", headers={"X-Big": "a" * 9000})
     assert r.headers["x-served-by"] == "edge"
 
+
+# a client's share ----------------------------------------------------------------------------------
+
+def test_one_client_gets_its_share_of_the_slow_path_and_everyone_else_still_gets_in(private_fleet):
+    fleet = private_fleet(FLEET_SLOW_MAX_PER_CLIENT="2")  # 2 workers, 2 waiting places
+    with ThreadPoolExecutor(5) as pool:
+        hog = [pool.submit(fleet.get, "/slow/sleep/2", source="127.0.0.2") for _ in range(4)]
+        time.sleep(0.5)
+        other = fleet.get("/slow/fib/10")  # from 127.0.0.1: admitted, not 503
+        statuses = sorted(f.result().status for f in hog)
+    assert other.status == 200
+    assert statuses == [200, 200, 429, 429]
+    refused = next(f.result() for f in hog if f.result().status == 429)
+    assert_contract_error(refused, 429, "rate_limited")
+    assert refused.headers["retry-after"] == "1"
+
+
+# CPU priority -------------------------------------------------------------------------------------
 
 def test_the_fast_path_asks_for_a_short_time_slice_and_the_heavy_path_keeps_the_kernel_s(fleet: Fleet):
     """fast.sched_slice_us (100 us): the fast instances and every nginx process run with it, so a
