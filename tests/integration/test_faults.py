@@ -21,6 +21,7 @@ from services.common import procfs
 from services.common.settings import load
 from tests.support.contract import assert_contract_error
 from tests.support.fleet import Fleet, make_fleet
+from tests.support.running_jobs import last_spinner, spinner_pid
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -124,6 +125,11 @@ def test_a_flood_of_made_up_methods_is_answered_at_the_edge_and_fails_no_one(cha
 
 # drain ---------------------------------------------------------------------------------------------
 
+def accepting(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def test_a_draining_instance_answers_kept_alive_requests_with_connection_close(private_fleet):
     import http.client
 
@@ -135,8 +141,7 @@ def test_a_draining_instance_answers_kept_alive_requests_with_connection_close(p
     assert first.getheader("Connection") != "close"
     pid = fleet.pid("fast-01")
     os.kill(pid, signal.SIGTERM)
-    time.sleep(0.3)
-    assert socket.socket().connect_ex(("127.0.0.1", fleet.fast_ports[0])) != 0  # no longer accepting
+    wait_for(lambda: not accepting(fleet.fast_ports[0]), what="the draining instance no longer accepting")
     conn.request("GET", "/fast", headers=fleet.edge_headers())
     second = conn.getresponse()
     assert second.status == 200 and second.read() == b"Hello!"
@@ -146,10 +151,10 @@ def test_a_draining_instance_answers_kept_alive_requests_with_connection_close(p
 
 def test_a_slow_instance_finishes_its_running_job_before_it_exits(private_fleet):
     fleet = private_fleet()
-    pid = fleet.pid("slow-01")
+    pid, before = fleet.pid("slow-01"), last_spinner(fleet.run_dir)
     with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(fleet.get, "/slow/spin/1.5")
-        time.sleep(0.3)
+        job = pool.submit(fleet.get, "/slow/spin_and_tell/1.5")
+        spinner_pid(fleet.run_dir, before)  # the job runs
         os.kill(pid, signal.SIGTERM)
         response = job.result()
     assert response.status == 200 and response.json()["result"] == 1.5
@@ -161,12 +166,11 @@ def test_a_slow_instance_finishes_its_running_job_before_it_exits(private_fleet)
 def test_a_departed_client_s_waiting_job_never_runs(fleet: Fleet):
     before = fleet.slow_health()["pool"]
     with ThreadPoolExecutor(2) as pool:
-        busy = [pool.submit(fleet.get, "/slow/spin/1") for _ in range(2)]  # both workers busy
-        time.sleep(0.3)
+        busy = [pool.submit(fleet.get, "/slow/spin/1") for _ in range(2)]
+        wait_for(lambda: fleet.slow_health()["pool"]["busy"] == 2, what="both workers busy")
         with socket.create_connection(("127.0.0.1", fleet.edge_port)) as s:
-            s.sendall(b"GET /slow/pid HTTP/1.1\r\nHost: t\r\n\r\n")  # waits in line
-            time.sleep(0.2)
-            assert fleet.slow_health()["waiting"] == 1
+            s.sendall(b"GET /slow/pid HTTP/1.1\r\nHost: t\r\n\r\n")
+            wait_for(lambda: fleet.slow_health()["waiting"] == 1, what="the job waiting in line")
         wait_for(lambda: fleet.slow_health()["waiting"] == 0, timeout=2)
         assert all(f.result().status == 200 for f in busy)
     after = fleet.slow_health()["pool"]
@@ -221,7 +225,7 @@ def test_a_burst_of_new_connections_to_stalled_fast_instances_waits_in_their_bac
             os.kill(pid, signal.SIGSTOP)
         with ThreadPoolExecutor(400) as pool:
             answers = [pool.submit(fleet.get, "/fast", timeout=30) for _ in range(400)]
-            time.sleep(2)
+            time.sleep(2)  # stalled past nginx's 1 s connect timeout: the fault the test makes
             for pid in stalled:
                 os.kill(pid, signal.SIGCONT)
             statuses = sorted(str(a.result().status) for a in answers)

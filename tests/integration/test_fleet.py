@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from services.common import cpu_slice, procfs
 from tests.support.contract import assert_contract_error
 from tests.support.fleet import Fleet
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +105,8 @@ def test_one_client_gets_its_share_of_the_slow_path_and_everyone_else_still_gets
     fleet = private_fleet(FLEET_SLOW_MAX_PER_CLIENT="2")  # 2 workers, 2 waiting places
     with ThreadPoolExecutor(5) as pool:
         hog = [pool.submit(fleet.get, "/slow/sleep/2", source="127.0.0.2") for _ in range(4)]
-        time.sleep(0.5)
+        wait_for(lambda: fleet.slow_health()["running"] == 2 and sum(f.done() for f in hog) == 2,
+                 what="the client's share running and the rest of its jobs answered (refused)")
         other = fleet.get("/slow/fib/10")  # from 127.0.0.1: admitted, not 503
         statuses = sorted(f.result().status for f in hog)
     assert other.status == 200

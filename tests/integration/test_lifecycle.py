@@ -54,13 +54,13 @@ def test_a_cold_start_never_answers_no_live_upstreams(tmp_path):
                 try:
                     answers.append(fleet.get(path, timeout=10).status)
                 except OSError:
-                    time.sleep(0.01)  # refused: nothing listens yet
+                    time.sleep(0.01)  # refused: nothing listens yet (paces the next try)
 
     thread = threading.Thread(target=hammer, daemon=True)
     thread.start()
     try:
         fleet.command("up")
-        time.sleep(1)
+        time.sleep(1)  # the first second of the fleet just up, hammered: what the test watches
     finally:
         stop.set()
         thread.join()
@@ -90,7 +90,7 @@ def test_an_nginx_change_with_a_long_job_in_flight_is_applied_and_recorded(priva
                           FLEET_TASKS_SLEEP_MAX_SECONDS="15")
     with ThreadPoolExecutor(1) as pool:
         job = pool.submit(fleet.get, "/slow/sleep/12")  # longer than the old check's 10 s
-        time.sleep(0.5)
+        wait_for(lambda: fleet.slow_health()["running"] == 1, what="the long job running")
         fleet.env["FLEET_EDGE_MAX_BODY_KB"] = "64"
         result = fleet.command("up", timeout=60)
         assert "nginx reloaded" in result.stdout

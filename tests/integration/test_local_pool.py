@@ -16,47 +16,29 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from bench.cpu import process_cpu
 from tests.support.contract import assert_contract_error
 from tests.support.fleet import Fleet
+from tests.support.running_jobs import beside_a_running_job, last_spinner, spinner_pid
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def busy_worker_pid(fleet: Fleet) -> int:
-    """The pid of the worker burning CPU in slow-01: the one whose CPU time grew most, by at least
-    0.1 s, over 0.3 s. (State R alone once picked a worker that had just been replaced and was
-    still starting up, while the job ran on the other.)"""
-    def burning():
-        pids = fleet.slow_health()["pool"]["pids"]
-        before = {pid: process_cpu([pid]) for pid in pids}
-        time.sleep(0.3)
-        grown = {pid: process_cpu([pid]) - before[pid] for pid in pids}  # a process gone meanwhile: negative
-        pid = max(grown, key=grown.get, default=None)
-        return pid if pid is not None and grown[pid] >= 0.1 else None
-    return wait_for(burning, timeout=5, interval=0.01)
 
 
 # a worker lost -------------------------------------------------------------------------------------
 
 def test_a_worker_that_exits_fails_only_its_own_job_and_the_pool_refills(fleet: Fleet):
     before = set(fleet.slow_health()["pool"]["pids"])
-    with ThreadPoolExecutor(2) as pool:
-        neighbour = pool.submit(fleet.get, "/slow/spin/1")
-        time.sleep(0.2)
-        crashed = fleet.get("/slow/exit_worker")
-        assert_contract_error(crashed, 502, "worker_died")
-        assert neighbour.result().status == 200
+    assert_contract_error(beside_a_running_job(fleet, "/slow/exit_worker"), 502, "worker_died")
     pids = wait_for(lambda: (p := fleet.slow_health()["pool"]["pids"]) and len(p) == 2 and p)
     assert set(pids) != before
     assert fleet.get("/slow/fib/10").json()["result"] == 55
 
 
 def test_kill_9_of_a_worker_during_a_job_gives_502_for_that_job_only(fleet: Fleet):
+    before = last_spinner(fleet.run_dir)
     with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(fleet.get, "/slow/spin/2.5")
-        victim = busy_worker_pid(fleet)
+        job = pool.submit(fleet.get, "/slow/spin_and_tell/2.5")
+        victim = spinner_pid(fleet.run_dir, before)  # a local worker runs its job itself
         os.kill(victim, signal.SIGKILL)
         assert_contract_error(job.result(), 502, "worker_died")
     assert fleet.get("/slow/fib/10").status == 200
