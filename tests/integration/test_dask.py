@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,33 +24,28 @@ from services.common import procfs
 from bench.procs import free_port_block, port_is_free
 from tests.support.contract import assert_contract_error
 from tests.support.fleet import REPO, Fleet, make_fleet
+from tests.support.probe import Probe
+from tests.support.running_jobs import job_running_under, last_spinner, spinner_pid
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
 
-class FastProbe:
+class FastProbe(Probe):
     """GET /fast (or `path`) every 20 ms through the edge while a fault happens: none may fail."""
 
     def __init__(self, fleet: Fleet, path: str = "/fast", every: float = 0.02):
-        self.fleet, self.path, self.every, self.statuses, self._stop = fleet, path, every, [], threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            try:
-                self.statuses.append(self.fleet.get(self.path, timeout=10).status)
-            except OSError as exc:
-                self.statuses.append(type(exc).__name__)
-
-    def __enter__(self) -> "FastProbe":
-        self._thread.start()
-        return self
+        super().__init__(lambda: fleet.get(path, timeout=10).status, every)
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__exit__(*exc)
         assert self.statuses and set(self.statuses) == {200}, sorted(set(map(str, self.statuses)))
+
+
+def worker_running_a_job(fleet: Fleet) -> dict | None:
+    """supervisor's view of the Dask worker whose job process burns CPU; None while none does."""
+    return next((p for p in fleet.processes() if p["name"].startswith("dask-worker-") and job_running_under(p["pid"])),
+                None)
 
 
 # the managed cluster ---------------------------------------------------------------------------------
@@ -103,9 +97,7 @@ def test_kill_9_of_a_dask_worker_fails_only_its_job_and_the_next_jobs_are_served
     fleet = private_dask_fleet()
     with FastProbe(fleet), ThreadPoolExecutor(1) as pool:
         job = pool.submit(fleet.get, "/slow/spin/5")
-        wait_for(lambda: fleet.slow_health()["pool"]["busy"] == 1)
-        time.sleep(0.5)
-        busy = next(p for p in fleet.processes() if p["name"].startswith("dask-worker-") and _running_job(p["pid"]))
+        busy = wait_for(lambda: worker_running_a_job(fleet), what="the job running on a Dask worker")
         os.kill(busy["pid"], signal.SIGKILL)
         assert_contract_error(job.result(), 502, "worker_died")
         assert all(fleet.answers("/slow/fib/10") for _ in range(4))
@@ -113,17 +105,11 @@ def test_kill_9_of_a_dask_worker_fails_only_its_job_and_the_next_jobs_are_served
              timeout=20)
 
 
-def _running_job(pid: int) -> bool:
-    """The Dask worker `pid` has a job child burning CPU (state R)."""
-    return any(procfs.state(child) == "R" for child in procfs.descendants(pid))
-
-
 def test_kill_9_of_the_scheduler_answers_in_flight_jobs_503_at_once_and_the_cluster_comes_back(private_dask_fleet):
     fleet = private_dask_fleet()
     with FastProbe(fleet), ThreadPoolExecutor(1) as pool:
         job = pool.submit(fleet.get, "/slow/spin/10")
-        wait_for(lambda: fleet.slow_health()["pool"]["busy"] == 1)
-        time.sleep(0.3)
+        wait_for(lambda: worker_running_a_job(fleet), what="the job running on a Dask worker")
         killed = time.monotonic()
         os.kill(fleet.pid("dask-scheduler"), signal.SIGKILL)
         response = job.result()
@@ -265,7 +251,9 @@ def test_a_reload_restarts_the_dask_workers_one_at_a_time_failing_no_accepted_jo
     # rejoined the scheduler would leave the cluster with none (503 no_workers).
     with FastProbe(fleet), FastProbe(fleet, "/slow/fib/10", every=0.05), ThreadPoolExecutor(4) as pool:
         jobs = [pool.submit(fleet.get, "/slow/spin/1.5") for _ in range(2)]
-        time.sleep(0.3)
+        wait_for(lambda: fleet.slow_health()["pool"]["busy"] >= 2
+                 and all(job_running_under(fleet.pid(name)) for name in ("dask-worker-01", "dask-worker-02")),
+                 what="both jobs running, one on each Dask worker")
         result = fleet.command("reload", timeout=180)
         jobs += [pool.submit(fleet.get, "/slow/fib/15") for _ in range(3)]  # with the probe's: 4 places
         answers = [j.result() for j in jobs]
@@ -285,8 +273,9 @@ def test_a_stop_answers_the_job_in_flight_and_stops_the_parts_in_order(private_d
     workers, the scheduler. A job accepted before the stop is answered."""
     fleet = private_dask_fleet()
     with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(fleet.get, "/slow/spin/1.5")
-        time.sleep(0.5)
+        before = last_spinner(fleet.run_dir)
+        job = pool.submit(fleet.get, "/slow/spin_and_tell/1.5")
+        spinner_pid(fleet.run_dir, before)  # the job runs on the cluster
         fleet.command("stop")
         assert job.result().status == 200, job.result().body
     log = (fleet.run_dir / "logs" / "supervisord.log").read_text()
