@@ -17,6 +17,10 @@ class ContractTestCase(AsyncHTTPTestCase):
             body = b""
         return self.fetch(path, method=method, body=body, headers=headers, raise_error=False)
 
+    async def health(self) -> dict:
+        """The app's /healthz body, fetched on the test's loop (inside a gen_test)."""
+        return json.loads((await self.http_client.fetch(self.get_url("/healthz"), raise_error=False)).body)
+
     def assert_json_error(self, response, status: int, error: str) -> dict:
         assert response.code == status, (response.code, response.body)
         assert response.headers["Content-Type"].startswith("application/json")

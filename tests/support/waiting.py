@@ -3,6 +3,7 @@ what never happened.
 
     wait_for(lambda: fleet.slow_health()["waiting"] == 1, what="the job waits in line")
     await eventually(lambda: pool.stats()["busy"] == 2, what="both workers busy")
+    await eventually(line_full, what="4 jobs waiting")    # async def line_full(): asks /healthz
 
 A sleep guesses how long something takes and fails on a slower machine for no fault of the
 product; a poll returns as soon as the thing has happened, and its timeout only bounds a failure.
@@ -11,8 +12,9 @@ product; a poll returns as soon as the thing has happened, and its timeout only 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from typing import Callable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -30,12 +32,15 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10, *, interval: float
         time.sleep(interval)
 
 
-async def eventually(predicate: Callable[[], T], timeout: float = 5, *, interval: float = 0.02,
+async def eventually(predicate: Callable[[], T | Awaitable[T]], timeout: float = 5, *, interval: float = 0.02,
                      what: str = "condition") -> T:
-    """wait_for inside an event loop: the loop keeps running (servers, pools) while it polls."""
+    """wait_for inside an event loop: the loop keeps running (servers, pools) while it polls; a
+    predicate that is a coroutine function (one asking an app over HTTP) is awaited."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() >= deadline:

@@ -19,6 +19,7 @@ from services.slow.app import make_app as make_slow_app
 from services.slow.inline_pool import InlinePool
 from tests.support.app_case import ContractTestCase
 from tests.support.fake_pools import HeldPool
+from tests.support.waiting import eventually
 
 MODULES = "services.slow.tasks,tests.support.faulty_tasks"
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -408,14 +409,14 @@ class SlowAppFullLineTest(ContractTestCase):
         assert "full" in body["message"]
         assert self.pool.calls == 1  # the refused job never reached the pool
 
-        health = json.loads((await self.http_client.fetch(self.get_url("/healthz"))).body)
+        health = await self.health()
         assert (health["running"], health["waiting"], health["shed"]) == (1, 0, 1)
 
         self.pool.release.set()
         answered = await first
         assert answered.code == 200 and json.loads(answered.body)["result"] == 75025
 
-        health = json.loads((await self.http_client.fetch(self.get_url("/healthz"))).body)
+        health = await self.health()
         assert (health["running"], health["waiting"]) == (0, 0)
         again = await self.http_client.fetch(self.get_url("/slow/fib/25"), raise_error=False)
         assert again.code == 200  # the slot came back
@@ -454,11 +455,12 @@ class SlowAppPerClientTest(ContractTestCase):
         body = self.assert_json_error(refused, 429, "rate_limited")
         assert "at most 1" in body["message"] and refused.headers["Retry-After"] == "1"
         other = self.job("10.0.0.2", 27)  # another address waits in line, as usual
-        for _ in range(100):
-            health = json.loads((await self.http_client.fetch(self.get_url("/healthz"))).body)
-            if health["waiting"] == 1:
-                break
-            await asyncio.sleep(0.02)
+
+        async def other_waiting() -> dict | None:
+            health = await self.health()
+            return health if health["waiting"] == 1 else None
+
+        health = await eventually(other_waiting, what="the other address's job waiting in line")
         assert (health["running"], health["waiting"], health["limited"]) == (1, 1, 1)
         self.pool.release.set()
         assert (await first).code == 200 and (await other).code == 200
