@@ -108,11 +108,11 @@ def test_hostile_request_gets_its_4xx_or_a_clean_close(fleet: Fleet, name: str, 
             assert b"Traceback" not in body and b"nginx/" not in data
 
 
-def test_the_corpus_is_large_enough():
+def test_the_corpus_holds_at_least_40_hostile_requests():
     assert len(CORPUS) >= 40
 
 
-def test_http_0_9_gets_a_body_and_a_close_never_an_error(fleet: Fleet):
+def test_an_http_0_9_request_gets_a_0_9_answer_a_400_or_a_close(fleet: Fleet):
     outcome, data = exchange(fleet.edge_port, b"GET /fast\r\n")
     assert outcome in ("0.9", 400, CLOSE)
 

@@ -164,7 +164,7 @@ def only_locust_lagged(stdout: str) -> bool:
             and all(re.search(rf"^\s+ok\s+mixed {q} ", stdout, re.MULTILINE) for q in ("p50", "p95", "p99")))
 
 
-def test_fleet_keeps_fast_routes_fast(private_fleet):
+def test_the_isolation_check_passes_on_the_fleet_whose_slow_path_it_saturated(private_fleet):
     fleet = private_fleet(**DEPLOYED_DEFAULTS)
     host = f"http://127.0.0.1:{fleet.edge_port}"
     result = run_check(host, *SHORT_PHASES, *FLEET_ROUTES)
