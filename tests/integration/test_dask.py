@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common import procfs
 from bench.procs import free_port_block, port_is_free
+from services.common import procfs
 from tests.support.contract import assert_contract_error
 from tests.support.fleet import REPO, Fleet, make_fleet
 from tests.support.probe import Probe

@@ -23,8 +23,8 @@ import pytest
 from deploy.procs import MEMBER_MARKER, processes_of
 from services.common import procfs
 from services.common.settings import load
-from tests.support.fleet import REPO, TEST_SETTINGS, Response
 from tests.support import netns
+from tests.support.fleet import REPO, TEST_SETTINGS, Response
 from tests.support.probe import Probe
 from tests.support.running_jobs import last_spinner, spinner_pid
 from tests.support.waiting import wait_for
