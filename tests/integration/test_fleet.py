@@ -1,6 +1,7 @@
 """The fleet's contract through the edge: routing, request ids, the errors the edge and the
-instances answer (produced for real), a client's share of the slow path, and each kind of process's
-CPU priority. The local pool's own faults are in test_local_pool.py."""
+instances answer (produced for real), a client's share of the slow path and the edge's rate limit,
+what the fleet exposes (where it listens, what its answers reveal), and each kind of process's CPU
+priority. The local pool's own faults are in test_local_pool.py."""
 
 from __future__ import annotations
 
@@ -114,6 +115,40 @@ def test_one_client_gets_its_share_of_the_slow_path_and_everyone_else_still_gets
     refused = next(f.result() for f in hog if f.result().status == 429)
     assert_contract_error(refused, 429, "rate_limited")
     assert refused.headers["retry-after"] == "1"
+
+
+def test_a_client_over_the_slow_rate_limit_gets_429_json_with_retry_after(private_fleet):
+    fleet = private_fleet(FLEET_EDGE_SLOW_RATE_PER_SECOND="2", FLEET_EDGE_SLOW_RATE_BURST="0")
+    statuses = [fleet.get("/slow/fib/1") for _ in range(6)]
+    limited = [r for r in statuses if r.status == 429]
+    assert limited, [r.status for r in statuses]
+    body = assert_contract_error(limited[0], 429, "rate_limited")
+    assert limited[0].headers["retry-after"] == "1" and body["message"]
+    assert fleet.get("/fast").status == 200  # the limit is on /slow/ only
+
+
+# exposure ------------------------------------------------------------------------------------------
+
+def test_only_the_edge_listens_beyond_loopback_and_supervisor_is_private(fleet: Fleet):
+    from deploy.fleet import processes_of
+
+    members = set(processes_of(fleet.run_dir))
+    inodes = {inode for pid in members for inode in procfs.socket_inodes(pid)}
+    listening = [(s.address, s.port) for inode, s in procfs.tcp_sockets().items()
+                 if s.state == procfs.LISTEN and inode in inodes]
+    ports = {port for _, port in listening}
+    assert set(fleet.fast_ports + fleet.slow_ports + [fleet.edge_port]) <= ports
+    for address, port in listening:
+        assert address in ("0100007F", "00000000000000000000000001000000"), (address, port)  # 127.0.0.1 / ::1
+    sock = fleet.run_dir / "supervisor.sock"
+    assert oct(sock.stat().st_mode & 0o777) == "0o700"
+    assert "inet_http_server" not in (fleet.run_dir / "supervisord.conf").read_text()
+
+
+def test_no_response_reveals_versions_or_tracebacks(fleet: Fleet):
+    for response in (fleet.get("/fast"), fleet.get("/nope"), fleet.get("/slow/raise_error"), fleet.get("/" + "a" * 9000)):
+        assert response.headers.get("server", "nginx") == "nginx"
+        assert b"Traceback" not in response.body and b"Tornado" not in response.body
 
 
 # CPU priority -------------------------------------------------------------------------------------

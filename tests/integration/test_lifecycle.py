@@ -1,5 +1,6 @@
 """Starting, re-applying, stopping: the commands behind make deploy-local / stop, on private fleets;
-what a change applies (and what it leaves alone when refused), and what a killed instance leaves."""
+what a change applies (and what it leaves alone when refused), what a killed instance leaves, how an
+instance drains on SIGTERM, and the cgroups a fleet makes and removes."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from services.slow import cpu_priority
 from tests.support.cgroups import cpu_cgroup_of
 from tests.support.contract import assert_contract_error
 from tests.support.fleet import REPO, make_fleet
+from tests.support.running_jobs import last_spinner, spinner_pid
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -199,6 +201,46 @@ def test_a_restarted_instance_kills_what_its_killed_workers_started(private_flee
     wait_for(lambda: not procfs.alive(child), timeout=5)
     assert child not in processes_of(fleet.run_dir)
 
+
+# draining ------------------------------------------------------------------------------------------
+
+def accepting(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_draining_instance_answers_kept_alive_requests_with_connection_close(private_fleet):
+    import http.client
+
+    fleet = private_fleet()
+    conn = http.client.HTTPConnection("127.0.0.1", fleet.fast_ports[0], timeout=10)
+    conn.request("GET", "/fast", headers=fleet.edge_headers())  # as nginx would, on a kept-alive connection
+    first = conn.getresponse()
+    first.read()
+    assert first.getheader("Connection") != "close"
+    pid = fleet.pid("fast-01")
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not accepting(fleet.fast_ports[0]), what="the draining instance no longer accepting")
+    conn.request("GET", "/fast", headers=fleet.edge_headers())
+    second = conn.getresponse()
+    assert second.status == 200 and second.read() == b"Hello!"
+    assert second.getheader("Connection") == "close"
+    conn.close()
+
+
+def test_a_slow_instance_finishes_its_running_job_before_it_exits(private_fleet):
+    fleet = private_fleet()
+    pid, before = fleet.pid("slow-01"), last_spinner(fleet.run_dir)
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(fleet.get, "/slow/spin_and_tell/1.5")
+        spinner_pid(fleet.run_dir, before)  # the job runs
+        os.kill(pid, signal.SIGTERM)
+        response = job.result()
+    assert response.status == 200 and response.json()["result"] == 1.5
+    wait_for(lambda: "drained in" in fleet.log("slow-01"), timeout=10)  # once nginx let go of it
+
+
+# the workers' idle cgroups ------------------------------------------------------------------------
 
 def test_the_workers_idle_cgroups_live_under_the_fleet_s_own_and_none_outlives_it(tmp_path):
     """A fleet started inside a cgroup of its own (as systemd gives a service) puts its workers'

@@ -1,16 +1,17 @@
 """The local pool's faults on a real fleet (slow.backend = "local"), through the edge.
 
 A worker that exits or is killed fails its own job only and is replaced; a departed client's running
-job has its worker killed; a pool that cannot start workers answers 503 at once and says it is
-degraded; a task that cannot set up is listed while the instance stays healthy; a result over the
-limit is a 500 and costs no worker. The faults both backends share are in test_contract.py, the
-Dask cluster's in test_dask.py.
+job has its worker killed, and its waiting job never runs; a pool that cannot start workers answers
+503 at once and says it is degraded; a task that cannot set up is listed while the instance stays
+healthy; a result over the limit is a 500 and costs no worker. The faults both backends share are
+in test_contract.py, the Dask cluster's in test_dask.py.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -53,6 +54,21 @@ def test_a_departed_client_s_running_job_has_its_worker_killed_and_replaced(flee
                      and len(h["pids"]) == 2 and h)
     assert after["cancelled"] == before["cancelled"] + 1
     assert set(after["pids"]) != set(before["pids"])
+
+
+def test_a_departed_client_s_waiting_job_never_runs(fleet: Fleet):
+    before = fleet.slow_health()["pool"]
+    with ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(fleet.get, "/slow/spin/1") for _ in range(2)]
+        wait_for(lambda: fleet.slow_health()["pool"]["busy"] == 2, what="both workers busy")
+        with socket.create_connection(("127.0.0.1", fleet.edge_port)) as s:
+            s.sendall(b"GET /slow/pid HTTP/1.1\r\nHost: t\r\n\r\n")
+            wait_for(lambda: fleet.slow_health()["waiting"] == 1, what="the job waiting in line")
+        wait_for(lambda: fleet.slow_health()["waiting"] == 0, timeout=2)
+        assert all(f.result().status == 200 for f in busy)
+    after = fleet.slow_health()["pool"]
+    assert after["ok"] == before["ok"] + 2  # the two spins; the abandoned job never ran
+    assert after["cancelled"] == before["cancelled"]  # and no worker was killed for it
 
 
 # a pool that cannot start workers, a task that cannot set up ---------------------------------------
