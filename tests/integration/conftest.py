@@ -1,209 +1,64 @@
-"""Private fleets for the integration tier: real nginx, real supervisord, real worker processes.
+"""The integration tier's fleets (tests/support/fleet.py): real nginx, real supervisord, real
+worker processes, each in a temp run dir on free ports.
 
-Each fleet lives in a temp run dir on free ports, started and stopped with the same commands a
-user runs (`python -m deploy.fleet up` / `stop`), so a deployed fleet on the default ports is
-never touched.
+Shared fleets serve the tests that do not break them for good; a test that kills or restarts parts
+of a fleet asks for a private one.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
-import os
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from bench.procs import free_port_block, port_is_free  # noqa: F401 (tests import them from here)
-
-REPO = Path(__file__).resolve().parents[2]
-
-# Small numbers make the faults quick to produce: 2 workers, 2 waiting places, a 3 s deadline.
-TEST_SETTINGS = {
-    "FLEET_SLOW_WORKERS": "2",
-    "FLEET_SLOW_QUEUE_LIMIT": "2",
-    "FLEET_SLOW_JOB_TIMEOUT": "3",
-    "FLEET_SLOW_DRAIN_TIMEOUT": "5",
-    "FLEET_SLOW_TASK_MODULES": "services.slow.tasks,tests.support.faulty_tasks",
-    "FLEET_EDGE_SLOW_RATE_PER_SECOND": "100000",  # the rate limit has its own test
-    "FLEET_EDGE_SLOW_RATE_BURST": "100000",
-    "FLEET_SLOW_MAX_PER_CLIENT": "100",  # every test client is 127.0.0.1; the per-client limit has its own tests
-    "FLEET_EDGE_CLIENT_TIMEOUT": "2",  # slow senders are cut off quickly
-    "FLEET_OBSERVE_TEST_ROUTES": "true",  # /_test/block/<ms> for the blocked-loop detector
-    "FLEET_SLOW_WORKER_MAX_RSS_MB": "256",  # /slow/allocate/<mb> passes it at will
-}
+from tests.support.fleet import Fleet, make_fleet
 
 
-# A managed Dask cluster for the tests: two workers of one thread, as the local pool's two workers.
-DASK_SETTINGS = {"FLEET_DASK_WORKERS": "2", "FLEET_DASK_THREADS_PER_WORKER": "1"}
+def _shared(run_dir: Path, **overrides: str):
+    """A fleet up for the whole session, stopped at its end."""
+    f = make_fleet(run_dir, **overrides)
+    f.command("up")
+    yield f
+    f.command("stop")
 
 
-@dataclass
-class Response:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    elapsed: float
+def _private(tmp_path: Path, name: str, **backend: str):
+    """A factory of fleets of the test's own (settings overridden per call), each stopped afterwards."""
+    fleets: list[Fleet] = []
 
-    def json(self) -> dict:
-        return json.loads(self.body)
+    def start(**overrides: str) -> Fleet:
+        f = make_fleet(tmp_path / f"{name}{len(fleets)}", **backend, **overrides)
+        fleets.append(f)
+        f.command("up")
+        return f
 
-
-@dataclass
-class Fleet:
-    run_dir: Path
-    env: dict[str, str]
-    edge_port: int
-    fast_ports: list[int]
-    slow_ports: list[int]
-    started: list[str] = field(default_factory=list)
-
-    @property
-    def ports(self) -> list[int]:
-        return [self.edge_port, *self.fast_ports, *self.slow_ports]
-
-    def command(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "deploy.fleet", *args], cwd=REPO, env=self.env,
-                                capture_output=True, text=True, timeout=timeout)
-        if check and result.returncode != 0:
-            raise AssertionError(f"deploy.fleet {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-        return result
-
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-                port: int | None = None, timeout: float = 30) -> Response:
-        conn = http.client.HTTPConnection("127.0.0.1", port or self.edge_port, timeout=timeout)
-        started = time.monotonic()
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            data = response.read()
-            return Response(response.status, {k.lower(): v for k, v in response.getheaders()}, data,
-                            time.monotonic() - started)
-        finally:
-            conn.close()
-
-    def get(self, path: str, **kwargs) -> Response:
-        return self.request("GET", path, **kwargs)
-
-    def slow_health(self, number: int = 1) -> dict:
-        return self.get("/healthz", port=self.slow_ports[number - 1]).json()
-
-    def process(self, name: str) -> dict:
-        """supervisor's view of one process: {"pid": ..., "statename": "RUNNING", ...}."""
-        from deploy.fleet import process_info
-        from services.common.settings import load
-
-        return process_info(load(env=self.env), name)
-
-    def pid(self, name: str) -> int:
-        return self.process(name)["pid"]
-
-    def processes(self) -> list[dict]:
-        """supervisor's view of every process of the fleet."""
-        from deploy.fleet import process_infos
-        from services.common.settings import load
-
-        return process_infos(load(env=self.env))
-
-    def supervisorctl(self, *args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c",
-                                 str(self.run_dir / "supervisord.conf"), *args],
-                                capture_output=True, text=True, timeout=60)
-        return result.stdout
-
-    def edge_headers(self) -> dict[str, str]:
-        """What nginx adds to every request it passes on, for a test that speaks to an instance
-        as the edge would (only root and the fleet's user can read it)."""
-        return {"X-Fleet-Edge": (self.run_dir / "private" / "edge-token").read_text().strip()}
-
-    def log(self, name: str) -> str:
-        return (self.run_dir / "logs" / f"{name}.log").read_text(errors="replace")
-
-
-def make_fleet(run_dir: Path, fast: int = 2, slow: int = 1, **overrides: str) -> Fleet:
-    # edge; fast-spare, fast-01..; slow-spare, slow-01..; room for two more of each role (changes);
-    # then a managed Dask cluster's: one block, so that the two can never overlap (two random
-    # blocks picked one after the other once did, in a run of the whole suite)
-    size = 1 + (fast + 3) + (slow + 3)
-    dask_workers = int(overrides.get("FLEET_DASK_WORKERS", DASK_SETTINGS["FLEET_DASK_WORKERS"]))
-    dask_size = 2 + 2 * dask_workers + 4  # scheduler, dashboard, a pair per worker, room
-    base = free_port_block(size + dask_size)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    env.update(TEST_SETTINGS)
-    env.update(
-        FLEET_RUN_DIR=str(run_dir),
-        FLEET_EDGE_PORT=str(base),
-        FLEET_FAST_INSTANCES=str(fast),
-        FLEET_FAST_BASE_PORT=str(base + 1),  # fast-spare on base+1, fast-01 on base+2
-        FLEET_SLOW_INSTANCES=str(slow),
-        FLEET_SLOW_BASE_PORT=str(base + fast + 4),
-    )
-    if overrides.get("FLEET_SLOW_BACKEND") == "dask" and "FLEET_DASK_SCHEDULER" not in overrides:
-        dask = base + size
-        env.update(DASK_SETTINGS, FLEET_DASK_SCHEDULER_PORT=str(dask), FLEET_DASK_DASHBOARD_PORT=str(dask + 1),
-                   FLEET_DASK_WORKER_BASE_PORT=str(dask + 1))  # dask-worker-01 on dask+2, its dashboard dask+3
-    env.update(overrides)
-    return Fleet(
-        run_dir=run_dir,
-        env=env,
-        edge_port=base,
-        fast_ports=[base + 1 + i for i in range(1, fast + 1)],
-        slow_ports=[base + fast + 4 + i for i in range(1, slow + 1)],
-    )
+    yield start
+    for f in fleets:
+        f.command("stop", check=False)
 
 
 @pytest.fixture(scope="session")
 def fleet(tmp_path_factory: pytest.TempPathFactory):
     """One fleet shared by the tests that do not break it for good."""
-    f = make_fleet(tmp_path_factory.mktemp("fleet"))
-    f.command("up")
-    yield f
-    f.command("stop")
+    yield from _shared(tmp_path_factory.mktemp("fleet"))
 
 
 @pytest.fixture
 def private_fleet(tmp_path: Path):
     """A fleet of the test's own, for tests that kill or restart parts of it; stopped afterwards."""
-    fleets: list[Fleet] = []
-
-    def start(**overrides: str) -> Fleet:
-        f = make_fleet(tmp_path / f"fleet{len(fleets)}", **overrides)
-        fleets.append(f)
-        f.command("up")
-        return f
-
-    yield start
-    for f in fleets:
-        f.command("stop", check=False)
+    yield from _private(tmp_path, "fleet")
 
 
 @pytest.fixture(scope="session")
 def dask_fleet(tmp_path_factory: pytest.TempPathFactory):
     """One fleet on a managed Dask cluster, shared by the tests that do not break it for good."""
-    f = make_fleet(tmp_path_factory.mktemp("dask"), FLEET_SLOW_BACKEND="dask")
-    f.command("up")
-    yield f
-    f.command("stop")
+    yield from _shared(tmp_path_factory.mktemp("dask"), FLEET_SLOW_BACKEND="dask")
 
 
 @pytest.fixture
 def private_dask_fleet(tmp_path: Path):
     """A fleet on a managed Dask cluster of the test's own; stopped afterwards."""
-    fleets: list[Fleet] = []
-
-    def start(**overrides: str) -> Fleet:
-        f = make_fleet(tmp_path / f"dask{len(fleets)}", FLEET_SLOW_BACKEND="dask", **overrides)
-        fleets.append(f)
-        f.command("up")
-        return f
-
-    yield start
-    for f in fleets:
-        f.command("stop", check=False)
+    yield from _private(tmp_path, "dask", FLEET_SLOW_BACKEND="dask")
 
 
 @pytest.fixture(params=["local", "dask"])

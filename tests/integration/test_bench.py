@@ -17,14 +17,13 @@ import pytest
 
 from bench.report import TARGETS
 from bench.subjects import CONFIGS
+from tests.support.fleet import REPO
 
 # Every module of the bench once: each peer family (gunicorn-sync-2w and gunicorn-dirty differ from
 # gunicorn-sync and gunicorn-dirty-nice only in their command lines), the floor, both fleets.
 SMOKE = [c for c in CONFIGS if c not in ("gunicorn-sync-2w", "gunicorn-dirty")]
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_quick_bench_writes_the_table_and_the_charts(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ instance. Jobs are counted from the instances' own /metrics (fleet_slow_jobs_tot
 
 from __future__ import annotations
 
-import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,15 +11,36 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from services.common import metrics_reader
-from tests.integration.conftest import Fleet, make_fleet
+from tests.support.fleet import Fleet, make_fleet
+from tests.support.waiting import wait_for
 
 CONCURRENT = 50
 
 
+def counted(fleet: Fleet, name: str, **labels: str) -> float:
+    """The samples `name` with `labels` of every slow instance's /metrics, added up."""
+    return sum(metrics_reader.total(fleet.get("/metrics", port=port).body.decode(), name, **labels)
+               for port in fleet.slow_ports)
+
+
 def jobs(fleet: Fleet, task: str, outcome: str = "ok") -> float:
     """Jobs of `task` with `outcome` run by the fleet's slow instances, all of them together."""
-    return sum(metrics_reader.total(fleet.get("/metrics", port=port).body.decode(), "fleet_slow_jobs_total",
-                                    task=task, outcome=outcome) for port in fleet.slow_ports)
+    return counted(fleet, "fleet_slow_jobs_total", task=task, outcome=outcome)
+
+
+def joined(fleet: Fleet, task: str) -> float:
+    """Requests for `task` that joined a job another request had started."""
+    return counted(fleet, "fleet_slow_coalesced_total", task=task)
+
+
+def departed(fleet: Fleet, task: str) -> float:
+    """Requests for `task` whose client went away before the answer (499 in the instance's metrics)."""
+    return counted(fleet, "fleet_http_request_duration_seconds_count", route=f"/slow/{task}", status="499")
+
+
+def running(fleet: Fleet) -> int:
+    """Jobs holding a running slot on the fleet's slow instances."""
+    return sum(fleet.slow_health(n)["running"] for n in range(1, len(fleet.slow_ports) + 1))
 
 
 def at_once(fleet: Fleet, path: str, count: int = CONCURRENT) -> list:
@@ -33,15 +53,6 @@ def hanging_up(fleet: Fleet, path: str) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", fleet.edge_port))
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
     return sock
-
-
-def wait_for(predicate, timeout: float = 10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met")
 
 
 # in-flight coalescing, both backends ------------------------------------------------------------------
@@ -58,12 +69,14 @@ def test_fifty_identical_requests_run_one_job_and_all_get_its_answer(slow_fleet:
 
 def test_the_first_client_leaving_does_not_cancel_the_job_of_the_others(slow_fleet: Fleet):
     before_ok, before_cancelled = jobs(slow_fleet, "shared_spin"), jobs(slow_fleet, "shared_spin", "cancelled")
+    before_joined, before_departed = joined(slow_fleet, "shared_spin"), departed(slow_fleet, "shared_spin")
     first = hanging_up(slow_fleet, "/slow/shared_spin/1.25")
-    time.sleep(0.3)
+    wait_for(lambda: running(slow_fleet) == 1, what="the first client's job running")
     with ThreadPoolExecutor(10) as pool:
         others = [pool.submit(slow_fleet.get, "/slow/shared_spin/1.25") for _ in range(10)]
-        time.sleep(0.3)
+        wait_for(lambda: joined(slow_fleet, "shared_spin") == before_joined + 10, what="the others joined its job")
         first.close()
+        wait_for(lambda: departed(slow_fleet, "shared_spin") == before_departed + 1, what="the first client gone")
         answers = [o.result() for o in others]
     assert [a.status for a in answers] == [200] * 10
     assert len({a.json()["result"]["token"] for a in answers}) == 1
@@ -73,11 +86,12 @@ def test_the_first_client_leaving_does_not_cancel_the_job_of_the_others(slow_fle
 
 def test_every_client_leaving_stops_the_shared_job(slow_fleet: Fleet):
     before = jobs(slow_fleet, "shared_spin", "cancelled")
+    before_joined, before_departed = joined(slow_fleet, "shared_spin"), departed(slow_fleet, "shared_spin")
     clients = [hanging_up(slow_fleet, "/slow/shared_spin/2.5") for _ in range(5)]
-    time.sleep(0.5)
+    wait_for(lambda: joined(slow_fleet, "shared_spin") == before_joined + 4, what="five clients sharing one job")
     for c in clients[:4]:
         c.close()
-    time.sleep(0.3)
+    wait_for(lambda: departed(slow_fleet, "shared_spin") == before_departed + 4, what="four of them gone")
     assert jobs(slow_fleet, "shared_spin", "cancelled") == before  # one is still there
     clients[4].close()
     wait_for(lambda: jobs(slow_fleet, "shared_spin", "cancelled") == before + 1, 5)
@@ -127,7 +141,7 @@ def test_an_expired_entry_is_refreshed_once_while_the_stale_one_is_served(two_sl
     assert {a.headers["x-cache"] for a in answers} <= {"STALE", "UPDATING"}
     assert max(a.elapsed for a in answers) < 0.4  # nobody waited for the refresh
     wait_for(lambda: jobs(two_slow, "cached_spin") == before + 1, 5)
-    time.sleep(0.5)
+    time.sleep(0.5)  # a second refresh, had one started beside the first, would have run (0.5 s) by now
     assert jobs(two_slow, "cached_spin") == before + 1  # refreshed once
     assert two_slow.get("/slow/cached_spin/0.5").json()["result"]["token"] != first.json()["result"]["token"]
 

@@ -1,30 +1,24 @@
 """The slow path's contract through the edge, on both backends: the instance's own worker processes
 (slow.backend = "local") and a managed Dask cluster ("dask"). Every test here runs twice.
 
-Backend-specific faults are in test_fleet.py and test_faults.py (local) and test_dask.py (Dask).
+Backend-specific faults are in test_local_pool.py and test_faults.py (local) and test_dask.py (Dask).
 """
 
 from __future__ import annotations
 
 import hashlib
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from services.common.procfs import alive
-from tests.integration.conftest import Fleet
-from tests.integration.test_fleet import assert_contract_error, wait_for
+from tests.support.contract import assert_contract_error
+from tests.support.fleet import Fleet
+from tests.support.running_jobs import beside_a_running_job, last_spinner, spinner_pid
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def spinner_pid(fleet: Fleet, before: str | None) -> int:
-    """The pid of the process running the spin_and_tell job just started (it writes it down)."""
-    flag = fleet.run_dir / "break-spinner"
-    text = wait_for(lambda: flag.exists() and flag.read_text() != before and flag.read_text(), timeout=10)
-    return int(text)
 
 
 def test_slow_route_is_computed_by_a_slow_instance(slow_fleet: Fleet):
@@ -87,11 +81,10 @@ def test_an_exception_message_reaches_the_log_and_not_the_client_unless_the_task
 
 
 def test_a_job_past_its_deadline_gets_504_stops_using_the_cpu_and_the_next_job_is_served(slow_fleet: Fleet):
-    flag = slow_fleet.run_dir / "break-spinner"
-    before = flag.read_text() if flag.exists() else None
+    before = last_spinner(slow_fleet.run_dir)
     with ThreadPoolExecutor(1) as pool:
         job = pool.submit(slow_fleet.get, "/slow/spin_and_tell/20")
-        runaway = spinner_pid(slow_fleet, before)
+        runaway = spinner_pid(slow_fleet.run_dir, before)
         response = job.result()
     assert_contract_error(response, 504, "job_timeout")
     assert 2.9 <= response.elapsed <= 5, response.elapsed  # slow.job_timeout is 3 s here
@@ -100,11 +93,10 @@ def test_a_job_past_its_deadline_gets_504_stops_using_the_cpu_and_the_next_job_i
 
 
 def test_a_departed_client_s_running_job_is_stopped(slow_fleet: Fleet):
-    flag = slow_fleet.run_dir / "break-spinner"
-    before = flag.read_text() if flag.exists() else None
+    before = last_spinner(slow_fleet.run_dir)
     with socket.create_connection(("127.0.0.1", slow_fleet.edge_port)) as s:
         s.sendall(b"GET /slow/spin_and_tell/2.5 HTTP/1.1\r\nHost: t\r\n\r\n")
-        runaway = spinner_pid(slow_fleet, before)
+        runaway = spinner_pid(slow_fleet.run_dir, before)
     wait_for(lambda: not alive(runaway), timeout=2)  # well before its 2.5 s were up
     assert slow_fleet.get("/slow/fib/10").json()["result"] == 55
     # the cancelled job's outcome was consumed, not logged as an asyncio error with a traceback
@@ -112,24 +104,15 @@ def test_a_departed_client_s_running_job_is_stopped(slow_fleet: Fleet):
 
 
 def test_a_job_whose_process_exits_fails_alone_with_502_and_the_next_jobs_are_served(slow_fleet: Fleet):
-    with ThreadPoolExecutor(2) as pool:
-        neighbour = pool.submit(slow_fleet.get, "/slow/spin/1")
-        time.sleep(0.2)
-        crashed = slow_fleet.get("/slow/exit_worker")
-        assert_contract_error(crashed, 502, "worker_died")
-        assert neighbour.result().status == 200
+    assert_contract_error(beside_a_running_job(slow_fleet, "/slow/exit_worker"), 502, "worker_died")
     assert all(slow_fleet.get("/slow/fib/10").json()["result"] == 55 for _ in range(3))
 
 
 def test_a_job_past_the_workers_memory_cap_gets_502_and_only_its_worker_is_replaced(slow_fleet: Fleet):
     before, workers = slow_fleet.pid("slow-01"), slow_fleet.slow_health()["pool"]["workers"]
-    with ThreadPoolExecutor(2) as pool:
-        neighbour = pool.submit(slow_fleet.get, "/slow/spin/1")
-        time.sleep(0.2)
-        hog = slow_fleet.get("/slow/allocate/700")  # the test fleets cap workers at 256 MiB
-        body = assert_contract_error(hog, 502, "worker_out_of_memory")
-        assert "256 MiB" in body["message"] and "slow.worker_max_rss_mb" in body["message"]
-        assert neighbour.result().status == 200
+    hog = beside_a_running_job(slow_fleet, "/slow/allocate/700")  # the test fleets cap workers at 256 MiB
+    body = assert_contract_error(hog, 502, "worker_out_of_memory")
+    assert "256 MiB" in body["message"] and "slow.worker_max_rss_mb" in body["message"]
     assert slow_fleet.get("/slow/allocate/20").json()["result"] == 20  # under the cap: served
     assert slow_fleet.pid("slow-01") == before  # the instance lived through it
     wait_for(lambda: slow_fleet.slow_health()["pool"]["workers"] == workers, timeout=10)  # whole again
@@ -146,7 +129,8 @@ def test_more_jobs_than_workers_and_queue_get_immediate_503_while_fast_keeps_ans
     # 2 workers (or cluster threads) + 2 waiting places: of 7 concurrent jobs, 3 must be refused at once.
     with ThreadPoolExecutor(7) as pool:
         jobs = [pool.submit(slow_fleet.get, "/slow/spin/1.5") for _ in range(7)]
-        time.sleep(0.3)
+        wait_for(lambda: (h := slow_fleet.slow_health())["running"] == 2 and h["waiting"] == 2,
+                 what="the slow path full: 2 jobs running, 2 waiting")
         fast = [slow_fleet.get("/fast") for _ in range(20)]
         results = [j.result() for j in jobs]
     refused = [r for r in results if r.status == 503]

@@ -14,53 +14,38 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from bench.procs import free_port_block, port_is_free
 from services.common import procfs
-from tests.integration.conftest import REPO, Fleet, free_port_block, make_fleet, port_is_free
-from tests.integration.test_fleet import assert_contract_error, wait_for
+from tests.support.contract import assert_contract_error
+from tests.support.fleet import REPO, Fleet, make_fleet
+from tests.support.probe import Probe
+from tests.support.running_jobs import job_running_under, last_spinner, spinner_pid
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def slow_health(fleet: Fleet) -> dict:
-    return fleet.get("/healthz", port=fleet.slow_ports[0], timeout=5).json()
-
-
-def job_ok(fleet: Fleet) -> bool:
-    try:
-        return fleet.get("/slow/fib/10", timeout=10).status == 200
-    except OSError:
-        return False
-
-
-class FastProbe:
+class FastProbe(Probe):
     """GET /fast (or `path`) every 20 ms through the edge while a fault happens: none may fail."""
 
     def __init__(self, fleet: Fleet, path: str = "/fast", every: float = 0.02):
-        self.fleet, self.path, self.every, self.statuses, self._stop = fleet, path, every, [], threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            try:
-                self.statuses.append(self.fleet.get(self.path, timeout=10).status)
-            except OSError as exc:
-                self.statuses.append(type(exc).__name__)
-
-    def __enter__(self) -> "FastProbe":
-        self._thread.start()
-        return self
+        super().__init__(lambda: fleet.get(path, timeout=10).status, every)
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__exit__(*exc)
         assert self.statuses and set(self.statuses) == {200}, sorted(set(map(str, self.statuses)))
+
+
+def worker_running_a_job(fleet: Fleet) -> dict | None:
+    """supervisor's view of the Dask worker whose job process burns CPU; None while none does."""
+    return next((p for p in fleet.processes() if p["name"].startswith("dask-worker-") and job_running_under(p["pid"])),
+                None)
 
 
 # the managed cluster ---------------------------------------------------------------------------------
@@ -72,7 +57,7 @@ def test_a_managed_cluster_runs_under_supervisor_on_loopback_with_its_dashboard(
     assert dask_fleet.get("/status", port=int(dashboard)).status == 200
     targets = json.loads((dask_fleet.run_dir / "prometheus" / "targets.json").read_text())
     assert {"targets": [f"127.0.0.1:{dashboard}"], "labels": {"role": "dask", "fleet_instance": "dask-scheduler"}} in targets
-    health = slow_health(dask_fleet)
+    health = dask_fleet.slow_health()
     assert health["pool"]["backend"] == "dask" and health["pool"]["cluster"]["threads"] == 2
     status = dask_fleet.command("status").stdout
     assert "dask cluster tls://127.0.0.1:" in status and "2 worker(s), 2 thread(s)" in status  # TLS on one host too
@@ -82,7 +67,7 @@ def test_a_small_result_comes_back_with_the_job_s_completion_and_a_large_one_is_
     """Up to dask_worker.PUSH_LIMIT a result travels as an event on the instance's topic (no
     gather from the worker); past it Dask gathers it. Both whole, both counted."""
     def pushed() -> int:
-        return slow_health(dask_fleet)["pool"]["pushed"]
+        return dask_fleet.slow_health()["pool"]["pushed"]
 
     before = pushed()
     assert dask_fleet.get("/slow/fib/20").json()["result"] == 6765
@@ -112,39 +97,31 @@ def test_kill_9_of_a_dask_worker_fails_only_its_job_and_the_next_jobs_are_served
     fleet = private_dask_fleet()
     with FastProbe(fleet), ThreadPoolExecutor(1) as pool:
         job = pool.submit(fleet.get, "/slow/spin/5")
-        wait_for(lambda: slow_health(fleet)["pool"]["busy"] == 1)
-        time.sleep(0.5)
-        busy = next(p for p in fleet.processes() if p["name"].startswith("dask-worker-") and _running_job(p["pid"]))
+        busy = wait_for(lambda: worker_running_a_job(fleet), what="the job running on a Dask worker")
         os.kill(busy["pid"], signal.SIGKILL)
         assert_contract_error(job.result(), 502, "worker_died")
-        assert all(job_ok(fleet) for _ in range(4))
+        assert all(fleet.answers("/slow/fib/10") for _ in range(4))
     wait_for(lambda: fleet.process(busy["name"])["statename"] == "RUNNING" and fleet.process(busy["name"])["pid"] != busy["pid"],
              timeout=20)
-
-
-def _running_job(pid: int) -> bool:
-    """The Dask worker `pid` has a job child burning CPU (state R)."""
-    return any(procfs.state(child) == "R" for child in procfs.descendants(pid))
 
 
 def test_kill_9_of_the_scheduler_answers_in_flight_jobs_503_at_once_and_the_cluster_comes_back(private_dask_fleet):
     fleet = private_dask_fleet()
     with FastProbe(fleet), ThreadPoolExecutor(1) as pool:
         job = pool.submit(fleet.get, "/slow/spin/10")
-        wait_for(lambda: slow_health(fleet)["pool"]["busy"] == 1)
-        time.sleep(0.3)
+        wait_for(lambda: worker_running_a_job(fleet), what="the job running on a Dask worker")
         killed = time.monotonic()
         os.kill(fleet.pid("dask-scheduler"), signal.SIGKILL)
         response = job.result()
         assert time.monotonic() - killed < 2  # at once, not at the job's deadline
         assert_contract_error(response, 503, "backend_unavailable")
         assert response.headers["retry-after"]
-        wait_for(lambda: job_ok(fleet), timeout=60, interval=0.5)  # back by itself, workers included
-    wait_for(lambda: slow_health(fleet)["pool"]["cluster"]["workers"] == 2, timeout=60, interval=0.5)
+        wait_for(lambda: fleet.answers("/slow/fib/10"), timeout=60, interval=0.5)  # back by itself, workers included
+    wait_for(lambda: fleet.slow_health()["pool"]["cluster"]["workers"] == 2, timeout=60, interval=0.5)
     # The new scheduler knows no subscription: the instance subscribes again, and small results
     # come back with their jobs' completion once more (not only gathered).
-    pushed = slow_health(fleet)["pool"]["pushed"]
-    wait_for(lambda: job_ok(fleet) and slow_health(fleet)["pool"]["pushed"] > pushed, timeout=10, interval=0.5)
+    pushed = fleet.slow_health()["pool"]["pushed"]
+    wait_for(lambda: fleet.answers("/slow/fib/10") and fleet.slow_health()["pool"]["pushed"] > pushed, timeout=10, interval=0.5)
 
 
 def test_a_scheduler_away_longer_than_the_client_s_timeout_is_rejoined_without_a_restart(private_dask_fleet):
@@ -152,13 +129,13 @@ def test_a_scheduler_away_longer_than_the_client_s_timeout_is_rejoined_without_a
     instance = fleet.pid("slow-01")
     fleet.supervisorctl("stop", "dask-scheduler")
     started = time.monotonic()
-    wait_for(lambda: slow_health(fleet)["status"] == "degraded", timeout=10)
+    wait_for(lambda: fleet.slow_health()["status"] == "degraded", timeout=10)
     response = fleet.get("/slow/fib/10")
     assert_contract_error(response, 503, "backend_unavailable")
     assert response.elapsed < 1
     time.sleep(max(0.0, 8 - (time.monotonic() - started)))  # past the client's own reconnect timeout
     fleet.supervisorctl("start", "dask-scheduler")
-    wait_for(lambda: job_ok(fleet), timeout=60, interval=0.5)
+    wait_for(lambda: fleet.answers("/slow/fib/10"), timeout=60, interval=0.5)
     assert fleet.pid("slow-01") == instance  # rejoined, not restarted
 
 
@@ -235,7 +212,7 @@ def test_an_existing_cluster_runs_the_jobs_and_one_on_other_versions_is_refused_
         fleet.command("up")
         assert not any(p["name"].startswith("dask-") for p in fleet.processes())  # no cluster of its own
         cluster.worker(fleet.run_dir / "settings.json")  # the README's worker command
-        wait_for(lambda: job_ok(fleet), 30)
+        wait_for(lambda: fleet.answers("/slow/fib/10"), 30)
         assert fleet.get("/slow/fib/20").json()["result"] == 6765
         fleet.command("stop")
         cluster.stop()
@@ -245,7 +222,7 @@ def test_an_existing_cluster_runs_the_jobs_and_one_on_other_versions_is_refused_
         cluster.scheduler(str(preload))
         result = fleet.command("up")
         assert "warning: slow-01 is up but degraded" in result.stdout
-        problem = slow_health(fleet)["pool"]["problem"]
+        problem = fleet.slow_health()["pool"]["problem"]
         assert "versions differ from this fleet's: distributed" in problem and "2024.1.0 on the scheduler" in problem
         assert_contract_error(fleet.get("/slow/fib/10"), 503, "backend_unavailable")
     finally:
@@ -260,7 +237,7 @@ def test_a_running_fleet_switches_backend_both_ways_failing_no_request(private_d
         # A new cluster starts before the spares, which read the new settings and would wait for it.
         with FastProbe(fleet), FastProbe(fleet, "/slow/fib/10", every=0.1):
             result = fleet.command("up", timeout=180)
-        assert slow_health(fleet)["pool"]["backend"] == backend, result.stdout
+        assert fleet.slow_health()["pool"]["backend"] == backend, result.stdout
         running = {p["name"] for p in fleet.processes()}
         assert ("dask-scheduler" in running) == (backend == "dask"), running
 
@@ -274,7 +251,9 @@ def test_a_reload_restarts_the_dask_workers_one_at_a_time_failing_no_accepted_jo
     # rejoined the scheduler would leave the cluster with none (503 no_workers).
     with FastProbe(fleet), FastProbe(fleet, "/slow/fib/10", every=0.05), ThreadPoolExecutor(4) as pool:
         jobs = [pool.submit(fleet.get, "/slow/spin/1.5") for _ in range(2)]
-        time.sleep(0.3)
+        wait_for(lambda: fleet.slow_health()["pool"]["busy"] >= 2
+                 and all(job_running_under(fleet.pid(name)) for name in ("dask-worker-01", "dask-worker-02")),
+                 what="both jobs running, one on each Dask worker")
         result = fleet.command("reload", timeout=180)
         jobs += [pool.submit(fleet.get, "/slow/fib/15") for _ in range(3)]  # with the probe's: 4 places
         answers = [j.result() for j in jobs]
@@ -294,8 +273,9 @@ def test_a_stop_answers_the_job_in_flight_and_stops_the_parts_in_order(private_d
     workers, the scheduler. A job accepted before the stop is answered."""
     fleet = private_dask_fleet()
     with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(fleet.get, "/slow/spin/1.5")
-        time.sleep(0.5)
+        before = last_spinner(fleet.run_dir)
+        job = pool.submit(fleet.get, "/slow/spin_and_tell/1.5")
+        spinner_pid(fleet.run_dir, before)  # the job runs on the cluster
         fleet.command("stop")
         assert job.result().status == 200, job.result().body
     log = (fleet.run_dir / "logs" / "supervisord.log").read_text()

@@ -1,57 +1,24 @@
-"""The fleet's contract through the edge: routing, every error status produced for real, isolation."""
+"""The fleet's contract through the edge: routing, request ids, the errors the edge and the
+instances answer (produced for real), a client's share of the slow path and the edge's rate limit,
+what the fleet exposes (where it listens, what its answers reveal), and each kind of process's CPU
+priority. The local pool's own faults are in test_local_pool.py."""
 
 from __future__ import annotations
 
 import os
 import re
-import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from bench.cpu import process_cpu
 from services.common import cpu_slice, procfs
-from tests.integration.conftest import Fleet
+from tests.support.contract import assert_contract_error
+from tests.support.fleet import Fleet
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
 NGINX_REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")  # nginx's $request_id
-
-
-def wait_for(predicate, timeout: float = 10, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
-
-
-def assert_contract_error(response, status: int, error: str | None = None) -> dict:
-    assert response.status == status, response.body
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) >= {"error", "message", "request_id"}
-    assert body["request_id"] == response.headers["x-request-id"]
-    if error:
-        assert body["error"] == error
-    return body
-
-
-def busy_worker_pid(fleet: Fleet) -> int:
-    """The pid of the worker burning CPU in slow-01: the one whose CPU time grew most, by at least
-    0.1 s, over 0.3 s. (State R alone once picked a worker that had just been replaced and was
-    still starting up, while the job ran on the other.)"""
-    def burning():
-        pids = fleet.slow_health()["pool"]["pids"]
-        before = {pid: process_cpu([pid]) for pid in pids}
-        time.sleep(0.3)
-        grown = {pid: process_cpu([pid]) - before[pid] for pid in pids}  # a process gone meanwhile: negative
-        pid = max(grown, key=grown.get, default=None)
-        return pid if pid is not None and grown[pid] >= 0.1 else None
-    return wait_for(burning, timeout=5, interval=0.01)
 
 
 # routing -----------------------------------------------------------------------------------------
@@ -74,6 +41,12 @@ def test_healthz_answers_through_the_edge_and_on_each_instance_port(fleet: Fleet
     for port, role in [(p, "fast") for p in fleet.fast_ports] + [(p, "slow") for p in fleet.slow_ports]:
         body = fleet.get("/healthz", port=port).json()
         assert body["status"] == "ok" and body["role"] == role
+
+
+def test_head_on_fast_and_healthz_is_200_through_the_edge(fleet: Fleet):
+    for path in ("/fast", "/healthz"):
+        response = fleet.request("HEAD", path)
+        assert response.status == 200 and response.body == b"", path
 
 
 def test_the_edge_gives_every_request_its_own_id_whatever_id_the_client_sends(fleet: Fleet):
@@ -99,42 +72,22 @@ def test_unknown_routes_and_tasks_get_404_json(fleet: Fleet, path: str):
     assert_contract_error(fleet.get(path), 404, "not_found")
 
 
+def test_slow_without_its_slash_is_a_json_404_not_an_html_redirect(fleet: Fleet):
+    response = fleet.get("/slow")
+    assert_contract_error(response, 404, "not_found")
+    assert "location" not in response.headers
+
+
 def test_wrong_method_gets_405_json(fleet: Fleet):
     assert_contract_error(fleet.request("PUT", "/fast"), 405)
     assert_contract_error(fleet.get("/slow/pbkdf2"), 405)
 
 
-def test_a_worker_that_exits_fails_only_its_own_job_and_the_pool_refills(fleet: Fleet):
-    before = set(fleet.slow_health()["pool"]["pids"])
-    with ThreadPoolExecutor(2) as pool:
-        neighbour = pool.submit(fleet.get, "/slow/spin/1")
-        time.sleep(0.2)
-        crashed = fleet.get("/slow/exit_worker")
-        assert_contract_error(crashed, 502, "worker_died")
-        assert neighbour.result().status == 200
-    pids = wait_for(lambda: (p := fleet.slow_health()["pool"]["pids"]) and len(p) == 2 and p)
-    assert set(pids) != before
-    assert fleet.get("/slow/fib/10").json()["result"] == 55
-
-
-def test_kill_9_of_a_worker_during_a_job_gives_502_for_that_job_only(fleet: Fleet):
-    with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(fleet.get, "/slow/spin/2.5")
-        victim = busy_worker_pid(fleet)
-        os.kill(victim, signal.SIGKILL)
-        assert_contract_error(job.result(), 502, "worker_died")
-    assert fleet.get("/slow/fib/10").status == 200
-    assert victim not in fleet.slow_health()["pool"]["pids"]
-
-
-def test_a_departed_client_s_running_job_has_its_worker_killed_and_replaced(fleet: Fleet):
-    before = fleet.slow_health()["pool"]
-    with pytest.raises(TimeoutError):
-        fleet.get("/slow/spin/2.5", timeout=0.5)
-    after = wait_for(lambda: (h := fleet.slow_health()["pool"])["cancelled"] > before["cancelled"]
-                     and len(h["pids"]) == 2 and h)
-    assert after["cancelled"] == before["cancelled"] + 1
-    assert set(after["pids"]) != set(before["pids"])
+def test_unknown_methods_are_answered_405_json_by_the_edge_and_never_reach_an_instance(fleet: Fleet):
+    for method, path in (("FOOBAR", "/fast"), ("DELETE", "/slow/fib/1"), ("PUT", "/echo")):
+        response = fleet.request(method, path)
+        assert_contract_error(response, 405, "method_not_allowed")
+        assert response.headers["x-served-by"] == "edge" and response.headers["allow"] == "GET, HEAD, POST"
 
 
 def test_oversized_requests_get_the_edge_s_json_errors(fleet: Fleet):
@@ -146,6 +99,59 @@ def test_oversized_requests_get_the_edge_s_json_errors(fleet: Fleet):
     r = fleet.get("/fast", headers={"X-Big": "a" * 9000})
     assert r.headers["x-served-by"] == "edge"
 
+
+# a client's share ----------------------------------------------------------------------------------
+
+def test_one_client_gets_its_share_of_the_slow_path_and_everyone_else_still_gets_in(private_fleet):
+    fleet = private_fleet(FLEET_SLOW_MAX_PER_CLIENT="2")  # 2 workers, 2 waiting places
+    with ThreadPoolExecutor(5) as pool:
+        hog = [pool.submit(fleet.get, "/slow/sleep/2", source="127.0.0.2") for _ in range(4)]
+        wait_for(lambda: fleet.slow_health()["running"] == 2 and sum(f.done() for f in hog) == 2,
+                 what="the client's share running and the rest of its jobs answered (refused)")
+        other = fleet.get("/slow/fib/10")  # from 127.0.0.1: admitted, not 503
+        statuses = sorted(f.result().status for f in hog)
+    assert other.status == 200
+    assert statuses == [200, 200, 429, 429]
+    refused = next(f.result() for f in hog if f.result().status == 429)
+    assert_contract_error(refused, 429, "rate_limited")
+    assert refused.headers["retry-after"] == "1"
+
+
+def test_a_client_over_the_slow_rate_limit_gets_429_json_with_retry_after(private_fleet):
+    fleet = private_fleet(FLEET_EDGE_SLOW_RATE_PER_SECOND="2", FLEET_EDGE_SLOW_RATE_BURST="0")
+    statuses = [fleet.get("/slow/fib/1") for _ in range(6)]
+    limited = [r for r in statuses if r.status == 429]
+    assert limited, [r.status for r in statuses]
+    body = assert_contract_error(limited[0], 429, "rate_limited")
+    assert limited[0].headers["retry-after"] == "1" and body["message"]
+    assert fleet.get("/fast").status == 200  # the limit is on /slow/ only
+
+
+# exposure ------------------------------------------------------------------------------------------
+
+def test_only_the_edge_listens_beyond_loopback_and_supervisor_is_private(fleet: Fleet):
+    from deploy.fleet import processes_of
+
+    members = set(processes_of(fleet.run_dir))
+    inodes = {inode for pid in members for inode in procfs.socket_inodes(pid)}
+    listening = [(s.address, s.port) for inode, s in procfs.tcp_sockets().items()
+                 if s.state == procfs.LISTEN and inode in inodes]
+    ports = {port for _, port in listening}
+    assert set(fleet.fast_ports + fleet.slow_ports + [fleet.edge_port]) <= ports
+    for address, port in listening:
+        assert address in ("0100007F", "00000000000000000000000001000000"), (address, port)  # 127.0.0.1 / ::1
+    sock = fleet.run_dir / "supervisor.sock"
+    assert oct(sock.stat().st_mode & 0o777) == "0o700"
+    assert "inet_http_server" not in (fleet.run_dir / "supervisord.conf").read_text()
+
+
+def test_no_response_reveals_versions_or_tracebacks(fleet: Fleet):
+    for response in (fleet.get("/fast"), fleet.get("/nope"), fleet.get("/slow/raise_error"), fleet.get("/" + "a" * 9000)):
+        assert response.headers.get("server", "nginx") == "nginx"
+        assert b"Traceback" not in response.body and b"Tornado" not in response.body
+
+
+# CPU priority -------------------------------------------------------------------------------------
 
 def test_the_fast_path_asks_for_a_short_time_slice_and_the_heavy_path_keeps_the_kernel_s(fleet: Fleet):
     """fast.sched_slice_us (100 us): the fast instances and every nginx process run with it, so a

@@ -26,8 +26,8 @@ from urllib.parse import quote_from_bytes
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tests.integration.conftest import Fleet, make_fleet
-from tests.integration.test_hostile_input import CLOSE, complete, exchange
+from tests.support.fleet import Fleet, make_fleet
+from tests.support.raw_http import CLOSE, complete, exchange
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,7 @@ import http.client
 import json
 import os
 import ssl
-import statistics
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,13 +23,17 @@ import pytest
 from deploy.procs import MEMBER_MARKER, processes_of
 from services.common import procfs
 from services.common.settings import load
-from tests.integration.conftest import REPO, TEST_SETTINGS, Response
 from tests.support import netns
+from tests.support.fleet import REPO, TEST_SETTINGS, Response
+from tests.support.probe import Probe
+from tests.support.running_jobs import last_spinner, spinner_pid
+from tests.support.waiting import wait_for
 
 HOSTS = {"web1": "10.77.0.1", "heavy1": "10.77.0.2", "heavy2": "10.77.0.3"}
 EDGE = ("10.77.0.1", 8080)
 JOB_TIMEOUT = 3
 WORKER_TTL = 2  # Dask waits at least 10 heartbeats (5 s) all the same
+POLL = 0.2  # a wait's poll is a TLS request from inside a namespace: few, so the probes measure the fleet
 
 pytestmark = pytest.mark.skipif(netns.available() is not None, reason=f"simulated hosts: {netns.available()}")
 
@@ -80,9 +82,7 @@ class Hosts:
             started = time.monotonic()
             try:
                 conn.request(method, path, headers=headers or {})
-                response = conn.getresponse()
-                return Response(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read(),
-                                time.monotonic() - started)
+                return Response.read(conn, started)
             finally:
                 conn.close()
 
@@ -100,52 +100,17 @@ class Hosts:
         return None
 
 
-class FastProbe:
-    """GET /fast every 20 ms through the edge, from web1: (time, status, seconds) of each."""
+def fast_probe(hosts: Hosts) -> Probe:
+    """GET /fast every 20 ms through the edge, from web1."""
+    def send() -> int:
+        conn = http.client.HTTPConnection(*EDGE, timeout=10)
+        try:
+            conn.request("GET", "/fast")
+            return conn.getresponse().status
+        finally:
+            conn.close()
 
-    def __init__(self, hosts: Hosts):
-        self.hosts, self.samples, self._stop = hosts, [], threading.Event()
-        self._thread = threading.Thread(target=lambda: hosts.net.in_thread("web1", self._run), daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            started = time.monotonic()
-            try:
-                conn = http.client.HTTPConnection(*EDGE, timeout=10)
-                conn.request("GET", "/fast")
-                status = conn.getresponse().status
-                conn.close()
-            except OSError as exc:
-                status = type(exc).__name__
-            self.samples.append((started, status, time.monotonic() - started))
-
-    def __enter__(self) -> "FastProbe":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def window(self, start: float, end: float) -> dict:
-        """Count, failures and p50/p99 in ms of the probes sent between start and end."""
-        inside = [(status, seconds) for t, status, seconds in self.samples if start <= t < end]
-        times = sorted(seconds * 1000 for _, seconds in inside)
-        if len(times) < 2:
-            return {"n": len(times), "failed": 0, "p50": None, "p99": None}
-        return {"n": len(times), "failed": sum(status != 200 for status, _ in inside),
-                "p50": round(statistics.median(times), 2),
-                "p99": round(statistics.quantiles(times, n=100)[98], 2)}
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout} s: {what}")
+    return Probe(send, within=lambda run: hosts.net.in_thread("web1", run))
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +124,7 @@ def hosts(tmp_path_factory):
             for host in HOSTS:
                 fleet.make(host, "deploy-local")
             # The slow instance re-reads the cluster's threads each second: both hosts' workers.
-            wait_for(lambda: fleet.cluster()["threads"] == 2, 30, "the slow instance sees both workers")
+            wait_for(lambda: fleet.cluster()["threads"] == 2, 30, interval=POLL, what="the slow instance sees both workers")
             yield fleet
         finally:
             for host in ("heavy1", "heavy2", "web1"):
@@ -201,7 +166,7 @@ def test_each_host_runs_only_its_part_bound_to_its_own_address(hosts):
         assert all(address == "127.0.0.1" for address, port in bound if port in dashboards), (host, listening)
     # The slow instance re-reads the cluster each second: both heavy hosts' workers, over TLS.
     wait_for(lambda: "dask cluster tls://10.77.0.1:8786: connected, 2 worker(s), 2 thread(s)"
-             in hosts.make("web1", "status").stdout, 10, "make status shows both workers")
+             in hosts.make("web1", "status").stdout, 10, interval=POLL, what="make status shows both workers")
 
 
 def test_the_contract_holds_through_the_edge_and_heavy_jobs_run_on_the_heavy_hosts(hosts):
@@ -212,7 +177,7 @@ def test_the_contract_holds_through_the_edge_and_heavy_jobs_run_on_the_heavy_hos
     assert hosts.request("/slow/nothing").status == 404
     assert hosts.request("/slow/raise_error").json()["error"] == "job_failed"
     found = wait_for(lambda: (lambda f: f if set(f) == {"heavy1", "heavy2"} else None)(jobs_by_host(hosts, 4)),
-                     30, "jobs on both heavy hosts")
+                     30, interval=POLL, what="jobs on both heavy hosts")
     assert set(found) == {"heavy1", "heavy2"}, found  # never on web1
 
 
@@ -293,16 +258,15 @@ def test_deploy_without_the_certificates_fails_naming_them(hosts, tmp_path):
 # the network breaks ---------------------------------------------------------------------------------
 
 def test_a_heavy_host_cut_off_mid_job_fails_its_job_and_the_rest_goes_on(hosts, record_property):
-    wait_for(lambda: hosts.cluster()["workers"] == 2, 60, "both workers joined")
-    figures = {}
-    with FastProbe(hosts) as probe:
-        time.sleep(3)
-        t0 = time.monotonic()
-        figures["before"] = probe.window(t0 - 3, t0)
+    wait_for(lambda: hosts.cluster()["workers"] == 2, 60, interval=POLL, what="both workers joined")
+    with fast_probe(hosts) as probe:
+        figures = {"before": probe.over_the_next(3)}
         # Two jobs at once: one on each heavy host's one thread.
+        before = {host: last_spinner(hosts.run_dir(host)) for host in ("heavy1", "heavy2")}
         with ThreadPoolExecutor(2) as pool:
-            jobs = [pool.submit(hosts.request, "/slow/spin/2") for _ in range(2)]
-            time.sleep(0.5)
+            jobs = [pool.submit(hosts.request, "/slow/spin_and_tell/2") for _ in range(2)]
+            for host, spinner in before.items():
+                spinner_pid(hosts.run_dir(host), spinner)  # a job runs on that host
             hosts.net.link("heavy1", up=False)
             cut = time.monotonic()
             answers = [j.result() for j in jobs]
@@ -311,17 +275,16 @@ def test_a_heavy_host_cut_off_mid_job_fails_its_job_and_the_rest_goes_on(hosts, 
         assert statuses[0] == 200 and statuses[1] in (502, 504), [a.body for a in answers]
         assert max(a.elapsed for a in answers) < JOB_TIMEOUT + 1.5  # dask_pool.GRACE
         # The scheduler drops the silent worker (dask.worker_ttl); from then on jobs go to heavy2.
-        wait_for(lambda: hosts.cluster()["workers"] == 1, 30, "heavy1's worker dropped")
+        wait_for(lambda: hosts.cluster()["workers"] == 1, 30, interval=POLL, what="heavy1's worker dropped")
         dropped = time.monotonic()
         assert jobs_by_host(hosts, 3) == {"heavy2": 3}  # heavy2's one thread and the 2 waiting places
         figures["during"] = probe.window(cut, time.monotonic())
         hosts.net.link("heavy1", up=True)
         back = time.monotonic()
-        wait_for(lambda: hosts.cluster()["workers"] == 2, 90, "heavy1 rejoined by itself")
+        wait_for(lambda: hosts.cluster()["workers"] == 2, 90, interval=POLL, what="heavy1 rejoined by itself")
         rejoined = time.monotonic()
-        wait_for(lambda: "heavy1" in jobs_by_host(hosts, 4), 30, "jobs on heavy1 again")
-        time.sleep(3)
-        figures["after"] = probe.window(time.monotonic() - 3, time.monotonic())
+        wait_for(lambda: "heavy1" in jobs_by_host(hosts, 4), 30, interval=POLL, what="jobs on heavy1 again")
+        figures["after"] = probe.over_the_next(3)
     figures["dropped_after_s"] = round(dropped - cut, 1)
     figures["rejoined_after_s"] = round(rejoined - back, 1)
     record_property("heavy1_cut_off", json.dumps(figures))
@@ -332,12 +295,9 @@ def test_a_heavy_host_cut_off_mid_job_fails_its_job_and_the_rest_goes_on(hosts, 
 
 
 def test_both_heavy_hosts_cut_off_answer_503_at_once_never_a_hang(hosts, record_property):
-    wait_for(lambda: hosts.cluster()["workers"] == 2, 90, "both workers joined")
-    figures = {}
-    with FastProbe(hosts) as probe:
-        time.sleep(2)
-        t0 = time.monotonic()
-        figures["before"] = probe.window(t0 - 2, t0)
+    wait_for(lambda: hosts.cluster()["workers"] == 2, 90, interval=POLL, what="both workers joined")
+    with fast_probe(hosts) as probe:
+        figures = {"before": probe.over_the_next(2)}
         for host in ("heavy1", "heavy2"):
             hosts.net.link(host, up=False)
         cut = time.monotonic()
@@ -358,11 +318,10 @@ def test_both_heavy_hosts_cut_off_answer_503_at_once_never_a_hang(hosts, record_
         for host in ("heavy1", "heavy2"):
             hosts.net.link(host, up=True)
         back = time.monotonic()
-        wait_for(lambda: hosts.cluster()["workers"] == 2, 90, "both rejoined by themselves")
+        wait_for(lambda: hosts.cluster()["workers"] == 2, 90, interval=POLL, what="both rejoined by themselves")
         figures["rejoined_after_s"] = round(time.monotonic() - back, 1)
         assert hosts.request("/slow/fib/20").json()["result"] == 6765
-        time.sleep(2)
-        figures["after"] = probe.window(time.monotonic() - 2, time.monotonic())
+        figures["after"] = probe.over_the_next(2)
     record_property("both_cut_off", json.dumps(figures))
     print("both heavy hosts cut off:", json.dumps(figures))
     for phase in ("before", "during", "after"):

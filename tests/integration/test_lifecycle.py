@@ -1,4 +1,6 @@
-"""Starting, re-applying, stopping: the commands behind make deploy-local / stop, on private fleets."""
+"""Starting, re-applying, stopping: the commands behind make deploy-local / stop, on private fleets;
+what a change applies (and what it leaves alone when refused), what a killed instance leaves, how an
+instance drains on SIGTERM, and the cgroups a fleet makes and removes."""
 
 from __future__ import annotations
 
@@ -7,16 +9,22 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from bench.procs import free_port_block, port_is_free
 from deploy.fleet import processes_of
 from services.common import procfs
 from services.slow import cpu_priority
-from tests.integration.conftest import REPO, make_fleet, port_is_free
-from tests.integration.test_fleet import wait_for
+from tests.support.cgroups import cpu_cgroup_of
+from tests.support.contract import assert_contract_error
+from tests.support.fleet import REPO, make_fleet
+from tests.support.running_jobs import last_spinner, spinner_pid
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +45,31 @@ def test_two_fleets_run_side_by_side_and_stop_leaves_nothing(private_fleet):
     assert second.get("/fast").status == 200  # the other fleet was not touched
 
 
+def test_a_cold_start_never_answers_no_live_upstreams(tmp_path):
+    fleet = make_fleet(tmp_path / "cold")
+    answers: list[int] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            for path in ("/fast", "/slow/fib/1"):
+                try:
+                    answers.append(fleet.get(path, timeout=10).status)
+                except OSError:
+                    time.sleep(0.01)  # refused: nothing listens yet (paces the next try)
+
+    thread = threading.Thread(target=hammer, daemon=True)
+    thread.start()
+    try:
+        fleet.command("up")
+        time.sleep(1)  # the first second of the fleet just up, hammered: what the test watches
+    finally:
+        stop.set()
+        thread.join()
+        fleet.command("stop", check=False)
+    assert answers and set(answers) == {200}, sorted(set(answers))
+
+
 def test_deploying_again_while_up_changes_nothing_and_says_so(private_fleet):
     fleet = private_fleet()
     pids = {p for p in processes_of(fleet.run_dir)}
@@ -54,9 +87,57 @@ def test_deploying_with_changed_settings_applies_them_one_instance_at_a_time(pri
     assert fleet.get("/slow/fib/10").json()["result"] == 55
 
 
-def test_deploy_refuses_a_port_taken_by_another_program(private_fleet, tmp_path):
-    from tests.integration.conftest import make_fleet
+def test_an_nginx_change_with_a_long_job_in_flight_is_applied_and_recorded(private_fleet):
+    fleet = private_fleet(FLEET_SLOW_JOB_TIMEOUT="20", FLEET_SLOW_DRAIN_TIMEOUT="25",
+                          FLEET_TASKS_SLEEP_MAX_SECONDS="15")
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(fleet.get, "/slow/sleep/12")  # longer than the old check's 10 s
+        wait_for(lambda: fleet.slow_health()["running"] == 1, what="the long job running")
+        fleet.env["FLEET_EDGE_MAX_BODY_KB"] = "64"
+        result = fleet.command("up", timeout=60)
+        assert "nginx reloaded" in result.stdout
+        assert_contract_error(fleet.request("POST", "/echo", body=b"x" * 100_000), 413, "payload_too_large")
+        assert fleet.command("up").stdout.count("nothing to apply") == 1  # the record says what runs
+        assert job.result().status == 200  # the old worker finished its job
+    del fleet.env["FLEET_EDGE_MAX_BODY_KB"]
+    assert "nginx reloaded" in fleet.command("up").stdout
+    assert fleet.request("POST", "/echo", body=b"x" * 100_000).status == 200
 
+
+def test_a_config_nginx_refuses_at_reload_leaves_the_old_one_serving_and_in_the_run_dir(private_fleet):
+    from deploy import apply
+    from deploy.control import FleetError
+    from services.common.settings import load
+
+    fleet = private_fleet()
+    conf = fleet.run_dir / "nginx" / "conf" / "nginx.conf"
+    before = conf.read_text()
+    # `nginx -t` accepts this, a running nginx does not: a shared zone cannot change its key.
+    conf.write_text(before.replace("limit_req_zone $binary_remote_addr", "limit_req_zone $remote_addr"))
+    with pytest.raises(FleetError, match="refused"):
+        apply.reload_nginx(load(env=fleet.env), before)
+    assert conf.read_text() == before and fleet.get("/fast").status == 200
+    assert "nothing to apply" in fleet.command("up").stdout
+
+
+def test_a_changed_edge_port_is_applied_completely(private_fleet):
+    fleet = private_fleet()
+    old, new = fleet.edge_port, free_port_block(1)
+    fleet.env["FLEET_EDGE_PORT"] = str(new)
+    fleet.command("up")
+    fleet.edge_port = new
+    assert fleet.get("/fast").status == 200
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", old)) != 0  # refused: nothing listens there any more
+    assert not port_is_free(new) and port_is_free(old)
+    launcher = fleet.pid("nginx")
+    held = procfs.fd_targets(launcher)
+    assert sum(link.startswith("socket:") for link in held) >= 1  # it holds the new socket for restarts
+    os.kill(int((fleet.run_dir / "nginx" / "nginx.pid").read_text()), signal.SIGKILL)
+    wait_for(fleet.answers, timeout=10)  # a new master starts on the new socket
+
+
+def test_deploy_refuses_a_port_taken_by_another_program(private_fleet, tmp_path):
     fleet = make_fleet(tmp_path / "taken")
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", fleet.fast_ports[1]))
@@ -68,9 +149,25 @@ def test_deploy_refuses_a_port_taken_by_another_program(private_fleet, tmp_path)
     assert processes_of(fleet.run_dir) == []
 
 
-def test_invalid_settings_fail_fast_naming_the_key(private_fleet, tmp_path):
-    from tests.integration.conftest import make_fleet
+def test_a_deploy_refused_before_it_starts_changes_nothing(private_fleet):
+    fleet = private_fleet()
+    conf = fleet.run_dir / "nginx" / "conf" / "nginx.conf"
+    before = conf.read_text()
+    squatter = socket.socket()
+    new_port = free_port_block(1)
+    squatter.bind(("127.0.0.1", new_port))
+    squatter.listen()
+    try:
+        fleet.env["FLEET_EDGE_PORT"] = str(new_port)
+        result = fleet.command("up", check=False)
+    finally:
+        squatter.close()
+        fleet.env["FLEET_EDGE_PORT"] = str(fleet.edge_port)
+    assert result.returncode == 1 and f"port {new_port} (edge)" in result.stderr
+    assert conf.read_text() == before and fleet.get("/fast").status == 200
 
+
+def test_invalid_settings_fail_fast_naming_the_key(private_fleet, tmp_path):
     fleet = make_fleet(tmp_path / "invalid", FLEET_SLOW_NICE="42")
     result = fleet.command("up", check=False)
     assert result.returncode == 1
@@ -85,23 +182,65 @@ def test_kill_9_of_a_slow_instance_takes_its_workers_along_and_supervisor_brings
     os.kill(instance, signal.SIGKILL)
 
     wait_for(lambda: not any(procfs.alive(pid) for pid in workers), timeout=5)
-    back = wait_for(lambda: _health_or_none(fleet), timeout=20)
+    back = wait_for(fleet.slow_health_or_none, timeout=20)
     assert back["status"] == "ok" and not set(back["pool"]["pids"]) & set(workers)
     wait_for(lambda: fleet.process("slow-01")["statename"] == "RUNNING")
     assert fleet.get("/slow/fib/12").json()["result"] == 144
 
 
-def _health_or_none(fleet):
-    try:
-        return fleet.slow_health()
-    except OSError:
-        time.sleep(0.1)
-        return None
+def test_a_restarted_instance_kills_what_its_killed_workers_started(private_fleet):
+    fleet = private_fleet(FLEET_SLOW_JOB_TIMEOUT="20", FLEET_SLOW_DRAIN_TIMEOUT="25")
+    marker = fleet.run_dir / "break-spawned-child"  # where spawn_child writes its child's pid
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(fleet.get, "/slow/spawn_child")
+        child = int(wait_for(lambda: marker.exists() and marker.read_text()))
+        assert procfs.alive(child)
+        os.kill(fleet.pid("slow-01"), signal.SIGKILL)  # its workers die with it; the child would not
+        assert job.result().status == 502
+    wait_for(lambda: fleet.slow_healthy(), timeout=30)
+    wait_for(lambda: not procfs.alive(child), timeout=5)
+    assert child not in processes_of(fleet.run_dir)
 
 
-def cpu_cgroup_of(pid: int) -> str:
-    return next(path for controllers, path in procfs.cgroups(pid).items() if "cpu" in controllers.split(","))
+# draining ------------------------------------------------------------------------------------------
 
+def accepting(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_draining_instance_answers_kept_alive_requests_with_connection_close(private_fleet):
+    import http.client
+
+    fleet = private_fleet()
+    conn = http.client.HTTPConnection("127.0.0.1", fleet.fast_ports[0], timeout=10)
+    conn.request("GET", "/fast", headers=fleet.edge_headers())  # as nginx would, on a kept-alive connection
+    first = conn.getresponse()
+    first.read()
+    assert first.getheader("Connection") != "close"
+    pid = fleet.pid("fast-01")
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not accepting(fleet.fast_ports[0]), what="the draining instance no longer accepting")
+    conn.request("GET", "/fast", headers=fleet.edge_headers())
+    second = conn.getresponse()
+    assert second.status == 200 and second.read() == b"Hello!"
+    assert second.getheader("Connection") == "close"
+    conn.close()
+
+
+def test_a_slow_instance_finishes_its_running_job_before_it_exits(private_fleet):
+    fleet = private_fleet()
+    pid, before = fleet.pid("slow-01"), last_spinner(fleet.run_dir)
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(fleet.get, "/slow/spin_and_tell/1.5")
+        spinner_pid(fleet.run_dir, before)  # the job runs
+        os.kill(pid, signal.SIGTERM)
+        response = job.result()
+    assert response.status == 200 and response.json()["result"] == 1.5
+    wait_for(lambda: "drained in" in fleet.log("slow-01"), timeout=10)  # once nginx let go of it
+
+
+# the workers' idle cgroups ------------------------------------------------------------------------
 
 def test_the_workers_idle_cgroups_live_under_the_fleet_s_own_and_none_outlives_it(tmp_path):
     """A fleet started inside a cgroup of its own (as systemd gives a service) puts its workers'

@@ -24,8 +24,8 @@ from deploy import privilege
 from deploy.procs import processes_of
 from services.common import procfs
 from services.slow import cpu_priority
-from tests.integration.conftest import REPO, Fleet, make_fleet
-from tests.integration.test_lifecycle import cpu_cgroup_of
+from tests.support.cgroups import cpu_cgroup_of
+from tests.support.fleet import REPO, Fleet, make_fleet
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from drills.soak import CHEAP, RESTARTS
-from tests.integration.conftest import REPO
+from tests.support.fleet import REPO
 
 
 def test_a_minute_of_load_with_every_fault_loses_nothing_grows_nothing_and_leaves_nothing(private_fleet, tmp_path: Path):

@@ -131,7 +131,7 @@ def spawn_child() -> int:
     """Starts a long-lived child process, tells its pid, then runs past any deadline."""
     child = subprocess.Popen(["sleep", "1000"])
     setup_flag("spawned-child").write_text(str(child.pid))
-    while True:
+    while True:  # until its deadline, a cancel or a close kills it
         time.sleep(0.05)
 
 
@@ -164,8 +164,13 @@ def text_length(text: str) -> int:
 
 @task("spin_and_tell", parse=seconds_arg, echo=("seconds",))
 def spin_and_tell(seconds: float) -> float:
-    """spin, after writing the pid of the process running it: a test can see it stop."""
-    setup_flag("spinner").write_text(str(os.getpid()))
+    """spin, after writing "<pid> <token>" (the process running it, and this job): a test can see
+    it start and stop (tests/support/running_jobs.py). The token tells apart two jobs of one worker;
+    the rename, that a reader never sees the file half written."""
+    flag = setup_flag("spinner")
+    written = flag.with_name(f"{flag.name}.{os.getpid()}")
+    written.write_text(f"{os.getpid()} {os.urandom(8).hex()}")
+    os.replace(written, flag)
     return spin(seconds)
 
 

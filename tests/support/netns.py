@@ -106,7 +106,7 @@ class SimulatedHosts:
     def inside(self, name: str) -> Iterator[None]:
         """The calling thread enters host `name`'s network namespace (sockets it opens belong to
         it) and comes back to the one it was in when the block ends. setns(2) is per thread."""
-        own = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         target = os.open(f"/run/netns/{self.namespaces[name]}", os.O_RDONLY)
         try:
             if _libc.setns(target, CLONE_NEWNET) != 0:

@@ -11,7 +11,9 @@ from services.common.settings import load
 from services.slow import registry
 from services.slow.app import make_app
 from services.slow.backoff import RetryAfter
-from tests.unit.test_handlers import ContractTestCase, HeldPool
+from tests.support.app_case import ContractTestCase
+from tests.support.fake_pools import HeldPool
+from tests.support.waiting import eventually
 
 
 def test_the_wait_grows_with_the_line_and_the_task_s_job_time():
@@ -52,12 +54,10 @@ class RetryAfterGrowsWithTheLineTest(ContractTestCase):
     @gen_test(timeout=10)
     async def test_a_full_line_of_four_asks_for_five_seconds(self):
         held = [self.http_client.fetch(self.get_url(f"/slow/fib/{n}"), raise_error=False) for n in range(20, 25)]
-        await asyncio.wait_for(self.pool.started.wait(), 5)
-        for _ in range(100):
-            health = (await self.http_client.fetch(self.get_url("/healthz"))).body
-            if b'"waiting": 4' in health:
-                break
-            await asyncio.sleep(0.02)
+        async def line_full() -> bool:
+            return (await self.health())["waiting"] == 4
+
+        await eventually(line_full, what="one job running and four waiting")
         refused = await self.http_client.fetch(self.get_url("/slow/fib/30"), raise_error=False)
         body = self.assert_json_error(refused, 503, "overloaded")
         assert refused.headers["Retry-After"] == "5" and "retry in 5 s" in body["message"]

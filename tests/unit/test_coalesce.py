@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
+from prometheus_client import REGISTRY
 from tornado.testing import gen_test
 
 from services.common import metrics_reader
@@ -14,7 +14,8 @@ from services.common.settings import load
 from services.slow import registry
 from services.slow.app import make_app
 from services.slow.coalesce import Flights, job_key
-from tests.unit.test_handlers import ContractTestCase
+from tests.support.app_case import ContractTestCase
+from tests.support.waiting import eventually
 
 
 # the key -------------------------------------------------------------------------------------------
@@ -69,16 +70,20 @@ def test_a_job_whose_waiters_all_left_is_never_joined_even_while_it_finishes():
     async def scenario():
         flights = Flights()
 
+        started, finishing = asyncio.Event(), asyncio.Event()
+
         async def finishes_anyway():  # as the pool does over its kill budget
+            started.set()
             try:
                 await asyncio.sleep(10)
             except asyncio.CancelledError:
-                await asyncio.sleep(0.05)
+                finishing.set()
+                await asyncio.sleep(0.05)  # the rest of its work, past the cancel
 
         left, _ = flights.join("k", lambda: asyncio.ensure_future(finishes_anyway()))
-        await asyncio.sleep(0)  # the job has started
+        await started.wait()
         left.leave()
-        await asyncio.sleep(0.01)
+        await finishing.wait()  # cancelled, and finishing all the same
         assert not left.job.done()
         fresh, shared = flights.join("k", lambda: asyncio.ensure_future(asyncio.sleep(0)))
         assert fresh is not left and not shared and flights.by_key["k"] is fresh
@@ -147,12 +152,14 @@ class CoalescingTest(ContractTestCase):
     def fetch_async(self, path: str, **kwargs):
         return self.http_client.fetch(self.get_url(path), raise_error=False, **kwargs)
 
-    async def wait_until(self, predicate):
-        for _ in range(200):
-            if predicate():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("condition not met")
+    @staticmethod
+    def joined(task: str) -> float:
+        """Requests for `task` that joined a job another had started, so far in this process."""
+        return REGISTRY.get_sample_value("fleet_slow_coalesced_total", {"task": task}) or 0.0
+
+    def in_flight(self) -> int:
+        """Requests the instance has accepted and not answered; a client that hung up leaves it."""
+        return self._app.settings["in_flight"].count
 
     def coalesced(self, metrics: str, task: str) -> float:
         return metrics_reader.total(metrics, "fleet_slow_coalesced_total", task=task)
@@ -160,9 +167,9 @@ class CoalescingTest(ContractTestCase):
     @gen_test(timeout=10)
     async def test_fifty_identical_requests_run_one_job_and_get_the_same_answer(self):
         before = self.coalesced((await self.fetch_async("/metrics")).body.decode(), "shared_spin")
+        joined = self.joined("shared_spin")
         requests = [self.fetch_async("/slow/shared_spin/1") for _ in range(50)]
-        await asyncio.wait_for(self.pool.started.wait(), 5)
-        await asyncio.sleep(0.2)  # every request has arrived and joined
+        await eventually(lambda: self.joined("shared_spin") == joined + 49, what="every request joined the job")
         self.pool.release.set()
         answers = await asyncio.gather(*requests)
         assert [a.code for a in answers] == [200] * 50
@@ -176,16 +183,16 @@ class CoalescingTest(ContractTestCase):
     async def test_other_arguments_and_opted_out_tasks_run_their_own_jobs(self):
         requests = [self.fetch_async(path) for path in ("/slow/shared_spin/1", "/slow/shared_spin/1.5",
                                                         "/slow/spin/1", "/slow/spin/1")]
-        await self.wait_until(lambda: self.pool.calls == 2)  # 2 running, 2 waiting
+        await eventually(lambda: self.pool.calls == 2, what="2 running, 2 waiting")
         self.pool.release.set()
         assert [a.code for a in await asyncio.gather(*requests)] == [200] * 4
         assert self.pool.calls == 4
 
     @gen_test(timeout=10)
     async def test_every_waiter_gets_the_error_of_a_job_that_raises(self):
+        joined = self.joined("shared_raise")
         requests = [self.fetch_async("/slow/shared_raise/1") for _ in range(5)]
-        await asyncio.wait_for(self.pool.started.wait(), 5)
-        await asyncio.sleep(0.1)
+        await eventually(lambda: self.joined("shared_raise") == joined + 4, what="every request joined the job")
         self.pool.release.set()
         answers = await asyncio.gather(*requests)
         assert self.pool.calls == 1
@@ -202,12 +209,13 @@ class CoalescingTest(ContractTestCase):
 
     @gen_test(timeout=10)
     async def test_the_first_client_leaving_leaves_the_job_to_the_others(self):
+        joined = self.joined("shared_spin")
         leaver = await self.hanging_up_client("/slow/shared_spin/1")
         await asyncio.wait_for(self.pool.started.wait(), 5)
         stayers = [self.fetch_async("/slow/shared_spin/1") for _ in range(3)]
-        await asyncio.sleep(0.2)
+        await eventually(lambda: self.joined("shared_spin") == joined + 3, what="the others joined the first client's job")
         leaver.close()  # the first client hangs up
-        await asyncio.sleep(0.3)
+        await eventually(lambda: self.in_flight() == 3, what="the first client gone")
         assert self.pool.cancelled == 0
         self.pool.release.set()
         answers = await asyncio.gather(*stayers)
@@ -215,13 +223,13 @@ class CoalescingTest(ContractTestCase):
 
     @gen_test(timeout=10)
     async def test_all_clients_leaving_cancels_the_job(self):
+        joined = self.joined("shared_spin")
         clients = [await self.hanging_up_client("/slow/shared_spin/1") for _ in range(3)]
-        await asyncio.wait_for(self.pool.started.wait(), 5)
-        await asyncio.sleep(0.2)
+        await eventually(lambda: self.joined("shared_spin") == joined + 2, what="the three clients sharing one job")
         for client in clients[:2]:
             client.close()
-        await asyncio.sleep(0.3)
+        await eventually(lambda: self.in_flight() == 1, what="two of them gone")
         assert self.pool.cancelled == 0  # one is still there
         clients[2].close()
-        await self.wait_until(lambda: self.pool.cancelled == 1)
+        await eventually(lambda: self.pool.cancelled == 1, what="the job cancelled")
         assert self.pool.calls == 1

@@ -8,6 +8,7 @@ import asyncio
 from distributed import Client, Scheduler, Worker
 
 from services.slow.dask_worker import forget_finished_spans
+from tests.support.waiting import eventually
 
 
 def add_one(x: int) -> int:
@@ -28,8 +29,7 @@ def test_a_span_per_burst_of_work_is_kept_only_until_its_groups_are_forgotten():
                 future.release()
                 # the scheduler forgets the task; with nothing left running, the next job starts
                 # a new span
-                while key in scheduler.tasks:
-                    await asyncio.sleep(0.01)
+                await eventually(lambda: key not in scheduler.tasks, what=f"the scheduler forgot {key}")
 
             for i in range(30):
                 await one_job(i)

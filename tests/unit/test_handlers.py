@@ -8,7 +8,7 @@ import json
 import re
 
 import tornado
-from tornado.testing import AsyncHTTPTestCase, gen_test
+from tornado.testing import gen_test
 
 from services.common.server import Instance
 from services.common.settings import REPO_ROOT, load
@@ -17,25 +17,12 @@ from services.fast.app import make_app as make_fast_app
 from services.slow import registry
 from services.slow.app import make_app as make_slow_app
 from services.slow.inline_pool import InlinePool
+from tests.support.app_case import ContractTestCase
+from tests.support.fake_pools import HeldPool
+from tests.support.waiting import eventually
 
 MODULES = "services.slow.tasks,tests.support.faulty_tasks"
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-class ContractTestCase(AsyncHTTPTestCase):
-    def request(self, path: str, method: str = "GET", body: bytes | str | None = None, **headers):
-        if body is None and method in ("POST", "PUT"):
-            body = b""
-        return self.fetch(path, method=method, body=body, headers=headers, raise_error=False)
-
-    def assert_json_error(self, response, status: int, error: str) -> dict:
-        assert response.code == status, (response.code, response.body)
-        assert response.headers["Content-Type"].startswith("application/json")
-        body = json.loads(response.body)
-        assert body["error"] == error
-        assert isinstance(body["message"], str) and body["message"]
-        assert body["request_id"] == response.headers["X-Request-ID"]
-        return body
 
 
 # who may talk to an instance ----------------------------------------------------------------------
@@ -43,15 +30,19 @@ class ContractTestCase(AsyncHTTPTestCase):
 EXAMPLE = str(REPO_ROOT / "deploy" / "hosts.example.toml")
 
 
-class UntrustedPeerTest(ContractTestCase):
+class PeerTestCase(ContractTestCase):
+    """An instance served as the fleet serves it: no header changes the peer's address."""
+
+    def get_httpserver_options(self):
+        return {"xheaders": False}
+
+
+class UntrustedPeerTest(PeerTestCase):
     """An instance of web1 in deploy/hosts.example.toml, reached from 127.0.0.1: neither the edge
     host (10.77.0.1) nor its own address."""
 
     def get_app(self):
         return make_fast_app(Instance("fast", 1, load(env={"FLEET_SETTINGS": EXAMPLE, "FLEET_HOST": "web1"})))
-
-    def get_httpserver_options(self):
-        return {"xheaders": False}  # as the fleet serves: no header changes the peer's address
 
     def test_anyone_but_the_edge_and_the_own_host_gets_403_json(self):
         self.assert_json_error(self.request("/fast"), 403, "forbidden")
@@ -62,14 +53,16 @@ class UntrustedPeerTest(ContractTestCase):
             self.assert_json_error(self.request("/fast", **{header: "10.77.0.1"}), 403, "forbidden")
 
 
-class TrustedPeerTest(UntrustedPeerTest):
-    def get_app(self):
-        return make_fast_app(Instance("fast", 1, load(env={})))  # one host: loopback is the edge
+class TrustedPeerTest(PeerTestCase):
+    """An instance of a fleet on one host, reached from 127.0.0.1: loopback is the edge's address."""
 
-    def test_anyone_but_the_edge_and_the_own_host_gets_403_json(self):
+    def get_app(self):
+        return make_fast_app(Instance("fast", 1, load(env={})))
+
+    def test_a_request_from_the_edge_s_address_is_served(self):
         assert self.request("/fast").code == 200
 
-    def test_a_header_naming_the_edge_does_not_make_a_peer_trusted(self):
+    def test_a_header_naming_another_address_does_not_make_the_edge_untrusted(self):
         assert self.request("/fast", **{"X-Real-IP": "10.77.0.1"}).code == 200
 
 
@@ -398,27 +391,6 @@ class SlowAppPoolOutcomesTest(ContractTestCase):
 
 # the slow app, the waiting line full ------------------------------------------------------------
 
-class HeldPool:
-    """A pool whose jobs run until the test lets them go."""
-
-    def __init__(self) -> None:
-        self.started = asyncio.Event()
-        self.release = asyncio.Event()
-        self.calls = 0
-        self.kill_on_cancel = False
-        self.size = 1
-
-    async def run(self, task: str, kwargs: dict, timeout: float, client: str = ""):
-        self.calls += 1
-        self.started.set()
-        await self.release.wait()
-        return b"75025", 1.0  # the interface: the result as JSON bytes
-
-    def stats(self) -> dict:
-        return {"workers": 1, "busy": int(self.started.is_set() and not self.release.is_set()),
-                "calls": self.calls}
-
-
 class SlowAppFullLineTest(ContractTestCase):
     def get_app(self):
         self.pool = HeldPool()
@@ -437,14 +409,14 @@ class SlowAppFullLineTest(ContractTestCase):
         assert "full" in body["message"]
         assert self.pool.calls == 1  # the refused job never reached the pool
 
-        health = json.loads((await self.http_client.fetch(self.get_url("/healthz"))).body)
+        health = await self.health()
         assert (health["running"], health["waiting"], health["shed"]) == (1, 0, 1)
 
         self.pool.release.set()
         answered = await first
         assert answered.code == 200 and json.loads(answered.body)["result"] == 75025
 
-        health = json.loads((await self.http_client.fetch(self.get_url("/healthz"))).body)
+        health = await self.health()
         assert (health["running"], health["waiting"]) == (0, 0)
         again = await self.http_client.fetch(self.get_url("/slow/fib/25"), raise_error=False)
         assert again.code == 200  # the slot came back
@@ -483,11 +455,12 @@ class SlowAppPerClientTest(ContractTestCase):
         body = self.assert_json_error(refused, 429, "rate_limited")
         assert "at most 1" in body["message"] and refused.headers["Retry-After"] == "1"
         other = self.job("10.0.0.2", 27)  # another address waits in line, as usual
-        for _ in range(100):
-            health = json.loads((await self.http_client.fetch(self.get_url("/healthz"))).body)
-            if health["waiting"] == 1:
-                break
-            await asyncio.sleep(0.02)
+
+        async def other_waiting() -> dict | None:
+            health = await self.health()
+            return health if health["waiting"] == 1 else None
+
+        health = await eventually(other_waiting, what="the other address's job waiting in line")
         assert (health["running"], health["waiting"], health["limited"]) == (1, 1, 1)
         self.pool.release.set()
         assert (await first).code == 200 and (await other).code == 200

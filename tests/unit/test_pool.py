@@ -12,20 +12,13 @@ from typing import Awaitable, Callable
 
 import pytest
 
+from services.common import procfs
 from services.slow import pool as pool_module
 from services.slow.jobs import JobFailed, JobTimeout, WorkerDied, WorkerOutOfMemory
 from services.slow.pool import WorkerPool
+from tests.support.waiting import eventually
 
 MODULES = "services.slow.tasks,tests.support.faulty_tasks"
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def forkserver_children() -> set[int]:
@@ -33,25 +26,7 @@ def forkserver_children() -> set[int]:
     server = multiprocessing.forkserver._forkserver._forkserver_pid
     if server is None:
         return set()
-    children = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[1]) == server and fields[0] != "Z":
-            children.add(int(entry.name))
-    return children
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not reached within {timeout} s")
-        await asyncio.sleep(0.02)
+    return {pid for pid in procfs.children(server) if procfs.alive(pid)}
 
 
 def with_pool(body: Callable[[WorkerPool], Awaitable[None]], size: int = 2, nice: int = 0,
@@ -156,7 +131,7 @@ def test_a_job_past_its_deadline_raises_job_timeout_and_its_worker_is_killed_and
         assert pool.counters["timeout"] == 1
         after = await refilled(pool, -1, before)
         (killed,) = set(before) - set(after)
-        await eventually(lambda: not alive(killed), what=f"worker {killed} gone")
+        await eventually(lambda: not procfs.alive(killed), what=f"worker {killed} gone")
         with pytest.raises(ProcessLookupError):
             os.kill(killed, 0)
         assert (await pool.run("fib", {"n": 10}, timeout=10))[0] == b"55"
@@ -192,15 +167,15 @@ def test_cancelling_a_running_job_kills_its_worker():
     async def body(pool):
         before = pool.stats()["pids"]
         job = asyncio.create_task(pool.run("spin", {"seconds": 30}, timeout=60))
-        await eventually(lambda: pool.stats()["busy"] == 1, what="job running")
-        await asyncio.sleep(0.1)  # the worker is spinning now
+        (worker,) = await eventually(lambda: [w for w in pool._workers if w.job is not None], what="job sent")
+        await eventually(lambda: procfs.state(worker.pid) == "R", what="its worker spinning")
         job.cancel()
         with pytest.raises(asyncio.CancelledError):
             await job
         assert pool.counters["cancelled"] == 1
         after = await refilled(pool, -1, before)
         (busy_pid,) = set(before) - set(after)
-        await eventually(lambda: not alive(busy_pid), what=f"worker {busy_pid} gone")
+        await eventually(lambda: not procfs.alive(busy_pid), what=f"worker {busy_pid} gone")
         assert (await pool.run("fib", {"n": 10}, timeout=10))[0] == b"55"
 
     with_pool(body)
@@ -241,8 +216,8 @@ def test_after_close_no_worker_process_remains():
         await pool.run("fib", {"n": 10}, timeout=10)
         await pool.close()
         assert pool.stats()["workers"] == 0
-        assert not [pid for pid in seen if alive(pid)]
-        await asyncio.sleep(0.3)  # nothing comes back while the loop keeps running
+        assert not [pid for pid in seen if procfs.alive(pid)]
+        await asyncio.sleep(0.3)  # the loop runs on a while: no worker may come back (a wait for nothing)
         assert forkserver_children() - before == set()
 
     asyncio.run(main())
@@ -271,7 +246,7 @@ def test_close_during_a_replacement_leaves_no_worker_behind():
             await pool.run("exit_worker", {}, timeout=10)
         await asyncio.sleep(0)  # the replacement starts, as it would while a server is serving
         await pool.close()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # the loop runs on a while: a replacement started despite the close would show
         assert forkserver_children() - before == set()
 
     asyncio.run(main())
@@ -329,14 +304,15 @@ def test_a_failing_setup_is_tried_again_after_its_back_off_and_the_task_comes_ba
         with pytest.raises(TaskUnavailable):
             await pool.run("flaky_setup", {}, timeout=10)
         broken.unlink()
-        deadline = time.monotonic() + 10
-        while True:  # back-off: 1 s, then 2 s (one failure per worker at start)
+
+        async def runs() -> bytes | None:
             try:
-                result, _ = await pool.run("flaky_setup", {}, timeout=10)
-                break
+                return (await pool.run("flaky_setup", {}, timeout=10))[0]
             except TaskUnavailable:
-                assert time.monotonic() < deadline, "the setup was never tried again"
-                await asyncio.sleep(0.2)
+                return None
+
+        # back-off: 1 s, then 2 s (one failure per worker at start)
+        result = await eventually(runs, timeout=10, interval=0.2, what="the setup tried again")
         assert result == b'"connected"'
         assert "flaky_setup" not in pool.stats()["unavailable_tasks"]
 
@@ -353,7 +329,7 @@ def test_a_pool_that_cannot_start_workers_answers_no_workers_at_once_and_backs_o
         with pytest.raises(NoWorkers):
             await pool.run("fib", {"n": 10}, timeout=30)
         assert time.monotonic() - started < 1  # not after the 30 s deadline: at once
-        await asyncio.sleep(2)
+        await asyncio.sleep(2)  # two seconds of tries to count: the back-off is the subject
         assert pool.counters["start_failed"] <= 4  # 0.5, 1, 2 s apart: backing off, not spinning
         setup_flag("worker-start").unlink()
         await eventually(lambda: pool.stats()["workers"] == 1, timeout=10, what="a worker again")
@@ -389,14 +365,14 @@ def test_the_processes_a_job_started_die_with_it(how):
             job = asyncio.create_task(pool.run("spawn_child", {}, timeout=1 if how == "deadline" else 30))
             await eventually(lambda: flag_file.exists() and flag_file.read_text(), what="the child started")
             child = int(flag_file.read_text())
-            assert alive(child)
+            assert procfs.alive(child)
             if how == "cancel":
                 job.cancel()
             elif how == "close":
                 await pool.close()
             with pytest.raises((JobTimeout, asyncio.CancelledError, WorkerDied, NoWorkers)):
                 await job
-            await eventually(lambda: not alive(child), what=f"child {child} gone after the {how}")
+            await eventually(lambda: not procfs.alive(child), what=f"child {child} gone after the {how}")
         finally:
             await pool.close()
             flag_file.unlink(missing_ok=True)
@@ -576,7 +552,7 @@ def test_a_job_left_to_finish_after_its_client_went_away_yields_to_another_clien
         await eventually(lambda: pool.stats()["busy"] == 1, what="job running")
         abandoned.cancel()
         waiting.add("10.0.0.1")  # its own client's next job waits: its abandoned job is its share
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.5)  # the abandoned job runs past a second: the time the policy counts
         assert not abandoned.done() and pool.counters["finished_after_cancel"] == 1  # left to run
         waiting.add("10.0.0.2")  # another client's job waits, and the job has run over a second
         with pytest.raises(asyncio.CancelledError):

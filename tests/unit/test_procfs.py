@@ -6,16 +6,9 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 
 from services.common import procfs
-
-
-def wait_until(predicate) -> None:
-    deadline = time.monotonic() + 5
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met"
-        time.sleep(0.01)
+from tests.support.waiting import wait_for
 
 
 def test_stat_is_read_past_a_command_name_with_spaces_and_parentheses(tmp_path):
@@ -35,7 +28,7 @@ def test_stat_is_read_past_a_command_name_with_spaces_and_parentheses(tmp_path):
 
 def test_a_zombie_is_not_alive_and_a_reaped_process_reads_as_gone():
     child = subprocess.Popen(["true"])
-    wait_until(lambda: procfs.state(child.pid) == "Z")  # exited, not yet reaped
+    wait_for(lambda: procfs.state(child.pid) == "Z", 5, interval=0.01, what="exited, not yet reaped")
     assert not procfs.alive(child.pid)
     child.wait()
     assert procfs.stat(child.pid) is None and procfs.argv(child.pid) is None and procfs.cmdline(child.pid) == ""
@@ -45,7 +38,7 @@ def test_a_zombie_is_not_alive_and_a_reaped_process_reads_as_gone():
 def test_descendants_reach_grandchildren():
     shell = subprocess.Popen(["sh", "-c", "sleep 5 & wait"])
     try:
-        wait_until(lambda: procfs.children(shell.pid))  # the shell has started its sleep
+        wait_for(lambda: procfs.children(shell.pid), 5, interval=0.01, what="the shell started its sleep")
         assert {shell.pid, *procfs.children(shell.pid)} <= set(procfs.descendants(os.getpid()))
     finally:
         for pid in procfs.descendants(shell.pid):

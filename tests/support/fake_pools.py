@@ -1,0 +1,30 @@
+"""Pools that run no process, for the slow app's tests in process: each job waits until the test
+lets it go, so a test holds the slots and the line exactly where it wants them.
+
+Each is a services.slow.jobs.Pool, as WorkerPool, DaskPool and InlinePool are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class HeldPool:
+    """A pool whose jobs run until the test sets `release`; `started` is set by the first job."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.calls = 0
+        self.kill_on_cancel = False
+        self.size = 1
+
+    async def run(self, task: str, kwargs: dict, timeout: float, client: str = ""):
+        self.calls += 1
+        self.started.set()
+        await self.release.wait()
+        return b"75025", 1.0  # the interface: the result as JSON bytes
+
+    def stats(self) -> dict:
+        return {"workers": 1, "busy": int(self.started.is_set() and not self.release.is_set()),
+                "calls": self.calls}
