@@ -137,7 +137,7 @@ def test_a_changed_edge_port_is_applied_completely(private_fleet):
     wait_for(fleet.answers, timeout=10)  # a new master starts on the new socket
 
 
-def test_deploy_refuses_a_port_taken_by_another_program(private_fleet, tmp_path):
+def test_deploy_refuses_a_port_taken_by_another_program(tmp_path):
     fleet = make_fleet(tmp_path / "taken")
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", fleet.fast_ports[1]))
@@ -167,7 +167,7 @@ def test_a_deploy_refused_before_it_starts_changes_nothing(private_fleet):
     assert conf.read_text() == before and fleet.get("/fast").status == 200
 
 
-def test_invalid_settings_fail_fast_naming_the_key(private_fleet, tmp_path):
+def test_invalid_settings_fail_fast_naming_the_key(tmp_path):
     fleet = make_fleet(tmp_path / "invalid", FLEET_SLOW_NICE="42")
     result = fleet.command("up", check=False)
     assert result.returncode == 1

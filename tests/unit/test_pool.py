@@ -257,7 +257,7 @@ def test_a_result_that_cannot_be_unpickled_fails_its_job_at_once():
         with pytest.raises(JobFailed):
             await pool.run("return_unloadable", {}, timeout=1)
 
-    with_pool(body, size=1, modules=MODULES + ",tests.unit.reply_tasks")
+    with_pool(body, size=1, modules=MODULES + ",tests.support.reply_tasks")
 
 
 # a pool that cannot set up a task, or start a worker ----------------------------------------------
