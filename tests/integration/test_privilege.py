@@ -39,26 +39,28 @@ def readable_copy():
         pytest.skip("needs root and Debian's python3.11")
     base = Path(tempfile.mkdtemp(prefix="fleet-privilege-", dir="/tmp"))
     base.chmod(0o755)
-    repo = base / "repo"
-    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for name in tracked.splitlines():
-        if (REPO / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, repo / name)
-    # The .venv itself, resolved: were it a symlink, the copy would be one too, and the edits below
-    # would land in the original.
-    subprocess.run(["cp", "-al", str((REPO / ".venv").resolve()), str(repo / ".venv")], check=True)
-    venv = repo / ".venv"
-    assert not venv.is_symlink() and not (venv / "pyvenv.cfg").is_symlink()
-    (venv / "bin" / "python3").unlink()  # a hard-linked copy: replace files, never write into them
-    (venv / "bin" / "python3").symlink_to(SYSTEM_PYTHON)
-    (venv / "pyvenv.cfg").unlink()
-    (venv / "pyvenv.cfg").write_text(f"home = {SYSTEM_PYTHON.parent}\ninclude-system-site-packages = false\n"
-                                     f"version = 3.11\nexecutable = {SYSTEM_PYTHON}\n")
-    for directory in [repo, *(p for p in repo.rglob("*") if p.is_dir() and ".venv" not in p.parts)]:
-        directory.chmod(0o755)
-    yield repo
-    shutil.rmtree(base, ignore_errors=True)
+    try:  # removed whatever happens, a copy that failed half-way too
+        repo = base / "repo"
+        tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        for name in tracked.splitlines():
+            if (REPO / name).is_file():
+                (repo / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / name, repo / name)
+        # The .venv itself, resolved: were it a symlink, the copy would be one too, and the edits below
+        # would land in the original.
+        subprocess.run(["cp", "-al", str((REPO / ".venv").resolve()), str(repo / ".venv")], check=True)
+        venv = repo / ".venv"
+        assert not venv.is_symlink() and not (venv / "pyvenv.cfg").is_symlink()
+        (venv / "bin" / "python3").unlink()  # a hard-linked copy: replace files, never write into them
+        (venv / "bin" / "python3").symlink_to(SYSTEM_PYTHON)
+        (venv / "pyvenv.cfg").unlink()
+        (venv / "pyvenv.cfg").write_text(f"home = {SYSTEM_PYTHON.parent}\ninclude-system-site-packages = false\n"
+                                         f"version = 3.11\nexecutable = {SYSTEM_PYTHON}\n")
+        for directory in [repo, *(p for p in repo.rglob("*") if p.is_dir() and ".venv" not in p.parts)]:
+            directory.chmod(0o755)
+        yield repo
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def deploy(repo: Path, fleet: Fleet, *args: str) -> subprocess.CompletedProcess:
