@@ -234,7 +234,8 @@ def status(settings: Settings) -> None:
             line += "  (runs only during make reload)"
         print(line)
     if settings.inventory.runs("edge"):
-        edge = "ok" if healthy(health_urls(settings)["edge"]) else "not answering"
+        answer = healthy(health_urls(settings)["edge"], degraded_ok=True)  # both paths (nginx.conf.j2)
+        edge = "ok" if answer is True else f"degraded: {answer}" if answer else "not answering"
         print(f"edge {edge_url(settings)}: {edge}   (loop lag: mean probe delay; blocked: loops blocked past "
               f"{settings.observe.blocked_loop_ms} ms)")
     if settings.slow.backend == "dask" and settings.inventory.runs("slow"):

@@ -250,7 +250,9 @@ class DaskPool:
             log.warning("ignored a malformed result event on %s", self.reply_topic)
 
     def stats(self) -> dict:
-        return {"backend": "dask", "workers": self.size, "busy": self._in_flight,
+        # Its share of the cluster's threads, as it is: 0 with no worker in the cluster (`size`, the
+        # jobs admission lets run at once, stays at least 1, so those jobs are answered at once).
+        return {"backend": "dask", "workers": min(self.size, self.threads), "busy": self._in_flight,
                 "cluster": {"scheduler": self.address, "connected": self.connected, "workers": self.workers,
                             "threads": self.threads},
                 "problem": None if self.connected else f"Dask scheduler {self.address} unreachable: {self.problem}",

@@ -73,6 +73,10 @@ class Task:
 _TASKS: dict[str, Task] = {}
 
 
+# /slow/healthz at the edge is the slow path's health (nginx/nginx.conf.j2), never a task.
+RESERVED = frozenset({"healthz"})
+
+
 def task(name: str, *, parse: Parser, timeout: float | None = None,
          setup: Callable[[], Any] | None = None, methods: tuple[str, ...] = ("GET",),
          echo: tuple[str, ...] = (), coalesce: bool = True, cache_ttl: int | None = None,
@@ -80,6 +84,8 @@ def task(name: str, *, parse: Parser, timeout: float | None = None,
     """Register the decorated module-level function as task `name`; the function is unchanged."""
     if not name.replace("_", "").isalnum() or not name.islower():
         raise ValueError(f"task name {name!r}: use lower-case letters, digits and underscores")
+    if name in RESERVED:
+        raise ValueError(f"task name {name!r} is the edge's (GET /slow/{name}): choose another")
     if cache_ttl is not None:
         if not isinstance(cache_ttl, int) or not 1 <= cache_ttl <= 31_536_000:
             raise ValueError(f"task {name!r}: cache_ttl is whole seconds, 1 to a year")

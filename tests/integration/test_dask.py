@@ -105,6 +105,21 @@ def test_kill_9_of_a_dask_worker_fails_only_its_job_and_the_next_jobs_are_served
              timeout=20)
 
 
+def test_a_cluster_without_workers_is_unhealthy_at_the_slow_instance_and_the_edge(private_dask_fleet):
+    fleet = private_dask_fleet()
+    for worker in ("dask-worker-01", "dask-worker-02"):
+        fleet.supervisorctl("stop", f"{worker}:{worker}")
+    # The instance re-reads the cluster's threads each second (dask_pool.CAPACITY_EVERY).
+    health = wait_for(lambda: (lambda r: r if r.status == 503 else None)(fleet.get("/healthz", port=fleet.slow_ports[0])),
+                      timeout=30, what="the slow instance degraded")
+    assert health.json()["status"] == "degraded" and health.json()["pool"]["workers"] == 0
+    assert fleet.get("/healthz").status == 503  # the edge's: both paths
+    assert_contract_error(fleet.get("/slow/fib/3"), 503, "no_workers")  # what its health said
+    for worker in ("dask-worker-01", "dask-worker-02"):
+        fleet.supervisorctl("start", f"{worker}:{worker}")
+    wait_for(lambda: fleet.get("/healthz").status == 200, timeout=60, what="the cluster's workers back")
+
+
 def test_kill_9_of_the_scheduler_answers_in_flight_jobs_503_at_once_and_the_cluster_comes_back(private_dask_fleet):
     fleet = private_dask_fleet()
     with FastProbe(fleet), ThreadPoolExecutor(1) as pool:

@@ -43,6 +43,19 @@ def test_healthz_answers_through_the_edge_and_on_each_instance_port(fleet: Fleet
         assert body["status"] == "ok" and body["role"] == role
 
 
+def test_the_edge_s_healthz_says_503_while_the_slow_path_cannot_serve_and_slow_healthz_says_why(private_fleet):
+    fleet = private_fleet()
+    assert fleet.get("/healthz").status == 200 and fleet.get("/slow/healthz").json()["role"] == "slow"
+    fleet.supervisorctl("stop", "slow-01:slow-01")
+    down = fleet.get("/healthz")
+    assert down.status == 503 and down.json()["status"] == "degraded" and "slow path" in down.json()["message"]
+    assert "retry-after" in down.headers and down.headers["x-served-by"] == "edge"
+    assert_contract_error(fleet.get("/slow/healthz"), 502, "bad_gateway")
+    assert fleet.get("/fast").status == 200  # the fast path serves on; only the fleet's health says
+    fleet.supervisorctl("start", "slow-01:slow-01")
+    wait_for(lambda: fleet.get("/healthz").status == 200, timeout=30, what="the fleet healthy again")
+
+
 def test_head_on_fast_and_healthz_is_200_through_the_edge(fleet: Fleet):
     for path in ("/fast", "/healthz"):
         response = fleet.request("HEAD", path)

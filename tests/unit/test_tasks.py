@@ -170,6 +170,11 @@ def test_task_decorator_refuses_a_name_already_registered_by_another_module():
     assert registry.load("services.slow.tasks")["fib"].fn is tasks.fib
 
 
+def test_a_task_cannot_take_the_name_of_the_edge_s_slow_health_route():
+    with pytest.raises(ValueError, match="the edge's"):
+        registry.task("healthz", parse=tasks.parse_fib)(_another_fib)
+
+
 def test_task_decorator_accepts_the_same_function_registered_again():
     # A module imported twice (reload, a forkserver preload) registers its tasks again.
     assert registry.task("fib", parse=tasks.parse_fib, echo=("n",))(tasks.fib) is tasks.fib
