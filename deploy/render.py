@@ -20,7 +20,7 @@ import jinja2
 
 from deploy import certs, private, privilege, programs, rundir
 from services.common.inventory import host_port
-from services.common.settings import REPO_ROOT, Settings, heavy_capacity, load
+from services.common.settings import REPO_ROOT, Settings, load, real_ip_networks
 
 HEADER = "# generated from deploy/fleet.toml by deploy/render.py, do not edit"
 
@@ -117,9 +117,11 @@ def _listen(bind: str, port: int) -> str:
 
 def context(settings: Settings) -> dict:
     s = settings
-    # A job may wait this many job times, then run: its instance's line over its running slots (its
-    # share of a Dask cluster's threads, not slow.workers, which only the local pool has).
-    waves = 1 + math.ceil(s.slow.queue_limit / heavy_capacity(s.values))
+    # The longest a heavy request may last at an instance: a job's deadline counts from its
+    # admission, its wait in line included (services/slow/app.py), so however long the line, the
+    # instance has answered within slow.job_timeout (plus the moment a worker's kill or a Dask
+    # worker's answer takes: the margin). Past it nginx would answer its own 504 instead.
+    heavy_request = s.slow.job_timeout + 5
     return {
         "header": HEADER,
         "run_dir": str(s.run_dir),
@@ -137,6 +139,7 @@ def context(settings: Settings) -> dict:
         "python": sys.executable,
         "nginx": nginx_binary(),
         "edge": s.edge,
+        "real_ip": real_ip_networks(s.edge.real_ip),
         "listen": _listen(s.edge.bind, s.edge.port),
         "fast": programs.upstream(s, "fast"),
         "slow": programs.upstream(s, "slow"),
@@ -147,8 +150,8 @@ def context(settings: Settings) -> dict:
         "proxy_bind": None if s.inventory.single else s.inventory.edge.address,
         "upstream_keepalive_timeout": max(1, math.floor(min(s.fast.drain_timeout, s.slow.drain_timeout)) - 1),
         "fail_timeout": FAIL_TIMEOUT_SECONDS,
-        "slow_read_timeout": math.ceil(s.slow.job_timeout * waves + 5),
-        "worker_shutdown_timeout": math.ceil(s.slow.job_timeout * waves + 10),
+        "slow_read_timeout": math.ceil(heavy_request),
+        "worker_shutdown_timeout": math.ceil(heavy_request + 5),
         "max_per_client": s.slow.max_per_client,
         "edge_errors": EDGE_ERRORS,
         "edge_stopwaitsecs": 10,

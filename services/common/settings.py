@@ -65,6 +65,23 @@ def _check_ip(value: str) -> None:
     ipaddress.ip_address(value)
 
 
+def real_ip_networks(value: str) -> list[str]:
+    """edge.real_ip as the networks nginx's set_real_ip_from takes: "10.0.0.5, 10.1.0.0/16" ->
+    ["10.0.0.5/32", "10.1.0.0/16"]; "" -> [] (no proxy in front of the edge)."""
+    return [str(ipaddress.ip_network(part.strip(), strict=False)) for part in value.split(",") if part.strip()]
+
+
+def _check_real_ip(value: str) -> None:
+    """"" (no proxy in front of the edge), or comma-separated addresses or networks (CIDR) of the proxies"""
+    real_ip_networks(value)
+
+
+def _check_header_name(value: str) -> None:
+    """a request header's name (letters, digits and dashes), such as "X-Forwarded-For" """
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", value):
+        raise ValueError(value)
+
+
 def _check_event_loop(value: str) -> None:
     '''"uvloop" or "asyncio"'''
     if value not in ("uvloop", "asyncio"):
@@ -182,6 +199,10 @@ SCHEMA: dict[str, Spec] = {
     # may only ever remove what it made there (deploy/render.py, mark_edge_cache).
     "edge.cache_dir": Spec(str, check=_check_run_dir_path),
     "edge.cache_keep": Spec(bool),
+    # Trusted proxies (nginx's realip module): only from these is the client read from
+    # edge.real_ip_header, so no client can choose its own address, and its per-client limits.
+    "edge.real_ip": Spec(str, check=_check_real_ip),
+    "edge.real_ip_header": Spec(str, check=_check_header_name),
     "fast.instances": Spec(int, 1, 64),
     "fast.base_port": Spec(int, 1024, 65000),
     "fast.drain_timeout": Spec(float, 2, 300),

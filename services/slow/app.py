@@ -22,7 +22,7 @@ from services.common import metrics, server
 from services.common.web import ApiError, BaseHandler, HealthHandler, MetricsHandler, NotFoundHandler
 from services.common.settings import heavy_capacity
 from services.slow import coalesce, jobs, registry
-from services.slow.admission import Admission
+from services.slow.admission import Admission, client_key
 from services.slow.backoff import RetryAfter
 from services.slow.jobs import RETRY_AFTER_SECONDS
 from services.slow.pool import WorkerPool
@@ -117,25 +117,37 @@ class TaskHandler(BaseHandler):
         loop = asyncio.get_running_loop()
         arrived = loop.time()
         timeout = min(task.timeout or self.fleet.slow.job_timeout, self.fleet.slow.job_timeout)
+        # The deadline counts from admission: a job that waited in line runs only what is left of
+        # it, and one still waiting when it passes leaves the line unrun (503 queue_timeout). So no
+        # job is answered later than its deadline after it reached this instance, and nginx's
+        # proxy_read_timeout is sized on that (deploy/render.py).
+        deadline = arrived + timeout
         backend = self.fleet.slow.backend
 
         def count(outcome: str) -> None:
             metrics.SLOW_JOBS.labels(task.name, outcome, backend).inc()
 
         try:
-            # The client's own address, as nginx saw it (X-Real-IP): its share of the line.
-            client = self.request.remote_ip
-            async with self.admission.slot(client):
-                queued_ms = 1000 * (loop.time() - arrived)
+            # The client as nginx saw it (X-Real-IP), keyed as the edge keys it: its share of the line.
+            client = client_key(self.request.remote_ip)
+            async with self.admission.slot(client, task.name, deadline):
                 started = loop.time()
+                queued_ms = 1000 * (started - arrived)
+                left = deadline - started
+                if left <= 0:  # its slot came just as its deadline passed
+                    raise jobs.QueueTimeout(f"it waited {queued_ms / 1000:.1f} s in line, its whole deadline")
                 try:
-                    result_json, elapsed_ms = await self.pool.run(task.name, kwargs, timeout, client)
+                    result_json, elapsed_ms = await self.pool.run(task.name, kwargs, left, client)
                     self.retry_after.record(task.name, loop.time() - started)
+                except jobs.JobTimeout:
+                    self.retry_after.record_cut_short(task.name, left)
+                    waited = f" ({queued_ms / 1000:.1f} s of it waiting in line)" if queued_ms >= 100 else ""
+                    raise jobs.JobTimeout(f"job {task.name} passed its {timeout:g} s deadline{waited}") from None
                 finally:
                     metrics.SLOW_JOB_DURATION.labels(task.name, backend).observe(loop.time() - started)
         except jobs.JobError as exc:
             count(exc.outcome)
-            raise self._answer(exc, task, timeout) from None
+            raise self._answer(exc, task) from None
         except asyncio.CancelledError:
             count("cancelled")
             raise
@@ -147,11 +159,9 @@ class TaskHandler(BaseHandler):
         tail = json.dumps({"elapsed_ms": round(elapsed_ms, 2), "queued_ms": round(queued_ms, 2)})[1:]
         return b"".join((head.encode(), b', "result": ', result_json, b", ", tail.encode()))
 
-    def _answer(self, exc: jobs.JobError, task: registry.Task, timeout: float) -> ApiError:
+    def _answer(self, exc: jobs.JobError, task: registry.Task) -> ApiError:
         """The contract's JSON error for a job that ended without a result: each kind of ending
         carries its status, code and message (jobs.py)."""
-        if isinstance(exc, jobs.JobTimeout):
-            self.retry_after.record(task.name, timeout)  # it took at least its deadline
         if exc.log_level is not None:
             log.log(exc.log_level, "%s", exc.describe(task.name),
                     extra={"fields": {"task": task.name, **exc.log_fields()}})

@@ -112,7 +112,8 @@ class ResultTooLarge(JobError):
 
 
 class JobTimeout(JobError):
-    """The job ran past its deadline; its worker was killed and replaced."""
+    """The job ran past its deadline (counted from its admission, so a job that waited in line had
+    only the rest of it to run); its worker was killed and replaced."""
 
     status, code, outcome = 504, "job_timeout", "timeout"
 
@@ -162,15 +163,30 @@ class BackendUnavailable(JobError):
 
 
 class Overloaded(JobError):
-    """Every slot is busy and the waiting line is full (admission.py). Nothing ran."""
+    """Every slot is busy and the waiting line is full, or the job was pushed out of it to make
+    room for a client that held fewer places (admission.py). Nothing ran."""
 
     status, code, outcome, retry, log_level = 503, "overloaded", "shed", True, None
 
     def retry_after(self, estimate: Any, task: str, line: Any) -> int:
-        return estimate.overloaded(task, line.waiting, line.slots)
+        return estimate.overloaded(line.waiting_tasks, line.slots)  # when the work now in line has started
 
     def answer(self, wait: int | None, expose: bool, request_id: str) -> str:
         return f"slow pool is full ({self}); retry in {wait} s"
+
+
+class QueueTimeout(JobError):
+    """The job's deadline, which counts from its admission, passed while it waited in line
+    (admission.py): it never ran, so a retry is safe. A 503, as a proxy's queue timeout is
+    (HAProxy's `timeout queue`); a 504 says the job ran out of time while running."""
+
+    status, code, outcome, retry, log_level = 503, "queue_timeout", "expired", True, None
+
+    def retry_after(self, estimate: Any, task: str, line: Any) -> int:
+        return estimate.overloaded(line.waiting_tasks, line.slots)
+
+    def answer(self, wait: int | None, expose: bool, request_id: str) -> str:
+        return f"the slow pool is too busy to start this job within its deadline ({self}); retry in {wait} s"
 
 
 class ClientLimited(JobError):

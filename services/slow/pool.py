@@ -51,7 +51,7 @@ from services.common import procfs
 from services.common.settings import Settings
 from services.slow import cpu_priority
 from services.slow.jobs import (RECLAIM_AFTER, JobError, JobFailed, JobTimeout, KillBudget, Line, NoWorkers,
-                                ResultTooLarge, TaskUnavailable, WorkerDied, WorkerOutOfMemory)
+                                QueueTimeout, ResultTooLarge, TaskUnavailable, WorkerDied, WorkerOutOfMemory)
 from services.slow.worker import WORKER_MARKER, Frames, worker_main
 
 log = logging.getLogger("fleet.pool")
@@ -155,7 +155,7 @@ class WorkerPool:
         self._kill_budget = KillBudget(rate=size / 5, burst=2 * size)
         self.counters = {"started": 0, "ok": 0, "error": 0, "timeout": 0, "crashed": 0, "cancelled": 0,
                          "finished_after_cancel": 0, "reclaimed": 0, "start_failed": 0, "unavailable": 0,
-                         "no_workers": 0, "out_of_memory": 0, "recycled": 0}
+                         "no_workers": 0, "expired": 0, "out_of_memory": 0, "recycled": 0}
 
     @classmethod
     def from_settings(cls, settings: Settings, size: int, owner: str, line: Line | None = None,
@@ -291,9 +291,10 @@ class WorkerPool:
             try:
                 async with asyncio.timeout_at(deadline):
                     await waiter
-            except TimeoutError:
-                self.counters["no_workers"] += 1
-                raise NoWorkers("no worker became free before the job's deadline; retry later") from None
+            except TimeoutError:  # its deadline, which counts from admission, passed before it ran
+                self.counters["expired"] += 1
+                raise QueueTimeout("no worker became free before the job's deadline (one was being replaced); "
+                                   "it never ran") from None
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)

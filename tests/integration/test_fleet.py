@@ -140,6 +140,67 @@ def test_a_client_over_the_slow_rate_limit_gets_429_json_with_retry_after(privat
     assert fleet.get("/fast").status == 200  # the limit is on /slow/ only
 
 
+def test_two_clients_filling_the_line_make_room_for_a_third_that_holds_no_place(private_fleet):
+    # 2 running + 8 waiting places; two clients within their share (5 each) take them all. A third
+    # client is still admitted: the newest waiting job of the client holding the most makes room.
+    fleet = private_fleet(FLEET_SLOW_QUEUE_LIMIT="8", FLEET_SLOW_MAX_PER_CLIENT="5",
+                          FLEET_SLOW_JOB_TIMEOUT="10", FLEET_SLOW_DRAIN_TIMEOUT="11")
+    with ThreadPoolExecutor(13) as pool:
+        # They give up after 5 s (their line holds 15 s of work): the test needs only what they hold.
+        hogs = [pool.submit(fleet.get, "/slow/sleep/3", source=source, timeout=5)
+                for source in ("127.0.0.2", "127.0.0.3") for _ in range(5)]
+        wait_for(lambda: (lambda h: (h["running"], h["waiting"]) == (2, 8))(fleet.slow_health()),
+                 what="the two clients holding every running slot and waiting place")
+        # distinct jobs: identical ones would share one (compute once)
+        third = [pool.submit(fleet.get, f"/slow/fib/{n}", source="127.0.0.4") for n in (10, 11, 12)]
+        answers = [f.result() for f in third]
+        pushed_out = [f.result() for f in hogs if f.done() and f.exception() is None and f.result().status != 200]
+    assert [r.status for r in answers] == [200, 200, 200], [r.body for r in answers]
+    assert len(pushed_out) == 3  # one job of each of the third client's: 5-4-4 against 5-5, then 4-4
+    assert_contract_error(pushed_out[0], 503, "overloaded")
+    assert int(pushed_out[0].headers["retry-after"]) >= 1
+
+
+def test_behind_a_trusted_proxy_each_client_it_names_has_its_share_and_an_ipv6_64_is_one_client(private_fleet):
+    fleet = private_fleet(FLEET_EDGE_REAL_IP="127.0.0.1", FLEET_SLOW_MAX_PER_CLIENT="1")
+
+    def via_proxy(path: str, client: str, source: str = "127.0.0.1"):
+        return fleet.get(path, headers={"X-Forwarded-For": f"198.51.100.9, {client}"}, source=source)
+
+    with ThreadPoolExecutor(1) as pool:
+        holding = pool.submit(via_proxy, "/slow/sleep/2", "2001:db8::1")  # its client's one place
+        wait_for(lambda: fleet.slow_health()["running"] == 1, what="the first client's job running")
+        same_64 = via_proxy("/slow/fib/10", "2001:db8::2")
+        other_64 = via_proxy("/slow/fib/10", "2001:db8:0:1::1")
+        ipv4 = via_proxy("/slow/fib/10", "192.0.2.7")
+        # Not a trusted proxy: its header names nobody, the client is the connection's own address.
+        untrusted = via_proxy("/slow/fib/10", "2001:db8::3", source="127.0.0.2")
+        assert holding.result().status == 200
+    assert_contract_error(same_64, 429, "rate_limited")
+    assert (other_64.status, ipv4.status, untrusted.status) == (200, 200, 200)
+    wait_for(lambda: '"remote_addr":"2001:db8:0:1::1"' in fleet.log("nginx-access"),
+             what="the access log naming the client the proxy named")
+    assert '"remote_addr":"2001:db8::3"' not in fleet.log("nginx-access")
+
+
+# a job's deadline -----------------------------------------------------------------------------------
+
+def test_a_heavy_answer_never_comes_later_than_the_job_deadline_however_long_the_line(private_fleet):
+    # One worker, 2 s deadlines, five 1.5 s jobs at once: served in turn, the last would answer
+    # after 7.5 s. The deadline counts from admission, its wait in line included.
+    fleet = private_fleet(FLEET_SLOW_WORKERS="1", FLEET_SLOW_QUEUE_LIMIT="4", FLEET_SLOW_JOB_TIMEOUT="2",
+                          FLEET_SLOW_DRAIN_TIMEOUT="3")
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(lambda i: fleet.get("/slow/sleep/1.5", source=f"127.0.0.{10 + i}"), range(5)))
+    assert max(r.elapsed for r in answers) < 2 + 1, [(r.status, round(r.elapsed, 2)) for r in answers]
+    codes = sorted((r.status, r.json().get("error", "")) for r in answers)
+    assert codes[0] == (200, "") and (503, "queue_timeout") in codes, codes
+    assert set(codes[1:]) <= {(200, ""), (504, "job_timeout"), (503, "queue_timeout")}, codes
+    expired = next(r for r in answers if r.status == 503)
+    assert_contract_error(expired, 503, "queue_timeout")
+    assert int(expired.headers["retry-after"]) >= 1
+
+
 # exposure ------------------------------------------------------------------------------------------
 
 def test_only_the_edge_listens_beyond_loopback_and_supervisor_is_private(fleet: Fleet):

@@ -16,11 +16,13 @@ class HeldPool:
         self.started = asyncio.Event()
         self.release = asyncio.Event()
         self.calls = 0
+        self.timeouts: list[float] = []  # the time each job was given to run, in order
         self.kill_on_cancel = False
         self.size = 1
 
     async def run(self, task: str, kwargs: dict, timeout: float, client: str = ""):
         self.calls += 1
+        self.timeouts.append(timeout)
         self.started.set()
         await self.release.wait()
         return b"75025", 1.0  # the interface: the result as JSON bytes

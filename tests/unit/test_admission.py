@@ -1,5 +1,6 @@
 """Admission control: W running slots, a bounded line served in turn between clients, Overloaded at
-once beyond it, and ClientLimited at once for a client over its share."""
+once beyond it (unless a client holding more can make room), ClientLimited at once for a client over
+its share, and QueueTimeout for a job whose deadline passes in line."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import asyncio
 
 import pytest
 
-from services.slow.admission import Admission, ClientLimited, Overloaded
+from services.slow.admission import Admission, ClientLimited, Overloaded, client_key
+from services.slow.jobs import QueueTimeout
 
 
 async def settle(turns: int = 5) -> None:
@@ -19,13 +21,13 @@ async def settle(turns: int = 5) -> None:
 class Job:
     """A task that takes a slot and holds it until released, recording when it got in."""
 
-    def __init__(self, admission: Admission, name: str, log: list[str], client: str = ""):
+    def __init__(self, admission: Admission, name: str, log: list[str], client: str = "", **slot_args):
         self.release = asyncio.Event()
         self.admitted = False
-        self.task = asyncio.create_task(self._run(admission, name, log, client))
+        self.task = asyncio.create_task(self._run(admission, name, log, client, slot_args))
 
-    async def _run(self, admission: Admission, name: str, log: list[str], client: str) -> None:
-        async with admission.slot(client):
+    async def _run(self, admission: Admission, name: str, log: list[str], client: str, slot_args: dict) -> None:
+        async with admission.slot(client, **slot_args):
             self.admitted = True
             log.append(name)
             await self.release.wait()
@@ -341,5 +343,136 @@ def test_it_tells_whether_another_client_has_a_job_waiting():
         second.release.set()
         await asyncio.gather(first.task, second.task)
         assert not a.others_waiting("a")
+
+    asyncio.run(main())
+
+
+# a full line, shared fairly -------------------------------------------------------------------------
+
+def test_a_line_full_of_two_clients_jobs_still_takes_a_third_client_s_pushing_out_the_largest_holder_s_newest():
+    async def main():
+        # The issue's case, smaller: two clients within their share hold every slot and place.
+        a = Admission(slots=2, queue_limit=2, per_client=2)
+        log: list[str] = []
+        first = [Job(a, f"a{i}", log, client="10.0.0.1") for i in range(2)]  # both slots
+        await settle()
+        second = [Job(a, f"b{i}", log, client="10.0.0.2") for i in range(2)]  # both places
+        await settle()
+        assert (a.running, a.waiting) == (2, 2)
+
+        third = Job(a, "c0", log, client="10.0.0.3")
+        await settle()
+        assert not third.task.done(), "the third client was refused"
+        assert (a.running, a.waiting, a.shed) == (2, 2, 1)
+        with pytest.raises(Overloaded, match="client holding fewer"):
+            await second[1].task  # the newest job of a client holding two places
+        assert not second[0].task.done()
+
+        for job in first:
+            job.release.set()
+            await settle(20)
+        assert sorted(log[2:]) == ["b0", "c0"]
+        for job in (second[0], third):
+            job.release.set()
+        await asyncio.gather(second[0].task, third.task, *(j.task for j in first))
+        assert (a.running, a.waiting) == (0, 0) and not a._held
+
+    asyncio.run(main())
+
+
+def test_a_full_line_refuses_a_client_when_nobody_holds_two_places_more_than_it():
+    async def main():
+        a = Admission(slots=1, queue_limit=2)
+        jobs = [Job(a, f"j{i}", [], client=f"10.0.0.{i}") for i in range(3)]  # one place each
+        await settle()
+        with pytest.raises(Overloaded, match="1 jobs running and 2 waiting"):
+            async with a.slot("10.0.0.9"):
+                pytest.fail("pushing out a client's only job would only swap who is refused")
+        mine = Job(a, "mine", [], client="10.0.0.1")  # its second place: over nobody's
+        await settle()
+        assert mine.task.done() and isinstance(mine.task.exception(), Overloaded)
+        assert (a.running, a.waiting, a.shed) == (1, 2, 2)
+        for job in jobs:
+            job.release.set()
+        await asyncio.gather(*(j.task for j in jobs))
+
+    asyncio.run(main())
+
+
+def test_a_job_pushed_out_as_it_is_cancelled_gives_its_place_back_once():
+    async def main():
+        a = Admission(slots=1, queue_limit=2)
+        holder = Job(a, "h", [], client="hog")
+        hog = [Job(a, f"w{i}", [], client="hog") for i in range(2)]
+        await settle()
+        newcomer = Job(a, "n", [], client="other")
+        await asyncio.sleep(0)  # the newcomer pushed out hog's newest...
+        hog[1].task.cancel()  # ...whose client leaves before it hears of it
+        await asyncio.gather(hog[1].task, return_exceptions=True)
+        await settle()
+        assert (a.running, a.waiting) == (1, 2) and a.held_by("hog") == 2 and a.held_by("other") == 1
+        for job in (holder, hog[0], newcomer):
+            job.release.set()
+            await settle(20)
+        await asyncio.gather(holder.task, hog[0].task, newcomer.task)
+        assert (a.running, a.waiting) == (0, 0) and not a._held
+
+    asyncio.run(main())
+
+
+def test_ipv6_clients_are_keyed_by_their_64_and_ipv4_ones_by_their_address():
+    assert client_key("2001:db8:1:2::a") == client_key("2001:db8:1:2:ffff::b") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:3::a") != client_key("2001:db8:1:2::a")
+    assert client_key("::ffff:10.1.2.3") == client_key("10.1.2.3") == "10.1.2.3"
+    assert client_key("fe80::1%eth0") == "fe80::/64"
+    assert client_key("") == "" and client_key("not an address") == "not an address"
+
+
+# the deadline, in line ------------------------------------------------------------------------------
+
+def test_a_job_whose_deadline_passes_in_line_leaves_it_unrun_and_its_place_goes_back():
+    async def main():
+        a = Admission(slots=1, queue_limit=2, per_client=5)
+        log: list[str] = []
+        holder = Job(a, "holder", log, client="c")
+        await settle()
+        loop = asyncio.get_running_loop()
+        late = Job(a, "late", log, client="c", task="sleep", deadline=loop.time() + 0.05)
+        behind = Job(a, "behind", log, client="d", task="fib")
+        await settle()
+        assert dict(a.waiting_tasks) == {"sleep": 1, "fib": 1}
+        with pytest.raises(QueueTimeout, match="never ran"):
+            await late.task
+        assert (a.running, a.waiting, a.expired) == (1, 1, 1)
+        assert a.held_by("c") == 1 and dict(a.waiting_tasks) == {"fib": 1}
+        holder.release.set()
+        await settle(20)
+        assert log == ["holder", "behind"]  # the slot skipped the job that left
+        behind.release.set()
+        await asyncio.gather(holder.task, behind.task)
+        assert (a.running, a.waiting) == (0, 0) and not a.waiting_tasks and not a._held
+
+    asyncio.run(main())
+
+
+def test_the_line_counts_its_jobs_by_task_as_they_join_start_and_leave():
+    async def main():
+        a = Admission(slots=1, queue_limit=4)
+        holder = Job(a, "holder", [], task="fib")
+        await settle()
+        waiting = [Job(a, f"w{i}", [], client=f"10.0.0.{i}", task=t) for i, t in enumerate(["sleep", "sleep", "fib"])]
+        await settle()
+        assert dict(a.waiting_tasks) == {"sleep": 2, "fib": 1}  # the running job is not in line
+        waiting[1].task.cancel()
+        await settle()
+        assert dict(a.waiting_tasks) == {"sleep": 1, "fib": 1}
+        holder.release.set()
+        await settle(20)
+        assert dict(a.waiting_tasks) == {"fib": 1}
+        for job in (waiting[0], waiting[2]):
+            job.release.set()
+            await settle(20)
+        await asyncio.gather(holder.task, waiting[0].task, waiting[2].task)
+        assert not a.waiting_tasks
 
     asyncio.run(main())

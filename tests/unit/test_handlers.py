@@ -464,3 +464,65 @@ class SlowAppPerClientTest(ContractTestCase):
         assert (health["running"], health["waiting"], health["limited"]) == (1, 1, 1)
         self.pool.release.set()
         assert (await first).code == 200 and (await other).code == 200
+
+    @gen_test(timeout=10)
+    async def test_the_addresses_of_one_ipv6_64_share_one_client_s_share(self):
+        # An IPv6 host is usually given a whole /64: one address each would be a share each.
+        first = self.job("2001:db8:1:2::a", 25)
+        await asyncio.wait_for(self.pool.started.wait(), 5)
+        refused = await self.job("2001:db8:1:2:ffff::b", 26)
+        self.assert_json_error(refused, 429, "rate_limited")
+        other = self.job("2001:db8:1:3::a", 27)  # the next /64 is another client: it waits in line
+
+        async def other_waiting() -> bool:
+            return (await self.health())["waiting"] == 1
+
+        await eventually(other_waiting, what="the other /64's job waiting in line")
+        self.pool.release.set()
+        assert (await first).code == 200 and (await other).code == 200
+
+
+class SlowAppDeadlineTest(ContractTestCase):
+    """One worker held busy, a 1 s job deadline: it counts from admission, the wait in line included."""
+
+    def get_app(self):
+        self.pool = HeldPool()
+        settings = load(env={"FLEET_SLOW_WORKERS": "1", "FLEET_SLOW_QUEUE_LIMIT": "4",
+                             "FLEET_SLOW_JOB_TIMEOUT": "1", "FLEET_SLOW_DRAIN_TIMEOUT": "2"})
+        return make_slow_app(Instance("slow", 1, settings), registry.load("services.slow.tasks"), self.pool)
+
+    @gen_test(timeout=10)
+    async def test_a_job_still_waiting_at_its_deadline_is_answered_503_queue_timeout_and_never_runs(self):
+        first = self.http_client.fetch(self.get_url("/slow/fib/25"), raise_error=False)
+        await asyncio.wait_for(self.pool.started.wait(), 5)
+        started = asyncio.get_running_loop().time()
+        waiting = self.http_client.fetch(self.get_url("/slow/fib/24"), raise_error=False)
+        late = await asyncio.wait_for(waiting, 3)  # on time, though the worker is still busy
+        elapsed = asyncio.get_running_loop().time() - started
+        body = self.assert_json_error(late, 503, "queue_timeout")
+        assert 1 <= elapsed < 2, elapsed
+        assert "never ran" in body["message"] and int(late.headers["Retry-After"]) >= 1
+        assert self.pool.calls == 1  # it never reached the pool
+        health = await self.health()
+        assert (health["running"], health["waiting"]) == (1, 0)
+        self.pool.release.set()
+        assert (await first).code == 200
+
+    @gen_test(timeout=10)
+    async def test_a_job_that_waited_in_line_runs_only_what_is_left_of_its_deadline(self):
+        first = self.http_client.fetch(self.get_url("/slow/fib/25"), raise_error=False)
+        await asyncio.wait_for(self.pool.started.wait(), 5)
+        second = self.http_client.fetch(self.get_url("/slow/fib/24"), raise_error=False)
+
+        async def second_waiting() -> bool:
+            return (await self.health())["waiting"] == 1
+
+        await eventually(second_waiting, what="the second job waiting in line")
+        await asyncio.sleep(0.3)  # the time it spends in line (not a synchronisation)
+        self.pool.release.set()
+        assert (await first).code == 200
+        answered = await second
+        assert answered.code == 200
+        queued = json.loads(answered.body)["queued_ms"] / 1000
+        assert queued >= 0.3 and 0.95 < self.pool.timeouts[0] <= 1  # it did not wait
+        assert abs(self.pool.timeouts[1] - (1 - queued)) < 0.05, (self.pool.timeouts, queued)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.common import settings
-from services.common.settings import SCHEMA, Settings, SettingsError, env_name, load
+from services.common.settings import SCHEMA, Settings, SettingsError, env_name, load, real_ip_networks
 
 FLEET_TOML = settings.DEFAULT_FILE
 KEY_LINE = re.compile(r"^(?P<name>[A-Za-z0-9_]+)\s*=\s*(?P<rest>.*)$")
@@ -317,6 +317,21 @@ def test_an_unknown_fleet_env_var_in_a_settings_section_is_refused():
 def test_a_bad_bind_address_is_refused(bind):
     message = error_of(env={"FLEET_EDGE_BIND": bind})
     assert "FLEET_EDGE_BIND" in message and "IPv4 or IPv6" in message
+
+
+@pytest.mark.parametrize("real_ip", ["proxy.example", "10.0.0.300", "10.0.0.0/33", "10.0.0.5;"])
+def test_a_trusted_proxy_that_is_not_an_address_or_network_is_refused(real_ip):
+    assert "FLEET_EDGE_REAL_IP" in error_of(env={"FLEET_EDGE_REAL_IP": real_ip})
+
+
+@pytest.mark.parametrize("header", ["X Forwarded For", "X-Real-IP;", ""])
+def test_a_real_ip_header_that_is_not_a_header_name_is_refused(header):
+    assert "FLEET_EDGE_REAL_IP_HEADER" in error_of(env={"FLEET_EDGE_REAL_IP_HEADER": header})
+
+
+def test_trusted_proxies_are_addresses_and_networks_of_either_family():
+    assert real_ip_networks("10.0.0.5, 10.1.0.0/16,2001:db8::/48") == ["10.0.0.5/32", "10.1.0.0/16", "2001:db8::/48"]
+    assert real_ip_networks("") == []
 
 
 def test_a_bad_task_modules_value_is_refused():
