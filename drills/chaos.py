@@ -54,6 +54,7 @@ SCENARIOS = (
     Fault("kill-nginx", faults.kill_nginx_master, frozenset()),
     Fault("departed-clients", faults.departed_clients, frozenset()),
     Fault("reload", faults.rolling_reload, frozenset()),
+    Fault("reload-full-line", faults.reload_with_a_full_line, frozenset()),
     Fault("settings-change", faults.settings_change, frozenset()),
     Fault("abort-storm", faults.abort_storm, frozenset()),
     Fault("monopolist", faults.monopolist, frozenset()),

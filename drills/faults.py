@@ -193,6 +193,62 @@ def rolling_reload(settings: Settings, load: SteadyLoad) -> str:
     return "every instance restarted, one at a time"
 
 
+def reload_with_a_full_line(settings: Settings, load: SteadyLoad) -> str:
+    """Every slow instance's running slots and waiting places taken by jobs whose line holds more
+    work than a drain allows, then a rolling reload: no admitted job is failed by it. Each is
+    answered 200, or at its own deadline (which counts from admission: 504 job_timeout, 503
+    queue_timeout), or pushed out for a steady client holding fewer places (503 overloaded); never
+    503 shutting_down, a 502 or silence."""
+    slots = heavy_capacity(settings.values)
+    places = (slots + settings.slow.queue_limit) * settings.slow.instances
+    waves = (slots + settings.slow.queue_limit) / slots
+    # More work in each line than a drain lasts, each job well within its deadline.
+    seconds = min(0.9 * settings.slow.job_timeout,
+                  max(settings.slow.drain_timeout + 2, 1.25 * settings.slow.job_timeout) / waves)
+    share = settings.slow.max_per_client
+    answers: list[tuple[int, str]] = []
+    bad: list[str] = []
+
+    def one(address: str, i: int) -> None:
+        try:
+            with raw_client(settings, address, timeout=2 * settings.slow.job_timeout + 30) as sock:
+                sock.sendall(f"GET /slow/sleep/{seconds + i / 1000:.3f} HTTP/1.1\r\nHost: line\r\n\r\n".encode())
+                status, _, body = answer(sock)
+        except OSError as exc:
+            bad.append(f"no answer: {exc}")
+            return
+        code = "" if status == 200 else json.loads(body).get("error", "?") if contract_json(body) else "not JSON"
+        answers.append((status, code))
+        if (status, code) not in ((200, ""), (504, "job_timeout"), (503, "queue_timeout"), (503, "overloaded")):
+            bad.append(f"{status} {code}")
+
+    threads = [threading.Thread(target=one, args=(f"127.0.0.{40 + i // share}", i), daemon=True)
+               for i in range(places)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 15
+    full = False
+    while time.monotonic() < deadline and not full:
+        healths = [slow_health(settings, port) for _, port in settings.instances("slow")]
+        full = all(h["running"] == slots and h["waiting"] == settings.slow.queue_limit for h in healths)
+        time.sleep(0.05)
+    if not full:
+        raise fleet.FleetError(f"the slow lines never filled: {healths}")
+    restarted = rolling_reload(settings, load)
+    for thread in threads:
+        thread.join(2 * settings.slow.job_timeout + 30)
+    if bad or len(answers) < places:
+        open_ = places - len(answers) - sum(b.startswith("no answer") for b in bad)
+        raise fleet.FleetError(f"of {places} admitted jobs, {len(bad)} failed by the reload or unanswered, e.g. "
+                               f"{bad[:3]}; {open_} still open")
+    served = sum(status == 200 for status, _ in answers)
+    expired = sum(code in ("job_timeout", "queue_timeout") for _, code in answers)
+    pushed = sum(code == "overloaded" for _, code in answers)
+    return (f"{places} places taken by {seconds:.1f} s jobs ({waves * seconds:.0f} s of work per line), then "
+            f"reloaded: {served} served, {expired} at their own deadline, {pushed} made room for a steady "
+            f"client; none failed by the reload. {restarted}")
+
+
 def settings_change(settings: Settings, load: SteadyLoad) -> str:
     """A change supervisord.conf carries (one more fast instance, a longer drain), applied, then undone."""
     values = {**settings.values, "fast.instances": settings.fast.instances + 1,

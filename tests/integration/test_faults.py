@@ -87,6 +87,14 @@ def test_a_rolling_reload_under_load_restarts_every_instance_with_no_failed_requ
     assert result.tally.hit == 0  # GET and POST, fast and slow, one slow instance
 
 
+def test_a_rolling_reload_with_every_slow_place_taken_fails_no_admitted_job(chaos_fleet):
+    # Each line holds more work than a drain lasts; the raise is the promise: no admitted job
+    # answered 503 shutting_down (or 502, or not at all) because its instance was reloaded.
+    result = run_scenario(chaos_fleet, "reload-full-line")
+    assert_promise_kept(result.tally)
+    assert result.tally.hit == 0
+
+
 def test_a_settings_change_supervisor_carries_is_applied_under_load_with_no_failed_request(chaos_fleet):
     result = run_scenario(chaos_fleet, "settings-change")  # one more fast instance, longer drain, and back
     assert_promise_kept(result.tally)
