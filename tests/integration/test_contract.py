@@ -127,8 +127,9 @@ def test_a_task_whose_setup_fails_answers_503_and_every_other_task_runs(slow_fle
 
 def test_more_jobs_than_workers_and_queue_get_immediate_503_while_fast_keeps_answering(slow_fleet: Fleet):
     # 2 workers (or cluster threads) + 2 waiting places: of 7 concurrent jobs, 3 must be refused at once.
+    # 1 s jobs: the waiting ones finish within the deadline (3 s), which counts their wait in line.
     with ThreadPoolExecutor(7) as pool:
-        jobs = [pool.submit(slow_fleet.get, "/slow/spin/1.5") for _ in range(7)]
+        jobs = [pool.submit(slow_fleet.get, "/slow/spin/1") for _ in range(7)]
         wait_for(lambda: (h := slow_fleet.slow_health())["running"] == 2 and h["waiting"] == 2,
                  what="the slow path full: 2 jobs running, 2 waiting")
         fast = [slow_fleet.get("/fast") for _ in range(20)]
