@@ -89,6 +89,7 @@ def app_settings(instance: Instance) -> dict:
         # metrics); the socket's peer decides, never a header (web.BaseHandler.prepare).
         "trusted_peers": frozenset({instance.settings.inventory.edge.address, instance.settings.address}),
         "draining": False,
+        "drain_deadline": None,  # the loop's time at which a drain gives up (drain), while draining
         "in_flight": InFlight(),
         "on_drain_deadline": lambda: None,  # the slow app answers its unfinished jobs here
         "log_function": logs.on_request_done,
@@ -188,6 +189,7 @@ async def drain(server: HTTPServer, app: web.Application, timeout: float) -> Non
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     server.stop()
+    app.settings["drain_deadline"] = deadline
     app.settings["draining"] = True
     server.conn_params.no_keep_alive = True
     in_flight: InFlight = app.settings["in_flight"]

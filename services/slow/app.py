@@ -29,6 +29,10 @@ from services.slow.pool import WorkerPool
 
 log = logging.getLogger("fleet.slow")
 
+# How long before a drain gives up the jobs admitted during it are answered: a worker's kill and
+# the answer's write take milliseconds; this is room for a busy machine.
+DRAIN_MARGIN_SECONDS = 1.0
+
 
 class TaskHandler(BaseHandler):
     tasks: Mapping[str, registry.Task]
@@ -122,6 +126,13 @@ class TaskHandler(BaseHandler):
         # job is answered later than its deadline after it reached this instance, and nginx's
         # proxy_read_timeout is sized on that (deploy/render.py).
         deadline = arrived + timeout
+        # A job admitted while its instance drains (on a connection nginx had kept alive, up to
+        # its upstream keepalive_timeout after the drain began) is answered a margin before the
+        # drain gives up, at its own deadline if need be, never cut off there (503 shutting_down).
+        # Jobs admitted before the drain need no such cap: slow.drain_timeout > slow.job_timeout.
+        drain_deadline = self.settings.get("drain_deadline")
+        if drain_deadline is not None:
+            deadline = min(deadline, drain_deadline - DRAIN_MARGIN_SECONDS)
         backend = self.fleet.slow.backend
 
         def count(outcome: str) -> None:

@@ -246,7 +246,9 @@ def test_an_existing_cluster_runs_the_jobs_and_one_on_other_versions_is_refused_
 
 
 def test_a_running_fleet_switches_backend_both_ways_failing_no_request(private_dask_fleet):
-    fleet = private_dask_fleet()
+    # A 10 s deadline (the tests' 3 s would not cover a job's wait while a cluster starts: it
+    # counts from admission, the wait in line included).
+    fleet = private_dask_fleet(FLEET_SLOW_JOB_TIMEOUT="10", FLEET_SLOW_DRAIN_TIMEOUT="11")
     for backend in ("local", "dask"):
         fleet.env["FLEET_SLOW_BACKEND"] = backend
         # A new cluster starts before the spares, which read the new settings and would wait for it.
@@ -260,7 +262,9 @@ def test_a_running_fleet_switches_backend_both_ways_failing_no_request(private_d
 # a reload ------------------------------------------------------------------------------------------------
 
 def test_a_reload_restarts_the_dask_workers_one_at_a_time_failing_no_accepted_job(private_dask_fleet):
-    fleet = private_dask_fleet()
+    # A 10 s deadline: while one of the two workers restarts, a job may wait longer in line than
+    # the tests' 3 s, which count from admission.
+    fleet = private_dask_fleet(FLEET_SLOW_JOB_TIMEOUT="10", FLEET_SLOW_DRAIN_TIMEOUT="11")
     before = {p["name"]: p["pid"] for p in fleet.processes()}
     # Heavy requests all along too: a worker taken away before the one restarted before it has
     # rejoined the scheduler would leave the cluster with none (503 no_workers).

@@ -113,7 +113,7 @@ def test_a_config_nginx_refuses_at_reload_leaves_the_old_one_serving_and_in_the_
     conf = fleet.run_dir / "nginx" / "conf" / "nginx.conf"
     before = conf.read_text()
     # `nginx -t` accepts this, a running nginx does not: a shared zone cannot change its key.
-    conf.write_text(before.replace("limit_req_zone $binary_remote_addr", "limit_req_zone $remote_addr"))
+    conf.write_text(before.replace("limit_req_zone $fleet_client", "limit_req_zone $remote_addr"))
     with pytest.raises(FleetError, match="refused"):
         apply.reload_nginx(load(env=fleet.env), before)
     assert conf.read_text() == before and fleet.get("/fast").status == 200
