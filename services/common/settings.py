@@ -203,6 +203,7 @@ SCHEMA: dict[str, Spec] = {
     # edge.real_ip_header, so no client can choose its own address, and its per-client limits.
     "edge.real_ip": Spec(str, check=_check_real_ip),
     "edge.real_ip_header": Spec(str, check=_check_header_name),
+    "edge.echo_max_body_kb": Spec(int, 1, 1048576),
     "fast.instances": Spec(int, 1, 64),
     "fast.base_port": Spec(int, 1024, 65000),
     "fast.drain_timeout": Spec(float, 2, 300),

@@ -12,7 +12,7 @@ import time
 from tornado import web
 
 from services.common import cpu_slice, server
-from services.common.web import BaseHandler, HealthHandler, MetricsHandler, NotFoundHandler
+from services.common.web import ApiError, BaseHandler, HealthHandler, MetricsHandler, NotFoundHandler
 from services.fast import negative_control
 
 
@@ -24,12 +24,40 @@ class HelloHandler(BaseHandler):
     head = get  # HEAD /fast: the same headers, no body (Tornado drops it)
 
 
+@web.stream_request_body
 class EchoHandler(BaseHandler):
-    """POST /echo: the fast path's non-idempotent route (body limits, requests during restarts)."""
+    """POST /echo: the fast path's non-idempotent route (body limits, requests during restarts).
+
+    The body is hashed as it arrives, one read at a time (at most 64 KiB, Tornado's chunk size:
+    about 30 us of SHA-256 here), never whole: the event loop never hashes more than that in one
+    go, whatever edge.echo_max_body_kb allows, and never holds the body. Hashed whole, a 1 MiB
+    body held the loop 0.5 ms in one step (and 16 MiB 8.6 ms), every other request waiting.
+    """
+
+    max_body_bytes = 0  # edge.echo_max_body_kb, from the route (make_app)
+    digest = None  # set once prepare accepts the request: a refused one's body is read, never hashed
+
+    def prepare(self) -> None:
+        super().prepare()
+        # nginx refuses a larger body already (the same setting); this keeps the promise for any
+        # other way in, answered with the contract's JSON before a byte of the body is read.
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            raise ApiError(413, "payload_too_large",
+                           f"a body of at most {self.max_body_bytes // 1024} KiB (edge.echo_max_body_kb)")
+        # A body without a Content-Length (chunked) is cut off past the same size by Tornado.
+        self.request.connection.set_max_body_size(self.max_body_bytes)
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def data_received(self, chunk: bytes) -> None:
+        if self.digest is None:  # refused (413, 403): Tornado still reads the body it was sent
+            return
+        self.digest.update(chunk)
+        self.size += len(chunk)
 
     def post(self) -> None:
-        body = self.request.body
-        self.write_json({"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()})
+        self.write_json({"bytes": self.size, "sha256": self.digest.hexdigest()})
 
 
 def block_the_loop(ms: int) -> None:
@@ -53,7 +81,7 @@ def make_app(instance: server.Instance) -> web.Application:
         hello, echo = (negative_control.delayed(h, sensor, delay_ms) for h in (hello, echo))
     routes = [
         (r"/fast", hello, {"route_pattern": "/fast"}),
-        (r"/echo", echo, {"route_pattern": "/echo"}),
+        (r"/echo", echo, {"route_pattern": "/echo", "max_body_bytes": instance.settings.edge.echo_max_body_kb * 1024}),
         (r"/healthz", HealthHandler, {"route_pattern": "/healthz"}),
         (r"/metrics", MetricsHandler),
     ]

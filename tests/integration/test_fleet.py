@@ -199,6 +199,26 @@ def test_a_heavy_answer_never_comes_later_than_the_job_deadline_however_long_the
     expired = next(r for r in answers if r.status == 503)
     assert_contract_error(expired, 503, "queue_timeout")
     assert int(expired.headers["retry-after"]) >= 1
+# the fast routes' body limits ---------------------------------------------------------------------
+
+def test_echo_over_its_body_limit_gets_413_json_at_the_edge_and_at_an_instance(fleet: Fleet):
+    limit = 64 * 1024  # edge.echo_max_body_kb's default
+    assert fleet.request("POST", "/echo", body=b"x" * limit).json()["bytes"] == limit
+    at_edge = fleet.request("POST", "/echo", body=b"x" * (limit + 1))
+    assert_contract_error(at_edge, 413, "payload_too_large")
+    assert at_edge.headers["x-served-by"] == "edge"
+    at_instance = fleet.request("POST", "/echo", body=b"x" * (limit + 1), port=fleet.fast_ports[0],
+                                headers=fleet.edge_headers())
+    assert "edge.echo_max_body_kb" in assert_contract_error(at_instance, 413, "payload_too_large")["message"]
+    assert at_instance.headers["x-served-by"] == "fast-01"
+
+
+def test_the_fast_get_routes_take_no_body_past_1_kib(fleet: Fleet):
+    assert fleet.request("GET", "/fast", body=b"x" * 1024).status == 200
+    refused = fleet.request("GET", "/fast", body=b"x" * 1025)
+    assert_contract_error(refused, 413, "payload_too_large")
+    assert refused.headers["x-served-by"] == "edge"
+    assert_contract_error(fleet.request("GET", "/healthz", body=b"x" * 1025), 413, "payload_too_large")
 
 
 # exposure ------------------------------------------------------------------------------------------

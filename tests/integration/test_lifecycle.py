@@ -93,15 +93,15 @@ def test_an_nginx_change_with_a_long_job_in_flight_is_applied_and_recorded(priva
     with ThreadPoolExecutor(1) as pool:
         job = pool.submit(fleet.get, "/slow/sleep/12")  # longer than the old check's 10 s
         wait_for(lambda: fleet.slow_health()["running"] == 1, what="the long job running")
-        fleet.env["FLEET_EDGE_MAX_BODY_KB"] = "64"
+        fleet.env["FLEET_EDGE_ECHO_MAX_BODY_KB"] = "32"  # the default: 64
         result = fleet.command("up", timeout=60)
         assert "nginx reloaded" in result.stdout
-        assert_contract_error(fleet.request("POST", "/echo", body=b"x" * 100_000), 413, "payload_too_large")
+        assert_contract_error(fleet.request("POST", "/echo", body=b"x" * 50_000), 413, "payload_too_large")
         assert fleet.command("up").stdout.count("nothing to apply") == 1  # the record says what runs
         assert job.result().status == 200  # the old worker finished its job
-    del fleet.env["FLEET_EDGE_MAX_BODY_KB"]
+    del fleet.env["FLEET_EDGE_ECHO_MAX_BODY_KB"]
     assert "nginx reloaded" in fleet.command("up").stdout
-    assert fleet.request("POST", "/echo", body=b"x" * 100_000).status == 200
+    assert fleet.request("POST", "/echo", body=b"x" * 50_000).status == 200
 
 
 def test_a_config_nginx_refuses_at_reload_leaves_the_old_one_serving_and_in_the_run_dir(private_fleet):

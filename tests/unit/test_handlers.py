@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import re
+from unittest import mock
 
 import tornado
 from tornado.testing import gen_test
@@ -196,6 +197,57 @@ class FastAppTest(ContractTestCase):
         self.request("/nope")
         self.request("/fast", method="PUT")
         assert self._app.settings["in_flight"].count == 0
+
+    def test_echo_takes_64_kib_by_default_and_refuses_a_byte_more_with_413_json(self):
+        assert json.loads(self.request("/echo", "POST", b"x" * 65536).body)["bytes"] == 65536
+        body = self.assert_json_error(self.request("/echo", "POST", b"x" * 65537), 413, "payload_too_large")
+        assert "edge.echo_max_body_kb" in body["message"]
+        assert self._app.settings["in_flight"].count == 0
+
+
+class HashSpy:
+    """hashlib as the fast app sees it, recording the bytes each SHA-256 step hashes in one call."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def sha256(self, data: bytes = b"") -> "HashSpy.Hash":
+        return HashSpy.Hash(self, data)
+
+    class Hash:
+        def __init__(self, spy: "HashSpy", data: bytes):
+            self.spy, self.real = spy, hashlib.sha256()
+            self.update(data)
+
+        def update(self, data: bytes) -> None:
+            self.spy.steps.append(len(data))
+            self.real.update(data)
+
+        def hexdigest(self) -> str:
+            return self.real.hexdigest()
+
+
+class EchoLargeBodyTest(ContractTestCase):
+    """/echo allowed 1 MiB bodies (edge.echo_max_body_kb = 1024): still never hashed whole."""
+
+    def get_app(self):
+        return make_fast_app(Instance("fast", 1, load(env={"FLEET_EDGE_ECHO_MAX_BODY_KB": "1024"})))
+
+    def test_a_1_mib_body_is_hashed_a_read_at_a_time_never_whole_on_the_event_loop(self):
+        body = bytes(range(256)) * 4096
+        spy = HashSpy()
+        with mock.patch("services.fast.app.hashlib", spy):
+            response = self.request("/echo", "POST", body, **{"Content-Type": "application/octet-stream"})
+        assert json.loads(response.body) == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+        assert sum(spy.steps) == len(body)
+        assert max(spy.steps) <= 64 * 1024, f"one step hashed {max(spy.steps)} bytes"  # about 30 us here
+
+    def test_a_body_past_the_limit_is_refused_413_json_and_never_hashed(self):
+        spy = HashSpy()
+        with mock.patch("services.fast.app.hashlib", spy):
+            response = self.request("/echo", "POST", b"x" * (1024 * 1024 + 1))
+        self.assert_json_error(response, 413, "payload_too_large")
+        assert spy.steps == []
 
 
 # the slow app, inline pool ----------------------------------------------------------------------
