@@ -152,6 +152,12 @@ class Fleet(Subject):
         # The flood repeats one request; coalesced, it would measure one job per distinct request
         # in flight, not the pool. Peers do not coalesce either (the hot-key scenario turns it on).
         self.env["FLEET_SLOW_COALESCE"] = "false"
+        # The fast probe (up to thousands of GET /fast a second) and wrk's saturation run are each
+        # one client address (wrk cannot bind others); the fast routes' per-client limits would
+        # measure the edge's 429s, not the fleet's capacity. No peer has such limits; the limits'
+        # own figures are make chaos's (hostile-fast-client) and the README's.
+        self.env.update(FLEET_EDGE_FAST_RATE_PER_SECOND="100000", FLEET_EDGE_FAST_RATE_BURST="100000",
+                        FLEET_EDGE_FAST_CONN_PER_CLIENT="65535")
         self.env.update(overrides or {})  # --fleet-env: a lever under test, never by default
         self.env.update(
             FLEET_RUN_DIR=str(self.run_dir),

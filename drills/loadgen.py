@@ -11,6 +11,10 @@ is sent again once on a new one, whatever its method (the server never saw it); 
 connection closed before any byte of the answer is sent again once (RFC 9110 9.2.2). A POST that
 was written is never resent. Everything else counts as it came.
 
+Each client connects from a loopback address of its own (127.0.2.1, .2, ...; the host must be
+loopback), as distinct users do: the edge's per-client limits (the fast routes' rate, the slow
+routes' share) count each apart, as they would count real users, never the whole load as one.
+
 One case is marked, not hidden: a POST written on a reused connection that the server closed
 before any byte of an answer (`idle_race`). nginx 1.22 closes its idle client keep-alive
 connections when it reloads, and a request sent in that instant meets a closed socket (nginx
@@ -21,11 +25,16 @@ fell in a reload's window, and as lost anywhere else.
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import select
 import threading
 import time
 from dataclasses import dataclass, field
+
+
+# The steady load's clients' addresses: 127.0.2.1, .2, ... (the faults' own clients use 127.0.0.x).
+CLIENT_NETWORK = "127.0.2."
 
 
 @dataclass(frozen=True)
@@ -80,11 +89,13 @@ class SteadyLoad:
         self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> "SteadyLoad":
-        for route in self.routes:
-            for _ in range(route.clients):
-                thread = threading.Thread(target=self._client, args=(route,), daemon=True)
-                thread.start()
-                self._threads.append(thread)
+        clients = [route for route in self.routes for _ in range(route.clients)]
+        loopback = _ipv4_loopback(self.host)
+        for number, route in enumerate(clients, start=1):
+            source = f"{CLIENT_NETWORK}{number}" if loopback else None
+            thread = threading.Thread(target=self._client, args=(route, source), daemon=True)
+            thread.start()
+            self._threads.append(thread)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -92,8 +103,8 @@ class SteadyLoad:
         for thread in self._threads:
             thread.join(self.timeout + 5)
 
-    def _client(self, route: Route) -> None:
-        client = _KeptAliveClient(self.host, self.port, self.timeout)
+    def _client(self, route: Route, source: str | None) -> None:
+        client = _KeptAliveClient(self.host, self.port, self.timeout, source)
         interval = 1 / route.rate
         next_send = time.monotonic()
         while not self._stop.is_set():
@@ -133,10 +144,12 @@ class SteadyLoad:
 
 
 class _KeptAliveClient:
-    """One client's kept-alive connection, and the resend rules of the module docstring."""
+    """One client's kept-alive connection (from the local address `source`, if given), and the
+    resend rules of the module docstring."""
 
-    def __init__(self, host: str, port: int, timeout: float):
+    def __init__(self, host: str, port: int, timeout: float, source: str | None = None):
         self.host, self.port, self.timeout = host, port, timeout
+        self.source_address = (source, 0) if source else None
         self.conn: http.client.HTTPConnection | None = None
 
     def close(self) -> None:
@@ -151,7 +164,8 @@ class _KeptAliveClient:
                 self.close()  # stale check: the server closed it while it was idle
             reused = self.conn is not None
             if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout,
+                                                       source_address=self.source_address)
             written = False
             try:
                 self.conn.request(route.method, route.path, body=route.body,
@@ -171,6 +185,15 @@ class _KeptAliveClient:
                 self.close()
             return _outcome(route, started, response.status, data, retried=attempt == 2)
         raise AssertionError("unreachable")
+
+
+def _ipv4_loopback(host: str) -> bool:
+    """Whether `host` is an IPv4 loopback address, which any 127.x.y.z can reach."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.version == 4 and address.is_loopback
 
 
 def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:

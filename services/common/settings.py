@@ -203,6 +203,9 @@ SCHEMA: dict[str, Spec] = {
     # edge.real_ip_header, so no client can choose its own address, and its per-client limits.
     "edge.real_ip": Spec(str, check=_check_real_ip),
     "edge.real_ip_header": Spec(str, check=_check_header_name),
+    "edge.fast_rate_per_second": Spec(int, 1, 100000),
+    "edge.fast_rate_burst": Spec(int, 0, 100000),
+    "edge.fast_conn_per_client": Spec(int, 1, 65535),  # nginx refuses a limit_conn of 65536 or more
     "edge.echo_max_body_kb": Spec(int, 1, 1048576),
     "fast.instances": Spec(int, 1, 64),
     "fast.base_port": Spec(int, 1024, 65000),

@@ -1,12 +1,14 @@
 """The fleet's contract through the edge: routing, request ids, the errors the edge and the
-instances answer (produced for real), a client's share of the slow path and the edge's rate limit,
-what the fleet exposes (where it listens, what its answers reveal), and each kind of process's CPU
-priority. The local pool's own faults are in test_local_pool.py."""
+instances answer (produced for real), a client's share of the slow path, the edge's per-client
+limits on both paths (rate, requests in flight, body sizes), what the fleet exposes (where it
+listens, what its answers reveal), and each kind of process's CPU priority. The local pool's own
+faults are in test_local_pool.py."""
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -200,6 +202,47 @@ def test_a_heavy_answer_never_comes_later_than_the_job_deadline_however_long_the
     assert_contract_error(expired, 503, "queue_timeout")
     assert int(expired.headers["retry-after"]) >= 1
 # the fast routes' body limits ---------------------------------------------------------------------
+# the fast routes' per-client limits ------------------------------------------------------------------
+
+def test_a_client_over_its_fast_rate_gets_429_json_while_another_address_and_its_probe_are_served(private_fleet):
+    fleet = private_fleet(FLEET_EDGE_FAST_RATE_PER_SECOND="2", FLEET_EDGE_FAST_RATE_BURST="0")
+    answers = [fleet.get("/fast", source="127.0.0.5") for _ in range(6)]
+    answers.append(fleet.request("POST", "/echo", body=b"{}", source="127.0.0.5"))  # the same allowance
+    limited = [r for r in answers if r.status == 429]
+    assert len(limited) >= 4, [r.status for r in answers]
+    body = assert_contract_error(limited[0], 429, "rate_limited")
+    assert limited[0].headers["retry-after"] == "1" and limited[0].headers["x-served-by"] == "edge" and body["message"]
+    assert answers[-1].status == 429
+    assert fleet.get("/fast", source="127.0.0.6").status == 200  # another address: an allowance of its own
+    assert fleet.get("/healthz", source="127.0.0.5").status == 200  # a probe's bucket is its own
+
+
+def held_upload(fleet: Fleet, source: str) -> socket.socket:
+    """A POST /echo from `source` whose headers are in and whose body has not come: once nginx asks
+    for the body (100 Continue), it holds one of the client's places."""
+    sock = socket.create_connection(("127.0.0.1", fleet.edge_port), timeout=10, source_address=(source, 0))
+    sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+    assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue"), "nginx never asked for the body"
+    return sock
+
+
+def test_a_client_over_its_fast_requests_in_flight_gets_429_json_while_another_address_is_served(private_fleet):
+    fleet = private_fleet(FLEET_EDGE_FAST_CONN_PER_CLIENT="2")
+    held = [held_upload(fleet, "127.0.0.5") for _ in range(2)]
+    try:
+        refused = fleet.get("/fast", source="127.0.0.5")
+        other = fleet.get("/fast", source="127.0.0.6")
+        for sock in held:  # the uploads end: their answers come, their places are free again
+            sock.sendall(b"{}")
+            assert sock.recv(1000).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for sock in held:
+            sock.close()
+    assert_contract_error(refused, 429, "rate_limited")
+    assert refused.headers["retry-after"] == "1"
+    assert other.status == 200
+    assert fleet.get("/fast", source="127.0.0.5").status == 200
+
 
 def test_echo_over_its_body_limit_gets_413_json_at_the_edge_and_at_an_instance(fleet: Fleet):
     limit = 64 * 1024  # edge.echo_max_body_kb's default

@@ -31,6 +31,9 @@ TEST_SETTINGS = {
     "FLEET_EDGE_SLOW_RATE_PER_SECOND": "100000",  # the rate limit has its own test
     "FLEET_EDGE_SLOW_RATE_BURST": "100000",
     "FLEET_SLOW_MAX_PER_CLIENT": "100",  # every test client is 127.0.0.1; the per-client limit has its own tests
+    "FLEET_EDGE_FAST_RATE_PER_SECOND": "100000",  # so are the fast routes' (test_fleet.py)
+    "FLEET_EDGE_FAST_RATE_BURST": "100000",
+    "FLEET_EDGE_FAST_CONN_PER_CLIENT": "10000",
     "FLEET_EDGE_CLIENT_TIMEOUT": "2",  # slow senders are cut off quickly
     "FLEET_OBSERVE_TEST_ROUTES": "true",  # /_test/block/<ms> for the blocked-loop detector
     "FLEET_SLOW_WORKER_MAX_RSS_MB": "256",  # /slow/allocate/<mb> passes it at will

@@ -158,6 +158,29 @@ def test_heavy_requests_are_limited_per_client_and_retried_on_one_other_instance
     assert "location = /slow {" in conf  # no HTML redirect for /slow
 
 
+def test_every_fast_location_limits_each_client_s_rate_requests_in_flight_and_body(tmp_path):
+    s = settings_for(tmp_path, FLEET_EDGE_FAST_RATE_PER_SECOND="7", FLEET_EDGE_FAST_RATE_BURST="9",
+                     FLEET_EDGE_FAST_CONN_PER_CLIENT="5", FLEET_EDGE_ECHO_MAX_BODY_KB="48", FLEET_EDGE_MAX_BODY_KB="2048")
+    conf = render.render(s)["nginx/conf/nginx.conf"]
+    assert "limit_req_zone $fleet_client zone=fast_per_client:10m rate=7r/s;" in conf
+    assert "limit_conn_zone $fleet_client zone=fast_conn_per_client:10m;" in conf
+    for name, body in (("location / {", "1k"), ("location = /echo {", "48k")):
+        location = conf.split(name)[1].split("}")[0]
+        assert "limit_req zone=fast_per_client burst=9 nodelay;" in location, name
+        assert "limit_conn fast_conn_per_client 5;" in location, name
+        assert f"client_max_body_size {body};" in location, name
+    assert "client_max_body_size 2048k;" in conf  # the slow routes' (http level)
+
+
+def test_healthz_has_a_rate_bucket_of_its_own_so_a_busy_address_never_fails_its_probe(tmp_path):
+    s = settings_for(tmp_path, FLEET_EDGE_FAST_RATE_PER_SECOND="7", FLEET_EDGE_FAST_RATE_BURST="9")
+    conf = render.render(s)["nginx/conf/nginx.conf"]
+    assert "limit_req_zone $fleet_client zone=health_per_client:10m rate=7r/s;" in conf
+    location = conf.split("location = /healthz {")[1].split("}")[0]
+    assert "limit_req zone=health_per_client burst=9 nodelay;" in location
+    assert "fast_per_client" not in location and "limit_conn" not in location
+
+
 def test_old_nginx_workers_are_bounded_by_the_longest_heavy_request(tmp_path):
     s = settings_for(tmp_path, FLEET_SLOW_WORKERS="2", FLEET_SLOW_QUEUE_LIMIT="8", FLEET_SLOW_JOB_TIMEOUT="30")
     conf = render.render(s)["nginx/conf/nginx.conf"]
