@@ -59,6 +59,7 @@ SCENARIOS = (
     Fault("abort-storm", faults.abort_storm, frozenset()),
     Fault("monopolist", faults.monopolist, frozenset()),
     Fault("unknown-methods", faults.unknown_methods, frozenset()),
+    Fault("hostile-fast-client", faults.hostile_fast_client, frozenset()),
 )
 # Faults of the managed Dask cluster (slow.backend = "dask"): a job on the killed process, or in
 # flight while the scheduler is away, is hit (502 / 503 backend_unavailable, JSON).

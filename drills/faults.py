@@ -9,6 +9,7 @@ not shed...) and returns a line saying what happened. `make chaos` (chaos.py) pr
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -393,6 +394,75 @@ def unknown_methods(settings: Settings, load: SteadyLoad, count: int = 2000) -> 
     if bad or any(foreign.values()):
         raise fleet.FleetError(f"bad answers {bad[:3]}; metric series of other methods {foreign}")
     return f"{count} requests with made-up methods: all 405 JSON from the edge; no new metric series"
+
+
+def hostile_fast_client(settings: Settings, load: SteadyLoad, connections: int = 6, seconds: float = 5) -> str:
+    """One client posts the largest body /echo takes on `connections` kept-alive connections, back
+    to back, and one body past it: what it sends beyond its rate and its requests in flight is
+    refused 429 (with Retry-After), the body past the limit 413, each the contract's JSON, and the
+    steady load's fast requests (other addresses) are never refused."""
+    source = "127.0.0.5"
+    limit = settings.edge.echo_max_body_kb * 1024
+    statuses: list[int] = []
+    bad: list[str] = []
+    end = time.monotonic() + seconds
+
+    def post(conn: http.client.HTTPConnection, body: bytes) -> int:
+        conn.request("POST", "/echo", body=body)
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200 and not contract_json(data):
+            bad.append(f"{response.status} without the contract's JSON")
+        if response.status == 429 and not response.getheader("Retry-After"):
+            bad.append("429 without Retry-After")
+        if response.status not in (200, 413, 429):
+            bad.append(f"{response.status} {data[:80]!r}")
+        if response.getheader("Connection", "").lower() == "close":
+            conn.close()  # http.client opens a new one for the next request
+        return response.status
+
+    def hog(body: bytes) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", settings.edge.port, timeout=10, source_address=(source, 0))
+        try:
+            while time.monotonic() < end:
+                try:
+                    statuses.append(post(conn, body))
+                except (OSError, http.client.HTTPException) as exc:
+                    bad.append(f"no answer: {type(exc).__name__}")
+                    conn.close()
+        finally:
+            conn.close()
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=hog, args=(b"x" * limit,), daemon=True) for _ in range(connections)]
+    for thread in threads:
+        thread.start()
+    over = http.client.HTTPConnection("127.0.0.1", settings.edge.port, timeout=10, source_address=(source, 0))
+    try:
+        too_large = post(over, b"x" * (limit + 1))
+    finally:
+        over.close()
+    for thread in threads:
+        thread.join()
+    if bad:
+        raise fleet.FleetError(f"the hostile client got {len(bad)} bad answers, e.g. {bad[0]}")
+    if too_large != 413:
+        raise fleet.FleetError(f"a body 1 byte past edge.echo_max_body_kb was answered {too_large}, not 413")
+    if 429 not in statuses:
+        raise fleet.FleetError("the hostile client was never limited")
+    before = _fast_get_ms(load.between(started - SETTLE, started))
+    during = _fast_get_ms(load.between(started, time.monotonic()))
+    return (f"one client posting {limit // 1024} KiB to /echo on {connections} connections for {seconds:g} s: "
+            f"{statuses.count(200)} served, {statuses.count(429)} refused 429, one {limit // 1024} KiB + 1 B body 413; "
+            f"others' GET /fast p50/p99 {during[0]:.1f}/{during[1]:.1f} ms (before: {before[0]:.1f}/{before[1]:.1f})")
+
+
+def _fast_get_ms(outcomes: list) -> tuple[float, float]:
+    """p50 and p99, in ms, of the steady load's answered GET /fast in `outcomes` (0 if none)."""
+    ms = sorted(o.seconds * 1000 for o in outcomes if o.ok and o.route.kind == "fast" and o.route.method == "GET")
+    if not ms:
+        return 0.0, 0.0
+    return ms[len(ms) // 2], ms[min(len(ms) - 1, int(len(ms) * 0.99))]
 
 
 def _series(port: int) -> set[tuple[str, str, str]]:

@@ -66,6 +66,7 @@ class Outcome:
     json_error: bool = False  # a non-200 answer with the contract's JSON body
     retried: bool = False
     idle_race: bool = False  # written on a reused connection the server closed before answering
+    seconds: float = 0.0  # from the first send to the answer (the answered ones)
 
     @property
     def ok(self) -> bool:
@@ -205,13 +206,15 @@ def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:
 
 
 def _outcome(route: Route, started: float, status: int, data: bytes, retried: bool) -> Outcome:
+    seconds = time.monotonic() - started
     if status == 200:
-        return Outcome(route, started, status, retried=retried)
+        return Outcome(route, started, status, retried=retried, seconds=seconds)
     try:
         body = json.loads(data)
-        return Outcome(route, started, status, body.get("error", "?"), json_error=True, retried=retried)
+        return Outcome(route, started, status, body.get("error", "?"), json_error=True, retried=retried,
+                       seconds=seconds)
     except ValueError:
-        return Outcome(route, started, status, "non-JSON error body", retried=retried)
+        return Outcome(route, started, status, "non-JSON error body", retried=retried, seconds=seconds)
 
 
 @dataclass
