@@ -92,10 +92,14 @@ class TaskHandler(BaseHandler):
                 return
         # The same task with the same arguments already in flight here: wait for that job.
         key = coalesce.job_key(task.name, kwargs) if task.coalesce and self.fleet.slow.coalesce else None
-        flight, shared = self.flights.join(key, lambda: asyncio.ensure_future(self._run(task, kwargs)))
+        flight, shared = self.flights.join(key, lambda: asyncio.ensure_future(self._run(task, kwargs)),
+                                           self.request_id)
         if shared:
+            # Counted and logged for the operator, never told to the client: that another client
+            # asked the same thing at this moment is that client's business.
             metrics.SLOW_COALESCED.labels(task.name).inc()
-            self.set_header("X-Shared-Job", "true")
+            log.info("task %s: shares the job of request %s (%d request(s) wait for it)", task.name,
+                     flight.started_by, flight.waiters)
         # Saved so on_connection_close can leave: the last waiter to leave cancels the job (a
         # waiting job leaves the line, a running job's worker is killed); shield: one waiter's
         # cancellation is not the job's.

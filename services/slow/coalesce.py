@@ -13,7 +13,9 @@ pbkdf2 password) can be read or guessed from it; keys are never logged.
 
 A shared job counts once in admission (only its first request is admitted), every waiter gets the
 same answer or the same error, and the job is cancelled (dropped if waiting, stopped if running,
-as for a departed client) only when its last waiter has left.
+as for a departed client) only when its last waiter has left. Only tasks that declare
+`coalesce=True` share (registry.py says why), and nothing in an answer says that it was shared:
+the instance counts it (fleet_slow_coalesced_total) and logs it, for the operator.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class Flight:
     """One job and the requests waiting for it."""
     job: asyncio.Future
     key: str | None
+    started_by: str = ""  # the request id that started the job: a request that joins it logs it
     waiters: int = 0
     stopped: bool = False  # cancelled by a drain's deadline, not by its waiters leaving
 
@@ -85,14 +88,15 @@ class Flights:
         self.by_key: dict[str, Flight] = {}
         self.all: set[Flight] = set()
 
-    def join(self, key: str | None, start: Callable[[], asyncio.Future]) -> tuple[Flight, bool]:
-        """The flight for `key`, started with `start()` if none is in the air; True if it was."""
+    def join(self, key: str | None, start: Callable[[], asyncio.Future], request_id: str = "") -> tuple[Flight, bool]:
+        """The flight for `key`, started with `start()` (by request `request_id`) if none is in the
+        air; True if it was."""
         flight = self.by_key.get(key) if key is not None else None
         # Not a job whose waiters have all left: it was cancelled, and may only be finishing (over
         # the kill budget, pool.py); a new waiter would make its next cancel kill the worker.
         shared = flight is not None and flight.waiters > 0 and not flight.job.done()
         if not shared:
-            flight = Flight(start(), key)
+            flight = Flight(start(), key, request_id)
             self.all.add(flight)
             if key is not None:
                 self.by_key[key] = flight

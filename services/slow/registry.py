@@ -19,9 +19,12 @@ A task may declare `setup`, a function run once in each worker process when it s
 model, open a connection, warm a cache); its return value is passed as the first argument to every
 job of that task on that worker.
 
-Identical requests (same task, same parsed arguments) in flight on an instance share one job
-(coalesce.py); a task whose every call must run, such as a call with side effects, declares
-`coalesce=False`. A task whose answer may be reused for a while declares `cache_ttl=<seconds>`
+A task whose answer depends on its arguments alone, and whose arguments are nobody's secret,
+declares `coalesce=True`: identical requests (same task, same parsed arguments) in flight on an
+instance then share one job (coalesce.py). Tasks do not share by default: a shared job answers
+sooner than a job of one's own, which tells a client that someone else asked the same thing at the
+same moment (a password being hashed), and a task whose answer depends on more than its arguments
+(the time, a file, who asks) would answer one client with another's result. A task whose answer may be reused for a while declares `cache_ttl=<seconds>`
 and `url=` (its canonical URL from its arguments): nginx then serves it from its cache.
 
 A task that raises answers 500 `job_failed` with the exception's type; its message reaches the
@@ -55,9 +58,9 @@ class Task:
     methods: tuple[str, ...] = ("GET",)
     echo: tuple[str, ...] = ()  # arguments repeated in the response (never secrets)
     module: str = field(default="", compare=False)
-    # Identical requests in flight share one job (coalesce.py); False when two calls must run twice
-    # (a call with side effects, a test task that reports which worker ran it).
-    coalesce: bool = True
+    # Identical requests in flight share one job (coalesce.py). Opt-in: only for a task whose answer
+    # depends on its arguments alone and whose arguments are no secret (module docstring says why).
+    coalesce: bool = False
     # Seconds the edge may serve this task's answer to the same URL without computing it again
     # (nginx's cache, one computation across all slow instances); None: never cached.
     cache_ttl: int | None = None
@@ -79,7 +82,7 @@ RESERVED = frozenset({"healthz"})
 
 def task(name: str, *, parse: Parser, timeout: float | None = None,
          setup: Callable[[], Any] | None = None, methods: tuple[str, ...] = ("GET",),
-         echo: tuple[str, ...] = (), coalesce: bool = True, cache_ttl: int | None = None,
+         echo: tuple[str, ...] = (), coalesce: bool = False, cache_ttl: int | None = None,
          url: Callable[[dict], str] | None = None, expose_errors: bool = False) -> Callable:
     """Register the decorated module-level function as task `name`; the function is unchanged."""
     if not name.replace("_", "").isalnum() or not name.islower():

@@ -26,7 +26,9 @@ def parse_fib(path: str, params: Mapping[str, str], config: Mapping[str, Any]) -
     return {"n": bounded_int(path, "n", 0, config["max_n"])}
 
 
-@task("fib", parse=parse_fib, echo=("n",))
+# coalesce: fib(n) is fib(n) for anyone, and n is nobody's secret: identical requests in flight
+# share one job.
+@task("fib", parse=parse_fib, echo=("n",), coalesce=True)
 def fib(n: int) -> int:
     return n if n < 2 else fib(n - 1) + fib(n - 2)
 
@@ -47,6 +49,8 @@ def parse_pbkdf2(path: str, params: Mapping[str, Any], config: Mapping[str, Any]
     return {"password": password, "salt": salt, "rounds": rounds}
 
 
+# Not coalesced (the default): a job shared with another client's identical request answers sooner,
+# which would tell a client that someone is hashing that exact password right now.
 @task("pbkdf2", parse=parse_pbkdf2, methods=("POST",), echo=("rounds",))
 def pbkdf2(password: str, salt: str, rounds: int) -> str:
     """PBKDF2-HMAC-SHA256 of a password, hex; POST a JSON body so secrets stay out of URLs and logs."""
@@ -64,6 +68,8 @@ def parse_digest(path: str, params: Mapping[str, str], config: Mapping[str, Any]
     return {"rounds": bounded_int(path, "rounds", 1, config["max_rounds"]), "data": data}
 
 
+# Not coalesced (the default): the data is the client's own, and its arguments rarely repeat, so
+# sharing would buy nothing and could tell one client of another's data by its timing.
 @task("digest", parse=parse_digest, echo=("rounds",))
 def digest(rounds: int, data: str) -> str:
     """SHA-256 applied `rounds` times to the data, hex: about 0.3 s per million rounds here."""
@@ -82,8 +88,9 @@ def parse_primes(path: str, params: Mapping[str, str], config: Mapping[str, Any]
 
 
 # The same n always gives the same answer: the edge serves it for a minute without computing it
-# again (/slow/primes/1000 and /slow/primes/01000 are one entry: the second is redirected).
-@task("primes", parse=parse_primes, echo=("n",), cache_ttl=60, url=lambda kwargs: str(kwargs["n"]))
+# again (/slow/primes/1000 and /slow/primes/01000 are one entry: the second is redirected), and
+# identical requests in flight on an instance share one job (n is nobody's secret).
+@task("primes", parse=parse_primes, echo=("n",), cache_ttl=60, url=lambda kwargs: str(kwargs["n"]), coalesce=True)
 def primes(n: int) -> int:
     """How many primes are below n (a sieve of Eratosthenes)."""
     if n < 3:
@@ -125,7 +132,7 @@ def parse_sleep(path: str, params: Mapping[str, str], config: Mapping[str, Any])
     return {"seconds": bounded_float(path, "seconds", 0, config["max_seconds"])}
 
 
-# coalesce=False: each request is its own call to the outside service (a call may have effects).
-@task("sleep", parse=parse_sleep, setup=connect_legacy_client, echo=("seconds",), coalesce=False)
+# Not coalesced (the default): each request is its own call to the outside service (a call may have effects).
+@task("sleep", parse=parse_sleep, setup=connect_legacy_client, echo=("seconds",))
 def blocking_call(client: LegacyClient, seconds: float) -> dict:
     return client.call(seconds)

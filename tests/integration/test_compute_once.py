@@ -58,13 +58,34 @@ def hanging_up(fleet: Fleet, path: str) -> socket.socket:
 # in-flight coalescing, both backends ------------------------------------------------------------------
 
 def test_fifty_identical_requests_run_one_job_and_all_get_its_answer(slow_fleet: Fleet):
-    before = jobs(slow_fleet, "shared_spin")
+    before, before_joined = jobs(slow_fleet, "shared_spin"), joined(slow_fleet, "shared_spin")
     answers = at_once(slow_fleet, "/slow/shared_spin/1")
     assert [a.status for a in answers] == [200] * CONCURRENT, {a.body for a in answers}
     assert len({a.json()["result"]["token"] for a in answers}) == 1
     assert jobs(slow_fleet, "shared_spin") - before == 1
-    assert sum(a.headers.get("x-shared-job") == "true" for a in answers) == CONCURRENT - 1
+    assert joined(slow_fleet, "shared_spin") - before_joined == CONCURRENT - 1  # the operator sees it
+    assert not any("x-shared-job" in a.headers for a in answers)  # the clients do not
     assert len({a.headers["x-request-id"] for a in answers}) == CONCURRENT
+
+
+def test_two_clients_hashing_the_same_password_at_once_each_get_their_own_job(slow_fleet: Fleet):
+    # Both wait in line behind two spinning jobs, so both are in flight together: a shared job
+    # would tell the second client that someone is hashing that exact password right now.
+    before, before_joined = jobs(slow_fleet, "pbkdf2"), joined(slow_fleet, "pbkdf2")
+    body = b'{"password": "correct horse", "salt": "s", "rounds": 1000}'
+    with ThreadPoolExecutor(4) as pool:
+        spins = [pool.submit(slow_fleet.get, "/slow/spin/1.5") for _ in range(2)]
+        wait_for(lambda: running(slow_fleet) == 2, what="both workers busy")
+        hashes = [pool.submit(slow_fleet.request, "POST", "/slow/pbkdf2", body=body, source=f"127.0.0.{n}")
+                  for n in (2, 3)]
+        wait_for(lambda: slow_fleet.slow_health()["waiting"] + joined(slow_fleet, "pbkdf2") - before_joined == 2,
+                 what="both clients' requests in line")
+        answers = [h.result() for h in hashes]
+        assert [s.result().status for s in spins] == [200, 200]
+    assert [a.status for a in answers] == [200, 200] and answers[0].json()["result"] == answers[1].json()["result"]
+    assert joined(slow_fleet, "pbkdf2") == before_joined
+    assert jobs(slow_fleet, "pbkdf2") - before == 2
+    assert not any("x-shared-job" in a.headers for a in answers)
 
 
 def test_the_first_client_leaving_does_not_cancel_the_job_of_the_others(slow_fleet: Fleet):

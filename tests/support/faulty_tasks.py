@@ -20,10 +20,11 @@ from services.slow import registry
 from services.slow.registry import bounded_float, bounded_int
 
 # Every call of a fault-injection task must run (tests fill workers with identical /slow/spin/1.5
-# requests, kill the worker of one exit_worker and expect the next to run): none coalesces. Their
-# exception messages are what the tests check: they are exposed. The tasks that show coalescing
-# (below, "shared_*") and the hidden message (hidden_raise) are registered with registry.task itself.
-task = functools.partial(registry.task, coalesce=False, expose_errors=True)
+# requests, kill the worker of one exit_worker and expect the next to run): none coalesces (the
+# default). Their exception messages are what the tests check: they are exposed. The tasks that show
+# coalescing (below, "shared_*", "cached_*") and the hidden message (hidden_raise) are registered
+# with registry.task itself.
+task = functools.partial(registry.task, expose_errors=True)
 
 
 def no_args(path: str, params: Mapping[str, str], config: Mapping[str, Any]) -> dict:
@@ -176,14 +177,14 @@ def spin_and_tell(seconds: float) -> float:
 
 # coalescing (services/slow/coalesce.py) ------------------------------------------------------------
 
-@registry.task("shared_spin", parse=seconds_arg, echo=("seconds",))
+@registry.task("shared_spin", parse=seconds_arg, echo=("seconds",), coalesce=True)
 def shared_spin(seconds: float) -> dict:
     """spin, then say which process ran it: identical requests in flight share one job."""
     spin(seconds)
     return {"pid": os.getpid(), "token": os.urandom(8).hex()}  # the same token for every waiter of one job
 
 
-@registry.task("shared_raise", parse=seconds_arg, expose_errors=True)
+@registry.task("shared_raise", parse=seconds_arg, expose_errors=True, coalesce=True)
 def shared_raise(seconds: float) -> None:
     """spin, then raise: every waiter of the job gets the same 500."""
     spin(seconds)
@@ -196,13 +197,13 @@ def seconds_url(kwargs: dict) -> str:
     return f"{kwargs['seconds']:g}"
 
 
-@registry.task("cached_spin", parse=seconds_arg, echo=("seconds",), cache_ttl=2, url=seconds_url)
+@registry.task("cached_spin", parse=seconds_arg, echo=("seconds",), cache_ttl=2, url=seconds_url, coalesce=True)
 def cached_spin(seconds: float) -> dict:
     """shared_spin, cached at the edge for 2 s: a test sees it expire."""
     return shared_spin(seconds)
 
 
-@registry.task("cached_flaky", parse=seconds_arg, cache_ttl=60, url=seconds_url)
+@registry.task("cached_flaky", parse=seconds_arg, cache_ttl=60, url=seconds_url, coalesce=True)
 def cached_flaky(seconds: float) -> dict:
     """Raises while the "cached_flaky" flag file exists: an error must never be cached."""
     if setup_flag("cached_flaky").exists():
@@ -212,7 +213,7 @@ def cached_flaky(seconds: float) -> dict:
 
 # what an exception tells a client ----------------------------------------------------------------------
 
-@registry.task("hidden_raise", parse=no_args, coalesce=False)
+@registry.task("hidden_raise", parse=no_args)
 def hidden_raise() -> None:
     """Raises with a message a client must never see (expose_errors is off by default)."""
     raise PermissionError("cannot open /srv/secret/report.db for user alice")

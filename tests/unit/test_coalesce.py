@@ -36,6 +36,22 @@ def test_a_key_is_bounded_and_never_shows_an_argument():
     assert "hunter2" not in key
 
 
+def undeclared(n: int) -> int:
+    return n
+
+
+def test_only_tasks_that_opt_in_share_jobs_and_pbkdf2_and_digest_do_not():
+    # A task's answer may depend on more than its arguments (the time, a file, who asks): one that
+    # says nothing runs every request as its own job.
+    registry.task("undeclared_test_task", parse=lambda path, params, config: {"n": 1})(undeclared)
+    try:
+        assert registry._TASKS["undeclared_test_task"].coalesce is False
+    finally:
+        del registry._TASKS["undeclared_test_task"]
+    shipped = registry.load("services.slow.tasks")
+    assert {name for name, t in shipped.items() if t.coalesce} == {"fib", "primes"}
+
+
 def test_an_argument_the_key_cannot_describe_is_not_shared():
     assert job_key("t", {"x": object()}) is None
     assert job_key("t", {"x": {1: "int keys"}}) is None
@@ -174,10 +190,50 @@ class CoalescingTest(ContractTestCase):
         answers = await asyncio.gather(*requests)
         assert [a.code for a in answers] == [200] * 50
         assert len({json.loads(a.body)["result"]["calls"] for a in answers}) == 1 and self.pool.calls == 1
-        assert sum(a.headers.get("X-Shared-Job") == "true" for a in answers) == 49
         assert len({a.headers["X-Request-ID"] for a in answers}) == 50
         after = self.coalesced((await self.fetch_async("/metrics")).body.decode(), "shared_spin")
-        assert after - before == 49
+        assert after - before == 49  # sharing shows in the instance's metrics, not in the answers
+
+    @gen_test(timeout=10)
+    async def test_no_answer_tells_a_client_that_its_request_shared_another_s_job(self):
+        joined = self.joined("shared_spin")
+        first = self.fetch_async("/slow/shared_spin/1")
+        await asyncio.wait_for(self.pool.started.wait(), 5)
+        others = [self.fetch_async("/slow/shared_spin/1") for _ in range(3)]
+        await eventually(lambda: self.joined("shared_spin") == joined + 3, what="the others joined the first job")
+        self.pool.release.set()
+        answers = await asyncio.gather(first, *others)
+        assert [a.code for a in answers] == [200] * 4 and self.pool.calls == 1
+        # The first request's answer and the joiners' carry the same headers: none says "shared".
+        names = [sorted(name.lower() for name in a.headers) for a in answers]
+        assert all(n == names[0] for n in names), names
+        assert not any("shared" in name for name in names[0])
+
+    @gen_test(timeout=10)
+    async def test_a_request_that_joins_a_job_is_logged_with_the_id_of_the_request_that_started_it(self):
+        joined = self.joined("shared_spin")
+        with self.assertLogs("fleet.slow", "INFO") as logged:
+            first = self.fetch_async("/slow/shared_spin/1")
+            await asyncio.wait_for(self.pool.started.wait(), 5)
+            second = self.fetch_async("/slow/shared_spin/1")
+            await eventually(lambda: self.joined("shared_spin") == joined + 1, what="the second joined the first job")
+            self.pool.release.set()
+            answers = await asyncio.gather(first, second)
+        started_by = answers[0].headers["X-Request-ID"]
+        assert [line for line in logged.output if "shares the job" in line] == [
+            f"INFO:fleet.slow:task shared_spin: shares the job of request {started_by} (2 request(s) wait for it)"]
+
+    @gen_test(timeout=10)
+    async def test_identical_pbkdf2_requests_in_flight_each_run_their_own_job(self):
+        # A shared job would answer the second client sooner: a hint that someone is hashing that
+        # exact password right now. pbkdf2 never coalesces.
+        joined = self.joined("pbkdf2")
+        body = json.dumps({"password": "hunter2", "salt": "s", "rounds": 1000})
+        requests = [self.fetch_async("/slow/pbkdf2", method="POST", body=body) for _ in range(2)]
+        await eventually(lambda: self.pool.calls + self.joined("pbkdf2") - joined == 2, what="both requests in")
+        assert self.pool.calls == 2 and self.joined("pbkdf2") == joined
+        self.pool.release.set()
+        assert [a.code for a in await asyncio.gather(*requests)] == [200] * 2
 
     @gen_test(timeout=10)
     async def test_other_arguments_and_opted_out_tasks_run_their_own_jobs(self):

@@ -177,7 +177,7 @@ def test_a_task_cannot_take_the_name_of_the_edge_s_slow_health_route():
 
 def test_task_decorator_accepts_the_same_function_registered_again():
     # A module imported twice (reload, a forkserver preload) registers its tasks again.
-    assert registry.task("fib", parse=tasks.parse_fib, echo=("n",))(tasks.fib) is tasks.fib
+    assert registry.task("fib", parse=tasks.parse_fib, echo=("n",), coalesce=True)(tasks.fib) is tasks.fib
     assert registry.load("services.slow.tasks")["fib"].fn is tasks.fib
 
 
