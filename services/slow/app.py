@@ -52,6 +52,11 @@ class TaskHandler(BaseHandler):
     async def post(self, name: str, path: str | None) -> None:
         await self._serve(name, path or "")
 
+    # HEAD is no task's method: _serve answers 405 with the methods the task takes (Allow). It would
+    # run a heavy job only to throw its answer away. The edge refuses it first (nginx.conf.j2); this
+    # is the answer to anyone else, where Tornado's own 405 would say no Allow.
+    head = get
+
     def _params(self) -> dict[str, Any]:
         """A GET's query arguments, or the JSON object of a POST's body."""
         if self.request.method == "POST" and self.request.query:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from services.common import cpu_slice, procfs
+from services.common import cpu_slice, metrics_reader, procfs
 from tests.support.contract import assert_contract_error
 from tests.support.fleet import Fleet
 from tests.support.waiting import wait_for
@@ -99,10 +99,23 @@ def test_wrong_method_gets_405_json(fleet: Fleet):
 
 
 def test_unknown_methods_are_answered_405_json_by_the_edge_and_never_reach_an_instance(fleet: Fleet):
-    for method, path in (("FOOBAR", "/fast"), ("DELETE", "/slow/fib/1"), ("PUT", "/echo")):
+    for method, path, allow in (("FOOBAR", "/fast", "GET, HEAD, POST"), ("DELETE", "/slow/fib/1", "GET, POST"),
+                                ("PUT", "/echo", "GET, HEAD, POST")):
         response = fleet.request(method, path)
         assert_contract_error(response, 405, "method_not_allowed")
-        assert response.headers["x-served-by"] == "edge" and response.headers["allow"] == "GET, HEAD, POST"
+        assert response.headers["x-served-by"] == "edge" and response.headers["allow"] == allow
+
+
+def test_head_on_a_heavy_route_is_answered_405_by_the_edge_with_allow_and_runs_no_job(fleet: Fleet):
+    def jobs() -> float:
+        return metrics_reader.total(fleet.get("/metrics", port=fleet.slow_ports[0]).body.decode(), "fleet_slow_jobs_total")
+
+    before = jobs()
+    for path in ("/slow/fib/5", "/slow/pbkdf2", "/slow/primes/100", "/slow/nope/1"):
+        response = fleet.request("HEAD", path)
+        assert (response.status, response.body) == (405, b""), path
+        assert response.headers.get("allow") == "GET, POST" and response.headers["x-served-by"] == "edge", path
+    assert jobs() == before  # not even the cached route's
 
 
 def test_oversized_requests_get_the_edge_s_json_errors(fleet: Fleet):

@@ -296,6 +296,13 @@ class SlowAppTest(ContractTestCase):
         self.assert_json_error(response, 405, "method_not_allowed")
         assert response.headers["Allow"] == "GET"
 
+    def test_head_on_a_task_is_a_405_naming_the_methods_the_task_takes_and_runs_no_job(self):
+        for path, allow in (("/slow/fib/25", "GET"), ("/slow/pbkdf2", "POST")):
+            response = self.request(path, method="HEAD")
+            assert (response.code, response.headers.get("Allow"), response.body) == (405, allow, b""), path
+        assert self.request("/slow/nope/1", method="HEAD").code == 404
+        assert self.pool.counters == {"ok": 0, "error": 0}
+
     def test_pbkdf2_posted_as_json_answers_the_hash_and_echoes_only_rounds(self):
         response = self.request("/slow/pbkdf2", method="POST",
                                 body=json.dumps({"password": "hunter2", "salt": "s", "rounds": 1000}))
