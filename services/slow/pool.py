@@ -67,19 +67,54 @@ MEMORY_CHECK_INTERVAL = 0.05
 
 # the pipe to a worker, written without blocking the event loop (read through worker.Frames)
 
-def write_message(fd: int, message: Any, patience: float = 5) -> None:
-    """Send `message` as Connection.send would, on a descriptor the event loop may have made
-    non-blocking (uvloop does, for add_reader): a large job's arguments are written in as many
-    pieces as the pipe takes, never half a message. An idle worker reads at once; one that does not
-    take the message within `patience` seconds is treated as dead (OSError)."""
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    data = memoryview(struct.pack("!i", len(payload)) + payload)
-    while data:
+class Sending:
+    """One message on its way to a worker, framed as Connection.send frames it, on a descriptor set
+    non-blocking: written as far as the pipe takes it now, the rest each time the loop says there is
+    room again (add_writer). A worker slow to read its job (stopped, starved of CPU) never holds the
+    loop: a blocking write, or a select() for room, stopped every request of the instance while a
+    job's arguments were larger than the pipe's buffer. The caller bounds the wait (the job's
+    deadline) and calls stop() whatever happens.
+
+    `done` is the outcome: None once the whole message is in the pipe, OSError if the pipe broke or
+    the send was stopped before its end (the worker then holds half a message: it takes no other)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, message: Any):
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self._data = memoryview(struct.pack("!i", len(payload)) + payload)
+        self._loop, self._fd, self._watching = loop, fd, False
+        self.done: asyncio.Future = loop.create_future()
+        self._write()
+        if not self.done.done():
+            loop.add_writer(fd, self._write)
+            self._watching = True
+
+    def _write(self) -> None:
         try:
-            data = data[os.write(fd, data):]
+            while self._data:
+                self._data = self._data[os.write(self._fd, self._data):]
         except BlockingIOError:
-            if not select.select([], [fd], [], patience)[1]:
-                raise OSError(f"the worker took no part of its job for {patience:g} s") from None
+            return  # the pipe is full: the rest when the loop says there is room
+        except OSError as exc:
+            self.stop(exc)
+            return
+        self.stop()
+
+    def stop(self, error: OSError | None = None) -> None:
+        """Stop watching the descriptor (before it is closed); an unfinished send fails with `error`."""
+        if self._watching:
+            self._watching = False
+            try:
+                self._loop.remove_writer(self._fd)
+            except (OSError, ValueError):
+                pass
+        if not self.done.done():
+            if error is None and self._data:
+                error = OSError("the send to the worker stopped half-way")
+            if error is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(error)
+                self.done.exception()  # retrieved: a caller that has gone (cancelled) never reads it
 
 
 @dataclass(eq=False)
@@ -89,6 +124,7 @@ class _Worker:
     ready: asyncio.Future
     frames: Frames = field(default_factory=Frames)
     job: asyncio.Future | None = None
+    sending: Sending | None = None  # its job's arguments, while they are on their way
     retired: bool = False  # killed on purpose; its exit is expected
     serving: bool = False  # became ready and joined the pool; its exit calls for a replacement
     exited: bool = False  # reaped: its pid may belong to someone else now, never signal it again
@@ -222,7 +258,7 @@ class WorkerPool:
         deadline = loop.time() + timeout
         while True:
             worker = await self._idle_worker(task, deadline)
-            if not self._send(worker, task, kwargs):
+            if not await self._send(worker, task, kwargs, deadline, timeout):
                 continue  # it died while idle: the job goes to a live worker
             reply = await self._reply(worker, task, deadline, timeout, client)
             worker.job = None
@@ -311,18 +347,38 @@ class WorkerPool:
                 return worker
         return None
 
-    def _send(self, worker: _Worker, task: str, kwargs: dict) -> bool:
-        """Send the job to `worker`; False (and the worker is written off) if it has already exited."""
+    async def _send(self, worker: _Worker, task: str, kwargs: dict, deadline: float, timeout: float) -> bool:
+        """Send the job to `worker` as its pipe takes it; False (and the worker is written off) if it
+        has exited or its pipe broke. The send counts against the job's deadline: a worker that does
+        not take its job in time is killed (JobTimeout), as one that does not finish it."""
         if worker.has_exited():
             return False  # its exit is on its way to _on_exit, which replaces it
+        loop = asyncio.get_running_loop()
+        worker.job = loop.create_future()  # busy from now: a reply or its exit settles it
+        worker.job_started = time.monotonic()
         try:
-            write_message(worker.conn.fileno(), (task, kwargs))
+            worker.sending = Sending(loop, worker.conn.fileno(), (task, kwargs))
+            async with asyncio.timeout_at(deadline):
+                await asyncio.shield(worker.sending.done)
+            return True
+        except TimeoutError:  # before OSError, of which it is a subclass
+            self._retire(worker, "timeout")
+            raise JobTimeout(f"job {task} passed its {timeout:g} s deadline (its worker did not take it)") from None
         except (OSError, ValueError):  # the pipe broke: the worker is gone or going
+            worker.job = None
             self._retire(worker, "crashed")
             return False
-        worker.job = asyncio.get_running_loop().create_future()
-        worker.job_started = time.monotonic()
-        return True
+        except asyncio.CancelledError:
+            # The client left while its job was on its way: the worker holds half a message and
+            # can take no other job, so it is killed whatever the budget (it still spends from it).
+            # Only a worker that does not read (stopped, starved) is ever caught here.
+            self._kill_budget.take()
+            self._retire(worker, "cancelled")
+            raise
+        finally:
+            if worker.sending is not None:
+                worker.sending.stop()
+                worker.sending = None
 
     async def _reply(self, worker: _Worker, task: str, deadline: float, timeout: float, client: str) -> tuple:
         job = worker.job
@@ -421,6 +477,7 @@ class WorkerPool:
         # start() asks the forkserver for a process over a socket: blocking, so not on the loop.
         await loop.run_in_executor(None, process.start)
         child_end.close()
+        os.set_blocking(parent_end.fileno(), False)  # the loop reads and writes it as it has room (Sending)
         if self._closing:  # close() ran while this replacement was starting
             process.kill()
             process.join(1)
@@ -554,6 +611,8 @@ class WorkerPool:
             pass
 
     def _detach(self, worker: _Worker) -> None:
+        if worker.sending is not None:  # before its pipe is closed: never watch a closed descriptor
+            worker.sending.stop(OSError(f"worker {worker.pid} is gone"))
         self._remove_reader(worker.conn.fileno() if not worker.conn.closed else -1)
         self._remove_reader(worker.process.sentinel)
 

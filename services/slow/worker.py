@@ -12,8 +12,8 @@ pipe and answers with a plain tuple, never an exception object:
     ("unavailable", type, message, traceback)                               the task's setup failed again
 
 Messages use multiprocessing.Connection's framing (a 4-byte size, then the pickle): the worker
-blocks on its end; the pool reads its end a chunk at a time (Frames, below) and writes it without
-blocking its event loop (pool.write_message).
+blocks on its end; the pool's end is non-blocking: the pool reads it a chunk at a time (Frames,
+below) and writes it as it has room (pool.Sending), never blocking its event loop.
 """
 
 from __future__ import annotations
@@ -161,6 +161,8 @@ class Frames:
         """Add one chunk from the pipe; False when the worker's end is closed (it is exiting)."""
         try:
             data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:  # the pool's end is non-blocking: nothing more yet, the worker is there
+            return True
         except OSError:
             data = b""
         self.buffer += data

@@ -9,6 +9,8 @@ in test_contract.py, the Dask cluster's in test_dask.py.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -19,6 +21,7 @@ import pytest
 
 from tests.support.contract import assert_contract_error
 from tests.support.fleet import Fleet
+from tests.support.probe import Probe
 from tests.support.running_jobs import beside_a_running_job, last_spinner, spinner_pid
 from tests.support.waiting import wait_for
 
@@ -106,3 +109,31 @@ def test_a_result_over_the_limit_is_a_500_json_and_the_instance_stays_healthy(pr
     ok = fleet.get("/slow/big_result/1000000")
     assert ok.status == 200 and len(ok.json()["result"]) == 1_000_000
     assert fleet.slow_health()["status"] == "ok" and fleet.slow_health()["pool"]["crashed"] == 0
+
+
+# large arguments -----------------------------------------------------------------------------------
+
+def test_a_job_s_arguments_larger_than_the_pipe_never_stop_the_instance_answering_while_its_worker_does_not_read(
+        private_fleet):
+    fleet = private_fleet(FLEET_SLOW_WORKERS="1")
+    (worker,) = fleet.slow_health()["pool"]["pids"]
+    body = json.dumps({"text": "y" * 900_000}).encode()  # within edge.max_body_kb, far over the pipe's buffer
+    os.kill(worker, signal.SIGSTOP)  # a worker that does not read its job (stopped, starved of CPU)
+    try:
+        with Probe(lambda: fleet.get("/healthz", port=fleet.slow_ports[0], timeout=10).status, every=0.05) as probe, \
+                ThreadPoolExecutor(1) as pool:
+            job = pool.submit(fleet.request, "POST", "/slow/text_length", body=body,
+                              headers={"Content-Type": "application/json"})
+            response = job.result()
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # killed at the deadline, or left stopped
+            os.kill(worker, signal.SIGCONT)
+    slowest = max(seconds for _, _, seconds in probe.samples)
+    print(f"slowest /healthz while the job was on its way: {slowest * 1000:.0f} ms")
+    assert set(probe.statuses) == {200} and slowest < 0.5, f"/healthz took up to {slowest:.2f} s"
+    # The job's deadline (slow.job_timeout = 3 s) bounds the wait: its worker is killed and replaced.
+    assert_contract_error(response, 504, "job_timeout")
+    assert response.elapsed < 3 + 1
+    wait_for(lambda: (pids := fleet.slow_health()["pool"]["pids"]) and pids != [worker], what="the worker replaced")
+    assert fleet.request("POST", "/slow/text_length", body=body,
+                         headers={"Content-Type": "application/json"}).json()["result"] == 900_000

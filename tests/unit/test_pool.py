@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing.forkserver
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -421,6 +423,79 @@ def test_large_results_and_large_arguments_cross_whole_on_either_event_loop(loop
             runner.run(main())
     else:
         asyncio.run(main())
+
+
+class LoopStalls:
+    """The longest the event loop went without running this ticker (every 10 ms), while in `with`."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._last = time.monotonic()
+
+    def _measure(self) -> None:
+        now = time.monotonic()
+        self.longest, self._last = max(self.longest, now - self._last), now
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            self._measure()
+
+    async def __aenter__(self) -> "LoopStalls":
+        self._last = time.monotonic()
+        self._ticker = asyncio.create_task(self._tick())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._ticker.cancel()
+        self._measure()  # a stall that has just ended, before the ticker ran again
+
+
+@contextlib.contextmanager
+def stopped(pid: int, at_most: float):
+    """The worker stopped (SIGSTOP) while in `with`, as one that does not read its pipe; a timer
+    resumes it after `at_most` s anyway, so that a send that blocks the loop (as it once did, until
+    the worker read) fails the test instead of hanging it."""
+    os.kill(pid, signal.SIGSTOP)
+    rescue = threading.Timer(at_most, os.kill, (pid, signal.SIGCONT))
+    rescue.start()
+    try:
+        yield
+    finally:
+        rescue.cancel()
+        with contextlib.suppress(ProcessLookupError):  # killed at its job's deadline
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_arguments_larger_than_the_pipe_wait_for_a_stopped_worker_without_stalling_the_loop():
+    async def body(pool):
+        (pid,) = pool.stats()["pids"]
+        async with LoopStalls() as stalls:
+            with stopped(pid, at_most=3):
+                job = asyncio.create_task(pool.run("text_length", {"text": "y" * 3_000_000}, timeout=30))
+                await eventually(lambda: pool.stats()["busy"] == 1, what="the job on its way to the worker")
+                await asyncio.wait({job}, timeout=0.5)  # the send waits for room, the loop runs on
+                assert stalls.longest < 0.25 and not job.done(), f"the loop stalled {stalls.longest:.2f} s"
+            assert (await job)[0] == b"3000000"  # resumed: the whole message arrived
+        assert stalls.longest < 0.25, f"the loop stalled {stalls.longest:.2f} s"
+
+    with_pool(body, size=1)
+
+
+def test_a_worker_that_never_takes_its_job_s_large_arguments_is_killed_at_the_job_s_deadline():
+    async def body(pool):
+        (pid,) = pool.stats()["pids"]
+        async with LoopStalls() as stalls:
+            with stopped(pid, at_most=3):
+                started = time.monotonic()
+                with pytest.raises(JobTimeout):
+                    await pool.run("text_length", {"text": "y" * 3_000_000}, timeout=1)
+                answered = time.monotonic() - started
+        assert answered < 1.5 and stalls.longest < 0.25, f"answered in {answered:.2f} s, the loop stalled {stalls.longest:.2f} s"
+        await refilled(pool, pid, [pid])
+        assert (await pool.run("text_length", {"text": "y" * 3_000_000}, timeout=30))[0] == b"3000000"
+
+    with_pool(body, size=1)
 
 
 def test_frames_are_reassembled_from_any_split_of_the_stream():
