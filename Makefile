@@ -40,7 +40,7 @@ stop: bootstrap ## Stop every process of the fleet and free its ports
 status: bootstrap ## supervisor's states plus each instance's in-flight, busy workers, queue and loop lag
 	@$(PY) -m deploy.fleet status
 
-logs: bootstrap ## Follow every log of the fleet (nginx access and errors, supervisord, instances), merged
+logs: bootstrap ## Follow every log of the fleet (nginx access, refusals and errors, supervisord, instances), merged
 	@$(PY) -m deploy.logs
 
 profile: bootstrap ## Flame graph of an instance and its workers: make profile TARGET=slow-01 SECONDS=10

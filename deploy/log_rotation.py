@@ -1,4 +1,5 @@
-"""Size-based rotation of nginx's logs, run by the nginx launcher (deploy/nginx_launch.py).
+"""Size-based rotation of nginx's logs, each on its own, run by the nginx launcher
+(deploy/nginx_launch.py): a flood of refusals (nginx-refused.log) rotates only its own log.
 
 supervisor rotates the logs it writes itself (supervisord's, every program's stdout) by size; nginx
 writes its own files. The launcher checks their sizes every CHECK_INTERVAL seconds: past
@@ -22,7 +23,7 @@ import json
 from pathlib import Path
 
 CHECK_INTERVAL = 0.5  # seconds (two stat calls): a flood overshoots the size by what it writes in this time
-ROTATED = ("nginx-access.log", "nginx-error.log")
+ROTATED = ("nginx-access.log", "nginx-refused.log", "nginx-error.log")
 
 
 def limits(snapshot: Path) -> tuple[int, int]:

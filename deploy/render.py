@@ -198,14 +198,14 @@ def render(settings: Settings) -> dict[str, str]:
 
 def log_count(settings: Settings) -> int:
     """The logs this host's part of the fleet writes: supervisord's, one per program (spares
-    included), and nginx's access and error logs plus the launcher's output on the edge host."""
-    edge = 3 if settings.inventory.runs("edge") else 0
+    included), and nginx's access, refused and error logs plus the launcher's output on the edge host."""
+    edge = 4 if settings.inventory.runs("edge") else 0
     return 1 + len(programs.programs(settings)) + len(programs.cluster_programs(settings)) + edge
 
 
 def log_bound_mb(settings: Settings) -> int:
     """The most the logs hold, in MiB: each rotated past observe.log_max_mb, log_backups kept.
-    (nginx's two may pass the size by what a flood writes between two checks, half a second.)"""
+    (nginx's three may pass the size by what a flood writes between two checks, half a second.)"""
     return log_count(settings) * settings.observe.log_max_mb * (settings.observe.log_backups + 1)
 
 

@@ -214,18 +214,47 @@ def test_logs_stay_bounded_under_a_flood_and_a_traceback_outlives_it(private_fle
         return sum(1 + line.get("suppressed", 0) for line in lines if line["message"].startswith("GET /slow/fib/abc"))
     wait_for(lambda: accounted() == 3001, timeout=5)  # every failed request written or counted
 
-    # Floods the edge answers itself (made-up methods, 405), 2.6 MB of access log each: rotated
-    # past 1 MiB, two files kept, the oldest dropped, and nginx writes on in a fresh file.
-    access = logs / "nginx-access.log"
+    # Floods the edge answers itself (made-up methods, 405), 2.6 MB of refused-request log each:
+    # rotated past 1 MiB, two files kept, the oldest dropped, and nginx writes on in a fresh file.
+    refused = logs / "nginx-refused.log"
     for _ in range(4):
         assert flood(fleet, b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n", 10000) == 10000
-        wait_for(lambda: access.stat().st_size <= 1 << 20 and not any(logs.glob("nginx-access.log.*.tmp")),
+        wait_for(lambda: refused.stat().st_size <= 1 << 20 and not any(logs.glob("nginx-refused.log.*.tmp")),
                  what="the flood's log rotated (copied and emptied, the copy in place)")
-    assert sorted(p.name for p in logs.glob("nginx-access.log*")) == [
-        "nginx-access.log", "nginx-access.log.1", "nginx-access.log.2"]
+    assert sorted(p.name for p in logs.glob("nginx-refused.log*")) == [
+        "nginx-refused.log", "nginx-refused.log.1", "nginx-refused.log.2"]
     # Each file holds at most what nginx wrote between two checks (0.5 s) past 1 MiB: one flood here.
-    assert all(p.stat().st_size < (1 << 20) + (4 << 20) for p in logs.glob("nginx-access.log*"))
-    response = fleet.get("/fast")
-    assert response.status == 200
+    assert all(p.stat().st_size < (1 << 20) + (4 << 20) for p in logs.glob("nginx-refused.log*"))
+    response = fleet.get("/nothing-here")
+    assert response.status == 404
     marker = response.headers["x-request-id"]
-    wait_for(lambda: marker in access.read_text(), timeout=5)  # reopened by name
+    wait_for(lambda: marker in refused.read_text(), timeout=5)  # reopened by name
+
+
+def logged(fleet: Fleet, log: str, request_id: str) -> bool:
+    """`request_id` is in nginx's `log` or one of its rotated copies."""
+    return any(request_id in p.read_text() for p in (fleet.run_dir / "logs").glob(f"{log}*"))
+
+
+def test_a_flood_of_refused_requests_never_rotates_an_answered_request_out_of_the_access_log(private_fleet):
+    fleet = private_fleet(FLEET_OBSERVE_LOG_MAX_MB="1", FLEET_OBSERVE_LOG_BACKUPS="1")
+    logs = fleet.run_dir / "logs"
+    answered = fleet.get("/fast").headers["x-request-id"]
+    # Refusals stay countable, each with its status: 2,000 of them (about 0.5 MB, under the bound).
+    assert flood(fleet, b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n", 2000) == 2000
+    wait_for(lambda: count_logged(fleet, 405) == 2000, what="2000 refusals logged")
+    # 30,000 more (405), about 8 MB of log lines: four times what one log keeps (1 MiB and a copy).
+    assert sum(flood(fleet, b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n", 10000) for _ in range(3)) == 30000
+    last = fleet.get("/nothing-here").headers["x-request-id"]  # a refusal after the flood
+    wait_for(lambda: any(logged(fleet, log, last) for log in ("nginx-access.log", "nginx-refused.log"))
+             and all(p.stat().st_size <= 1 << 20 for p in logs.glob("nginx-*.log"))
+             and not any(logs.glob("nginx-*.tmp")), timeout=20, what="the flood written and its log rotated")
+    assert logged(fleet, "nginx-access.log", answered), "the flood rotated the answered request out"
+    assert logged(fleet, "nginx-refused.log", last) and not logged(fleet, "nginx-access.log", last)
+
+
+def count_logged(fleet: Fleet, status: int) -> int:
+    """The requests answered with `status` in nginx's current access and refused-request logs."""
+    logs = [fleet.run_dir / "logs" / name for name in ("nginx-access.log", "nginx-refused.log")]
+    return sum(json.loads(line)["status"] == status
+               for log in logs if log.exists() for line in log.read_text().splitlines())
