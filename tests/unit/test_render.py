@@ -49,9 +49,21 @@ def test_settings_reach_the_nginx_upstreams_and_listen_address(tmp_path):
     assert f"{tmp_path}/nginx/nginx.pid" in conf
 
 
+def block(conf: str, opening: str) -> str:
+    """The body of the nginx block that starts with `opening` (up to its own closing brace, past any
+    nested block such as an if)."""
+    body = conf.split(opening, 1)[1]
+    depth = 1
+    for i, char in enumerate(body):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0:
+            return body[:i]
+    raise AssertionError(f"{opening!r} is never closed")
+
+
 def test_slow_requests_are_never_retried_after_a_timeout(tmp_path):
     conf = render.render(settings_for(tmp_path))["nginx/conf/nginx.conf"]
-    slow_location = conf.split("location /slow/ {")[1].split("}")[0]
+    slow_location = block(conf, "location /slow/ {")
     assert "proxy_next_upstream error;" in slow_location
     assert "timeout" not in slow_location.split("proxy_next_upstream")[1].split(";")[0]
 
@@ -138,7 +150,9 @@ def test_the_edge_answers_methods_the_fleet_does_not_serve_itself(tmp_path):
     conf = render.render(settings_for(tmp_path))["nginx/conf/nginx.conf"]
     server = conf.split("server {")[1]
     assert "if ($request_method !~ ^(GET|HEAD|POST|)$) {" in server and "return 405;" in server
-    assert 'add_header Allow "GET, HEAD, POST" always;' in conf
+    assert "add_header Allow $fleet_allow always;" in conf
+    allow = block(conf, "map $fleet_request_path $fleet_allow {")
+    assert 'default                     "GET, HEAD, POST";' in allow and '"~^/slow/"                  "GET, POST";' in allow
 
 
 def test_upstreams_share_their_state_between_nginx_workers(tmp_path):
@@ -150,7 +164,7 @@ def test_upstreams_share_their_state_between_nginx_workers(tmp_path):
 def test_heavy_requests_are_limited_per_client_and_retried_on_one_other_instance_at_most(tmp_path):
     s = settings_for(tmp_path, FLEET_SLOW_MAX_PER_CLIENT="3")
     conf = render.render(s)["nginx/conf/nginx.conf"]
-    slow_location = conf.split("location /slow/ {")[1].split("}")[0]
+    slow_location = block(conf, "location /slow/ {")
     assert "limit_conn slow_conn_per_client 3;" in slow_location
     assert "limit_conn_zone $fleet_client zone=slow_conn_per_client" in conf
     assert "limit_conn_status 429;" in conf
