@@ -49,6 +49,9 @@ CONNECT_TIMEOUT = 2.0  # seconds a connection attempt to the scheduler may take
 # itself and has the job cancelled. The worker enforces the deadline (it kills the job's child) and
 # answers within milliseconds; this bounds the wait when it cannot: a worker whose host is cut off.
 GRACE = 1.0
+# Seconds a cancel may take, in the background, before it is given up: the scheduler then drops the
+# job anyway when the instance releases it, or when it loses the instance's client.
+CANCEL_TIMEOUT = 10.0
 
 
 # What must match between this instance and every process of an external cluster: what pickles a
@@ -116,6 +119,7 @@ class DaskPool:
         self._kill_budget = KillBudget(rate=0.4, burst=4)  # as a 2-worker local pool (pool.py)
         self._watcher: asyncio.Task | None = None
         self._in_flight = 0
+        self._cancels: set[asyncio.Task] = set()  # cancels on their way to the scheduler (_cancel)
         self.counters = {"ok": 0, "error": 0, "timeout": 0, "crashed": 0, "cancelled": 0,
                          "finished_after_cancel": 0, "reclaimed": 0, "unavailable": 0, "no_workers": 0,
                          "reconnects": 0, "pushed": 0}
@@ -150,6 +154,8 @@ class DaskPool:
     async def close(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._cancels:  # sent before the client closes, as far as they go in a moment
+            await asyncio.wait(self._cancels, timeout=1)
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await self.client.close(timeout=2)
@@ -213,11 +219,11 @@ class DaskPool:
                     if outcome.done():
                         raise
                 self.counters["cancelled"] += 1
-                await future.cancel()  # the worker kills the job's child process
+                self._cancel(future)  # the worker kills the job's child process
                 raise
         except asyncio.TimeoutError:
             self.counters["timeout"] += 1
-            await future.cancel()
+            self._cancel(future)
             raise JobTimeout(f"job {task} passed its {timeout:g} s deadline (its Dask worker did not answer)") from None
         except KilledWorker:
             self.counters["crashed"] += 1
@@ -225,6 +231,21 @@ class DaskPool:
         except (FutureCancelledError, OSError) as exc:
             self.counters["unavailable"] += 1
             raise BackendUnavailable(f"lost the Dask scheduler during the job ({type(exc).__name__}); retry") from None
+
+    def _cancel(self, future: Any) -> None:
+        """Have the scheduler cancel the job, in the background: the job's answer, and the place it
+        holds, never wait for a scheduler that may be cut off (a partition, a stopped process).
+        A cancel is a message to the scheduler; nothing in the answer's path may depend on how
+        long it takes, nor on its failing (a client that has closed refuses to send it)."""
+        async def cancel() -> None:
+            try:
+                await asyncio.wait_for(future.cancel(), CANCEL_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - the job is answered already: only say so
+                log.info("could not cancel job %s on the Dask cluster (%s: %s)", future.key, type(exc).__name__, exc)
+
+        task = asyncio.ensure_future(cancel())
+        self._cancels.add(task)  # referenced until done: asyncio keeps only a weak one
+        task.add_done_callback(self._cancels.discard)
 
     async def _outcome(self, future: Any, pushed: asyncio.Future) -> tuple[bytes, float]:
         """The job's result, whichever comes first: pushed with its completion, or gathered from

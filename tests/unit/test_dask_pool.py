@@ -4,12 +4,18 @@ when the cluster cannot take a job. The cluster itself is tested for real in the
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
+from bench.procs import free_port_block, port_is_free
 from services.common.settings import load
-from services.slow.dask_pool import DaskPool, version_mismatch
-from services.slow.jobs import BackendUnavailable, NoWorkers
+from services.slow.dask_pool import GRACE, DaskPool, version_mismatch
+from services.slow.jobs import BackendUnavailable, JobTimeout, NoWorkers
+from tests.support.waiting import eventually, wait_for
 
 
 class FakeClient:
@@ -138,5 +144,117 @@ def test_a_pushed_result_answers_the_job_and_a_stray_or_malformed_event_is_ignor
         assert not waiter.done()
         pool._on_pushed((0.0, ["fib-1", b'{"result": 1}', 0.25]))
         assert waiter.result() == (b'{"result": 1}', 0.25)
+
+    asyncio.run(main())
+
+
+# a cancel that does not come back ------------------------------------------------------------------
+
+class UnansweredJob:
+    """A Dask future whose job never ends and whose cancel never comes back (a scheduler cut off,
+    and a cancel that waits for it, as distributed's did before 2023) or is refused (a client that
+    has closed raises ClosedClientError)."""
+
+    def __init__(self, key: str, refuse: bool):
+        self.key, self.refuse = key, refuse
+        self.cancels = 0
+
+    def __await__(self):
+        return asyncio.get_running_loop().create_future().__await__()  # never done
+
+    async def cancel(self) -> None:
+        self.cancels += 1
+        if self.refuse:
+            from distributed.client import ClosedClientError
+            raise ClosedClientError("Client is closed. Can't send cancel-keys message.")
+        await asyncio.get_running_loop().create_future()
+
+    def release(self) -> None:
+        pass
+
+
+class CutOffClient(FakeClient):
+    def __init__(self, refuse: bool):
+        super().__init__({"w": 1})
+        self.refuse = refuse
+        self.jobs: list[UnansweredJob] = []
+
+    def submit(self, *args, key: str, **kwargs) -> UnansweredJob:
+        self.jobs.append(UnansweredJob(key, self.refuse))
+        return self.jobs[-1]
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["cancel-never-answers", "cancel-refused"])
+def test_a_job_past_its_deadline_is_answered_504_at_the_deadline_whatever_its_cancel_does(refuse):
+    async def main():
+        pool = pool_for(1)
+        pool.client = client = CutOffClient(refuse)
+        await pool._read_capacity()
+        started = time.monotonic()
+        with pytest.raises(JobTimeout):
+            await asyncio.wait_for(pool.run("fib", {"n": 1}, timeout=0.5), 5)
+        assert time.monotonic() - started < 0.5 + GRACE + 0.3  # its deadline, plus the grace for its worker
+        assert pool.stats()["busy"] == 0  # its place is free
+        assert client.jobs[0].cancels == 1  # the cancel was sent all the same
+        await pool.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["cancel-never-answers", "cancel-refused"])
+def test_a_departed_client_s_job_frees_its_place_at_once_whatever_its_cancel_does(refuse):
+    async def main():
+        pool = pool_for(1)
+        pool.client = client = CutOffClient(refuse)
+        await pool._read_capacity()
+        job = asyncio.ensure_future(pool.run("fib", {"n": 1}, timeout=30))
+        await eventually(lambda: client.jobs, what="the job submitted")
+        job.cancel()  # the client went away
+        done, _ = await asyncio.wait({job}, timeout=0.5)
+        assert done and job.cancelled()
+        assert pool.stats()["busy"] == 0 and client.jobs[0].cancels == 1
+        await pool.close()
+
+    asyncio.run(main())
+
+
+# a real scheduler, stopped ---------------------------------------------------------------------------
+
+@pytest.fixture
+def scheduler():
+    """A real `dask scheduler` on a free loopback port, without workers; stopped by its PID afterwards."""
+    port = free_port_block(1)
+    process = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                "--port", str(port), "--dashboard-address", ":0"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: not port_is_free(port), timeout=30, what="the scheduler listening")
+        yield process, f"tcp://127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGCONT)
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_a_job_on_a_stopped_scheduler_is_answered_504_and_frees_its_place_at_its_deadline(scheduler):
+    process, address = scheduler
+
+    async def main():
+        settings = load(env={"FLEET_SLOW_BACKEND": "dask", "FLEET_DASK_SCHEDULER": address})
+        pool = DaskPool(settings, 1)
+        assert await pool._connect(), pool.problem
+        pool.threads = 1  # as if a worker had joined: the job waits on the cluster, never runs
+        process.send_signal(signal.SIGSTOP)  # the scheduler cut off: nothing it is sent is answered
+        started = time.monotonic()
+        with pytest.raises(JobTimeout):
+            await asyncio.wait_for(pool.run("fib", {"n": 1}, timeout=1), 10)
+        assert time.monotonic() - started < 1 + GRACE + 0.5
+        assert pool.stats()["busy"] == 0
+        process.send_signal(signal.SIGCONT)
+        await pool.close()
 
     asyncio.run(main())
