@@ -184,12 +184,20 @@ class CutOffClient(FakeClient):
         return self.jobs[-1]
 
 
-@pytest.mark.parametrize("refuse", [False, True], ids=["cancel-never-answers", "cancel-refused"])
+CANCELS = pytest.mark.parametrize("refuse", [False, True], ids=["cancel-never-answers", "cancel-refused"])
+
+
+async def cut_off_pool(refuse: bool) -> tuple[DaskPool, CutOffClient]:
+    pool = pool_for(1)
+    pool.client = client = CutOffClient(refuse)
+    await pool._read_capacity()
+    return pool, client
+
+
+@CANCELS
 def test_a_job_past_its_deadline_is_answered_504_at_the_deadline_whatever_its_cancel_does(refuse):
     async def main():
-        pool = pool_for(1)
-        pool.client = client = CutOffClient(refuse)
-        await pool._read_capacity()
+        pool, client = await cut_off_pool(refuse)
         started = time.monotonic()
         with pytest.raises(JobTimeout):
             await asyncio.wait_for(pool.run("fib", {"n": 1}, timeout=0.5), 5)
@@ -201,12 +209,10 @@ def test_a_job_past_its_deadline_is_answered_504_at_the_deadline_whatever_its_ca
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("refuse", [False, True], ids=["cancel-never-answers", "cancel-refused"])
+@CANCELS
 def test_a_departed_client_s_job_frees_its_place_at_once_whatever_its_cancel_does(refuse):
     async def main():
-        pool = pool_for(1)
-        pool.client = client = CutOffClient(refuse)
-        await pool._read_capacity()
+        pool, client = await cut_off_pool(refuse)
         job = asyncio.ensure_future(pool.run("fib", {"n": 1}, timeout=30))
         await eventually(lambda: client.jobs, what="the job submitted")
         job.cancel()  # the client went away
