@@ -193,7 +193,10 @@ def variant_conf(text: str, fleet: subjects.Fleet, directory: Path, port: int, s
     text = re.sub(r"^pid .*$", f"pid {directory}/nginx.pid;", text, flags=re.M)
     text = re.sub(r"^error_log .*$", "error_log stderr warn;", text, flags=re.M)
     text = re.sub(r"listen 127\.0\.0\.1:\d+ default_server;", f"listen 127.0.0.1:{port} default_server;", text)
-    access_line = re.search(r"^\s*access_log .*$", text, flags=re.M).group(0)
+    # The fleet's access logs (answered, refused) become the variant's one, in its own directory.
+    access_line, *others = re.findall(r"^\s*access_log .*$", text, flags=re.M)
+    for line in others:
+        text = text.replace(line + "\n", "")
     if access == "off":
         new = "    access_log off;"
     elif access == "unbuffered":

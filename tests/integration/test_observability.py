@@ -84,12 +84,16 @@ def test_a_blocked_event_loop_is_reported_with_the_blocking_function_and_then_it
     assert ended["episode"] == "ended" and 300 <= ended["blocked_ms"] <= 1000
 
 
+EDGE_LOGS = ("nginx-access.log", "nginx-refused.log")  # answered requests; refused ones (4xx)
+
+
 def access_line(fleet: Fleet, request_id: str) -> dict:
-    """nginx's access log line of one request (the log is flushed every second)."""
+    """nginx's log line of one request, answered or refused (the logs are flushed every second)."""
     def find():
-        for line in (fleet.run_dir / "logs" / "nginx-access.log").read_text().splitlines():
-            if request_id in line:
-                return json.loads(line)
+        for name in EDGE_LOGS:
+            for line in (fleet.run_dir / "logs" / name).read_text().splitlines():
+                if request_id in line:
+                    return json.loads(line)
     return wait_for(find, timeout=5)
 
 
@@ -140,7 +144,8 @@ def test_a_post_s_query_string_is_refused_and_never_logged(fleet: Fleet):
     assert response.status == 200
     assert access_line(fleet, response.headers["x-request-id"])["uri"] == f"/slow/digest/1?data={secret}"
     logs = fleet.run_dir / "logs"
-    assert secret not in (logs / "nginx-access.log").read_text().replace(f"/slow/digest/1?data={secret}", "")
+    edge_logs = "".join((logs / name).read_text() for name in EDGE_LOGS)
+    assert secret not in edge_logs.replace(f"/slow/digest/1?data={secret}", "")
     assert secret not in fleet.log("slow-01") + (logs / "nginx-error.log").read_text()
 
 
@@ -246,7 +251,7 @@ def test_a_flood_of_refused_requests_never_rotates_an_answered_request_out_of_th
     # 30,000 more (405), about 8 MB of log lines: four times what one log keeps (1 MiB and a copy).
     assert sum(flood(fleet, b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n", 10000) for _ in range(3)) == 30000
     last = fleet.get("/nothing-here").headers["x-request-id"]  # a refusal after the flood
-    wait_for(lambda: any(logged(fleet, log, last) for log in ("nginx-access.log", "nginx-refused.log"))
+    wait_for(lambda: any(logged(fleet, log, last) for log in EDGE_LOGS)
              and all(p.stat().st_size <= 1 << 20 for p in logs.glob("nginx-*.log"))
              and not any(logs.glob("nginx-*.tmp")), timeout=20, what="the flood written and its log rotated")
     assert logged(fleet, "nginx-access.log", answered), "the flood rotated the answered request out"
@@ -255,6 +260,6 @@ def test_a_flood_of_refused_requests_never_rotates_an_answered_request_out_of_th
 
 def count_logged(fleet: Fleet, status: int) -> int:
     """The requests answered with `status` in nginx's current access and refused-request logs."""
-    logs = [fleet.run_dir / "logs" / name for name in ("nginx-access.log", "nginx-refused.log")]
+    logs = [fleet.run_dir / "logs" / name for name in EDGE_LOGS]
     return sum(json.loads(line)["status"] == status
                for log in logs if log.exists() for line in log.read_text().splitlines())
