@@ -44,8 +44,8 @@ class FailedRequestLines(logging.Filter):
 
     A client can make an instance fail requests as fast as it can send them (bad input, a flood
     past the per-client limit): without this, a minute of it would rotate the job tracebacks, which
-    are logged by other loggers, out of the instance's log files. nginx's access log still has
-    every request.
+    are logged by other loggers, out of the instance's log files. nginx still logs every request:
+    answered ones in its access log, refused ones (4xx) in nginx-refused.log.
     """
 
     def __init__(self, rate: float, clock=time.monotonic):

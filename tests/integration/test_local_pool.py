@@ -130,7 +130,7 @@ def test_a_job_s_arguments_larger_than_the_pipe_never_stop_the_instance_answerin
             os.kill(worker, signal.SIGCONT)
     slowest = max(seconds for _, _, seconds in probe.samples)
     print(f"slowest /healthz while the job was on its way: {slowest * 1000:.0f} ms")
-    assert set(probe.statuses) == {200} and slowest < 0.5, f"/healthz took up to {slowest:.2f} s"
+    assert set(probe.statuses) == {200} and slowest < 1, f"/healthz took up to {slowest:.2f} s"
     # The job's deadline (slow.job_timeout = 3 s) bounds the wait: its worker is killed and replaced.
     assert_contract_error(response, 504, "job_timeout")
     assert response.elapsed < 3 + 1

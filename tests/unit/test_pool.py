@@ -471,13 +471,13 @@ def test_arguments_larger_than_the_pipe_wait_for_a_stopped_worker_without_stalli
     async def body(pool):
         (pid,) = pool.stats()["pids"]
         async with LoopStalls() as stalls:
-            with stopped(pid, at_most=3):
+            with stopped(pid, at_most=4):
                 job = asyncio.create_task(pool.run("text_length", {"text": "y" * 3_000_000}, timeout=30))
                 await eventually(lambda: pool.stats()["busy"] == 1, what="the job on its way to the worker")
                 await asyncio.wait({job}, timeout=0.5)  # the send waits for room, the loop runs on
-                assert stalls.longest < 0.25 and not job.done(), f"the loop stalled {stalls.longest:.2f} s"
+                assert stalls.longest < 0.5 and not job.done(), f"the loop stalled {stalls.longest:.2f} s"
             assert (await job)[0] == b"3000000"  # resumed: the whole message arrived
-        assert stalls.longest < 0.25, f"the loop stalled {stalls.longest:.2f} s"
+        assert stalls.longest < 0.5, f"the loop stalled {stalls.longest:.2f} s"
 
     with_pool(body, size=1)
 
@@ -486,12 +486,12 @@ def test_a_worker_that_never_takes_its_job_s_large_arguments_is_killed_at_the_jo
     async def body(pool):
         (pid,) = pool.stats()["pids"]
         async with LoopStalls() as stalls:
-            with stopped(pid, at_most=3):
+            with stopped(pid, at_most=4):
                 started = time.monotonic()
                 with pytest.raises(JobTimeout):
                     await pool.run("text_length", {"text": "y" * 3_000_000}, timeout=1)
                 answered = time.monotonic() - started
-        assert answered < 1.5 and stalls.longest < 0.25, f"answered in {answered:.2f} s, the loop stalled {stalls.longest:.2f} s"
+        assert answered < 2 and stalls.longest < 0.5, f"answered in {answered:.2f} s, the loop stalled {stalls.longest:.2f} s"
         await refilled(pool, pid, [pid])
         assert (await pool.run("text_length", {"text": "y" * 3_000_000}, timeout=30))[0] == b"3000000"
 
