@@ -498,6 +498,24 @@ def test_a_worker_that_never_takes_its_job_s_large_arguments_is_killed_at_the_jo
     with_pool(body, size=1)
 
 
+def test_a_client_that_leaves_while_its_large_arguments_are_on_their_way_costs_only_that_worker():
+    async def body(pool):
+        (pid,) = pool.stats()["pids"]
+        async with LoopStalls() as stalls:
+            with stopped(pid, at_most=4):
+                job = asyncio.create_task(pool.run("text_length", {"text": "y" * 3_000_000}, timeout=30))
+                await eventually(lambda: pool.stats()["busy"] == 1, what="the job on its way to the worker")
+                job.cancel()  # the client went away: the worker holds half a message, it cannot stay
+                with pytest.raises(asyncio.CancelledError):
+                    await job
+        assert stalls.longest < 0.5, f"the loop stalled {stalls.longest:.2f} s"
+        assert pool.counters["cancelled"] == 1
+        await refilled(pool, pid, [pid])
+        assert (await pool.run("text_length", {"text": "y" * 3_000_000}, timeout=30))[0] == b"3000000"
+
+    with_pool(body, size=1)
+
+
 def test_frames_are_reassembled_from_any_split_of_the_stream():
     import pickle
     import struct
