@@ -432,14 +432,15 @@ class LoopStalls:
         self.longest = 0.0
         self._last = time.monotonic()
 
-    def _measure(self) -> None:
+    def measure(self) -> None:
+        """Count the time since the ticker last ran (a stall that has just ended)."""
         now = time.monotonic()
         self.longest, self._last = max(self.longest, now - self._last), now
 
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(0.01)
-            self._measure()
+            self.measure()
 
     async def __aenter__(self) -> "LoopStalls":
         self._last = time.monotonic()
@@ -448,7 +449,7 @@ class LoopStalls:
 
     async def __aexit__(self, *exc) -> None:
         self._ticker.cancel()
-        self._measure()  # a stall that has just ended, before the ticker ran again
+        self.measure()  # a stall that has just ended, before the ticker ran again
 
 
 @contextlib.contextmanager
@@ -467,51 +468,65 @@ def stopped(pid: int, at_most: float):
             os.kill(pid, signal.SIGCONT)
 
 
+LARGE = {"text": "y" * 3_000_000}  # a job's arguments, far larger than the pipe's buffer
+
+
+@contextlib.asynccontextmanager
+async def its_worker_stopped(pool: WorkerPool):
+    """The pool's one worker stopped while in `with`; yields its pid and the loop's stalls (checked
+    on the way out: none may pass 0.5 s)."""
+    (pid,) = pool.stats()["pids"]
+    async with LoopStalls() as stalls:
+        with stopped(pid, at_most=4):
+            yield pid, stalls
+    assert stalls.longest < 0.5, f"the loop stalled {stalls.longest:.2f} s"
+
+
+async def replaced_and_serving(pool: WorkerPool, pid: int) -> None:
+    await refilled(pool, pid, [pid])
+    assert (await pool.run("text_length", LARGE, timeout=30))[0] == b"3000000"
+
+
+async def on_its_way(pool: WorkerPool) -> asyncio.Task:
+    job = asyncio.create_task(pool.run("text_length", LARGE, timeout=30))
+    await eventually(lambda: pool.stats()["busy"] == 1, what="the job on its way to the worker")
+    return job
+
+
 def test_arguments_larger_than_the_pipe_wait_for_a_stopped_worker_without_stalling_the_loop():
     async def body(pool):
-        (pid,) = pool.stats()["pids"]
-        async with LoopStalls() as stalls:
-            with stopped(pid, at_most=4):
-                job = asyncio.create_task(pool.run("text_length", {"text": "y" * 3_000_000}, timeout=30))
-                await eventually(lambda: pool.stats()["busy"] == 1, what="the job on its way to the worker")
-                await asyncio.wait({job}, timeout=0.5)  # the send waits for room, the loop runs on
-                assert stalls.longest < 0.5 and not job.done(), f"the loop stalled {stalls.longest:.2f} s"
-            assert (await job)[0] == b"3000000"  # resumed: the whole message arrived
-        assert stalls.longest < 0.5, f"the loop stalled {stalls.longest:.2f} s"
+        async with its_worker_stopped(pool) as (pid, stalls):
+            job = await on_its_way(pool)
+            await asyncio.wait({job}, timeout=0.5)  # the send waits for room, the loop runs on
+            assert stalls.longest < 0.5 and not job.done(), f"the loop stalled {stalls.longest:.2f} s"
+        assert (await job)[0] == b"3000000"  # resumed: the whole message arrived
 
     with_pool(body, size=1)
 
 
 def test_a_worker_that_never_takes_its_job_s_large_arguments_is_killed_at_the_job_s_deadline():
     async def body(pool):
-        (pid,) = pool.stats()["pids"]
-        async with LoopStalls() as stalls:
-            with stopped(pid, at_most=4):
-                started = time.monotonic()
-                with pytest.raises(JobTimeout):
-                    await pool.run("text_length", {"text": "y" * 3_000_000}, timeout=1)
-                answered = time.monotonic() - started
-        assert answered < 2 and stalls.longest < 0.5, f"answered in {answered:.2f} s, the loop stalled {stalls.longest:.2f} s"
-        await refilled(pool, pid, [pid])
-        assert (await pool.run("text_length", {"text": "y" * 3_000_000}, timeout=30))[0] == b"3000000"
+        async with its_worker_stopped(pool) as (pid, stalls):
+            started = time.monotonic()
+            with pytest.raises(JobTimeout):
+                await pool.run("text_length", LARGE, timeout=1)
+            answered = time.monotonic() - started
+            stalls.measure()
+            assert answered < 2 and stalls.longest < 0.5, f"answered in {answered:.2f} s, the loop stalled {stalls.longest:.2f} s"
+        await replaced_and_serving(pool, pid)
 
     with_pool(body, size=1)
 
 
 def test_a_client_that_leaves_while_its_large_arguments_are_on_their_way_costs_only_that_worker():
     async def body(pool):
-        (pid,) = pool.stats()["pids"]
-        async with LoopStalls() as stalls:
-            with stopped(pid, at_most=4):
-                job = asyncio.create_task(pool.run("text_length", {"text": "y" * 3_000_000}, timeout=30))
-                await eventually(lambda: pool.stats()["busy"] == 1, what="the job on its way to the worker")
-                job.cancel()  # the client went away: the worker holds half a message, it cannot stay
-                with pytest.raises(asyncio.CancelledError):
-                    await job
-        assert stalls.longest < 0.5, f"the loop stalled {stalls.longest:.2f} s"
+        async with its_worker_stopped(pool) as (pid, stalls):
+            job = await on_its_way(pool)
+            job.cancel()  # the client went away: the worker holds half a message, it cannot stay
+            with pytest.raises(asyncio.CancelledError):
+                await job
         assert pool.counters["cancelled"] == 1
-        await refilled(pool, pid, [pid])
-        assert (await pool.run("text_length", {"text": "y" * 3_000_000}, timeout=30))[0] == b"3000000"
+        await replaced_and_serving(pool, pid)
 
     with_pool(body, size=1)
 
