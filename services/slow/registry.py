@@ -24,8 +24,10 @@ declares `coalesce=True`: identical requests (same task, same parsed arguments) 
 instance then share one job (coalesce.py). Tasks do not share by default: a shared job answers
 sooner than a job of one's own, which tells a client that someone else asked the same thing at the
 same moment (a password being hashed), and a task whose answer depends on more than its arguments
-(the time, a file, who asks) would answer one client with another's result. A task whose answer may be reused for a while declares `cache_ttl=<seconds>`
-and `url=` (its canonical URL from its arguments): nginx then serves it from its cache.
+(the time, a file, who asks) would answer one client with another's result.
+
+A task whose answer may be reused for a while declares `cache_ttl=<seconds>` and `url=` (its
+canonical URL from its arguments): nginx then serves it from its cache.
 
 A task that raises answers 500 `job_failed` with the exception's type; its message reaches the
 client only with `expose_errors=True` (it stays in the log otherwise: a message may hold anything).
