@@ -9,11 +9,13 @@ verdict in the exit code). Nothing here imports Locust or gevent, so a verdict c
 made-up samples, as tests/unit/test_isolation_verdict.py does:
 
     >>> from types import SimpleNamespace
-    >>> rules = SimpleNamespace(median_ratio=1.5, median_slack_ms=2, ratio=2, slack_ms=10, max_lateness_ms=10,
-    ...                         min_samples=500, slow_workers=2)
+    >>> rules = SimpleNamespace(median_ratio=1.5, median_slack_ms=0.5, ratio=2, slack_ms=0.5, max_lateness_ms=10,
+    ...                         min_samples=1000, slow_workers=2, min_heavy_jobs=50, block_seconds=5,
+    ...                         stall_ms=100, stall_percent=0.25)
     >>> rec = Recorder(rules, names=["baseline", "mixed"], starts=[0.0, 30.0], ended_at=60.0, ran_out=True)
     >>> rec.fast = [(t / 100, 1.0, True) for t in range(6000)]  # 1 ms answers, 100 a second, both phases
-    >>> rec.heavy = [(45.0, "shed503")]  # the slow path shed a heavy request: it was saturated
+    >>> rec.heavy = [(40 + t / 10, "ok") for t in range(60)]  # the slow path ran 60 heavy jobs ...
+    >>> rec.heavy += [(45.0, "shed503")]  # ... and shed one as overloaded: it was saturated
     >>> judge(rec).verdict
     'PASS'
 """
@@ -22,12 +24,23 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 PHASES = ("warm-up", "baseline", "mixed", "recovery")
 MEDIAN_SAMPLES = 100  # enough for a p50 (a p99 needs --min-samples)
+# What a heavy request's answer was (locustfile.py's HeavyUser sorts them): a job the slow path ran
+# (200), a shed because every worker and waiting place was taken (503 "overloaded" from the slow
+# path: the only proof that it was saturated), a refusal by the edge's per-client limits (429).
+# Anything else ("503 no_workers", "502", "504", "connection error", ...) is an error: the slow path
+# did not run that job.
+HEAVY_OK, HEAVY_SHED, HEAVY_LIMITED = "ok", "shed503", "shed429"
+# A hostile client's answers (--hostile-users): its refusals (413 too large, 429 over its limits) are
+# the fleet protecting the others, never its failure.
+HOSTILE_OK, HOSTILE_REFUSED = "ok", "refused"
 
 
 # the samples ----------------------------------------------------------------------------------------
@@ -37,8 +50,8 @@ class Recorder:
     """Everything the verdict needs, for one run: phase windows and the samples that fall in them.
 
     opts are the run's options (locustfile.py's OPTIONS); the verdict reads min_samples,
-    slow_workers, max_lateness_ms and the latency limits' median_ratio, median_slack_ms, ratio and
-    slack_ms.
+    slow_workers, min_heavy_jobs, max_lateness_ms, block_seconds, stall_ms, stall_percent and the
+    latency limits' median_ratio, median_slack_ms, ratio and slack_ms.
     """
 
     opts: SimpleNamespace
@@ -49,7 +62,8 @@ class Recorder:
     fast: list[tuple[float, float, bool]] = field(default_factory=list)  # start_time, ms, ok
     unanswered: list[float] = field(default_factory=list)  # start_time of fast samples cut short by the end
     late: list[tuple[float, float]] = field(default_factory=list)  # a fast user's tick: time, ms late
-    heavy: list[tuple[float, str]] = field(default_factory=list)  # start_time, ok|shed503|shed429|error
+    heavy: list[tuple[float, str]] = field(default_factory=list)  # start_time, HEAVY_* or an error's kind
+    hostile: list[tuple[float, str]] = field(default_factory=list)  # start_time, HOSTILE_* or an error's kind
     # heavy requests in flight, per process ("local" or a worker's id): half-second slot -> count
     inflight: dict[str, dict[float, int]] = field(default_factory=dict)
     cpu_warning: bool = False
@@ -93,6 +107,7 @@ class Recorder:
         self.unanswered.extend(batch.get("unanswered", ()))
         self.late.extend((t, ms) for t, ms in batch.get("late", ()))
         self.heavy.extend((t, kind) for t, kind in batch.get("heavy", ()))
+        self.hostile.extend((t, kind) for t, kind in batch.get("hostile", ()))
         self.inflight.setdefault(worker, {}).update((slot, n) for slot, n in batch.get("inflight", ()))
         # A worker's CPU warning counts if it came while the phases ran (it may arrive later).
         end = self.ended_at or math.inf
@@ -121,16 +136,65 @@ class PhaseFigures:
     requests: int = 0
     failures: int = 0
     rate: float = 0.0
-    p50: float | None = None
+    p50: float | None = None  # over the whole phase (the table's columns)
     p95: float | None = None
     p99: float | None = None
     late_p99: float | None = None  # how late the fast users' schedule fired (the probe's own lag)
+    stalls: int = 0  # fast answers slower than --stall-ms (+ Locust's lag, see _judge)
+    blocks: int = 0  # the phase cut into blocks of about --block-seconds
+    clean_blocks: int = 0  # blocks in which Locust kept its schedule (ticks late by p99 <= --max-lateness-ms)
+    judged: dict[str, float] = field(default_factory=dict)  # "p50"...: the median over the clean blocks
+    spread: dict[str, float] = field(default_factory=dict)  # "p50"...: the clean blocks' median absolute deviation
     heavy_ok: int = 0
     shed503: int = 0
     shed429: int = 0
     heavy_errors: int = 0
+    heavy_error_kinds: dict[str, int] = field(default_factory=dict)  # "503 no_workers" -> count
+    hostile_ok: int = 0
+    hostile_refused: int = 0
+    hostile_errors: int = 0
     inflight_median: float | None = None
     inflight_saturated: float = 0.0  # fraction of samples with >= slow_workers heavy requests in flight
+
+
+QUANTILES = {"p50": 50, "p95": 95, "p99": 99}
+
+
+def block_figures(rec: Recorder, f: PhaseFigures, start: float, end: float) -> None:
+    """Each percentile judged as the median over the phase's blocks, and its spread from block to block.
+
+    A shared machine's noise comes in bursts (another program's few busy seconds), and Locust's own
+    lag with it: one burst moves a whole phase's p99, but only one block's. So each judged phase is
+    cut into blocks of about --block-seconds; a block in which Locust's ticks fired more than
+    --max-lateness-ms late (p99) is left out (Locust's timings there are its own, not the server's);
+    each percentile is the median over the remaining blocks; and how much it varies from block to
+    block in the baseline (the median absolute deviation) is the noise the mixed phase is allowed
+    beyond the ratio (the slack).
+    """
+    o = rec.opts
+    width = (end - start) / max(1, round((end - start) / o.block_seconds))
+    times: dict[int, list[float]] = {}  # block number -> its fast answers (ms)
+    late: dict[int, list[float]] = {}
+    for t, ms, ok in rec.fast:
+        if start <= t < end and ok:
+            times.setdefault(int((t - start) // width), []).append(ms)
+    for t, ms in rec.late:
+        if start <= t < end:
+            late.setdefault(int((t - start) // width), []).append(ms)
+    f.blocks = len(times)  # blocks with answers in them (a running phase's last one may be partial)
+    values: dict[str, list[float]] = {label: [] for label in QUANTILES}
+    for i, answers in times.items():
+        if i in late and percentile(sorted(late[i]), 99) > o.max_lateness_ms:
+            continue
+        f.clean_blocks += 1
+        answers.sort()
+        for label, p in QUANTILES.items():
+            values[label].append(percentile(answers, p))
+    for label, xs in values.items():
+        if xs:
+            middle = statistics.median(xs)
+            f.judged[label] = middle
+            f.spread[label] = statistics.median(abs(x - middle) for x in xs)
 
 
 def figures(rec: Recorder) -> dict[str, PhaseFigures]:
@@ -147,18 +211,16 @@ def figures(rec: Recorder) -> dict[str, PhaseFigures]:
         f.requests = sum(1 for t, _, _ in rec.fast if start <= t < end)
         f.failures = f.requests - len(times)
         f.rate = f.requests / f.seconds
-        f.p50, f.p95, f.p99 = (percentile(times, p) for p in (50, 95, 99))
+        f.p50, f.p95, f.p99 = (percentile(times, p) for p in QUANTILES.values())
         f.late_p99 = percentile(sorted(ms for t, ms in rec.late if start <= t < end), 99)
-        for t, kind in rec.heavy:
-            if start <= t < end:
-                if kind == "ok":
-                    f.heavy_ok += 1
-                elif kind == "shed503":
-                    f.shed503 += 1
-                elif kind == "shed429":
-                    f.shed429 += 1
-                else:
-                    f.heavy_errors += 1
+        if name in ("baseline", "mixed"):
+            block_figures(rec, f, start, end)
+        heavy = Counter(kind for t, kind in rec.heavy if start <= t < end)
+        f.heavy_ok, f.shed503, f.shed429 = (heavy.pop(kind, 0) for kind in (HEAVY_OK, HEAVY_SHED, HEAVY_LIMITED))
+        f.heavy_error_kinds, f.heavy_errors = dict(heavy), sum(heavy.values())  # what is left is errors
+        hostile = Counter(kind for t, kind in rec.hostile if start <= t < end)
+        f.hostile_ok, f.hostile_refused = hostile.pop(HOSTILE_OK, 0), hostile.pop(HOSTILE_REFUSED, 0)
+        f.hostile_errors = sum(hostile.values())
         slots: dict[float, int] = {}  # every process's count, added up slot by slot
         for counts in rec.inflight.values():
             for slot, n in counts.items():
@@ -169,7 +231,23 @@ def figures(rec: Recorder) -> dict[str, PhaseFigures]:
             f.inflight_median = percentile(samples, 50)
             f.inflight_saturated = sum(1 for n in samples if n >= rec.opts.slow_workers) / len(samples)
         out[name] = f
+    bound = stall_bound(rec.opts, out)
+    for name, f in out.items():
+        window = rec.window(name)
+        if window is not None:
+            f.stalls = sum(1 for t, ms, ok in rec.fast if window[0] <= t < window[1] and ok and ms > bound)
     return out
+
+
+def locust_lag(f: dict[str, PhaseFigures]) -> float:
+    """How late Locust's own ticks fired (p99, the worse judged phase): it can add about that much
+    to the times it measures."""
+    return max((f[name].late_p99 or 0.0) for name in ("baseline", "mixed"))
+
+
+def stall_bound(o: SimpleNamespace, f: dict[str, PhaseFigures]) -> float:
+    """A fast answer slower than this is a stall: --stall-ms, plus what Locust's own lag can add."""
+    return o.stall_ms + locust_lag(f)
 
 
 # the verdict ----------------------------------------------------------------------------------------
@@ -183,15 +261,35 @@ class Verdict:
 
 
 def latency_limits(o: SimpleNamespace, baseline: PhaseFigures) -> dict[str, tuple[float, float, float]]:
-    """Each judged percentile's (ratio, slack, limit): the mixed phase's may be at most
-    ratio x the baseline's, measured in the same run, + slack ms."""
+    """Each judged percentile's (ratio, slack, limit): the mixed phase's (median over its blocks) may
+    be at most ratio x the baseline's, measured in the same run, + slack ms. The slack is the
+    baseline's own spread from block to block (see block_figures), at least --median-slack-ms
+    (p50) or --slack-ms (p95, p99): a fixed slack of several baselines would let a regression of that
+    many times pass (10 ms on a 2 ms p99 passed a 6 x regression), while the spread grows only with
+    the noise the machine really showed."""
     out = {}
-    for label, ratio, slack in (("p50", o.median_ratio, o.median_slack_ms), ("p95", o.ratio, o.slack_ms),
+    for label, ratio, floor in (("p50", o.median_ratio, o.median_slack_ms), ("p95", o.ratio, o.slack_ms),
                                 ("p99", o.ratio, o.slack_ms)):
-        base = getattr(baseline, label)
+        base = baseline.judged.get(label)
         if base is not None:
+            slack = max(floor, baseline.spread[label])
             out[label] = (ratio, slack, ratio * base + slack)
     return out
+
+
+def allowed_stalls(o: SimpleNamespace, baseline: PhaseFigures, mixed: PhaseFigures) -> int:
+    """Stalls the mixed phase may have: --stall-percent of its fast requests, plus the baseline's own
+    share of stalls (the machine's noise, not the heavy load's) up to as much again.
+
+    Why a count over a bound rather than a p99.9: a run has 1,000-2,400 fast samples per phase, and a
+    p99.9 of them is the 1st to 3rd slowest answer, a single outlier's value. A count of answers over
+    a fixed bound is a binomial count with a known spread: with 1 % of the answers stalled,
+    1,000 samples (--min-samples) hold 10 on average, and 2 or fewer (the allowance at 0.25 %) with a
+    probability of 0.3 %; 2,400 (the default run) hold 24, and 6 or fewer almost never."""
+    allowance = o.stall_percent / 100
+    if baseline.requests:
+        allowance += min(allowance, baseline.stalls / baseline.requests)
+    return math.floor(allowance * mixed.requests + 1e-9)
 
 
 def judge(rec: Recorder) -> Verdict:
@@ -212,6 +310,7 @@ def _judge(rec: Recorder) -> Verdict:
         return Verdict("INCONCLUSIVE", f"invalid options: {rec.error}", [])
     checks: list[tuple[bool | None, str]] = []
     limits = latency_limits(o, b)
+    done = m.state == "done"
 
     total = sum(x.requests for x in f.values())
     failed = sum(x.failures for x in f.values())
@@ -233,30 +332,55 @@ def _judge(rec: Recorder) -> Verdict:
     m_ok = m.requests - m.failures
     checks.append((b_ok >= o.min_samples if b.state == "done" else None,
                    f"baseline fast samples: {b_ok} (need {o.min_samples})"))
-    saturated = m.shed503 > 0 or m.inflight_saturated >= 0.9
-    checks.append((saturated if m.state == "done" else None,
-                   f"heavy load saturated the slow path: {m.shed503} shed with 503, heavy in flight "
+    # The slow path must have run the heavy load: jobs completed (200s), not only answers. A slow
+    # path that cannot run jobs answers at once (503 no_workers, 502, ...) and never slows anything.
+    heavy_sent = m.heavy_ok + m.shed503 + m.shed429 + m.heavy_errors
+    ran_jobs = m.heavy_ok >= o.min_heavy_jobs
+    errors = ", ".join(f"{kind} x {n:,}" for kind, n in sorted(m.heavy_error_kinds.items(), key=lambda kv: -kv[1]))
+    checks.append((ran_jobs if done else None,
+                   f"the slow path ran the heavy load: {m.heavy_ok:,} heavy jobs completed in the mixed phase "
+                   f"(need {o.min_heavy_jobs}), {m.heavy_errors:,} heavy errors" + (f" ({errors})" if errors else "")))
+    busy = m.shed503 > 0 or m.inflight_saturated >= 0.9
+    saturated = busy and ran_jobs
+    checks.append((saturated if done else None,
+                   f"heavy load saturated the slow path: {m.shed503} shed with 503 overloaded, heavy in flight "
                    f">= {o.slow_workers} in {m.inflight_saturated:.0%} of samples "
                    f"(median {fmt(m.inflight_median, 0)})"))
-    late = [x for x in (b, m) if x.state == "done" and (x.late_p99 or 0) > o.max_lateness_ms]
-    late_ok = not late if m.state == "done" else None
-    checks.append((late_ok, f"the fast users kept their schedule: ticks late by p99 {fmt(b.late_p99)} ms in the "
-                            f"baseline, {fmt(m.late_p99)} ms mixed (need <= {o.max_lateness_ms:g})"))
-    checks.append((m_ok >= o.min_samples if m.state == "done" else None,
+    hostile = m.hostile_ok + m.hostile_refused + m.hostile_errors
+    if hostile:  # --hostile-users: shown, not judged (its refusals are the fleet protecting the others)
+        checks.append((True, f"a hostile fast client ran beside them (not judged): {hostile:,} requests, "
+                             f"{m.hostile_refused:,} refused (413/429), {m.hostile_errors:,} errors"))
+    lag = locust_lag(f)
+    allowed = allowed_stalls(o, b, m)
+    stalled = m.stalls > allowed
+    checks.append((not stalled if done else None,
+                   f"mixed stalls (fast answers over {o.stall_ms:g} + Locust's lag {fmt(lag)} ms): {m.stalls} of "
+                   f"{m.requests:,} (allowed {allowed}: {o.stall_percent:g}% + the baseline's {b.stalls} of "
+                   f"{b.requests:,})"))
+    # Locust's lag in a block makes that block's timings Locust's: it is not judged, and a phase
+    # needs half of its blocks judged.
+    late = [x for x in (b, m) if x.state == "done" and x.clean_blocks * 2 < x.blocks]
+    late_ok = not late if done else None
+    checks.append((late_ok, f"the fast users kept their schedule (ticks late by p99 <= {o.max_lateness_ms:g} ms) in "
+                            f"{b.clean_blocks} of {b.blocks} baseline blocks and {m.clean_blocks} of {m.blocks} mixed "
+                            f"blocks (need half; late by p99 {fmt(b.late_p99)} and {fmt(m.late_p99)} ms overall)"))
+    checks.append((m_ok >= o.min_samples if done else None,
                    f"mixed fast samples: {m_ok} (need {o.min_samples})"))
-    slower = []
-    # Locust's own lag (how late its ticks fired) can add about that much to the times it measures:
-    # a breach larger than the limit plus that lag is the server's whatever Locust's state.
-    lag = max((x.late_p99 or 0.0) for x in (b, m))
+    slower, whole_slower = [], []
+    # A whole phase's figure over its limit by more than Locust's lag is the server's, whatever
+    # Locust's state (its lag can add about that much, not more).
     beyond_lag = False
     for label, (ratio, slack, limit) in limits.items():
-        value = getattr(m, label)
-        ok = value <= limit if m.state == "done" and value is not None else None
+        value = m.judged.get(label)
+        ok = value <= limit if done and value is not None else None
         if ok is False:
             slower.append(f"{label} {fmt(value)} ms > {fmt(limit)} ms")
-            beyond_lag |= value > limit + lag
-        checks.append((ok, f"mixed {label} {fmt(value)} ms vs limit {ratio:g} x {fmt(getattr(b, label))} + "
-                           f"{slack:g} = {fmt(limit)} ms"))
+        whole = getattr(m, label)
+        if done and whole is not None and whole > limit:
+            whole_slower.append(f"{label} {fmt(whole)} ms > {fmt(limit)} ms")
+            beyond_lag |= whole > limit + lag
+        checks.append((ok, f"mixed {label} {fmt(value)} ms vs limit {ratio:g} x {fmt(b.judged.get(label))} + "
+                           f"{fmt(slack)} = {fmt(limit)} ms"))
 
     def result(verdict: str, reason: str) -> Verdict:
         return Verdict(verdict, reason, checks, {label: limit for label, (_, _, limit) in limits.items()})
@@ -269,35 +393,44 @@ def _judge(rec: Recorder) -> Verdict:
     if rec.distributed and not rec.workers and rec.ended_at is not None:
         return result("INCONCLUSIVE", "no Locust worker took part (the master runs no users): start the workers "
                                       "first (--expect-workers makes a headless master wait for them)")
-    if cpu:
-        return result("INCONCLUSIVE", "Locust's own CPU went above 90%, so its timings cannot be trusted; "
-                                      "run it on a quieter machine or with fewer users")
-    if not m.state == "done":
+    if not done:
         if rec.ended_at is not None:
             return result("INCONCLUSIVE", "the run stopped before the mixed phase ended")
         current = rec.names[-1] if rec.names else "warm-up"
         return result("RUNNING", f"{current} phase in progress")
+    if heavy_sent and not ran_jobs:
+        return result("FAIL", f"the slow path did not run the heavy load: {m.heavy_ok:,} heavy jobs completed in "
+                              f"the mixed phase (need {o.min_heavy_jobs})" + (f"; {errors}" if errors else ""))
+    if cpu:
+        return result("INCONCLUSIVE", "Locust's own CPU went above 90%, so its timings cannot be trusted; "
+                                      "run it on a quieter machine or with fewer users")
     if b_ok < o.min_samples:
         return result("INCONCLUSIVE", f"only {b_ok} baseline fast samples (need {o.min_samples}): "
                                       "raise --fast-users, --fast-rate or --baseline-seconds")
     if not saturated:
-        return result("INCONCLUSIVE", "nothing shows the heavy load saturated the slow path (no 503, too few "
-                                      "heavy requests in flight), so the mixed phase proves nothing: raise "
+        return result("INCONCLUSIVE", "nothing shows the heavy load saturated the slow path (no 503 overloaded, "
+                                      "too few heavy requests in flight), so the mixed phase proves nothing: raise "
                                       "--heavy-users or use heavier tasks")
+    if stalled:
+        return result("FAIL", f"the heavy load stalled the fast routes: {m.stalls} mixed fast answers over "
+                              f"{fmt(stall_bound(o, f))} ms (allowed {allowed})")
     if late and not beyond_lag:
-        return result("INCONCLUSIVE", f"Locust fell behind its own schedule (ticks late by p99 "
-                                      f"{fmt(max(x.late_p99 for x in late))} ms in the {late[0].name} phase), so "
-                                      "its timings cannot be trusted: run it on a quieter machine, or with "
-                                      "LOCUST_WORKERS=2")
-    # A median needs far fewer samples than a p99: a p50 over its limit by more than Locust's lag,
-    # on 100 samples or more, is a FAIL even when a lagging Locust sent fewer than --min-samples.
-    p50_limit = limits.get("p50", (0, 0, math.inf))[2]
-    if m_ok >= MEDIAN_SAMPLES and m.p50 is not None and m.p50 > p50_limit + lag:
-        return result("FAIL", "the heavy load slowed the fast routes: mixed " + ", ".join(slower))
+        return result("INCONCLUSIVE", f"Locust fell behind its own schedule (ticks late by p99 > "
+                                      f"{o.max_lateness_ms:g} ms in {late[0].blocks - late[0].clean_blocks} of "
+                                      f"{late[0].blocks} blocks of the {late[0].name} phase), so its timings cannot "
+                                      "be trusted: run it on a quieter machine, or with LOCUST_WORKERS=2")
+    slowed = "the heavy load slowed the fast routes: mixed "
     if m_ok < o.min_samples:
+        # A median needs far fewer samples than a p99: a p50 over its limit by more than Locust's
+        # lag, on 100 samples or more, is a FAIL even when a lagging Locust sent fewer than --min-samples.
+        p50_limit = limits.get("p50", (0, 0, math.inf))[2]
+        if m_ok >= MEDIAN_SAMPLES and m.p50 is not None and m.p50 > p50_limit + lag:
+            return result("FAIL", slowed + ", ".join(whole_slower))
         return result("INCONCLUSIVE", f"only {m_ok} mixed fast samples (need {o.min_samples})")
+    if late:  # too few blocks to judge, but the whole phase went over a limit by more than Locust's lag
+        return result("FAIL", slowed + ", ".join(whole_slower) + " (the whole phase)")
     if slower:
-        return result("FAIL", "the heavy load slowed the fast routes: mixed " + ", ".join(slower))
+        return result("FAIL", slowed + ", ".join(slower))
     return result("PASS", "the fast routes kept their baseline latency while the slow path was saturated")
 
 
@@ -310,7 +443,7 @@ def fmt(value: float | None, digits: int = 1) -> str:
 COLUMNS = [  # key (one lowercase word: the web UI camel-cases keys), title
     ("phase", "Phase"), ("state", "State"), ("seconds", "Seconds"), ("requests", "Fast requests"),
     ("rate", "Fast req/s"), ("failures", "Fast failures"), ("p50", "p50 ms"), ("p95", "p95 ms"),
-    ("p99", "p99 ms"), ("late", "Probe late p99 ms"), ("heavy", "Heavy done"), ("shed", "Heavy shed 503/429"), ("inflight", "Heavy in flight"),
+    ("p99", "p99 ms"), ("stalls", "Stalls"), ("late", "Probe late p99 ms"), ("heavy", "Heavy done"), ("shed", "Heavy shed 503/429"), ("inflight", "Heavy in flight"),
     ("check", "Check"),
 ]
 
@@ -334,7 +467,7 @@ def table_rows(rec: Recorder) -> list[dict[str, str]]:
         rows.append({
             "phase": name, "state": x.state, "seconds": fmt(x.seconds),
             "requests": f"{x.requests:,}", "rate": fmt(x.rate), "failures": str(x.failures),
-            "p50": fmt(x.p50), "p95": fmt(x.p95), "p99": fmt(x.p99), "late": fmt(x.late_p99),
+            "p50": fmt(x.p50), "p95": fmt(x.p95), "p99": fmt(x.p99), "stalls": str(x.stalls), "late": fmt(x.late_p99),
             "heavy": f"{x.heavy_ok + x.heavy_errors:,}" + (f" ({x.heavy_errors:,} errors)" if x.heavy_errors else ""),
             "shed": f"{x.shed503:,} / {x.shed429:,}", "inflight": fmt(x.inflight_median, 0), "check": check,
         })

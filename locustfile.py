@@ -42,22 +42,29 @@ few ms is harmless). Heavy requests in flight are sampled by every worker on the
 half-second grid and added up slot by slot.
 
 THE VERDICT, from the fast requests' own samples (recorded by start time into the phase windows),
-with limits relative to the baseline measured in the same run:
-  FAIL          any fast request failed (any phase; a timeout counts), or the mixed phase's
-                p50 > --median-ratio (1.5) x baseline p50 + --median-slack-ms (2), or its p95 or
-                p99 > --ratio (2) x baseline + --slack-ms (10);
+with limits relative to the baseline measured in the same run. Each judged phase is cut into blocks
+of --block-seconds (5); a block in which the fast users' ticks fired more than --max-lateness-ms
+(10, p99) late is not judged (Locust lagged there: its timings are its own); each percentile is the
+median over the judged blocks, and its slack is the baseline's own block-to-block spread (median
+absolute deviation; at least --median-slack-ms / --slack-ms, 0.5 ms):
+  FAIL          any fast request failed (any phase; a timeout counts); the slow path completed fewer
+                than --min-heavy-jobs (50) heavy jobs (200s) in the mixed phase though heavy
+                requests were sent (it did not run the load: 503 no_workers, 502, ... are errors,
+                never sheds); more mixed fast answers than --stall-percent (0.25 %) of them, plus the
+                baseline's own share of stalls up to as much again, took over --stall-ms (100) +
+                Locust's lag; or the mixed phase's p50 > --median-ratio (1.5) x baseline p50 +
+                slack, or its p95 or p99 > --ratio (2) x baseline + slack;
   INCONCLUSIVE  a worker's last samples never reached the master, Locust warned that its own CPU
-                (any of its processes) was saturated, the fast users' ticks fired more than
-                --max-lateness-ms (10, p99) late in a judged phase (Locust lagged, so its timings
-                are suspect; unless a percentile is over its limit by more than that lag), a
-                judged phase has fewer than --min-samples fast samples (p99 needs about 500), the
-                run stopped before the mixed phase ended, or nothing proves the heavy load
-                saturated the slow path: no 503 seen and fewer than --slow-workers heavy requests
-                in flight in 90% of the mixed phase's half-second samples;
+                (any of its processes) was saturated, fewer than half of a judged phase's blocks
+                could be judged (Locust lagged; unless the whole phase is over a limit by more than
+                that lag), a judged phase has fewer than --min-samples (1,000) fast samples, the run
+                stopped before the mixed phase ended, or nothing proves the heavy load saturated the
+                slow path: no 503 "overloaded" from it and fewer than --slow-workers heavy requests
+                in flight in 90% of the mixed phase's half-second samples (or no heavy request sent);
   PASS          otherwise.
-The order decides between reasons: fast failures, then lost worker samples, then Locust's CPU, then
-baseline samples, then saturation (a mixed phase without it proves nothing either way), then
-Locust's lateness, then mixed samples (a p50 over its limit by more than Locust's lag is a FAIL
+The order decides between reasons: fast failures, then lost worker samples, then a slow path that
+ran no jobs, then Locust's CPU, then baseline samples, then saturation (a mixed phase without it
+proves nothing either way), then stalls, then Locust's lateness, then mixed samples (a p50 over its limit by more than Locust's lag is a FAIL
 with 100 samples already), then latency. Headless, the verdict is the exit code
 (0 PASS, 3 FAIL, 4 INCONCLUSIVE; on a PASS Locust's own rule still applies: exit 1 if some heavy
 request failed in an unexpected way, e.g. a 500 or 502) and the per-phase table is printed; with
@@ -87,17 +94,27 @@ N ms while a heavy job runs (services/fast/negative_control.py). The check befor
 loop at 4 iterations/s, p95 and p99 <= 2 x baseline + 50 ms, mixed rate >= 95% of the baseline's)
 PASSed the 20 ms and the 40 ms controls alike.
 
-So: p50 <= 1.5 x baseline + 2 ms (about 4 ms here: the fleet's mixed p50 stays at or below its
-baseline, a delay of 5 ms on every request breaks it), p95 and p99 <= 2 x baseline + 10 ms (about
-14-15 ms: the fleet's worst mixed p99 was a third of it; a delay on only some of the requests
-shows there). Limits are relative to the baseline measured in the same run, so a slower machine
-or load generator moves them with it; the slack keeps sub-millisecond baselines from making
-scheduler noise a FAIL. Before these figures (earlier fleet, closed-loop users, other engineers'
-test suites on the same box) a normal-priority CPU benchmark beside the fleet once pushed its mixed
-p99 to 154 ms; run the check on a quiet machine to judge the fleet itself. --min-samples 500 keeps
-p99 meaningful (the 5 worst of 500); the defaults give 2,400 fast samples per judged phase with
-two fast routes (10 users x 4/s x 2 routes x 30 s) and 1,200 with GET /fast alone. --max-lateness-ms
-10 is several times the lateness measured in every run above (1.1-1.6 ms).
+Those limits had a fixed slack (p50 + 2 ms, p95 and p99 + 10 ms): on a 1-2 ms baseline they let
+a 6 x p99 regression pass, and 0.9 % of the answers taking 3 s (under the 1 % a p99 looks past), and
+any 503 counted as saturation, so a fleet whose slow path ran no job at all passed (issue 30).
+
+NOW (issue 30; the same fleet on the same machine, shared with other engineers' test suites, so
+noisy in bursts). Five default runs, whole-phase p99 baseline -> mixed 5.4 -> 6.4, 5.5 -> 8.4,
+9.0 -> 23.8, 9.1 -> 21.5, 7.2 -> 29.7 ms: the worst blocks of 5 s, where Locust itself lagged
+(its ticks 15-45 ms late), made the mixed p99 up to 2.6 x the baseline's. Judged per block, as the
+median over the blocks where Locust kept its schedule, the same runs give 5.3 -> 5.7, 4.8 -> 6.3,
+7.9 -> 9.3, 7.4 -> 5.0, 6.5 -> 7.0 ms (at most 1.3 x), with block-to-block spreads of 0.5-2.8 ms.
+So: p50 <= 1.5 x baseline + slack, p95 and p99 <= 2 x baseline + slack, the slack being the
+baseline's spread (at least 0.5 ms): a 3 x p99 regression (every 50th answer slowed to 3 x the
+baseline's p99), replayed into each of those runs, FAILed every one; the fleet PASSed every one
+Locust could judge. The tail beyond p99 is a count: more than 0.25 % of the mixed answers over
+100 ms (+ Locust's lag) is a FAIL (1 % delayed 1 s gave 24-25 in each run, against 6 allowed; the
+fleet had 0). --min-samples 1,000 keeps the p99 and the stall count meaningful (the 10 worst of
+1,000; a 1 % stall rate leaves 2 or fewer of 1,000 with a probability of 0.3 %); the defaults give
+2,400 fast samples per judged phase with two fast routes (10 users x 4/s x 2 routes x 30 s) and
+1,200 with GET /fast alone. --min-heavy-jobs 50 is a fifth of the fewest jobs the fleet completed in
+a default mixed phase (216-475). --max-lateness-ms 10 is several times Locust's lateness on a quiet
+machine (1.1-1.6 ms); run the check on a quiet machine to judge the fleet itself.
 """
 
 from __future__ import annotations
@@ -154,14 +171,26 @@ OPTIONS = [
     ("heavy-backoff", float, 0.5, "Seconds a heavy user pauses after a shed answer (503 or 429)"),
     ("heavy-timeout", float, 120.0, "Seconds before a heavy request counts as failed"),
     ("slow-workers", int, os.cpu_count() or 2,
-     "Slow workers to saturate: heavy requests in flight needed as proof when no 503 is seen"),
-    ("median-ratio", float, 1.5, "PASS needs mixed p50 <= median-ratio x baseline p50 + median-slack"),
-    ("median-slack-ms", float, 2.0, "Milliseconds added to median-ratio x baseline p50"),
+     "Slow workers to saturate: heavy requests in flight needed as proof when no 503 overloaded is seen"),
+    ("min-heavy-jobs", int, 50,
+     "FAIL unless the slow path completed this many heavy jobs (200) in the mixed phase: it must run the load"),
+    ("median-ratio", float, 1.5, "PASS needs mixed p50 <= median-ratio x baseline p50 + slack"),
+    ("median-slack-ms", float, 0.5, "Least slack on p50, ms (the slack is the baseline's block-to-block spread)"),
     ("ratio", float, 2.0, "PASS needs mixed p95 and p99 <= ratio x baseline + slack"),
-    ("slack-ms", float, 10.0, "Milliseconds added to ratio x baseline p95 and p99"),
+    ("slack-ms", float, 0.5, "Least slack on p95 and p99, ms (the slack is the baseline's block-to-block spread)"),
+    ("block-seconds", float, 5.0,
+     "Judged phases are cut into blocks this long: percentiles are medians over blocks, slack their spread"),
+    ("stall-ms", float, 100.0, "A fast answer slower than this (+ Locust's own lag) is a stall"),
+    ("stall-percent", float, 0.25,
+     "PASS needs at most this % of mixed fast answers to stall, plus the baseline's own share up to as much"),
     ("max-lateness-ms", float, 10.0,
-     "INCONCLUSIVE when the fast users' schedule fired later than this (p99) in a judged phase: Locust lagged"),
-    ("min-samples", int, 500, "Fast samples each judged phase needs (p99 needs about 500)"),
+     "A block in which the fast users' schedule fired later than this (p99) is not judged: Locust lagged"),
+    ("min-samples", int, 1000, "Fast samples each judged phase needs (p99 and the stall count need about 1,000)"),
+    ("hostile-users", int, 0,
+     "Hostile fast clients in the mixed phase (0: none): each posts large bodies to /echo from an address of its own"),
+    ("hostile-connections", int, 6, "Connections each hostile client posts on at once"),
+    ("hostile-body-kb", int, 1024, "Body size of a hostile client's POST /echo, KiB"),
+    ("hostile-backoff", float, 1.0, "Seconds a hostile connection pauses after a refusal (413, 429) or an error"),
 ]
 DEFAULTS = SimpleNamespace(**{name.replace("-", "_"): default for name, _, default, _ in OPTIONS})
 
@@ -232,8 +261,13 @@ def check_options(o: SimpleNamespace) -> None:
     for name in ("baseline_seconds", "mixed_seconds", "fast_rate", "fast_timeout", "heavy_timeout"):
         if not getattr(o, name) > 0:
             raise ValueError(f"{name.replace('_', '-')} must be > 0")
+    for name in ("block_seconds", "stall_ms", "hostile_connections", "hostile_body_kb"):
+        if not getattr(o, name) > 0:
+            raise ValueError(f"{name.replace('_', '-')} must be > 0")
     if o.fast_users < 1 or o.heavy_users < 0 or o.warmup_seconds < 0 or o.recovery_seconds < 0:
         raise ValueError("fast-users must be >= 1; heavy-users, warmup-seconds and recovery-seconds >= 0")
+    if min(o.min_heavy_jobs, o.stall_percent, o.hostile_users, o.hostile_backoff) < 0:
+        raise ValueError("min-heavy-jobs, stall-percent, hostile-users and hostile-backoff must be >= 0")
 
 
 # the samples ----------------------------------------------------------------------------------------
@@ -251,17 +285,20 @@ class Outbox:
     unanswered: list[float] = field(default_factory=list)
     late: list[tuple[float, float]] = field(default_factory=list)
     heavy: list[tuple[float, str]] = field(default_factory=list)
+    hostile: list[tuple[float, str]] = field(default_factory=list)
     inflight: list[tuple[float, int]] = field(default_factory=list)  # (half-second slot, count)
     cpu: list[float] = field(default_factory=list)  # when Locust warned about this worker's CPU
 
     def __bool__(self) -> bool:
-        return bool(self.fast or self.unanswered or self.late or self.heavy or self.inflight or self.cpu)
+        return bool(self.fast or self.unanswered or self.late or self.heavy or self.hostile or self.inflight
+                    or self.cpu)
 
     def take(self, final: bool = False) -> dict:
         """Empties the outbox into a batch for the master; final: the last batch of this run."""
         batch = {"fast": self.fast, "unanswered": self.unanswered, "late": self.late, "heavy": self.heavy,
-                 "inflight": self.inflight, "cpu": self.cpu, "final": final}
-        self.fast, self.unanswered, self.late, self.heavy, self.inflight, self.cpu = [], [], [], [], [], []
+                 "hostile": self.hostile, "inflight": self.inflight, "cpu": self.cpu, "final": final}
+        self.fast, self.unanswered, self.late, self.heavy, self.hostile, self.inflight, self.cpu = (
+            [], [], [], [], [], [], [])
         return batch
 
 
@@ -395,12 +432,104 @@ class HeavyUser(HttpUser):
                 # Back to back while answers come; a pause after anything else, so a refused or
                 # broken server is not hammered in a tight loop.
                 self.pause = 0.0 if response.status_code == 200 else self.backoff
-                if response.status_code in (503, 429):
-                    # Shedding is the slow path (503) or the edge (429) doing its job: not a failure.
+                kind = heavy_kind(response)
+                response.request_meta["context"]["kind"] = kind
+                if kind in ("shed503", "shed429"):
+                    # Shedding is the slow path (503 overloaded) or the edge (429) doing its job: not
+                    # a failure. Any other refusal (503 no_workers, 502, ...) is one.
                     response.request_meta["name"] = f"{path} (shed {response.status_code})"
                     response.success()
         finally:
             Node.heavy_now -= 1
+
+
+def error_code(response) -> str:
+    """The contract's JSON error code of an answer ("" when it has none)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    return str(body.get("error", "")) if isinstance(body, dict) else ""
+
+
+def heavy_kind(response) -> str:
+    """What a heavy answer says about the slow path (isolation_verdict's HEAVY_* kinds, or an error).
+
+    Only a 503 "overloaded" from the slow path (not one from the edge) proves that every worker and
+    waiting place was taken: a slow path that cannot run jobs also answers 503 at once ("no_workers"
+    on Dask without workers), 502 (no slow instance up) or 504, and that proves nothing but a fault.
+    """
+    status = response.status_code
+    if status == 200:
+        return "ok"
+    if status == 429:
+        return "shed429"
+    if not status:
+        return "connection error"
+    code = error_code(response)
+    if status == 503 and code == "overloaded" and response.headers.get("X-Served-By") != "edge":
+        return "shed503"
+    return f"{status} {code}".strip()
+
+
+class HostileUser(HttpUser):
+    """A hostile fast client (--hostile-users; none by default): from an address of its own, it posts
+    --hostile-body-kb bodies to POST /echo on --hostile-connections connections at once, each as soon
+    as the last was answered, as the outside review's client did (1 MiB on 6 connections made /fast
+    9.8 x slower at p50 for everyone). It joins the mixed phase, so the verdict judges whether the
+    normal fast users keep their latency beside it (and the heavy flood).
+
+    A fleet that protects its fast routes refuses it: 413 (body over the route's limit) or 429 (over
+    the per-client rate or concurrency limits). Those refusals are the fleet doing its job, never a
+    failure; the connection pauses --hostile-backoff after one. Its requests are not fast samples: the
+    table counts them apart (sent, refused, errors).
+    """
+
+    fixed_count = 0  # --hostile-users, set when a run starts (IsolationShape.reset_time)
+    numbered = 0
+
+    def __init__(self, environment):
+        o = options(environment)
+        self.connections = o.hostile_connections
+        self.body = b"x" * (o.hostile_body_kb * 1024)
+        self.backoff = o.hostile_backoff
+        self.timeout = o.fast_timeout
+        super().__init__(environment)
+        if _on_loopback(self.host):
+            # 127.1.k.N: never one of the heavy users' 127.0.k.N addresses, never the fast users' 127.0.0.1
+            HostileUser.numbered += 1
+            worker = max(getattr(environment.runner, "worker_index", 0), 0)
+            self.client.mount("http://", SourceAddress(f"127.1.{worker % 254 + 1}.{(HostileUser.numbered - 1) % 250 + 1}"))
+        self.senders = gevent.pool.Group()
+
+    def on_start(self) -> None:
+        for _ in range(self.connections):
+            self.senders.spawn(self.post_forever)
+
+    def on_stop(self) -> None:
+        self.senders.kill(block=True, timeout=2)
+
+    def wait_time(self) -> float:
+        return 1.0
+
+    @task
+    def hold(self) -> None:
+        """The connections post by themselves (on_start); the user itself only waits."""
+
+    def post_forever(self) -> None:
+        while True:
+            with self.client.post("/echo", data=self.body, name="/echo (hostile)", context={"role": "hostile"},
+                                  headers={"Content-Type": "application/octet-stream"}, catch_response=True,
+                                  timeout=self.timeout) as response:
+                status = response.status_code
+                kind = "ok" if status == 200 else "refused" if status in (413, 429) else (
+                    f"{status} {error_code(response)}".strip() if status else "connection error")
+                response.request_meta["context"]["kind"] = kind
+                if kind == "refused":
+                    response.request_meta["name"] = f"/echo (hostile, refused {status})"
+                    response.success()
+            if kind != "ok":
+                gevent.sleep(self.backoff)
 
 
 # the shape ------------------------------------------------------------------------------------------
@@ -417,6 +546,7 @@ class IsolationShape(LoadTestShape):
             return
         super().reset_time()
         o = options(self.runner.environment)
+        HostileUser.fixed_count = max(o.hostile_users, 0)  # Locust spawns fixed_count users before weighted ones
         RECORDER = isolation_verdict.Recorder(o, started=True, distributed=Node.role == "master")
         try:
             check_options(o)
@@ -432,7 +562,8 @@ class IsolationShape(LoadTestShape):
         o = rec.opts
         plan = [("warm-up", o.warmup_seconds, o.fast_users, [FastUser]),
                 ("baseline", o.baseline_seconds, o.fast_users, [FastUser]),
-                ("mixed", o.mixed_seconds, o.fast_users + o.heavy_users, [HeavyUser]),
+                ("mixed", o.mixed_seconds, o.fast_users + o.heavy_users + o.hostile_users,
+                 [HeavyUser] + ([HostileUser] if o.hostile_users else [])),
                 ("recovery", o.recovery_seconds, o.fast_users, [FastUser])]
         elapsed = self.get_run_time()
         end = 0.0
@@ -453,10 +584,10 @@ def on_request(start_time, response_time, exception, context, response=None, **_
     sink = OUTBOX if Node.role == "worker" else RECORDER
     if role == "fast":
         sink.fast.append((start_time, response_time, exception is None))
-    elif role == "heavy":
-        status = getattr(response, "status_code", None)
-        kind = "error" if exception else "shed503" if status == 503 else "shed429" if status == 429 else "ok"
-        sink.heavy.append((start_time, kind))
+    elif role in ("heavy", "hostile"):
+        # Sorted by the user that sent it (heavy_kind, HostileUser.post_forever)
+        kind = context.get("kind") or "error"
+        (sink.heavy if role == "heavy" else sink.hostile).append((start_time, kind))
 
 
 @events.cpu_warning.add_listener

@@ -15,8 +15,9 @@ from flask import Flask, jsonify
 import isolation_ui
 from isolation_verdict import Recorder
 
-RULES = SimpleNamespace(median_ratio=1.5, median_slack_ms=2, ratio=2, slack_ms=10, max_lateness_ms=10,
-                        min_samples=500, slow_workers=2)
+RULES = SimpleNamespace(median_ratio=1.5, median_slack_ms=0.5, ratio=2, slack_ms=0.5, max_lateness_ms=10,
+                        min_samples=1000, slow_workers=2, min_heavy_jobs=50, block_seconds=5, stall_ms=100,
+                        stall_percent=0.25)
 
 
 def closed_run(mixed_ms: float | None = 1.0) -> Recorder:
@@ -27,7 +28,7 @@ def closed_run(mixed_ms: float | None = 1.0) -> Recorder:
                    started=True, closed=True)
     if mixed_ms is not None:
         rec.fast = [(t / 100, 1.0 if t < 3000 else mixed_ms, True) for t in range(6000)]
-    rec.heavy = [(45.0, "shed503")]
+    rec.heavy = [(45.0, "shed503")] + [(30 + t / 10, "ok") for t in range(100)]  # 100 heavy jobs ran
     return rec
 
 
