@@ -250,6 +250,7 @@ SCHEMA: dict[str, Spec] = {
     "observe.blocked_loop_ms": Spec(int, 10, 60000),
     "observe.test_routes": Spec(bool),
     "observe.test_fast_delay_ms": Spec(int, 0, 1000),
+    "observe.test_fast_delay_every": Spec(int, 1, 1000),
     "observe.log_max_mb": Spec(int, 1, 10240),
     "observe.log_backups": Spec(int, 1, 100),
     "observe.failed_request_lines_per_second": Spec(int, 1, 100000),

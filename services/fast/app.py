@@ -75,10 +75,11 @@ class BlockTheLoopHandler(BaseHandler):
 
 def make_app(instance: server.Instance) -> web.Application:
     hello, echo = HelloHandler, EchoHandler
-    delay_ms = instance.settings.observe.test_fast_delay_ms
-    if delay_ms:  # the isolation check's negative control: a fleet that must FAIL it
-        sensor = negative_control.HeavyJobSensor(instance.settings)
-        hello, echo = (negative_control.delayed(h, sensor, delay_ms) for h in (hello, echo))
+    observe = instance.settings.observe
+    if observe.test_fast_delay_ms:  # the isolation check's negative controls: a fleet that must FAIL it
+        sabotage = negative_control.Sabotage(negative_control.HeavyJobSensor(instance.settings),
+                                             observe.test_fast_delay_ms, observe.test_fast_delay_every)
+        hello, echo = (negative_control.delayed(h, sabotage) for h in (hello, echo))
     routes = [
         (r"/fast", hello, {"route_pattern": "/fast"}),
         (r"/echo", echo, {"route_pattern": "/echo", "max_body_bytes": instance.settings.edge.echo_max_body_kb * 1024}),
