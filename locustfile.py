@@ -485,8 +485,7 @@ class HostileUser(HttpUser):
     table counts them apart (sent, refused, errors).
     """
 
-    fixed_count = 0  # --hostile-users, set when a run starts (IsolationShape.reset_time)
-    numbered = 0
+    numbered = 0  # hostile users created so far: each gets the next source address
 
     def __init__(self, environment):
         o = options(environment)
@@ -546,7 +545,9 @@ class IsolationShape(LoadTestShape):
             return
         super().reset_time()
         o = options(self.runner.environment)
-        HostileUser.fixed_count = max(o.hostile_users, 0)  # Locust spawns fixed_count users before weighted ones
+        # The mixed phase's new users are H heavy and N hostile ones in those proportions (weights;
+        # fixed_count is honoured only for the first class list a run dispatches).
+        HeavyUser.weight, HostileUser.weight = max(o.heavy_users, 1), max(o.hostile_users, 1)
         RECORDER = isolation_verdict.Recorder(o, started=True, distributed=Node.role == "master")
         try:
             check_options(o)
