@@ -10,7 +10,7 @@ made-up samples, as tests/unit/test_isolation_verdict.py does:
 
     >>> from types import SimpleNamespace
     >>> rules = SimpleNamespace(median_ratio=1.5, median_slack_ms=0.5, ratio=2, slack_ms=0.5, max_lateness_ms=10,
-    ...                         min_samples=1000, slow_workers=2, min_heavy_jobs=50, block_seconds=5,
+    ...                         min_samples=1000, slow_workers=2, min_heavy_jobs=20, block_seconds=5,
     ...                         stall_ms=100, stall_percent=0.25)
     >>> rec = Recorder(rules, names=["baseline", "mixed"], starts=[0.0, 30.0], ended_at=60.0, ran_out=True)
     >>> rec.fast = [(t / 100, 1.0, True) for t in range(6000)]  # 1 ms answers, 100 a second, both phases

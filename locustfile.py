@@ -48,7 +48,7 @@ of --block-seconds (5); a block in which the fast users' ticks fired more than -
 median over the judged blocks, and its slack is the baseline's own block-to-block spread (median
 absolute deviation; at least --median-slack-ms / --slack-ms, 0.5 ms):
   FAIL          any fast request failed (any phase; a timeout counts); the slow path completed fewer
-                than --min-heavy-jobs (50) heavy jobs (200s) in the mixed phase though heavy
+                than --min-heavy-jobs (20) heavy jobs (200s) in the mixed phase though heavy
                 requests were sent (it did not run the load: 503 no_workers, 502, ... are errors,
                 never sheds); more mixed fast answers than --stall-percent (0.25 %) of them, plus the
                 baseline's own share of stalls up to as much again, took over --stall-ms (100) +
@@ -112,8 +112,9 @@ Locust could judge. The tail beyond p99 is a count: more than 0.25 % of the mixe
 fleet had 0). --min-samples 1,000 keeps the p99 and the stall count meaningful (the 10 worst of
 1,000; a 1 % stall rate leaves 2 or fewer of 1,000 with a probability of 0.3 %); the defaults give
 2,400 fast samples per judged phase with two fast routes (10 users x 4/s x 2 routes x 30 s) and
-1,200 with GET /fast alone. --min-heavy-jobs 50 is a fifth of the fewest jobs the fleet completed in
-a default mixed phase (216-475). --max-lateness-ms 10 is several times Locust's lateness on a quiet
+1,200 with GET /fast alone. --min-heavy-jobs 20: a slow path that runs jobs completed
+216-475 in a default mixed phase, and 39 in a 10 s one on this machine at its busiest (Locust's
+ticks 80 ms late, the workers at nice 10 starved by other programs); one that cannot run them, 0. --max-lateness-ms 10 is several times Locust's lateness on a quiet
 machine (1.1-1.6 ms); run the check on a quiet machine to judge the fleet itself.
 """
 
@@ -172,7 +173,7 @@ OPTIONS = [
     ("heavy-timeout", float, 120.0, "Seconds before a heavy request counts as failed"),
     ("slow-workers", int, os.cpu_count() or 2,
      "Slow workers to saturate: heavy requests in flight needed as proof when no 503 overloaded is seen"),
-    ("min-heavy-jobs", int, 50,
+    ("min-heavy-jobs", int, 20,
      "FAIL unless the slow path completed this many heavy jobs (200) in the mixed phase: it must run the load"),
     ("median-ratio", float, 1.5, "PASS needs mixed p50 <= median-ratio x baseline p50 + slack"),
     ("median-slack-ms", float, 0.5, "Least slack on p50, ms (the slack is the baseline's block-to-block spread)"),

@@ -239,15 +239,17 @@ def test_a_fleet_whose_fast_p99_alone_regresses_under_heavy_load_fails(private_f
 
 def test_a_fleet_whose_slow_path_runs_no_job_fails_though_every_heavy_request_is_answered(private_fleet):
     """The fifth negative control, the review's case: a slow path that cannot run jobs answers every
-    heavy request at once (here 502: its only slow instance stopped; on Dask without workers, 503
-    no_workers) and slows nothing down. That is a broken fleet, not a saturated one."""
+    heavy request at once and slows nothing down. That is a broken fleet, not a saturated one. Here
+    its only slow instance is stopped (502); the review's fleet was on Dask with every worker
+    stopped (503 no_workers, which the check took for saturation and PASSed; judged as an error
+    since, tests/unit/test_isolation_verdict.py). Stopping Dask workers takes 20 s or more each."""
     fleet = private_fleet(**DEPLOYED_DEFAULTS)
     fleet.supervisorctl("stop", "slow-01")
     wait_for(lambda: fleet.get("/slow/fib/1").status == 502, 20, what="the slow path answering 502")
     result = run_check(f"http://127.0.0.1:{fleet.edge_port}", "--warmup-seconds", "1", "--baseline-seconds", "4",
                        "--mixed-seconds", "4", "--recovery-seconds", "0", *FLEET_ROUTES)
     assert ("VERDICT: FAIL: the slow path did not run the heavy load: 0 heavy jobs completed in the mixed phase "
-            "(need 50); 502 bad_gateway x ") in result.stdout, result.stdout[-3000:]
+            "(need 20); 502 bad_gateway x ") in result.stdout, result.stdout[-3000:]
     assert result.returncode == EXIT_FAIL
 
 

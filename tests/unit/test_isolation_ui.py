@@ -16,7 +16,7 @@ import isolation_ui
 from isolation_verdict import Recorder
 
 RULES = SimpleNamespace(median_ratio=1.5, median_slack_ms=0.5, ratio=2, slack_ms=0.5, max_lateness_ms=10,
-                        min_samples=1000, slow_workers=2, min_heavy_jobs=50, block_seconds=5, stall_ms=100,
+                        min_samples=1000, slow_workers=2, min_heavy_jobs=20, block_seconds=5, stall_ms=100,
                         stall_percent=0.25)
 
 
