@@ -325,8 +325,8 @@ def test_web_ui_shows_the_verdict(private_fleet, tmp_path):
 
     fleet = private_fleet(**DEPLOYED_DEFAULTS)
     port = free_port()
-    # Any verdict will do for the test; the README's screenshot shows a whole one (500+ samples).
-    PHASE = "10" if os.environ.get("UPDATE_SCREENSHOT") else "6"
+    # Any verdict will do for the test; the README's screenshot shows a whole one (1,000+ samples).
+    PHASE = "13" if os.environ.get("UPDATE_SCREENSHOT") else "6"
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--web-host", "127.0.0.1",
            "--web-port", str(port), "--host", f"http://127.0.0.1:{fleet.edge_port}", *FLEET_ROUTES,
            "--warmup-seconds", "2", "--baseline-seconds", PHASE, "--mixed-seconds", PHASE, "--recovery-seconds", "2"]
