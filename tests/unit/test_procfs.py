@@ -19,7 +19,10 @@ def test_stat_is_read_past_a_command_name_with_spaces_and_parentheses(tmp_path):
         stat = procfs.stat(child.pid)
         assert stat.ppid == os.getpid() and stat.state != "Z"  # just exec'd, it may still wait on the disk (D)
         assert stat.starttime >= procfs.stat(os.getpid()).starttime
-        assert procfs.argv(child.pid) == [str(odd), "5"] and procfs.cmdline(child.pid) == f"{odd} 5 "
+        # Popen returns once execve has begun: the new arguments appear a moment later (until
+        # then the kernel shows an empty command line).
+        wait_for(lambda: procfs.argv(child.pid) == [str(odd), "5"], 5, interval=0.01, what="the exec'd arguments")
+        assert procfs.cmdline(child.pid) == f"{odd} 5 "
         assert child.pid in procfs.children(os.getpid())
     finally:
         child.kill()
