@@ -82,7 +82,9 @@ class Recorder:
             self.names.append(phase)
 
     def finish(self, ran_out: bool = False) -> None:
-        if self.ended_at is None and self.names:
+        # A started run ends here even if it entered no phase (its options were refused): its
+        # verdict is then final (INCONCLUSIVE, with the reason), never "RUNNING" for good.
+        if self.ended_at is None and (self.names or self.started):
             self.ended_at = time.time()
             self.ran_out = ran_out
 

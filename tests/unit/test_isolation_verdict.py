@@ -238,8 +238,6 @@ def test_invalid_options_are_inconclusive_naming_the_option():
     assert (v.verdict, v.reason) == ("INCONCLUSIVE", "invalid options: fast-rate must be > 0")
 
 
-@pytest.mark.xfail(strict=True, reason="a run whose options are refused enters no phase, so finish() never "
-                                       "ends it: its verdict stays RUNNING, 'so far INCONCLUSIVE' (issue 30)")
 def test_a_run_refused_for_invalid_options_ends_inconclusive_not_running():
     # What IsolationShape does with invalid options: no phase entered, then finish().
     rec = Recorder(SimpleNamespace(**RULES), started=True, error="fast-rate must be > 0")
