@@ -34,8 +34,8 @@ pytestmark = pytest.mark.integration
 class FastProbe(Probe):
     """GET /fast (or `path`) every 20 ms through the edge while a fault happens: none may fail."""
 
-    def __init__(self, fleet: Fleet, path: str = "/fast", every: float = 0.02):
-        super().__init__(lambda: fleet.get(path, timeout=10).status, every)
+    def __init__(self, fleet: Fleet, path: str = "/fast", every: float = 0.02, timeout: float = 10):
+        super().__init__(lambda: fleet.get(path, timeout=timeout).status, every)
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
@@ -252,7 +252,7 @@ def test_a_running_fleet_switches_backend_both_ways_failing_no_request(private_d
     for backend in ("local", "dask"):
         fleet.env["FLEET_SLOW_BACKEND"] = backend
         # A new cluster starts before the spares, which read the new settings and would wait for it.
-        with FastProbe(fleet), FastProbe(fleet, "/slow/fib/10", every=0.1):
+        with FastProbe(fleet), FastProbe(fleet, "/slow/fib/10", every=0.1, timeout=20):
             result = fleet.command("up", timeout=180)
         assert fleet.slow_health()["pool"]["backend"] == backend, result.stdout
         running = {p["name"] for p in fleet.processes()}
@@ -263,12 +263,13 @@ def test_a_running_fleet_switches_backend_both_ways_failing_no_request(private_d
 
 def test_a_reload_restarts_the_dask_workers_one_at_a_time_failing_no_accepted_job(private_dask_fleet):
     # A 10 s deadline: while one of the two workers restarts, a job may wait longer in line than
-    # the tests' 3 s, which count from admission.
+    # the tests' 3 s, which count from admission; the heavy probe waits past it (its answer, 200
+    # or the deadline's error, comes within it and nginx's margin).
     fleet = private_dask_fleet(FLEET_SLOW_JOB_TIMEOUT="10", FLEET_SLOW_DRAIN_TIMEOUT="11")
     before = {p["name"]: p["pid"] for p in fleet.processes()}
     # Heavy requests all along too: a worker taken away before the one restarted before it has
     # rejoined the scheduler would leave the cluster with none (503 no_workers).
-    with FastProbe(fleet), FastProbe(fleet, "/slow/fib/10", every=0.05), ThreadPoolExecutor(4) as pool:
+    with FastProbe(fleet), FastProbe(fleet, "/slow/fib/10", every=0.05, timeout=20), ThreadPoolExecutor(4) as pool:
         jobs = [pool.submit(fleet.get, "/slow/spin/1.5") for _ in range(2)]
         wait_for(lambda: fleet.slow_health()["pool"]["busy"] >= 2
                  and all(job_running_under(fleet.pid(name)) for name in ("dask-worker-01", "dask-worker-02")),
