@@ -14,6 +14,7 @@ A request's trip: app (parse, coalesce, admit) -> a pool's run -> a worker proce
     dask_worker   what the cluster's scheduler and workers preload (jobs run in pool.py's workers)
     inline_pool   the contract run in-process, for handler tests
     cpu_priority  nice, SCHED_IDLE and the workers' idle cpu cgroup
+    job_store     long jobs' records and numbered events (SQLite in the run dir): the one source of truth
     registry      how a task is declared (@task), and its argument parsers' helpers
     tasks         the shipped tasks
 """

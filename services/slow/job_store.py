@@ -1,0 +1,388 @@
+"""Where long jobs live: one record per job and its numbered events, in a real store, never only in
+a process's memory (long_jobs.py runs them, job_routes.py answers for them).
+
+    store = SqliteStore(run_dir / "jobs" / "store.sqlite")
+    job, created = store.create(NewJob(id=new_id(), task="report", client="10.0.0.7", owner="slow-01", ...))
+    store.start(job.id, "slow-01")                      # queued -> running            (event 2)
+    store.progress(job.id, 3, 10, "step 3")             # running, 3 of 10             (event 3)
+    store.finish(job.id, "succeeded", result=b"42")     # -> succeeded, expires later  (event 4, "end")
+    store.events(job.id, after=2)                       # [event 3, event 4]: what a stream missed
+
+The record is the single source of truth: it is committed before the client hears of the job (the
+202), every change of state or progress is one transaction that also appends the job's next event
+(its sequence number is the SSE `id:`), and a process only executes what the record says. Any slow
+instance of the host answers for any of its jobs: they share the file.
+
+States, and who moves a job between them (a terminal state is final; nothing leaves it):
+
+    queued ──start──► running ──finish──► succeeded | failed
+       │                 │
+       │              cancel ──► cancelling ──finish──► cancelled   (the owner kills the worker)
+       └──cancel──► cancelled                                       (at once: it never ran)
+    queued, running or cancelling ──finish(failed)──► failed        (its worker or instance was lost)
+
+`cancel` is best effort and leaves the record (AIP-151); it is idempotent. Finished records expire
+`ttl` seconds after they end: the sweep then drops their result and events and keeps a tombstone
+(state "expired", answered 410) for as long again, then nothing (404). The store is bounded: past
+`max_records` the oldest finished records expire early, and the oldest tombstones go.
+
+SQLite, embedded (nothing to install): WAL, so readers never wait for the writer; every write is
+one `BEGIN IMMEDIATE` transaction, so writers from several processes (the host's slow instances)
+queue on the file lock, bounded by `busy_timeout`; `synchronous=NORMAL`, with which a committed
+transaction survives a process crash (kill -9), though not a power loss. The calls block: the event
+loop makes them through AsyncStore, on one thread of its own. The interface is the Store protocol,
+so a server store (Redis, across hosts) can follow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import secrets
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+EXPIRED = "expired"  # a tombstone: the record ended and its TTL passed (410)
+ACTIVE = (QUEUED, RUNNING, CANCELLING)
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+# How long a writer waits for another process's transaction before giving up (sqlite3.OperationalError):
+# each of ours lasts well under a millisecond, so this is only ever reached by a stuck process.
+BUSY_TIMEOUT_SECONDS = 5.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    task TEXT NOT NULL,
+    client TEXT NOT NULL,              -- whose active-job share it counts against (admission.client_key)
+    owner TEXT NOT NULL,               -- the instance that runs it
+    state TEXT NOT NULL,
+    seq INTEGER NOT NULL,              -- the sequence number of its last event
+    args TEXT NOT NULL,                -- JSON: the arguments echoed in its answer (task.echo), never secrets
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    expires REAL,                      -- when a finished record expires; a tombstone's, when it goes
+    done REAL, total REAL, message TEXT,
+    result BLOB,                       -- the task's result, JSON (succeeded)
+    error TEXT,                        -- JSON: {"error": code, "message": ..., ...} (failed, cancelled)
+    idempotency_key TEXT,
+    fingerprint TEXT                   -- of the submitting request: the same key with another request is refused
+);
+CREATE INDEX IF NOT EXISTS jobs_active ON jobs (client) WHERE state IN ('queued', 'running', 'cancelling');
+CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires) WHERE expires IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (client, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS events (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,  -- across jobs, never reused: what a watcher has seen
+    job TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,                -- "state", "progress" or "end"
+    data TEXT NOT NULL,                -- JSON
+    UNIQUE (job, seq)
+);
+"""
+
+
+def new_id() -> str:
+    """A job id: 128 random bits, URL-safe (22 characters)."""
+    return secrets.token_urlsafe(16)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    id: str
+    task: str
+    client: str
+    owner: str
+    args: dict = field(default_factory=dict)
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    task: str
+    client: str
+    owner: str
+    state: str
+    seq: int
+    args: dict
+    created: float
+    started: float | None
+    finished: float | None
+    expires: float | None
+    done: float | None
+    total: float | None
+    message: str | None
+    result: bytes | None
+    error: dict | None
+    idempotency_key: str | None
+    fingerprint: str | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    kind: str
+    data: dict
+
+
+class Store(Protocol):
+    """What the slow app needs of a job store (SqliteStore; a server store later). Every method is
+    one transaction; a transition that the record's state does not allow changes nothing and
+    returns None (or the record as it is, for cancel)."""
+
+    def create(self, job: NewJob) -> tuple[Job, bool]: ...
+    def get(self, job_id: str) -> Job | None: ...
+    def start(self, job_id: str, owner: str) -> Job | None: ...
+    def progress(self, job_id: str, done: float, total: float | None, message: str) -> int | None: ...
+    def finish(self, job_id: str, state: str, result: bytes | None = None, error: dict | None = None) -> Job | None: ...
+    def cancel(self, job_id: str) -> Job | None: ...
+    def events(self, job_id: str, after: int = 0) -> list[Event]: ...
+    def changes(self, after: int) -> tuple[int, dict[str, int]]: ...
+    def count_active(self, client: str | None = None) -> int: ...
+    def sweep(self) -> dict[str, int]: ...
+
+
+class SqliteStore:
+    """The embedded store: one SQLite file per host in the run dir, shared by its slow instances."""
+
+    def __init__(self, path: Path | str, ttl: float = 3600, max_records: int = 100_000,
+                 busy_timeout: float = BUSY_TIMEOUT_SECONDS, clock=time.time):
+        self.path = Path(path)
+        self.ttl = ttl  # seconds a finished record is kept, and a tombstone after it
+        self.max_records = max_records
+        self.clock = clock
+        # isolation_level=None: no implicit transactions; each write says BEGIN IMMEDIATE itself, so
+        # it takes the file's write lock at its start (waiting up to busy_timeout), never half-way.
+        self.db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # survives a process crash; FULL for power loss
+        # Idempotent statements: instances starting together all succeed, one after the other.
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # transactions
+
+    def _write(self) -> "_Transaction":
+        return _Transaction(self.db)
+
+    def _append(self, job_id: str, seq: int, kind: str, data: dict) -> None:
+        self.db.execute("INSERT INTO events (job, seq, kind, data) VALUES (?, ?, ?, ?)",
+                        (job_id, seq, kind, json.dumps(data)))
+
+    def _row(self, job_id: str) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+
+    # the interface
+
+    def create(self, job: NewJob) -> tuple[Job, bool]:
+        """Commit a queued job (event 1); with an idempotency key the client already used, the
+        existing record instead, and False."""
+        now = self.clock()
+        with self._write():
+            if job.idempotency_key is not None:
+                row = self.db.execute("SELECT * FROM jobs WHERE client = ? AND idempotency_key = ?",
+                                      (job.client, job.idempotency_key)).fetchone()
+                if row is not None:
+                    return _job(row), False
+            self.db.execute(
+                "INSERT INTO jobs (id, task, client, owner, state, seq, args, created, idempotency_key, fingerprint)"
+                " VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
+                (job.id, job.task, job.client, job.owner, QUEUED, json.dumps(job.args), now, job.idempotency_key,
+                 job.fingerprint))
+            self._append(job.id, 1, "state", {"state": QUEUED})
+            return _job(self._row(job.id)), True
+
+    def get(self, job_id: str) -> Job | None:
+        row = self._row(job_id)
+        return None if row is None else _job(row)
+
+    def start(self, job_id: str, owner: str) -> Job | None:
+        """queued -> running on `owner`; None if it is no longer queued (cancelled meanwhile)."""
+        with self._write():
+            row = self._row(job_id)
+            if row is None or row["state"] != QUEUED:
+                return None
+            seq = row["seq"] + 1
+            self.db.execute("UPDATE jobs SET state = ?, seq = ?, owner = ?, started = ? WHERE id = ?",
+                            (RUNNING, seq, owner, self.clock(), job_id))
+            self._append(job_id, seq, "state", {"state": RUNNING})
+            return _job(self._row(job_id))
+
+    def progress(self, job_id: str, done: float, total: float | None, message: str) -> int | None:
+        """Record a running job's progress; its event's sequence number, or None if it is not running."""
+        with self._write():
+            row = self._row(job_id)
+            if row is None or row["state"] != RUNNING:
+                return None
+            seq = row["seq"] + 1
+            self.db.execute("UPDATE jobs SET seq = ?, done = ?, total = ?, message = ? WHERE id = ?",
+                            (seq, done, total, message, job_id))
+            self._append(job_id, seq, "progress", {"done": done, "total": total, "message": message})
+            return seq
+
+    def finish(self, job_id: str, state: str, result: bytes | None = None, error: dict | None = None) -> Job | None:
+        """An active job ends: succeeded (with its result), failed or cancelled (with the error).
+        A job being cancelled ends cancelled whatever it would have been (the client asked first);
+        None if it had ended already."""
+        if state not in TERMINAL:
+            raise ValueError(f"not a terminal state: {state}")
+        now = self.clock()
+        with self._write():
+            row = self._row(job_id)
+            if row is None or row["state"] not in ACTIVE:
+                return None
+            if row["state"] == CANCELLING:
+                state, result = CANCELLED, None
+                error = {"error": "cancelled", "message": "the job was cancelled while it ran; its worker was stopped"}
+            seq = row["seq"] + 1
+            self.db.execute("UPDATE jobs SET state = ?, seq = ?, finished = ?, expires = ?, result = ?, error = ?"
+                            " WHERE id = ?", (state, seq, now, now + self.ttl, result,
+                                              None if error is None else json.dumps(error), job_id))
+            self._append(job_id, seq, "end", {"state": state})
+            return _job(self._row(job_id))
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Ask for a job's end: a queued one is cancelled at once, a running one is marked
+        cancelling (its owner stops it and finishes it cancelled); anything else is left as it is.
+        The record as it now is, or None if there is none."""
+        now = self.clock()
+        with self._write():
+            row = self._row(job_id)
+            if row is None:
+                return None
+            seq = row["seq"] + 1
+            if row["state"] == QUEUED:
+                error = {"error": "cancelled", "message": "the job was cancelled before it ran"}
+                self.db.execute("UPDATE jobs SET state = ?, seq = ?, finished = ?, expires = ?, error = ? WHERE id = ?",
+                                (CANCELLED, seq, now, now + self.ttl, json.dumps(error), job_id))
+                self._append(job_id, seq, "end", {"state": CANCELLED})
+            elif row["state"] == RUNNING:
+                self.db.execute("UPDATE jobs SET state = ?, seq = ? WHERE id = ?", (CANCELLING, seq, job_id))
+                self._append(job_id, seq, "state", {"state": CANCELLING})
+            return _job(self._row(job_id))
+
+    def events(self, job_id: str, after: int = 0) -> list[Event]:
+        """The job's events numbered above `after`, in order (what a stream reconnecting with
+        Last-Event-ID missed)."""
+        rows = self.db.execute("SELECT seq, kind, data FROM events WHERE job = ? AND seq > ? ORDER BY seq",
+                               (job_id, after)).fetchall()
+        return [Event(r["seq"], r["kind"], json.loads(r["data"])) for r in rows]
+
+    def changes(self, after: int) -> tuple[int, dict[str, int]]:
+        """Events appended since position `after`, by any process: (the last position, {job: its
+        last seq}). One cheap query tells a watcher which streams to wake."""
+        rows = self.db.execute("SELECT job, MAX(seq) AS seq, MAX(position) AS position FROM events"
+                               " WHERE position > ? GROUP BY job", (after,)).fetchall()
+        last = max((r["position"] for r in rows), default=after)
+        return last, {r["job"]: r["seq"] for r in rows}
+
+    def last_position(self) -> int:
+        row = self.db.execute("SELECT MAX(position) FROM events").fetchone()
+        return row[0] or 0
+
+    def count_active(self, client: str | None = None) -> int:
+        """Jobs queued, running or being cancelled: the client's, or everyone's."""
+        active = "state IN ('queued', 'running', 'cancelling')"
+        if client is None:
+            return self.db.execute(f"SELECT COUNT(*) FROM jobs WHERE {active}").fetchone()[0]
+        return self.db.execute(f"SELECT COUNT(*) FROM jobs WHERE client = ? AND {active}", (client,)).fetchone()[0]
+
+    def active_owned_by(self, owner: str) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM jobs WHERE owner = ? AND state IN ('queued', 'running', 'cancelling')", (owner,))]
+
+    def sweep(self) -> dict[str, int]:
+        """Expire finished records past their TTL (result and events dropped, a tombstone kept),
+        remove tombstones past theirs, and hold the store to max_records."""
+        now = self.clock()
+        with self._write():
+            expired = self._expire("expires <= ?", (now,), now)
+            over = self.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] - self.max_records
+            if over > 0:  # the oldest finished records go first; active ones are bounded by jobs.max_active
+                expired += self._expire("id IN (SELECT id FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled')"
+                                        " ORDER BY finished LIMIT ?)", (over,), now)
+            removed = self.db.execute("DELETE FROM jobs WHERE state = 'expired' AND expires <= ?", (now,)).rowcount
+            over = self.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] - self.max_records
+            if over > 0:
+                removed += self.db.execute("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state = 'expired'"
+                                           " ORDER BY expires LIMIT ?)", (over,)).rowcount
+        return {"expired": expired, "removed": removed}
+
+    def _expire(self, where: str, params: tuple, now: float) -> int:
+        ids = [r[0] for r in self.db.execute(
+            f"SELECT id FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') AND {where}", params)]
+        for job_id in ids:
+            self.db.execute("UPDATE jobs SET state = 'expired', result = NULL, error = NULL, expires = ? WHERE id = ?",
+                            (now + self.ttl, job_id))
+            self.db.execute("DELETE FROM events WHERE job = ?", (job_id,))
+        return len(ids)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind, value, tb) -> None:
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def _job(row: sqlite3.Row) -> Job:
+    values = dict(row)
+    values["args"] = json.loads(values["args"])
+    values["error"] = None if values["error"] is None else json.loads(values["error"])
+    return Job(**values)
+
+
+class AsyncStore:
+    """A store's calls from the event loop, made on one thread of their own: SQLite blocks (a
+    write may wait for another instance's), the loop never does. One thread, one connection: the
+    calls of one instance run in the order they were made.
+
+        job = await stores.get(job_id)
+    """
+
+    def __init__(self, store: Any):
+        self.sync = store
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="job-store")
+
+    def __getattr__(self, name: str):
+        method = getattr(self.sync, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._thread, functools.partial(method, *args, **kwargs))
+
+        return call
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        self.sync.close()
+
+
+def open_store(directory: Path, ttl: float, max_records: int) -> SqliteStore:
+    """The host's store in the run dir (jobs.store = "sqlite"): one file its slow instances share."""
+    directory.mkdir(exist_ok=True)
+    return SqliteStore(directory / "store.sqlite", ttl=ttl, max_records=max_records)
