@@ -94,6 +94,12 @@ def _check_backend(value: str) -> None:
         raise ValueError(value)
 
 
+def _check_job_store(value: str) -> None:
+    '''"sqlite"'''
+    if value != "sqlite":
+        raise ValueError(value)
+
+
 def _check_scheduler(value: str) -> None:
     '''"managed", or a scheduler address tcp://host:port or tls://host:port'''
     if value == "managed":
@@ -246,6 +252,13 @@ SCHEMA: dict[str, Spec] = {
     "slow.coalesce": Spec(bool),
     "slow.event_loop": Spec(str, check=_check_event_loop),
     "slow.task_modules": Spec(str, check=_check_modules),
+    "jobs.store": Spec(str, check=_check_job_store),
+    "jobs.result_ttl": Spec(float, 60, 2_592_000),
+    "jobs.max_records": Spec(int, 100, 100_000_000),
+    "jobs.max_active_per_client": Spec(int, 1, 100_000),
+    "jobs.max_active": Spec(int, 1, 1_000_000),
+    "jobs.max_run_time": Spec(float, 1, 86_400),
+    "jobs.keepalive_seconds": Spec(float, 1, 300),
     "process.user": Spec(str, check=_check_user),
     "observe.blocked_loop_ms": Spec(int, 10, 60000),
     "observe.test_routes": Spec(bool),
@@ -259,6 +272,7 @@ SCHEMA: dict[str, Spec] = {
     "tasks.sleep.max_seconds": Spec(float, 0, 600),
     "tasks.primes.max_n": Spec(int, 0, 100_000_000),
     "tasks.digest.max_rounds": Spec(int, 1, 100_000_000),
+    "tasks.report.max_seconds": Spec(float, 0.1, 86_400),
 }
 
 

@@ -162,7 +162,11 @@ class DaskPool:
 
     # the interface
 
-    async def run(self, task: str, kwargs: dict, timeout: float, client: str = "") -> tuple[bytes, float]:
+    async def run(self, task: str, kwargs: dict, timeout: float, client: str = "",
+                  progress: Any = None, kill_on_cancel: bool = False) -> tuple[bytes, float]:
+        # progress: not carried from the cluster's job processes yet (issue 26: the Dask worker's
+        # pool gets the reports; they still have to reach this instance).
+        who = client
         client = self.client
         if client is None or client.status != "running":
             self.counters["unavailable"] += 1
@@ -176,7 +180,7 @@ class DaskPool:
         future = client.submit(run_job, task, kwargs, timeout, key, self.reply_topic, pure=False, key=key)
         self._in_flight += 1
         try:
-            result = await self._wait(future, pushed, task, timeout, client)
+            result = await self._wait(future, pushed, task, timeout, who, kill_on_cancel)
         except JobError:
             self.counters["error"] += 1
             raise
@@ -192,7 +196,7 @@ class DaskPool:
         return result
 
     async def _wait(self, future: Any, pushed: asyncio.Future, task: str, timeout: float,
-                    client: str) -> tuple[bytes, float]:
+                    client: str, kill_on_cancel: bool = False) -> tuple[bytes, float]:
         submitted = time.monotonic()
         # One task awaits the job's outcome; callers only ever wait on it through shield(), so a
         # departed client cannot cancel the job by accident. Its outcome is always retrieved: a
@@ -204,7 +208,7 @@ class DaskPool:
             try:
                 return await asyncio.wait_for(asyncio.shield(outcome), timeout + GRACE)
             except asyncio.CancelledError:  # the client went away
-                if not (self.kill_on_cancel or self._kill_budget.take()):
+                if not (self.kill_on_cancel or kill_on_cancel or self._kill_budget.take()):
                     # Left to finish, keeping its slot; yields to another client's waiting job once
                     # it has run RECLAIM_AFTER (pool.py says why).
                     self.counters["finished_after_cancel"] += 1

@@ -11,8 +11,9 @@ survives no crash; tests of those use WorkerPool.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
+from services.slow import progress as reports
 from services.slow import registry
 from services.slow.jobs import JobFailed, ResultTooLarge
 from services.slow.worker import encode_result, error_reply
@@ -27,9 +28,13 @@ class InlinePool:
         self.kill_on_cancel = False
         self.counters = {"ok": 0, "error": 0}
 
-    async def run(self, task: str, kwargs: dict, timeout: float, client: str = "") -> tuple[bytes, float]:
+    async def run(self, task: str, kwargs: dict, timeout: float, client: str = "",
+                  progress: Callable[[float, float | None, str], None] | None = None,
+                  kill_on_cancel: bool = False) -> tuple[bytes, float]:
         t = self.tasks[task]
         started = time.perf_counter()
+        # A report is delivered as the worker's pipe delivers it: the caller's callback, in the loop.
+        reports.reporting_to(None if progress is None else lambda message: progress(*message[1:4]))
         try:
             if t.setup is not None:
                 if task not in self.state:
@@ -40,6 +45,8 @@ class InlinePool:
         except Exception as exc:
             self.counters["error"] += 1
             raise JobFailed(*error_reply(exc)[1:]) from None
+        finally:
+            reports.reporting_to(None)
         reply = encode_result(result, self.max_result_bytes)
         if reply[0] != "ok":
             self.counters["error"] += 1

@@ -250,9 +250,12 @@ class Pool(Protocol):
     size: int  # jobs it runs at once (its share of a cluster's)
     kill_on_cancel: bool  # True: a cancelled job is stopped whatever the kill budget says
 
-    async def run(self, task: str, kwargs: dict, timeout: float, client: str = "") -> tuple[bytes, float]:
+    async def run(self, task: str, kwargs: dict, timeout: float, client: str = "",
+                  progress: Any = None, kill_on_cancel: bool = False) -> tuple[bytes, float]:
         """(the result as JSON bytes, elapsed ms), or a JobError; cancelled: the job is stopped
-        (or, past the kill budget, left to finish before this returns)."""
+        (or, past the kill budget, left to finish before this returns; kill_on_cancel: stopped
+        whatever the budget). progress(done, total, message): called in the loop with each report
+        the task makes (progress.py)."""
 
     def stats(self) -> dict:
         """Figures for /healthz and /metrics: backend, workers, busy, problem, counters."""

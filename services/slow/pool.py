@@ -45,7 +45,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from services.common import procfs
 from services.common.settings import Settings
@@ -131,6 +131,7 @@ class _Worker:
     broken: dict[str, tuple] = field(default_factory=dict)  # tasks whose setup failed here
     started: float = field(default_factory=time.monotonic)
     job_started: float = 0.0
+    on_progress: Callable[[float, float | None, str], None] | None = None  # its job's progress reports go here
     jobs: int = 0  # jobs it has run to their end
     job_limit: int = 0  # replaced after this many jobs; 0: never
     pid: int = field(init=False)  # kept: the process object is closed once it is reaped
@@ -250,17 +251,25 @@ class WorkerPool:
 
     # the interface
 
-    async def run(self, task: str, kwargs: dict, timeout: float, client: str = "") -> tuple[bytes, float]:
+    async def run(self, task: str, kwargs: dict, timeout: float, client: str = "",
+                  progress: Callable[[float, float | None, str], None] | None = None,
+                  kill_on_cancel: bool = False) -> tuple[bytes, float]:
         """Run one job on an idle worker; return (result as JSON bytes, elapsed_ms) or raise a JobError.
 
-        client: whose job it is (its address), for reclaim()."""
+        client: whose job it is (its address), for reclaim(). progress: called in the loop with
+        each (done, total, message) the task reports. kill_on_cancel: a cancel kills the worker
+        whatever the kill budget (a long job's explicit cancel, not a departed client)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             worker = await self._idle_worker(task, deadline)
             if not await self._send(worker, task, kwargs, deadline, timeout):
                 continue  # it died while idle: the job goes to a live worker
-            reply = await self._reply(worker, task, deadline, timeout, client)
+            worker.on_progress = progress
+            try:
+                reply = await self._reply(worker, task, deadline, timeout, client, kill_on_cancel)
+            finally:
+                worker.on_progress = None
             worker.job = None
             if reply[0] != "unavailable":
                 break
@@ -380,7 +389,8 @@ class WorkerPool:
                 worker.sending.stop()
                 worker.sending = None
 
-    async def _reply(self, worker: _Worker, task: str, deadline: float, timeout: float, client: str) -> tuple:
+    async def _reply(self, worker: _Worker, task: str, deadline: float, timeout: float, client: str,
+                     kill_on_cancel: bool = False) -> tuple:
         job = worker.job
         try:
             async with asyncio.timeout_at(deadline):
@@ -389,7 +399,7 @@ class WorkerPool:
             self._retire(worker, "timeout")
             raise JobTimeout(f"job {task} passed its {timeout:g} s deadline") from None
         except asyncio.CancelledError:
-            if self.kill_on_cancel or (self._whole and self._kill_budget.take()):
+            if self.kill_on_cancel or kill_on_cancel or (self._whole and self._kill_budget.take()):
                 self._retire(worker, "cancelled")
                 raise
             # The cancellation is swallowed here: say so to the task, or the asyncio.timeout_at
@@ -530,7 +540,10 @@ class WorkerPool:
             kind = message[0]
             if worker.ready.done() and kind in ("ready", "start_failed"):
                 continue  # too late: its start already timed out
-            if kind == "ready":
+            if kind == "progress":
+                if worker.on_progress is not None:
+                    worker.on_progress(*message[1:4])
+            elif kind == "ready":
                 worker.ready.set_result(message[2])
             elif kind == "start_failed":
                 log.error("worker %d could not load the task modules: %s: %s\n%s", worker.pid, *message[1:])

@@ -5,6 +5,7 @@
 - sleep: a legacy blocking client held in each worker (per-worker setup), a worker busy waiting.
 - digest: iterated SHA-256 of client data, CPU work whose arguments rarely repeat (floods use it).
 - primes: how many primes are below n, a deterministic report whose answer the edge caches.
+- report: a long job (seconds to minutes by its argument) that reports its progress as it goes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import uuid
 from typing import Any, Mapping
 
+from services.slow import progress
 from services.slow.registry import BadArgument, bounded_float, bounded_int, task
 
 
@@ -136,3 +138,31 @@ def parse_sleep(path: str, params: Mapping[str, str], config: Mapping[str, Any])
 @task("sleep", parse=parse_sleep, setup=connect_legacy_client, echo=("seconds",))
 def blocking_call(client: LegacyClient, seconds: float) -> dict:
     return client.call(seconds)
+
+
+# report: a long job that says how far it has got -------------------------------------------------
+
+def parse_report(path: str, params: Mapping[str, str], config: Mapping[str, Any]) -> dict:
+    if path == "":
+        raise BadArgument("missing seconds: use /slow/report/<seconds>")
+    return {"seconds": bounded_float(path, "seconds", 0.1, config["max_seconds"])}
+
+
+SECTIONS_PER_SECOND = 10  # one progress report per section: as often as progress.py lets through
+
+
+# long: always a job (202, /jobs/<id>), never held by a request. Its own timeout (an hour) is past
+# any argument it accepts (tasks.report.max_seconds); the fleet caps it at jobs.max_run_time.
+@task("report", parse=parse_report, echo=("seconds",), long=True, timeout=3600)
+def report(seconds: float) -> dict:
+    """CPU work for `seconds`, in sections of a tenth of a second, reporting each: a report, an
+    export, a model run (SHA-256 rounds stand for the work)."""
+    sections = max(1, round(seconds * SECTIONS_PER_SECOND))
+    value = b"report"
+    for section in range(1, sections + 1):
+        end = time.perf_counter() + seconds / sections
+        while time.perf_counter() < end:
+            for _ in range(1000):
+                value = hashlib.sha256(value).digest()
+        progress.report(section, sections, f"section {section} of {sections}")
+    return {"sections": sections, "digest": value.hex()}

@@ -6,6 +6,7 @@ pipe and answers with a plain tuple, never an exception object:
 
     ("ready", pid, {task: (type, message, traceback) of a failed setup})    once, at start
     ("start_failed", type, message, traceback)                              the task modules did not load
+    ("progress", done, total, message)                                      the job's progress (progress.py), any number
     ("ok", result JSON bytes, elapsed ms)                                   a job's result, encoded here
     ("error", type, message, traceback, [elapsed ms])                       the task raised
     ("too_large", size)                                                     the result is over the cap
@@ -31,7 +32,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Iterator
 
-from services.slow import cpu_priority
+from services.slow import cpu_priority, progress
 
 PR_SET_PDEATHSIG = 1
 # Every worker, and every process a task starts, carries this in its environment: a restarted
@@ -132,12 +133,15 @@ def worker_main(conn: Connection, task_modules: str, nice: int, sched_idle: bool
                 continue
             del broken[name]
         started = time.perf_counter()
+        progress.reporting_to(conn.send)  # the task's progress reports go up the pipe before its reply
         try:
             result = t.fn(state[name], **kwargs) if t.setup is not None else t.fn(**kwargs)
             elapsed_ms = 1000 * (time.perf_counter() - started)
             reply = encode_result(result, max_result_bytes) + (elapsed_ms,)
         except BaseException as exc:  # converted here, so only plain strings cross the pipe
             reply = error_reply(exc)
+        finally:
+            progress.reporting_to(None)
         conn.send(reply)
 
 

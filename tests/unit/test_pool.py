@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import multiprocessing.forkserver
 import os
 import signal
@@ -741,3 +742,32 @@ def test_workers_are_the_oom_killer_s_first_choice():
         assert Path("/proc/self/oom_score_adj").read_text().strip() != "1000"  # the instance is not
 
     with_pool(body)
+
+
+def test_a_job_s_progress_reports_come_up_its_worker_s_pipe_before_its_result():
+    async def body(pool):
+        reports = []
+        result, _ = await pool.run("report", {"seconds": 0.4}, timeout=10, progress=lambda *r: reports.append(r))
+        assert json.loads(result)["sections"] == 4
+        assert reports == [(float(n), 4.0, f"section {n} of 4") for n in range(1, 5)]
+        # the next job on that worker reports to its own caller only
+        await pool.run("fib", {"n": 5}, timeout=10)
+        assert len(reports) == 4
+
+    with_pool(body, size=1)
+
+
+def test_a_cancel_that_must_kill_stops_the_worker_even_past_the_kill_budget():
+    async def body(pool):
+        pool._kill_budget.tokens = 0  # an abort storm has spent it: a departed client's job would run on
+        pid = pool.stats()["pids"][0]
+        started = []
+        job = asyncio.ensure_future(pool.run("report", {"seconds": 30}, timeout=60, kill_on_cancel=True,
+                                             progress=lambda *r: started.append(r)))
+        await eventually(lambda: started, what="the job reports progress")
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        await eventually(lambda: not procfs.alive(pid), what="its worker killed")
+
+    with_pool(body, size=1)

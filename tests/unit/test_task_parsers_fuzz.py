@@ -60,6 +60,8 @@ def within_bounds(name: str, kwargs: dict, config: dict) -> None:
         kwargs["password"].encode(), kwargs["salt"].encode()  # valid Unicode: the task can encode it
     elif name == "sleep":
         assert math.isfinite(kwargs["seconds"]) and 0 <= kwargs["seconds"] <= config["max_seconds"]
+    elif name == "report":
+        assert math.isfinite(kwargs["seconds"]) and 0.1 <= kwargs["seconds"] <= config["max_seconds"]
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -77,4 +79,4 @@ def test_a_parser_returns_bounded_arguments_or_raises_bad_argument(name, path, q
 
 
 def test_the_shipped_tasks_are_all_fuzzed():
-    assert {"fib", "pbkdf2", "digest", "primes", "sleep"} <= set(TASKS)
+    assert {"fib", "pbkdf2", "digest", "primes", "sleep", "report"} <= set(TASKS)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 import pytest
 
-from services.slow import registry, tasks
+from services.slow import progress, registry, tasks
 from services.slow.registry import BadArgument
 
 FIB_CONFIG = {"max_n": 35}
@@ -125,11 +126,60 @@ def test_parse_sleep_rejects_anything_else(path):
         tasks.parse_sleep(path, {}, SLEEP_CONFIG)
 
 
+# report: a long job ---------------------------------------------------------------------------------
+
+def test_report_runs_about_its_seconds_and_reports_each_section_coalesced_to_ten_a_second():
+    reports = []
+    progress.reporting_to(reports.append)
+    try:
+        started = time.perf_counter()
+        result = tasks.report(0.5)
+        took = time.perf_counter() - started
+    finally:
+        progress.reporting_to(None)
+    assert result["sections"] == 5 and len(result["digest"]) == 64
+    assert 0.5 <= took < 2
+    assert [r[1:3] for r in reports] == [(float(n), 5.0) for n in range(1, 6)]
+    assert reports[-1][3] == "section 5 of 5"
+
+
+def test_a_task_reporting_in_a_tight_loop_sends_about_ten_reports_a_second_and_always_the_last():
+    sent = []
+    progress.reporting_to(sent.append)
+    try:
+        started = time.monotonic()
+        n = 0
+        while time.monotonic() - started < 0.35:
+            n += 1
+            progress.report(n, None, "busy")
+        progress.report(n, n, "done")
+    finally:
+        progress.reporting_to(None)
+    assert n > 1000 and 3 <= len(sent) <= 6
+    assert sent[-1] == ("progress", float(n), float(n), "done")
+
+
+def test_a_report_outside_a_worker_goes_nowhere():
+    progress.report(1, 2, "nobody listens")  # no error, nothing sent
+
+
+@pytest.mark.parametrize("path", ["", "0", "0.05", "601", "abc", "nan"])
+def test_parse_report_takes_seconds_from_a_tenth_to_its_maximum(path):
+    with pytest.raises(BadArgument):
+        tasks.parse_report(path, {}, {"max_seconds": 600})
+
+
+def test_a_long_task_must_declare_its_timeout_and_may_be_neither_cached_nor_coalesced():
+    for options in ({}, {"timeout": 100_000}, {"timeout": 10, "coalesce": True}):
+        with pytest.raises(ValueError, match="long task"):
+            registry.task("long_one", parse=tasks.parse_report, long=True, **options)
+
+
 # the registry -----------------------------------------------------------------------------------
 
 def test_registry_load_returns_only_the_tasks_of_the_named_modules():
     shipped = registry.load("services.slow.tasks")
-    assert set(shipped) == {"fib", "pbkdf2", "sleep", "primes", "digest"}
+    assert set(shipped) == {"fib", "pbkdf2", "sleep", "primes", "digest", "report"}
     faulty = registry.load("tests.support.faulty_tasks")
     assert "fib" not in faulty
     assert {"raise_error", "exit_worker", "spin", "pid"} <= set(faulty)
