@@ -48,7 +48,7 @@ LOOP_BLOCKED = Counter("fleet_event_loop_blocked_total", "Times the event loop w
 
 # Labels come from fixed sets only: a label a client could choose (its method, its path) would let
 # one client grow every instance's memory and /metrics without bound.
-METHODS = frozenset(("GET", "POST", "HEAD"))
+METHODS = frozenset(("GET", "POST", "HEAD", "DELETE"))
 
 _durations: dict[tuple[str, str, int], object] = {}  # label lookups cached: the fast path pays once
 _refreshers: dict[str, Callable[[], None]] = {}

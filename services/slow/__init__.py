@@ -1,6 +1,8 @@
 """The slow instances: heavy routes, admitted in the event loop and computed in worker processes.
 
 A request's trip: app (parse, coalesce, admit) -> a pool's run -> a worker process -> back as JSON.
+With `Prefer: respond-async` (or a long task): app -> a job committed in the store -> 202; the job
+then takes the same trip in the background, and /jobs/<id> answers for it.
 
     app           the task routes and /healthz; answers every job outcome with one rule
     jobs          the contract: how a job ends (each error's status, code and metric), the Pool
@@ -14,7 +16,10 @@ A request's trip: app (parse, coalesce, admit) -> a pool's run -> a worker proce
     dask_worker   what the cluster's scheduler and workers preload (jobs run in pool.py's workers)
     inline_pool   the contract run in-process, for handler tests
     cpu_priority  nice, SCHED_IDLE and the workers' idle cpu cgroup
+    long_jobs     jobs answered 202: submitted, run in the background through the same line, cancelled
+    job_routes    GET and DELETE /jobs/<id>, and its live events (SSE)
     job_store     long jobs' records and numbered events (SQLite in the run dir): the one source of truth
+    progress      what a task calls to report its progress from inside its worker
     registry      how a task is declared (@task), and its argument parsers' helpers
     tasks         the shipped tasks
 """

@@ -92,6 +92,17 @@ class Admission:
     def held_by(self, client: str) -> int:
         return self._held[client]
 
+    def refusal(self, client: str) -> Overloaded | ClientLimited | None:
+        """What slot() would refuse `client` with now, or None: asked before a long job is
+        committed, so that a refused one is answered at once, never accepted and then failed."""
+        full = self.running >= self.slots and self.waiting >= self.queue_limit
+        if full and self._victim(client) is None:
+            return Overloaded(f"{self.running} jobs running and {self.waiting} waiting")
+        if self.per_client is not None and self._held[client] >= self.per_client:
+            return ClientLimited(f"this client already has {self._held[client]} heavy requests in this instance "
+                                 f"(at most {self.per_client})")
+        return None
+
     @asynccontextmanager
     async def slot(self, client: str = "", task: str = "", deadline: float | None = None) -> AsyncIterator[None]:
         """Hold one running slot for the body.
@@ -100,15 +111,15 @@ class Admission:
         out of the line, QueueTimeout if `deadline` (the loop's time) passes first. `task` names
         what the job runs: the line's work is counted by task (waiting_tasks).
         """
+        refused = self.refusal(client)
+        if refused is not None:
+            if isinstance(refused, Overloaded):
+                self.shed += 1
+            else:
+                self.limited += 1
+            raise refused
         full = self.running >= self.slots and self.waiting >= self.queue_limit
         victim = self._victim(client) if full else None
-        if full and victim is None:
-            self.shed += 1
-            raise Overloaded(f"{self.running} jobs running and {self.waiting} waiting")
-        if self.per_client is not None and self._held[client] >= self.per_client:
-            self.limited += 1
-            raise ClientLimited(f"this client already has {self._held[client]} heavy requests in this instance "
-                                f"(at most {self.per_client})")
         if victim is not None:
             self._push_out(victim)
         if self.running < self.slots and not self.waiting:

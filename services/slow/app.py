@@ -5,7 +5,9 @@
 
 GET /slow/<task>/<argument>?<params> (or POST with a JSON object body and no query string, for tasks that take POST)
 runs a task from the registry (registry.py; the shipped ones are in tasks.py). The event loop only
-parses, admits and waits: it never computes.
+parses, admits and waits: it never computes. With `Prefer: respond-async` (and for a task declared
+long) the request is answered 202 and the work runs as a job at /jobs/<id> (long_jobs.py,
+job_routes.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from services.common.settings import heavy_capacity
 from services.slow import coalesce, jobs, registry
 from services.slow.admission import Admission, client_key
 from services.slow.backoff import RetryAfter
+from services.slow.job_routes import ID, JobEventsHandler, JobHandler, preferences, send_status, wait_seconds
+from services.slow.job_store import AsyncStore, open_store
 from services.slow.jobs import RETRY_AFTER_SECONDS
+from services.slow.long_jobs import LongJobs, answer_body
 from services.slow.pool import WorkerPool
 
 log = logging.getLogger("fleet.slow")
@@ -41,6 +46,7 @@ class TaskHandler(BaseHandler):
     pool: jobs.Pool  # WorkerPool, DaskPool or InlinePool: `async run(task, kwargs, timeout, client)`
     fleet: Any  # the fleet Settings
     flights: coalesce.Flights  # every job in progress on this instance, and who waits for it
+    long_jobs: LongJobs | None  # the jobs of requests answered 202 (None: this app keeps none)
 
     _flight: coalesce.Flight | None = None
     _waiting: asyncio.Future | None = None
@@ -95,6 +101,15 @@ class TaskHandler(BaseHandler):
                 self.set_header("Location", canonical)
                 self.write_json({"location": canonical}, status=301)
                 return
+        prefer = preferences(self.request.headers.get("Prefer", ""))
+        if task.long or "respond-async" in prefer:
+            if self.long_jobs is not None:
+                await self._submit(task, kwargs, prefer)
+                return
+            if task.long:
+                raise ApiError(503, "task_unavailable", f"task {name} runs only as a job, and this instance keeps "
+                                                        "no jobs", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+            # No job store here (an app built for a test): the preference is not applied (RFC 7240).
         # The same task with the same arguments already in flight here: wait for that job.
         key = coalesce.job_key(task.name, kwargs) if task.coalesce and self.fleet.slow.coalesce else None
         flight, shared = self.flights.join(key, lambda: asyncio.ensure_future(self._run(task, kwargs)),
@@ -175,14 +190,36 @@ class TaskHandler(BaseHandler):
         log.info("job %s ok in %.1f ms (waited %.1f ms)", task.name, elapsed_ms, queued_ms,
                  extra={"fields": {"task": task.name, "elapsed_ms": round(elapsed_ms, 2)}})
         # The worker encoded the result; here it is only framed, whatever its size.
-        head = json.dumps({"task": task.name, **{k: kwargs[k] for k in task.echo}})[:-1]
-        tail = json.dumps({"elapsed_ms": round(elapsed_ms, 2), "queued_ms": round(queued_ms, 2)})[1:]
-        return b"".join((head.encode(), b', "result": ', result_json, b", ", tail.encode()))
+        return answer_body(task, kwargs, result_json, elapsed_ms, queued_ms)
 
-    def _answer(self, exc: jobs.JobError, task: registry.Task) -> ApiError:
+    async def _submit(self, task: registry.Task, kwargs: dict, prefer: dict[str, str]) -> None:
+        """Commit the job, then answer 202 with its status document and Location; with Prefer's
+        wait=N, the synchronous answer instead if the job ends within N seconds (at most the job
+        deadline, within which nginx waits)."""
+        try:
+            job = await self.long_jobs.submit(task, kwargs, client_key(self.request.remote_ip), self.request_id)
+        except jobs.JobError as exc:
+            raise self._answer(exc, task) from None
+        wait = wait_seconds(prefer)
+        if wait is not None and wait > 0:
+            outcome = await self.long_jobs.outcome(job.id, min(wait, self.fleet.slow.job_timeout))
+            if outcome is not None:
+                self.set_header("Content-Location", f"/jobs/{job.id}")  # the record stays there until its TTL
+                if outcome.error is not None:
+                    raise self._answer(outcome.error, task, logged=True)
+                self.set_header("Content-Type", "application/json")
+                self.finish(outcome.body)
+                return
+            job = await self.long_jobs.store.get(job.id) or job
+        self.set_header("Location", f"/jobs/{job.id}")
+        if "respond-async" in prefer:
+            self.set_header("Preference-Applied", "respond-async")
+        send_status(self, job, 202)
+
+    def _answer(self, exc: jobs.JobError, task: registry.Task, logged: bool = False) -> ApiError:
         """The contract's JSON error for a job that ended without a result: each kind of ending
-        carries its status, code and message (jobs.py)."""
-        if exc.log_level is not None:
+        carries its status, code and message (jobs.py). `logged`: the job's runner logged it."""
+        if exc.log_level is not None and not logged:
             log.log(exc.log_level, "%s", exc.describe(task.name),
                     extra={"fields": {"task": task.name, **exc.log_fields()}})
         wait = exc.retry_after(self.retry_after, task.name, self.admission) if exc.retry else None
@@ -229,12 +266,16 @@ def make_admission(fleet: Any, slots: int) -> Admission:
 
 
 def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool: jobs.Pool,
-             admission: Admission | None = None) -> web.Application:
+             admission: Admission | None = None, store: AsyncStore | None = None) -> web.Application:
     """The slow app for `pool` and the `admission` its pool was made with (make_pool); a test's
-    pool that needs no line gets one of its own size."""
+    pool that needs no line gets one of its own size. With a job `store`, requests may be answered
+    202 and run as jobs (app.settings["long_jobs"], started by the caller); without, they never are."""
     fleet = instance.settings
     admission = admission or make_admission(fleet, pool.size)
     flights = coalesce.Flights()
+    settings = server.app_settings(instance)
+    long_jobs = None if store is None else LongJobs(store, pool, admission, fleet, instance.name,
+                                                    in_flight=settings["in_flight"])
 
     def stop_jobs() -> None:
         """At a drain's deadline: answer every unfinished job 503 (its worker is killed)."""
@@ -242,10 +283,12 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
         for flight in list(flights.all):
             flight.stopped = True
             flight.job.cancel()
+        if long_jobs is not None:
+            long_jobs.stop_all()
 
     shared = {"tasks": tasks, "admission": admission, "pool": pool, "fleet": fleet, "flights": flights,
-              "retry_after": RetryAfter(ceiling=fleet.slow.job_timeout)}
-    settings = server.app_settings(instance)
+              "retry_after": RetryAfter(ceiling=fleet.slow.job_timeout), "long_jobs": long_jobs}
+    settings["long_jobs"] = long_jobs
     settings["on_drain_deadline"] = stop_jobs
     metrics.declare_tasks(tasks, fleet.slow.backend, jobs.OUTCOMES)
 
@@ -259,6 +302,8 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
     return web.Application(
         [
             (r"/slow/([a-z0-9_]+)(?:/(.*))?", TaskHandler, shared),
+            (rf"/jobs/{ID}", JobHandler, {"long_jobs": long_jobs}),
+            (rf"/jobs/{ID}/events", JobEventsHandler, {"long_jobs": long_jobs}),
             (r"/healthz", SlowHealthHandler,
              {"admission": admission, "pool": pool, "fleet": fleet, "route_pattern": "/healthz"}),
             (r"/metrics", MetricsHandler),
@@ -285,8 +330,17 @@ async def run(instance: server.Instance) -> None:
     admission = make_admission(instance.settings, heavy_capacity(instance.settings.values))
     # The pool starts (local workers forked, niced, set up; or the cluster joined) before the port is
     # bound: the first request never waits for it, and no worker can ever hold the server's socket.
+    fleet = instance.settings
+    # The host's job store, shared by its slow instances: a file in the run dir (jobs.store = "sqlite").
+    store = AsyncStore(open_store(fleet.run_dir / "jobs", ttl=fleet.jobs.result_ttl, max_records=fleet.jobs.max_records))
     async with make_pool(instance, admission) as pool:
-        await server.serve(make_app(instance, tasks, pool, admission), instance)
+        app = make_app(instance, tasks, pool, admission, store)
+        await app.settings["long_jobs"].start()
+        try:
+            await server.serve(app, instance)
+        finally:
+            await app.settings["long_jobs"].close()
+            store.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -91,6 +91,15 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+class ActiveLimit(Exception):
+    """A job was not created: its client ("client") or the host ("all") has `count` active jobs,
+    its limit."""
+
+    def __init__(self, whose: str, count: int):
+        super().__init__(whose, count)
+        self.whose, self.count = whose, count
+
+
 def new_id() -> str:
     """A job id: 128 random bits, URL-safe (22 characters)."""
     return secrets.token_urlsafe(16)
@@ -145,7 +154,8 @@ class Store(Protocol):
     one transaction; a transition that the record's state does not allow changes nothing and
     returns None (or the record as it is, for cancel)."""
 
-    def create(self, job: NewJob) -> tuple[Job, bool]: ...
+    def create(self, job: NewJob, max_per_client: int | None = None,
+               max_active: int | None = None) -> tuple[Job, bool]: ...
     def get(self, job_id: str) -> Job | None: ...
     def start(self, job_id: str, owner: str) -> Job | None: ...
     def progress(self, job_id: str, done: float, total: float | None, message: str) -> int | None: ...
@@ -192,9 +202,11 @@ class SqliteStore:
 
     # the interface
 
-    def create(self, job: NewJob) -> tuple[Job, bool]:
+    def create(self, job: NewJob, max_per_client: int | None = None, max_active: int | None = None) -> tuple[Job, bool]:
         """Commit a queued job (event 1); with an idempotency key the client already used, the
-        existing record instead, and False."""
+        existing record instead, and False. ActiveLimit if the client already has max_per_client
+        active jobs, or the host max_active: counted in the same transaction, so instances
+        submitting at once cannot pass a limit together."""
         now = self.clock()
         with self._write():
             if job.idempotency_key is not None:
@@ -202,6 +214,10 @@ class SqliteStore:
                                       (job.client, job.idempotency_key)).fetchone()
                 if row is not None:
                     return _job(row), False
+            if max_per_client is not None and (held := self.count_active(job.client)) >= max_per_client:
+                raise ActiveLimit("client", held)
+            if max_active is not None and (active := self.count_active()) >= max_active:
+                raise ActiveLimit("all", active)
             self.db.execute(
                 "INSERT INTO jobs (id, task, client, owner, state, seq, args, created, idempotency_key, fingerprint)"
                 " VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",

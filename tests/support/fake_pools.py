@@ -19,12 +19,20 @@ class HeldPool:
         self.timeouts: list[float] = []  # the time each job was given to run, in order
         self.kill_on_cancel = False
         self.size = 1
+        self.progress = None  # the running job's progress callback: the test reports through it
+        self.cancelled = 0  # jobs cancelled while they ran
 
-    async def run(self, task: str, kwargs: dict, timeout: float, client: str = ""):
+    async def run(self, task: str, kwargs: dict, timeout: float, client: str = "", progress=None,
+                  kill_on_cancel: bool = False):
         self.calls += 1
         self.timeouts.append(timeout)
+        self.progress = progress
         self.started.set()
-        await self.release.wait()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         return b"75025", 1.0  # the interface: the result as JSON bytes
 
     def stats(self) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.slow.job_store import (CANCELLED, CANCELLING, EXPIRED, FAILED, QUEUED, RUNNING, SUCCEEDED,
-                                     AsyncStore, NewJob, SqliteStore, new_id)
+                                     ActiveLimit, AsyncStore, NewJob, SqliteStore, new_id)
 
 
 class Clock:
@@ -135,6 +135,19 @@ def test_active_jobs_are_counted_per_client_and_in_all(store):
     store.start(a2, "slow-01")
     store.cancel(b1)
     assert (store.count_active("a"), store.count_active("b"), store.count_active()) == (2, 0, 2)
+
+
+def test_a_client_at_its_active_limit_or_a_host_at_its_own_gets_no_new_job(store):
+    for _ in range(2):
+        submit(store, "a")
+    with pytest.raises(ActiveLimit) as refused:
+        store.create(NewJob(id=new_id(), task="report", client="a", owner="slow-01"), max_per_client=2)
+    assert (refused.value.whose, refused.value.count) == ("client", 2)
+    with pytest.raises(ActiveLimit) as refused:
+        store.create(NewJob(id=new_id(), task="report", client="b", owner="slow-01"), max_per_client=2, max_active=2)
+    assert refused.value.whose == "all"
+    assert store.count_active() == 2  # nothing was created
+    submit(store, "b")  # without limits
 
 
 def test_a_finished_record_expires_after_its_ttl_to_a_tombstone_then_goes(store, clock):

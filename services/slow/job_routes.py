@@ -1,0 +1,187 @@
+"""The job resource: GET and DELETE /jobs/<id>, and its live events, GET /jobs/<id>/events (SSE).
+
+    GET /jobs/<id>           200 the status document; Retry-After while the job is not done;
+                             404 unknown id, 410 expired (its TTL passed), never a made-up state
+    DELETE /jobs/<id>        200 the status document, cancelled (it was queued) or cancelling (its
+                             worker is being stopped); idempotent; the record stays until its TTL
+    GET /jobs/<id>/events    text/event-stream: each event's `id:` is its sequence number; with
+                             Last-Event-ID, exactly the events after it; a `: keep-alive` comment
+                             when nothing happens for jobs.keepalive_seconds; the `end` event
+                             (the final status document), then the stream closes; a reconnect
+                             after the end gets 204, which stops a browser's EventSource
+
+Any slow instance of the host answers for any of its jobs (the store is shared). The id is the
+job's only key: 128 random bits, as unguessable as a session cookie, so whoever holds it may
+read and cancel the job.
+
+The status document:
+
+    {"id": ..., "task": "report", "state": "running", "seq": 7, "args": {"seconds": 60},
+     "progress": {"done": 5, "total": 600, "message": "section 5 of 600"},
+     "created": "2026-12-06T16:40:01.123Z", "started": ..., "finished": null, "expires": null,
+     "location": "/jobs/<id>", "events": "/jobs/<id>/events",
+     "result": ... (succeeded), "error": {"error": <code>, "message": ..., ...} (failed, cancelled)}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import re
+
+from tornado.iostream import StreamClosedError
+
+from services.common.web import ApiError, BaseHandler
+from services.slow.job_store import EXPIRED, Job
+from services.slow.long_jobs import LongJobs
+
+ID = r"([A-Za-z0-9_-]{22})"  # job_store.new_id's shape; anything else is no job's
+POLL_AFTER = 1  # Retry-After of a job not done yet: seconds before it is worth asking again
+RECONNECT_MS = 1000  # the `retry:` a stream tells a browser: how soon to reconnect after a cut
+
+
+def status_document(job: Job) -> bytes:
+    """The job as JSON; a result stays the bytes the worker encoded, framed in, never decoded."""
+    doc = {
+        "id": job.id, "task": job.task, "state": job.state, "seq": job.seq, "args": job.args,
+        "progress": {"done": job.done, "total": job.total, "message": job.message} if job.done is not None else None,
+        "created": _time(job.created), "started": _time(job.started), "finished": _time(job.finished),
+        "expires": _time(job.expires) if job.terminal else None,
+        "location": f"/jobs/{job.id}", "events": f"/jobs/{job.id}/events",
+    }
+    if job.error is not None:
+        doc["error"] = job.error
+    body = json.dumps(doc).encode()
+    if job.result is None:
+        return body
+    return body[:-1] + b', "result": ' + job.result + b"}"
+
+
+def send_status(handler: BaseHandler, job: Job, status: int = 200) -> None:
+    """Answer with the job's status document (the 202 of a submission, GET and DELETE /jobs/<id>)."""
+    handler.set_status(status)
+    if not job.terminal:
+        handler.set_header("Retry-After", str(POLL_AFTER))
+    handler.set_header("Content-Type", "application/json")
+    handler.set_header("Cache-Control", "no-store")  # a running job's state is never to be cached
+    handler.finish(status_document(job))
+
+
+def preferences(header: str) -> dict[str, str]:
+    """The preferences of a Prefer header (RFC 7240): {"respond-async": "", "wait": "10"}. Names
+    in lower case; parameters after ";" are ignored, as is anything malformed (a preference is
+    never an error)."""
+    found: dict[str, str] = {}
+    for item in header.split(","):
+        name, _, value = item.split(";")[0].strip().partition("=")
+        if name:
+            found.setdefault(name.strip().lower(), value.strip().strip('"'))
+    return found
+
+
+def wait_seconds(prefer: dict[str, str]) -> int | None:
+    """Prefer's wait=N, in whole seconds, or None (absent or not a number)."""
+    value = prefer.get("wait", "")
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 9 else None
+
+
+def _time(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+class JobBase(BaseHandler):
+    long_jobs: LongJobs | None
+
+    async def job(self, job_id: str) -> Job:
+        """The job's record: 404 if there is none, 410 if it expired."""
+        job = await self.long_jobs.store.get(job_id) if self.long_jobs is not None else None
+        if job is None:
+            raise ApiError(404, "not_found", "no such job (an unknown id, or one whose record has gone)")
+        if job.state == EXPIRED:
+            raise ApiError(410, "expired", "this job ended and its record expired (jobs.result_ttl)")
+        return job
+
+    def write_status(self, job: Job) -> None:
+        send_status(self, job)
+
+
+class JobHandler(JobBase):
+    route_pattern = "/jobs/{id}"
+
+    async def get(self, job_id: str) -> None:
+        self.write_status(await self.job(job_id))
+
+    async def delete(self, job_id: str) -> None:
+        await self.job(job_id)  # 404, 410
+        job = await self.long_jobs.cancel(job_id)
+        if job is None:  # its tombstone went meanwhile
+            raise ApiError(404, "not_found", "no such job")
+        if job.state == EXPIRED:
+            raise ApiError(410, "expired", "this job ended and its record expired (jobs.result_ttl)")
+        self.write_status(job)
+
+
+class JobEventsHandler(JobBase):
+    route_pattern = "/jobs/{id}/events"
+    _gone = False
+    _waiter: asyncio.Future | None = None
+
+    async def get(self, job_id: str) -> None:
+        job = await self.job(job_id)
+        last = self._last_event_id()
+        if job.terminal and last >= job.seq:
+            self.set_status(204)  # the end was seen: a browser's EventSource stops reconnecting
+            self.finish()
+            return
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Accel-Buffering", "no")  # nginx passes each event on as it comes
+        # An open stream is no request in flight: a drain does not wait for it. The stream ends
+        # at the drain's start instead; the browser reconnects, with Last-Event-ID, elsewhere.
+        self._leave_in_flight()
+        watcher = self.long_jobs.watcher
+        keepalive = self.long_jobs.fleet.jobs.keepalive_seconds
+        try:
+            self.write(f"retry: {RECONNECT_MS}\n\n")
+            while not self._gone:
+                # Taken before the read: nothing written meanwhile is missed; resolved at once if
+                # the client leaves (on_connection_close), so a departed stream ends without waiting.
+                waiter = self._waiter = watcher.waiter(job_id)
+                for event in await self.long_jobs.store.events(job_id, after=last):
+                    last = event.seq
+                    if event.kind == "end":
+                        final = await self.long_jobs.store.get(job_id)
+                        self.write(f"id: {event.seq}\nevent: end\ndata: ".encode() + status_document(final) + b"\n\n")
+                        self.finish()
+                        return
+                    self.write(f"id: {event.seq}\nevent: {event.kind}\ndata: {json.dumps(event.data)}\n\n")
+                await self.flush()
+                if self.settings.get("draining"):
+                    break
+                if not await watcher.wait(job_id, waiter, keepalive) and not self._gone:
+                    job = await self.long_jobs.store.get(job_id)
+                    if job is None or job.state == EXPIRED:
+                        break  # its record went while it was followed
+                    self.write(": keep-alive\n\n")
+            if not self._finished:
+                self.finish()
+        except StreamClosedError:
+            pass  # the client left; the job goes on
+
+    def _last_event_id(self) -> int:
+        text = self.request.headers.get("Last-Event-ID", "").strip()
+        if text == "":
+            return 0
+        if not (text.isascii() and text.isdigit() and len(text) <= 18):
+            raise ApiError(400, "bad_request", "Last-Event-ID must be the id of an event of this job's stream")
+        return int(text)
+
+    def on_connection_close(self) -> None:
+        super().on_connection_close()
+        self._gone = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)

@@ -1,0 +1,342 @@
+"""Long jobs: a heavy request answered 202 Accepted at once, its work run as a job that outlives the
+request, followed at /jobs/<id> (job_routes.py), its state in the job store (job_store.py).
+
+    curl -si -H 'Prefer: respond-async' localhost:8080/slow/fib/30     # 202, Location: /jobs/<id>
+    curl -s localhost:8080/jobs/<id>                                   # state, progress, result
+    curl -sN localhost:8080/jobs/<id>/events                           # the same, live (SSE)
+    curl -s -X DELETE localhost:8080/jobs/<id>                         # cancel it
+
+Any task runs as a job when the request says `Prefer: respond-async` (with `wait=N`: answered
+synchronously if it ends within N seconds); a task declared `long=True` always does. Without the
+header nothing changes: a synchronous request is served exactly as before.
+
+Where each transition happens (job_store.py has the states):
+- created (queued), in the instance that took the request, committed before the 202: the client
+  never hears of a job the store does not hold. Refusals come first and are answered at once,
+  nothing committed: the client's or the host's active-job limit (429, 503; counted in the same
+  transaction as the insert), and a full admission line (503, as a synchronous request gets).
+- queued -> running, in that instance (the job's owner), when the job gets a running slot.
+  A job waits in the same admission line as synchronous requests (admission.py): one set of
+  workers, and one share per client for both, so asynchronous submission is no way around the
+  per-client limits and fairness, and no capacity is set aside for either kind. Its deadline
+  counts from its admission too: min(its task's timeout, slow.job_timeout), or for a long task
+  its own timeout capped by jobs.max_run_time.
+- progress, by the owner, from the worker's reports (progress.py: about 10 a second at most);
+  one write in flight per job, later reports replacing a waiting one, so a slow store never
+  queues work in the instance.
+- succeeded / failed (with the contract's error code, and whether a retry may work), by the owner
+  when the pool answers.
+- cancel, by whichever instance gets the DELETE: a queued job is cancelled in the store at once;
+  a running one is marked cancelling. The owner learns of it at once if the DELETE came to it,
+  else from its Watcher within WATCH_INTERVAL, and stops the job: out of the line, or its worker
+  killed whatever the departed-client kill budget says; it then ends cancelled.
+- A drain's deadline (SIGTERM) stops the jobs still running: failed, `shutting_down`, retryable.
+  Until then a draining instance lets them run, as it does requests.
+
+The Watcher: one query per instance every WATCH_INTERVAL ("which jobs have new events since
+position P"), whichever process wrote them: it wakes the event streams of those jobs, and tells
+an owner that one of its jobs is being cancelled. Writes made here wake streams at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from services.slow import jobs, registry
+from services.slow.admission import Admission
+from services.slow.job_store import (CANCELLED, CANCELLING, EXPIRED, FAILED, SUCCEEDED, ActiveLimit, AsyncStore,
+                                     Job, NewJob, new_id)
+
+log = logging.getLogger("fleet.jobs")
+
+WATCH_INTERVAL = 0.1  # seconds between a Watcher's looks at the store: a change elsewhere is seen this late at most
+SWEEP_INTERVAL = 30  # seconds between sweeps of expired records (each instance sweeps; sweeping is idempotent)
+
+
+class JobsLimited(jobs.JobError):
+    """The client already has jobs.max_active_per_client jobs queued or running."""
+
+    status, code, outcome, retry, log_level = 429, "rate_limited", "limited", True, None
+
+
+class JobsFull(jobs.JobError):
+    """The host already has jobs.max_active jobs queued or running."""
+
+    status, code, outcome, retry, log_level = 503, "overloaded", "shed", True, None
+
+
+class ShuttingDown(jobs.JobError):
+    """The instance running the job stopped (its drain's deadline) before the job ended."""
+
+    status, code, outcome, retry = 503, "shutting_down", "cancelled", True
+
+
+@dataclass
+class Outcome:
+    """How a job's run ended in this instance: its synchronous answer's body, or the error."""
+    body: bytes | None = None
+    error: jobs.JobError | None = None
+
+
+class Watcher:
+    """Wakes whoever waits for a job's next events, whichever process wrote them."""
+
+    def __init__(self, store: AsyncStore, interval: float = WATCH_INTERVAL):
+        self.store = store
+        self.interval = interval
+        self._waiters: dict[str, set[asyncio.Future]] = {}
+        self.on_change: Callable[[dict[str, int]], None] = lambda changed: None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        position = await self.store.last_position()
+        self._task = asyncio.get_running_loop().create_task(self._watch(position))
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _watch(self, position: int) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                position, changed = await self.store.changes(position)
+            except Exception:  # a locked or broken store: streams keep their keep-alives, try again
+                log.exception("could not read the job store's changes")
+                continue
+            if changed:
+                self.notify(changed)
+
+    def notify(self, changed: dict[str, int]) -> None:
+        for job_id in changed:
+            for waiter in self._waiters.pop(job_id, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+        self.on_change(changed)
+
+    def waiter(self, job_id: str) -> asyncio.Future:
+        """A future resolved at the job's next change: taken before reading its events, so that
+        nothing written in between is missed."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job_id, set()).add(waiter)
+        return waiter
+
+    async def wait(self, job_id: str, waiter: asyncio.Future, timeout: float) -> bool:
+        """True if the job changed within `timeout` seconds."""
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[job_id]
+
+
+class LongJobs:
+    """The jobs of one slow instance: submits them, runs those it owns, stops them on cancel."""
+
+    def __init__(self, store: AsyncStore, pool: jobs.Pool, admission: Admission, fleet: Any, owner: str,
+                 in_flight: Any = None):
+        self.store = store
+        self.pool = pool
+        self.admission = admission
+        self.fleet = fleet
+        self.owner = owner  # this instance's name
+        self.in_flight = in_flight  # the server's: a drain waits for running jobs as for requests
+        self.watcher = Watcher(store)
+        self.watcher.on_change = self._changed
+        self.running: dict[str, asyncio.Task] = {}  # the jobs this instance runs, by id
+        self._stopping: set[str] = set()  # jobs stopped by a drain, not by a cancel
+        self._progress: dict[str, tuple] = {}  # a job's latest report, waiting for its write
+        self._writing: dict[str, asyncio.Task] = {}  # jobs with progress writes in flight
+        self._sweeper: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.watcher.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def stop_all(self) -> None:
+        """At a drain's deadline: every job still running here fails, shutting_down (retryable)."""
+        for job_id, run in list(self.running.items()):
+            self._stopping.add(job_id)
+            run.cancel()
+
+    async def close(self) -> None:
+        self.stop_all()
+        if self.running:
+            await asyncio.wait(list(self.running.values()), timeout=5)
+        self.watcher.stop()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    def timeout(self, task: registry.Task) -> float:
+        if task.long:
+            return min(task.timeout, self.fleet.jobs.max_run_time)
+        return min(task.timeout or self.fleet.slow.job_timeout, self.fleet.slow.job_timeout)
+
+    # submitting
+
+    async def submit(self, task: registry.Task, kwargs: dict, client: str, request_id: str) -> Job:
+        """Commit a job and start it; JobError (answered at once, nothing committed) if refused."""
+        refused = self.admission.refusal(client)
+        if refused is not None:
+            raise refused
+        limits = self.fleet.jobs
+        record = NewJob(id=new_id(), task=task.name, client=client, owner=self.owner,
+                        args={k: kwargs[k] for k in task.echo})
+        try:
+            job, _ = await self.store.create(record, max_per_client=limits.max_active_per_client,
+                                             max_active=limits.max_active)
+        except ActiveLimit as exc:
+            if exc.whose == "client":
+                raise JobsLimited(f"this client already has {exc.count} jobs queued or running "
+                                  f"(jobs.max_active_per_client)") from None
+            raise JobsFull(f"{exc.count} jobs are queued or running here (jobs.max_active)") from None
+        run = asyncio.get_running_loop().create_task(self._run(job, task, kwargs, client, request_id))
+        self.running[job.id] = run
+        run.add_done_callback(lambda _: self._ended(job.id))
+        if self.in_flight is not None:
+            self.in_flight.enter()
+        return job
+
+    async def outcome(self, job_id: str, timeout: float) -> Outcome | None:
+        """How the job ends, if it does within `timeout` seconds and runs here; else None."""
+        run = self.running.get(job_id)
+        if run is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(run), timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            return None
+
+    async def cancel(self, job_id: str) -> Job | None:
+        """DELETE /jobs/<id>: the record as it is now (cancelled or cancelling), None if unknown."""
+        job = await self.store.cancel(job_id)
+        if job is not None and job.state in (CANCELLING, CANCELLED):
+            self._stop_local(job_id)
+        return job
+
+    # running
+
+    async def _run(self, job: Job, task: registry.Task, kwargs: dict, client: str, request_id: str) -> Outcome:
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        timeout = self.timeout(task)
+        deadline = arrived + timeout
+        try:
+            async with self.admission.slot(client, task.name, deadline):
+                started = loop.time()
+                if deadline - started <= 0:
+                    raise jobs.QueueTimeout(f"it waited {started - arrived:.1f} s in line, its whole deadline")
+                if await self.store.start(job.id, self.owner) is None:
+                    raise asyncio.CancelledError  # cancelled while it waited
+                self.watcher.notify({job.id: 0})
+                try:
+                    result_json, elapsed_ms = await self.pool.run(
+                        task.name, kwargs, deadline - started, client, kill_on_cancel=True,
+                        progress=lambda done, total, message: self._report(job.id, done, total, message))
+                except jobs.JobTimeout:
+                    raise jobs.JobTimeout(f"job {task.name} passed its {timeout:g} s deadline") from None
+        except jobs.JobError as exc:
+            await self._fail(job.id, task, exc, request_id)
+            return Outcome(error=exc)
+        except asyncio.CancelledError:
+            if job.id in self._stopping:
+                exc = ShuttingDown("the instance running the job stopped before it ended; submit it again")
+                await self._fail(job.id, task, exc, request_id)
+                return Outcome(error=exc)
+            await self._finish(job.id, CANCELLED, error={"error": "cancelled", "message": "the job was cancelled"})
+            raise
+        queued_ms = 1000 * (started - arrived)
+        log.info("job %s %s ok in %.1f ms (waited %.1f ms)", task.name, job.id, elapsed_ms, queued_ms,
+                 extra={"fields": {"task": task.name, "elapsed_ms": round(elapsed_ms, 2)}})
+        await self._finish(job.id, SUCCEEDED, result=result_json)
+        return Outcome(body=answer_body(task, kwargs, result_json, elapsed_ms, queued_ms))
+
+    async def _fail(self, job_id: str, task: registry.Task, exc: jobs.JobError, request_id: str) -> None:
+        if exc.log_level is not None:
+            log.log(exc.log_level, "job %s: %s", job_id, exc.describe(task.name),
+                    extra={"fields": {"task": task.name, **exc.log_fields()}})
+        error = {"error": exc.code, "message": exc.answer(None, task.expose_errors, request_id),
+                 "status": exc.status, "retryable": exc.retry, **exc.details()}
+        await self._finish(job_id, FAILED, error=error)
+
+    async def _finish(self, job_id: str, state: str, result: bytes | None = None, error: dict | None = None) -> None:
+        # Shielded: a cancel arriving now (a drain's deadline) must not leave the record active.
+        await asyncio.shield(self._end(job_id, state, result, error))
+
+    async def _end(self, job_id: str, state: str, result: bytes | None, error: dict | None) -> None:
+        writing = self._writing.get(job_id)
+        if writing is not None:  # the last report is recorded before the end, never dropped by it
+            await writing
+        await self.store.finish(job_id, state, result=result, error=error)
+        self.watcher.notify({job_id: 0})
+
+    def _ended(self, job_id: str) -> None:
+        self.running.pop(job_id, None)
+        self._stopping.discard(job_id)
+        if self.in_flight is not None:
+            self.in_flight.leave()
+
+    def _report(self, job_id: str, done: float, total: float | None, message: str) -> None:
+        """A progress report from the job's worker (in the loop): written one at a time per job,
+        the latest replacing one still waiting."""
+        self._progress[job_id] = (done, total, message)
+        if job_id not in self._writing:
+            self._writing[job_id] = asyncio.get_running_loop().create_task(self._write_progress(job_id))
+
+    async def _write_progress(self, job_id: str) -> None:
+        try:
+            while (report := self._progress.pop(job_id, None)) is not None:
+                if await self.store.progress(job_id, *report) is not None:
+                    self.watcher.notify({job_id: 0})
+        except Exception:
+            log.exception("could not record the progress of job %s", job_id)
+        finally:
+            self._writing.pop(job_id, None)
+
+    # cancels made anywhere
+
+    def _changed(self, changed: dict[str, int]) -> None:
+        mine = [job_id for job_id in changed if job_id in self.running]
+        if mine:
+            asyncio.get_running_loop().create_task(self._check_cancels(mine))
+
+    async def _check_cancels(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            job = await self.store.get(job_id)
+            if job is not None and job.state in (CANCELLING, CANCELLED, EXPIRED):
+                self._stop_local(job_id)
+
+    def _stop_local(self, job_id: str) -> None:
+        run = self.running.get(job_id)
+        if run is not None and not run.done():
+            run.cancel()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                swept = await self.store.sweep()
+            except Exception:
+                log.exception("could not sweep the job store")
+                continue
+            if any(swept.values()):
+                log.info("job store swept: %d record(s) expired, %d tombstone(s) removed",
+                         swept["expired"], swept["removed"])
+
+
+def answer_body(task: registry.Task, kwargs: dict, result_json: bytes, elapsed_ms: float, queued_ms: float) -> bytes:
+    """A synchronous request's 200 body: the task, its echoed arguments, the result the worker
+    encoded (framed here, never decoded), and the times."""
+    head = json.dumps({"task": task.name, **{k: kwargs[k] for k in task.echo}})[:-1]
+    tail = json.dumps({"elapsed_ms": round(elapsed_ms, 2), "queued_ms": round(queued_ms, 2)})[1:]
+    return b"".join((head.encode(), b', "result": ', result_json, b", ", tail.encode()))

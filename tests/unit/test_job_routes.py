@@ -1,0 +1,254 @@
+"""Long jobs in process (services/slow/long_jobs.py, job_routes.py): the slow app with a job store
+in a temp dir, through real HTTP. Through the edge on a real fleet: tests/integration/test_jobs.py."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from tornado.testing import gen_test
+
+from services.common.server import Instance
+from services.common.settings import load
+from services.slow import registry
+from services.slow.app import make_app
+from services.slow.inline_pool import InlinePool
+from services.slow.job_store import AsyncStore, NewJob, SqliteStore, new_id
+from tests.support.app_case import ContractTestCase
+from tests.support.fake_pools import HeldPool
+from tests.support.waiting import eventually
+
+MODULES = "services.slow.tasks,tests.support.faulty_tasks"
+ASYNC = {"Prefer": "respond-async"}
+
+
+class Clock:
+    now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class JobsCase(ContractTestCase):
+    """The slow app with a job store of its own; `pool()` says which pool runs the jobs."""
+
+    settings_env = {"FLEET_JOBS_KEEPALIVE_SECONDS": "1", "FLEET_JOBS_MAX_ACTIVE_PER_CLIENT": "3"}
+
+    def pool(self):
+        return InlinePool(MODULES)
+
+    def get_app(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.clock = Clock()
+        self.sync_store = SqliteStore(Path(self.dir.name) / "store.sqlite", ttl=60, clock=self.clock)
+        self.store = AsyncStore(self.sync_store)
+        self.jobs_pool = self.pool()
+        app = make_app(Instance("slow", 1, load(env=self.settings_env)), registry.load(MODULES), self.jobs_pool,
+                       store=self.store)
+        self.long_jobs = app.settings["long_jobs"]
+        return app
+
+    def setUp(self):
+        super().setUp()
+        self.io_loop.run_sync(self.long_jobs.start)
+
+    def tearDown(self):
+        self.io_loop.run_sync(self.long_jobs.close)
+        super().tearDown()
+        self.store.close()
+        self.dir.cleanup()
+
+    async def get(self, path: str, **headers):
+        return await self.http_client.fetch(self.get_url(path), headers=headers, raise_error=False)
+
+    async def submit(self, path: str, **headers) -> str:
+        response = await self.get(path, **ASYNC, **headers)
+        assert response.code == 202, (response.code, response.body)
+        return json.loads(response.body)["id"]
+
+    async def state(self, job_id: str) -> str:
+        return json.loads((await self.get(f"/jobs/{job_id}")).body)["state"]
+
+    async def _is(self, job_id: str, state: str) -> bool:
+        return await self.state(job_id) == state
+
+
+class SubmitTest(JobsCase):
+    @gen_test
+    async def test_prefer_respond_async_answers_202_with_location_after_the_record_is_committed(self):
+        response = await self.get("/slow/fib/10", **ASYNC)
+        assert response.code == 202
+        body = json.loads(response.body)
+        assert response.headers["Location"] == f"/jobs/{body['id']}" == body["location"]
+        assert response.headers["Preference-Applied"] == "respond-async"
+        assert response.headers["Retry-After"] == "1"
+        assert body["state"] in ("queued", "running") and body["task"] == "fib" and body["args"] == {"n": 10}
+        # another connection to the file sees the record the 202 announced
+        other = SqliteStore(Path(self.dir.name) / "store.sqlite")
+        assert other.get(body["id"]) is not None
+        other.close()
+        await eventually(lambda: self._is(body["id"], "succeeded"), what="it succeeds")
+        done = await self.get(f"/jobs/{body['id']}")
+        assert json.loads(done.body)["result"] == 55 and "Retry-After" not in done.headers
+
+    @gen_test
+    async def test_without_prefer_a_heavy_request_is_answered_as_before(self):
+        response = await self.get("/slow/fib/10")
+        assert response.code == 200 and json.loads(response.body)["result"] == 55
+        assert "Location" not in response.headers
+        assert self.sync_store.count_active() == 0 and self.sync_store.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
+
+    @gen_test
+    async def test_prefer_wait_answers_the_synchronous_200_when_the_job_ends_in_time(self):
+        response = await self.get("/slow/fib/10", Prefer="respond-async, wait=5")
+        assert response.code == 200
+        body = json.loads(response.body)
+        assert body["result"] == 55 and body["task"] == "fib"
+        job_id = response.headers["Content-Location"].rsplit("/", 1)[1]
+        assert await self.state(job_id) == "succeeded"
+
+    @gen_test
+    async def test_a_job_that_raises_fails_with_the_contract_s_code(self):
+        job_id = await self.submit("/slow/raise_error")
+        await eventually(lambda: self._is(job_id, "failed"), what="it fails")
+        error = json.loads((await self.get(f"/jobs/{job_id}")).body)["error"]
+        assert error["error"] == "job_failed" and error["status"] == 500 and error["retryable"] is False
+
+    @gen_test
+    async def test_a_long_task_runs_as_a_job_even_without_prefer(self):
+        response = await self.get("/slow/report/0.2")
+        assert response.code == 202 and "Preference-Applied" not in response.headers
+        job_id = json.loads(response.body)["id"]
+        await eventually(lambda: self._is(job_id, "succeeded"), what="it succeeds")
+        body = json.loads((await self.get(f"/jobs/{job_id}")).body)
+        assert body["result"]["sections"] == 2
+        assert body["progress"] == {"done": 2, "total": 2, "message": "section 2 of 2"}
+
+    @gen_test
+    async def test_bad_arguments_are_400_before_any_job_is_made(self):
+        response = await self.get("/slow/fib/-1", **ASYNC)
+        self.assert_json_error(response, 400, "bad_argument")
+        assert self.sync_store.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
+
+    @gen_test
+    async def test_unknown_ids_are_404_and_expired_ones_410(self):
+        for path in ("/jobs/" + "A" * 22, "/jobs/short", "/jobs/" + "A" * 22 + "/events"):
+            self.assert_json_error(await self.get(path), 404, "not_found")
+        job_id = await self.submit("/slow/fib/5")
+        await eventually(lambda: self._is(job_id, "succeeded"), what="it succeeds")
+        self.clock.now += 61
+        self.sync_store.sweep()
+        self.assert_json_error(await self.get(f"/jobs/{job_id}"), 410, "expired")
+        self.assert_json_error(await self.get(f"/jobs/{job_id}/events"), 410, "expired")
+        self.clock.now += 61
+        self.sync_store.sweep()
+        self.assert_json_error(await self.get(f"/jobs/{job_id}"), 404, "not_found")
+
+    @gen_test
+    async def test_a_client_past_its_active_jobs_gets_429_and_nothing_is_made(self):
+        for _ in range(3):  # jobs.max_active_per_client = 3, queued already (by any instance of the host)
+            self.sync_store.create(NewJob(id=new_id(), task="fib", client="127.0.0.1", owner="slow-02"))
+        response = await self.get("/slow/fib/5", **ASYNC)
+        self.assert_json_error(response, 429, "rate_limited")
+        assert response.headers["Retry-After"].isdigit()
+        assert self.sync_store.count_active() == 3
+
+
+class EventsTest(JobsCase):
+    async def stream(self, job_id: str, last: str | None = None, until: str = "event: end") -> str:
+        """The stream's text up to `until` (the request is then dropped)."""
+        chunks: list[bytes] = []
+        headers = {"Last-Event-ID": last} if last is not None else {}
+
+        def on_chunk(chunk: bytes) -> None:
+            chunks.append(chunk)
+
+        fetch = self.http_client.fetch(self.get_url(f"/jobs/{job_id}/events"), headers=headers,
+                                       streaming_callback=on_chunk, raise_error=False, request_timeout=10)
+        await eventually(lambda: until in b"".join(chunks).decode() or fetch.done(), timeout=8, what=until)
+        if fetch.done():
+            response = fetch.result()
+            assert response.code == 200, response.code
+        return b"".join(chunks).decode()
+
+    @gen_test
+    async def test_a_finished_job_s_stream_replays_every_event_then_the_end_and_closes(self):
+        job_id = await self.submit("/slow/report/0.3")
+        await eventually(lambda: self._is(job_id, "succeeded"), what="it succeeds")
+        text = await self.stream(job_id)
+        assert text.startswith("retry: 1000\n\n")
+        ids = [int(line[4:]) for line in text.splitlines() if line.startswith("id: ")]
+        # queued, running, the reports (the inline pool runs the job in one go: the last one at least), end
+        assert ids == list(range(1, ids[-1] + 1)) and len(ids) >= 4
+        assert '"message": "section 3 of 3"' in text
+        end = text.split("event: end\ndata: ")[1]
+        assert json.loads(end)["result"]["sections"] == 3
+
+    @gen_test
+    async def test_a_reconnect_with_last_event_id_gets_exactly_the_events_it_missed_and_after_the_end_204(self):
+        job_id = await self.submit("/slow/report/0.3")
+        await eventually(lambda: self._is(job_id, "succeeded"), what="it succeeds")
+        last = self.sync_store.get(job_id).seq
+        text = await self.stream(job_id, last="2")
+        assert [line for line in text.splitlines() if line.startswith("id: ")] == [f"id: {n}" for n in range(3, last + 1)]
+        response = await self.get(f"/jobs/{job_id}/events", **{"Last-Event-ID": str(last)})
+        assert response.code == 204 and response.body == b""
+        self.assert_json_error(await self.get(f"/jobs/{job_id}/events", **{"Last-Event-ID": "x1"}), 400, "bad_request")
+
+
+class HeldJobsTest(JobsCase):
+    """Jobs on a pool that holds them (one slot): one running, the next queued behind it."""
+
+    def pool(self):
+        return HeldPool()
+
+    @gen_test
+    async def test_a_running_job_s_progress_reaches_its_open_stream_live_with_keep_alives_between(self):
+        job_id = await self.submit("/slow/fib/30")
+        await self.jobs_pool.started.wait()
+        chunks: list[bytes] = []
+        fetch = self.http_client.fetch(self.get_url(f"/jobs/{job_id}/events"), streaming_callback=chunks.append,
+                                       raise_error=False, request_timeout=20)
+        text = lambda: b"".join(chunks).decode()  # noqa: E731
+        await eventually(lambda: "event: state" in text() and '"running"' in text(), what="the stream's replay")
+        self.jobs_pool.progress(1, 4, "one")
+        await eventually(lambda: '"message": "one"' in text(), what="the report, live")
+        await eventually(lambda: ": keep-alive" in text(), timeout=3, what="a keep-alive comment (1 s)")
+        self.jobs_pool.release.set()
+        response = await fetch
+        assert response.code == 200 and "event: end" in text()
+
+    @gen_test
+    async def test_cancelling_a_queued_job_ends_it_at_once_and_it_never_runs(self):
+        running = await self.submit("/slow/fib/30")
+        await self.jobs_pool.started.wait()
+        queued = await self.submit("/slow/fib/31")
+        response = await self.http_client.fetch(self.get_url(f"/jobs/{queued}"), method="DELETE", raise_error=False)
+        assert response.code == 200 and json.loads(response.body)["state"] == "cancelled"
+        again = await self.http_client.fetch(self.get_url(f"/jobs/{queued}"), method="DELETE", raise_error=False)
+        assert json.loads(again.body)["state"] == "cancelled"  # idempotent
+        self.jobs_pool.release.set()
+        await eventually(lambda: self._is(running, "succeeded"), what="the first job ends")
+        assert self.jobs_pool.calls == 1
+
+    @gen_test
+    async def test_cancelling_a_running_job_stops_it_and_it_ends_cancelled(self):
+        job_id = await self.submit("/slow/fib/30")
+        await self.jobs_pool.started.wait()
+        response = await self.http_client.fetch(self.get_url(f"/jobs/{job_id}"), method="DELETE", raise_error=False)
+        assert response.code == 200 and json.loads(response.body)["state"] in ("cancelling", "cancelled")
+        await eventually(lambda: self._is(job_id, "cancelled"), what="it ends cancelled")
+        assert self.jobs_pool.cancelled == 1
+        body = json.loads((await self.get(f"/jobs/{job_id}")).body)
+        assert body["error"]["error"] == "cancelled" and "result" not in body
+
+    @gen_test
+    async def test_a_cancel_made_in_the_store_by_another_instance_reaches_the_owner(self):
+        job_id = await self.submit("/slow/fib/30")
+        await self.jobs_pool.started.wait()
+        other = SqliteStore(Path(self.dir.name) / "store.sqlite")
+        assert other.cancel(job_id).state == "cancelling"
+        other.close()
+        await eventually(lambda: self._is(job_id, "cancelled"), what="the owner stops it")
+        assert self.jobs_pool.cancelled == 1
