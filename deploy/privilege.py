@@ -114,10 +114,10 @@ def _cannot_reach(user: User, run_dir: str) -> str | None:
 
 def prepare(settings: Settings, user: User) -> None:
     """As root, before the programs start: what the fleet's user writes in the run dir is its own
-    (Dask workers' local directories, a home for tools that want one), and the workers' idle
+    (Dask workers' local directories, the job store, a home for tools that want one), and the workers' idle
     cgroups exist, made by root under supervisord's cgroup and handed to the user to join."""
     run_dir = settings.run_dir
-    for directory in (run_dir / "dask", run_dir / "home"):
+    for directory in (run_dir / "dask", run_dir / "jobs", run_dir / "home"):
         # Made by root and handed over by descriptor; never walked into, since the user may have
         # put links in it (an lchown of a path whose parent they swapped for a link follows it).
         rundir.handed_over_dir(directory, user.uid, user.gid)

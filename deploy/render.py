@@ -153,6 +153,7 @@ def context(settings: Settings) -> dict:
         "slow_read_timeout": math.ceil(heavy_request),
         "worker_shutdown_timeout": math.ceil(heavy_request + 5),
         "max_per_client": s.slow.max_per_client,
+        "jobs_stream_read_timeout": math.ceil(s.jobs.keepalive_seconds + 10),
         "edge_errors": EDGE_ERRORS,
         "edge_stopwaitsecs": 10,
         "programs": programs.programs(s),
@@ -247,8 +248,9 @@ def write(settings: Settings, files: dict[str, str] | None = None) -> list[str]:
     private.write(settings, user)
     if user is not None:
         privilege.prepare(settings, user)
-    else:  # Dask's local directories, ours (taken back from the fleet's user, had it run as one)
+    else:  # Dask's local directories and the job store, ours (taken back from the fleet's user, had it run as one)
         rundir.handed_over_dir(run_dir / "dask", os.geteuid(), os.getegid())
+        rundir.handed_over_dir(run_dir / "jobs", os.geteuid(), os.getegid())
     changed = []
     for relative, text in files.items():
         path = run_dir / relative

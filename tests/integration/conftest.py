@@ -14,9 +14,9 @@ import pytest
 from tests.support.fleet import Fleet, make_fleet
 
 
-def _shared(run_dir: Path, **overrides: str):
-    """A fleet up for the whole session, stopped at its end."""
-    f = make_fleet(run_dir, **overrides)
+def _shared(run_dir: Path, slow: int = 1, **overrides: str):
+    """A fleet up for the whole session (or module), stopped at its end."""
+    f = make_fleet(run_dir, slow=slow, **overrides)
     f.command("up")
     yield f
     f.command("stop")
@@ -41,6 +41,14 @@ def _private(tmp_path: Path, name: str, **backend: str):
 def fleet(tmp_path_factory: pytest.TempPathFactory):
     """One fleet shared by the tests that do not break it for good."""
     yield from _shared(tmp_path_factory.mktemp("fleet"))
+
+
+@pytest.fixture(scope="module")
+def jobs_fleet(tmp_path_factory: pytest.TempPathFactory):
+    """A fleet of test_jobs.py's own: two slow instances sharing the host's job store, a keep-alive
+    comment every second, at most 3 active jobs per client."""
+    yield from _shared(tmp_path_factory.mktemp("jobs"), slow=2, FLEET_JOBS_KEEPALIVE_SECONDS="1",
+                       FLEET_JOBS_MAX_ACTIVE_PER_CLIENT="3")
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@
     probe         a request sent again and again in the background while a fault happens
     contract      the contract's JSON error, checked on a response
     raw_http      raw bytes to a port, the answer read back
+    sse           a job's event stream read event by event, as a browser's EventSource reads it
     app_case      an app in process on an unused port, asked through real HTTP
     fake_pools    pools that run no process, for the slow app's tests
     faulty_tasks  test-only tasks that raise, crash, overrun, fail their setup, start processes

@@ -149,10 +149,15 @@ def test_write_reports_only_the_files_that_changed(tmp_path):
 def test_the_edge_answers_methods_the_fleet_does_not_serve_itself(tmp_path):
     conf = render.render(settings_for(tmp_path))["nginx/conf/nginx.conf"]
     server = conf.split("server {")[1]
-    assert "if ($request_method !~ ^(GET|HEAD|POST|)$) {" in server and "return 405;" in server
+    assert "if ($fleet_method_refused) {" in server and "return 405;" in server
+    refused = block(conf, 'map "$request_method $fleet_request_path" $fleet_method_refused {')
+    # volatile: error_page's redirect (a GET) is judged again, never refused by a cached value
+    assert "volatile;" in refused and '"~^(GET|HEAD|POST)? "                   0;' in refused
+    assert '"~^DELETE /jobs/[A-Za-z0-9_-]+$"        0;' in refused and "default                                 1;" in refused
     assert "add_header Allow $fleet_allow always;" in conf
     allow = block(conf, "map $fleet_request_path $fleet_allow {")
     assert 'default                     "GET, HEAD, POST";' in allow and '"~^/slow/"                  "GET, POST";' in allow
+    assert '"~^/jobs/[^/]+$"            "GET, DELETE";' in allow
 
 
 def test_upstreams_share_their_state_between_nginx_workers(tmp_path):
@@ -301,3 +306,15 @@ def test_nginx_balances_over_every_host_s_instances_from_the_edge_address(tmp_pa
     assert "10.0.0.2:820" not in nginx  # web2 has no slow role
     assert "proxy_bind 10.0.0.1;" in nginx
     assert "proxy_bind" not in render.render(settings_for(tmp_path))["nginx/conf/nginx.conf"]
+
+
+def test_job_locations_go_to_the_slow_instances_and_the_event_stream_is_never_buffered(tmp_path):
+    conf = render.render(settings_for(tmp_path, FLEET_JOBS_KEEPALIVE_SECONDS="20"))["nginx/conf/nginx.conf"]
+    jobs = block(conf, "location /jobs/ {")
+    assert "proxy_pass http://slow;" in jobs and "proxy_next_upstream error timeout;" in jobs
+    events = block(conf, "location ~ ^/jobs/[^/]+/events$ {")
+    assert "proxy_pass http://slow;" in events and "proxy_buffering off;" in events
+    assert "proxy_read_timeout 30s;" in events  # past the 20 s between keep-alive comments
+    assert "proxy_next_upstream error;" in events  # a cut stream is the client's to resume (Last-Event-ID)
+    server = conf.split("server {")[1]
+    assert "proxy_set_header Prefer $fleet_prefer;" in server and "proxy_set_header Last-Event-ID $fleet_last_event_id;" in server

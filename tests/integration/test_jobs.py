@@ -1,0 +1,181 @@
+"""Long jobs through the edge (services/slow/long_jobs.py, job_routes.py, nginx's /jobs/ locations):
+202 and the job's record, its live event stream with a reconnect, its result, cancels, 404 and
+410, the limits; on a fleet of two slow instances that share the host's job store."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from services.common import procfs
+from services.slow.job_store import new_id
+from tests.support.contract import assert_contract_error
+from tests.support.fleet import Fleet, Response
+from tests.support.sse import EventStream
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+
+ASYNC = {"Prefer": "respond-async"}
+
+
+@pytest.fixture
+def jobs(jobs_fleet: Fleet):
+    """Submits jobs (through the edge, or straight to one slow instance as the edge would), and
+    cancels whatever is left of them after the test, so that the next one starts with free workers."""
+    submitted: list[str] = []
+
+    def submit(path: str, instance: int | None = None, headers: dict | None = None) -> Response:
+        response = jobs_fleet.get(path, **_to(jobs_fleet, instance, {**ASYNC, **(headers or {})}))
+        if response.status in (200, 202):
+            submitted.append(response.headers.get("location", response.headers.get("content-location", "")))
+        return response
+
+    yield submit
+    for location in submitted:
+        jobs_fleet.request("DELETE", location)
+    for location in submitted:
+        wait_for(lambda: ended(jobs_fleet.get(location)), what=f"{location} ended")
+
+
+def ended(response: Response) -> bool:
+    """The job has ended, or its record has (410, 404)."""
+    return response.status != 200 or response.json()["state"] in ("succeeded", "failed", "cancelled")
+
+
+def _to(fleet: Fleet, instance: int | None, headers: dict) -> dict:
+    """Request options for the edge (instance None) or slow-0<instance>'s own port."""
+    if instance is None:
+        return {"headers": headers}
+    return {"headers": {**fleet.edge_headers(), **headers}, "port": fleet.slow_ports[instance - 1]}
+
+
+def state(fleet: Fleet, location: str, instance: int | None = None) -> str:
+    return fleet.get(location, **_to(fleet, instance, {})).json()["state"]
+
+
+def busy_worker(fleet: Fleet, instance: int) -> int:
+    """The pid of the worker of slow-0<instance> that computes (a report job burns CPU; idle
+    workers sleep on their pipes)."""
+    pids = fleet.slow_health(instance)["pool"]["pids"]
+    return wait_for(lambda: next((p for p in pids if procfs.state(p) == "R"), None),
+                    what=f"a worker of slow-0{instance} computing")
+
+
+def test_a_job_s_whole_life_through_the_edge_with_a_reconnect_that_replays_exactly_what_it_missed(jobs_fleet, jobs):
+    submitted = jobs("/slow/report/3")
+    assert submitted.status == 202, submitted.body
+    body = submitted.json()
+    location = submitted.headers["location"]
+    assert location == f"/jobs/{body['id']}" and len(body["id"]) == 22
+    assert submitted.headers["preference-applied"] == "respond-async"
+    assert body["state"] in ("queued", "running") and body["args"] == {"seconds": 3}
+
+    with EventStream(jobs_fleet.edge_port, f"{location}/events") as stream:
+        assert stream.status == 200 and stream.headers["content-type"] == "text/event-stream"
+        seen = []
+        for event in stream.events():
+            seen.append(event)
+            if event.kind == "progress" and len(seen) >= 4:
+                break
+        # Each event came through the edge while the job still ran: nothing is buffered there.
+        assert state(jobs_fleet, location) == "running"
+    assert [e.id for e in seen] == list(range(1, len(seen) + 1))
+    assert seen[0].json() == {"state": "queued"} and seen[1].json() == {"state": "running"}
+    assert seen[-1].json()["total"] == 30
+
+    with EventStream(jobs_fleet.edge_port, f"{location}/events", last_event_id=str(seen[-1].id)) as stream:
+        rest = list(stream.events())
+    assert [e.id for e in rest] == list(range(seen[-1].id + 1, seen[-1].id + 1 + len(rest)))
+    assert [e.kind for e in rest[:-1]] == ["progress"] * (len(rest) - 1) and rest[-1].kind == "end"
+    final = rest[-1].json()
+    assert final["state"] == "succeeded" and final["result"]["sections"] == 30
+    assert final["progress"] == {"done": 30, "total": 30, "message": "section 30 of 30"}
+
+    after_the_end = jobs_fleet.get(f"{location}/events", headers={"Last-Event-ID": str(rest[-1].id)})
+    assert after_the_end.status == 204  # a browser's EventSource stops here
+    done = jobs_fleet.get(location)
+    assert done.status == 200 and done.json()["result"]["sections"] == 30 and "retry-after" not in done.headers
+
+
+def test_without_prefer_a_heavy_request_is_synchronous_and_with_wait_it_is_too_when_it_ends_in_time(jobs_fleet, jobs):
+    plain = jobs_fleet.get("/slow/fib/20")
+    assert plain.status == 200 and plain.json()["result"] == 6765 and "location" not in plain.headers
+    waited = jobs("/slow/fib/20", headers={"Prefer": "respond-async, wait=10"})
+    assert waited.status == 200 and waited.json()["result"] == 6765
+    assert state(jobs_fleet, waited.headers["content-location"]) == "succeeded"
+
+
+def test_cancelling_a_running_job_kills_its_worker_and_the_job_ends_cancelled(jobs_fleet, jobs):
+    location = jobs("/slow/report/60", instance=1).headers["location"]
+    wait_for(lambda: state(jobs_fleet, location) == "running", what="the job runs")
+    worker = busy_worker(jobs_fleet, 1)
+    cancelled = jobs_fleet.request("DELETE", location)
+    assert cancelled.status == 200 and cancelled.json()["state"] in ("cancelling", "cancelled")
+    wait_for(lambda: not procfs.alive(worker), timeout=5, what="its worker killed")
+    wait_for(lambda: state(jobs_fleet, location) == "cancelled", timeout=5, what="the job cancelled")
+    again = jobs_fleet.request("DELETE", location)
+    assert again.status == 200 and again.json()["state"] == "cancelled"  # idempotent; the record stays
+    assert again.json()["error"]["error"] == "cancelled" and "result" not in again.json()
+
+
+def test_a_queued_job_s_stream_keeps_alive_and_a_cancel_ends_it_at_once(jobs_fleet, jobs):
+    running = [jobs("/slow/report/60", instance=1).headers["location"] for _ in range(2)]
+    for location in running:
+        wait_for(lambda: state(jobs_fleet, location) == "running", what="both workers of slow-01 busy")
+    queued = jobs("/slow/report/60", instance=1).headers["location"]
+    assert state(jobs_fleet, queued) == "queued"
+    with EventStream(jobs_fleet.edge_port, f"{queued}/events") as stream:
+        first = stream.next()
+        assert (first.id, first.kind, first.json()) == (1, "state", {"state": "queued"})
+        comment = stream.next()
+        assert comment.kind == "comment" and comment.data == "keep-alive"  # nothing else to say while it waits
+        cancelled = jobs_fleet.request("DELETE", queued)
+        assert cancelled.status == 200 and cancelled.json()["state"] == "cancelled"
+        end = next(stream.events())
+        assert end.kind == "end" and end.json()["state"] == "cancelled"
+    assert jobs_fleet.get(queued).json()["started"] is None  # it never ran
+
+
+def test_any_slow_instance_answers_for_and_cancels_a_job_another_one_runs(jobs_fleet, jobs):
+    location = jobs("/slow/report/60", instance=1).headers["location"]
+    wait_for(lambda: state(jobs_fleet, location, instance=2) == "running", what="slow-02 sees it run")
+    worker = busy_worker(jobs_fleet, 1)
+    cancelled = jobs_fleet.request("DELETE", location, **_to(jobs_fleet, 2, {}))
+    assert cancelled.status == 200 and cancelled.json()["state"] == "cancelling"
+    wait_for(lambda: not procfs.alive(worker), timeout=5, what="slow-01 killed the worker slow-02 was asked to stop")
+    wait_for(lambda: state(jobs_fleet, location, instance=2) == "cancelled", timeout=5, what="the job cancelled")
+
+
+def test_unknown_ids_are_404_and_expired_ones_410_through_the_edge(jobs_fleet, jobs):
+    unknown = f"/jobs/{new_id()}"
+    for method, path in (("GET", unknown), ("DELETE", unknown), ("GET", f"{unknown}/events"), ("GET", "/jobs/nope"),
+                         ("GET", "/jobs")):
+        assert_contract_error(jobs_fleet.request(method, path), 404, "not_found")
+    location = jobs("/slow/fib/5", headers={"Prefer": "respond-async, wait=10"}).headers["content-location"]
+    # Its TTL (jobs.result_ttl, a minute at least) passed: what the sweep leaves, written as it writes it.
+    db = sqlite3.connect(jobs_fleet.run_dir / "jobs" / "store.sqlite")
+    with db:
+        db.execute("UPDATE jobs SET state = 'expired', result = NULL WHERE id = ?", (location.rsplit("/", 1)[1],))
+    db.close()
+    for method, path in (("GET", location), ("DELETE", location), ("GET", f"{location}/events")):
+        assert_contract_error(jobs_fleet.request(method, path), 410, "expired")
+
+
+def test_a_client_past_its_active_jobs_gets_429_and_no_job(jobs_fleet, jobs):
+    for _ in range(3):  # jobs.max_active_per_client = 3
+        assert jobs("/slow/report/60").status == 202
+    refused = jobs("/slow/report/60")
+    body = assert_contract_error(refused, 429, "rate_limited")
+    assert "jobs.max_active_per_client" in body["message"] and refused.headers["retry-after"].isdigit()
+
+
+def test_the_edge_lets_delete_through_to_a_job_only(jobs_fleet):
+    for path in ("/fast", "/slow/fib/5", f"/jobs/{new_id()}/events"):
+        refused = jobs_fleet.request("DELETE", path)
+        assert_contract_error(refused, 405, "method_not_allowed")
+        assert refused.headers["x-served-by"] == "edge"
+    assert jobs_fleet.request("PUT", f"/jobs/{new_id()}").status == 405
+    assert jobs_fleet.request("DELETE", f"/jobs/{new_id()}").headers["x-served-by"].startswith("slow-")
+
