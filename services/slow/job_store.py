@@ -19,7 +19,12 @@ States, and who moves a job between them (a terminal state is final; nothing lea
        │                 │
        │              cancel ──► cancelling ──finish──► cancelled   (the owner kills the worker)
        └──cancel──► cancelled                                       (at once: it never ran)
-    queued, running or cancelling ──finish(failed)──► failed        (its worker or instance was lost)
+    queued or running ──reap──► failed (worker_lost, retryable)     (its instance went silent: killed)
+    cancelling ──reap──► cancelled                                  (a cancel made before a crash holds)
+
+Every slow instance beats (`beat`) every few seconds under an owner name of its own process, and
+reaps (`reap`): the active jobs of an owner silent for longer than a few beats end as above, so no
+record says "running" with nothing running it (Celery's PENDING-forever, celery#4450).
 
 `cancel` is best effort and leaves the record (AIP-151); it is idempotent. Finished records expire
 `ttl` seconds after they end: the sweep then drops their result and events and keeps a tombstone
@@ -80,6 +85,10 @@ CREATE INDEX IF NOT EXISTS jobs_active ON jobs (client) WHERE state IN ('queued'
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires) WHERE expires IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (client, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS owners (
+    owner TEXT PRIMARY KEY,            -- a slow instance's process (its name and a token per start)
+    beat REAL NOT NULL                 -- when it last said it was alive
+);
 CREATE TABLE IF NOT EXISTS events (
     position INTEGER PRIMARY KEY AUTOINCREMENT,  -- across jobs, never reused: what a watcher has seen
     job TEXT NOT NULL,
@@ -165,6 +174,9 @@ class Store(Protocol):
     def changes(self, after: int) -> tuple[int, dict[str, int]]: ...
     def count_active(self, client: str | None = None) -> int: ...
     def sweep(self) -> dict[str, int]: ...
+    def beat(self, owner: str) -> None: ...
+    def gone(self, owner: str) -> None: ...
+    def reap(self, lost_after: float) -> list[Job]: ...
 
 
 class SqliteStore:
@@ -324,6 +336,44 @@ class SqliteStore:
     def active_owned_by(self, owner: str) -> list[str]:
         return [r[0] for r in self.db.execute(
             "SELECT id FROM jobs WHERE owner = ? AND state IN ('queued', 'running', 'cancelling')", (owner,))]
+
+    def beat(self, owner: str) -> None:
+        """`owner` is alive (a slow instance says so every few seconds; reap() trusts it for a while)."""
+        with self._write():
+            self.db.execute("INSERT INTO owners (owner, beat) VALUES (?, ?) ON CONFLICT (owner) DO UPDATE SET beat ="
+                            " excluded.beat", (owner, self.clock()))
+
+    def gone(self, owner: str) -> None:
+        """`owner` stopped on purpose, its jobs ended first."""
+        with self._write():
+            self.db.execute("DELETE FROM owners WHERE owner = ?", (owner,))
+
+    def reap(self, lost_after: float) -> list[Job]:
+        """End the active jobs of owners silent for `lost_after` seconds (killed, or their host
+        lost): a job being cancelled ends cancelled (the cancel holds), any other fails
+        `worker_lost`, retryable (it may have run part way; nothing of it is left running)."""
+        now = self.clock()
+        ended = []
+        with self._write():
+            rows = self.db.execute(
+                "SELECT * FROM jobs WHERE state IN ('queued', 'running', 'cancelling') AND owner NOT IN"
+                " (SELECT owner FROM owners WHERE beat > ?)", (now - lost_after,)).fetchall()
+            for row in rows:
+                if row["state"] == CANCELLING:
+                    state, error = CANCELLED, {"error": "cancelled", "message": "the job was cancelled; the instance "
+                                                                                  "running it was lost meanwhile"}
+                else:
+                    state, error = FAILED, {"error": "worker_lost", "status": 502, "retryable": True,
+                                            "message": "the instance running this job was lost (killed, or its "
+                                                       "host went down); nothing of it runs any more: submit it again"}
+                seq = row["seq"] + 1
+                self.db.execute("UPDATE jobs SET state = ?, seq = ?, finished = ?, expires = ?, error = ? WHERE id = ?",
+                                (state, seq, now, now + self.ttl, json.dumps(error), row["id"]))
+                self._append(row["id"], seq, "end", {"state": state})
+                ended.append(_job(self._row(row["id"])))
+            # owners silent ten times as long are forgotten: their jobs have just been ended
+            self.db.execute("DELETE FROM owners WHERE beat <= ?", (now - 10 * lost_after,))
+        return ended
 
     def sweep(self) -> dict[str, int]:
         """Expire finished records past their TTL (result and events dropped, a tombstone kept),

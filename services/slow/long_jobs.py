@@ -32,6 +32,11 @@ Where each transition happens (job_store.py has the states):
   killed whatever the departed-client kill budget says; it then ends cancelled.
 - A drain's deadline (SIGTERM) stops the jobs still running: failed, `shutting_down`, retryable.
   Until then a draining instance lets them run, as it does requests.
+- An owner killed (kill -9) or cut off ends nothing itself: every instance beats in the store
+  every BEAT_INTERVAL under an owner name of its own process (a restarted instance is a new
+  owner) and reaps the jobs of owners silent for LOST_AFTER: failed `worker_lost`, retryable (or
+  cancelled, if a cancel came first). Its workers died with it (they die with their parent). An
+  owner that was only slow, and finds its job reaped, stops it.
 
 The Watcher: one query per instance every WATCH_INTERVAL ("which jobs have new events since
 position P"), whichever process wrote them: it wakes the event streams of those jobs, and tells
@@ -43,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -55,6 +61,11 @@ log = logging.getLogger("fleet.jobs")
 
 WATCH_INTERVAL = 0.1  # seconds between a Watcher's looks at the store: a change elsewhere is seen this late at most
 SWEEP_INTERVAL = 30  # seconds between sweeps of expired records (each instance sweeps; sweeping is idempotent)
+BEAT_INTERVAL = 2  # seconds between an instance's beats in the store, and its looks for lost owners' jobs
+# An owner silent this long is lost (killed, its host down): its jobs end (job_store.reap). Five
+# beats: a busy store or a loaded machine delays a beat, never five. With BEAT_INTERVAL, a killed
+# instance's jobs have ended within 12 s.
+LOST_AFTER = 10
 
 
 class JobsLimited(jobs.JobError):
@@ -149,19 +160,25 @@ class LongJobs:
         self.pool = pool
         self.admission = admission
         self.fleet = fleet
-        self.owner = owner  # this instance's name
+        # This process of the instance: a restarted instance is a new owner, the old one's jobs are reaped.
+        self.owner = f"{owner}.{secrets.token_hex(4)}"
         self.in_flight = in_flight  # the server's: a drain waits for running jobs as for requests
         self.watcher = Watcher(store)
         self.watcher.on_change = self._changed
         self.running: dict[str, asyncio.Task] = {}  # the jobs this instance runs, by id
         self._stopping: set[str] = set()  # jobs stopped by a drain, not by a cancel
+        self._ending: set[str] = set()  # jobs whose end is being written
         self._progress: dict[str, tuple] = {}  # a job's latest report, waiting for its write
         self._writing: dict[str, asyncio.Task] = {}  # jobs with progress writes in flight
         self._sweeper: asyncio.Task | None = None
+        self._beater: asyncio.Task | None = None
 
     async def start(self) -> None:
+        await self.store.beat(self.owner)  # alive before its first job
         await self.watcher.start()
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep())
+        self._beater = loop.create_task(self._beat())
 
     def stop_all(self) -> None:
         """At a drain's deadline: every job still running here fails, shutting_down (retryable)."""
@@ -174,8 +191,10 @@ class LongJobs:
         if self.running:
             await asyncio.wait(list(self.running.values()), timeout=5)
         self.watcher.stop()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._beater):
+            if task is not None:
+                task.cancel()
+        await self.store.gone(self.owner)
 
     def timeout(self, task: registry.Task) -> float:
         if task.long:
@@ -274,6 +293,7 @@ class LongJobs:
         await asyncio.shield(self._end(job_id, state, result, error))
 
     async def _end(self, job_id: str, state: str, result: bytes | None, error: dict | None) -> None:
+        self._ending.add(job_id)  # its own end, seen by the Watcher, is no reason to stop it
         writing = self._writing.get(job_id)
         if writing is not None:  # the last report is recorded before the end, never dropped by it
             await writing
@@ -283,6 +303,7 @@ class LongJobs:
     def _ended(self, job_id: str) -> None:
         self.running.pop(job_id, None)
         self._stopping.discard(job_id)
+        self._ending.discard(job_id)
         if self.in_flight is not None:
             self.in_flight.leave()
 
@@ -313,13 +334,28 @@ class LongJobs:
     async def _check_cancels(self, job_ids: list[str]) -> None:
         for job_id in job_ids:
             job = await self.store.get(job_id)
-            if job is not None and job.state in (CANCELLING, CANCELLED, EXPIRED):
+            # Cancelled, or ended by another instance that took this one for lost (reaped).
+            if job is None or job.state in (CANCELLING, CANCELLED, EXPIRED) or job.terminal:
                 self._stop_local(job_id)
 
     def _stop_local(self, job_id: str) -> None:
         run = self.running.get(job_id)
-        if run is not None and not run.done():
+        if run is not None and not run.done() and job_id not in self._ending:
             run.cancel()
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(BEAT_INTERVAL)
+            try:
+                await self.store.beat(self.owner)
+                reaped = await self.store.reap(LOST_AFTER)
+            except Exception:
+                log.exception("could not beat in the job store")
+                continue
+            for job in reaped:
+                log.warning("job %s (%s) ended %s: the instance running it went silent", job.id, job.task, job.state)
+            if reaped:
+                self.watcher.notify({job.id: job.seq for job in reaped})
 
     async def _sweep(self) -> None:
         while True:

@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import time
 
 import pytest
 
@@ -179,3 +182,25 @@ def test_the_edge_lets_delete_through_to_a_job_only(jobs_fleet):
     assert jobs_fleet.request("PUT", f"/jobs/{new_id()}").status == 405
     assert jobs_fleet.request("DELETE", f"/jobs/{new_id()}").headers["x-served-by"].startswith("slow-")
 
+
+def test_a_killed_instance_s_jobs_end_worker_lost_within_15_s_and_a_cancel_made_before_holds(private_fleet):
+    fleet = private_fleet(slow=2)
+    running = fleet.get("/slow/report/60", **_to(fleet, 1, ASYNC)).headers["location"]
+    wait_for(lambda: state(fleet, running) == "running", what="the job runs on slow-01")
+    worker = busy_worker(fleet, 1)
+    cancelling = fleet.get("/slow/report/60", **_to(fleet, 1, ASYNC)).headers["location"]
+    wait_for(lambda: state(fleet, cancelling) == "running", what="a second job runs on slow-01")
+    # A cancel in the store that slow-01 will never act on: it is stopped (SIGSTOP) first.
+    instance = fleet.pid("slow-01")
+    os.kill(instance, signal.SIGSTOP)
+    try:
+        assert fleet.request("DELETE", cancelling, **_to(fleet, 2, {})).json()["state"] == "cancelling"
+    finally:
+        os.kill(instance, signal.SIGKILL)  # stopped or not
+    killed = time.monotonic()
+    wait_for(lambda: state(fleet, running) != "running", timeout=15, interval=0.2, what="the lost job's end")
+    assert time.monotonic() - killed <= 15
+    lost = fleet.get(running).json()
+    assert lost["state"] == "failed" and lost["error"]["error"] == "worker_lost" and lost["error"]["retryable"] is True
+    assert fleet.get(cancelling).json()["state"] == "cancelled"
+    assert not procfs.alive(worker)  # its workers died with it

@@ -224,3 +224,30 @@ def test_the_async_store_makes_the_calls_off_the_event_loop(store):
         return await stores.get(job.id)
 
     assert asyncio.run(main()).state == QUEUED
+
+
+def test_the_active_jobs_of_a_silent_owner_are_reaped_and_a_cancel_made_before_holds(store, clock):
+    queued, running, cancelling, done, alive = (submit(store) for _ in range(5))
+    for job_id in (running, cancelling, done):
+        store.start(job_id, "slow-01")
+    store.cancel(cancelling)
+    store.finish(done, SUCCEEDED, result=b"1")
+    store.db.execute("UPDATE jobs SET owner = 'slow-02.b' WHERE id = ?", (alive,))
+    store.beat("slow-01")  # the owner of the first four
+    store.beat("slow-02.b")
+    clock.now += 9
+    store.beat("slow-02.b")
+    assert store.reap(lost_after=10) == []  # slow-01 beat 9 s ago: not lost yet
+    clock.now += 2
+    reaped = {job.id: job for job in store.reap(lost_after=10)}
+    assert set(reaped) == {queued, running, cancelling}
+    assert reaped[running].state == FAILED and reaped[running].error["error"] == "worker_lost"
+    assert reaped[running].error["retryable"] is True and reaped[queued].state == FAILED
+    assert reaped[cancelling].state == CANCELLED
+    assert store.events(running)[-1].kind == "end"
+    assert store.get(alive).state == QUEUED and store.get(done).state == SUCCEEDED
+
+
+def test_a_job_whose_owner_never_beat_is_reaped_too(store):
+    job_id = submit(store)  # its owner died before its first beat
+    assert [job.id for job in store.reap(lost_after=10)] == [job_id]
