@@ -26,7 +26,8 @@ from services.common.settings import heavy_capacity
 from services.slow import coalesce, jobs, registry
 from services.slow.admission import Admission, client_key
 from services.slow.backoff import RetryAfter
-from services.slow.job_routes import ID, JobEventsHandler, JobHandler, preferences, send_status, wait_seconds
+from services.slow.job_routes import (ID, JobEventsHandler, JobHandler, idempotency_key, preferences, send_status,
+                                      wait_seconds)
 from services.slow.job_store import AsyncStore, open_store
 from services.slow.jobs import RETRY_AFTER_SECONDS
 from services.slow.long_jobs import LongJobs, answer_body
@@ -197,7 +198,9 @@ class TaskHandler(BaseHandler):
         wait=N, the synchronous answer instead if the job ends within N seconds (at most the job
         deadline, within which nginx waits)."""
         try:
-            job = await self.long_jobs.submit(task, kwargs, client_key(self.request.remote_ip), self.request_id)
+            job = await self.long_jobs.submit(task, kwargs, client_key(self.request.remote_ip), self.request_id,
+                                              idempotency_key(self.request.headers.get("Idempotency-Key")),
+                                              secret=self.settings.get("edge_token") or b"")
         except jobs.JobError as exc:
             raise self._answer(exc, task) from None
         wait = wait_seconds(prefer)

@@ -56,13 +56,20 @@ def _tagged(value: Any) -> Any:
     raise Uncoalescable(type(value).__name__)
 
 
-def job_key(task: str, kwargs: dict[str, Any]) -> str | None:
-    """The job's key, or None when an argument's type cannot be keyed (that job is not shared)."""
+def canonical(task: str, kwargs: dict[str, Any]) -> bytes | None:
+    """The task and its arguments spelled one way only, or None when an argument's type cannot be."""
     try:
-        canonical = json.dumps([task, _tagged(kwargs)], sort_keys=True, separators=(",", ":"))
+        return json.dumps([task, _tagged(kwargs)], sort_keys=True, separators=(",", ":")).encode()
     except (Uncoalescable, RecursionError):
         return None
-    return task + ":" + hashlib.blake2b(canonical.encode(), digest_size=16, key=_KEY).hexdigest()
+
+
+def job_key(task: str, kwargs: dict[str, Any]) -> str | None:
+    """The job's key, or None when an argument's type cannot be keyed (that job is not shared)."""
+    spelled = canonical(task, kwargs)
+    if spelled is None:
+        return None
+    return task + ":" + hashlib.blake2b(spelled, digest_size=16, key=_KEY).hexdigest()
 
 
 @dataclass(eq=False)

@@ -80,6 +80,20 @@ def preferences(header: str) -> dict[str, str]:
     return found
 
 
+IDEMPOTENCY_KEY = re.compile(r'^"?([\x20\x21\x23-\x7e]{1,255})"?$')  # printable, no quote inside
+
+
+def idempotency_key(header: str | None) -> str | None:
+    """The Idempotency-Key header's key (a Structured Field string: quoted, or bare), None if
+    absent; 400 if it is not 1-255 printable characters."""
+    if header is None:
+        return None
+    match = IDEMPOTENCY_KEY.match(header.strip())
+    if match is None:
+        raise ApiError(400, "bad_request", "Idempotency-Key must be 1-255 printable characters, such as a UUID")
+    return match.group(1)
+
+
 def wait_seconds(prefer: dict[str, str]) -> int | None:
     """Prefer's wait=N, in whole seconds, or None (absent or not a number)."""
     value = prefer.get("wait", "")

@@ -166,6 +166,7 @@ class Store(Protocol):
     def create(self, job: NewJob, max_per_client: int | None = None,
                max_active: int | None = None) -> tuple[Job, bool]: ...
     def get(self, job_id: str) -> Job | None: ...
+    def find(self, client: str, idempotency_key: str) -> Job | None: ...
     def start(self, job_id: str, owner: str) -> Job | None: ...
     def progress(self, job_id: str, done: float, total: float | None, message: str) -> int | None: ...
     def finish(self, job_id: str, state: str, result: bytes | None = None, error: dict | None = None) -> Job | None: ...
@@ -221,11 +222,8 @@ class SqliteStore:
         submitting at once cannot pass a limit together."""
         now = self.clock()
         with self._write():
-            if job.idempotency_key is not None:
-                row = self.db.execute("SELECT * FROM jobs WHERE client = ? AND idempotency_key = ?",
-                                      (job.client, job.idempotency_key)).fetchone()
-                if row is not None:
-                    return _job(row), False
+            if job.idempotency_key is not None and (known := self.find(job.client, job.idempotency_key)):
+                return known, False
             if max_per_client is not None and (held := self.count_active(job.client)) >= max_per_client:
                 raise ActiveLimit("client", held)
             if max_active is not None and (active := self.count_active()) >= max_active:
@@ -240,6 +238,12 @@ class SqliteStore:
 
     def get(self, job_id: str) -> Job | None:
         row = self._row(job_id)
+        return None if row is None else _job(row)
+
+    def find(self, client: str, idempotency_key: str) -> Job | None:
+        """The client's job submitted with this Idempotency-Key, if its record is still there."""
+        row = self.db.execute("SELECT * FROM jobs WHERE client = ? AND idempotency_key = ?",
+                              (client, idempotency_key)).fetchone()
         return None if row is None else _job(row)
 
     def start(self, job_id: str, owner: str) -> Job | None:

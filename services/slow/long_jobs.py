@@ -46,13 +46,15 @@ an owner that one of its jobs is being cancelled. Writes made here wake streams 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from services.slow import jobs, registry
+from services.slow import coalesce, jobs, registry
 from services.slow.admission import Admission
 from services.slow.job_store import (CANCELLED, CANCELLING, EXPIRED, FAILED, SUCCEEDED, ActiveLimit, AsyncStore,
                                      Job, NewJob, new_id)
@@ -78,6 +80,12 @@ class JobsFull(jobs.JobError):
     """The host already has jobs.max_active jobs queued or running."""
 
     status, code, outcome, retry, log_level = 503, "overloaded", "shed", True, None
+
+
+class IdempotencyKeyReused(jobs.JobError):
+    """The client's Idempotency-Key names a job of another request (the draft's 422)."""
+
+    status, code, outcome, log_level = 422, "idempotency_key_reused", "refused", None
 
 
 class ShuttingDown(jobs.JobError):
@@ -203,27 +211,50 @@ class LongJobs:
 
     # submitting
 
-    async def submit(self, task: registry.Task, kwargs: dict, client: str, request_id: str) -> Job:
-        """Commit a job and start it; JobError (answered at once, nothing committed) if refused."""
+    async def submit(self, task: registry.Task, kwargs: dict, client: str, request_id: str,
+                     idempotency_key: str | None = None, secret: bytes = b"") -> Job:
+        """Commit a job and start it; JobError (answered at once, nothing committed) if refused.
+
+        With an `idempotency_key` the client used before for the same request (task and parsed
+        arguments), that job instead, whatever its state: a retry never runs it twice. Used for
+        another request: IdempotencyKeyReused. The request is remembered by its fingerprint, an
+        HMAC keyed with the host's `secret` (the edge's token): arguments may be secrets."""
+        fingerprint = None
+        if idempotency_key is not None:
+            spelled = coalesce.canonical(task.name, kwargs) or repr((task.name, kwargs)).encode()
+            fingerprint = hmac.new(secret, spelled, hashlib.sha256).hexdigest()
+            known = await self.store.find(client, idempotency_key)
+            if known is not None:
+                return self._known(known, fingerprint)
         refused = self.admission.refusal(client)
         if refused is not None:
             raise refused
         limits = self.fleet.jobs
         record = NewJob(id=new_id(), task=task.name, client=client, owner=self.owner,
-                        args={k: kwargs[k] for k in task.echo})
+                        args={k: kwargs[k] for k in task.echo}, idempotency_key=idempotency_key,
+                        fingerprint=fingerprint)
         try:
-            job, _ = await self.store.create(record, max_per_client=limits.max_active_per_client,
-                                             max_active=limits.max_active)
+            job, created = await self.store.create(record, max_per_client=limits.max_active_per_client,
+                                                   max_active=limits.max_active)
         except ActiveLimit as exc:
             if exc.whose == "client":
                 raise JobsLimited(f"this client already has {exc.count} jobs queued or running "
                                   f"(jobs.max_active_per_client)") from None
             raise JobsFull(f"{exc.count} jobs are queued or running here (jobs.max_active)") from None
+        if not created:  # the same key, committed by a retry on another instance meanwhile
+            return self._known(job, fingerprint)
         run = asyncio.get_running_loop().create_task(self._run(job, task, kwargs, client, request_id))
         self.running[job.id] = run
         run.add_done_callback(lambda _: self._ended(job.id))
         if self.in_flight is not None:
             self.in_flight.enter()
+        return job
+
+    @staticmethod
+    def _known(job: Job, fingerprint: str | None) -> Job:
+        if job.fingerprint != fingerprint:
+            raise IdempotencyKeyReused("this Idempotency-Key was used for another request (another task or other "
+                                       "arguments); use a new key for a new request")
         return job
 
     async def outcome(self, job_id: str, timeout: float) -> Outcome | None:

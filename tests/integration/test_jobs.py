@@ -174,6 +174,17 @@ def test_a_client_past_its_active_jobs_gets_429_and_no_job(jobs_fleet, jobs):
     assert "jobs.max_active_per_client" in body["message"] and refused.headers["retry-after"].isdigit()
 
 
+def test_a_retried_submission_with_its_idempotency_key_finds_its_job_whichever_instance_takes_it(jobs_fleet, jobs):
+    key = {"Idempotency-Key": f'"{new_id()}"'}
+    first = jobs("/slow/report/60", instance=1, headers=key)
+    retry = jobs("/slow/report/60", instance=2, headers=key)
+    assert first.status == retry.status == 202 and retry.headers["location"] == first.headers["location"]
+    through_the_edge = jobs("/slow/report/60", headers=key)
+    assert through_the_edge.headers["location"] == first.headers["location"]
+    assert_contract_error(jobs("/slow/report/59", headers=key), 422, "idempotency_key_reused")
+    assert_contract_error(jobs("/slow/report/60", headers={"Idempotency-Key": "k" * 256}), 400, "bad_request")
+
+
 def test_the_edge_lets_delete_through_to_a_job_only(jobs_fleet):
     for path in ("/fast", "/slow/fib/5", f"/jobs/{new_id()}/events"):
         refused = jobs_fleet.request("DELETE", path)

@@ -252,3 +252,28 @@ class HeldJobsTest(JobsCase):
         other.close()
         await eventually(lambda: self._is(job_id, "cancelled"), what="the owner stops it")
         assert self.jobs_pool.cancelled == 1
+
+
+class IdempotencyTest(JobsCase):
+    def pool(self):
+        return HeldPool()
+
+    @gen_test
+    async def test_a_retry_with_the_same_idempotency_key_gets_the_same_job_and_another_request_422(self):
+        first = await self.get("/slow/fib/30", **ASYNC, **{"Idempotency-Key": '"order-1"'})
+        retry = await self.get("/slow/fib/30", **ASYNC, **{"Idempotency-Key": "order-1"})
+        assert first.code == retry.code == 202
+        assert retry.headers["Location"] == first.headers["Location"]
+        assert self.jobs_pool.calls <= 1 and self.sync_store.count_active() == 1
+        other = await self.get("/slow/fib/31", **ASYNC, **{"Idempotency-Key": "order-1"})
+        self.assert_json_error(other, 422, "idempotency_key_reused")
+        self.assert_json_error(await self.get("/slow/fib/30", **ASYNC, **{"Idempotency-Key": '"'}), 400, "bad_request")
+        self.jobs_pool.release.set()
+        job_id = json.loads(first.body)["id"]
+        await eventually(lambda: self._is(job_id, "succeeded"), what="it ends")
+        done = await self.get("/slow/fib/30", **ASYNC, **{"Idempotency-Key": "order-1"})
+        assert done.code == 202 and json.loads(done.body)["state"] == "succeeded"  # 202 even once it has ended
+        assert self.jobs_pool.calls == 1
+        # the request is kept as an HMAC's hex digest, never as its arguments
+        row = self.sync_store.db.execute("SELECT fingerprint FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        assert len(row[0]) == 64 and set(row[0]) <= set("0123456789abcdef")
