@@ -10,7 +10,8 @@ queues without bound: `size` is this instance's share of the cluster's worker th
 every CAPACITY_EVERY seconds, and the admission `line` in front of it is told when it changes.
 
 A small result comes back with the job's completion, as an event on this instance's topic
-(dask_worker.run_job says why); a larger one is gathered from its worker, as Dask does.
+(dask_worker.run_job says why); a larger one is gathered from its worker, as Dask does. A long
+job's progress reports come on the same topic, as they are made.
 
 Outcomes are the local pool's: the worker raises the same jobs.JobErrors, and here
 
@@ -106,6 +107,7 @@ class DaskPool:
         # Where this instance's workers send its jobs' small results (dask_worker.run_job).
         self.reply_topic = f"fleet-results/{settings.inventory.here.name}/{instance_number}"
         self._pushed: dict[str, asyncio.Future] = {}  # job key -> its result, once pushed
+        self._reports: dict[str, Any] = {}  # job key -> where its progress reports go (pool.run's progress)
         self._subscribed_to: str | None = None  # id of the scheduler that knows our subscription
         # Jobs this instance may run at once: its share of the cluster's threads, at least 1 (a job
         # admitted to a cluster without workers is answered 503 at once, never left waiting in line).
@@ -164,8 +166,6 @@ class DaskPool:
 
     async def run(self, task: str, kwargs: dict, timeout: float, client: str = "",
                   progress: Any = None, kill_on_cancel: bool = False) -> tuple[bytes, float]:
-        # progress: not carried from the cluster's job processes yet (issue 26: the Dask worker's
-        # pool gets the reports; they still have to reach this instance).
         who = client
         client = self.client
         if client is None or client.status != "running":
@@ -177,7 +177,10 @@ class DaskPool:
             raise NoWorkers("the Dask cluster has no worker; retry later")
         key = f"{task}-{uuid.uuid4().hex}"
         pushed = self._pushed[key] = asyncio.get_running_loop().create_future()
-        future = client.submit(run_job, task, kwargs, timeout, key, self.reply_topic, pure=False, key=key)
+        if progress is not None:  # the worker sends the job's reports on this instance's topic too
+            self._reports[key] = progress
+        future = client.submit(run_job, task, kwargs, timeout, key, self.reply_topic, progress is not None,
+                               pure=False, key=key)
         self._in_flight += 1
         try:
             result = await self._wait(future, pushed, task, timeout, who, kill_on_cancel)
@@ -187,6 +190,7 @@ class DaskPool:
         finally:
             self._in_flight -= 1
             del self._pushed[key]
+            self._reports.pop(key, None)
             pushed.cancel()
             # Released even before the scheduler hears the job finished (a pushed result arrives
             # first): the scheduler then frees the finished task on the worker, as it does when
@@ -265,14 +269,22 @@ class DaskPool:
         return await gathered
 
     def _on_pushed(self, event: tuple[float, Any]) -> None:
-        """A topic event from a worker: [job key, result JSON, elapsed ms] (dask_worker.run_job)."""
+        """A topic event from a worker: [job key, result JSON, elapsed ms], or a progress report
+        ["progress", job key, done, total, message] (dask_worker.run_job)."""
         try:
-            _, (key, result_json, elapsed_ms) = event
+            _, message = event
+            if message[0] == "progress":
+                _, key, done, total, text = message
+                report = self._reports.get(key)
+                if report is not None:
+                    report(float(done), None if total is None else float(total), str(text))
+                return
+            key, result_json, elapsed_ms = message
             waiter = self._pushed.get(key)
             if waiter is not None and not waiter.done():
                 waiter.set_result((bytes(result_json), float(elapsed_ms)))
-        except (TypeError, ValueError):
-            log.warning("ignored a malformed result event on %s", self.reply_topic)
+        except (TypeError, ValueError, IndexError, KeyError):
+            log.warning("ignored a malformed event on %s", self.reply_topic)
 
     def stats(self) -> dict:
         # Its share of the cluster's threads, as it is: 0 with no worker in the cluster (`size`, the

@@ -51,16 +51,24 @@ PUSH_LIMIT = 4096
 _running: dict[str, asyncio.Task] = {}  # task key -> the pool job running it (in this worker)
 
 
-async def run_job(task: str, kwargs: dict, timeout: float, key: str, reply_to: str = "") -> tuple[bytes, float]:
+async def run_job(task: str, kwargs: dict, timeout: float, key: str, reply_to: str = "",
+                  progress: bool = False) -> tuple[bytes, float]:
     """The one entry point the slow instances submit: run `task` in this worker's pool.
 
     A coroutine, so the worker runs it on its event loop (its nthreads still bound how many run at
     once): no executor thread between the scheduler's message and the child's pipe, two thread
     hand-offs and their wake-ups fewer per job. `key` is the job's Dask key, for
-    KillCancelledJobs. Returns (result JSON, elapsed ms) or raises a JobError.
+    KillCancelledJobs. Returns (result JSON, elapsed ms) or raises a JobError. With `progress`,
+    the task's progress reports (already coalesced in its process, progress.py) go to the
+    instance's topic as they come: ["progress", key, done, total, message].
     """
     worker = get_worker()
-    job = asyncio.ensure_future(worker.fleet_pool.run(task, kwargs, timeout))
+
+    def report(done: float, total: float | None, message: str) -> None:
+        worker.log_event(reply_to, ["progress", key, done, total, message])
+
+    job = asyncio.ensure_future(worker.fleet_pool.run(task, kwargs, timeout,
+                                                      progress=report if progress and reply_to else None))
     _running[key] = job
     try:
         result_json, elapsed_ms = await job

@@ -215,3 +215,30 @@ def test_a_killed_instance_s_jobs_end_worker_lost_within_15_s_and_a_cancel_made_
     assert lost["state"] == "failed" and lost["error"]["error"] == "worker_lost" and lost["error"]["retryable"] is True
     assert fleet.get(cancelling).json()["state"] == "cancelled"
     assert not procfs.alive(worker)  # its workers died with it
+
+
+def test_on_a_dask_cluster_a_job_s_progress_streams_live_and_a_cancel_stops_it(private_dask_fleet):
+    fleet = private_dask_fleet(FLEET_JOBS_KEEPALIVE_SECONDS="1")
+    done = fleet.get("/slow/report/1", headers=ASYNC).headers["location"]
+    with EventStream(fleet.edge_port, f"{done}/events") as stream:
+        events = list(stream.events())
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    progress = [e.json() for e in events if e.kind == "progress"]
+    assert len(progress) >= 2 and progress[-1] == {"done": 10, "total": 10, "message": "section 10 of 10"}
+    assert events[-1].kind == "end" and events[-1].json()["result"]["sections"] == 10
+
+    cancelled = fleet.get("/slow/report/60", headers=ASYNC).headers["location"]
+    with EventStream(fleet.edge_port, f"{cancelled}/events") as stream:
+        assert any(e.kind == "progress" for e in _until_progress(stream))  # it runs on a worker
+        assert fleet.request("DELETE", cancelled).json()["state"] in ("cancelling", "cancelled")
+        end = next(e for e in stream.events() if e.kind == "end")
+    assert end.json()["state"] == "cancelled"
+    # the job's process was killed: the cluster's threads are all free for the next one
+    wait_for(lambda: fleet.slow_health()["pool"]["busy"] == 0, what="no job left on the cluster")
+
+
+def _until_progress(stream: EventStream):
+    for event in stream.events():
+        yield event
+        if event.kind == "progress":
+            return
