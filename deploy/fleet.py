@@ -242,6 +242,7 @@ def status(settings: Settings) -> None:
         print(cluster_line(settings))
     if settings.inventory.runs("slow"):
         print(compute_once_line(settings))
+        print(jobs_line(settings))
     print(logs_line(settings))
 
 
@@ -276,6 +277,25 @@ def compute_once_line(settings: Settings) -> str:
         if counts:
             line += "; edge cache, latest requests: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     return line
+
+
+def jobs_line(settings: Settings) -> str:
+    """This host's long jobs by state (its job store, as a slow instance last read it) and the event
+    streams open on its slow instances."""
+    by_state: dict[str, float] = {}
+    streams = 0.0
+    for _, port in settings.instances("slow"):
+        try:
+            with urllib.request.urlopen(instance_url(settings, port, "/metrics"), timeout=1,
+                                        context=client_context(settings)) as r:
+                text = r.read().decode()
+        except (OSError, ValueError):
+            continue
+        streams += metrics_reader.total(text, "fleet_jobs_streams_open")
+        if not by_state:  # the host's one store: the first instance's reading is the host's
+            by_state = {s.labels["state"]: s.value for s in metrics_reader.samples(text) if s.name == "fleet_jobs"}
+    counts = ", ".join(f"{state} {value:.0f}" for state, value in by_state.items()) or "none read yet"
+    return f"long jobs (this host's store): {counts}; event streams open: {streams:.0f}"
 
 
 def cluster_line(settings: Settings) -> str:

@@ -12,6 +12,10 @@ targets file that deploy renders into the run dir (prometheus/targets.json). Fam
     fleet_slow_jobs_total{task,outcome,backend}                counter
     fleet_slow_job_duration_seconds{task,backend}              histogram
     fleet_slow_coalesced_total{task}                           counter (requests that shared a job)
+    fleet_jobs{state}                                          gauge: the host's long jobs by state (its
+                                                               job store, read every 2 s; slow only)
+    fleet_jobs_streams_open                                    gauge: event streams open here
+    fleet_jobs_store_seconds{operation}                        histogram: a job store call, thread hop included
     fleet_event_loop_lag_seconds                               histogram (watchdog.py)
     fleet_event_loop_blocked_total                             counter (watchdog.py)
     process_*, python_*                                        prometheus-client's own collectors
@@ -40,6 +44,11 @@ SLOW_COALESCED = Counter("fleet_slow_coalesced_total",
                          "Requests answered by a job that an identical request had started (coalesce.py)", ["task"])
 SLOW_JOB_DURATION = Histogram("fleet_slow_job_duration_seconds", "Time a job ran in its worker",
                               ["task", "backend"], buckets=BUCKETS)
+JOBS = Gauge("fleet_jobs", "The host's long jobs by state, as its job store holds them", ["state"])
+JOBS_STREAMS = Gauge("fleet_jobs_streams_open", "Job event streams (SSE) open on this instance")
+JOBS_STORE = Histogram("fleet_jobs_store_seconds", "Time of a job store call from the event loop, by operation",
+                       ["operation"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                               0.1, 0.25, 1, 5))
 LOOP_LAG = Histogram(
     "fleet_event_loop_lag_seconds", "How late the event loop ran a probe scheduled every 100 ms",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),

@@ -32,6 +32,7 @@ import re
 
 from tornado.iostream import StreamClosedError
 
+from services.common import metrics
 from services.common.web import ApiError, BaseHandler
 from services.slow.job_store import EXPIRED, Job
 from services.slow.long_jobs import LongJobs
@@ -142,6 +143,7 @@ class JobHandler(JobBase):
 class JobEventsHandler(JobBase):
     route_pattern = "/jobs/{id}/events"
     _gone = False
+    _open = False  # counted in fleet_jobs_streams_open
     _waiter: asyncio.Future | None = None
 
     async def get(self, job_id: str) -> None:
@@ -157,6 +159,8 @@ class JobEventsHandler(JobBase):
         # An open stream is no request in flight: a drain does not wait for it. The stream ends
         # at the drain's start instead; the browser reconnects, with Last-Event-ID, elsewhere.
         self._leave_in_flight()
+        metrics.JOBS_STREAMS.inc()
+        self._open = True
         watcher = self.long_jobs.watcher
         keepalive = self.long_jobs.fleet.jobs.keepalive_seconds
         try:
@@ -186,6 +190,15 @@ class JobEventsHandler(JobBase):
         except StreamClosedError:
             pass  # the client left; the job goes on
 
+    def on_finish(self) -> None:
+        super().on_finish()
+        self._close_stream()
+
+    def _close_stream(self) -> None:
+        if self._open:
+            self._open = False
+            metrics.JOBS_STREAMS.dec()
+
     def _last_event_id(self) -> int:
         text = self.request.headers.get("Last-Event-ID", "").strip()
         if text == "":
@@ -197,5 +210,6 @@ class JobEventsHandler(JobBase):
     def on_connection_close(self) -> None:
         super().on_connection_close()
         self._gone = True
+        self._close_stream()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)

@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from services.common import metrics
+
 QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 EXPIRED = "expired"  # a tombstone: the record ended and its TTL passed (410)
@@ -173,7 +175,14 @@ class Store(Protocol):
     def cancel(self, job_id: str) -> Job | None: ...
     def events(self, job_id: str, after: int = 0) -> list[Event]: ...
     def changes(self, after: int) -> tuple[int, dict[str, int]]: ...
+    def count_by_state(self) -> dict[str, int]:
+        """Every record of the store, by state (tombstones as "expired")."""
+        counts = dict.fromkeys((*ACTIVE, *TERMINAL, EXPIRED), 0)
+        counts.update(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        return counts
+
     def count_active(self, client: str | None = None) -> int: ...
+    def count_by_state(self) -> dict[str, int]: ...
     def sweep(self) -> dict[str, int]: ...
     def beat(self, owner: str) -> None: ...
     def gone(self, owner: str) -> None: ...
@@ -330,6 +339,12 @@ class SqliteStore:
         row = self.db.execute("SELECT MAX(position) FROM events").fetchone()
         return row[0] or 0
 
+    def count_by_state(self) -> dict[str, int]:
+        """Every record of the store, by state (tombstones as "expired")."""
+        counts = dict.fromkeys((*ACTIVE, *TERMINAL, EXPIRED), 0)
+        counts.update(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        return counts
+
     def count_active(self, client: str | None = None) -> int:
         """Jobs queued, running or being cancelled: the client's, or everyone's."""
         active = "state IN ('queued', 'running', 'cancelling')"
@@ -443,7 +458,11 @@ class AsyncStore:
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._thread, functools.partial(method, *args, **kwargs))
+            started = time.perf_counter()
+            try:
+                return await loop.run_in_executor(self._thread, functools.partial(method, *args, **kwargs))
+            finally:
+                metrics.JOBS_STORE.labels(name).observe(time.perf_counter() - started)
 
         return call
 

@@ -54,6 +54,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from services.common import metrics
 from services.slow import coalesce, jobs, registry
 from services.slow.admission import Admission
 from services.slow.job_store import (CANCELLED, CANCELLING, EXPIRED, FAILED, SUCCEEDED, ActiveLimit, AsyncStore,
@@ -383,6 +384,11 @@ class LongJobs:
             except Exception:
                 log.exception("could not beat in the job store")
                 continue
+            try:
+                for state, count in (await self.store.count_by_state()).items():
+                    metrics.JOBS.labels(state).set(count)
+            except Exception:
+                log.exception("could not count the job store's records")
             for job in reaped:
                 log.warning("job %s (%s) ended %s: the instance running it went silent", job.id, job.task, job.state)
             if reaped:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from services.common import procfs
+from services.common import metrics_reader, procfs
 from services.slow.job_store import new_id
 from tests.support.contract import assert_contract_error
 from tests.support.fleet import Fleet, Response
@@ -183,6 +183,25 @@ def test_a_retried_submission_with_its_idempotency_key_finds_its_job_whichever_i
     assert through_the_edge.headers["location"] == first.headers["location"]
     assert_contract_error(jobs("/slow/report/59", headers=key), 422, "idempotency_key_reused")
     assert_contract_error(jobs("/slow/report/60", headers={"Idempotency-Key": "k" * 256}), 400, "bad_request")
+
+
+def test_metrics_and_status_show_the_host_s_jobs_by_state_and_the_open_streams(jobs_fleet, jobs):
+    location = jobs("/slow/report/60").headers["location"]
+    wait_for(lambda: state(jobs_fleet, location) == "running", what="the job runs")
+    with EventStream(jobs_fleet.edge_port, f"{location}/events") as stream:
+        stream.next()
+
+        def figures():
+            texts = [jobs_fleet.get("/metrics", port=port).body.decode() for port in jobs_fleet.slow_ports]
+            return (max(metrics_reader.total(t, "fleet_jobs", state="running") for t in texts),
+                    sum(metrics_reader.total(t, "fleet_jobs_streams_open") for t in texts))
+
+        wait_for(lambda: figures() == (1, 1), what="one job running and one stream open, in /metrics")
+        assert metrics_reader.total(jobs_fleet.get("/metrics", port=jobs_fleet.slow_ports[0]).body.decode(),
+                                    "fleet_jobs_store_seconds_count", operation="get") > 0
+        status = jobs_fleet.command("status").stdout
+        assert "long jobs (this host's store): queued 0, running 1," in status and "event streams open: 1" in status
+    wait_for(lambda: figures()[1] == 0, what="the stream closed, in /metrics")
 
 
 def test_the_edge_lets_delete_through_to_a_job_only(jobs_fleet):
