@@ -154,6 +154,7 @@ def context(settings: Settings) -> dict:
         "worker_shutdown_timeout": math.ceil(heavy_request + 5),
         "max_per_client": s.slow.max_per_client,
         "jobs_stream_read_timeout": math.ceil(s.jobs.keepalive_seconds + 10),
+        "jobs": s.jobs,
         "edge_errors": EDGE_ERRORS,
         "edge_stopwaitsecs": 10,
         "programs": programs.programs(s),

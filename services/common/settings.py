@@ -259,6 +259,7 @@ SCHEMA: dict[str, Spec] = {
     "jobs.max_active": Spec(int, 1, 1_000_000),
     "jobs.max_run_time": Spec(float, 1, 86_400),
     "jobs.keepalive_seconds": Spec(float, 1, 300),
+    "jobs.max_streams_per_client": Spec(int, 1, 65535),  # nginx refuses a limit_conn of 65536 or more
     "process.user": Spec(str, check=_check_user),
     "observe.blocked_loop_ms": Spec(int, 10, 60000),
     "observe.test_routes": Spec(bool),

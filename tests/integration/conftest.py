@@ -46,9 +46,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def jobs_fleet(tmp_path_factory: pytest.TempPathFactory):
     """A fleet of test_jobs.py's own: two slow instances sharing the host's job store, a keep-alive
-    comment every second, at most 3 active jobs per client."""
+    comment every second, at most 3 active jobs and 3 open event streams per client."""
     yield from _shared(tmp_path_factory.mktemp("jobs"), slow=2, FLEET_JOBS_KEEPALIVE_SECONDS="1",
-                       FLEET_JOBS_MAX_ACTIVE_PER_CLIENT="3")
+                       FLEET_JOBS_MAX_ACTIVE_PER_CLIENT="3", FLEET_JOBS_MAX_STREAMS_PER_CLIENT="3")
 
 
 @pytest.fixture

@@ -204,6 +204,25 @@ def test_metrics_and_status_show_the_host_s_jobs_by_state_and_the_open_streams(j
     wait_for(lambda: figures()[1] == 0, what="the stream closed, in /metrics")
 
 
+def test_a_client_past_its_open_streams_gets_429_at_the_edge(jobs_fleet, jobs):
+    location = jobs("/slow/report/60").headers["location"]
+    streams = [EventStream(jobs_fleet.edge_port, f"{location}/events") for _ in range(3)]  # jobs.max_streams_per_client
+    try:
+        assert [s.status for s in streams] == [200, 200, 200]
+        refused = jobs_fleet.get(f"{location}/events")
+        assert_contract_error(refused, 429, "rate_limited")
+        assert refused.headers["x-served-by"] == "edge"
+    finally:
+        for stream in streams:
+            stream.close()
+    wait_for(lambda: _opens(jobs_fleet, f"{location}/events"), what="a stream again, once the others closed")
+
+
+def _opens(fleet: Fleet, path: str) -> bool:
+    with EventStream(fleet.edge_port, path) as stream:
+        return stream.status == 200
+
+
 def test_the_edge_lets_delete_through_to_a_job_only(jobs_fleet):
     for path in ("/fast", "/slow/fib/5", f"/jobs/{new_id()}/events"):
         refused = jobs_fleet.request("DELETE", path)
