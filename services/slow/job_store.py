@@ -219,6 +219,20 @@ class SqliteStore:
         self.db.execute("INSERT INTO events (job, seq, kind, data) VALUES (?, ?, ?, ?)",
                         (job_id, seq, kind, json.dumps(data)))
 
+    def _change(self, row: sqlite3.Row, kind: str, data: dict, **columns: Any) -> int:
+        """One change of a job (inside a transaction): its `columns`, and its next event, numbered."""
+        seq = row["seq"] + 1
+        assignments = ", ".join(f"{name} = ?" for name in columns)  # names from this module only
+        self.db.execute(f"UPDATE jobs SET seq = ?, {assignments} WHERE id = ?", (seq, *columns.values(), row["id"]))
+        self._append(row["id"], seq, kind, data)
+        return seq
+
+    def _end(self, row: sqlite3.Row, state: str, error: dict | None, result: bytes | None = None) -> None:
+        """A job's last change: its terminal state, its result or error, when it expires; the end event."""
+        now = self.clock()
+        self._change(row, "end", {"state": state}, state=state, finished=now, expires=now + self.ttl, result=result,
+                     error=None if error is None else json.dumps(error))
+
     def _row(self, job_id: str) -> sqlite3.Row | None:
         return self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
 
@@ -261,10 +275,7 @@ class SqliteStore:
             row = self._row(job_id)
             if row is None or row["state"] != QUEUED:
                 return None
-            seq = row["seq"] + 1
-            self.db.execute("UPDATE jobs SET state = ?, seq = ?, owner = ?, started = ? WHERE id = ?",
-                            (RUNNING, seq, owner, self.clock(), job_id))
-            self._append(job_id, seq, "state", {"state": RUNNING})
+            self._change(row, "state", {"state": RUNNING}, state=RUNNING, owner=owner, started=self.clock())
             return _job(self._row(job_id))
 
     def progress(self, job_id: str, done: float, total: float | None, message: str) -> int | None:
@@ -273,11 +284,8 @@ class SqliteStore:
             row = self._row(job_id)
             if row is None or row["state"] != RUNNING:
                 return None
-            seq = row["seq"] + 1
-            self.db.execute("UPDATE jobs SET seq = ?, done = ?, total = ?, message = ? WHERE id = ?",
-                            (seq, done, total, message, job_id))
-            self._append(job_id, seq, "progress", {"done": done, "total": total, "message": message})
-            return seq
+            return self._change(row, "progress", {"done": done, "total": total, "message": message},
+                                done=done, total=total, message=message)
 
     def finish(self, job_id: str, state: str, result: bytes | None = None, error: dict | None = None) -> Job | None:
         """An active job ends: succeeded (with its result), failed or cancelled (with the error).
@@ -285,7 +293,6 @@ class SqliteStore:
         None if it had ended already."""
         if state not in TERMINAL:
             raise ValueError(f"not a terminal state: {state}")
-        now = self.clock()
         with self._write():
             row = self._row(job_id)
             if row is None or row["state"] not in ACTIVE:
@@ -293,31 +300,21 @@ class SqliteStore:
             if row["state"] == CANCELLING:
                 state, result = CANCELLED, None
                 error = {"error": "cancelled", "message": "the job was cancelled while it ran; its worker was stopped"}
-            seq = row["seq"] + 1
-            self.db.execute("UPDATE jobs SET state = ?, seq = ?, finished = ?, expires = ?, result = ?, error = ?"
-                            " WHERE id = ?", (state, seq, now, now + self.ttl, result,
-                                              None if error is None else json.dumps(error), job_id))
-            self._append(job_id, seq, "end", {"state": state})
+            self._end(row, state, error, result)
             return _job(self._row(job_id))
 
     def cancel(self, job_id: str) -> Job | None:
         """Ask for a job's end: a queued one is cancelled at once, a running one is marked
         cancelling (its owner stops it and finishes it cancelled); anything else is left as it is.
         The record as it now is, or None if there is none."""
-        now = self.clock()
         with self._write():
             row = self._row(job_id)
             if row is None:
                 return None
-            seq = row["seq"] + 1
             if row["state"] == QUEUED:
-                error = {"error": "cancelled", "message": "the job was cancelled before it ran"}
-                self.db.execute("UPDATE jobs SET state = ?, seq = ?, finished = ?, expires = ?, error = ? WHERE id = ?",
-                                (CANCELLED, seq, now, now + self.ttl, json.dumps(error), job_id))
-                self._append(job_id, seq, "end", {"state": CANCELLED})
+                self._end(row, CANCELLED, {"error": "cancelled", "message": "the job was cancelled before it ran"})
             elif row["state"] == RUNNING:
-                self.db.execute("UPDATE jobs SET state = ?, seq = ? WHERE id = ?", (CANCELLING, seq, job_id))
-                self._append(job_id, seq, "state", {"state": CANCELLING})
+                self._change(row, "state", {"state": CANCELLING}, state=CANCELLING)
             return _job(self._row(job_id))
 
     def events(self, job_id: str, after: int = 0) -> list[Event]:
@@ -385,10 +382,7 @@ class SqliteStore:
                     state, error = FAILED, {"error": "worker_lost", "status": 502, "retryable": True,
                                             "message": "the instance running this job was lost (killed, or its "
                                                        "host went down); nothing of it runs any more: submit it again"}
-                seq = row["seq"] + 1
-                self.db.execute("UPDATE jobs SET state = ?, seq = ?, finished = ?, expires = ?, error = ? WHERE id = ?",
-                                (state, seq, now, now + self.ttl, json.dumps(error), row["id"]))
-                self._append(row["id"], seq, "end", {"state": state})
+                self._end(row, state, error)
                 ended.append(_job(self._row(row["id"])))
             # owners silent ten times as long are forgotten: their jobs have just been ended
             self.db.execute("DELETE FROM owners WHERE beat <= ?", (now - 10 * lost_after,))
