@@ -61,9 +61,10 @@ def state(fleet: Fleet, location: str, instance: int | None = None) -> str:
 def busy_worker(fleet: Fleet, instance: int) -> int:
     """The pid of the worker of slow-0<instance> that computes (a report job burns CPU; idle
     workers sleep on their pipes)."""
-    pids = fleet.slow_health(instance)["pool"]["pids"]
-    return wait_for(lambda: next((p for p in pids if procfs.state(p) == "R"), None),
-                    what=f"a worker of slow-0{instance} computing")
+    def computing() -> int | None:  # the pool is read each time: a worker killed before may be replaced meanwhile
+        return next((p for p in fleet.slow_health(instance)["pool"]["pids"] if procfs.state(p) == "R"), None)
+
+    return wait_for(computing, what=f"a worker of slow-0{instance} computing")
 
 
 def test_a_job_s_whole_life_through_the_edge_with_a_reconnect_that_replays_exactly_what_it_missed(jobs_fleet, jobs):
