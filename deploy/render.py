@@ -194,6 +194,8 @@ def render(settings: Settings) -> dict[str, str]:
         "nginx/conf/nginx.conf": env.get_template("nginx.conf.j2").render(ctx),
         "supervisord.conf": env.get_template("supervisord.conf.j2").render(ctx),
         "settings.json": settings.snapshot(),
+        # The long jobs' page (/jobs/<id>/page), which the edge serves itself from the run dir.
+        "nginx/html/job.html": f"<!-- {HEADER[2:]} (from nginx/job.html) -->\n" + (REPO_ROOT / "nginx" / "job.html").read_text(),
         "prometheus/targets.json": prometheus_targets(settings),
     }
 
@@ -241,7 +243,7 @@ def write(settings: Settings, files: dict[str, str] | None = None) -> list[str]:
     run_dir = settings.run_dir
     rundir.check_not_writable_by_others(run_dir, "the run dir")
     # 0755 whatever the umask: the fleet's user reads the snapshot, nginx's workers reach their temp dir.
-    for sub in ("", "logs", "nginx", "nginx/conf", "nginx/temp", "prometheus", "profiles"):
+    for sub in ("", "logs", "nginx", "nginx/conf", "nginx/html", "nginx/temp", "prometheus", "profiles"):
         rundir.own_dir(run_dir / sub)
     if cached_tasks(settings):
         mark_edge_cache(settings)
