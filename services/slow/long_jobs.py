@@ -15,7 +15,10 @@ Where each transition happens (job_store.py has the states):
   never hears of a job the store does not hold. Refusals come first and are answered at once,
   nothing committed: the client's or the host's active-job limit (429, 503; counted in the same
   transaction as the insert), and a full admission line (503, as a synchronous request gets).
-- queued -> running, in that instance (the job's owner), when the job gets a running slot.
+- queued -> running, in that instance (the job's owner), when the job's run gets a running slot.
+  A task that declares coalesce=True shares: a job identical to one in flight here (the same task
+  and arguments, coalesce.py) follows that job's run instead of starting its own, and is running
+  at once if the run is; one job leaving (cancelled) stops the run only if it was the last.
   A job waits in the same admission line as synchronous requests (admission.py): one set of
   workers, and one share per client for both, so asynchronous submission is no way around the
   per-client limits and fairness, and no capacity is set aside for either kind. Its deadline
@@ -51,7 +54,7 @@ import hmac
 import json
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from services.common import metrics
@@ -93,6 +96,13 @@ class ShuttingDown(jobs.JobError):
     """The instance running the job stopped (its drain's deadline) before the job ended."""
 
     status, code, outcome, retry = 503, "shutting_down", "cancelled", True
+
+
+@dataclass
+class Work:
+    """A run of a task on the pool, and the jobs that follow it (one, or identical ones: coalesce)."""
+    followers: set[str] = field(default_factory=set)
+    started: bool = False  # it holds a running slot: a job joining it now is running at once
 
 
 @dataclass
@@ -181,6 +191,9 @@ class LongJobs:
         self._writing: dict[str, asyncio.Task] = {}  # jobs with progress writes in flight
         self._sweeper: asyncio.Task | None = None
         self._beater: asyncio.Task | None = None
+        # Runs in flight here, by the key of their task and arguments (coalesce.py), and their jobs.
+        self.flights = coalesce.Flights()
+        self._works: dict[coalesce.Flight, Work] = {}
 
     async def start(self) -> None:
         await self.store.beat(self.owner)  # alive before its first job
@@ -278,39 +291,76 @@ class LongJobs:
     # running
 
     async def _run(self, job: Job, task: registry.Task, kwargs: dict, client: str, request_id: str) -> Outcome:
-        loop = asyncio.get_running_loop()
-        arrived = loop.time()
-        timeout = self.timeout(task)
-        deadline = arrived + timeout
+        """One job's life in this instance: it follows a run of its task (its own, or the run of an
+        identical job in flight here, for a task that declares coalesce=True) and ends as it ends."""
+        key = coalesce.job_key(task.name, kwargs) if task.coalesce and self.fleet.slow.coalesce else None
+        work = Work()
+        flight, shared = self.flights.join(key, lambda: asyncio.ensure_future(self._work(work, task, kwargs, client)),
+                                           job.id)
+        if shared:
+            work = self._works[flight]
+            metrics.SLOW_COALESCED.labels(task.name).inc()
+            log.info("job %s %s shares the run of job %s", task.name, job.id, flight.started_by)
+        else:
+            self._works[flight] = work
+            flight.job.add_done_callback(lambda _: self._works.pop(flight, None))
+        work.followers.add(job.id)
         try:
-            async with self.admission.slot(client, task.name, deadline):
-                started = loop.time()
-                if deadline - started <= 0:
-                    raise jobs.QueueTimeout(f"it waited {started - arrived:.1f} s in line, its whole deadline")
-                if await self.store.start(job.id, self.owner) is None:
-                    raise asyncio.CancelledError  # cancelled while it waited
-                self.watcher.notify({job.id: 0})
-                try:
-                    result_json, elapsed_ms = await self.pool.run(
-                        task.name, kwargs, deadline - started, client, kill_on_cancel=True,
-                        progress=lambda done, total, message: self._report(job.id, done, total, message))
-                except jobs.JobTimeout:
-                    raise jobs.JobTimeout(f"job {task.name} passed its {timeout:g} s deadline") from None
+            if work.started:  # it joins a run under way: running at once
+                await self._start(job.id)
+            # shielded: this job leaving (below) is not the run's end, unless it was the last to follow it
+            result_json, elapsed_ms, queued_ms = await asyncio.shield(flight.job)
         except jobs.JobError as exc:
             await self._fail(job.id, task, exc, request_id)
             return Outcome(error=exc)
         except asyncio.CancelledError:
+            if not flight.job.done():
+                flight.leave()
             if job.id in self._stopping:
                 exc = ShuttingDown("the instance running the job stopped before it ended; submit it again")
                 await self._fail(job.id, task, exc, request_id)
                 return Outcome(error=exc)
             await self._finish(job.id, CANCELLED, error={"error": "cancelled", "message": "the job was cancelled"})
             raise
-        queued_ms = 1000 * (started - arrived)
+        finally:
+            work.followers.discard(job.id)
         log.info("job %s %s ok in %.1f ms (waited %.1f ms)", task.name, job.id, elapsed_ms, queued_ms,
                  extra={"fields": {"task": task.name, "elapsed_ms": round(elapsed_ms, 2)}})
         await self._finish(job.id, SUCCEEDED, result=result_json)
         return Outcome(body=answer_body(task, kwargs, result_json, elapsed_ms, queued_ms))
+
+    async def _work(self, work: "Work", task: registry.Task, kwargs: dict, client: str) -> tuple[bytes, float, float]:
+        """A run of `task` for the jobs that follow it: admitted in the line as its first job's
+        client, on the pool; (result JSON, elapsed ms, queued ms), or a JobError."""
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        timeout = self.timeout(task)
+        deadline = arrived + timeout
+        async with self.admission.slot(client, task.name, deadline):
+            started = loop.time()
+            if deadline - started <= 0:
+                raise jobs.QueueTimeout(f"it waited {started - arrived:.1f} s in line, its whole deadline")
+            work.started = True
+            if not any([await self._start(job_id) for job_id in list(work.followers)]):
+                raise asyncio.CancelledError  # every job that waited for it was cancelled meanwhile
+
+            def report(done: float, total: float | None, message: str) -> None:
+                for job_id in work.followers:
+                    self._report(job_id, done, total, message)
+
+            try:
+                result_json, elapsed_ms = await self.pool.run(task.name, kwargs, deadline - started, client,
+                                                              kill_on_cancel=True, progress=report)
+            except jobs.JobTimeout:
+                raise jobs.JobTimeout(f"job {task.name} passed its {timeout:g} s deadline") from None
+        return result_json, elapsed_ms, 1000 * (started - arrived)
+
+    async def _start(self, job_id: str) -> bool:
+        """queued -> running in the store; False if the job was cancelled meanwhile."""
+        if await self.store.start(job_id, self.owner) is None:
+            return False
+        self.watcher.notify({job_id: 0})
+        return True
 
     async def _fail(self, job_id: str, task: registry.Task, exc: jobs.JobError, request_id: str) -> None:
         if exc.log_level is not None:

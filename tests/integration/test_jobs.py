@@ -153,6 +153,17 @@ def test_any_slow_instance_answers_for_and_cancels_a_job_another_one_runs(jobs_f
     wait_for(lambda: state(jobs_fleet, location, instance=2) == "cancelled", timeout=5, what="the job cancelled")
 
 
+def test_identical_jobs_in_flight_on_an_instance_share_one_run(jobs_fleet, jobs):
+    first, second = (jobs("/slow/shared_spin/1.5", instance=1).headers["location"] for _ in range(2))
+    for location in (first, second):
+        wait_for(lambda: state(jobs_fleet, location) == "succeeded", what=f"{location} succeeded")
+    one, two = (jobs_fleet.get(location).json()["result"] for location in (first, second))
+    assert one == two  # the same process, the same token: one run
+    other = jobs("/slow/shared_spin/1.4", instance=1).headers["location"]
+    wait_for(lambda: state(jobs_fleet, other) == "succeeded", what="a job of other arguments succeeded")
+    assert jobs_fleet.get(other).json()["result"]["token"] != one["token"]
+
+
 def test_unknown_ids_are_404_and_expired_ones_410_through_the_edge(jobs_fleet, jobs):
     unknown = f"/jobs/{new_id()}"
     for method, path in (("GET", unknown), ("DELETE", unknown), ("GET", f"{unknown}/events"), ("GET", "/jobs/nope"),

@@ -277,3 +277,50 @@ class IdempotencyTest(JobsCase):
         # the request is kept as an HMAC's hex digest, never as its arguments
         row = self.sync_store.db.execute("SELECT fingerprint FROM jobs WHERE id = ?", (job_id,)).fetchone()
         assert len(row[0]) == 64 and set(row[0]) <= set("0123456789abcdef")
+
+
+class ComputeOnceTest(JobsCase):
+    """Identical jobs in flight on an instance share one run, for tasks that declare coalesce=True."""
+
+    def pool(self):
+        return HeldPool()
+
+    async def delete(self, job_id: str):
+        return await self.http_client.fetch(self.get_url(f"/jobs/{job_id}"), method="DELETE", raise_error=False)
+
+    @gen_test
+    async def test_identical_jobs_share_one_run_and_one_leaving_cancels_nobody_else(self):
+        first = await self.submit("/slow/fib/30")
+        await self.jobs_pool.started.wait()
+        second = await self.submit("/slow/fib/30")
+        await eventually(lambda: self._is(second, "running"), what="the second job runs with the first one's run")
+        assert self.jobs_pool.calls == 1
+        self.jobs_pool.progress(1, 2, "half")
+        await eventually(lambda: self._progress(second, "half"), what="the shared run's report reaches both")
+        assert json.loads((await self.delete(first)).body)["state"] in ("cancelling", "cancelled")
+        await eventually(lambda: self._is(first, "cancelled"), what="the first job cancelled")
+        assert self.jobs_pool.cancelled == 0  # the run goes on for the second
+        self.jobs_pool.release.set()
+        await eventually(lambda: self._is(second, "succeeded"), what="the second job succeeds")
+        assert json.loads((await self.get(f"/jobs/{second}")).body)["result"] == 75025
+
+    async def _progress(self, job_id: str, message: str) -> bool:
+        body = json.loads((await self.get(f"/jobs/{job_id}")).body)
+        return (body["progress"] or {}).get("message") == message
+
+    @gen_test
+    async def test_the_last_job_of_a_shared_run_leaving_stops_the_run(self):
+        jobs_ = [await self.submit("/slow/fib/30") for _ in range(2)]
+        await self.jobs_pool.started.wait()
+        for job_id in jobs_:
+            await self.delete(job_id)
+        for job_id in jobs_:
+            await eventually(lambda: self._is(job_id, "cancelled"), what="both cancelled")
+        await eventually(lambda: self.jobs_pool.cancelled == 1, what="the run stopped")
+
+    @gen_test
+    async def test_jobs_of_a_task_that_does_not_coalesce_each_run(self):
+        await self.submit("/slow/sleep/1")
+        await self.jobs_pool.started.wait()
+        queued = await self.submit("/slow/sleep/1")
+        assert await self.state(queued) == "queued" and self.jobs_pool.calls == 1  # it waits for its own run
