@@ -288,6 +288,31 @@ def test_on_a_dask_cluster_a_job_s_progress_streams_live_and_a_cancel_stops_it(p
     wait_for(lambda: fleet.slow_health()["pool"]["busy"] == 0, what="no job left on the cluster")
 
 
+def test_on_a_dask_cluster_a_killed_instance_s_job_ends_worker_lost_and_its_process_stops(private_dask_fleet):
+    fleet = private_dask_fleet(slow=2)
+    location = fleet.get("/slow/report/60", **_to(fleet, 1, ASYNC)).headers["location"]
+    wait_for(lambda: state(fleet, location) == "running", what="the job runs on the cluster")
+    with EventStream(fleet.edge_port, f"{location}/events") as stream:
+        assert any(e.kind == "progress" for e in _until_progress(stream))
+    wait_for(lambda: any(procfs.state(pid) == "R" for pid in _job_processes(fleet)), what="its process computing")
+    os.kill(fleet.pid("slow-01"), signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: state(fleet, location) != "running", timeout=15, interval=0.2, what="the lost job's end")
+    assert time.monotonic() - killed <= 15
+    lost = fleet.get(location).json()
+    assert lost["state"] == "failed" and lost["error"]["error"] == "worker_lost"
+    # The scheduler let go of the dead client's job, and its worker killed the job's process:
+    # the cluster has no job left running (the survivor's pool says so).
+    wait_for(lambda: not any(procfs.state(pid) == "R" for pid in _job_processes(fleet)), timeout=15,
+             what="no job process computing on the cluster")
+
+
+def _job_processes(fleet: Fleet) -> list[int]:
+    """The processes the fleet's Dask workers run jobs in (their children)."""
+    return [child for p in fleet.processes() if p["name"].startswith("dask-worker") and p["pid"]
+            for child in procfs.descendants(p["pid"])]
+
+
 def _until_progress(stream: EventStream):
     for event in stream.events():
         yield event
