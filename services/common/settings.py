@@ -255,6 +255,7 @@ SCHEMA: dict[str, Spec] = {
     "jobs.store": Spec(str, check=_check_job_store),
     "jobs.result_ttl": Spec(float, 60, 2_592_000),
     "jobs.max_records": Spec(int, 100, 100_000_000),
+    "jobs.inline_result_kb": Spec(int, 1, 1_048_576),
     "jobs.max_active_per_client": Spec(int, 1, 100_000),
     "jobs.max_active": Spec(int, 1, 1_000_000),
     "jobs.max_run_time": Spec(float, 1, 86_400),

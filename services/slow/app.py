@@ -26,8 +26,8 @@ from services.common.settings import heavy_capacity
 from services.slow import coalesce, jobs, registry
 from services.slow.admission import Admission, client_key
 from services.slow.backoff import RetryAfter
-from services.slow.job_routes import (ID, JobEventsHandler, JobHandler, idempotency_key, preferences, send_status,
-                                      wait_seconds)
+from services.slow.job_routes import (ID, JobEventsHandler, JobHandler, JobResultHandler, idempotency_key,
+                                      preferences, send_status, wait_seconds)
 from services.slow.job_store import AsyncStore, open_store
 from services.slow.jobs import RETRY_AFTER_SECONDS
 from services.slow.long_jobs import LongJobs, answer_body
@@ -307,6 +307,7 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
             (r"/slow/([a-z0-9_]+)(?:/(.*))?", TaskHandler, shared),
             (rf"/jobs/{ID}", JobHandler, {"long_jobs": long_jobs}),
             (rf"/jobs/{ID}/events", JobEventsHandler, {"long_jobs": long_jobs}),
+            (rf"/jobs/{ID}/result", JobResultHandler, {"long_jobs": long_jobs}),
             (r"/healthz", SlowHealthHandler,
              {"admission": admission, "pool": pool, "fleet": fleet, "route_pattern": "/healthz"}),
             (r"/metrics", MetricsHandler),
@@ -335,7 +336,8 @@ async def run(instance: server.Instance) -> None:
     # bound: the first request never waits for it, and no worker can ever hold the server's socket.
     fleet = instance.settings
     # The host's job store, shared by its slow instances: a file in the run dir (jobs.store = "sqlite").
-    store = AsyncStore(open_store(fleet.run_dir / "jobs", ttl=fleet.jobs.result_ttl, max_records=fleet.jobs.max_records))
+    store = AsyncStore(open_store(fleet.run_dir / "jobs", ttl=fleet.jobs.result_ttl, max_records=fleet.jobs.max_records,
+                                  inline_result_bytes=fleet.jobs.inline_result_kb << 10))
     async with make_pool(instance, admission) as pool:
         app = make_app(instance, tasks, pool, admission, store)
         await app.settings["long_jobs"].start()

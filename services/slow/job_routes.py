@@ -4,6 +4,8 @@
                              404 unknown id, 410 expired (its TTL passed), never a made-up state
     DELETE /jobs/<id>        200 the status document, cancelled (it was queued) or cancelling (its
                              worker is being stopped); idempotent; the record stays until its TTL
+    GET /jobs/<id>/result    the succeeded job's result alone (a large one sent by the edge, from
+                             its file); 409 while the job has none
     GET /jobs/<id>/events    text/event-stream: each event's `id:` is its sequence number; with
                              Last-Event-ID, exactly the events after it; a `: keep-alive` comment
                              when nothing happens for jobs.keepalive_seconds; the `end` event
@@ -20,7 +22,8 @@ The status document:
      "progress": {"done": 5, "total": 600, "message": "section 5 of 600"},
      "created": "2026-12-06T16:40:01.123Z", "started": ..., "finished": null, "expires": null,
      "location": "/jobs/<id>", "events": "/jobs/<id>/events",
-     "result": ... (succeeded), "error": {"error": <code>, "message": ..., ...} (failed, cancelled)}
+     "result": ... (succeeded, unless larger than jobs.inline_result_kb), "result_url": "/jobs/<id>/result",
+     "result_bytes": ... (succeeded), "error": {"error": <code>, "message": ..., ...} (failed, cancelled)}
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from tornado.iostream import StreamClosedError
 
 from services.common import metrics
 from services.common.web import ApiError, BaseHandler
-from services.slow.job_store import EXPIRED, Job
+from services.slow.job_store import EXPIRED, SUCCEEDED, Job
 from services.slow.long_jobs import LongJobs
 
 ID = r"([A-Za-z0-9_-]{22})"  # job_store.new_id's shape; anything else is no job's
@@ -53,8 +56,11 @@ def status_document(job: Job) -> bytes:
     }
     if job.error is not None:
         doc["error"] = job.error
+    if job.state == SUCCEEDED:
+        doc["result_url"] = f"/jobs/{job.id}/result"  # the result alone, whatever its size
+        doc["result_bytes"] = job.result_bytes
     body = json.dumps(doc).encode()
-    if job.result is None:
+    if job.result is None:  # none yet, or kept as a file (larger than jobs.inline_result_kb)
         return body
     return body[:-1] + b', "result": ' + job.result + b"}"
 
@@ -138,6 +144,27 @@ class JobHandler(JobBase):
         if job.state == EXPIRED:
             raise ApiError(410, "expired", "this job ended and its record expired (jobs.result_ttl)")
         self.write_status(job)
+
+
+class JobResultHandler(JobBase):
+    """GET /jobs/<id>/result: the succeeded job's result alone. A large one (kept as a file) is sent
+    by the edge itself: this answers X-Accel-Redirect to its internal location (nginx.conf.j2)."""
+
+    route_pattern = "/jobs/{id}/result"
+
+    async def get(self, job_id: str) -> None:
+        job = await self.job(job_id)
+        if job.state != SUCCEEDED:
+            active = not job.terminal
+            raise ApiError(409, "no_result", f"the job is {job.state}: it has no result" + (" yet" if active else ""),
+                           headers={"Retry-After": str(POLL_AFTER)} if active else None)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        if job.result_file:
+            self.set_header("X-Accel-Redirect", f"/_job_results/{job.id}.json")
+            self.finish()
+            return
+        self.finish(job.result)
 
 
 class JobEventsHandler(JobBase):

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import secrets
 import sqlite3
 import time
@@ -78,7 +79,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     expires REAL,                      -- when a finished record expires; a tombstone's, when it goes
     done REAL, total REAL, message TEXT,
-    result BLOB,                       -- the task's result, JSON (succeeded)
+    result BLOB,                       -- the task's result, JSON (succeeded), unless it is kept as a file
+    result_bytes INTEGER,              -- its size
+    result_file INTEGER NOT NULL DEFAULT 0,  -- 1: kept as results/<id>.json beside the store, the edge serves it
     error TEXT,                        -- JSON: {"error": code, "message": ..., ...} (failed, cancelled)
     idempotency_key TEXT,
     fingerprint TEXT                   -- of the submitting request: the same key with another request is refused
@@ -144,6 +147,8 @@ class Job:
     total: float | None
     message: str | None
     result: bytes | None
+    result_bytes: int | None
+    result_file: int
     error: dict | None
     idempotency_key: str | None
     fingerprint: str | None
@@ -193,8 +198,13 @@ class SqliteStore:
     """The embedded store: one SQLite file per host in the run dir, shared by its slow instances."""
 
     def __init__(self, path: Path | str, ttl: float = 3600, max_records: int = 100_000,
-                 busy_timeout: float = BUSY_TIMEOUT_SECONDS, clock=time.time):
+                 busy_timeout: float = BUSY_TIMEOUT_SECONDS, clock=time.time, inline_result_bytes: int = 1 << 62):
         self.path = Path(path)
+        # Results larger than this are kept as files beside the store, which the edge sends itself
+        # (sendfile): a status document or a stream's end stays small, and the store too.
+        self.inline_result_bytes = inline_result_bytes
+        self.results = self.path.parent / "results"
+        self.results.mkdir(exist_ok=True)
         self.ttl = ttl  # seconds a finished record is kept, and a tombstone after it
         self.max_records = max_records
         self.clock = clock
@@ -206,6 +216,19 @@ class SqliteStore:
         self.db.execute("PRAGMA synchronous=NORMAL")  # survives a process crash; FULL for power loss
         # Idempotent statements: instances starting together all succeed, one after the other.
         self.db.executescript(SCHEMA)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """Columns a store made by an earlier version lacks (CREATE TABLE IF NOT EXISTS keeps its old
+        table): added, empty."""
+        with self._write():
+            have = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+            for name, declaration in (("result_bytes", "INTEGER"), ("result_file", "INTEGER NOT NULL DEFAULT 0")):
+                if name not in have:
+                    self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+
+    def result_path(self, job_id: str) -> Path:
+        return self.results / f"{job_id}.json"
 
     def close(self) -> None:
         self.db.close()
@@ -227,10 +250,12 @@ class SqliteStore:
         self._append(row["id"], seq, kind, data)
         return seq
 
-    def _end(self, row: sqlite3.Row, state: str, error: dict | None, result: bytes | None = None) -> None:
+    def _end(self, row: sqlite3.Row, state: str, error: dict | None, result: bytes | None = None,
+             result_bytes: int | None = None, result_file: int = 0) -> None:
         """A job's last change: its terminal state, its result or error, when it expires; the end event."""
         now = self.clock()
         self._change(row, "end", {"state": state}, state=state, finished=now, expires=now + self.ttl, result=result,
+                     result_bytes=result_bytes, result_file=result_file,
                      error=None if error is None else json.dumps(error))
 
     def _row(self, job_id: str) -> sqlite3.Row | None:
@@ -293,14 +318,21 @@ class SqliteStore:
         None if it had ended already."""
         if state not in TERMINAL:
             raise ValueError(f"not a terminal state: {state}")
+        size = None if result is None else len(result)
+        in_file = size is not None and size > self.inline_result_bytes
+        if in_file:  # written before the record says so; a file whose record never does is swept
+            _write_file(self.result_path(job_id), result)
         with self._write():
             row = self._row(job_id)
+            if row is None or row["state"] not in ACTIVE or row["state"] == CANCELLING:
+                if in_file:
+                    self.result_path(job_id).unlink(missing_ok=True)
             if row is None or row["state"] not in ACTIVE:
                 return None
             if row["state"] == CANCELLING:
-                state, result = CANCELLED, None
+                state, result, size, in_file = CANCELLED, None, None, False
                 error = {"error": "cancelled", "message": "the job was cancelled while it ran; its worker was stopped"}
-            self._end(row, state, error, result)
+            self._end(row, state, error, None if in_file else result, size, int(in_file))
             return _job(self._row(job_id))
 
     def cancel(self, job_id: str) -> Job | None:
@@ -390,8 +422,13 @@ class SqliteStore:
 
     def sweep(self) -> dict[str, int]:
         """Expire finished records past their TTL (result and events dropped, a tombstone kept),
-        remove tombstones past theirs, and hold the store to max_records."""
+        remove tombstones past theirs, and hold the store to max_records; result files go with
+        their records (and files that no record names, after a minute: a finish that never committed)."""
         now = self.clock()
+        kept = {row[0] for row in self.db.execute("SELECT id FROM jobs WHERE result_file = 1")}
+        for path in self.results.glob("*.json"):
+            if path.stem not in kept and path.stat().st_mtime < time.time() - 60:
+                path.unlink(missing_ok=True)
         with self._write():
             expired = self._expire("expires <= ?", (now,), now)
             over = self.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] - self.max_records
@@ -409,9 +446,10 @@ class SqliteStore:
         ids = [r[0] for r in self.db.execute(
             f"SELECT id FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') AND {where}", params)]
         for job_id in ids:
-            self.db.execute("UPDATE jobs SET state = 'expired', result = NULL, error = NULL, expires = ? WHERE id = ?",
-                            (now + self.ttl, job_id))
+            self.db.execute("UPDATE jobs SET state = 'expired', result = NULL, result_file = 0, error = NULL,"
+                            " expires = ? WHERE id = ?", (now + self.ttl, job_id))
             self.db.execute("DELETE FROM events WHERE job = ?", (job_id,))
+            self.result_path(job_id).unlink(missing_ok=True)
         return len(ids)
 
 
@@ -465,7 +503,15 @@ class AsyncStore:
         self.sync.close()
 
 
-def open_store(directory: Path, ttl: float, max_records: int) -> SqliteStore:
+def open_store(directory: Path, ttl: float, max_records: int, inline_result_bytes: int) -> SqliteStore:
     """The host's store in the run dir (jobs.store = "sqlite"): one file its slow instances share."""
     directory.mkdir(exist_ok=True)
-    return SqliteStore(directory / "store.sqlite", ttl=ttl, max_records=max_records)
+    return SqliteStore(directory / "store.sqlite", ttl=ttl, max_records=max_records,
+                       inline_result_bytes=inline_result_bytes)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """`path` holds `data` whole or not at all (a reader, nginx, never sees half of it)."""
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    partial.write_bytes(data)
+    os.replace(partial, path)

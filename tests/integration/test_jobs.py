@@ -164,6 +164,16 @@ def test_identical_jobs_in_flight_on_an_instance_share_one_run(jobs_fleet, jobs)
     assert jobs_fleet.get(other).json()["result"]["token"] != one["token"]
 
 
+def test_a_large_result_is_sent_by_the_edge_from_its_file(jobs_fleet, jobs):
+    location = jobs("/slow/big_result/300000", headers={"Prefer": "respond-async, wait=10"}).headers["content-location"]
+    doc = jobs_fleet.get(location).json()
+    assert "result" not in doc and doc["result_bytes"] == 300002  # over jobs.inline_result_kb: a file
+    result = jobs_fleet.get(doc["result_url"])
+    assert result.status == 200 and result.body == b'"' + b"x" * 300000 + b'"'
+    assert result.headers["x-served-by"] == "edge" and result.headers["content-type"] == "application/json"
+    assert "x-accel-redirect" not in result.headers
+
+
 def test_unknown_ids_are_404_and_expired_ones_410_through_the_edge(jobs_fleet, jobs):
     unknown = f"/jobs/{new_id()}"
     for method, path in (("GET", unknown), ("DELETE", unknown), ("GET", f"{unknown}/events"), ("GET", "/jobs/nope"),

@@ -41,11 +41,12 @@ class JobsCase(ContractTestCase):
     def get_app(self):
         self.dir = tempfile.TemporaryDirectory()
         self.clock = Clock()
-        self.sync_store = SqliteStore(Path(self.dir.name) / "store.sqlite", ttl=60, clock=self.clock)
+        fleet = load(env=self.settings_env)
+        self.sync_store = SqliteStore(Path(self.dir.name) / "store.sqlite", ttl=60, clock=self.clock,
+                                      inline_result_bytes=fleet.jobs.inline_result_kb << 10)
         self.store = AsyncStore(self.sync_store)
         self.jobs_pool = self.pool()
-        app = make_app(Instance("slow", 1, load(env=self.settings_env)), registry.load(MODULES), self.jobs_pool,
-                       store=self.store)
+        app = make_app(Instance("slow", 1, fleet), registry.load(MODULES), self.jobs_pool, store=self.store)
         self.long_jobs = app.settings["long_jobs"]
         return app
 
@@ -324,3 +325,30 @@ class ComputeOnceTest(JobsCase):
         await self.jobs_pool.started.wait()
         queued = await self.submit("/slow/sleep/1")
         assert await self.state(queued) == "queued" and self.jobs_pool.calls == 1  # it waits for its own run
+
+
+class ResultTest(JobsCase):
+    settings_env = {**JobsCase.settings_env, "FLEET_JOBS_INLINE_RESULT_KB": "1"}
+
+    @gen_test
+    async def test_a_small_result_is_inline_and_a_large_one_is_sent_by_the_edge_from_its_file(self):
+        small = await self.submit("/slow/big_result/10")
+        large = await self.submit("/slow/big_result/5000")
+        for job_id in (small, large):
+            await eventually(lambda: self._is(job_id, "succeeded"), what="it succeeds")
+        doc = json.loads((await self.get(f"/jobs/{small}")).body)
+        assert doc["result"] == "x" * 10 and doc["result_url"] == f"/jobs/{small}/result" and doc["result_bytes"] == 12
+        inline = await self.get(f"/jobs/{small}/result")
+        assert inline.code == 200 and inline.body == b'"' + b"x" * 10 + b'"'
+        doc = json.loads((await self.get(f"/jobs/{large}")).body)
+        assert "result" not in doc and doc["result_bytes"] == 5002
+        redirect = await self.get(f"/jobs/{large}/result")
+        assert redirect.headers["X-Accel-Redirect"] == f"/_job_results/{large}.json" and redirect.body == b""
+
+    @gen_test
+    async def test_a_job_without_a_result_answers_409(self):
+        job_id = await self.submit("/slow/raise_error")
+        await eventually(lambda: self._is(job_id, "failed"), what="it fails")
+        response = await self.get(f"/jobs/{job_id}/result")
+        self.assert_json_error(response, 409, "no_result")
+        assert "Retry-After" not in response.headers

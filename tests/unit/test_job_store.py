@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -251,3 +253,32 @@ def test_the_active_jobs_of_a_silent_owner_are_reaped_and_a_cancel_made_before_h
 def test_a_job_whose_owner_never_beat_is_reaped_too(store):
     job_id = submit(store)  # its owner died before its first beat
     assert [job.id for job in store.reap(lost_after=10)] == [job_id]
+
+
+def test_a_large_result_is_kept_as_a_file_beside_the_store_and_goes_with_its_record(tmp_path, clock):
+    store = SqliteStore(tmp_path / "store.sqlite", ttl=60, clock=clock, inline_result_bytes=10)
+    small, large = submit(store), submit(store)
+    for job_id, result in ((small, b'"0123"'), (large, b'"' + b"x" * 100 + b'"')):
+        store.start(job_id, "slow-01")
+        store.finish(job_id, SUCCEEDED, result=result)
+    assert (store.get(small).result, store.get(small).result_file) == (b'"0123"', 0)
+    kept = store.get(large)
+    assert (kept.result, kept.result_file, kept.result_bytes) == (None, 1, 102)
+    assert store.result_path(large).read_bytes() == b'"' + b"x" * 100 + b'"'
+    clock.now += 60
+    store.sweep()
+    assert not store.result_path(large).exists() and store.get(large).state == EXPIRED
+    store.close()
+
+
+def test_a_result_file_no_record_names_is_swept_after_a_minute(tmp_path):
+    store = SqliteStore(tmp_path / "store.sqlite")
+    stray = store.result_path(new_id())
+    stray.write_bytes(b"1")  # a finish that wrote its file and never committed (its instance was killed)
+    store.sweep()
+    assert stray.exists()  # it may be a finish under way
+    old = time.time() - 120
+    os.utime(stray, (old, old))
+    store.sweep()
+    assert not stray.exists()
+    store.close()
