@@ -278,7 +278,7 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
     flights = coalesce.Flights()
     settings = server.app_settings(instance)
     long_jobs = None if store is None else LongJobs(store, pool, admission, fleet, instance.name,
-                                                    in_flight=settings["in_flight"])
+                                                    in_flight=settings["in_flight"], tasks=dict(tasks))
 
     def stop_jobs() -> None:
         """At a drain's deadline: answer every unfinished job 503 (its worker is killed)."""

@@ -20,6 +20,7 @@ States, and who moves a job between them (a terminal state is final; nothing lea
        │              cancel ──► cancelling ──finish──► cancelled   (the owner kills the worker)
        └──cancel──► cancelled                                       (at once: it never ran)
     queued or running ──reap──► failed (worker_lost, retryable)     (its instance went silent: killed)
+    queued or running ──reap──► queued (attempt + 1, a new owner)   (the same, for a task declaring retries)
     cancelling ──reap──► cancelled                                  (a cancel made before a crash holds)
 
 Every slow instance beats (`beat`) every few seconds under an owner name of its own process, and
@@ -84,7 +85,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     result_file INTEGER NOT NULL DEFAULT 0,  -- 1: kept as results/<id>.json beside the store, the edge serves it
     error TEXT,                        -- JSON: {"error": code, "message": ..., ...} (failed, cancelled)
     idempotency_key TEXT,
-    fingerprint TEXT                   -- of the submitting request: the same key with another request is refused
+    fingerprint TEXT,                  -- of the submitting request: the same key with another request is refused
+    kwargs TEXT,                       -- JSON: the task's arguments, kept only for a task that declares retries
+    retries INTEGER NOT NULL DEFAULT 0,  -- times it may be queued again after its instance is lost
+    attempt INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs (client) WHERE state IN ('queued', 'running', 'cancelling');
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires) WHERE expires IS NOT NULL;
@@ -128,6 +132,8 @@ class NewJob:
     args: dict = field(default_factory=dict)
     idempotency_key: str | None = None
     fingerprint: str | None = None
+    kwargs: dict | None = None  # kept for a retry (a task that declares retries: its arguments are no secret)
+    retries: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,9 @@ class Job:
     error: dict | None
     idempotency_key: str | None
     fingerprint: str | None
+    kwargs: dict | None
+    retries: int
+    attempt: int
 
     @property
     def terminal(self) -> bool:
@@ -191,7 +200,7 @@ class Store(Protocol):
     def sweep(self) -> dict[str, int]: ...
     def beat(self, owner: str) -> None: ...
     def gone(self, owner: str) -> None: ...
-    def reap(self, lost_after: float) -> list[Job]: ...
+    def reap(self, lost_after: float, adopter: str | None = None) -> list[Job]: ...
 
 
 class SqliteStore:
@@ -223,7 +232,9 @@ class SqliteStore:
         table): added, empty."""
         with self._write():
             have = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
-            for name, declaration in (("result_bytes", "INTEGER"), ("result_file", "INTEGER NOT NULL DEFAULT 0")):
+            for name, declaration in (("result_bytes", "INTEGER"), ("result_file", "INTEGER NOT NULL DEFAULT 0"),
+                                      ("kwargs", "TEXT"), ("retries", "INTEGER NOT NULL DEFAULT 0"),
+                                      ("attempt", "INTEGER NOT NULL DEFAULT 1")):
                 if name not in have:
                     self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
 
@@ -277,10 +288,10 @@ class SqliteStore:
             if max_active is not None and (active := self.count_active()) >= max_active:
                 raise ActiveLimit("all", active)
             self.db.execute(
-                "INSERT INTO jobs (id, task, client, owner, state, seq, args, created, idempotency_key, fingerprint)"
-                " VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, task, client, owner, state, seq, args, created, idempotency_key, fingerprint,"
+                " kwargs, retries) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
                 (job.id, job.task, job.client, job.owner, QUEUED, json.dumps(job.args), now, job.idempotency_key,
-                 job.fingerprint))
+                 job.fingerprint, None if job.kwargs is None else json.dumps(job.kwargs), job.retries))
             self._append(job.id, 1, "state", {"state": QUEUED})
             return _job(self._row(job.id)), True
 
@@ -396,10 +407,12 @@ class SqliteStore:
         with self._write():
             self.db.execute("DELETE FROM owners WHERE owner = ?", (owner,))
 
-    def reap(self, lost_after: float) -> list[Job]:
+    def reap(self, lost_after: float, adopter: str | None = None) -> list[Job]:
         """End the active jobs of owners silent for `lost_after` seconds (killed, or their host
         lost): a job being cancelled ends cancelled (the cancel holds), any other fails
-        `worker_lost`, retryable (it may have run part way; nothing of it is left running)."""
+        `worker_lost`, retryable (it may have run part way; nothing of it is left running); but a
+        job with retries left (and its arguments kept) is queued again, owned by `adopter`, which
+        runs it. The jobs changed, in their new state."""
         now = self.clock()
         ended = []
         with self._write():
@@ -407,6 +420,13 @@ class SqliteStore:
                 "SELECT * FROM jobs WHERE state IN ('queued', 'running', 'cancelling') AND owner NOT IN"
                 " (SELECT owner FROM owners WHERE beat > ?)", (now - lost_after,)).fetchall()
             for row in rows:
+                if (adopter is not None and row["state"] != CANCELLING and row["kwargs"] is not None
+                        and row["attempt"] <= row["retries"]):
+                    attempt = row["attempt"] + 1
+                    self._change(row, "state", {"state": QUEUED, "attempt": attempt, "after": "worker_lost"},
+                                 state=QUEUED, owner=adopter, attempt=attempt, started=None)
+                    ended.append(_job(self._row(row["id"])))
+                    continue
                 if row["state"] == CANCELLING:
                     state, error = CANCELLED, {"error": "cancelled", "message": "the job was cancelled; the instance "
                                                                                   "running it was lost meanwhile"}
@@ -469,6 +489,7 @@ class _Transaction:
 def _job(row: sqlite3.Row) -> Job:
     values = dict(row)
     values["args"] = json.loads(values["args"])
+    values["kwargs"] = None if values["kwargs"] is None else json.loads(values["kwargs"])
     values["error"] = None if values["error"] is None else json.loads(values["error"])
     return Job(**values)
 

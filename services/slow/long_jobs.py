@@ -38,7 +38,8 @@ Where each transition happens (job_store.py has the states):
 - An owner killed (kill -9) or cut off ends nothing itself: every instance beats in the store
   every BEAT_INTERVAL under an owner name of its own process (a restarted instance is a new
   owner) and reaps the jobs of owners silent for LOST_AFTER: failed `worker_lost`, retryable (or
-  cancelled, if a cancel came first). Its workers died with it (they die with their parent). An
+  cancelled, if a cancel came first), or, for a task that declares retries and has some left,
+  queued again and run by the instance that reaped it (the event says which attempt). Its workers died with it (they die with their parent). An
   owner that was only slow, and finds its job reaped, stops it.
 
 The Watcher: one query per instance every WATCH_INTERVAL ("which jobs have new events since
@@ -60,8 +61,8 @@ from typing import Any, Callable
 from services.common import metrics
 from services.slow import coalesce, jobs, registry
 from services.slow.admission import Admission
-from services.slow.job_store import (CANCELLED, CANCELLING, EXPIRED, FAILED, SUCCEEDED, ActiveLimit, AsyncStore,
-                                     Job, NewJob, new_id)
+from services.slow.job_store import (CANCELLED, CANCELLING, EXPIRED, FAILED, QUEUED, SUCCEEDED, ActiveLimit,
+                                     AsyncStore, Job, NewJob, new_id)
 
 log = logging.getLogger("fleet.jobs")
 
@@ -174,8 +175,9 @@ class LongJobs:
     """The jobs of one slow instance: submits them, runs those it owns, stops them on cancel."""
 
     def __init__(self, store: AsyncStore, pool: jobs.Pool, admission: Admission, fleet: Any, owner: str,
-                 in_flight: Any = None):
+                 in_flight: Any = None, tasks: dict[str, registry.Task] | None = None):
         self.store = store
+        self.tasks = tasks or {}  # the tasks this instance serves: a lost instance's job it adopts runs one
         self.pool = pool
         self.admission = admission
         self.fleet = fleet
@@ -246,7 +248,7 @@ class LongJobs:
         limits = self.fleet.jobs
         record = NewJob(id=new_id(), task=task.name, client=client, owner=self.owner,
                         args={k: kwargs[k] for k in task.echo}, idempotency_key=idempotency_key,
-                        fingerprint=fingerprint)
+                        fingerprint=fingerprint, kwargs=_kept(task, kwargs), retries=task.retries)
         try:
             job, created = await self.store.create(record, max_per_client=limits.max_active_per_client,
                                                    max_active=limits.max_active)
@@ -257,12 +259,16 @@ class LongJobs:
             raise JobsFull(f"{exc.count} jobs are queued or running here (jobs.max_active)") from None
         if not created:  # the same key, committed by a retry on another instance meanwhile
             return self._known(job, fingerprint)
-        run = asyncio.get_running_loop().create_task(self._run(job, task, kwargs, client, request_id))
+        self._launch(job, task, kwargs, request_id)
+        return job
+
+    def _launch(self, job: Job, task: registry.Task, kwargs: dict, request_id: str) -> None:
+        """Run the job here, in the background."""
+        run = asyncio.get_running_loop().create_task(self._run(job, task, kwargs, job.client, request_id))
         self.running[job.id] = run
         run.add_done_callback(lambda _: self._ended(job.id))
         if self.in_flight is not None:
             self.in_flight.enter()
-        return job
 
     @staticmethod
     def _known(job: Job, fingerprint: str | None) -> Job:
@@ -430,7 +436,7 @@ class LongJobs:
             await asyncio.sleep(BEAT_INTERVAL)
             try:
                 await self.store.beat(self.owner)
-                reaped = await self.store.reap(LOST_AFTER)
+                reaped = await self.store.reap(LOST_AFTER, adopter=self.owner)
             except Exception:
                 log.exception("could not beat in the job store")
                 continue
@@ -440,9 +446,24 @@ class LongJobs:
             except Exception:
                 log.exception("could not count the job store's records")
             for job in reaped:
+                if job.state == QUEUED:  # its task declares retries: it runs here now
+                    log.warning("job %s (%s): the instance running it went silent; attempt %d here", job.id, job.task,
+                                job.attempt)
+                    self._adopt(job)
+                    continue
                 log.warning("job %s (%s) ended %s: the instance running it went silent", job.id, job.task, job.state)
             if reaped:
                 self.watcher.notify({job.id: job.seq for job in reaped})
+
+    def _adopt(self, job: Job) -> None:
+        """Run here a lost instance's job that was queued again (job_store.reap kept its arguments)."""
+        task = self.tasks.get(job.task)
+        if task is None:  # not served here (one host's instances share their settings: never, in practice)
+            error = {"error": "worker_lost", "status": 502, "retryable": True,
+                     "message": "the instance running this job was lost, and this one does not serve its task"}
+            asyncio.get_running_loop().create_task(self._finish(job.id, FAILED, error=error))
+            return
+        self._launch(job, task, job.kwargs, job.id)
 
     async def _sweep(self) -> None:
         while True:
@@ -455,6 +476,17 @@ class LongJobs:
             if any(swept.values()):
                 log.info("job store swept: %d record(s) expired, %d tombstone(s) removed",
                          swept["expired"], swept["removed"])
+
+
+def _kept(task: registry.Task, kwargs: dict) -> dict | None:
+    """The arguments kept in the store for a retry: only for a task that declares retries, and only
+    if they are JSON as they are (else the job fails as lost, as any other)."""
+    if not task.retries:
+        return None
+    try:
+        return kwargs if json.loads(json.dumps(kwargs)) == kwargs else None
+    except (TypeError, ValueError):
+        return None
 
 
 def answer_body(task: registry.Task, kwargs: dict, result_json: bytes, elapsed_ms: float, queued_ms: float) -> bytes:

@@ -35,7 +35,10 @@ client only with `expose_errors=True` (it stays in the log otherwise: a message 
 A task that runs for minutes or hours declares `long=True` and its own `timeout` (up to a day; the
 fleet caps it at jobs.max_run_time): it is run only as a job (202 Accepted and /jobs/<id>, see
 long_jobs.py), never held by an HTTP request, and it may report its progress (progress.py). Any
-other task runs as a job too when a request asks for it (`Prefer: respond-async`).
+other task runs as a job too when a request asks for it (`Prefer: respond-async`). A task whose
+jobs may simply run again after their instance is lost (killed mid-way) declares `retries=N`:
+such a job is queued again, on another instance, instead of failing `worker_lost`; its arguments
+are kept in the job store meanwhile, so they must be nobody's secret.
 """
 
 from __future__ import annotations
@@ -80,12 +83,16 @@ class Task:
     expose_errors: bool = False
     # Runs only as a job (202 and /jobs/<id>), under its own timeout, which may pass slow.job_timeout.
     long: bool = False
+    # A job of it whose instance is lost is queued again (on another instance) this many times; its
+    # arguments are then kept in the job store until it ends, so they must be nobody's secret.
+    retries: int = 0
 
 
 _TASKS: dict[str, Task] = {}
 
 
 MAX_LONG_TIMEOUT = 86_400  # seconds: the longest a long task may declare
+MAX_RETRIES = 10
 
 # /slow/healthz at the edge is the slow path's health (nginx/nginx.conf.j2), never a task.
 RESERVED = frozenset({"healthz"})
@@ -94,7 +101,8 @@ RESERVED = frozenset({"healthz"})
 def task(name: str, *, parse: Parser, timeout: float | None = None,
          setup: Callable[[], Any] | None = None, methods: tuple[str, ...] = ("GET",),
          echo: tuple[str, ...] = (), coalesce: bool = False, cache_ttl: int | None = None,
-         url: Callable[[dict], str] | None = None, expose_errors: bool = False, long: bool = False) -> Callable:
+         url: Callable[[dict], str] | None = None, expose_errors: bool = False, long: bool = False,
+         retries: int = 0) -> Callable:
     """Register the decorated module-level function as task `name`; the function is unchanged."""
     if not name.replace("_", "").isalnum() or not name.islower():
         raise ValueError(f"task name {name!r}: use lower-case letters, digits and underscores")
@@ -105,6 +113,8 @@ def task(name: str, *, parse: Parser, timeout: float | None = None,
             raise ValueError(f"task {name!r}: cache_ttl is whole seconds, 1 to a year")
         if tuple(methods) != ("GET",) or url is None:
             raise ValueError(f"task {name!r}: a cached task takes GET only and declares url= (its canonical URL)")
+    if not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"task {name!r}: retries is a whole number 0-{MAX_RETRIES}")
     if long and (timeout is None or not 1 <= timeout <= MAX_LONG_TIMEOUT or cache_ttl is not None or coalesce):
         raise ValueError(f"task {name!r}: a long task declares its timeout (1 s to a day), and is neither cached nor "
                          "coalesced (each job is a client's own)")
@@ -116,7 +126,7 @@ def task(name: str, *, parse: Parser, timeout: float | None = None,
         if known is not None and (known.module, known.fn.__qualname__) != (fn.__module__, fn.__qualname__):
             raise ValueError(f"task {name!r} is registered twice: {known.module} and {fn.__module__}")
         _TASKS[name] = Task(name, fn, parse, timeout, setup, tuple(methods), tuple(echo), fn.__module__, coalesce,
-                            cache_ttl, url, expose_errors, long)
+                            cache_ttl, url, expose_errors, long, retries)
         return fn
 
     return register

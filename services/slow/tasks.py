@@ -153,7 +153,8 @@ SECTIONS_PER_SECOND = 10  # one progress report per section: as often as progres
 
 # long: always a job (202, /jobs/<id>), never held by a request. Its own timeout (an hour) is past
 # any argument it accepts (tasks.report.max_seconds); the fleet caps it at jobs.max_run_time.
-@task("report", parse=parse_report, echo=("seconds",), long=True, timeout=3600)
+# retries: a report cut short by a lost instance is simply made again (its argument is no secret).
+@task("report", parse=parse_report, echo=("seconds",), long=True, timeout=3600, retries=1)
 def report(seconds: float) -> dict:
     """CPU work for `seconds`, in sections of a tenth of a second, reporting each: a report, an
     export, a model run (SHA-256 rounds stand for the work)."""

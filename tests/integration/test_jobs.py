@@ -257,10 +257,10 @@ def test_the_edge_lets_delete_through_to_a_job_only(jobs_fleet):
 
 def test_a_killed_instance_s_jobs_end_worker_lost_within_15_s_and_a_cancel_made_before_holds(private_fleet):
     fleet = private_fleet(slow=2)
-    running = fleet.get("/slow/report/60", **_to(fleet, 1, ASYNC)).headers["location"]
+    running = fleet.get("/slow/long_spin/60", **_to(fleet, 1, ASYNC)).headers["location"]
     wait_for(lambda: state(fleet, running) == "running", what="the job runs on slow-01")
     worker = busy_worker(fleet, 1)
-    cancelling = fleet.get("/slow/report/60", **_to(fleet, 1, ASYNC)).headers["location"]
+    cancelling = fleet.get("/slow/long_spin/60", **_to(fleet, 1, ASYNC)).headers["location"]
     wait_for(lambda: state(fleet, cancelling) == "running", what="a second job runs on slow-01")
     # A cancel in the store that slow-01 will never act on: it is stopped (SIGSTOP) first.
     instance = fleet.pid("slow-01")
@@ -276,6 +276,21 @@ def test_a_killed_instance_s_jobs_end_worker_lost_within_15_s_and_a_cancel_made_
     assert lost["state"] == "failed" and lost["error"]["error"] == "worker_lost" and lost["error"]["retryable"] is True
     assert fleet.get(cancelling).json()["state"] == "cancelled"
     assert not procfs.alive(worker)  # its workers died with it
+
+
+def test_a_killed_instance_s_job_of_a_task_declaring_retries_runs_again_on_another_and_succeeds(private_fleet):
+    fleet = private_fleet(slow=2)
+    location = fleet.get("/slow/report/4", **_to(fleet, 1, ASYNC)).headers["location"]  # report: retries=1
+    wait_for(lambda: state(fleet, location) == "running", what="the job runs on slow-01")
+    busy_worker(fleet, 1)
+    os.kill(fleet.pid("slow-01"), signal.SIGKILL)
+    wait_for(lambda: state(fleet, location) == "succeeded", timeout=40, interval=0.2, what="its second attempt succeeds")
+    with EventStream(fleet.edge_port, f"{location}/events") as stream:
+        events = list(stream.events())
+    requeued = [e.json() for e in events if e.kind == "state" and e.json().get("attempt")]
+    assert requeued == [{"state": "queued", "attempt": 2, "after": "worker_lost"}]
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].json()["result"]["sections"] == 40
 
 
 def test_on_a_dask_cluster_a_job_s_progress_streams_live_and_a_cancel_stops_it(private_dask_fleet):
@@ -300,7 +315,7 @@ def test_on_a_dask_cluster_a_job_s_progress_streams_live_and_a_cancel_stops_it(p
 
 def test_on_a_dask_cluster_a_killed_instance_s_job_ends_worker_lost_and_its_process_stops(private_dask_fleet):
     fleet = private_dask_fleet(slow=2)
-    location = fleet.get("/slow/report/60", **_to(fleet, 1, ASYNC)).headers["location"]
+    location = fleet.get("/slow/long_spin/60", **_to(fleet, 1, ASYNC)).headers["location"]
     wait_for(lambda: state(fleet, location) == "running", what="the job runs on the cluster")
     with EventStream(fleet.edge_port, f"{location}/events") as stream:
         assert any(e.kind == "progress" for e in _until_progress(stream))

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from services.slow import registry
+from services.slow import progress, registry
 from services.slow.registry import bounded_float, bounded_int
 
 # Every call of a fault-injection task must run (tests fill workers with identical /slow/spin/1.5
@@ -241,3 +241,15 @@ def keep_memory(mb: int) -> int:
     """Leaves `mb` MiB resident in its worker after the job: a leak."""
     _kept.append(b"x" * (mb << 20))
     return sum(len(b) for b in _kept) >> 20
+
+
+# long jobs (services/slow/long_jobs.py) ------------------------------------------------------------
+
+@task("long_spin", parse=seconds_arg, echo=("seconds",), long=True, timeout=600)
+def long_spin(seconds: float) -> float:
+    """A long job that declares no retries (a lost instance's job fails worker_lost): spin,
+    reporting progress every tenth of a second."""
+    end = time.monotonic() + seconds
+    while (now := time.monotonic()) < end:
+        progress.report(round(seconds - (end - now), 1), seconds, "spinning")
+    return seconds

@@ -282,3 +282,22 @@ def test_a_result_file_no_record_names_is_swept_after_a_minute(tmp_path):
     store.sweep()
     assert not stray.exists()
     store.close()
+
+
+def test_a_lost_job_with_retries_left_is_queued_again_for_its_adopter_then_fails_when_none_are_left(store, clock):
+    job, _ = store.create(NewJob(id=new_id(), task="report", client="c", owner="slow-01.a",
+                                 kwargs={"seconds": 4.0}, retries=1))
+    store.start(job.id, "slow-01.a")
+    again = store.reap(lost_after=10, adopter="slow-02.b")
+    assert [(j.id, j.state, j.owner, j.attempt, j.kwargs) for j in again] == [
+        (job.id, QUEUED, "slow-02.b", 2, {"seconds": 4.0})]
+    assert store.events(job.id)[-1].data == {"state": "queued", "attempt": 2, "after": "worker_lost"}
+    store.start(job.id, "slow-02.b")  # the adopter runs it, and is lost too
+    lost = store.reap(lost_after=10, adopter="slow-03.c")
+    assert [(j.state, j.error["error"]) for j in lost] == [(FAILED, "worker_lost")]
+
+
+def test_a_lost_job_whose_arguments_were_not_kept_is_never_queued_again(store):
+    job_id = submit(store)  # a task without retries: its arguments are not in the store
+    assert [j.state for j in store.reap(lost_after=10, adopter="slow-02.b")] == [FAILED]
+    assert store.get(job_id).kwargs is None

@@ -175,6 +175,13 @@ def test_a_long_task_must_declare_its_timeout_and_may_be_neither_cached_nor_coal
             registry.task("long_one", parse=tasks.parse_report, long=True, **options)
 
 
+def test_retries_are_a_whole_number_up_to_ten_and_report_declares_one():
+    for retries in (-1, 11, 1.5):
+        with pytest.raises(ValueError, match="retries"):
+            registry.task("retrying", parse=tasks.parse_report, retries=retries)
+    assert registry.load("services.slow.tasks")["report"].retries == 1
+
+
 # the registry -----------------------------------------------------------------------------------
 
 def test_registry_load_returns_only_the_tasks_of_the_named_modules():
