@@ -195,8 +195,9 @@ class JobEventsHandler(JobBase):
             while not self._gone:
                 # Taken before the read: nothing written meanwhile is missed; resolved at once if
                 # the client leaves (on_connection_close), so a departed stream ends without waiting.
-                waiter = self._waiter = watcher.waiter(job_id)
-                for event in await self.long_jobs.store.events(job_id, after=last):
+                waiter, since = watcher.waiter(job_id), watcher.epoch
+                self._waiter = waiter
+                for event in await watcher.events(job_id, after=last, since=since):
                     last = event.seq
                     if event.kind == "end":
                         final = await self.long_jobs.store.get(job_id)

@@ -62,7 +62,7 @@ from services.common import metrics
 from services.slow import coalesce, jobs, registry
 from services.slow.admission import Admission
 from services.slow.job_store import (CANCELLED, CANCELLING, EXPIRED, FAILED, QUEUED, SUCCEEDED, ActiveLimit,
-                                     AsyncStore, Job, NewJob, new_id)
+                                     AsyncStore, Event, Job, NewJob, new_id)
 
 log = logging.getLogger("fleet.jobs")
 
@@ -113,8 +113,16 @@ class Outcome:
     error: jobs.JobError | None = None
 
 
+@dataclass
+class _Read:
+    epoch: int  # the Watcher's epoch when it started: it sees every change notified before
+    result: asyncio.Future
+
+
 class Watcher:
-    """Wakes whoever waits for a job's next events, whichever process wrote them."""
+    """Wakes whoever waits for a job's next events, whichever process wrote them, and reads those
+    events once for every stream of the job that asks at once (events): a change wakes all the
+    job's streams here, and each asks for the events after the same one."""
 
     def __init__(self, store: AsyncStore, interval: float = WATCH_INTERVAL):
         self.store = store
@@ -122,6 +130,8 @@ class Watcher:
         self._waiters: dict[str, set[asyncio.Future]] = {}
         self.on_change: Callable[[dict[str, int]], None] = lambda changed: None
         self._task: asyncio.Task | None = None
+        self.epoch = 0  # counts notifications: a read started at epoch E has seen every change notified before E
+        self._reads: dict[tuple[str, int], _Read] = {}  # reads in flight, by (job, after)
 
     async def start(self) -> None:
         position = await self.store.last_position()
@@ -143,6 +153,7 @@ class Watcher:
                 self.notify(changed)
 
     def notify(self, changed: dict[str, int]) -> None:
+        self.epoch += 1
         for job_id in changed:
             for waiter in self._waiters.pop(job_id, ()):
                 if not waiter.done():
@@ -155,6 +166,17 @@ class Watcher:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, set()).add(waiter)
         return waiter
+
+    async def events(self, job_id: str, after: int, since: int) -> list[Event]:
+        """The job's events after `after`, for a stream that took its waiter at epoch `since`: a
+        read in flight for the same events is shared if it started then or later (it sees every
+        change that woke the stream), else a new one starts."""
+        key = (job_id, after)
+        read = self._reads.get(key)
+        if read is None or read.epoch < since:
+            read = self._reads[key] = _Read(self.epoch, asyncio.ensure_future(self.store.events(job_id, after=after)))
+            read.result.add_done_callback(lambda _, r=read: self._reads.get(key) is r and self._reads.pop(key))
+        return await asyncio.shield(read.result)
 
     async def wait(self, job_id: str, waiter: asyncio.Future, timeout: float) -> bool:
         """True if the job changed within `timeout` seconds."""

@@ -221,6 +221,25 @@ class HeldJobsTest(JobsCase):
         assert response.code == 200 and "event: end" in text()
 
     @gen_test
+    async def test_a_change_wakes_every_stream_of_a_job_and_their_events_are_read_once(self):
+        job_id = await self.submit("/slow/fib/30")
+        await self.jobs_pool.started.wait()
+        texts: list[list[bytes]] = [[] for _ in range(8)]  # the test's HTTP client holds 10 connections at most
+        fetches = [self.http_client.fetch(self.get_url(f"/jobs/{job_id}/events"), streaming_callback=chunks.append,
+                                          raise_error=False, request_timeout=20) for chunks in texts]
+        seen = lambda text: all(text in b"".join(chunks) for chunks in texts)  # noqa: E731
+        await eventually(lambda: seen(b'"running"'), what="every stream's replay")
+        reads = []
+        events = self.sync_store.events
+        self.sync_store.events = lambda *args, **kwargs: reads.append(args) or events(*args, **kwargs)
+        self.jobs_pool.progress(1, 4, "one")
+        await eventually(lambda: seen(b'"message": "one"'), what="the report in every stream")
+        assert 1 <= len(reads) <= 2  # one read for the eight (a stream late to wake may make another)
+        self.jobs_pool.release.set()
+        for response in [await fetch for fetch in fetches]:
+            assert response.code == 200
+
+    @gen_test
     async def test_cancelling_a_queued_job_ends_it_at_once_and_it_never_runs(self):
         running = await self.submit("/slow/fib/30")
         await self.jobs_pool.started.wait()
@@ -352,3 +371,4 @@ class ResultTest(JobsCase):
         response = await self.get(f"/jobs/{job_id}/result")
         self.assert_json_error(response, 409, "no_result")
         assert "Retry-After" not in response.headers
+
