@@ -255,6 +255,16 @@ def test_the_edge_lets_delete_through_to_a_job_only(jobs_fleet):
     assert jobs_fleet.request("DELETE", f"/jobs/{new_id()}").headers["x-served-by"].startswith("slow-")
 
 
+def test_head_and_post_on_a_job_are_405_from_the_edge_with_the_methods_it_takes(jobs_fleet):
+    job = f"/jobs/{new_id()}"
+    for method, path, allow in (("HEAD", job, "GET, DELETE"), ("POST", job, "GET, DELETE"),
+                                ("HEAD", f"{job}/events", "GET"), ("POST", f"{job}/result", "GET"),
+                                ("HEAD", f"{job}/page", "GET")):
+        refused = jobs_fleet.request(method, path, body=b"" if method == "POST" else None)
+        assert (refused.status, refused.headers.get("allow"), refused.headers["x-served-by"]) == (405, allow, "edge"), \
+            (method, path)
+
+
 def test_a_killed_instance_s_jobs_end_worker_lost_within_15_s_and_a_cancel_made_before_holds(private_fleet):
     fleet = private_fleet(slow=2)
     running = fleet.get("/slow/long_spin/60", **_to(fleet, 1, ASYNC)).headers["location"]

@@ -154,6 +154,8 @@ def test_the_edge_answers_methods_the_fleet_does_not_serve_itself(tmp_path):
     # volatile: error_page's redirect (a GET) is judged again, never refused by a cached value
     assert "volatile;" in refused and '"~^(GET|HEAD|POST)? "                   0;' in refused
     assert '"~^DELETE /jobs/[A-Za-z0-9_-]+$"        0;' in refused and "default                                 1;" in refused
+    # under /jobs/ only GET (and a job's DELETE): these lines come before the general one
+    assert refused.index('"~^[A-Z]+ /jobs/"') < refused.index('"~^(GET|HEAD|POST)? "')
     assert "add_header Allow $fleet_allow always;" in conf
     allow = block(conf, "map $fleet_request_path $fleet_allow {")
     assert 'default                     "GET, HEAD, POST";' in allow and '"~^/slow/"                  "GET, POST";' in allow
