@@ -303,15 +303,29 @@ def test_a_killed_instance_s_job_of_a_task_declaring_retries_runs_again_on_anoth
     assert events[-1].json()["result"]["sections"] == 40
 
 
-def test_on_a_dask_cluster_a_job_s_progress_streams_live_and_a_cancel_stops_it(private_dask_fleet):
-    fleet = private_dask_fleet(FLEET_JOBS_KEEPALIVE_SECONDS="1")
-    done = fleet.get("/slow/report/1", headers=ASYNC).headers["location"]
-    with EventStream(fleet.edge_port, f"{done}/events") as stream:
-        events = list(stream.events())
-    assert [e.id for e in events] == list(range(1, len(events) + 1))
-    progress = [e.json() for e in events if e.kind == "progress"]
-    assert len(progress) >= 2 and progress[-1] == {"done": 10, "total": 10, "message": "section 10 of 10"}
-    assert events[-1].kind == "end" and events[-1].json()["result"]["sections"] == 10
+def test_on_a_dask_cluster_a_job_s_whole_life_through_the_edge_retry_reconnect_result_cancel_404_410(dask_fleet):
+    """The life of test_a_job_s_whole_life... and its neighbours, on the shared Dask fleet (one slow
+    instance; the job store and the routes are the same whatever runs the job)."""
+    fleet = dask_fleet
+    key = {"Idempotency-Key": f'"{new_id()}"'}
+    submitted = fleet.get("/slow/report/1", headers={**ASYNC, **key})
+    assert submitted.status == 202, submitted.body
+    location = submitted.headers["location"]
+    assert fleet.get("/slow/report/1", headers={**ASYNC, **key}).headers["location"] == location
+    assert_contract_error(fleet.get("/slow/report/2", headers={**ASYNC, **key}), 422, "idempotency_key_reused")
+
+    with EventStream(fleet.edge_port, f"{location}/events") as stream:
+        seen = list(_until_progress(stream))
+    with EventStream(fleet.edge_port, f"{location}/events", last_event_id=str(seen[-1].id)) as stream:
+        rest = list(stream.events())
+    events = seen + rest
+    assert [e.id for e in events] == list(range(1, len(events) + 1))  # the reconnect missed nothing, repeated nothing
+    assert [e.json() for e in events[:2]] == [{"state": "queued"}, {"state": "running"}]
+    assert [e.json() for e in events if e.kind == "progress"][-1] == {"done": 10, "total": 10,
+                                                                       "message": "section 10 of 10"}
+    assert rest[-1].kind == "end" and rest[-1].json()["result"]["sections"] == 10
+    assert fleet.get(f"{location}/events", headers={"Last-Event-ID": str(rest[-1].id)}).status == 204
+    assert fleet.get(location).json()["state"] == "succeeded"
 
     cancelled = fleet.get("/slow/report/60", headers=ASYNC).headers["location"]
     with EventStream(fleet.edge_port, f"{cancelled}/events") as stream:
@@ -321,6 +335,13 @@ def test_on_a_dask_cluster_a_job_s_progress_streams_live_and_a_cancel_stops_it(p
     assert end.json()["state"] == "cancelled"
     # the job's process was killed: the cluster's threads are all free for the next one
     wait_for(lambda: fleet.slow_health()["pool"]["busy"] == 0, what="no job left on the cluster")
+
+    assert_contract_error(fleet.get(f"/jobs/{new_id()}"), 404, "not_found")
+    db = sqlite3.connect(fleet.run_dir / "jobs" / "store.sqlite")  # its TTL passed, as the sweep writes it
+    with db:
+        db.execute("UPDATE jobs SET state = 'expired', result = NULL WHERE id = ?", (location.rsplit("/", 1)[1],))
+    db.close()
+    assert_contract_error(fleet.get(location), 410, "expired")
 
 
 def test_on_a_dask_cluster_a_killed_instance_s_job_ends_worker_lost_and_its_process_stops(private_dask_fleet):
