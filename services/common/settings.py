@@ -95,8 +95,14 @@ def _check_backend(value: str) -> None:
 
 
 def _check_job_store(value: str) -> None:
-    '''"sqlite"'''
-    if value != "sqlite":
+    '''"sqlite" or "redis"'''
+    if value not in ("sqlite", "redis"):
+        raise ValueError(value)
+
+
+def _check_redis_url(value: str) -> None:
+    '''"" (the fleet runs its own store), or an existing server's redis://[:password@]host:port/db, rediss:// (TLS) or unix:///path'''
+    if value and not re.fullmatch(r"(redis|rediss|unix)://\S+", value):
         raise ValueError(value)
 
 
@@ -253,6 +259,10 @@ SCHEMA: dict[str, Spec] = {
     "slow.event_loop": Spec(str, check=_check_event_loop),
     "slow.task_modules": Spec(str, check=_check_modules),
     "jobs.store": Spec(str, check=_check_job_store),
+    "jobs.redis_url": Spec(str, check=_check_redis_url),
+    "jobs.redis_port": Spec(int, 1024, 65535),
+    "jobs.redis_maxmemory_mb": Spec(int, 16, 1 << 20),
+    "jobs.store_timeout": Spec(float, 0.05, 10),
     "jobs.result_ttl": Spec(float, 60, 2_592_000),
     "jobs.max_records": Spec(int, 100, 100_000_000),
     "jobs.inline_result_kb": Spec(int, 1, 1_048_576),
@@ -391,6 +401,9 @@ def _check_consistency(v: Mapping[str, Any]) -> None:
     if v["slow.min_workers"] > heavy_capacity(v):
         raise SettingsError(f"slow.min_workers ({v['slow.min_workers']}) cannot exceed the jobs an instance "
                             f"can run at once ({heavy_capacity(v)}: slow.workers, or its share of the Dask cluster)")
+    if v["jobs.store"] == "redis" and not v["jobs.redis_url"] and v["jobs.redis_port"] in (
+            {v["edge.port"]} | set(fast) | set(slow)):
+        raise SettingsError(f"jobs.redis_port {v['jobs.redis_port']} is also the edge's or an instance's port: move one")
     if v["slow.backend"] == "dask" and not v["dask.allow_insecure"] and _plaintext_beyond_host(v["dask.scheduler"]):
         raise SettingsError(
             f"dask.scheduler {v['dask.scheduler']}: a tcp:// scheduler beyond this host carries every job's "
@@ -398,6 +411,8 @@ def _check_consistency(v: Mapping[str, Any]) -> None:
             "fleet's certificates (make certs), or set dask.allow_insecure = true to accept it")
     if v["slow.backend"] == "dask" and v["dask.scheduler"] == "managed":
         used = {"edge.port": {v["edge.port"]}, "fast": set(fast), "slow": set(slow)}
+        if v["jobs.store"] == "redis" and not v["jobs.redis_url"]:
+            used["jobs.redis_port"] = {v["jobs.redis_port"]}
         dask = {v["dask.scheduler_port"], v["dask.dashboard_port"],
                 *range(v["dask.worker_base_port"] + 1, v["dask.worker_base_port"] + 2 * v["dask.workers"] + 1)}
         if v["dask.scheduler_port"] == v["dask.dashboard_port"]:
@@ -522,6 +537,17 @@ class Settings:
         """This host's TLS files as the fleet's processes read them, in private_dir."""
         p = self.private_dir
         return {"ca": p / "ca.pem", "cert": p / "cert.pem", "key": p / "key.pem"}
+
+    @property
+    def job_store_url(self) -> str:
+        """Where the slow instances find the job store (jobs.store = "redis"): jobs.redis_url, or the
+        fleet's own on this host's address (deploy/store.py), whose password is in private/."""
+        return self.jobs.redis_url or f"redis://{host_port(self.address, self.jobs.redis_port)}/0"
+
+    @property
+    def job_store_password_file(self) -> Path | None:
+        """The fleet's own store's password (made by deploy); None for a jobs.redis_url (its URL says)."""
+        return None if self.jobs.redis_url else self.private_dir / "job-store-password"
 
     @property
     def edge_token_file(self) -> Path:

@@ -118,6 +118,11 @@ class ActiveLimit(Exception):
         self.whose, self.count = whose, count
 
 
+class StoreUnavailable(Exception):
+    """The store did not answer in time, or cannot take a write now (a server store down, cut off
+    or full): the routes answer 503 store_unavailable at once, never hang (job_store_redis.py)."""
+
+
 def new_id() -> str:
     """A job id: 128 random bits, URL-safe (22 characters)."""
     return secrets.token_urlsafe(16)
@@ -189,6 +194,8 @@ class Store(Protocol):
     def cancel(self, job_id: str) -> Job | None: ...
     def events(self, job_id: str, after: int = 0) -> list[Event]: ...
     def changes(self, after: int) -> tuple[int, dict[str, int]]: ...
+    def last_position(self) -> int: ...
+    def result(self, job_id: str) -> bytes | None: ...
     def count_by_state(self) -> dict[str, int]:
         """Every record of the store, by state (tombstones as "expired")."""
         counts = dict.fromkeys((*ACTIVE, *TERMINAL, EXPIRED), 0)
@@ -243,6 +250,16 @@ class SqliteStore:
 
     def close(self) -> None:
         self.db.close()
+
+    def result(self, job_id: str) -> bytes | None:
+        """The succeeded job's result, inline or from its file; None if it has none (any more)."""
+        row = self.db.execute("SELECT result, result_file FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or not row["result_file"]:
+            return None if row is None else row["result"]
+        try:
+            return self.result_path(job_id).read_bytes()
+        except FileNotFoundError:
+            return None
 
     # transactions
 

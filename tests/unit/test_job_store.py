@@ -1,18 +1,26 @@
-"""The job store (services/slow/job_store.py): SQLite in a temp dir, its state machine, its events
-and their replay, its TTL sweep and size bound, and writers in two processes at once."""
+"""The job stores: SqliteStore (services/slow/job_store.py, a file in a temp dir) and RedisStore
+(job_store_redis.py, a real redis-server, tests/support/redis_server.py) pass the same tests: the
+state machine, the events and their replay, the TTL sweep and size bound, writers in two processes
+at once, lost owners. Then what is each one's own: SQLite's result files, Redis' native TTLs, its
+durability across a kill -9 and its answer when it is down."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import multiprocessing
 import os
+import socket
 import time
 from pathlib import Path
 
 import pytest
 
 from services.slow.job_store import (CANCELLED, CANCELLING, EXPIRED, FAILED, QUEUED, RUNNING, SUCCEEDED,
-                                     ActiveLimit, AsyncStore, NewJob, SqliteStore, new_id)
+                                     ActiveLimit, AsyncStore, NewJob, SqliteStore, StoreUnavailable, new_id)
+from services.slow.job_store_redis import EXPIRE_GRACE, RedisStore
+from tests.support.redis_server import RedisServer
 
 
 class Clock:
@@ -28,26 +36,78 @@ def clock() -> Clock:
     return Clock()
 
 
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> RedisServer:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+_prefixes = itertools.count()
+
+
+class Stores:
+    """Stores of one kind that share their data (as a host's slow instances share theirs): `open()`
+    another one, as another process would."""
+
+    def __init__(self, kind: str, tmp_path: Path, request: pytest.FixtureRequest):
+        self.kind = kind
+        self.path = tmp_path / "store.sqlite"
+        self.server = request.getfixturevalue("redis_server") if kind == "redis" else None
+        self.prefix = f"t{os.getpid()}-{next(_prefixes)}"  # one server for the module: each test its own keys
+        self.opened: list = []
+
+    def open(self, **kwargs):
+        if self.kind == "sqlite":
+            s = SqliteStore(self.path, **kwargs)
+        else:
+            kwargs.pop("busy_timeout", None)
+            s = RedisStore(self.server.url, prefix=self.prefix, password=self.server.password, **kwargs)
+        self.opened.append(s)
+        return s
+
+    def opener(self):
+        """How another process opens one (a picklable callable)."""
+        if self.kind == "sqlite":
+            return functools.partial(SqliteStore, str(self.path))
+        return functools.partial(RedisStore, self.server.url, prefix=self.prefix, password=self.server.password)
+
+    def close(self) -> None:
+        for s in self.opened:
+            s.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def stores(request, tmp_path: Path) -> Stores:
+    made = Stores(request.param, tmp_path, request)
+    yield made
+    made.close()
+
+
 @pytest.fixture
-def store(tmp_path: Path, clock: Clock) -> SqliteStore:
-    s = SqliteStore(tmp_path / "store.sqlite", ttl=60, max_records=1000, clock=clock)
-    yield s
-    s.close()
+def store(stores: Stores, clock: Clock):
+    return stores.open(ttl=60, max_records=1000, clock=clock)
 
 
-def submit(store: SqliteStore, client: str = "10.0.0.1", **kwargs) -> str:
-    job, created = store.create(NewJob(id=new_id(), task="report", client=client, owner="slow-01", **kwargs))
+def submit(store, client: str = "10.0.0.1", owner: str = "slow-01", **kwargs) -> str:
+    job, created = store.create(NewJob(id=new_id(), task="report", client=client, owner=owner, **kwargs))
     assert created
     return job.id
 
 
-def test_a_created_job_is_committed_queued_and_another_connection_reads_it(store, tmp_path):
+def record_count(store) -> int:
+    """Every record the store holds, tombstones included."""
+    if isinstance(store, SqliteStore):
+        return store.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+    return store.record_count()
+
+
+def test_a_created_job_is_committed_queued_and_another_connection_reads_it(store, stores):
     job_id = submit(store, args={"seconds": 2})
-    other = SqliteStore(tmp_path / "store.sqlite")
+    other = stores.open()
     job = other.get(job_id)
     assert (job.state, job.seq, job.task, job.args) == (QUEUED, 1, "report", {"seconds": 2})
     assert [(e.seq, e.kind, e.data) for e in other.events(job_id)] == [(1, "state", {"state": QUEUED})]
-    other.close()
 
 
 def test_job_ids_carry_128_random_bits():
@@ -111,16 +171,15 @@ def test_events_after_a_sequence_number_are_exactly_the_ones_missed(store):
     assert store.events(job_id, after=7) == []
 
 
-def test_changes_name_the_jobs_another_process_wrote_to_since_a_position(store, tmp_path):
+def test_changes_name_the_jobs_another_process_wrote_to_since_a_position(store, stores):
     a, b = submit(store), submit(store)
     seen = store.last_position()
-    other = SqliteStore(tmp_path / "store.sqlite")
+    other = stores.open()
     other.start(b, "slow-02")
     other.progress(b, 1, 2, "")
     last, jobs = store.changes(seen)
     assert jobs == {b: 3} and a not in jobs and last > seen
     assert store.changes(last) == (last, {})
-    other.close()
 
 
 def test_an_idempotency_key_reused_by_its_client_finds_the_first_job(store):
@@ -171,8 +230,8 @@ def test_a_finished_record_expires_after_its_ttl_to_a_tombstone_then_goes(store,
     assert store.get(running).state == RUNNING  # active jobs never expire
 
 
-def test_past_max_records_the_oldest_finished_records_expire_first(tmp_path, clock):
-    store = SqliteStore(tmp_path / "store.sqlite", ttl=3600, max_records=5, clock=clock)
+def test_past_max_records_the_oldest_finished_records_expire_first(stores, clock):
+    store = stores.open(ttl=3600, max_records=5, clock=clock)
     ids = []
     for _ in range(8):
         ids.append(submit(store))
@@ -184,39 +243,40 @@ def test_past_max_records_the_oldest_finished_records_expire_first(tmp_path, clo
     states = [store.get(i).state if store.get(i) else None for i in ids]
     assert states == [None, None, None, None, SUCCEEDED, SUCCEEDED, SUCCEEDED, SUCCEEDED]  # 9 records, 5 kept
     assert store.get(active).state == QUEUED
-    assert store.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] <= 5
+    assert record_count(store) <= 5
+
+
+def _write_jobs(open_store, ids_file: str, owner: str, count: int) -> None:
+    store = open_store()
+    with open(ids_file, "w") as ids:
+        for _ in range(count):
+            job, _ = store.create(NewJob(id=new_id(), task="report", client=owner, owner=owner))
+            ids.write(job.id + "\n")
+            store.start(job.id, owner)
+            for step in range(3):
+                store.progress(job.id, step, 3, "")
+            store.finish(job.id, SUCCEEDED, result=b"1")
     store.close()
 
 
-def _write_jobs(path: str, owner: str, count: int) -> None:
-    store = SqliteStore(path)
-    for _ in range(count):
-        job, _ = store.create(NewJob(id=new_id(), task="report", client=owner, owner=owner))
-        store.start(job.id, owner)
-        for step in range(3):
-            store.progress(job.id, step, 3, "")
-        store.finish(job.id, SUCCEEDED, result=b"1")
-    store.close()
-
-
-def test_two_processes_writing_at_once_lose_and_mix_up_nothing(tmp_path):
-    path = str(tmp_path / "store.sqlite")
-    SqliteStore(path).close()  # the schema, once
+def test_two_processes_writing_at_once_lose_and_mix_up_nothing(stores, tmp_path):
+    stores.open()  # the schema, once
     ctx = multiprocessing.get_context("spawn")
-    writers = [ctx.Process(target=_write_jobs, args=(path, f"slow-0{n}", 100)) for n in (1, 2)]
+    writers = [ctx.Process(target=_write_jobs, args=(stores.opener(), str(tmp_path / f"slow-0{n}"), f"slow-0{n}", 100))
+               for n in (1, 2)]
     for w in writers:
         w.start()
     for w in writers:
         w.join(60)
     assert [w.exitcode for w in writers] == [0, 0]
-    store = SqliteStore(path)
+    store = stores.open()
     for owner in ("slow-01", "slow-02"):
-        ids = [r[0] for r in store.db.execute("SELECT id FROM jobs WHERE owner = ?", (owner,))]
+        ids = (tmp_path / owner).read_text().split()
         assert len(ids) == 100
         for job_id in ids:
             assert [e.seq for e in store.events(job_id)] == [1, 2, 3, 4, 5, 6]
-            assert store.get(job_id).state == SUCCEEDED
-    store.close()
+            job = store.get(job_id)
+            assert (job.state, job.owner) == (SUCCEEDED, owner)
 
 
 def test_the_async_store_makes_the_calls_off_the_event_loop(store):
@@ -229,12 +289,12 @@ def test_the_async_store_makes_the_calls_off_the_event_loop(store):
 
 
 def test_the_active_jobs_of_a_silent_owner_are_reaped_and_a_cancel_made_before_holds(store, clock):
-    queued, running, cancelling, done, alive = (submit(store) for _ in range(5))
+    queued, running, cancelling, done = (submit(store) for _ in range(4))
+    alive = submit(store, owner="slow-02.b")
     for job_id in (running, cancelling, done):
         store.start(job_id, "slow-01")
     store.cancel(cancelling)
     store.finish(done, SUCCEEDED, result=b"1")
-    store.db.execute("UPDATE jobs SET owner = 'slow-02.b' WHERE id = ?", (alive,))
     store.beat("slow-01")  # the owner of the first four
     store.beat("slow-02.b")
     clock.now += 9
@@ -255,23 +315,29 @@ def test_a_job_whose_owner_never_beat_is_reaped_too(store):
     assert [job.id for job in store.reap(lost_after=10)] == [job_id]
 
 
-def test_a_large_result_is_kept_as_a_file_beside_the_store_and_goes_with_its_record(tmp_path, clock):
-    store = SqliteStore(tmp_path / "store.sqlite", ttl=60, clock=clock, inline_result_bytes=10)
+def test_a_large_result_is_kept_apart_from_its_record_and_goes_with_it(stores, clock):
+    """SQLite keeps it as a file beside the store (the edge sends it); Redis under a key of its own."""
+    store = stores.open(ttl=60, clock=clock, inline_result_bytes=10)
     small, large = submit(store), submit(store)
-    for job_id, result in ((small, b'"0123"'), (large, b'"' + b"x" * 100 + b'"')):
+    big = b'"' + b"x" * 100 + b'"'
+    for job_id, result in ((small, b'"0123"'), (large, big)):
         store.start(job_id, "slow-01")
         store.finish(job_id, SUCCEEDED, result=result)
     assert (store.get(small).result, store.get(small).result_file) == (b'"0123"', 0)
     kept = store.get(large)
     assert (kept.result, kept.result_file, kept.result_bytes) == (None, 1, 102)
-    assert store.result_path(large).read_bytes() == b'"' + b"x" * 100 + b'"'
+    assert (store.result(large), store.result(small)) == (big, b'"0123"')
+    if stores.kind == "sqlite":
+        assert store.result_path(large).read_bytes() == big
     clock.now += 60
     store.sweep()
-    assert not store.result_path(large).exists() and store.get(large).state == EXPIRED
-    store.close()
+    assert store.get(large).state == EXPIRED and store.result(large) is None
+    if stores.kind == "sqlite":
+        assert not store.result_path(large).exists()
 
 
 def test_a_result_file_no_record_names_is_swept_after_a_minute(tmp_path):
+    """SQLite's own: a file written before its record's commit. (Redis writes both in one script.)"""
     store = SqliteStore(tmp_path / "store.sqlite")
     stray = store.result_path(new_id())
     stray.write_bytes(b"1")  # a finish that wrote its file and never committed (its instance was killed)
@@ -301,3 +367,94 @@ def test_a_lost_job_whose_arguments_were_not_kept_is_never_queued_again(store):
     job_id = submit(store)  # a task without retries: its arguments are not in the store
     assert [j.state for j in store.reap(lost_after=10, adopter="slow-02.b")] == [FAILED]
     assert store.get(job_id).kwargs is None
+
+
+def test_records_are_counted_by_state_through_every_transition(store, clock):
+    queued, running, cancelling, done = (submit(store) for _ in range(4))
+    for job_id in (running, cancelling, done):
+        store.start(job_id, "slow-01")
+    store.cancel(cancelling)
+    store.finish(done, SUCCEEDED, result=b"1")
+    gone = submit(store)
+    store.cancel(gone)
+    counts = store.count_by_state()
+    assert {k: v for k, v in counts.items() if v} == {QUEUED: 1, RUNNING: 1, CANCELLING: 1, SUCCEEDED: 1, CANCELLED: 1}
+    clock.now += 60
+    store.sweep()
+    assert {k: v for k, v in store.count_by_state().items() if v} == {QUEUED: 1, RUNNING: 1, CANCELLING: 1, EXPIRED: 2}
+    clock.now += 60
+    store.sweep()
+    assert {k: v for k, v in store.count_by_state().items() if v} == {QUEUED: 1, RUNNING: 1, CANCELLING: 1}
+
+
+# Redis' own ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def redis_store(redis_server, clock) -> RedisStore:
+    s = RedisStore(redis_server.url, prefix=f"own{next(_prefixes)}", password=redis_server.password, ttl=60,
+                   clock=clock, inline_result_bytes=10)
+    yield s
+    s.close()
+
+
+def test_a_finished_jobs_keys_carry_native_ttls_so_redis_drops_them_even_unswept(redis_store, clock):
+    job_id = submit(redis_store, idempotency_key="k", fingerprint="f")
+    keys = {name: f"{redis_store.prefix}:{name}:{job_id}" for name in ("job", "events", "result")}
+    idem = f"{redis_store.prefix}:idem:8:10.0.0.1:k"
+    redis_store.start(job_id, "slow-01")
+    assert redis_store.db.ttl(keys["job"]) == -1 and redis_store.db.ttl(keys["events"]) == -1  # active: kept
+    redis_store.finish(job_id, SUCCEEDED, result=b'"' + b"x" * 100 + b'"')
+    record, data = 2 * 60 + EXPIRE_GRACE, 60 + EXPIRE_GRACE  # its tombstone's time too / its TTL's
+    ttls = {name: redis_store.db.ttl(key) for name, key in keys.items()}
+    assert record - 2 <= ttls["job"] <= record and record - 2 <= redis_store.db.ttl(idem) <= record
+    assert data - 2 <= ttls["events"] <= data and data - 2 <= ttls["result"] <= data
+    clock.now += 60
+    redis_store.sweep()  # a tombstone: its events and result gone, the record kept for a TTL more
+    assert redis_store.db.exists(keys["events"], keys["result"]) == 0
+    assert data - 2 <= redis_store.db.ttl(keys["job"]) <= data
+
+
+def test_a_create_whose_answer_was_lost_and_is_sent_again_is_the_same_job_once(redis_store):
+    job = NewJob(id=new_id(), task="report", client="c", owner="slow-01")
+    first, created = redis_store.create(job)
+    again, created_again = redis_store.create(job, max_per_client=1)  # the client's limit is its own job
+    assert (created, created_again, again.id, again.seq) == (True, True, first.id, 1)
+    assert redis_store.count_active("c") == 1 and len(redis_store.events(job.id)) == 1
+
+
+def test_an_acknowledged_create_survives_a_kill_9_of_the_store_and_not_without_its_log(tmp_path):
+    for appendonly in (True, False):
+        (tmp_path / str(appendonly)).mkdir()
+        server = RedisServer(tmp_path / str(appendonly), appendonly=appendonly).start()
+        try:
+            store = RedisStore(server.url, password=server.password)
+            job_id = submit(store)
+            server.kill()
+            server.start()
+            found = store.get(job_id)
+            store.close()
+        finally:
+            server.stop()
+        if appendonly:
+            assert found is not None and found.state == QUEUED
+        else:  # the negative control: without the append-only log, Redis forgets it
+            assert found is None
+
+
+def test_a_store_that_is_down_or_never_answers_raises_store_unavailable_and_serves_again_when_back(tmp_path):
+    server = RedisServer(tmp_path).start()
+    store = RedisStore(server.url, password=server.password, timeout=0.2)
+    job_id = submit(store)
+    server.stop()
+    with pytest.raises(StoreUnavailable):
+        store.get(job_id)
+    with pytest.raises(StoreUnavailable):
+        submit(store)
+    # A listener that accepts and never answers (a store cut off mid-way): the socket timeout ends the call.
+    with socket.create_server(("127.0.0.1", server.port)):
+        with pytest.raises(StoreUnavailable, match="Timeout"):
+            store.get(job_id)
+    server.start()
+    assert store.get(job_id).state == QUEUED  # the same store object: it reconnects by itself
+    store.close()
+    server.stop()
