@@ -26,9 +26,9 @@ from services.common.settings import heavy_capacity
 from services.slow import coalesce, jobs, registry
 from services.slow.admission import Admission, client_key
 from services.slow.backoff import RetryAfter
-from services.slow.job_routes import (ID, JobEventsHandler, JobHandler, JobResultHandler, idempotency_key,
-                                      preferences, send_status, wait_seconds)
-from services.slow.job_store import AsyncStore, open_store
+from services.slow.job_routes import (ID, JobEventsHandler, JobHandler, JobResultHandler, StoreFaults,
+                                      idempotency_key, preferences, send_status, wait_seconds)
+from services.slow.job_store import AsyncStore, StoreUnavailable, open_store
 from services.slow.jobs import RETRY_AFTER_SECONDS
 from services.slow.long_jobs import LongJobs, answer_body
 from services.slow.pool import WorkerPool
@@ -40,7 +40,7 @@ log = logging.getLogger("fleet.slow")
 DRAIN_MARGIN_SECONDS = 1.0
 
 
-class TaskHandler(BaseHandler):
+class TaskHandler(StoreFaults, BaseHandler):
     tasks: Mapping[str, registry.Task]
     admission: Admission
     retry_after: RetryAfter  # what a refused client is told to wait (backoff.py)
@@ -317,6 +317,22 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
     )
 
 
+def make_store(fleet: Any) -> Any:
+    """The one place that picks the job store (jobs.store); both keep job_store.Store: the host's
+    SQLite file in the run dir, shared by its slow instances, or a Redis server (the fleet's own,
+    deploy/store.py, or jobs.redis_url), shared by the slow instances of every host that reaches it."""
+    j = fleet.jobs
+    if j.store == "redis":
+        from services.slow.job_store_redis import RedisStore  # imports redis-py only where it is used
+
+        password_file = fleet.job_store_password_file
+        password = password_file.read_text().strip() if password_file is not None else None
+        return RedisStore(fleet.job_store_url, ttl=j.result_ttl, max_records=j.max_records, timeout=j.store_timeout,
+                          inline_result_bytes=j.inline_result_kb << 10, password=password)
+    return open_store(fleet.run_dir / "jobs", ttl=j.result_ttl, max_records=j.max_records,
+                      inline_result_bytes=j.inline_result_kb << 10)
+
+
 def make_pool(instance: server.Instance, line: Admission) -> jobs.Pool:
     """The one place that picks the backend (slow.backend); both keep the jobs.Pool contract, and
     both are told of `line`, the admission in front of them."""
@@ -335,9 +351,7 @@ async def run(instance: server.Instance) -> None:
     # The pool starts (local workers forked, niced, set up; or the cluster joined) before the port is
     # bound: the first request never waits for it, and no worker can ever hold the server's socket.
     fleet = instance.settings
-    # The host's job store, shared by its slow instances: a file in the run dir (jobs.store = "sqlite").
-    store = AsyncStore(open_store(fleet.run_dir / "jobs", ttl=fleet.jobs.result_ttl, max_records=fleet.jobs.max_records,
-                                  inline_result_bytes=fleet.jobs.inline_result_kb << 10))
+    store = AsyncStore(make_store(fleet))
     async with make_pool(instance, admission) as pool:
         app = make_app(instance, tasks, pool, admission, store)
         await app.settings["long_jobs"].start()

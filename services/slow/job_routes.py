@@ -35,10 +35,14 @@ import re
 
 from tornado.iostream import StreamClosedError
 
+import logging
+
 from services.common import metrics
 from services.common.web import ApiError, BaseHandler
-from services.slow.job_store import EXPIRED, SUCCEEDED, Job
+from services.slow.job_store import EXPIRED, SUCCEEDED, Job, StoreUnavailable
 from services.slow.long_jobs import LongJobs
+
+log = logging.getLogger("fleet.jobs")
 
 ID = r"([A-Za-z0-9_-]{22})"  # job_store.new_id's shape; anything else is no job's
 POLL_AFTER = 1  # Retry-After of a job not done yet: seconds before it is worth asking again
@@ -114,7 +118,31 @@ def _time(t: float | None) -> str | None:
         "+00:00", "Z")
 
 
-class JobBase(BaseHandler):
+class StoreFaults:
+    """A handler whose job store does not answer (StoreUnavailable, raised by any store call: a
+    server store down, cut off or full) answers `503 store_unavailable` JSON with Retry-After, at
+    once: every call has the store's short timeout (jobs.store_timeout). One line in the log, no
+    traceback: it is the store's fault, not a bug. (A stream already under way just ends; the
+    browser reconnects with Last-Event-ID.)"""
+
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, StoreUnavailable):
+            log.warning("%s %s: %s", self.request.method, self.request.path, value)
+            return
+        super().log_exception(typ, value, tb)
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, StoreUnavailable):
+            self.set_status(503)
+            error = ApiError(503, "store_unavailable", "the job store does not answer; retry shortly (jobs are "
+                             "kept there: nothing acknowledged is lost)", headers={"Retry-After": str(POLL_AFTER)})
+            kwargs["exc_info"] = (ApiError, error, None)
+            status_code = 503
+        super().write_error(status_code, **kwargs)
+
+
+class JobBase(StoreFaults, BaseHandler):
     long_jobs: LongJobs | None
 
     async def job(self, job_id: str) -> Job:
@@ -160,11 +188,17 @@ class JobResultHandler(JobBase):
                            headers={"Retry-After": str(POLL_AFTER)} if active else None)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
-        if job.result_file:
+        store = self.long_jobs.store
+        if job.result_file and hasattr(store.sync, "result_path"):  # a file beside the store, on the edge's host
             self.set_header("X-Accel-Redirect", f"/_job_results/{job.id}.json")
             self.finish()
             return
-        self.finish(job.result)
+        # A server store keeps a large result too (no file the edge could reach on another host):
+        # read whole, at most slow.max_result_mb.
+        result = job.result if not job.result_file else await store.result(job.id)
+        if result is None:  # expired between the two reads
+            raise ApiError(410, "expired", "this job ended and its record expired (jobs.result_ttl)")
+        self.finish(result)
 
 
 class JobEventsHandler(JobBase):

@@ -62,7 +62,7 @@ from services.common import metrics
 from services.slow import coalesce, jobs, registry
 from services.slow.admission import Admission
 from services.slow.job_store import (CANCELLED, CANCELLING, EXPIRED, FAILED, QUEUED, SUCCEEDED, ActiveLimit,
-                                     AsyncStore, Event, Job, NewJob, new_id)
+                                     AsyncStore, Event, Job, NewJob, StoreUnavailable, new_id)
 
 log = logging.getLogger("fleet.jobs")
 
@@ -142,13 +142,22 @@ class Watcher:
             self._task.cancel()
 
     async def _watch(self, position: int) -> None:
+        down = False
         while True:
             await asyncio.sleep(self.interval)
             try:
                 position, changed = await self.store.changes(position)
+            except StoreUnavailable as exc:  # said once, not ten times a second, until it answers again
+                if not down:
+                    log.warning("the job store does not answer; streams wait for it: %s", exc)
+                down = True
+                continue
             except Exception:  # a locked or broken store: streams keep their keep-alives, try again
                 log.exception("could not read the job store's changes")
                 continue
+            if down:
+                log.warning("the job store answers again")
+                down = False
             if changed:
                 self.notify(changed)
 

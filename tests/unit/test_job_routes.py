@@ -15,8 +15,10 @@ from services.slow import registry
 from services.slow.app import make_app
 from services.slow.inline_pool import InlinePool
 from services.slow.job_store import AsyncStore, NewJob, SqliteStore, new_id
+from services.slow.job_store_redis import RedisStore
 from tests.support.app_case import ContractTestCase
 from tests.support.fake_pools import HeldPool
+from tests.support.redis_server import RedisServer
 from tests.support.waiting import eventually
 
 MODULES = "services.slow.tasks,tests.support.faulty_tasks"
@@ -42,13 +44,16 @@ class JobsCase(ContractTestCase):
         self.dir = tempfile.TemporaryDirectory()
         self.clock = Clock()
         fleet = load(env=self.settings_env)
-        self.sync_store = SqliteStore(Path(self.dir.name) / "store.sqlite", ttl=60, clock=self.clock,
-                                      inline_result_bytes=fleet.jobs.inline_result_kb << 10)
+        self.sync_store = self.make_store(ttl=60, clock=self.clock, inline_result_bytes=fleet.jobs.inline_result_kb << 10)
         self.store = AsyncStore(self.sync_store)
         self.jobs_pool = self.pool()
         app = make_app(Instance("slow", 1, fleet), registry.load(MODULES), self.jobs_pool, store=self.store)
         self.long_jobs = app.settings["long_jobs"]
         return app
+
+    def make_store(self, **kwargs):
+        """The store the app keeps its jobs in; called again, another connection to it (another instance's)."""
+        return SqliteStore(Path(self.dir.name) / "store.sqlite", **kwargs)
 
     def setUp(self):
         super().setUp()
@@ -86,7 +91,7 @@ class SubmitTest(JobsCase):
         assert response.headers["Retry-After"] == "1"
         assert body["state"] in ("queued", "running") and body["task"] == "fib" and body["args"] == {"n": 10}
         # another connection to the file sees the record the 202 announced
-        other = SqliteStore(Path(self.dir.name) / "store.sqlite")
+        other = self.make_store()
         assert other.get(body["id"]) is not None
         other.close()
         await eventually(lambda: self._is(body["id"], "succeeded"), what="it succeeds")
@@ -98,7 +103,7 @@ class SubmitTest(JobsCase):
         response = await self.get("/slow/fib/10")
         assert response.code == 200 and json.loads(response.body)["result"] == 55
         assert "Location" not in response.headers
-        assert self.sync_store.count_active() == 0 and self.sync_store.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
+        assert self.sync_store.count_active() == 0 and sum(self.sync_store.count_by_state().values()) == 0
 
     @gen_test
     async def test_prefer_wait_answers_the_synchronous_200_when_the_job_ends_in_time(self):
@@ -130,7 +135,7 @@ class SubmitTest(JobsCase):
     async def test_bad_arguments_are_400_before_any_job_is_made(self):
         response = await self.get("/slow/fib/-1", **ASYNC)
         self.assert_json_error(response, 400, "bad_argument")
-        assert self.sync_store.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
+        assert sum(self.sync_store.count_by_state().values()) == 0
 
     @gen_test
     async def test_unknown_ids_are_404_and_expired_ones_410(self):
@@ -267,7 +272,7 @@ class HeldJobsTest(JobsCase):
     async def test_a_cancel_made_in_the_store_by_another_instance_reaches_the_owner(self):
         job_id = await self.submit("/slow/fib/30")
         await self.jobs_pool.started.wait()
-        other = SqliteStore(Path(self.dir.name) / "store.sqlite")
+        other = self.make_store()
         assert other.cancel(job_id).state == "cancelling"
         other.close()
         await eventually(lambda: self._is(job_id, "cancelled"), what="the owner stops it")
@@ -295,8 +300,8 @@ class IdempotencyTest(JobsCase):
         assert done.code == 202 and json.loads(done.body)["state"] == "succeeded"  # 202 even once it has ended
         assert self.jobs_pool.calls == 1
         # the request is kept as an HMAC's hex digest, never as its arguments
-        row = self.sync_store.db.execute("SELECT fingerprint FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        assert len(row[0]) == 64 and set(row[0]) <= set("0123456789abcdef")
+        fingerprint = self.sync_store.get(job_id).fingerprint
+        assert len(fingerprint) == 64 and set(fingerprint) <= set("0123456789abcdef")
 
 
 class ComputeOnceTest(JobsCase):
@@ -372,3 +377,81 @@ class ResultTest(JobsCase):
         self.assert_json_error(response, 409, "no_result")
         assert "Retry-After" not in response.headers
 
+
+
+# The same tests on a RedisStore (jobs.store = "redis"), on a real redis-server ---------------------
+
+class OnRedis:
+    """A JobsCase on a RedisStore of its own (a key prefix of its own) on the class's redis-server."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.server_dir = tempfile.TemporaryDirectory()
+        cls.server = RedisServer(Path(cls.server_dir.name)).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+        cls.server_dir.cleanup()
+        super().tearDownClass()
+
+    def make_store(self, **kwargs):
+        if not hasattr(self, "prefix"):
+            self.prefix = new_id()
+        return RedisStore(self.server.url, password=self.server.password, prefix=self.prefix, timeout=0.2, **kwargs)
+
+
+class SubmitOnRedisTest(OnRedis, SubmitTest):
+    pass
+
+
+class EventsOnRedisTest(OnRedis, EventsTest):
+    pass
+
+
+class HeldJobsOnRedisTest(OnRedis, HeldJobsTest):
+    pass
+
+
+class IdempotencyOnRedisTest(OnRedis, IdempotencyTest):
+    pass
+
+
+class ComputeOnceOnRedisTest(OnRedis, ComputeOnceTest):
+    pass
+
+
+class ResultOnRedisTest(OnRedis, JobsCase):
+    settings_env = ResultTest.settings_env
+
+    @gen_test
+    async def test_a_large_result_is_sent_from_the_store_which_other_hosts_share(self):
+        large = await self.submit("/slow/big_result/5000")
+        await eventually(lambda: self._is(large, "succeeded"), what="it succeeds")
+        doc = json.loads((await self.get(f"/jobs/{large}")).body)
+        assert "result" not in doc and doc["result_bytes"] == 5002
+        response = await self.get(f"/jobs/{large}/result")
+        assert response.code == 200 and "X-Accel-Redirect" not in response.headers
+        assert response.body == b'"' + b"x" * 5000 + b'"'
+
+
+class StoreDownTest(OnRedis, JobsCase):
+    @gen_test
+    async def test_a_store_that_does_not_answer_is_503_store_unavailable_and_its_jobs_are_there_when_it_is_back(self):
+        job_id = await self.submit("/slow/fib/5")
+        await eventually(lambda: self._is(job_id, "succeeded"), what="it succeeds")
+        self.server.stop()
+        try:
+            for method, path, headers in (("GET", "/slow/fib/5", ASYNC), ("GET", f"/jobs/{job_id}", {}),
+                                          ("DELETE", f"/jobs/{job_id}", {}), ("GET", f"/jobs/{job_id}/events", {}),
+                                          ("GET", f"/jobs/{job_id}/result", {})):
+                response = await self.http_client.fetch(self.get_url(path), method=method, headers=headers,
+                                                        raise_error=False)
+                self.assert_json_error(response, 503, "store_unavailable")
+                assert response.headers["Retry-After"] == "1", path
+            synchronous = await self.get("/slow/fib/10")  # no job, no store: served as ever
+            assert synchronous.code == 200 and json.loads(synchronous.body)["result"] == 55
+        finally:
+            self.server.start()
+        assert await self.state(job_id) == "succeeded"
