@@ -24,7 +24,7 @@ EDGE_URL := $(PY) -c 'from deploy.fleet import edge_url; from services.common.se
 FLEET_UP_IF_DOWN := $(PY) -c 'import sys; from deploy.fleet import supervisord_pid; from services.common.settings import load; \
 	sys.exit(0 if supervisord_pid(load()) else 1)' || $(PY) -m deploy.fleet up
 
-.PHONY: deploy-local stop status logs profile reload chaos certs test test-unit test-integration fuzz soak help install bootstrap render load load-check bench
+.PHONY: deploy-local stop status logs profile reload chaos certs test test-unit test-integration fuzz soak help install bootstrap bootstrap-tests render load load-check bench
 
 deploy-local: bootstrap ## Start the fleet (or apply changed settings), wait for /healthz, print the URLs
 	@$(PY) -m deploy.fleet up
@@ -58,16 +58,16 @@ render: bootstrap ## Render nginx.conf, supervisord.conf and settings.json into 
 certs: bootstrap ## The fleet's CA and a certificate per host, for Dask TLS across hosts (into dask.certs_dir, .certs/)
 	@$(PY) -m deploy.certs
 
-test: bootstrap ## Both test tiers (unit, then integration against real nginx + supervisord)
+test: bootstrap-tests ## Both test tiers (unit, then integration against real nginx + supervisord)
 	@$(PY) -m pytest tests/unit tests/integration
 
-test-unit: bootstrap ## In-process tests only (settings, rendering, tasks, pool, handlers)
+test-unit: bootstrap-tests ## In-process tests only (settings, rendering, tasks, pool, handlers)
 	@$(PY) -m pytest tests/unit
 
-test-integration: bootstrap ## Tests against private fleets in temp run dirs
+test-integration: bootstrap-tests ## Tests against private fleets in temp run dirs
 	@$(PY) -m pytest tests/integration
 
-fuzz: bootstrap ## Generated hostile input by the thousand (Hypothesis): 2,000 per task parser, 5,000 raw requests through a private fleet's edge (about 6 min)
+fuzz: bootstrap-tests ## Generated hostile input by the thousand (Hypothesis): 2,000 per task parser, 5,000 raw requests through a private fleet's edge (about 6 min)
 	@HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/unit/test_task_parsers_fuzz.py tests/integration/test_fuzz_edge.py
 
 soak: bootstrap ## Load for SOAK_MINUTES (10) while faults recur (kills, overruns, bursts, reloads): fails on any failed request, growth or leftover; SOAK_OPTS="--out bench/results"
@@ -90,6 +90,10 @@ load-check: bootstrap ## Headless isolation proof against the fleet: per-phase t
 
 bootstrap:
 	@$(BOOTSTRAP)
+
+# What the tests need besides: redis-server, for the store tests (tests/support/redis_server.py).
+bootstrap-tests:
+	@$(BOOTSTRAP) --tests
 
 bench: bootstrap ## Benchmark the fleet against naive, pool, the peers (FastAPI, gunicorn, Tornado+Dask) and the machine's floor; results in bench/results/
 	@bench/bootstrap.sh

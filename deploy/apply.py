@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, NamedTuple
 
-from deploy import private, programs, render
+from deploy import private, programs, render, store
 from deploy.control import (HEALTH_TIMEOUT, FleetError, check_ports_free, instance_url, nginx_test, ports_of, supervisor,
                             wait_healthy)
 from services.common import procfs
@@ -42,11 +42,13 @@ from services.common.inventory import host_port
 from services.common.settings import Settings
 
 MANIFEST = "applied.json"
-NO_SNAPSHOT = ("nginx", "dask-scheduler")  # programs that neither read settings.json nor restart for new code
+PROGRAM_FILES = {"job-store": "job-store.conf"}  # programs that read a rendered file of their own
+NO_SNAPSHOT = ("nginx", "dask-scheduler", "job-store")  # programs that neither read settings.json nor restart for new code
 NGINX_CONF = "nginx/conf/nginx.conf"
-# The managed Dask cluster first (the slow instances connect to it), then slow (its instances take
-# longest to start), then fast. Only slow and fast have spares.
-ROLES = ("dask", "slow", "fast")
+# The fleet's own job store first ("job-store": the slow instances open it as they start), the
+# managed Dask cluster next (they connect to it), then slow (its instances take longest to start),
+# then fast. Only slow and fast have spares.
+ROLES = ("job", "dask", "slow", "fast")
 SPARED = ("slow", "fast")
 
 
@@ -67,9 +69,11 @@ def wanted_state(settings: Settings, files: dict[str, str]) -> dict:
         "nginx.conf": sha(files[NGINX_CONF]) if settings.inventory.runs("edge") else None,  # nginx runs on the edge
         # Instances and Dask workers read the snapshot when they start: a changed setting changes
         # each of them. nginx and the Dask scheduler do not read it.
-        "programs": {name: sha(block + ("" if name in NO_SNAPSHOT else snapshot))
+        # The job store reads a config of its own instead: a change in it restarts the store.
+        "programs": {name: sha(block + ("" if name in NO_SNAPSHOT else snapshot) + files.get(PROGRAM_FILES.get(name), ""))
                      for name, block in program_blocks(files["supervisord.conf"]).items()},
-        "ports": {p.name: p.port for p in [*programs.programs(settings), *programs.cluster_programs(settings)]},
+        "ports": {p.name: p.port for p in [*programs.programs(settings), *programs.cluster_programs(settings)]}
+        | ({store.PROGRAM: settings.jobs.redis_port} if store.managed(settings) else {}),
     }
 
 

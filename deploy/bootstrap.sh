@@ -43,36 +43,64 @@ if [ "${1:-}" = --print-python ]; then
     exit 0
 fi
 
-# Only the edge host of a fleet across hosts runs nginx (FLEET_HOST's roles in FLEET_SETTINGS).
-needs_nginx=$("$python" - <<'PY'
-import os, tomllib
+# Only the edge host of a fleet across hosts runs nginx (FLEET_HOST's roles in FLEET_SETTINGS), and
+# only a host running the fleet's own job store needs redis-server (jobs.store = "redis" with no
+# jobs.redis_url, on a slow host; deploy/store.py). `--tests` (make test): the store tests run a
+# real redis-server, so it is installed too.
+read -r needs_nginx needs_store < <("$python" - "${1:-}" <<'PY'
+import os, sys, tomllib
 host, path = os.environ.get("FLEET_HOST"), os.environ.get("FLEET_SETTINGS")
 try:
-    roles = tomllib.load(open(path, "rb"))["hosts"][host]["roles"] if host and path else ["edge"]
-except (OSError, KeyError, TypeError, ValueError):
-    roles = ["edge"]  # deploy itself says what is wrong with the inventory
-print("yes" if "edge" in roles else "no")
+    table = tomllib.load(open(path or "deploy/fleet.toml", "rb"))
+except (OSError, ValueError):
+    table = {}  # deploy itself says what is wrong with the file
+try:
+    roles = table["hosts"][host]["roles"] if host and path else ["edge", "slow"]
+except (KeyError, TypeError):
+    roles = ["edge", "slow"]  # deploy itself says what is wrong with the inventory
+jobs = {**tomllib.load(open("deploy/fleet.toml", "rb"))["jobs"], **table.get("jobs", {})}
+store = os.environ.get("FLEET_JOBS_STORE", jobs.get("store", "sqlite")).strip()
+url = os.environ.get("FLEET_JOBS_REDIS_URL", jobs.get("redis_url", "")).strip()
+managed = store == "redis" and not url and "slow" in roles
+print("yes" if "edge" in roles else "no", "yes" if managed or sys.argv[1] == "--tests" else "no")
 PY
 )
+
+# apt-get install, as root, without starting the package's own service: the fleet runs its own
+# (Debian's nginx would start on port 80, its redis-server on 6379). policy-rc.d exit 101 = "do not start".
+apt_install() {
+    local added_policy=no
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+        added_policy=yes
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT  # even if apt-get fails: never leave it behind
+    fi
+    [ -n "${apt_updated:-}" ] || { apt-get update -qq; apt_updated=yes; }
+    local status=0
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null || status=$?
+    [ "$added_policy" = yes ] && rm -f /usr/sbin/policy-rc.d
+    return $status
+}
 
 if [ "$needs_nginx" = yes ] && ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "bootstrap: installing nginx with apt-get"
-        # Debian's package would start a system nginx on port 80; the fleet runs its own, so keep
-        # the package's service stopped (policy-rc.d exit 101 = "do not start").
-        added_policy=no
-        if [ ! -e /usr/sbin/policy-rc.d ]; then
-            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-            added_policy=yes
-            trap 'rm -f /usr/sbin/policy-rc.d' EXIT  # even if apt-get fails: never leave it behind
-        fi
-        apt-get update -qq
         # nginx-light has every module the fleet uses; newer Debian releases only ship "nginx".
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null \
-            || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
-        [ "$added_policy" = yes ] && rm -f /usr/sbin/policy-rc.d
+        apt_install nginx-light || apt_install nginx
     else
         echo "error: nginx is not installed. Install it with: sudo apt-get install nginx-light" >&2
+        exit 1
+    fi
+fi
+
+if [ "$needs_store" = yes ] && ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: installing redis-server with apt-get (the job store)"
+        apt_install redis-server
+    elif [ "${1:-}" = --tests ]; then
+        echo "warning: redis-server is not installed: the Redis store tests are skipped (sudo apt-get install redis-server)" >&2
+    else
+        echo 'error: jobs.store = "redis" needs redis-server. Install it with: sudo apt-get install redis-server' >&2
         exit 1
     fi
 fi

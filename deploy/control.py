@@ -20,7 +20,7 @@ from pathlib import Path
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from deploy import programs, render
+from deploy import programs, render, store
 from services.common.inventory import host_port
 from services.common.settings import REPO_ROOT, Settings
 
@@ -109,6 +109,8 @@ def ports_of(settings: Settings) -> list[tuple[str, str, int, str]]:
     here = settings.address
     wanted = [("edge", settings.edge.bind, settings.edge.port, "FLEET_EDGE_PORT")] if settings.inventory.runs("edge") else []
     wanted += [(p.name, here, p.port, f"FLEET_{p.role.upper()}_BASE_PORT") for p in programs.programs(settings)]
+    if store.managed(settings):
+        wanted.append((store.PROGRAM, here, settings.jobs.redis_port, "FLEET_JOBS_REDIS_PORT"))
     for c in programs.cluster_programs(settings):
         knob = "FLEET_DASK_SCHEDULER_PORT" if c.name == "dask-scheduler" else "FLEET_DASK_WORKER_BASE_PORT"
         wanted += [(c.name, here, c.port, knob),
@@ -217,6 +219,8 @@ def health_urls(settings: Settings) -> dict[str, str]:
     urls = {p.name: instance_url(settings, p.port) for p in programs.programs(settings)}
     urls.update({c.name: f"http://{host_port(settings.dashboard_address, c.dashboard)}/health"
                  for c in programs.cluster_programs(settings)})
+    if store.managed(settings):
+        urls[store.PROGRAM] = settings.job_store_url  # no HTTP: answered by PING (healthy)
     if settings.inventory.runs("edge"):
         urls["edge"] = f"{edge_url(settings)}/healthz"
     return urls
@@ -257,9 +261,11 @@ def wait_healthy(settings: Settings, names: list[str] | None = None, timeout: fl
     context = client_context(settings)
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
-        # Instances name themselves in their /healthz; the edge and Dask's processes only answer.
-        answers = {n: healthy(u, None if n == "edge" or n.startswith("dask-") else n, degraded_ok,
-                              context if u.startswith("https:") else None)
+        # Instances name themselves in their /healthz; the edge and Dask's processes only answer;
+        # the job store answers PING.
+        answers = {n: store.answers(settings) if n == store.PROGRAM else
+                   healthy(u, None if n == "edge" or n.startswith("dask-") else n, degraded_ok,
+                           context if u.startswith("https:") else None)
                    for n, u in pending.items()}
         for name, answer in answers.items():
             if isinstance(answer, str):

@@ -22,7 +22,7 @@ import urllib.request
 import xmlrpc.client
 from pathlib import Path
 
-from deploy import apply, programs, render, rundir
+from deploy import apply, programs, render, rundir, store
 from deploy.control import (HEALTH_TIMEOUT, FleetError, check_nginx, check_ports_free, diagnose, edge_url,  # noqa: F401
                             check_certs, client_context, get_json, health_urls, healthy, instance_url, nginx_test, process_info, process_infos, supervisor,
                             supervisord_pid, wait_healthy)
@@ -39,6 +39,7 @@ from services.slow import cpu_priority
 def up(settings: Settings) -> None:
     if settings.inventory.runs("edge"):
         check_nginx()
+    store.check(settings)
     check_certs(settings)
     if supervisord_pid(settings):
         apply_changes(settings)

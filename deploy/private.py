@@ -4,6 +4,8 @@
         ca.pem cert.pem key.pem   this host's TLS files (Dask; the edge-to-instance hop across hosts)
         edge-token          the secret nginx adds to every request it passes on (X-Fleet-Edge)
         edge-header.conf    nginx's include that adds it; root's alone (nginx's master reads it)
+        job-store-password  the fleet's own job store's password (deploy/store.py): the slow instances read it
+        job-store-auth.conf the include that sets it, which the store (redis-server) reads
 
 The files the fleet's user reads are created by root and handed over by descriptor
 (deploy/rundir.py): root never follows a link in a directory another user can write.
@@ -17,7 +19,7 @@ Where they come from:
 
 from __future__ import annotations
 
-from deploy import certs, rundir
+from deploy import certs, rundir, store
 from deploy.privilege import User
 from services.common.settings import Settings
 from services.common.web import EDGE_HEADER
@@ -44,6 +46,8 @@ def write(settings: Settings, user: User | None) -> None:
     rundir.write_file(settings.edge_token_file, token, 0o600, **owner)
     header = f'proxy_set_header {EDGE_HEADER} "{token.decode().strip()}";\n'
     rundir.write_file(private / EDGE_HEADER_CONF, header.encode(), 0o600)
+    if store.managed(settings):
+        store.write_secrets(settings, owner)
 
 
 def tls_files(settings: Settings) -> dict[str, bytes]:

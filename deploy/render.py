@@ -18,7 +18,7 @@ from pathlib import Path
 
 import jinja2
 
-from deploy import certs, private, privilege, programs, rundir
+from deploy import certs, private, privilege, programs, rundir, store
 from services.common.inventory import host_port
 from services.common.settings import REPO_ROOT, Settings, load, real_ip_networks
 
@@ -164,6 +164,7 @@ def context(settings: Settings) -> dict:
         "worker_ttl": f"{s.dask.worker_ttl:g}",
         "tls": dask_tls_options(s),
         "run_as": privilege.run_as(s),  # None: as the deploying user
+        "job_store": {"binary": store.binary() or "redis-server", "port": s.jobs.redis_port} if store.managed(s) else None,
         "log_max_mb": s.observe.log_max_mb,
         "log_backups": s.observe.log_backups,
     }
@@ -197,6 +198,9 @@ def render(settings: Settings) -> dict[str, str]:
         # The long jobs' page (/jobs/<id>/page), which the edge serves itself from the run dir.
         "nginx/html/job.html": f"<!-- {HEADER[2:]} (from nginx/job.html) -->\n" + (REPO_ROOT / "nginx" / "job.html").read_text(),
         "prometheus/targets.json": prometheus_targets(settings),
+        # The fleet's own job store's config (jobs.store = "redis", no jobs.redis_url), root's like
+        # every rendered file: the store's process reads it, and cannot change it.
+        **({store.CONF: store.render(settings, HEADER)} if store.managed(settings) else {}),
     }
 
 
@@ -204,7 +208,8 @@ def log_count(settings: Settings) -> int:
     """The logs this host's part of the fleet writes: supervisord's, one per program (spares
     included), and nginx's access, refused and error logs plus the launcher's output on the edge host."""
     edge = 4 if settings.inventory.runs("edge") else 0
-    return 1 + len(programs.programs(settings)) + len(programs.cluster_programs(settings)) + edge
+    return (1 + len(programs.programs(settings)) + len(programs.cluster_programs(settings)) + edge
+            + store.managed(settings))
 
 
 def log_bound_mb(settings: Settings) -> int:

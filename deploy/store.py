@@ -19,15 +19,11 @@ from pathlib import Path
 import jinja2
 
 from deploy import rundir
-from services.common.settings import REPO_ROOT, Settings
+from services.common.settings import REPO_ROOT, Settings, SettingsError
 
 PROGRAM = "job-store"
 CONF = "job-store.conf"
 AUTH_CONF = "job-store-auth.conf"  # in private/: the `requirepass` line redis-server includes
-
-
-class StoreError(RuntimeError):
-    """The settings ask for a managed store this host cannot run."""
 
 
 def managed(settings: Settings) -> bool:
@@ -39,11 +35,27 @@ def check(settings: Settings) -> None:
     """A managed store runs on one host only, for now: across hosts every slow host would run its
     own, and jobs would be split between them."""
     if managed(settings) and not settings.inventory.single:
-        raise StoreError('jobs.store = "redis" across hosts needs jobs.redis_url (an existing server every '
+        raise SettingsError('jobs.store = "redis" across hosts needs jobs.redis_url (an existing server every '
                          "slow host reaches); a fleet-managed store runs on a one-host fleet only")
     if managed(settings) and binary() is None:
-        raise StoreError('jobs.store = "redis" needs redis-server: run `sudo apt-get install redis-server` '
+        raise SettingsError('jobs.store = "redis" needs redis-server: run `sudo apt-get install redis-server` '
                          "(make deploy-local does it when run as root), or give jobs.redis_url")
+
+
+def answers(settings: Settings) -> bool:
+    """The fleet's own store answers PING, with its password (it has loaded its log and serves)."""
+    import redis
+
+    try:
+        password = settings.job_store_password_file.read_text().strip()
+        client = redis.Redis.from_url(settings.job_store_url, password=password, socket_timeout=1,
+                                      socket_connect_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (OSError, redis.RedisError):
+        return False
 
 
 def binary() -> str | None:

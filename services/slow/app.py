@@ -354,12 +354,28 @@ async def run(instance: server.Instance) -> None:
     store = AsyncStore(make_store(fleet))
     async with make_pool(instance, admission) as pool:
         app = make_app(instance, tasks, pool, admission, store)
-        await app.settings["long_jobs"].start()
+        await start_jobs(app.settings["long_jobs"])
         try:
             await server.serve(app, instance)
         finally:
             await app.settings["long_jobs"].close()
             store.close()
+
+
+async def start_jobs(long_jobs: LongJobs, retry_every: float = 0.5) -> None:
+    """Start the instance's jobs once its store answers: a server store starting beside it (the
+    fleet's own starts first, but supervisord does not wait for it to listen) or down for a while.
+    Until then the instance does not listen: nginx sends its requests to the others."""
+    said = False
+    while True:
+        try:
+            await long_jobs.start()
+            return
+        except StoreUnavailable as exc:
+            if not said:
+                log.warning("waiting for the job store before serving: %s", exc)
+                said = True
+            await asyncio.sleep(retry_every)
 
 
 def main(argv: list[str] | None = None) -> None:
