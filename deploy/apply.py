@@ -183,11 +183,12 @@ class Applier:
         if plan.supervisor_changes:
             self.rpc.reloadConfig()  # supervisor learns the new definitions; nothing restarts yet
         try:
-            # A cluster the fleet did not run yet (slow.backend changed to "dask") comes first: the
-            # spares already read the new settings snapshot, and would wait for it.
+            # A cluster or a job store the fleet did not run yet (slow.backend changed to "dask",
+            # jobs.store to "redis") comes first: the spares already read the new settings
+            # snapshot, and would wait for it.
             if plan.nginx_conf:
                 reloads += self.send_edge_secret_first()
-            new_cluster = [n for n in plan.start if role_of(n) == "dask" and n not in self.applied["programs"]]
+            new_cluster = [n for n in plan.start if role_of(n) in ("job", "dask") and n not in self.applied["programs"]]
             self.start_instances(new_cluster)
             for role in SPARED:
                 if role in plan.cover:
