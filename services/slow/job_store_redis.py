@@ -42,7 +42,9 @@ acknowledgement leaves, and survives a kill -9 of the store.
 
 Faults: every call has a short socket timeout (jobs.store_timeout); a store that does not answer in
 time, refuses the connection or is out of memory raises StoreUnavailable (job_store.py), which the
-routes answer `503 store_unavailable` at once. A call is never retried by the client: a transition
+routes answer `503 store_unavailable` at once; for a second after that, calls fail at once
+without asking (PAUSE_AFTER_FAULT), so that calls queued behind each other never add up their
+timeouts. A call is never retried by the client: a transition
 whose answer was lost may have been applied, and running it again would apply it twice (a second
 event, a start seen as a cancel); a connection the server closed (a restarted store) is noticed and
 replaced when the pool hands it out, so the first call after a restart goes through.
@@ -72,6 +74,8 @@ EXPIRE_GRACE = 120
 # Entries kept in the changes stream (approximately: MAXLEN ~). A Watcher reads it every 0.1 s.
 CHANGES_KEPT = 100_000
 CHANGES_PER_READ = 10_000
+# Seconds after a call the store did not answer during which calls fail at once (RedisStore).
+PAUSE_AFTER_FAULT = 1.0
 
 # Every script gets the prefix as ARGV[1] and builds its key names from it (all on one server).
 _LIB = r"""
@@ -288,13 +292,18 @@ _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutO
 
 
 def _answering(method: Callable) -> Callable:
-    """The store's faults as StoreUnavailable, whatever redis-py calls them."""
+    """The store's faults as StoreUnavailable, whatever redis-py calls them; and after one, for
+    `pause` seconds, StoreUnavailable at once without asking (see RedisStore)."""
 
     @functools.wraps(method)
     def call(self: "RedisStore", *args: Any, **kwargs: Any) -> Any:
+        if self.monotonic() < self._paused_until:
+            raise StoreUnavailable(f"the job store at {self.where} did not answer {self.pause:g} s ago or less; "
+                                   "not asked again yet")
         try:
             return method(self, *args, **kwargs)
         except _UNAVAILABLE as exc:
+            self._paused_until = self.monotonic() + self.pause
             raise StoreUnavailable(f"the job store at {self.where} did not answer: {type(exc).__name__}: {exc}") from exc
 
     return call
@@ -304,7 +313,15 @@ class RedisStore:
     """The server store: Redis, shared by the slow instances of every host that reaches it."""
 
     def __init__(self, url: str, ttl: float = 3600, max_records: int = 100_000, timeout: float = 0.5,
-                 clock=time.time, inline_result_bytes: int = 1 << 62, prefix: str = "jobs", password: str | None = None):
+                 clock=time.time, inline_result_bytes: int = 1 << 62, prefix: str = "jobs", password: str | None = None,
+                 pause: float = PAUSE_AFTER_FAULT, monotonic=time.monotonic):
+        # After a call the store did not answer, the calls of the next `pause` seconds fail at once
+        # without asking it: the instance's calls go one at a time (AsyncStore's one thread), and
+        # behind a store that swallows packets each would otherwise wait its full timeout, one
+        # after another, and a request behind a few of them for seconds. One call a pause probes it.
+        self.pause = pause
+        self.monotonic = monotonic
+        self._paused_until = -math.inf
         self.ttl = ttl
         self.max_records = max_records
         self.clock = clock

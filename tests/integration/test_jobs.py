@@ -16,6 +16,7 @@ from services.common import metrics_reader, procfs
 from services.slow.job_store import new_id
 from tests.support.contract import assert_contract_error
 from tests.support.fleet import Fleet, Response
+from tests.support.job_life import whole_life
 from tests.support.sse import EventStream
 from tests.support.waiting import wait_for
 
@@ -69,39 +70,7 @@ def busy_worker(fleet: Fleet, instance: int) -> int:
 
 
 def test_a_job_s_whole_life_through_the_edge_with_a_reconnect_that_replays_exactly_what_it_missed(jobs_fleet, jobs):
-    submitted = jobs("/slow/report/3")
-    assert submitted.status == 202, submitted.body
-    body = submitted.json()
-    location = submitted.headers["location"]
-    assert location == f"/jobs/{body['id']}" and len(body["id"]) == 22
-    assert submitted.headers["preference-applied"] == "respond-async"
-    assert body["state"] in ("queued", "running") and body["args"] == {"seconds": 3}
-
-    with EventStream(jobs_fleet.edge_port, f"{location}/events") as stream:
-        assert stream.status == 200 and stream.headers["content-type"] == "text/event-stream"
-        seen = []
-        for event in stream.events():
-            seen.append(event)
-            if event.kind == "progress" and len(seen) >= 4:
-                break
-        # Each event came through the edge while the job still ran: nothing is buffered there.
-        assert state(jobs_fleet, location) == "running"
-    assert [e.id for e in seen] == list(range(1, len(seen) + 1))
-    assert seen[0].json() == {"state": "queued"} and seen[1].json() == {"state": "running"}
-    assert seen[-1].json()["total"] == 30
-
-    with EventStream(jobs_fleet.edge_port, f"{location}/events", last_event_id=str(seen[-1].id)) as stream:
-        rest = list(stream.events())
-    assert [e.id for e in rest] == list(range(seen[-1].id + 1, seen[-1].id + 1 + len(rest)))
-    assert [e.kind for e in rest[:-1]] == ["progress"] * (len(rest) - 1) and rest[-1].kind == "end"
-    final = rest[-1].json()
-    assert final["state"] == "succeeded" and final["result"]["sections"] == 30
-    assert final["progress"] == {"done": 30, "total": 30, "message": "section 30 of 30"}
-
-    after_the_end = jobs_fleet.get(f"{location}/events", headers={"Last-Event-ID": str(rest[-1].id)})
-    assert after_the_end.status == 204  # a browser's EventSource stops here
-    done = jobs_fleet.get(location)
-    assert done.status == 200 and done.json()["result"]["sections"] == 30 and "retry-after" not in done.headers
+    whole_life(jobs_fleet, jobs)
 
 
 def test_without_prefer_a_heavy_request_is_synchronous_and_with_wait_it_is_too_when_it_ends_in_time(jobs_fleet, jobs):

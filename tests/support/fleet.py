@@ -154,8 +154,9 @@ class Fleet:
 
 def make_fleet(run_dir: Path, fast: int = 2, slow: int = 1, **overrides: str) -> Fleet:
     # edge; fast-spare, fast-01..; slow-spare, slow-01..; room for two more of each role (changes);
-    # then a managed Dask cluster's: one block, so that the two can never overlap (two random
-    # blocks picked one after the other once did, in a run of the whole suite)
+    # then a managed Dask cluster's (and the fleet's own job store, on the last port): one block, so
+    # that the two can never overlap (two random blocks picked one after the other once did, in a
+    # run of the whole suite)
     size = 1 + (fast + 3) + (slow + 3)
     dask_workers = int(overrides.get("FLEET_DASK_WORKERS", DASK_SETTINGS["FLEET_DASK_WORKERS"]))
     dask_size = 2 + 2 * dask_workers + 4  # scheduler, dashboard, a pair per worker, room
@@ -174,6 +175,8 @@ def make_fleet(run_dir: Path, fast: int = 2, slow: int = 1, **overrides: str) ->
         dask = base + size
         env.update(DASK_SETTINGS, FLEET_DASK_SCHEDULER_PORT=str(dask), FLEET_DASK_DASHBOARD_PORT=str(dask + 1),
                    FLEET_DASK_WORKER_BASE_PORT=str(dask + 1))  # dask-worker-01 on dask+2, its dashboard dask+3
+    if overrides.get("FLEET_JOBS_STORE") == "redis" and not overrides.get("FLEET_JOBS_REDIS_URL"):
+        env["FLEET_JOBS_REDIS_PORT"] = str(base + size + dask_size - 1)  # the fleet's own store: the block's last
     env.update(overrides)
     return Fleet(
         run_dir=run_dir,

@@ -454,4 +454,9 @@ class StoreDownTest(OnRedis, JobsCase):
             assert synchronous.code == 200 and json.loads(synchronous.body)["result"] == 55
         finally:
             self.server.start()
+
+        async def answers() -> bool:  # after the store's pause (a second after its last fault)
+            return (await self.get(f"/jobs/{job_id}")).code == 200
+
+        await eventually(answers, what="the store answers again")
         assert await self.state(job_id) == "succeeded"

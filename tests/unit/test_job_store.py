@@ -443,7 +443,7 @@ def test_an_acknowledged_create_survives_a_kill_9_of_the_store_and_not_without_i
 
 def test_a_store_that_is_down_or_never_answers_raises_store_unavailable_and_serves_again_when_back(tmp_path):
     server = RedisServer(tmp_path).start()
-    store = RedisStore(server.url, password=server.password, timeout=0.2)
+    store = RedisStore(server.url, password=server.password, timeout=0.2, pause=0)
     job_id = submit(store)
     server.stop()
     with pytest.raises(StoreUnavailable):
@@ -456,5 +456,22 @@ def test_a_store_that_is_down_or_never_answers_raises_store_unavailable_and_serv
             store.get(job_id)
     server.start()
     assert store.get(job_id).state == QUEUED  # the same store object: it reconnects by itself
+    store.close()
+    server.stop()
+
+
+def test_after_a_fault_calls_fail_at_once_without_asking_until_the_pause_ends(tmp_path):
+    server = RedisServer(tmp_path).start()
+    now = Clock()
+    store = RedisStore(server.url, password=server.password, timeout=0.2, pause=1.0, monotonic=now)
+    job_id = submit(store)
+    server.stop()
+    with pytest.raises(StoreUnavailable, match="ConnectionError"):
+        store.get(job_id)
+    server.start()
+    with pytest.raises(StoreUnavailable, match="not asked again yet"):  # back, but not asked before the pause ends
+        store.get(job_id)
+    now.now += 1.0
+    assert store.get(job_id).state == QUEUED
     store.close()
     server.stop()
