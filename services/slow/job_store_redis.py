@@ -239,7 +239,9 @@ redis.call('ZREMRANGEBYSCORE', owners, '-inf', now - 10 * lost_after)
 return changed
 """
 
-_SWEEP = _LIB + r"""
+# allow-oom: the sweep is what frees a full store (maxmemory, noeviction): it runs there whatever
+# the order of its deletes and its writes (without the flag each write would be refused while full).
+_SWEEP = "#!lua flags=allow-oom\n" + _LIB + r"""
 -- ARGV[3..]: now, tombstone's expires, its TTL, max records
 local now, tomb_expires, tomb_ttl, max_records = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 local ended, tombs = P .. ':ended', P .. ':tombs'

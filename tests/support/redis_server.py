@@ -34,7 +34,7 @@ def binary_or_skip() -> str:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, appendonly: bool = True):
+    def __init__(self, directory: Path, appendonly: bool = True, maxmemory_mb: int = 64):
         self.binary = binary_or_skip()
         self.directory = directory
         self.port = free_port_block(1)
@@ -42,7 +42,7 @@ class RedisServer:
         self.process: subprocess.Popen | None = None
         auth = directory / "auth.conf"
         auth.write_bytes(managed_store.auth_conf(self.password))
-        text = managed_store.conf("127.0.0.1", self.port, directory, auth, 64)
+        text = managed_store.conf("127.0.0.1", self.port, directory, auth, maxmemory_mb)
         if not appendonly:  # the negative control: what a store without the log loses
             text = text.replace("appendonly yes", "appendonly no")
         (directory / "redis.conf").write_text(text)

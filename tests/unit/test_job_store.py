@@ -475,3 +475,20 @@ def test_after_a_fault_calls_fail_at_once_without_asking_until_the_pause_ends(tm
     assert store.get(job_id).state == QUEUED
     store.close()
     server.stop()
+
+
+def test_a_full_store_refuses_new_jobs_and_its_sweep_still_frees_it(tmp_path, clock):
+    server = RedisServer(tmp_path, maxmemory_mb=2).start()  # maxmemory with nothing evicted, as the fleet's
+    store = RedisStore(server.url, password=server.password, ttl=60, clock=clock, pause=0)
+    done = []
+    with pytest.raises(StoreUnavailable, match="OutOfMemory"):
+        for _ in range(10_000):  # 100 kB results until it is full
+            done.append(submit(store))
+            store.start(done[-1], "slow-01")
+            store.finish(done[-1], SUCCEEDED, result=b'"' + b"x" * 100_000 + b'"')
+    assert store.get(done[0]).state == SUCCEEDED  # nothing was evicted to make room
+    clock.now += 60
+    assert store.sweep()["expired"] >= len(done) - 1  # it runs though the store is full, and frees it
+    assert store.get(submit(store)).state == QUEUED
+    store.close()
+    server.stop()
