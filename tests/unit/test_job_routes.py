@@ -3,6 +3,7 @@ in a temp dir, through real HTTP. Through the edge on a real fleet: tests/integr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
 from pathlib import Path
@@ -12,9 +13,9 @@ from tornado.testing import gen_test
 from services.common.server import Instance
 from services.common.settings import load
 from services.slow import registry
-from services.slow.app import make_app
+from services.slow.app import make_app, start_jobs
 from services.slow.inline_pool import InlinePool
-from services.slow.job_store import AsyncStore, NewJob, SqliteStore, new_id
+from services.slow.job_store import AsyncStore, NewJob, SqliteStore, StoreUnavailable, new_id
 from services.slow.job_store_redis import RedisStore
 from tests.support.app_case import ContractTestCase
 from tests.support.fake_pools import HeldPool
@@ -460,3 +461,18 @@ class StoreDownTest(OnRedis, JobsCase):
 
         await eventually(answers, what="the store answers again")
         assert await self.state(job_id) == "succeeded"
+
+
+def test_an_instance_whose_store_does_not_answer_yet_waits_for_it_before_serving():
+    """The fleet's own store starts first, but supervisord does not wait for it to listen."""
+    class Jobs:
+        calls = 0
+
+        async def start(self):
+            self.calls += 1
+            if self.calls < 3:
+                raise StoreUnavailable("not yet")
+
+    jobs = Jobs()
+    asyncio.run(start_jobs(jobs, retry_every=0))
+    assert jobs.calls == 3
