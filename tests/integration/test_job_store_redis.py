@@ -41,7 +41,7 @@ def assert_store_unavailable(fleet: Fleet, location: str) -> None:
 def test_on_the_redis_store_a_job_lives_through_the_edge_and_a_store_that_is_down_is_503_at_once(private_fleet):
     binary_or_skip()
     fleet = private_fleet(slow=2, FLEET_JOBS_STORE="redis", FLEET_JOBS_KEEPALIVE_SECONDS="1")
-    assert fleet.process("job-store")["statename"] == "RUNNING"
+    wait_for(lambda: fleet.process("job-store")["statename"] == "RUNNING", what="supervisor runs job-store")
     location = whole_life(fleet, lambda path: fleet.get(path, headers=ASYNC))
 
     fleet.supervisorctl("stop", "job-store")  # refused connections
