@@ -1,6 +1,7 @@
 """Long jobs through the edge (services/slow/long_jobs.py, job_routes.py, nginx's /jobs/ locations):
 202 and the job's record, its live event stream with a reconnect, its result, cancels, 404 and
-410, the limits; on a fleet of two slow instances that share the host's job store."""
+410, the limits; on a fleet of two slow instances that share the host's job store (SQLite; a killed
+instance's jobs on Redis too, tests/integration/test_job_store_redis.py for the rest)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from services.slow.job_store import new_id
 from tests.support.contract import assert_contract_error
 from tests.support.fleet import Fleet, Response
 from tests.support.job_life import whole_life
+from tests.support.redis_server import binary_or_skip
 from tests.support.sse import EventStream
 from tests.support.waiting import wait_for
 
@@ -234,8 +236,11 @@ def test_head_and_post_on_a_job_are_405_from_the_edge_with_the_methods_it_takes(
             (method, path)
 
 
-def test_a_killed_instance_s_jobs_end_worker_lost_within_15_s_and_a_cancel_made_before_holds(private_fleet):
-    fleet = private_fleet(slow=2)
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_a_killed_instance_s_jobs_end_worker_lost_within_15_s_and_a_cancel_made_before_holds(private_fleet, store):
+    if store == "redis":
+        binary_or_skip()
+    fleet = private_fleet(slow=2, FLEET_JOBS_STORE=store)
     running = fleet.get("/slow/long_spin/60", **_to(fleet, 1, ASYNC)).headers["location"]
     wait_for(lambda: state(fleet, running) == "running", what="the job runs on slow-01")
     worker = busy_worker(fleet, 1)
@@ -257,8 +262,11 @@ def test_a_killed_instance_s_jobs_end_worker_lost_within_15_s_and_a_cancel_made_
     assert not procfs.alive(worker)  # its workers died with it
 
 
-def test_a_killed_instance_s_job_of_a_task_declaring_retries_runs_again_on_another_and_succeeds(private_fleet):
-    fleet = private_fleet(slow=2)
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_a_killed_instance_s_job_of_a_task_declaring_retries_runs_again_on_another_and_succeeds(private_fleet, store):
+    if store == "redis":
+        binary_or_skip()
+    fleet = private_fleet(slow=2, FLEET_JOBS_STORE=store)
     location = fleet.get("/slow/report/4", **_to(fleet, 1, ASYNC)).headers["location"]  # report: retries=1
     wait_for(lambda: state(fleet, location) == "running", what="the job runs on slow-01")
     busy_worker(fleet, 1)
