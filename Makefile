@@ -49,7 +49,7 @@ profile: bootstrap ## Flame graph of an instance and its workers: make profile T
 reload: bootstrap ## Rolling restart, one instance at a time: new code and settings, no failed requests
 	@$(PY) -m deploy.fleet reload
 
-chaos: bootstrap ## Break the running fleet (kill -9 instances, workers, nginx; drain; reload) under load; print the table
+chaos: bootstrap ## Break the running fleet (kill -9 instances, workers, nginx; drain; reload; long jobs' kill and cancels) under load; print the table
 	@$(PY) -m drills.chaos
 
 render: bootstrap ## Render nginx.conf, supervisord.conf and settings.json into the run dir, and nginx -t them
