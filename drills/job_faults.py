@@ -233,7 +233,9 @@ def kill_slow_running_long_jobs(settings: Settings, load: SteadyLoad) -> str:
         attempts = [e["data"] for e in client.events(job_id) if e["event"] == "state" and e["data"].get("attempt")]
         if attempts != [{"state": "queued", "attempt": 2, "after": "worker_lost"}]:
             raise fleet.FleetError(f"job {job_id}: its attempts' events were {attempts}")
-    if client.job(cancelled)["started"] is not None or any(e["data"].get("attempt") for e in client.events(cancelled)):
+    # (started as its DELETE left it: never, unless a slot freed before it)
+    if (client.job(cancelled)["started"] != cancel["started"]
+            or any(e["data"].get("attempt") for e in client.events(cancelled))):
         raise fleet.FleetError(f"job {cancelled}, cancelled before the kill, ran or was queued again after it")
     for job_id in others:  # another instance's: the kill is none of its business
         if _worker_lost(client.cancel(job_id)):
