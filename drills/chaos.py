@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from deploy import fleet
-from drills import faults
+from drills import faults, job_faults
 from drills.faults import SETTLE, Fault
 from drills.loadgen import SteadyLoad, Tally
 from services.common.settings import Settings, SettingsError, load
@@ -60,6 +60,10 @@ SCENARIOS = (
     Fault("monopolist", faults.monopolist, frozenset()),
     Fault("unknown-methods", faults.unknown_methods, frozenset()),
     Fault("hostile-fast-client", faults.hostile_fast_client, frozenset()),
+    # Long jobs (job_faults.py): the kill -9 of the instance that runs them, and cancels of
+    # running and queued ones (their processes killed: none of the steady load's requests).
+    Fault("kill-slow-long-jobs", job_faults.kill_slow_running_long_jobs, frozenset({"slow"})),
+    Fault("cancel-under-load", job_faults.cancel_under_load, frozenset()),
 )
 # Faults of the managed Dask cluster (slow.backend = "dask"): a job on the killed process, or in
 # flight while the scheduler is away, is hit (502 / 503 backend_unavailable, JSON).
