@@ -15,7 +15,7 @@ from services.common.settings import load
 from services.slow import registry
 from services.slow.app import make_app
 from services.slow.inline_pool import InlinePool
-from services.slow.job_store import AsyncStore, NewJob, SqliteStore, new_id
+from services.slow.job_store import SWEEP_BATCH, AsyncStore, NewJob, SqliteStore, new_id
 from tests.support.app_case import ContractTestCase
 from tests.support.fake_pools import HeldPool
 from tests.support.waiting import eventually
@@ -148,6 +148,21 @@ class SubmitTest(JobsCase):
         self.assert_json_error(await self.get(f"/jobs/{job_id}"), 404, "not_found")
 
     @gen_test
+    async def test_a_sweep_with_more_than_a_batch_due_expires_them_all_in_short_transactions(self):
+        for _ in range(2 * SWEEP_BATCH + 10):
+            job, _ = self.sync_store.create(NewJob(id=new_id(), task="fib", client="10.0.0.9", owner="slow-02"))
+            self.sync_store.start(job.id, "slow-02")
+            self.sync_store.finish(job.id, "succeeded", result=b"1")
+        self.clock.now += 61
+        calls = []
+        sweep = self.sync_store.sweep
+        self.sync_store.sweep = lambda **kwargs: calls.append(sweep(**kwargs)["expired"]) or {"expired": calls[-1],
+                                                                                              "removed": 0}
+        assert await self.long_jobs.sweep() == {"expired": 2 * SWEEP_BATCH + 10, "removed": 0}
+        assert calls == [SWEEP_BATCH, SWEEP_BATCH, 10]
+        assert self.sync_store.count_by_state()["expired"] == 2 * SWEEP_BATCH + 10
+
+    @gen_test
     async def test_a_client_past_its_active_jobs_gets_429_and_nothing_is_made(self):
         for _ in range(3):  # jobs.max_active_per_client = 3, queued already (by any instance of the host)
             self.sync_store.create(NewJob(id=new_id(), task="fib", client="127.0.0.1", owner="slow-02"))
@@ -265,7 +280,7 @@ class HeldJobsTest(JobsCase):
         live, late = [], []
         job_id, first = await self.followed_running_job(live)
         text = lambda chunks: b"".join(chunks).decode()  # noqa: E731
-        ids = lambda chunks: [int(line[4:]) for line in text(chunks).splitlines() if line.startswith("id: ")]  # noqa: E731
+        ids = lambda chunks: [int(x[4:]) for x in text(chunks).splitlines() if x.startswith("id: ")]  # noqa: E731
         for n, word in ((1, "one"), (2, "two")):
             self.jobs_pool.progress(n, 4, word)
             await eventually(lambda: f'"message": "{word}"' in text(live), what=f"report {word}, live")
