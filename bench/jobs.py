@@ -58,8 +58,8 @@ SUBMIT_SOURCES = 10  # 20 submits a second each: within edge.slow_rate_per_secon
 FAST_RATE = 200
 STREAMS_PER_ADDRESS = 25  # within jobs.max_streams_per_client (32)
 ID_SOURCES = 25
-ID_RATE_PER_SOURCE = 40  # within edge.slow_rate_per_second (50)
-FILL_CLIENTS = 8  # closed loop, one job each in flight: within the slow line (W + slow.queue_limit)
+RATE_PER_SOURCE = 40  # requests a second from one address at most: within edge.slow_rate_per_second (50)
+FILL_CLIENTS = 10  # closed loop, one job each in flight: within the slow line (W + slow.queue_limit)
 RESULT_KB = 100
 PURGE_SAMPLE = 50  # the first and the last this many jobs of a wave are watched until they answer 410
 ISOLATION_RATIO, ISOLATION_SLACK_MS = 2.0, 0.5  # the isolation rule's (locustfile: --ratio, --slack-ms)
@@ -375,6 +375,10 @@ class JobsBench:
         return {"streams": r["open"], "statuses": r["statuses"], "events": len(lat), "p50": _ms(lat, 50),
                 "p99": _ms(lat, 99), "max": max(lat, default=None), "closed_early": r["closed_early"]}
 
+    async def fast(self, seconds: float) -> dict:
+        """The fast probe: GET /fast open loop at FAST_RATE for `seconds`."""
+        return await open_loop(HOST, self.port, ["/fast"], FAST_RATE, int(FAST_RATE * seconds), 10)
+
     async def loop_state(self) -> dict:
         text = await self.metrics()
         return {"at": time.monotonic(), "buckets": lag_buckets(text),
@@ -388,14 +392,14 @@ class JobsBench:
         ids = [await self.stamped(3600, source) for _ in range(self.workers)]
         paths = [f"/jobs/{job_id}/events" for job_id in ids]
         before = await self.loop_state()
-        base = (await open_loop(HOST, self.port, ["/fast"], FAST_RATE, int(FAST_RATE * p.baseline_seconds), 10))["/fast"]
+        base = (await self.fast(p.baseline_seconds))["/fast"]
         after_base = await self.loop_state()
         count = math.ceil(p.streams / STREAMS_PER_ADDRESS)
         async with Streams(self.port, paths, addresses(200, count), STREAMS_PER_ADDRESS, p.stream_processes) as streams:
             await asyncio.sleep(2)  # the replays, and the streams' first events
             start = await self.loop_state()
             streams.start_window()
-            fast = (await open_loop(HOST, self.port, ["/fast"], FAST_RATE, int(FAST_RATE * p.streams_seconds), 10))["/fast"]
+            fast = (await self.fast(p.streams_seconds))["/fast"]
             streams.end_window()
             end = await self.loop_state()
         await self.cancel(ids, source)
@@ -471,7 +475,7 @@ class JobsBench:
             due = time.monotonic()
             try:
                 for _ in range(count):
-                    due += 1 / ID_RATE_PER_SOURCE
+                    due += 1 / RATE_PER_SOURCE
                     sent = time.monotonic()
                     try:
                         if conn.closed:
@@ -501,7 +505,10 @@ class JobsBench:
 
         async def client(source: str) -> None:
             conn = None
+            due = time.monotonic()
             while len(done) < wanted:
+                due += 1 / RATE_PER_SOURCE
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
                 try:
                     if conn is None or conn.closed:
                         conn = await HttpConnection.open(HOST, self.port, source)
@@ -513,7 +520,6 @@ class JobsBench:
                     done.append((conn.headers["content-location"].rsplit("/", 1)[1], time.monotonic()))
                 elif status != 200:
                     refused[str(status)] = refused.get(str(status), 0) + 1
-                    await asyncio.sleep(0.05)
             if conn is not None:
                 conn.close()
 
@@ -533,23 +539,20 @@ class JobsBench:
         sample = [{"id": job_id, "ended": ended, "expired": None} for job_id, ended in picked]
         deadline = max(job["ended"] for job in sample) + RESULT_TTL + 90
         sources = addresses(380, 4)  # 100 watched jobs a second at most: 25 each, within the edge's rate
-        conns = [await HttpConnection.open(HOST, self.port, s) for s in sources]
-        try:
-            while time.monotonic() < deadline:
-                now = time.monotonic()
-                due = [job for job in sample if job["expired"] is None and now >= job["ended"] + RESULT_TTL - 1]
-                if not any(job["expired"] is None for job in sample):
-                    break
+        while time.monotonic() < deadline and any(job["expired"] is None for job in sample):
+            now = time.monotonic()
+            due = [job for job in sample if job["expired"] is None and now >= job["ended"] + RESULT_TTL - 1]
+            # Connections of this round only: the edge closes one that waits long for its first request.
+            conns = [await HttpConnection.open(HOST, self.port, s) for s in sources] if due else []
+            try:
                 for k, job in enumerate(due):
-                    if conns[k % len(conns)].closed:
-                        conns[k % len(conns)] = await HttpConnection.open(HOST, self.port, sources[k % len(conns)])
                     status, _ = await conns[k % len(conns)].get(f"/jobs/{job['id']}")
                     if status == 410:
                         job["expired"] = time.monotonic()
-                await asyncio.sleep(max(0.0, 1 - (time.monotonic() - now)))
-        finally:
-            for conn in conns:
-                conn.close()
+            finally:
+                for conn in conns:
+                    conn.close()
+            await asyncio.sleep(max(0.0, 1 - (time.monotonic() - now)))
         text = await self.metrics()
         return {"sample": sample, "deadline": deadline, "store_mb": self.store_mb(), "rss_mb": self.rss_mb(),
                 "store_files": self.store_files(),
@@ -653,10 +656,11 @@ def markdown(records: list[dict], agg: dict) -> list[str]:
             ["cancel", f"{p['cancels_running']} running, {p['cancels_queued']} queued",
              f"running: worker gone p50 {g('cancel_running_p50')} ms, slowest {g('cancel_running_max')} ms; "
              f"queued: answer p50 {g('cancel_queued_p50')} ms, slowest {g('cancel_queued_max')} ms"],
-            ["ids", f"{p['random_ids']:,} random ids, {ID_SOURCES} addresses at {ID_RATE_PER_SOURCE}/s each",
+            ["ids", f"{p['random_ids']:,} random ids, {ID_SOURCES} addresses at {RATE_PER_SOURCE}/s each",
              f"sent {g('ids_sent', 'int')}, not 404 not_found {g('ids_not_404', 'int')}, p99 {g('ids_p99')} ms"],
             ["results", f"{p['waves']} wave(s) of {p['finished_jobs']:,} jobs × {RESULT_KB} kB, "
-                        f"{FILL_CLIENTS} clients waiting for each (`Prefer: respond-async, wait=30`)",
+                        f"{FILL_CLIENTS} clients waiting for each (`Prefer: respond-async, wait=30`), at most "
+                        f"{RATE_PER_SOURCE}/s each",
              f"jobs/s {g('wave1_jobs_s')} / {g('wave2_jobs_s')}; store peak {g('wave1_store_mb')} / "
              f"{g('wave2_store_mb')} MB; slow instance RSS {g('rss_idle_mb')} before, peak {g('wave1_rss_mb')} / "
              f"{g('wave2_rss_mb')} MB; after the first wave's purge: store {g('purge_store_mb')} MB, RSS "
