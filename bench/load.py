@@ -38,6 +38,7 @@ class Samples:
     sent: int = 0
     latency_ms: list[float] = field(default_factory=list)  # due time -> response, successes only (200)
     service_ms: list[float] = field(default_factory=list)  # actual send -> response, successes only
+    due: list[float] = field(default_factory=list)  # each success's due time (monotonic), as latency_ms
     lateness_ms: list[float] = field(default_factory=list)  # actual send - due time
     statuses: Counter = field(default_factory=Counter)
     errors: int = 0  # connection errors, malformed responses
@@ -102,6 +103,7 @@ async def open_loop(host: str, port: int, paths: list[str], rate: float, count: 
         s.statuses[status] += 1
         s.lateness_ms.append(1000 * (sent - due))
         if status == ok_status:
+            s.due.append(due)
             s.latency_ms.append(1000 * (done - due))
             s.service_ms.append(1000 * (done - sent))
         s.last_done = max(s.last_done, done)

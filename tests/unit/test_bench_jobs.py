@@ -19,24 +19,29 @@ def lag(*counts: float) -> dict[str, float]:
     return {str(le): n for le, n in zip(bounds, counts)}
 
 
-def record(rep: int = 0, *, lag_buckets=None, fast_base=1.0, fast=2.0, running_ms=(4.0, 6.0), queued=(("cancelled", 1.0),),
-           ids_sent=10_000, not_found=10_000, waves=((1000.0, 60.0), (1010.0, 61.0)), expired_after=(70.0, 100.0)) -> dict:
+def record(rep: int = 0, *, lag_buckets=None, fast_base=1.0, fast=2.0, running_ms=(4.0, 6.0),
+           queued=(("cancelled", 1.0),), ids_sent=10_000, not_found=10_000, waves=((1000.0, 60.0), (1010.0, 61.0)),
+           expired_after=(70.0, 100.0)) -> dict:
     """One repetition's raw measurements, shaped as JobsBench writes them."""
     ended = 1000.0
+    buckets = lag_buckets or lag(900, 950, 980, 990, 1000, 1000, 1000)
     return {"config": "jobs", "rep": rep, "seconds": 300, "jobs": {
         "profile": dataclasses.asdict(jobs.FULL), "workers": 2,
         "submit": {"p50": 1.0, "p99": 4.0, "non_200": {}, "errors": 0, "timeouts": 0},
         "progress": {"p50": 2.0, "p99": 5.0, "max": 9.0},
-        "streams": {"requested": 1000, "open": 1000, "lag": {"buckets": lag_buckets or lag(900, 950, 980, 990, 1000, 1000, 1000),
-                                                             "baseline_buckets": lag(100, 100, 100, 100, 100, 100, 100)},
-                    "fast_baseline": {"p99": fast_base}, "fast": {"p99": fast}},
+        "streams": {"requested": 1000, "open": 1000,
+                    "lag": {"buckets": buckets, "baseline_buckets": lag(100, 100, 100, 100, 100, 100, 100)},
+                    "fast_baseline": {"p99": fast_base, "blocks": [fast_base] * 4},
+                    "fast": {"p99": fast, "blocks": [fast] * 8}},
         "cancel": {"running": [{"gone_ms": ms} for ms in running_ms],
                    "queued": [{"state": state, "answer_ms": ms} for state, ms in queued]},
         "ids": {"sent": ids_sent, "not_found": not_found, "p99": 3.0},
-        "results": {"rss_before_mb": 50.0, "waves": [{"jobs": 10_000, "seconds": 30, "store_peak_mb": mb, "rss_peak_mb": rss}
-                                                     for mb, rss in waves],
+        "results": {"rss_before_mb": 50.0,
+                    "waves": [{"jobs": 10_000, "seconds": 30, "store_peak_mb": mb, "rss_peak_mb": rss}
+                              for mb, rss in waves],
                     "purge": {"deadline": ended + jobs.RESULT_TTL + 90,
-                              "sample": [{"id": str(k), "ended": ended, "expired": None if after is None else ended + after}
+                              "sample": [{"id": str(k), "ended": ended,
+                                          "expired": None if after is None else ended + after}
                                          for k, after in enumerate(expired_after)]}},
     }}
 
@@ -57,6 +62,15 @@ def test_the_quantile_of_a_histogram_is_interpolated_within_its_bucket_as_promet
     assert jobs.histogram_quantile(0.99, {0.001: 0.0, INF: 0.0}) is None
     assert jobs.histogram_quantile(0.99, {0.001: 10.0, 0.1: 10.0, INF: 20.0}) == 0.1  # in +Inf: the last bound
     assert jobs.share_within(0.01, buckets) == 0.9
+
+
+def test_the_fast_path_is_judged_as_the_isolation_check_does_by_blocks_with_the_baseline_s_spread_as_slack():
+    due = [t / 200 for t in range(4000)]  # 20 s at 200 a second: 4 blocks of 5 s
+    latency = [1.0] * 3000 + [9.0] * 1000  # the last block's p99 is 9 ms, the others' 1 ms
+    assert jobs.block_p99s(latency, due) == pytest.approx([1.0, 1.0, 1.0, 9.0])
+    assert jobs.isolation([1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 9.0]) == (2.0, 2.5)  # 2 x 1 + the least slack, 0.5
+    assert jobs.isolation([1.0, 1.0, 3.0, 3.0], [4.0]) == (4.0, 5.0)  # 2 x 2 + a spread of 1
+    assert jobs.isolation([], [4.0]) is None
 
 
 def test_a_run_within_every_target_passes_them_all():
@@ -107,8 +121,8 @@ def test_a_watched_job_never_seen_expired_counts_until_the_watch_s_end_and_fails
 def test_the_results_page_has_the_long_jobs_section_with_each_target():
     records = [record(0), record(1, running_ms=(4.0, 3000.0))]
     agg = report.aggregate(records, ["jobs"])
-    text = report.markdown(records, agg, ["jobs"], {"name": "full"},
-                           {"command": "python -m bench --configs jobs", "date": "today", "duration_s": 600, "repeat": 2})
+    run = {"command": "python -m bench --configs jobs", "date": "today", "duration_s": 600, "repeat": 2}
+    text = report.markdown(records, agg, ["jobs"], {"name": "full"}, run)
     section = text.split("## Long jobs (issue 26)", 1)[1]
     assert all(t.figure in section for t in jobs.TARGETS)
     assert section.count("**FAIL**") == 1 and "## Targets (issue 5" not in text  # no other configuration ran
