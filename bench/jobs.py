@@ -290,7 +290,7 @@ class JobsBench:
         self.fleet, self.p, self.say = fleet, profile, say
         self.port = fleet.port
         self.slow_port = fleet.settings.instances("slow")[0][1]
-        self.workers = fleet.settings.slow.workers
+        self.workers = fleet.workers  # running slots: the local pool's workers, or the Dask cluster's threads
         self.store_dir = fleet.run_dir / "jobs"
 
     # what the fleet shows
