@@ -26,8 +26,9 @@ from services.common.settings import heavy_capacity
 from services.slow import coalesce, jobs, registry
 from services.slow.admission import Admission, client_key
 from services.slow.backoff import RetryAfter
+from services.slow.job_feeds import Feeds
 from services.slow.job_routes import (ID, JobEventsHandler, JobHandler, JobResultHandler, idempotency_key,
-                                      preferences, send_status, wait_seconds)
+                                      preferences, send_status, sse, wait_seconds)
 from services.slow.job_store import AsyncStore, open_store
 from services.slow.jobs import RETRY_AFTER_SECONDS
 from services.slow.long_jobs import LongJobs, answer_body
@@ -279,6 +280,8 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
     settings = server.app_settings(instance)
     long_jobs = None if store is None else LongJobs(store, pool, admission, fleet, instance.name,
                                                     in_flight=settings["in_flight"], tasks=dict(tasks))
+    # Each job's event streams here are written by one reader of its events (job_feeds.py).
+    feeds = None if long_jobs is None else Feeds(long_jobs.watcher, store, fleet.jobs.keepalive_seconds, encode=sse)
 
     def stop_jobs() -> None:
         """At a drain's deadline: answer every unfinished job 503 (its worker is killed)."""
@@ -306,7 +309,7 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
         [
             (r"/slow/([a-z0-9_]+)(?:/(.*))?", TaskHandler, shared),
             (rf"/jobs/{ID}", JobHandler, {"long_jobs": long_jobs}),
-            (rf"/jobs/{ID}/events", JobEventsHandler, {"long_jobs": long_jobs}),
+            (rf"/jobs/{ID}/events", JobEventsHandler, {"long_jobs": long_jobs, "feeds": feeds}),
             (rf"/jobs/{ID}/result", JobResultHandler, {"long_jobs": long_jobs}),
             (r"/healthz", SlowHealthHandler,
              {"admission": admission, "pool": pool, "fleet": fleet, "route_pattern": "/healthz"}),

@@ -61,13 +61,16 @@ from typing import Any, Callable
 from services.common import metrics
 from services.slow import coalesce, jobs, registry
 from services.slow.admission import Admission
-from services.slow.job_store import (CANCELLED, CANCELLING, EXPIRED, FAILED, QUEUED, SUCCEEDED, ActiveLimit,
-                                     AsyncStore, Event, Job, NewJob, new_id)
+from services.slow.job_store import (CANCELLED, CANCELLING, EXPIRED, FAILED, QUEUED, SUCCEEDED, SWEEP_BATCH,
+                                     ActiveLimit, AsyncStore, Event, Job, NewJob, new_id)
 
 log = logging.getLogger("fleet.jobs")
 
 WATCH_INTERVAL = 0.1  # seconds between a Watcher's looks at the store: a change elsewhere is seen this late at most
 SWEEP_INTERVAL = 30  # seconds between sweeps of expired records (each instance sweeps; sweeping is idempotent)
+# Between two of a sweep's transactions (job_store.SWEEP_BATCH records each): room for this instance's
+# other store calls, and for other instances' writers, whose SQLite busy handler sleeps and retries.
+SWEEP_PAUSE = 0.02
 BEAT_INTERVAL = 2  # seconds between an instance's beats in the store, and its looks for lost owners' jobs
 # An owner silent this long is lost (killed, its host down): its jobs end (job_store.reap). Five
 # beats: a busy store or a loaded machine delays a beat, never five. With BEAT_INTERVAL, a killed
@@ -491,13 +494,24 @@ class LongJobs:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
-                swept = await self.store.sweep()
+                swept = await self.sweep()
             except Exception:
                 log.exception("could not sweep the job store")
                 continue
             if any(swept.values()):
                 log.info("job store swept: %d record(s) expired, %d tombstone(s) removed",
                          swept["expired"], swept["removed"])
+
+    async def sweep(self) -> dict[str, int]:
+        """Everything due swept, in short transactions with pauses between them (job_store.SWEEP_BATCH)."""
+        total = {"expired": 0, "removed": 0}
+        while True:
+            swept = await self.store.sweep(limit=SWEEP_BATCH)
+            for key in total:
+                total[key] += swept[key]
+            if max(swept.values()) < SWEEP_BATCH:
+                return total
+            await asyncio.sleep(SWEEP_PAUSE)
 
 
 def _kept(task: registry.Task, kwargs: dict) -> dict | None:
