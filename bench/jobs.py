@@ -40,10 +40,11 @@ from types import SimpleNamespace
 from typing import Callable
 
 from bench import memory, procs
+from bench.cpu import ForeignCpu
 from bench.httpclient import HttpConnection, HttpError
 from bench.load import open_loop
 from bench.phases import Sampler, summarize
-from bench.report import Target, cell, num, table
+from bench.report import NOISY_CORES, Target, cell, num, table
 from bench.stats import Spread, percentile
 from bench.streams import Streams
 from bench.subjects import HOST, Fleet
@@ -626,11 +627,13 @@ def measure(fleet: Fleet, profile: Profile, say: Callable[[str], None] = lambda 
 
     async def run() -> dict:
         await bench.idle()
-        out: dict = {"profile": asdict(profile), "workers": bench.workers, "settings": SETTINGS}
+        out: dict = {"profile": asdict(profile), "workers": bench.workers, "settings": SETTINGS, "foreign_cores": {}}
         for name, phase in (("submit", bench.submit), ("progress", bench.progress), ("streams", bench.streams),
                             ("cancel", bench.cancels), ("ids", bench.ids), ("results", bench.results)):
             say(name)
-            out[name] = await phase()
+            with ForeignCpu(fleet.processes) as foreign:
+                out[name] = await phase()
+            out["foreign_cores"][name] = foreign.cores
         return out
 
     return asyncio.run(run())
@@ -732,4 +735,10 @@ def problems(records: list[dict]) -> list[str]:
         missed = sum(1 for x in purge.get("sample", []) if x.get("expired") is None)
         if missed:
             notes.append(f"{where}: {missed} watched job(s) never answered 410 before the watch's end")
+        busy = {phase: cores for phase, cores in (j.get("foreign_cores") or {}).items()
+                if cores is not None and cores > NOISY_CORES}
+        if busy:
+            notes.append(f"{where}: other programs used CPU during " + ", ".join(
+                f"{phase} ({cores:.2f} cores)" for phase, cores in busy.items())
+                + ": figures of those phases are suspect")
     return notes
