@@ -600,7 +600,9 @@ def render_again(out: Path) -> None:
     agg = aggregate(records, configs)
     (out / "results.md").write_text(markdown(records, agg, configs, profile, run))
     (out / "machine.md").write_text(machine_markdown(data["machine"], run))
-    charts.write(out, agg, configs, profile["rate"])
+    charted = [n for n in configs if n != "jobs"]
+    if charted:
+        charts.write(out, agg, charted, profile["rate"])
 
 
 if __name__ == "__main__":

@@ -92,9 +92,11 @@ def test_promises_about_every_case_are_judged_on_the_worst_repetition_and_latenc
     v = verdicts(record(0), slow_cancel, one_answer_not_404)
     assert v[target("running job")] == "**FAIL**"  # one cancel of nine took 2.6 s
     assert v[target("random job ids")] == "**FAIL**"  # one id of 30,000 was not 404
-    refused = record(3)
-    refused["jobs"]["submit"]["non_200"] = {"503": 1}  # one submit of 3,000 refused: the line was full
-    assert verdicts(record(0), refused)[target("other than 202")] == "**FAIL**"
+    refused = [record(k) for k in range(3)]
+    refused[2]["jobs"]["submit"]["non_200"] = {"503": 30}  # the line full a moment: 503 is the contract's answer
+    assert verdicts(*refused)[target("other than 202")] == "pass"  # one repetition of three: the median holds
+    refused[1]["jobs"]["submit"]["non_200"] = {"503": 5}
+    assert verdicts(*refused)[target("other than 202")] == "**FAIL**"
     slow_submits = [record(k) for k in range(3)]
     slow_submits[0]["jobs"]["submit"]["p99"] = 50.0  # one repetition's p99 of three: the median holds
     assert verdicts(*slow_submits)[target("submit")] == "pass"
