@@ -38,10 +38,13 @@ a moment after the 202 for --long-job-cancel-percent of its jobs, and reads its 
 real client: an address of its own (127.2.k.N, k the Locust worker + 1), and a refusal (429 or
 503 with Retry-After: the fleet's line is full, or the client is past its share) is waited out as
 long as Retry-After says, never a failure. Its watchers hold --long-job-streams event streams open
-on the jobs in flight in its process (any of them, at random; the next one when one ends), from
-addresses of their own (127.3.k.N, --streams-per-client streams each, under the fleet's
-jobs.max_streams_per_client), and back off on a 429 as told: a job page open in hundreds of
-browsers. Their requests have names of their own (".../report/20 (async)", "/jobs/[id]/events",
+on the jobs in flight in its process (any of them, at random; the next one when one ends; resumed
+with Last-Event-ID after a cut), from addresses of their own (127.3.k.N, --streams-per-client
+streams each, under the fleet's jobs.max_streams_per_client), and back off on a 429 as told: a job
+page open in hundreds of browsers. They are read in a process of their own at nice 10
+(stream_watchers.py; one per long-job user, gone with it or with Locust), never in the Locust
+process that times the fast users: 3,000 events a second parsed there made the probe measure
+itself; their requests and streams open come back to Locust as its own. Their requests have names of their own (".../report/20 (async)", "/jobs/[id]/events",
 "/jobs/[id]/events (Last-Event-ID)", "/jobs/[id]/events (watcher)", "/jobs/[id] (DELETE)",
 "/jobs/[id]") and are never fast samples. They join the mixed phase LONG_JOB_HEAD_START (1.5) s
 before the heavy flood: a flood fills the slow path's line and a client that waits as told seldom
@@ -797,7 +800,8 @@ class LongJobUser(HttpUser):
     Watchers (--long-job-streams): each long-job user brings its share of the streams, held open on
     the jobs in flight in its process (any of them, at random; the next one when one ends), from
     watcher addresses (127.3.k.N, --streams-per-client streams each, under the edge's cap per
-    client): a job page open in many browsers.
+    client): a job page open in many browsers. They are read by a process of their own (Watchers),
+    started with the user and stopped with it.
     """
 
     numbered = 0  # long-job users created so far in this process: each gets the next address
