@@ -38,10 +38,13 @@ a moment after the 202 for --long-job-cancel-percent of its jobs, and reads its 
 real client: an address of its own (127.2.k.N, k the Locust worker + 1), and a refusal (429 or
 503 with Retry-After: the fleet's line is full, or the client is past its share) is waited out as
 long as Retry-After says, never a failure. Its watchers hold --long-job-streams event streams open
-on the jobs in flight in its process (any of them, at random; the next one when one ends), from
-addresses of their own (127.3.k.N, --streams-per-client streams each, under the fleet's
-jobs.max_streams_per_client), and back off on a 429 as told: a job page open in hundreds of
-browsers. Their requests have names of their own (".../report/20 (async)", "/jobs/[id]/events",
+on the jobs in flight in its process (any of them, at random; the next one when one ends; resumed
+with Last-Event-ID after a cut), from addresses of their own (127.3.k.N, --streams-per-client
+streams each, under the fleet's jobs.max_streams_per_client), and back off on a 429 as told: a job
+page open in hundreds of browsers. They are read in a process of their own at nice 10
+(stream_watchers.py; one per long-job user, gone with it or with Locust), never in the Locust
+process that times the fast users: 3,000 events a second parsed there made the probe measure
+itself; their requests and streams open come back to Locust as its own. Their requests have names of their own (".../report/20 (async)", "/jobs/[id]/events",
 "/jobs/[id]/events (Last-Event-ID)", "/jobs/[id]/events (watcher)", "/jobs/[id] (DELETE)",
 "/jobs/[id]") and are never fast samples. They join the mixed phase LONG_JOB_HEAD_START (1.5) s
 before the heavy flood: a flood fills the slow path's line and a client that waits as told seldom
@@ -143,6 +146,7 @@ machine (1.1-1.6 ms); run the check on a quiet machine to judge the fleet itself
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import json
@@ -151,15 +155,18 @@ import os
 import random
 import secrets
 import socket
+import sys
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import gevent
 import gevent.event
 import gevent.pool
+import gevent.subprocess
 from locust import HttpUser, LoadTestShape, events, task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.runners import STATE_MISSING, MasterRunner, WorkerRunner
@@ -617,12 +624,14 @@ class Board:
     def add(cls, job_id: str) -> None:
         cls.jobs.add(job_id)
         cls.posted.set()
+        Watchers.tell_all(f"+{job_id}")
 
     @classmethod
     def discard(cls, job_id: str) -> None:
         cls.jobs.discard(job_id)
         if not cls.jobs:
             cls.posted.clear()
+        Watchers.tell_all(f"-{job_id}")
 
     @classmethod
     def pick(cls, timeout: float) -> str | None:
@@ -717,6 +726,68 @@ def follow(user: HttpUser, job_id: str, source: str | None, name: str, last: int
         conn.close()
 
 
+class Watchers:
+    """A long-job user's watcher streams, held in a process of their own (stream_watchers.py, niced):
+    reading 3,000 events a second in this process would take the CPU of the fast users it times (the
+    load generator would measure itself). The process learns the jobs in flight from Board, and its
+    requests come back here as this process's own (Locust's stats, the verdict's long-job samples),
+    its streams open with the samples of Node.streams_open. It ends when stopped, or when this
+    process dies (the end of its stdin)."""
+
+    running: "weakref.WeakSet[Watchers]" = weakref.WeakSet()
+
+    def __init__(self, environment, host: str, sources: list[str | None]):
+        self.environment, self.open = environment, 0
+        self.proc = gevent.subprocess.Popen(
+            [sys.executable, "-m", "stream_watchers", host, ",".join(s or "-" for s in sources)],
+            cwd=Path(__file__).resolve().parent, stdin=gevent.subprocess.PIPE, stdout=gevent.subprocess.PIPE)
+        Watchers.running.add(self)
+        for job in Board.jobs:
+            self.tell(f"+{job}")
+        self.relay = gevent.spawn(self.relay_reports)
+
+    @classmethod
+    def open_streams(cls) -> int:
+        return sum(w.open for w in cls.running)
+
+    @classmethod
+    def tell_all(cls, line: str) -> None:
+        for watchers in list(cls.running):
+            watchers.tell(line)
+
+    def tell(self, line: str) -> None:
+        try:
+            self.proc.stdin.write(f"{line}\n".encode())
+            self.proc.stdin.flush()
+        except (OSError, ValueError):  # it is gone (stopped, or died: its stdout says so)
+            pass
+
+    def relay_reports(self) -> None:
+        """Its reports, as they come: its requests fired as this process's, its streams open."""
+        for line in self.proc.stdout:
+            report = json.loads(line)
+            self.open = report["open"]
+            for name, started, response_time, kind, error in report["requests"]:
+                self.environment.events.request.fire(
+                    request_type="GET", name=name, response_time=response_time, response_length=0,
+                    exception=RuntimeError(error) if error else None, context={"role": "long", "kind": kind},
+                    start_time=started, url="/jobs/[id]/events", response=None)
+        self.open = 0
+        if self.proc.wait() not in (0, -15):
+            log.error("isolation check: the watcher streams' process exited with %s", self.proc.returncode)
+
+    def stop(self) -> None:
+        Watchers.running.discard(self)
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # it ends at the end of its stdin
+        try:
+            self.proc.wait(timeout=5)
+        except gevent.subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.relay.join(timeout=2)
+
+
 class LongJobUser(HttpUser):
     """A client of long jobs (--long-job-users; none by default), from an address of its own
     (127.2.k.N, k the Locust worker + 1): it submits a --long-job-mix job with `Prefer:
@@ -729,7 +800,8 @@ class LongJobUser(HttpUser):
     Watchers (--long-job-streams): each long-job user brings its share of the streams, held open on
     the jobs in flight in its process (any of them, at random; the next one when one ends), from
     watcher addresses (127.3.k.N, --streams-per-client streams each, under the edge's cap per
-    client): a job page open in many browsers.
+    client): a job page open in many browsers. They are read by a process of their own (Watchers),
+    started with the user and stopped with it.
     """
 
     numbered = 0  # long-job users created so far in this process: each gets the next address
@@ -753,7 +825,7 @@ class LongJobUser(HttpUser):
             number = LongJobUser.watchers_made // o.streams_per_client
             self.watcher_sources.append(client_address(3, worker, number) if loopback else None)
             LongJobUser.watchers_made += 1
-        self.watchers = gevent.pool.Group()
+        self.watchers: Watchers | None = None
         self.job: str | None = None
         self.cancel_sent = False
         self.pause = 0.0
@@ -762,11 +834,12 @@ class LongJobUser(HttpUser):
         return self.pause
 
     def on_start(self) -> None:
-        for source in self.watcher_sources:
-            self.watchers.spawn(self.watch, source)
+        if self.watcher_sources:
+            self.watchers = Watchers(self.environment, self.host, self.watcher_sources)
 
     def on_stop(self) -> None:
-        self.watchers.kill(block=True, timeout=2)
+        if self.watchers is not None:
+            self.watchers.stop()
         job, self.job = self.job, None
         if job is not None:  # the run moves on: its job would hold a worker on for nothing
             self.client.delete(f"/jobs/{job}", name="/jobs/[id] (DELETE, user left)", context={"role": "long",
@@ -866,20 +939,6 @@ class LongJobUser(HttpUser):
             if kind != "refused":
                 return
             gevent.sleep(wait)
-
-    def watch(self, source: str | None) -> None:
-        """One watcher stream: follows a job in flight to its end, then the next."""
-        while True:
-            job = Board.pick(timeout=1.0)
-            if job is None:
-                continue
-            got = follow(self, job, source, "/jobs/[id]/events (watcher)")
-            if got.end is not None or got.status in (204, 404, 410):
-                Board.discard(job)  # ended: nobody follows it any more
-            elif got.retry is not None:
-                gevent.sleep(got.retry)
-            elif got.status != 200:
-                gevent.sleep(1.0)  # an error: never a tight loop
 
 
 # the shape ------------------------------------------------------------------------------------------
@@ -1006,6 +1065,8 @@ def on_test_stop(environment, **_kwargs):
 
 @events.quit.add_listener
 def on_quit(exit_code, **_kwargs):
+    for watchers in list(Watchers.running):  # a run stopped without its users' on_stop: none outlives Locust
+        watchers.stop()
     if Node.role != "worker":
         isolation_ui.print_on_quit(RECORDER, exit_code)
 
@@ -1019,10 +1080,10 @@ def sample_inflight(runner) -> None:
         if Node.role == "worker":
             if runner.user_count:  # the worker does not know the phases: the master sorts the slots in
                 OUTBOX.inflight.append((slot, Node.heavy_now))
-                OUTBOX.streams.append((slot, Node.streams_open))
+                OUTBOX.streams.append((slot, Node.streams_open + Watchers.open_streams()))
         elif RECORDER.names and RECORDER.ended_at is None:
             RECORDER.inflight.setdefault("local", {})[slot] = Node.heavy_now
-            RECORDER.streams.setdefault("local", {})[slot] = Node.streams_open
+            RECORDER.streams.setdefault("local", {})[slot] = Node.streams_open + Watchers.open_streams()
 
 
 def on_worker_report(client_id, data, **_kwargs):

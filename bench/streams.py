@@ -33,19 +33,19 @@ from bench.load import last_words
 HEAD_END = b"\r\n\r\n"
 
 
-class StreamReader(asyncio.Protocol):
-    """One GET of an event stream: the status, then each event as its chunks arrive."""
+class EventStream(asyncio.Protocol):
+    """One GET of an event stream over a bare connection: the answer's head, then each event (the
+    block before a blank line) as its chunks arrive; parses nothing more. Subclasses say what an
+    answer and an event mean (answered, event); a stream whose answer is not a 200 is closed."""
 
-    def __init__(self, owner: "Reader", request: bytes):
-        self.owner, self.request = owner, request
+    def __init__(self, request: bytes):
+        self.request = request
         self.status: int | None = None
-        self.head = b""
+        self.head = b""  # the answer's head (status line and headers)
         self.raw = b""  # the chunked body not decoded yet
         self.text = b""  # decoded body not parsed into events yet
-        self.events = 0
-        self.window_events = 0
-        self.ended = False
-        self.closed = asyncio.get_running_loop().create_future()
+        self.ended = False  # the body's last chunk came
+        self.closed = asyncio.get_running_loop().create_future()  # done once the connection is gone
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -57,18 +57,27 @@ class StreamReader(asyncio.Protocol):
             self.head += data
             if HEAD_END not in self.head:
                 return
-            head, _, data = self.head.partition(HEAD_END)
-            self.status = int(head.split(b" ", 2)[1])
-            self.owner.statuses[self.status] += 1
-            self.owner.settled()
+            self.head, _, data = self.head.partition(HEAD_END)
+            self.status = int(self.head.split(b" ", 2)[1])
+            self.answered()
             if self.status != 200:
                 self.transport.close()
                 return
         self.raw += data
         self._dechunk()
-        while (cut := self.text.find(b"\n\n")) >= 0:
+        while (cut := self.text.find(b"\n\n")) >= 0 and not self.transport.is_closing():
             block, self.text = self.text[:cut], self.text[cut + 2:]
-            self._event(block, arrived)
+            self.event(block, arrived)
+
+    def answered(self) -> None:
+        """The head has come (self.status, self.head)."""
+
+    def event(self, block: bytes, arrived: float) -> None:
+        """An event's block came at `arrived` (time.monotonic())."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def _dechunk(self) -> None:
         """Move whole chunks of the chunked body from raw to text."""
@@ -85,7 +94,21 @@ class StreamReader(asyncio.Protocol):
             self.text += self.raw[line_end + 2:line_end + 2 + size]
             self.raw = self.raw[line_end + 2 + size + 2:]
 
-    def _event(self, block: bytes, arrived: float) -> None:
+
+class StreamReader(EventStream):
+    """One of the bench's streams: counts its events, times the progress events in the window."""
+
+    def __init__(self, owner: "Reader", request: bytes):
+        super().__init__(request)
+        self.owner = owner
+        self.events = 0
+        self.window_events = 0
+
+    def answered(self) -> None:
+        self.owner.statuses[self.status] += 1
+        self.owner.settled()
+
+    def event(self, block: bytes, arrived: float) -> None:
         if not block.startswith(b"id:"):
             return  # retry:, a keep-alive comment
         self.events += 1
@@ -102,8 +125,7 @@ class StreamReader(asyncio.Protocol):
         if self.status is None:  # cut before its answer
             self.owner.errors += 1
             self.owner.settled()
-        if not self.closed.done():
-            self.closed.set_result(None)
+        super().connection_lost(exc)
 
 
 class Reader:

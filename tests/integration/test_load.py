@@ -405,3 +405,40 @@ def test_web_ui_shows_the_verdict(private_fleet, tmp_path):
     finally:
         stop(proc)
         log.close()
+
+
+def watcher_processes(host: str) -> list[int]:
+    """The pids of the watcher-stream processes (stream_watchers.py) reading from `host`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or gone
+            continue
+        if b"stream_watchers" in args and host.encode() in args:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.parametrize("ending", ["the run stopped", "Locust killed"])
+def test_the_watcher_streams_are_read_in_a_niced_process_of_their_own_that_never_outlives_locust(ending):
+    """The watchers' thousands of events a second are parsed in a process of their own, below the
+    fast users' priority (nice 10), not in the Locust process that times the fast users; it goes
+    when its long-job user stops, and when Locust dies without stopping it (SIGKILL). Nothing needs
+    to answer here (the host's port is closed): the process is Locust's doing alone."""
+    host = f"http://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", "--host", host,
+           "--warmup-seconds", "0", "--baseline-seconds", "1", "--mixed-seconds", "3" if ending == "the run stopped"
+           else "60", "--recovery-seconds", "0", "--long-job-users", "1", "--long-job-streams", "40"]
+    locust = subprocess.Popen(cmd, cwd=REPO, env=locust_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        [pid] = wait_for(lambda: watcher_processes(host), 30, what="the watchers' process started")
+        # It nices itself first thing, once Python is up.
+        wait_for(lambda: os.getpriority(os.PRIO_PROCESS, pid) >= 10, 10, what="the watchers' process at nice 10")
+        assert locust.pid != pid
+        if ending == "Locust killed":
+            locust.kill()
+        locust.wait(timeout=60)
+        wait_for(lambda: not watcher_processes(host), 10, what=f"the watchers' process gone once {ending}")
+    finally:
+        stop(locust)
