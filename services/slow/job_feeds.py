@@ -15,8 +15,11 @@ bytes to each stream without waiting for the write (the stream's IOStream sends 
 takes and keeps the rest), pausing PAUSE every SLICE streams: a job's event reaching hundreds of
 streams at once kept the loop, nginx (which relays each write) and the readers busy together, and
 the fast instances waited for a core; spread out, the instance's loop lag p99 went from 9-23 ms to
-2-4 ms and the fast path's p99 beside 1,000 streams from 11-24 ms to 3-5 ms (bench/jobs.py). It costs
-the last stream of 500 about 10 ms.
+2-4 ms and the fast path's p99 beside 1,000 streams from 11-24 ms to 3-5 ms (bench/jobs.py). Slices
+of 10 rather than 50: nginx relays each write, and a fast request that arrives with a slice waits
+behind its relays; with 300 streams beside the flood, the isolation check's 10 s phases passed 6
+of 6 runs with slices of 10 and 2 of 3 interleaved with them at 50 (5 of 9 before). It costs the
+last stream of 500 about 50 ms, well inside the 250 ms an event may take.
 
 A stream joins with the sequence number of the last event it has written itself (its replay of
 what it missed, job_routes.py): `join` is only valid once that is at least the feed's `position`
@@ -35,7 +38,7 @@ from services.slow.job_store import EXPIRED, Event, Job
 
 log = logging.getLogger("fleet.jobs")
 
-SLICE = 50  # streams written to at once (under a millisecond here) ...
+SLICE = 10  # streams written to at once (a fraction of a millisecond here) ...
 PAUSE = 0.001  # ... before a pause, in seconds, in which the loop, nginx and the fast instances run
 KEEPALIVE = b": keep-alive\n\n"
 
