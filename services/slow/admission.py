@@ -174,6 +174,10 @@ class Admission:
     def _push_out(self, client: str) -> None:
         place = self._lines[client][-1]  # its newest: its older jobs keep their turn
         self._remove(place)
+        if place.turn.done():
+            # Its client has just left (a cancelled turn, not yet seen by its task): the place is
+            # free already, and that task's _leave gives its hold back.
+            return
         self._held[client] -= 1
         self.shed += 1
         self.pushed_out += 1
