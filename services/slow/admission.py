@@ -29,6 +29,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from services.common.addresses import plain_ip
 from services.slow.jobs import ClientLimited, Overloaded, QueueTimeout  # answered as every job outcome is
 
 
@@ -41,11 +42,9 @@ def client_key(address: str) -> str:
     IPv4 address; anything else (no address: an in-process test) is its own key.
     """
     try:
-        ip = ipaddress.ip_address(address.split("%")[0])  # a zone id (fe80::1%eth0) names no client
+        ip = plain_ip(address)
     except ValueError:
         return address
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
     if ip.version == 6:
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
