@@ -38,7 +38,7 @@ log = logging.getLogger("fleet.slow")
 
 # How long before a drain gives up the jobs admitted during it are answered: a worker's kill and
 # the answer's write take milliseconds; this is room for a busy machine.
-DRAIN_MARGIN_SECONDS = 1.0
+DRAIN_MARGIN_SECONDS = 2.0  # more than the Dask pool's GRACE (1 s past a deadline)
 
 
 class TaskHandler(BaseHandler):
@@ -176,10 +176,12 @@ class TaskHandler(BaseHandler):
                 try:
                     result_json, elapsed_ms = await self.pool.run(task.name, kwargs, left, client)
                     self.retry_after.record(task.name, loop.time() - started)
-                except jobs.JobTimeout:
+                except jobs.JobTimeout as exc:
                     self.retry_after.record_cut_short(task.name, left)
-                    waited = f" ({queued_ms / 1000:.1f} s of it waiting in line)" if queued_ms >= 100 else ""
-                    raise jobs.JobTimeout(f"job {task.name} passed its {timeout:g} s deadline{waited}") from None
+                    if queued_ms >= 100:  # the pool saw only what was left of the deadline: say why
+                        exc.args = (f"{exc} (what was left of its {timeout:g} s deadline after "
+                                    f"{queued_ms / 1000:.1f} s in line)",)
+                    raise
                 finally:
                     metrics.SLOW_JOB_DURATION.labels(task.name, backend).observe(loop.time() - started)
         except jobs.JobError as exc:
