@@ -53,10 +53,10 @@ CONTROL_PHASES = ["--warmup-seconds", "1", "--baseline-seconds", "5", "--mixed-s
 STEADY_PHASES = [*SHORT_PHASES[:2], "--baseline-seconds", "15", "--mixed-seconds", "15", *SHORT_PHASES[6:]]
 # As the Makefile runs it against the fleet: its fast routes, and distinct heavy work.
 # The naive server fails by far (its fast p50 goes from a few ms to hundreds): short phases prove
-# it, with twice the fast users so that each judged phase still has 500 samples of its one fast
-# route (80 req/s): enough for the p50 it fails on (--min-samples 500, not the 1,000 of a stall count).
-NAIVE_PHASES = ["--warmup-seconds", "2", "--baseline-seconds", "7", "--mixed-seconds", "7",
-                "--recovery-seconds", "1", "--fast-users", "20", "--min-samples", "500"]
+# it, with twice the fast users so that each judged phase still has 300 samples of its one fast
+# route (80 req/s): enough for the p50 it fails on (--min-samples 300, not the 1,000 of a stall count).
+NAIVE_PHASES = ["--warmup-seconds", "2", "--baseline-seconds", "4", "--mixed-seconds", "4",
+                "--recovery-seconds", "1", "--fast-users", "20", "--min-samples", "300"]
 FLEET_ROUTES = ["--fast-routes", "GET /fast, POST /echo", "--heavy-mix",
                 "/slow/digest/300000?data={random}:3,/slow/digest/1000000?data={random}:1,/slow/fib/25:1"]
 # The product's defaults where the integration tier's TEST_SETTINGS shrink them, so the check runs
@@ -374,7 +374,7 @@ def test_web_ui_shows_the_verdict(private_fleet, tmp_path):
     fleet = private_fleet(**DEPLOYED_DEFAULTS)
     port = free_port()
     # Any verdict will do for the test; the README's screenshot shows a whole one (1,000+ samples).
-    PHASE = "13" if os.environ.get("UPDATE_SCREENSHOT") else "6"
+    PHASE = "13" if os.environ.get("UPDATE_SCREENSHOT") else "3"
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--web-host", "127.0.0.1",
            "--web-port", str(port), "--host", f"http://127.0.0.1:{fleet.edge_port}", *FLEET_ROUTES,
            "--warmup-seconds", "2", "--baseline-seconds", PHASE, "--mixed-seconds", PHASE, "--recovery-seconds", "2"]
