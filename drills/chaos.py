@@ -99,16 +99,17 @@ def run(settings: Settings, name: str) -> Result:
 
 
 def print_table(results: list[Result]) -> None:
-    header = (f"{'scenario':<18} {'sent':>6} {'failed':>7} {'hit by the fault (JSON)':>24} {'lost':>5} "
+    w = max([len("scenario"), *(len(r.scenario) for r in results)])  # kill-slow-long-jobs is 19
+    header = (f"{'scenario':<{w}} {'sent':>6} {'failed':>7} {'hit by the fault (JSON)':>24} {'lost':>5} "
               f"{'reload races':>13} {'recovered in (s)':>17}  what happened")
     print(header)
     print("-" * len(header))
     for r in results:
         t = r.tally
-        print(f"{r.scenario:<18} {t.sent:>6} {t.failed:>7} {t.hit:>24} {t.lost:>5} {t.reload_races:>13} "
+        print(f"{r.scenario:<{w}} {t.sent:>6} {t.failed:>7} {t.hit:>24} {t.lost:>5} {t.reload_races:>13} "
               f"{r.recovered_in:>17.2f}  {r.note}")
         for example in t.examples if not r.passed or t.reload_races else []:
-            print(f"{'':<18} {example}")
+            print(f"{'':<{w}} {example}")
 
 
 def main(argv: list[str] | None = None) -> int:
