@@ -16,6 +16,7 @@ from services.slow import registry
 from services.slow.app import make_app
 from services.slow.inline_pool import InlinePool
 from services.slow.job_store import SWEEP_BATCH, AsyncStore, NewJob, SqliteStore, new_id
+from services.slow.pool import WorkerPool
 from tests.support.app_case import ContractTestCase
 from tests.support.fake_pools import HeldPool
 from tests.support.waiting import eventually
@@ -170,6 +171,33 @@ class SubmitTest(JobsCase):
         self.assert_json_error(response, 429, "rate_limited")
         assert response.headers["Retry-After"].isdigit()
         assert self.sync_store.count_active() == 3
+
+
+class WorkerKilledTest(JobsCase):
+    """Jobs on the real local pool (one worker process, capped at 200 MiB): a worker killed for its
+    memory, its deadline or its own death fails the job with the code a synchronous request gets."""
+
+    def pool(self):
+        return WorkerPool(1, MODULES, nice=0, max_rss_mb=200, kill_on_cancel=True)
+
+    def setUp(self):
+        super().setUp()
+        self.io_loop.run_sync(self.jobs_pool.start)
+
+    def tearDown(self):
+        self.io_loop.run_sync(self.jobs_pool.close)
+        super().tearDown()
+
+    @gen_test(timeout=60)
+    async def test_a_job_whose_worker_is_killed_fails_with_the_synchronous_code(self):
+        for path, code, status in (("/slow/allocate/600", "worker_out_of_memory", 502),
+                                   ("/slow/spin_past_deadline", "job_timeout", 504),
+                                   ("/slow/exit_worker", "worker_died", 502)):
+            job_id = await self.submit(path)
+            await eventually(lambda: self._is(job_id, "failed"), 20, what=f"{path} failing")
+            error = json.loads((await self.get(f"/jobs/{job_id}")).body)["error"]
+            assert (error["error"], error["status"]) == (code, status), (path, error)
+            await eventually(lambda: self.jobs_pool.stats()["workers"] == 1, 20, what="the pool refilled")
 
 
 class EventsTest(JobsCase):
