@@ -12,6 +12,10 @@ FAST_ROUTES := GET /fast, POST /echo
 # The heavy flood against the fleet: distinct work in every request ({random}), which the fleet's
 # compute-once cannot merge (a flood of identical /slow/fib/30 would be a few shared jobs).
 HEAVY_MIX := /slow/digest/300000?data={random}:3,/slow/digest/1000000?data={random}:1,/slow/fib/25:1
+# Long jobs beside the flood (issue 26): a client of long jobs (/slow/report, Prefer: respond-async;
+# it follows each job's event stream, cancels some) and 300 event streams held open on its jobs.
+# make load-check LONG_JOBS= runs the check without them.
+LONG_JOBS := --long-job-users 1 --long-job-streams 300
 LOAD_OPTS ?=
 SOAK_MINUTES ?= 10
 SOAK_OPTS ?=
@@ -49,7 +53,7 @@ profile: bootstrap ## Flame graph of an instance and its workers: make profile T
 reload: bootstrap ## Rolling restart, one instance at a time: new code and settings, no failed requests
 	@$(PY) -m deploy.fleet reload
 
-chaos: bootstrap ## Break the running fleet (kill -9 instances, workers, nginx; drain; reload) under load; print the table
+chaos: bootstrap ## Break the running fleet (kill -9 instances, workers, nginx; drain; reload; long jobs' kill and cancels) under load; print the table
 	@$(PY) -m drills.chaos
 
 render: bootstrap ## Render nginx.conf, supervisord.conf and settings.json into the run dir, and nginx -t them
@@ -78,14 +82,14 @@ load: bootstrap ## Locust's web UI on http://127.0.0.1:8089 (host preset to the 
 	@$(FLEET_UP_IF_DOWN)
 	@edge=$$($(EDGE_URL)); echo "Locust web UI: http://127.0.0.1:8089  (host $$edge; start the shaped run, then open the Isolation tab)"; \
 	exec $(LOCUST) -f locustfile.py $(LOCUST_PROCESSES) --web-host 127.0.0.1 --web-port 8089 --host "$$edge" \
-	    --fast-routes "$(FAST_ROUTES)" --heavy-mix "$(HEAVY_MIX)" $(LOAD_OPTS)
+	    --fast-routes "$(FAST_ROUTES)" --heavy-mix "$(HEAVY_MIX)" $(LONG_JOBS) $(LOAD_OPTS)
 
 load-check: bootstrap ## Headless isolation proof against the fleet: per-phase table, report in the run dir, exit code = verdict; LOCUST_WORKERS=N
 	@$(CHECK_LOCUST_WORKERS)
 	@$(FLEET_UP_IF_DOWN)
 	@run=$${FLEET_RUN_DIR:-.run}; edge=$$($(EDGE_URL)); mkdir -p "$$run"; \
 	echo "isolation check against $$edge$(if $(LOCUST_PROCESSES), with $(LOCUST_WORKERS) Locust worker processes) (about 80 s; report: $$run/load-check.html, CSVs: $$run/load-check_*.csv)"; \
-	$(LOCUST) -f locustfile.py $(LOCUST_PROCESSES) --headless --only-summary --host "$$edge" --fast-routes "$(FAST_ROUTES)" --heavy-mix "$(HEAVY_MIX)" \
+	$(LOCUST) -f locustfile.py $(LOCUST_PROCESSES) --headless --only-summary --host "$$edge" --fast-routes "$(FAST_ROUTES)" --heavy-mix "$(HEAVY_MIX)" $(LONG_JOBS) \
 	    --html "$$run/load-check.html" --csv "$$run/load-check" $(LOAD_OPTS)
 
 bootstrap:

@@ -41,6 +41,11 @@ HEAVY_OK, HEAVY_SHED, HEAVY_LIMITED = "ok", "shed503", "shed429"
 # A hostile client's answers (--hostile-users): its refusals (413 too large, 429 over its limits) are
 # the fleet protecting the others, never its failure.
 HOSTILE_OK, HOSTILE_REFUSED = "ok", "refused"
+# The long-job users' requests (--long-job-users): a submission answered 202, a refusal with
+# Retry-After (429 or 503: the fleet shedding, the client waits as told), a job's final status, an
+# event stream opened (its own or a watcher's), a cancel. Anything else is an error.
+LONG_SUBMITTED, LONG_REFUSED, LONG_STREAM, LONG_CANCEL = "submitted", "refused", "stream", "cancel"
+LONG_ENDED = ("succeeded", "cancelled", "failed")
 
 
 # the samples ----------------------------------------------------------------------------------------
@@ -64,8 +69,10 @@ class Recorder:
     late: list[tuple[float, float]] = field(default_factory=list)  # a fast user's tick: time, ms late
     heavy: list[tuple[float, str]] = field(default_factory=list)  # start_time, HEAVY_* or an error's kind
     hostile: list[tuple[float, str]] = field(default_factory=list)  # start_time, HOSTILE_* or an error's kind
+    long: list[tuple[float, str]] = field(default_factory=list)  # start_time, LONG_* or an error's kind
     # heavy requests in flight, per process ("local" or a worker's id): half-second slot -> count
     inflight: dict[str, dict[float, int]] = field(default_factory=dict)
+    streams: dict[str, dict[float, int]] = field(default_factory=dict)  # long jobs' event streams open, as inflight
     cpu_warning: bool = False
     error: str | None = None  # invalid options
     started: bool = False
@@ -110,7 +117,9 @@ class Recorder:
         self.late.extend((t, ms) for t, ms in batch.get("late", ()))
         self.heavy.extend((t, kind) for t, kind in batch.get("heavy", ()))
         self.hostile.extend((t, kind) for t, kind in batch.get("hostile", ()))
+        self.long.extend((t, kind) for t, kind in batch.get("long", ()))
         self.inflight.setdefault(worker, {}).update((slot, n) for slot, n in batch.get("inflight", ()))
+        self.streams.setdefault(worker, {}).update((slot, n) for slot, n in batch.get("streams", ()))
         # A worker's CPU warning counts if it came while the phases ran (it may arrive later).
         end = self.ended_at or math.inf
         if self.starts and any(self.starts[0] <= t <= end for t in batch.get("cpu", ())):
@@ -157,6 +166,10 @@ class PhaseFigures:
     hostile_errors: int = 0
     inflight_median: float | None = None
     inflight_saturated: float = 0.0  # fraction of samples with >= slow_workers heavy requests in flight
+    long_kinds: dict[str, int] = field(default_factory=dict)  # the long-job users' requests by LONG_* kind
+    long_errors: int = 0  # of them, neither of the LONG_* kinds
+    streams_median: float | None = None  # long jobs' event streams open (every process's, added up)
+    streams_peak: int = 0
 
 
 QUANTILES = {"p50": 50, "p95": 95, "p99": 99}
@@ -223,15 +236,16 @@ def figures(rec: Recorder) -> dict[str, PhaseFigures]:
         hostile = Counter(kind for t, kind in rec.hostile if start <= t < end)
         f.hostile_ok, f.hostile_refused = hostile.pop(HOSTILE_OK, 0), hostile.pop(HOSTILE_REFUSED, 0)
         f.hostile_errors = sum(hostile.values())
-        slots: dict[float, int] = {}  # every process's count, added up slot by slot
-        for counts in rec.inflight.values():
-            for slot, n in counts.items():
-                if start <= slot < end:
-                    slots[slot] = slots.get(slot, 0) + n
-        samples = sorted(slots.values())
+        samples = added_up(rec.inflight, start, end)
         if samples:
             f.inflight_median = percentile(samples, 50)
             f.inflight_saturated = sum(1 for n in samples if n >= rec.opts.slow_workers) / len(samples)
+        f.long_kinds = dict(Counter(kind for t, kind in rec.long if start <= t < end))
+        f.long_errors = sum(n for kind, n in f.long_kinds.items()
+                            if kind not in (LONG_SUBMITTED, LONG_REFUSED, LONG_STREAM, LONG_CANCEL, *LONG_ENDED))
+        streams = added_up(rec.streams, start, end)
+        if streams:
+            f.streams_median, f.streams_peak = percentile(streams, 50), streams[-1]
         out[name] = f
     bound = stall_bound(rec.opts, out)
     for name, f in out.items():
@@ -239,6 +253,16 @@ def figures(rec: Recorder) -> dict[str, PhaseFigures]:
         if window is not None:
             f.stalls = sum(1 for t, ms, ok in rec.fast if window[0] <= t < window[1] and ok and ms > bound)
     return out
+
+
+def added_up(per_process: dict[str, dict[float, int]], start: float, end: float) -> list[int]:
+    """Every process's half-second samples in [start, end), added up slot by slot, ascending."""
+    slots: dict[float, int] = {}
+    for counts in per_process.values():
+        for slot, n in counts.items():
+            if start <= slot < end:
+                slots[slot] = slots.get(slot, 0) + n
+    return sorted(slots.values())
 
 
 def locust_lag(f: dict[str, PhaseFigures]) -> float:
@@ -352,6 +376,7 @@ def _judge(rec: Recorder) -> Verdict:
     if hostile:  # --hostile-users: shown, not judged (its refusals are the fleet protecting the others)
         checks.append((True, f"a hostile fast client ran beside them (not judged): {hostile:,} requests, "
                              f"{m.hostile_refused:,} refused (413/429), {m.hostile_errors:,} errors"))
+    long_missing = long_jobs_check(o, m, checks, done)
     lag = locust_lag(f)
     allowed = allowed_stalls(o, b, m)
     stalled = m.stalls > allowed
@@ -433,7 +458,36 @@ def _judge(rec: Recorder) -> Verdict:
         return result("FAIL", slowed + ", ".join(whole_slower) + " (the whole phase)")
     if slower:
         return result("FAIL", slowed + ", ".join(slower))
-    return result("PASS", "the fast routes kept their baseline latency while the slow path was saturated")
+    if long_missing:  # less load than asked: a FAIL above stands, a PASS would claim too much
+        return result("INCONCLUSIVE", f"{long_missing}, so the mixed phase does not show the fast routes beside "
+                                      "them: raise --long-job-users, or use longer long jobs")
+    return result("PASS", "the fast routes kept their baseline latency while the slow path was saturated"
+                  + (" and long jobs ran" if getattr(o, "long_job_users", 0) else ""))
+
+
+def long_jobs_check(o: SimpleNamespace, m: PhaseFigures, checks: list[tuple[bool | None, str]], done: bool) -> str:
+    """The long-job users' rule (--long-job-users, --long-job-streams), added to `checks`: their
+    requests are never fast samples, but a mixed phase claimed to run long jobs and N open event
+    streams must have: a job submitted, and at least 90 % of the N streams open in half of its
+    samples (the median). Returns what was missing ("" if nothing, or if none were asked for)."""
+    users, asked = getattr(o, "long_job_users", 0), getattr(o, "long_job_streams", 0)
+    k = m.long_kinds
+    if not users and not k:
+        return ""
+    submitted, held = k.get(LONG_SUBMITTED, 0), m.streams_median or 0
+    missing = []
+    if users and not submitted:
+        missing.append("no long job was submitted (202) in the mixed phase")
+    if held < 0.9 * asked:
+        missing.append(f"only {fmt(held, 0)} event streams were open (median) of the {asked} asked")
+    ended = ", ".join(f"{k.get(state, 0):,} {state}" for state in LONG_ENDED)
+    checks.append((not missing if done else None,
+                   f"long jobs ran beside them (their requests are not fast samples): {submitted:,} submitted "
+                   f"(need 1), {k.get(LONG_REFUSED, 0):,} refused 429/503 and retried as Retry-After said; ended "
+                   f"{ended}; {k.get(LONG_CANCEL, 0):,} cancels, {k.get(LONG_STREAM, 0):,} streams opened, "
+                   f"{m.long_errors:,} errors; event streams open: median {fmt(m.streams_median, 0)} "
+                   f"(need {math.ceil(0.9 * asked)} of {asked} asked), peak {m.streams_peak:,}"))
+    return "; ".join(missing) if done else ""
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
@@ -446,7 +500,7 @@ COLUMNS = [  # key (one lowercase word: the web UI camel-cases keys), title
     ("phase", "Phase"), ("state", "State"), ("seconds", "Seconds"), ("requests", "Fast requests"),
     ("rate", "Fast req/s"), ("failures", "Fast failures"), ("p50", "p50 ms"), ("p95", "p95 ms"),
     ("p99", "p99 ms"), ("stalls", "Stalls"), ("late", "Probe late p99 ms"), ("heavy", "Heavy done"), ("shed", "Heavy shed 503/429"), ("inflight", "Heavy in flight"),
-    ("check", "Check"),
+    ("streams", "Job streams open"), ("check", "Check"),
 ]
 
 
@@ -471,7 +525,8 @@ def table_rows(rec: Recorder) -> list[dict[str, str]]:
             "requests": f"{x.requests:,}", "rate": fmt(x.rate), "failures": str(x.failures),
             "p50": fmt(x.p50), "p95": fmt(x.p95), "p99": fmt(x.p99), "stalls": str(x.stalls), "late": fmt(x.late_p99),
             "heavy": f"{x.heavy_ok + x.heavy_errors:,}" + (f" ({x.heavy_errors:,} errors)" if x.heavy_errors else ""),
-            "shed": f"{x.shed503:,} / {x.shed429:,}", "inflight": fmt(x.inflight_median, 0), "check": check,
+            "shed": f"{x.shed503:,} / {x.shed429:,}", "inflight": fmt(x.inflight_median, 0),
+            "streams": fmt(x.streams_median, 0), "check": check,
         })
     blank = {k: "" for k, _ in COLUMNS}
     rows.append({**blank, "phase": "VERDICT", "state": v.verdict, "check": v.reason})

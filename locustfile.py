@@ -29,6 +29,29 @@ the fleet's per-client limit on heavy requests in flight does not cap the flood:
 shed answers are 503s from the slow instance, and 429s, if any, are only counted, never taken as
 proof of saturation.
 
+LONG JOBS (--long-job-users, --long-job-streams; none by default, `make load-check` runs 1 user and
+300 streams). A long-job user submits a --long-job-mix job with `Prefer: respond-async` (the fleet's
+`/slow/report/<seconds>`), follows its event stream (now and then it drops the stream and resumes
+with Last-Event-ID: the ids must go on without a gap or a repeat), cancels it (DELETE /jobs/<id>)
+a moment after the 202 for --long-job-cancel-percent of its jobs, and reads its final status
+(succeeded, or cancelled if it cancelled; anything else fails); then the next. It behaves like a
+real client: an address of its own (127.2.k.N, k the Locust worker + 1), and a refusal (429 or
+503 with Retry-After: the fleet's line is full, or the client is past its share) is waited out as
+long as Retry-After says, never a failure. Its watchers hold --long-job-streams event streams open
+on the jobs in flight in its process (any of them, at random; the next one when one ends; resumed
+with Last-Event-ID after a cut), from addresses of their own (127.3.k.N, --streams-per-client
+streams each, under the fleet's jobs.max_streams_per_client), and back off on a 429 as told: a job
+page open in hundreds of browsers. They are read in a process of their own at nice 10
+(stream_watchers.py; one per long-job user, gone with it or with Locust), never in the Locust
+process that times the fast users: 3,000 events a second parsed there made the probe measure
+itself; their requests and streams open come back to Locust as its own. Their requests have names of their own (".../report/20 (async)", "/jobs/[id]/events",
+"/jobs/[id]/events (Last-Event-ID)", "/jobs/[id]/events (watcher)", "/jobs/[id] (DELETE)",
+"/jobs/[id]") and are never fast samples. They join the mixed phase LONG_JOB_HEAD_START (1.5) s
+before the heavy flood: a flood fills the slow path's line and a client that waits as told seldom
+gets a place in it, while jobs admitted first keep their places (and the streams something to
+follow). One long-job user by default: its job holds one of the slow workers while it runs, two
+could hold both and starve the flood the check needs.
+
 ONE PROCESS OR MANY. The same file runs as one process or as Locust's master with workers
 (`--processes N` on one host, or `--master` here and `--worker --master-host <master>` on other
 hosts). The master runs the shape (so the phases) and judges; it runs no users. Each worker records
@@ -38,8 +61,8 @@ master, about to judge, asks for them (a custom message). The master judges only
 has sent its last samples (waiting up to 10 s for connected ones); a worker whose last samples
 never come makes the run INCONCLUSIVE. The phase windows are the master's clock and the samples
 carry the workers' start times: hosts running workers need synchronized clocks (NTP; a skew of a
-few ms is harmless). Heavy requests in flight are sampled by every worker on the clock's
-half-second grid and added up slot by slot.
+few ms is harmless). Heavy requests in flight and long jobs' event streams open are sampled by
+every worker on the clock's half-second grid and added up slot by slot.
 
 THE VERDICT, from the fast requests' own samples (recorded by start time into the phase windows),
 with limits relative to the baseline measured in the same run. Each judged phase is cut into blocks
@@ -61,13 +84,16 @@ absolute deviation; at least --median-slack-ms / --slack-ms, 0.5 ms):
                 stopped before the mixed phase ended, or nothing proves the heavy load saturated the
                 slow path: no 503 "overloaded" from it and fewer than --slow-workers heavy requests
                 in flight in 90% of the mixed phase's half-second samples (or no heavy request sent);
+                or long jobs were asked for and did not run: no long job submitted (202) in the
+                mixed phase, or fewer than 90 % of --long-job-streams open in half of its samples;
   PASS          otherwise.
 The order decides between reasons: fast failures, then lost worker samples, then a slow path that
 ran no jobs, then Locust's CPU, then baseline samples, then saturation (a mixed phase without it
 proves nothing either way), then stalls, then Locust's lateness, then mixed samples (a p50 over its limit by more than Locust's lag is a FAIL
-with 100 samples already), then latency. Headless, the verdict is the exit code
+with 100 samples already), then latency, then the long jobs (less load than asked for does not
+undo a FAIL, but a PASS would claim too much). Headless, the verdict is the exit code
 (0 PASS, 3 FAIL, 4 INCONCLUSIVE; on a PASS Locust's own rule still applies: exit 1 if some heavy
-request failed in an unexpected way, e.g. a 500 or 502) and the per-phase table is printed; with
+or long-job request failed in an unexpected way, e.g. a 500 or 502, a gap in a stream's events) and the per-phase table is printed; with
 --csv the table is also written to <prefix>_isolation.csv. The figures, the verdict and the table
 are isolation_verdict.py's (no Locust in it: tests/unit/test_isolation_verdict.py judges made-up
 runs), and isolation_ui.py shows them (exit code, console, CSV, web UI tab); this file runs the
@@ -120,20 +146,27 @@ machine (1.1-1.6 ms); run the check on a quiet machine to judge the fleet itself
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import ipaddress
+import json
 import logging
 import os
 import random
 import secrets
 import socket
+import sys
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import gevent
+import gevent.event
 import gevent.pool
+import gevent.subprocess
 from locust import HttpUser, LoadTestShape, events, task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.runners import STATE_MISSING, MasterRunner, WorkerRunner
@@ -153,6 +186,9 @@ except ModuleNotFoundError as exc:
 log = logging.getLogger("isolation")
 
 SPAWN_RATE = 100  # users started per second at a phase change: every phase starts at full strength
+# Seconds the long-job users run in the mixed phase before the heavy flood joins them: more than the
+# shape's tick (1 s), so that one tick at least starts them.
+LONG_JOB_HEAD_START = 1.5
 ECHO_BODY = b'{"probe": "isolation", "padding": "' + b"x" * 200 + b'"}'
 
 # name, type, default, help. Every option is usable as --name on the command line, name = value in
@@ -192,6 +228,18 @@ OPTIONS = [
     ("hostile-connections", int, 6, "Connections each hostile client posts on at once"),
     ("hostile-body-kb", int, 1024, "Body size of a hostile client's POST /echo, KiB"),
     ("hostile-backoff", float, 1.0, "Seconds a hostile connection pauses after a refusal (413, 429) or an error"),
+    ("long-job-users", int, 0,
+     "Long-job clients in the mixed phase (0: none; the server needs /jobs): each submits a job with Prefer: "
+     "respond-async, follows its event stream, sometimes cancels it, reads its final status"),
+    ("long-job-mix", str, "/slow/report/20:3,/slow/report/8:1",
+     "Long jobs, comma-separated 'path:weight' (as --heavy-mix), each submitted with Prefer: respond-async"),
+    ("long-job-cancel-percent", float, 25.0, "% of long jobs their client cancels (DELETE) a moment after the 202"),
+    ("long-job-reconnect-percent", float, 50.0,
+     "% of long jobs whose stream their client drops once and resumes with Last-Event-ID"),
+    ("long-job-streams", int, 0,
+     "Event streams held open in the mixed phase beside the long-job users' own (0: none): watchers of their jobs"),
+    ("streams-per-client", int, 16,
+     "Watcher streams per client address (the fleet refuses a client past jobs.max_streams_per_client, 32, with 429)"),
 ]
 DEFAULTS = SimpleNamespace(**{name.replace("-", "_"): default for name, _, default, _ in OPTIONS})
 
@@ -210,6 +258,7 @@ class Node:
 
     role = "local"
     heavy_now = 0  # heavy requests this process has in flight
+    streams_open = 0  # long jobs' event streams this process holds open (answered 200, not ended yet)
 
 
 @events.init_command_line_parser.add_listener
@@ -269,6 +318,14 @@ def check_options(o: SimpleNamespace) -> None:
         raise ValueError("fast-users must be >= 1; heavy-users, warmup-seconds and recovery-seconds >= 0")
     if min(o.min_heavy_jobs, o.stall_percent, o.hostile_users, o.hostile_backoff) < 0:
         raise ValueError("min-heavy-jobs, stall-percent, hostile-users and hostile-backoff must be >= 0")
+    parse_mix(o.long_job_mix)
+    if o.long_job_users < 0 or o.long_job_streams < 0 or o.streams_per_client < 1:
+        raise ValueError("long-job-users and long-job-streams must be >= 0, streams-per-client >= 1")
+    for name in ("long_job_cancel_percent", "long_job_reconnect_percent"):
+        if not 0 <= getattr(o, name) <= 100:
+            raise ValueError(f"{name.replace('_', '-')} must be 0-100")
+    if o.long_job_streams and not o.long_job_users:
+        raise ValueError("long-job-streams needs long-job-users: the streams follow their jobs")
 
 
 # the samples ----------------------------------------------------------------------------------------
@@ -287,19 +344,22 @@ class Outbox:
     late: list[tuple[float, float]] = field(default_factory=list)
     heavy: list[tuple[float, str]] = field(default_factory=list)
     hostile: list[tuple[float, str]] = field(default_factory=list)
+    long: list[tuple[float, str]] = field(default_factory=list)  # the long-job users' requests: start_time, kind
     inflight: list[tuple[float, int]] = field(default_factory=list)  # (half-second slot, count)
+    streams: list[tuple[float, int]] = field(default_factory=list)  # (half-second slot, event streams open)
     cpu: list[float] = field(default_factory=list)  # when Locust warned about this worker's CPU
 
     def __bool__(self) -> bool:
-        return bool(self.fast or self.unanswered or self.late or self.heavy or self.hostile or self.inflight
-                    or self.cpu)
+        return bool(self.fast or self.unanswered or self.late or self.heavy or self.hostile or self.long
+                    or self.inflight or self.streams or self.cpu)
 
     def take(self, final: bool = False) -> dict:
         """Empties the outbox into a batch for the master; final: the last batch of this run."""
         batch = {"fast": self.fast, "unanswered": self.unanswered, "late": self.late, "heavy": self.heavy,
-                 "hostile": self.hostile, "inflight": self.inflight, "cpu": self.cpu, "final": final}
-        self.fast, self.unanswered, self.late, self.heavy, self.hostile, self.inflight, self.cpu = (
-            [], [], [], [], [], [], [])
+                 "hostile": self.hostile, "long": self.long, "inflight": self.inflight, "streams": self.streams,
+                 "cpu": self.cpu, "final": final}
+        (self.fast, self.unanswered, self.late, self.heavy, self.hostile, self.long, self.inflight, self.streams,
+         self.cpu) = ([], [], [], [], [], [], [], [], [])
         return batch
 
 
@@ -532,6 +592,355 @@ class HostileUser(HttpUser):
                 gevent.sleep(self.backoff)
 
 
+# long jobs ------------------------------------------------------------------------------------------
+
+ASYNC = {"Prefer": "respond-async"}
+STREAM_TIMEOUT = 60.0  # seconds of silence after which a stream is dead (the fleet sends a keep-alive every 15 s)
+ENDED = ("succeeded", "cancelled", "failed")
+
+
+def client_address(network: int, worker: int, number: int) -> str:
+    """The loopback address of a simulated client: 127.<network>.<Locust worker + 1>.<number + 1>, the
+    network going on to the next one past 250 clients, so that no two clients (of any worker) share one."""
+    return f"127.{network + number // 250}.{worker % 254 + 1}.{number % 250 + 1}"
+
+
+def retry_after(response_headers) -> float | None:
+    """Seconds a refusal's Retry-After asks for (None without one; an HTTP date counts as 1 s)."""
+    value = response_headers.get("Retry-After")
+    if value is None:
+        return None
+    return float(value) if value.strip().isdigit() else 1.0
+
+
+class Board:
+    """This process's long jobs in flight (submitted by its long-job users, not ended yet): the jobs
+    their watchers follow."""
+
+    jobs: set[str] = set()
+    posted = gevent.event.Event()  # set while a job is on the board
+
+    @classmethod
+    def add(cls, job_id: str) -> None:
+        cls.jobs.add(job_id)
+        cls.posted.set()
+        Watchers.tell_all(f"+{job_id}")
+
+    @classmethod
+    def discard(cls, job_id: str) -> None:
+        cls.jobs.discard(job_id)
+        if not cls.jobs:
+            cls.posted.clear()
+        Watchers.tell_all(f"-{job_id}")
+
+    @classmethod
+    def pick(cls, timeout: float) -> str | None:
+        """One of the jobs in flight, at random; None if none came within `timeout` seconds."""
+        if not cls.jobs:
+            cls.posted.wait(timeout)
+        return random.choice(tuple(cls.jobs)) if cls.jobs else None
+
+
+@dataclass
+class Followed:
+    """How one request for a job's event stream went."""
+
+    status: int | None = None  # None: no answer
+    last: int = 0  # the id of the last event read
+    end: dict | None = None  # the end event's status document, if it came
+    retry: float | None = None  # the Retry-After of a refusal
+    dropped: bool = False  # closed by the client itself, to reconnect
+
+
+def follow(user: HttpUser, job_id: str, source: str | None, name: str, last: int = 0,
+           drop_after: int | None = None) -> Followed:
+    """Reads /jobs/<id>/events (after event `last`, with Last-Event-ID) as EventSource does, from the
+    address `source`, until its end event, until `drop_after` events (then hangs up), or until it is
+    cut. Locust reports the request when its headers arrive (name); a gap in the events' ids, a cut
+    stream or an answer that is neither a stream nor a refusal with Retry-After, as a failure."""
+    url = urlsplit(user.host)
+    kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    conn = kind(url.hostname, url.port, timeout=STREAM_TIMEOUT, source_address=(source, 0) if source else None)
+    path = f"/jobs/{job_id}/events"
+    headers = {"Accept": "text/event-stream", **({"Last-Event-ID": str(last)} if last else {})}
+    got = Followed(last=last)
+    started, clock = time.time(), time.perf_counter()
+
+    def report(kind: str, exception: Exception | None = None, what: str = name) -> None:
+        user.environment.events.request.fire(
+            request_type="GET", name=what, response_time=(time.perf_counter() - clock) * 1000, response_length=0,
+            exception=exception, context={"role": "long", "kind": kind}, start_time=started, url=path, response=None)
+
+    try:
+        try:
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            report("connection error", exc)
+            return got
+        got.status = response.status
+        if response.status == 204:  # the end was seen already: EventSource stops here
+            report("stream")
+            return got
+        if response.status in (429, 503) and retry_after(response.headers) is not None:
+            got.retry = retry_after(response.headers)
+            report("refused", what=f"{name} (refused {response.status})")
+            return got
+        if response.status != 200:
+            report(f"{response.status}", RuntimeError(f"{response.status} {response.read(200)!r}"))
+            return got
+        report("stream")
+        Node.streams_open += 1
+        try:
+            buffer, events = b"", 0
+            while True:
+                try:
+                    data = response.read1(65536)  # what has come: an event or a few
+                except (OSError, http.client.HTTPException) as exc:
+                    report("cut", exc, f"{name} (cut)")
+                    return got
+                if not data:
+                    report("cut", RuntimeError("the stream ended without its end event"), f"{name} (cut)")
+                    return got
+                *blocks, buffer = (buffer + data).split(b"\n\n")
+                for block in blocks:
+                    fields = dict(line.partition(b": ")[::2] for line in block.split(b"\n")
+                                  if line and not line.startswith(b":"))
+                    if b"id" not in fields:
+                        continue  # retry:, or a comment
+                    seq = int(fields[b"id"])
+                    if seq != got.last + 1:
+                        report("gap", RuntimeError(f"event {seq} after {got.last}: the stream skipped or repeated "
+                                                   "events"), f"{name} (gap)")
+                    got.last = seq
+                    events += 1
+                    if fields.get(b"event") == b"end":
+                        got.end = json.loads(fields[b"data"])
+                        return got
+                    if drop_after is not None and events >= drop_after:
+                        got.dropped = True
+                        return got
+        finally:
+            Node.streams_open -= 1
+    finally:
+        conn.close()
+
+
+class Watchers:
+    """A long-job user's watcher streams, held in a process of their own (stream_watchers.py, niced):
+    reading 3,000 events a second in this process would take the CPU of the fast users it times (the
+    load generator would measure itself). The process learns the jobs in flight from Board, and its
+    requests come back here as this process's own (Locust's stats, the verdict's long-job samples),
+    its streams open with the samples of Node.streams_open. It ends when stopped, or when this
+    process dies (the end of its stdin)."""
+
+    running: "weakref.WeakSet[Watchers]" = weakref.WeakSet()
+
+    def __init__(self, environment, host: str, sources: list[str | None]):
+        self.environment, self.open = environment, 0
+        self.proc = gevent.subprocess.Popen(
+            [sys.executable, "-m", "stream_watchers", host, ",".join(s or "-" for s in sources)],
+            cwd=Path(__file__).resolve().parent, stdin=gevent.subprocess.PIPE, stdout=gevent.subprocess.PIPE)
+        Watchers.running.add(self)
+        for job in Board.jobs:
+            self.tell(f"+{job}")
+        self.relay = gevent.spawn(self.relay_reports)
+
+    @classmethod
+    def open_streams(cls) -> int:
+        return sum(w.open for w in cls.running)
+
+    @classmethod
+    def tell_all(cls, line: str) -> None:
+        for watchers in list(cls.running):
+            watchers.tell(line)
+
+    def tell(self, line: str) -> None:
+        try:
+            self.proc.stdin.write(f"{line}\n".encode())
+            self.proc.stdin.flush()
+        except (OSError, ValueError):  # it is gone (stopped, or died: its stdout says so)
+            pass
+
+    def relay_reports(self) -> None:
+        """Its reports, as they come: its requests fired as this process's, its streams open."""
+        for line in self.proc.stdout:
+            report = json.loads(line)
+            self.open = report["open"]
+            for name, started, response_time, kind, error in report["requests"]:
+                self.environment.events.request.fire(
+                    request_type="GET", name=name, response_time=response_time, response_length=0,
+                    exception=RuntimeError(error) if error else None, context={"role": "long", "kind": kind},
+                    start_time=started, url="/jobs/[id]/events", response=None)
+        self.open = 0
+        if self.proc.wait() not in (0, -15):
+            log.error("isolation check: the watcher streams' process exited with %s", self.proc.returncode)
+
+    def stop(self) -> None:
+        Watchers.running.discard(self)
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # it ends at the end of its stdin
+        try:
+            self.proc.wait(timeout=5)
+        except gevent.subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.relay.join(timeout=2)
+
+
+class LongJobUser(HttpUser):
+    """A client of long jobs (--long-job-users; none by default), from an address of its own
+    (127.2.k.N, k the Locust worker + 1): it submits a --long-job-mix job with `Prefer:
+    respond-async`, follows its event stream (dropping it once, now and then, and resuming with
+    Last-Event-ID: the ids must go on without a gap), cancels it (DELETE) now and then a moment after
+    the 202, and reads its final status; then the next. A refusal (429 or 503 with Retry-After) is
+    the fleet shedding, never a failure: the client waits as long as it is told. Its requests have
+    names of their own ("... (async)", "/jobs/[id]...") and are never fast samples.
+
+    Watchers (--long-job-streams): each long-job user brings its share of the streams, held open on
+    the jobs in flight in its process (any of them, at random; the next one when one ends), from
+    watcher addresses (127.3.k.N, --streams-per-client streams each, under the edge's cap per
+    client): a job page open in many browsers. They are read by a process of their own (Watchers),
+    started with the user and stopped with it.
+    """
+
+    numbered = 0  # long-job users created so far in this process: each gets the next address
+    watchers_made = 0  # watcher streams created so far in this process: --streams-per-client per address
+
+    def __init__(self, environment):
+        o = options(environment)
+        self.paths, self.weights = parse_mix(o.long_job_mix)
+        self.cancel_share = o.long_job_cancel_percent / 100
+        self.reconnect_share = o.long_job_reconnect_percent / 100
+        self.timeout = o.heavy_timeout
+        super().__init__(environment)
+        worker = max(getattr(environment.runner, "worker_index", 0), 0)
+        loopback = _on_loopback(self.host)
+        self.source = client_address(2, worker, LongJobUser.numbered) if loopback else None
+        LongJobUser.numbered += 1
+        if self.source:
+            self.client.mount("http://", SourceAddress(self.source))
+        self.watcher_sources = []
+        for _ in range(-(-o.long_job_streams // max(o.long_job_users, 1))):  # its share, rounded up
+            number = LongJobUser.watchers_made // o.streams_per_client
+            self.watcher_sources.append(client_address(3, worker, number) if loopback else None)
+            LongJobUser.watchers_made += 1
+        self.watchers: Watchers | None = None
+        self.job: str | None = None
+        self.cancel_sent = False
+        self.pause = 0.0
+
+    def wait_time(self) -> float:
+        return self.pause
+
+    def on_start(self) -> None:
+        if self.watcher_sources:
+            self.watchers = Watchers(self.environment, self.host, self.watcher_sources)
+
+    def on_stop(self) -> None:
+        if self.watchers is not None:
+            self.watchers.stop()
+        job, self.job = self.job, None
+        if job is not None:  # the run moves on: its job would hold a worker on for nothing
+            self.client.delete(f"/jobs/{job}", name="/jobs/[id] (DELETE, user left)", context={"role": "long",
+                                                                                              "kind": "cancel"})
+
+    @task
+    def long_job(self) -> None:
+        self.pause = 0.0
+        path = random.choices(self.paths, self.weights)[0]
+        job = self.submit(path)
+        if job is None:
+            return
+        self.job, self.cancel_sent = job, False
+        Board.add(job)
+        canceller = None
+        if random.random() < self.cancel_share:
+            canceller = gevent.spawn_later(random.uniform(0.5, 10.0), self.cancel, job)
+        try:
+            self.follow_to_end(job)
+            if canceller is not None and self.cancel_sent:
+                canceller.join()  # its answer first: the final status must show it
+            self.final_status(job)
+        finally:
+            if canceller is not None and not self.cancel_sent:
+                canceller.kill()  # the job ended first, or the user is stopping (on_stop cancels it)
+            Board.discard(job)
+        self.job = None  # only now: a user stopped before this cancels its job (on_stop)
+
+    def submit(self, path: str) -> str | None:
+        """The job's id, or None if it was refused (the user then pauses as long as it was told)."""
+        with self.client.get(path, headers=ASYNC, name=f"{path} (async)", context={"role": "long"},
+                             catch_response=True, timeout=self.timeout) as response:
+            job = response.headers.get("Location", "").rpartition("/jobs/")[2] if response.status_code == 202 else ""
+            wait = retry_after(response.headers)
+            if job:
+                kind = "submitted"
+            elif response.status_code in (429, 503) and wait is not None:
+                kind = "refused"
+                response.request_meta["name"] = f"{path} (async, refused {response.status_code})"
+                response.success()
+                self.pause = wait + random.uniform(0, 0.5)  # as told, and not all at the same instant
+            else:
+                kind = f"{response.status_code} {error_code(response)}".strip()
+                response.failure(f"not a job: {response.status_code} {response.text[:200]}")
+                self.pause = 1.0
+            response.request_meta["context"]["kind"] = kind
+        return job or None
+
+    def follow_to_end(self, job: str) -> None:
+        """Its event stream until the end event, resumed with Last-Event-ID after a drop or a cut."""
+        last, errors = 0, 0
+        drop_after = random.randint(1, 20) if random.random() < self.reconnect_share else None
+        while errors < 3:
+            name = "/jobs/[id]/events (Last-Event-ID)" if last else "/jobs/[id]/events"
+            got = follow(self, job, self.source, name, last=last, drop_after=drop_after)
+            last = got.last
+            if got.end is not None or got.status == 204:
+                return
+            if got.dropped:
+                drop_after = None  # once a job
+            elif got.retry is not None:
+                gevent.sleep(got.retry)
+            else:
+                errors += 1
+                gevent.sleep(1.0)
+
+    def cancel(self, job: str) -> None:
+        self.cancel_sent = True
+        with self.client.delete(f"/jobs/{job}", name="/jobs/[id] (DELETE)", context={"role": "long"},
+                                catch_response=True, timeout=self.timeout) as response:
+            state = response.json().get("state") if response.status_code == 200 else None
+            if state in ("cancelling", *ENDED):
+                kind = "cancel"
+            else:
+                kind = f"{response.status_code} {error_code(response)}".strip()
+                response.failure(f"a cancel answered {response.status_code} {response.text[:200]}")
+            response.request_meta["context"]["kind"] = kind
+
+    def final_status(self, job: str) -> None:
+        """GET /jobs/<id> once it ended: succeeded, or cancelled if it was cancelled; anything else fails."""
+        for _ in range(3):
+            with self.client.get(f"/jobs/{job}", name="/jobs/[id]", context={"role": "long"}, catch_response=True,
+                                 timeout=self.timeout) as response:
+                doc = response.json() if response.status_code == 200 else {}
+                state = doc.get("state")
+                wait = retry_after(response.headers)
+                if response.status_code == 429 and wait is not None:
+                    kind = "refused"
+                    response.request_meta["name"] = "/jobs/[id] (refused 429)"
+                    response.success()
+                elif state == "succeeded" or (state == "cancelled" and self.cancel_sent):
+                    kind = state
+                else:
+                    kind = "failed" if state == "failed" else f"{response.status_code} {state or error_code(response)}"
+                    response.failure(f"the job ended {state}: {doc.get('error') or response.text[:200]}")
+                response.request_meta["context"]["kind"] = kind
+            if kind != "refused":
+                return
+            gevent.sleep(wait)
+
+
 # the shape ------------------------------------------------------------------------------------------
 
 class IsolationShape(LoadTestShape):
@@ -549,6 +958,7 @@ class IsolationShape(LoadTestShape):
         # The mixed phase's new users are H heavy and N hostile ones in those proportions (weights;
         # fixed_count is honoured only for the first class list a run dispatches).
         HeavyUser.weight, HostileUser.weight = max(o.heavy_users, 1), max(o.hostile_users, 1)
+        LongJobUser.weight = max(o.long_job_users, 1)
         RECORDER = isolation_verdict.Recorder(o, started=True, distributed=Node.role == "master")
         try:
             check_options(o)
@@ -564,7 +974,7 @@ class IsolationShape(LoadTestShape):
         o = rec.opts
         plan = [("warm-up", o.warmup_seconds, o.fast_users, [FastUser]),
                 ("baseline", o.baseline_seconds, o.fast_users, [FastUser]),
-                ("mixed", o.mixed_seconds, o.fast_users + o.heavy_users + o.hostile_users,
+                ("mixed", o.mixed_seconds, o.fast_users + o.heavy_users + o.hostile_users + o.long_job_users,
                  [HeavyUser] + ([HostileUser] if o.hostile_users else [])),
                 ("recovery", o.recovery_seconds, o.fast_users, [FastUser])]
         elapsed = self.get_run_time()
@@ -573,6 +983,11 @@ class IsolationShape(LoadTestShape):
             end += seconds
             if elapsed < end:
                 rec.enter(name)
+                if name == "mixed" and o.long_job_users and elapsed < end - seconds + LONG_JOB_HEAD_START:
+                    # The long jobs' head start: their first jobs take their places in the slow path's
+                    # line before the flood fills it (a flood shuts newcomers out), so that the
+                    # whole mixed phase has long jobs, and streams following them.
+                    return o.fast_users + o.long_job_users, SPAWN_RATE, [LongJobUser]
                 return users, SPAWN_RATE, classes
         rec.finish(ran_out=True)
         return None
@@ -586,10 +1001,10 @@ def on_request(start_time, response_time, exception, context, response=None, **_
     sink = OUTBOX if Node.role == "worker" else RECORDER
     if role == "fast":
         sink.fast.append((start_time, response_time, exception is None))
-    elif role in ("heavy", "hostile"):
-        # Sorted by the user that sent it (heavy_kind, HostileUser.post_forever)
+    elif role in ("heavy", "hostile", "long"):
+        # Sorted by the user that sent it (heavy_kind, HostileUser.post_forever, LongJobUser)
         kind = context.get("kind") or "error"
-        (sink.heavy if role == "heavy" else sink.hostile).append((start_time, kind))
+        {"heavy": sink.heavy, "hostile": sink.hostile, "long": sink.long}[role].append((start_time, kind))
 
 
 @events.cpu_warning.add_listener
@@ -650,21 +1065,25 @@ def on_test_stop(environment, **_kwargs):
 
 @events.quit.add_listener
 def on_quit(exit_code, **_kwargs):
+    for watchers in list(Watchers.running):  # a run stopped without its users' on_stop: none outlives Locust
+        watchers.stop()
     if Node.role != "worker":
         isolation_ui.print_on_quit(RECORDER, exit_code)
 
 
 def sample_inflight(runner) -> None:
-    """Heavy requests in flight, every half second on the clock's half-second grid, so that the
-    master can add up the workers' samples slot by slot."""
+    """Heavy requests in flight and long jobs' event streams open, every half second on the clock's
+    half-second grid, so that the master can add up the workers' samples slot by slot."""
     while True:
         gevent.sleep(INFLIGHT_PERIOD - time.time() % INFLIGHT_PERIOD)
         slot = round(time.time() / INFLIGHT_PERIOD) * INFLIGHT_PERIOD
         if Node.role == "worker":
             if runner.user_count:  # the worker does not know the phases: the master sorts the slots in
                 OUTBOX.inflight.append((slot, Node.heavy_now))
+                OUTBOX.streams.append((slot, Node.streams_open + Watchers.open_streams()))
         elif RECORDER.names and RECORDER.ended_at is None:
             RECORDER.inflight.setdefault("local", {})[slot] = Node.heavy_now
+            RECORDER.streams.setdefault("local", {})[slot] = Node.streams_open + Watchers.open_streams()
 
 
 def on_worker_report(client_id, data, **_kwargs):

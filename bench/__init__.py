@@ -10,6 +10,10 @@ Modules, one role each:
     __main__     command line; runs every configuration, repetitions interleaved; writes the results
     subjects     the configurations under test (naive, pool, peers, fleet, floor, edge): start,
                  processes, stop
+    jobs         long jobs against issue 26's targets (`--configs jobs`): its own fleet and phases,
+                 its figures and its section of results.md
+    job_tasks    that fleet's extra tasks: a long job stamping its reports with the clock, a 100 kB result
+    streams      many open event streams (SSE) read in processes of their own, and their events' latency
     peers/       the peers' servers (FastAPI, gunicorn sync / gthread + dirty arbiters, Tornado +
                  Dask), run from their own environment, bench/peers/.venv (see peers/__init__.py)
     floor        the floor: nginx -> one Tornado Hello, and the burners that stand in for a flood

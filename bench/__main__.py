@@ -1,7 +1,7 @@
 """`make bench`: naive, pool, fleet (local pool and Dask) and the edge ceiling, side by side, with the
-issues' targets.
+issues' targets; and long jobs against theirs (`jobs`, bench/jobs.py).
 
-    .venv/bin/python -m bench [--quick] [--configs naive,pool,fleet,fleet-dask,edge] [--repeat N] [--out DIR]
+    .venv/bin/python -m bench [--quick] [--configs naive,pool,fleet,fleet-dask,edge,jobs] [--repeat N] [--out DIR]
 
 Every configuration is started and stopped by the bench itself (by pid), on free loopback ports,
 once per repetition; repetitions are interleaved (naive, pool, fleet, edge, naive, ...) so that
@@ -23,7 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import charts, cpu, machine, phases, report, subjects, wrk
+from bench import charts, cpu, jobs, machine, phases, report, subjects, wrk
 from bench.subjects import CONFIGS, REPO, Subject
 
 DEFAULT_OUT = REPO / "bench" / "results"
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def preflight(configs: list[str]) -> None:
     wrk.binary()  # raises with the install command
-    if {"fleet", "edge"} & set(configs):
+    if {"fleet", "edge", "jobs"} & set(configs):
         from bench.edge import nginx_binary
         if not Path(nginx_binary()).exists():
             raise RuntimeError("nginx is not installed: run `make bench` (its bootstrap installs it when root)")
@@ -77,8 +77,10 @@ def preflight(configs: list[str]) -> None:
 
 
 class Bench:
-    def __init__(self, profile: phases.Profile, workdir: Path, fleet_env: dict[str, str]):
+    def __init__(self, profile: phases.Profile, workdir: Path, fleet_env: dict[str, str],
+                 jobs_profile: jobs.Profile = jobs.FULL):
         self.profile = profile
+        self.jobs_profile = jobs_profile
         self.workdir = workdir
         self.fleet_env = fleet_env
         self.live: list[Subject] = []  # started and not yet stopped: the cleanup's list
@@ -121,10 +123,16 @@ class Bench:
         if p.quiet_wait:
             record["quiet_before"], record["quiet_waited_s"] = cpu.wait_quiet(p.quiet_wait, report.NOISY_CORES,
                                                                               say=self.say)
-        subject = subjects.make(name, self.workdir / f"rep{rep + 1}" / name, overrides=self.fleet_env)
+        if name == "jobs":
+            subject = jobs.make_fleet(self.workdir / f"rep{rep + 1}" / name, self.fleet_env)
+        else:
+            subject = subjects.make(name, self.workdir / f"rep{rep + 1}" / name, overrides=self.fleet_env)
         try:
             self.start(subject)
-            record["m"] = phases.measure(subject, p, say=lambda phase: self.say(f"    {phase}"))
+            if name == "jobs":
+                record["jobs"] = jobs.measure(subject, self.jobs_profile, say=lambda phase: self.say(f"    {phase}"))
+            else:
+                record["m"] = phases.measure(subject, p, say=lambda phase: self.say(f"    {phase}"))
         finally:
             record["killed"] = self.stop(subject)
         if p.one_worker_runs and name in ("pool", "fleet", "fleet-dask") and subject.workers and subject.workers > 1:
@@ -141,6 +149,8 @@ class Bench:
 
 
 def one_line(record: dict) -> str:
+    if record["config"] == "jobs":
+        return jobs.one_line(record)
     f = report.figures(record)
     parts = [f"idle p99 {report.num(f['idle_p99'])} ms"]
     if f["flood_p99"] is not None:
@@ -177,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
            "configs": options.configs, "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
            "source": machine.source(), "fleet_env": options.fleet_env}
     workdir = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
-    bench = Bench(profile, workdir, options.fleet_env)
+    bench = Bench(profile, workdir, options.fleet_env, jobs.QUICK if options.quick else jobs.FULL)
     records: list[dict] = []
     failed = False
     began = time.monotonic()
@@ -207,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     run["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     out.mkdir(parents=True, exist_ok=True)
     agg = report.write(out, records, options.configs, dataclasses.asdict(profile), run)
-    charts.write(out, agg, options.configs, profile.rate)
-    print(f"\ntargets (fleet, medians of {profile.repeat} repetition(s)):\n{report.summary(agg)}")
+    charted = [n for n in options.configs if n != "jobs"]
+    if charted:
+        charts.write(out, agg, charted, profile.rate)
+    print(f"\ntargets (medians of {profile.repeat} repetition(s)):\n{report.summary(agg, options.configs)}")
     print(f"\nresults: {out / 'results.md'} (charts and machine.md beside it); took {run['duration_s']:.0f} s")
     if failed:
         print(f"some runs failed; their logs are kept in {workdir}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""A minimal keep-alive HTTP/1.1 client on asyncio streams: GET only, what the bench needs.
+"""A minimal keep-alive HTTP/1.1 client on asyncio streams: requests without a body (GET, DELETE),
+what the bench needs.
 
 Small on purpose: the load generator shares this 2-core machine with the servers it measures, so
 each request should cost it as little CPU as possible (no header objects, no redirects, no TLS).
@@ -19,6 +20,7 @@ class HttpConnection:
         self.writer = writer
         self.host_header = host_header
         self.closed = False
+        self.headers: dict[str, str] = {}  # the last response's, names in lower case
 
     @classmethod
     async def open(cls, host: str, port: int, source: str | None = None, timeout: float = 5) -> "HttpConnection":
@@ -32,24 +34,34 @@ class HttpConnection:
 
     async def get(self, path: str) -> tuple[int, bytes]:
         """Send one GET and read its whole response: (status, body)."""
+        return await self.request("GET", path)
+
+    async def request(self, method: str, path: str, headers: str = "") -> tuple[int, bytes]:
+        """Send one request without a body, `headers` as "Name: value\r\n" lines, and read its
+        whole response: (status, body)."""
         if self.closed:
             raise HttpError("connection closed")
         try:
-            self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host_header}\r\nUser-Agent: fleet-bench\r\n\r\n".encode())
+            self.writer.write(f"{method} {path} HTTP/1.1\r\nHost: {self.host_header}\r\nUser-Agent: fleet-bench\r\n"
+                              f"{headers}\r\n".encode())
             head = await self.reader.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
             status = int(lines[0].split(" ", 2)[1])
             length, chunked, close = None, False, lines[0].startswith("HTTP/1.0")
+            self.headers = {}
             for line in lines[1:]:
                 name, _, value = line.partition(":")
                 name = name.strip().lower()
+                self.headers[name] = value.strip()
                 if name == "content-length":
                     length = int(value)
                 elif name == "transfer-encoding" and "chunked" in value.lower():
                     chunked = True
                 elif name == "connection":
                     close = "close" in value.lower()
-            if length is not None:
+            if status in (204, 304):  # no body, whatever the headers say
+                body = b""
+            elif length is not None:
                 body = await self.reader.readexactly(length)
             elif chunked:
                 body = await self._chunked()
@@ -58,7 +70,7 @@ class HttpConnection:
                 close = True
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError) as exc:
             self.close()
-            raise HttpError(f"GET {path}: {exc!r}") from None
+            raise HttpError(f"{method} {path}: {exc!r}") from None
         if close:
             self.close()
         return status, body
@@ -83,7 +95,7 @@ class ConnectionPool:
     """Idle keep-alive connections to one address; at most `limit` in use at once."""
 
     def __init__(self, host: str, port: int, limit: int = 256, source: str | None = None):
-        self.host, self.port, self.source = host, port, source
+        self.host, self.port, self.source, self.limit = host, port, source, limit
         self._idle: list[HttpConnection] = []
         self._slots = asyncio.Semaphore(limit)
 

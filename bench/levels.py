@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=subjects.REPO / "bench" / "results")
     o = parser.parse_args(argv)
     configs = [c for c in o.configs.split(",") if c]
-    unknown = [c for c in configs if c not in subjects.CONFIGS or c == "edge"]
+    unknown = [c for c in configs if c not in subjects.CONFIGS or c in ("edge", "jobs")]
     if unknown:
         parser.error(f"--configs: unknown or without a fast instance: {', '.join(unknown)}")
     rates = [float(r) for r in o.rates.split(",") if r]

@@ -36,8 +36,9 @@ class Samples:
 
     path: str
     sent: int = 0
-    latency_ms: list[float] = field(default_factory=list)  # due time -> response, 200s only
-    service_ms: list[float] = field(default_factory=list)  # actual send -> response, 200s only
+    latency_ms: list[float] = field(default_factory=list)  # due time -> response, successes only (200)
+    service_ms: list[float] = field(default_factory=list)  # actual send -> response, successes only
+    due: list[float] = field(default_factory=list)  # each success's due time (monotonic), as latency_ms
     lateness_ms: list[float] = field(default_factory=list)  # actual send - due time
     statuses: Counter = field(default_factory=Counter)
     errors: int = 0  # connection errors, malformed responses
@@ -61,19 +62,26 @@ class Samples:
 
 
 async def open_loop(host: str, port: int, paths: list[str], rate: float, count: int,
-                    drain_timeout: float, max_connections: int = 256) -> dict[str, Samples]:
+                    drain_timeout: float, max_connections: int = 256, headers: str = "",
+                    sources: list[str] | None = None, ok_status: int = 200) -> dict[str, Samples]:
     """Send `count` GETs at `rate` per second in total, cycling through `paths`; wait up to
-    `drain_timeout` s after the last send for the answers. Returns the samples per path."""
+    `drain_timeout` s after the last send for the answers. Returns the samples per path.
+
+    `headers` ("Name: value\r\n" lines) go with every request; with `sources` (loopback addresses),
+    the requests take turns from each, as that many clients would; an answer is a success (its
+    latency counted) if its status is `ok_status`."""
     loop = asyncio.get_running_loop()
-    pool = ConnectionPool(host, port, limit=max_connections)
-    await pool.prewarm(min(8, max_connections))
+    pools = [ConnectionPool(host, port, limit=max(1, max_connections // len(sources or [None])), source=source)
+             for source in sources or [None]]
+    for pool in pools:
+        await pool.prewarm(min(8, pool.limit))
     results = {p: Samples(p) for p in paths}
     tasks: dict[asyncio.Task, tuple[str, float]] = {}
     t0 = time.monotonic() + 0.05
     for s in results.values():
         s.first_due = t0
 
-    async def one(path: str, due: float) -> None:
+    async def one(path: str, due: float, pool: ConnectionPool) -> None:
         s = results[path]
         try:
             conn = await pool.acquire()
@@ -82,7 +90,7 @@ async def open_loop(host: str, port: int, paths: list[str], rate: float, count: 
             return
         sent = time.monotonic()
         try:
-            status, _ = await conn.get(path)
+            status, _ = await conn.request("GET", path, headers)
         except HttpError:
             s.errors += 1
             pool.release(conn)
@@ -94,14 +102,16 @@ async def open_loop(host: str, port: int, paths: list[str], rate: float, count: 
         pool.release(conn)
         s.statuses[status] += 1
         s.lateness_ms.append(1000 * (sent - due))
-        if status == 200:
+        if status == ok_status:
+            s.due.append(due)
             s.latency_ms.append(1000 * (done - due))
             s.service_ms.append(1000 * (done - sent))
         s.last_done = max(s.last_done, done)
 
-    def launch(path: str, due: float) -> None:
+    def launch(i: int, due: float) -> None:
+        path = paths[i % len(paths)]
         results[path].sent += 1
-        tasks[loop.create_task(one(path, due))] = (path, due)
+        tasks[loop.create_task(one(path, due, pools[i % len(pools)]))] = (path, due)
 
     stop = threading.Event()
 
@@ -116,7 +126,7 @@ async def open_loop(host: str, port: int, paths: list[str], rate: float, count: 
                 time.sleep(delay)
             if stop.is_set():
                 return
-            loop.call_soon_threadsafe(launch, paths[i % len(paths)], due)
+            loop.call_soon_threadsafe(launch, i, due)
 
     sending = loop.run_in_executor(None, sender)
     try:
@@ -134,7 +144,8 @@ async def open_loop(host: str, port: int, paths: list[str], rate: float, count: 
                 results[path].timeouts += 1
                 results[path].censored_ms.append(1000 * (now - due))
         await asyncio.gather(*tasks, return_exceptions=True)
-        pool.close()
+        for pool in pools:
+            pool.close()
     return results
 
 
@@ -184,25 +195,30 @@ class HeavyFlood:
         if proc is None:
             return
         proc.send_signal(signal.SIGTERM)
-        try:
-            out = await asyncio.wait_for(proc.stdout.read(), timeout + 5)
-            data = json.loads(out or b"{}")
-            self.done = [(t, status) for t, status in data.get("done", [])]
-            self.errors = data.get("errors", 0)
-        finally:
-            # Killed only if it does not exit by itself: Popen.kill() first polls, and a poll that
-            # reaps an exiting process steals it from asyncio's child watcher ("Unknown child
-            # process pid ..., will report returncode 255", seen in every bench log).
-            try:
-                await asyncio.wait_for(proc.wait(), 5)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+        data = await last_words(proc, timeout + 5)
+        self.done = [(t, status) for t, status in data.get("done", [])]
+        self.errors = data.get("errors", 0)
 
     def completed(self, start: float, end: float) -> Counter:
         """Statuses of the responses received in [start, end)."""
         return statuses_between(self.done, start, end)
+
+
+async def last_words(proc: asyncio.subprocess.Process, timeout: float) -> dict:
+    """What a load process told to stop (SIGTERM) prints as it goes: one JSON object on stdout."""
+    try:
+        out = await asyncio.wait_for(proc.stdout.read(), timeout)
+        return json.loads(out.strip() or b"{}")
+    finally:
+        # Killed only if it does not exit by itself: Popen.kill() first polls, and a poll that
+        # reaps an exiting process steals it from asyncio's child watcher ("Unknown child
+        # process pid ..., will report returncode 255", seen in every bench log).
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
 
 
 def statuses_between(done: list[tuple[float, int]], start: float, end: float) -> Counter:

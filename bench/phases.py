@@ -58,7 +58,7 @@ QUICK = Profile("quick", repeat=1, rate=200, fast_samples=120, rtt_rate=80, rtt_
                 drain_timeout=5, quiet_wait=0, one_worker_runs=False)
 
 
-def summarize(s: Samples) -> dict:
+def summarize(s: Samples, ok_status: int = 200) -> dict:
     """Percentiles over the successful answers plus, as lower bounds, those that never came."""
     values = s.latency_ms + s.censored_ms
     return {
@@ -68,7 +68,7 @@ def summarize(s: Samples) -> dict:
         "max": max(values) if values else None,
         "sent": s.sent,
         "ok": s.ok,
-        "non_200": {str(k): v for k, v in s.statuses.items() if k != 200},
+        "non_200": {str(k): v for k, v in s.statuses.items() if k != ok_status},
         "errors": s.errors,
         "timeouts": s.timeouts,
         "rate": s.achieved_rate(),
@@ -79,16 +79,16 @@ def summarize(s: Samples) -> dict:
     }
 
 
-class MemorySampler:
-    """Samples memory.usage(processes()) every `interval` s in a thread, between start and stop."""
+class Sampler:
+    """Calls `sample()` every `interval` s in a thread, between start and stop; `samples` holds what it returned."""
 
-    def __init__(self, processes: Callable[[], list[int]], interval: float):
-        self.processes, self.interval = processes, interval
-        self.samples: list[dict] = []
+    def __init__(self, sample: Callable[[], object], interval: float):
+        self.sample, self.interval = sample, interval
+        self.samples: list = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "MemorySampler":
+    def __enter__(self) -> "Sampler":
         self._thread.start()
         return self
 
@@ -98,7 +98,12 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.samples.append(memory.usage(self.processes()))
+            self.samples.append(self.sample())
+
+
+def memory_sampler(processes: Callable[[], list[int]], interval: float) -> Sampler:
+    """memory.usage of the processes alive at each sample."""
+    return Sampler(lambda: memory.usage(processes()), interval)
 
 
 async def warm_up(subject: Subject, heavy_n: int) -> None:
@@ -183,7 +188,7 @@ def measure(subject: Subject, p: Profile, say: Callable[[str], None] = lambda _:
         m["rtt"] = {"fast": summarize(rtt["/fast"]), "fib1": summarize(rtt["/slow/fib/1"])}
         m["foreign_cores"]["rtt"] = foreign.cores
         say("fast under flood")
-        with ForeignCpu(subject.processes) as foreign, MemorySampler(subject.processes, p.memory_interval) as sampler:
+        with ForeignCpu(subject.processes) as foreign, memory_sampler(subject.processes, p.memory_interval) as sampler:
             fast, jobs = asyncio.run(fast_flood(subject, p))
         load_samples += sampler.samples
         m["flood"] = summarize(fast)
@@ -197,7 +202,7 @@ def measure(subject: Subject, p: Profile, say: Callable[[str], None] = lambda _:
     url = f"http://{HOST}:{subject.port}/fast"
     if p.wrk_warmup:
         wrk.run(url, p.wrk_warmup)
-    with ForeignCpu(subject.processes) as foreign, MemorySampler(subject.processes, p.memory_interval) as sampler, \
+    with ForeignCpu(subject.processes) as foreign, memory_sampler(subject.processes, p.memory_interval) as sampler, \
             Split(subject.processes) as split:
         m["wrk"] = wrk.run(url, p.wrk_seconds)
     load_samples += sampler.samples

@@ -6,6 +6,7 @@
     fleet-dask  the same with slow.backend = "dask": a managed cluster of W Dask workers
     edge   nginx answering /fast itself, the ceiling of the edge path     (bench/edge.py)
     floor  nginx -> one Tornado "Hello!", spinning burners for a flood     (bench/floor.py)
+    jobs   long jobs: the fleet with the bench's own tasks, its own phases (bench/jobs.py)
     peers  what users would run instead, from bench/peers/.venv           (bench/peers/)
            fastapi, gunicorn-sync, gunicorn-sync-2w, gunicorn-dirty, gunicorn-dirty-nice,
            tornado-dask
@@ -32,7 +33,7 @@ START_TIMEOUT = 60  # seconds a configuration may take to answer /healthz
 
 PEER_BIN = REPO / "bench" / "peers" / ".venv" / "bin"
 PEERS = ("fastapi", "gunicorn-sync", "gunicorn-sync-2w", "gunicorn-dirty", "gunicorn-dirty-nice", "tornado-dask")
-CONFIGS = ("naive", "pool", *PEERS, "fleet", "fleet-dask", "floor", "edge")
+CONFIGS = ("naive", "pool", *PEERS, "fleet", "fleet-dask", "floor", "edge", "jobs")
 DESCRIPTIONS = {
     "naive": "one Tornado process, fib computed in the handler",
     "pool": "one Tornado process + ProcessPoolExecutor (W workers, not niced), no nginx",
@@ -46,6 +47,7 @@ DESCRIPTIONS = {
     "fleet": "this project: nginx + fast and slow instances + worker pool, fleet.toml defaults",
     "fleet-dask": "this project with slow.backend = dask: jobs on a managed Dask cluster of W workers",
     "edge": "nginx answering /fast itself (return 200): the edge path's ceiling",
+    "jobs": "long jobs (issue 26): this project with the bench's own tasks and jobs.result_ttl = 60, bench/jobs.py",
 }
 
 

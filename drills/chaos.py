@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from deploy import fleet
-from drills import faults
+from drills import faults, job_faults
 from drills.faults import SETTLE, Fault
 from drills.loadgen import SteadyLoad, Tally
 from services.common.settings import Settings, SettingsError, load
@@ -60,6 +60,10 @@ SCENARIOS = (
     Fault("monopolist", faults.monopolist, frozenset()),
     Fault("unknown-methods", faults.unknown_methods, frozenset()),
     Fault("hostile-fast-client", faults.hostile_fast_client, frozenset()),
+    # Long jobs (job_faults.py): the kill -9 of the instance that runs them, and cancels of
+    # running and queued ones (their processes killed: none of the steady load's requests).
+    Fault("kill-slow-long-jobs", job_faults.kill_slow_running_long_jobs, frozenset({"slow"})),
+    Fault("cancel-under-load", job_faults.cancel_under_load, frozenset()),
 )
 # Faults of the managed Dask cluster (slow.backend = "dask"): a job on the killed process, or in
 # flight while the scheduler is away, is hit (502 / 503 backend_unavailable, JSON).
@@ -95,16 +99,17 @@ def run(settings: Settings, name: str) -> Result:
 
 
 def print_table(results: list[Result]) -> None:
-    header = (f"{'scenario':<18} {'sent':>6} {'failed':>7} {'hit by the fault (JSON)':>24} {'lost':>5} "
+    w = max([len("scenario"), *(len(r.scenario) for r in results)])  # kill-slow-long-jobs is 19
+    header = (f"{'scenario':<{w}} {'sent':>6} {'failed':>7} {'hit by the fault (JSON)':>24} {'lost':>5} "
               f"{'reload races':>13} {'recovered in (s)':>17}  what happened")
     print(header)
     print("-" * len(header))
     for r in results:
         t = r.tally
-        print(f"{r.scenario:<18} {t.sent:>6} {t.failed:>7} {t.hit:>24} {t.lost:>5} {t.reload_races:>13} "
+        print(f"{r.scenario:<{w}} {t.sent:>6} {t.failed:>7} {t.hit:>24} {t.lost:>5} {t.reload_races:>13} "
               f"{r.recovered_in:>17.2f}  {r.note}")
         for example in t.examples if not r.passed or t.reload_races else []:
-            print(f"{'':<18} {example}")
+            print(f"{'':<{w}} {example}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -271,6 +271,7 @@ SCHEMA: dict[str, Spec] = {
     "jobs.max_run_time": Spec(float, 1, 86_400),
     "jobs.keepalive_seconds": Spec(float, 1, 300),
     "jobs.max_streams_per_client": Spec(int, 1, 65535),  # nginx refuses a limit_conn of 65536 or more
+    "jobs.lost_after_seconds": Spec(float, 2, 600),
     "process.user": Spec(str, check=_check_user),
     "observe.blocked_loop_ms": Spec(int, 10, 60000),
     "observe.test_routes": Spec(bool),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import logging
 import re
 import uuid
@@ -23,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from tornado import web
 
 from services.common import metrics, watchdog
+from services.common.addresses import plain_ip
 
 log = logging.getLogger("fleet.web")
 
@@ -135,10 +135,7 @@ class BaseHandler(web.RequestHandler):
         address = getattr(peer, "address", None)
         if trusted is None or not isinstance(address, tuple) or address[0] in trusted:
             return  # unit tests' connections, Unix sockets; the usual case costs one set lookup
-        ip = ipaddress.ip_address(address[0].split("%")[0])  # ::ffff:10.0.0.1 is 10.0.0.1
-        if ip.version == 6 and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        if str(ip) not in trusted:
+        if str(plain_ip(address[0])) not in trusted:  # ::ffff:10.0.0.1 is 10.0.0.1
             raise ApiError(403, "forbidden", "this instance answers the fleet's edge only")
 
     def _leave_in_flight(self) -> None:

@@ -29,6 +29,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from services.common.addresses import plain_ip
 from services.slow.jobs import ClientLimited, Overloaded, QueueTimeout  # answered as every job outcome is
 
 
@@ -41,11 +42,9 @@ def client_key(address: str) -> str:
     IPv4 address; anything else (no address: an in-process test) is its own key.
     """
     try:
-        ip = ipaddress.ip_address(address.split("%")[0])  # a zone id (fe80::1%eth0) names no client
+        ip = plain_ip(address)
     except ValueError:
         return address
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
     if ip.version == 6:
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
@@ -185,6 +184,10 @@ class Admission:
     def _push_out(self, client: str) -> None:
         place = self._lines[client][-1]  # its newest: its older jobs keep their turn
         self._remove(place)
+        if place.turn.done():
+            # Its client has just left (a cancelled turn, not yet seen by its task): the place is
+            # free already, and that task's _leave gives its hold back.
+            return
         self._held[client] -= 1
         self.shed += 1
         self.pushed_out += 1

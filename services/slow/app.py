@@ -26,8 +26,9 @@ from services.common.settings import heavy_capacity
 from services.slow import coalesce, jobs, registry
 from services.slow.admission import Admission, client_key
 from services.slow.backoff import RetryAfter
+from services.slow.job_feeds import Feeds
 from services.slow.job_routes import (ID, JobEventsHandler, JobHandler, JobResultHandler, StoreFaults,
-                                      idempotency_key, preferences, send_status, wait_seconds)
+                                      idempotency_key, preferences, send_status, sse, wait_seconds)
 from services.slow.job_store import AsyncStore, StoreUnavailable, open_store
 from services.slow.jobs import RETRY_AFTER_SECONDS
 from services.slow.long_jobs import LongJobs, answer_body
@@ -37,7 +38,7 @@ log = logging.getLogger("fleet.slow")
 
 # How long before a drain gives up the jobs admitted during it are answered: a worker's kill and
 # the answer's write take milliseconds; this is room for a busy machine.
-DRAIN_MARGIN_SECONDS = 1.0
+DRAIN_MARGIN_SECONDS = 2.0  # more than the Dask pool's GRACE (1 s past a deadline)
 
 
 class TaskHandler(StoreFaults, BaseHandler):
@@ -175,10 +176,12 @@ class TaskHandler(StoreFaults, BaseHandler):
                 try:
                     result_json, elapsed_ms = await self.pool.run(task.name, kwargs, left, client)
                     self.retry_after.record(task.name, loop.time() - started)
-                except jobs.JobTimeout:
+                except jobs.JobTimeout as exc:
                     self.retry_after.record_cut_short(task.name, left)
-                    waited = f" ({queued_ms / 1000:.1f} s of it waiting in line)" if queued_ms >= 100 else ""
-                    raise jobs.JobTimeout(f"job {task.name} passed its {timeout:g} s deadline{waited}") from None
+                    if queued_ms >= 100:  # the pool saw only what was left of the deadline: say why
+                        exc.args = (f"{exc} (what was left of its {timeout:g} s deadline after "
+                                    f"{queued_ms / 1000:.1f} s in line)",)
+                    raise
                 finally:
                     metrics.SLOW_JOB_DURATION.labels(task.name, backend).observe(loop.time() - started)
         except jobs.JobError as exc:
@@ -279,6 +282,8 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
     settings = server.app_settings(instance)
     long_jobs = None if store is None else LongJobs(store, pool, admission, fleet, instance.name,
                                                     in_flight=settings["in_flight"], tasks=dict(tasks))
+    # Each job's event streams here are written by one reader of its events (job_feeds.py).
+    feeds = None if long_jobs is None else Feeds(long_jobs.watcher, store, fleet.jobs.keepalive_seconds, encode=sse)
 
     def stop_jobs() -> None:
         """At a drain's deadline: answer every unfinished job 503 (its worker is killed)."""
@@ -306,7 +311,7 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
         [
             (r"/slow/([a-z0-9_]+)(?:/(.*))?", TaskHandler, shared),
             (rf"/jobs/{ID}", JobHandler, {"long_jobs": long_jobs}),
-            (rf"/jobs/{ID}/events", JobEventsHandler, {"long_jobs": long_jobs}),
+            (rf"/jobs/{ID}/events", JobEventsHandler, {"long_jobs": long_jobs, "feeds": feeds}),
             (rf"/jobs/{ID}/result", JobResultHandler, {"long_jobs": long_jobs}),
             (r"/healthz", SlowHealthHandler,
              {"admission": admission, "pool": pool, "fleet": fleet, "route_pattern": "/healthz"}),

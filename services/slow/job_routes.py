@@ -28,18 +28,17 @@ The status document:
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
+import logging
 import re
 
 from tornado.iostream import StreamClosedError
 
-import logging
-
 from services.common import metrics
 from services.common.web import ApiError, BaseHandler
-from services.slow.job_store import EXPIRED, SUCCEEDED, Job, StoreUnavailable
+from services.slow.job_feeds import Feed, Feeds
+from services.slow.job_store import EXPIRED, SUCCEEDED, Event, Job, StoreUnavailable
 from services.slow.long_jobs import LongJobs
 
 log = logging.getLogger("fleet.jobs")
@@ -67,6 +66,19 @@ def status_document(job: Job) -> bytes:
     if job.result is None:  # none yet, or kept as a file (larger than jobs.inline_result_kb)
         return body
     return body[:-1] + b', "result": ' + job.result + b"}"
+
+
+def sse(events: list[Event], final: Job | None) -> list[bytes]:
+    """Each event as a stream sends it, its `id:` its sequence number; an end event's data is the
+    job's final status document (`final`; its own data if the record has gone meanwhile)."""
+    texts = []
+    for event in events:
+        if event.kind == "end" and final is not None:
+            data = status_document(final)
+        else:
+            data = json.dumps(event.data).encode()
+        texts.append(f"id: {event.seq}\nevent: {event.kind}\ndata: ".encode() + data + b"\n\n")
+    return texts
 
 
 def send_status(handler: BaseHandler, job: Job, status: int = 200) -> None:
@@ -202,10 +214,15 @@ class JobResultHandler(JobBase):
 
 
 class JobEventsHandler(JobBase):
+    """A job's event stream: its replay (the events after Last-Event-ID) written here, then its
+    job's Feed on this instance (job_feeds.py) writes the rest, the same bytes to every stream."""
+
     route_pattern = "/jobs/{id}/events"
+    feeds: Feeds
+    last = 0  # the sequence number of the last event written to this stream
     _gone = False
     _open = False  # counted in fleet_jobs_streams_open
-    _waiter: asyncio.Future | None = None
+    _feed: Feed | None = None
 
     async def get(self, job_id: str) -> None:
         job = await self.job(job_id)
@@ -223,34 +240,43 @@ class JobEventsHandler(JobBase):
         metrics.JOBS_STREAMS.inc()
         self._open = True
         watcher = self.long_jobs.watcher
-        keepalive = self.long_jobs.fleet.jobs.keepalive_seconds
         try:
             self.write(f"retry: {RECONNECT_MS}\n\n")
             while not self._gone:
-                # Taken before the read: nothing written meanwhile is missed; resolved at once if
-                # the client leaves (on_connection_close), so a departed stream ends without waiting.
-                waiter, since = watcher.waiter(job_id), watcher.epoch
-                self._waiter = waiter
-                for event in await watcher.events(job_id, after=last, since=since):
-                    last = event.seq
-                    if event.kind == "end":
-                        final = await self.long_jobs.store.get(job_id)
-                        self.write(f"id: {event.seq}\nevent: end\ndata: ".encode() + status_document(final) + b"\n\n")
+                events = await watcher.events(job_id, after=last, since=watcher.epoch)
+                if events:
+                    end = events[-1].kind == "end"
+                    final = await self.long_jobs.store.get(job_id) if end else None
+                    self.write(b"".join(sse(events, final)))
+                    last = events[-1].seq
+                    if end:
                         self.finish()
                         return
-                    self.write(f"id: {event.seq}\nevent: {event.kind}\ndata: {json.dumps(event.data)}\n\n")
-                await self.flush()
-                if self.settings.get("draining"):
+                # Joined without awaiting after this check: the feed sends nothing in between.
+                feed = self.feeds.feed(job_id)
+                if last >= feed.position and not self._gone:
+                    self.flush()
+                    self._feed = feed
+                    await feed.join(self, last)
                     break
-                if not await watcher.wait(job_id, waiter, keepalive) and not self._gone:
-                    job = await self.long_jobs.store.get(job_id)
-                    if job is None or job.state == EXPIRED:
-                        break  # its record went while it was followed
-                    self.write(": keep-alive\n\n")
             if not self._finished:
                 self.finish()
         except StreamClosedError:
             pass  # the client left; the job goes on
+
+    def send(self, chunk: bytes, end: bool = False) -> None:
+        """The feed's write: on its way at once, never awaited (the socket takes it, or its
+        IOStream keeps it until it can)."""
+        if self._finished or self._gone:
+            return
+        try:
+            self.write(chunk)
+            if end:
+                self.finish()
+            else:
+                self.flush()
+        except StreamClosedError:
+            pass
 
     def on_finish(self) -> None:
         super().on_finish()
@@ -260,6 +286,8 @@ class JobEventsHandler(JobBase):
         if self._open:
             self._open = False
             metrics.JOBS_STREAMS.dec()
+        if self._feed is not None:
+            self._feed.leave(self)
 
     def _last_event_id(self) -> int:
         text = self.request.headers.get("Last-Event-ID", "").strip()
@@ -273,5 +301,3 @@ class JobEventsHandler(JobBase):
         super().on_connection_close()
         self._gone = True
         self._close_stream()
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)

@@ -65,6 +65,14 @@ TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 # How long a writer waits for another process's transaction before giving up (sqlite3.OperationalError):
 # each of ours lasts well under a millisecond, so this is only ever reached by a stuck process.
 BUSY_TIMEOUT_SECONDS = 5.0
+# Records one sweep call expires (and tombstones it removes) at most, in one transaction. Freeing a
+# record's result writes its pages again (Debian's SQLite zeroes freed pages: SECURE_DELETE), into the
+# WAL: one transaction for 10,000 results of 100 kB held the file's write lock and the instance's store
+# thread for over 5 s and left a 1 GB WAL behind (bench/jobs.py). 100 of them take tens of milliseconds.
+SWEEP_BATCH = 100
+# The WAL file is cut back to this after a checkpoint: without it, it keeps the size of the largest
+# transaction it ever held, beside the database.
+WAL_SIZE_LIMIT = 32 << 20
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -196,15 +204,9 @@ class Store(Protocol):
     def changes(self, after: int) -> tuple[int, dict[str, int]]: ...
     def last_position(self) -> int: ...
     def result(self, job_id: str) -> bytes | None: ...
-    def count_by_state(self) -> dict[str, int]:
-        """Every record of the store, by state (tombstones as "expired")."""
-        counts = dict.fromkeys((*ACTIVE, *TERMINAL, EXPIRED), 0)
-        counts.update(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
-        return counts
-
     def count_active(self, client: str | None = None) -> int: ...
-    def count_by_state(self) -> dict[str, int]: ...
-    def sweep(self) -> dict[str, int]: ...
+    def count_by_state(self) -> dict[str, int]: ...  # every record, by state (tombstones as "expired")
+    def sweep(self, limit: int = SWEEP_BATCH) -> dict[str, int]: ...
     def beat(self, owner: str) -> None: ...
     def gone(self, owner: str) -> None: ...
     def reap(self, lost_after: float, adopter: str | None = None) -> list[Job]: ...
@@ -230,6 +232,7 @@ class SqliteStore:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # survives a process crash; FULL for power loss
+        self.db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         # Idempotent statements: instances starting together all succeed, one after the other.
         self.db.executescript(SCHEMA)
         self._add_columns()
@@ -457,31 +460,35 @@ class SqliteStore:
             self.db.execute("DELETE FROM owners WHERE beat <= ?", (now - 10 * lost_after,))
         return ended
 
-    def sweep(self) -> dict[str, int]:
+    def sweep(self, limit: int = SWEEP_BATCH) -> dict[str, int]:
         """Expire finished records past their TTL (result and events dropped, a tombstone kept),
         remove tombstones past theirs, and hold the store to max_records; result files go with
-        their records (and files that no record names, after a minute: a finish that never committed)."""
+        their records (and files that no record names, after a minute: a finish that never committed).
+        At most `limit` records expired and `limit` removed, in one short transaction: while a count
+        reaches `limit` there may be more, for another call (LongJobs.sweep makes them)."""
         now = self.clock()
         kept = {row[0] for row in self.db.execute("SELECT id FROM jobs WHERE result_file = 1")}
         for path in self.results.glob("*.json"):
             if path.stem not in kept and path.stat().st_mtime < time.time() - 60:
                 path.unlink(missing_ok=True)
         with self._write():
-            expired = self._expire("expires <= ?", (now,), now)
-            over = self.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] - self.max_records
+            expired = self._expire("expires <= ?", (now,), now, limit)
+            over = min(self.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] - self.max_records, limit - expired)
             if over > 0:  # the oldest finished records go first; active ones are bounded by jobs.max_active
                 expired += self._expire("id IN (SELECT id FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled')"
-                                        " ORDER BY finished LIMIT ?)", (over,), now)
-            removed = self.db.execute("DELETE FROM jobs WHERE state = 'expired' AND expires <= ?", (now,)).rowcount
-            over = self.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] - self.max_records
+                                        " ORDER BY finished LIMIT ?)", (over,), now, over)
+            removed = self.db.execute("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state = 'expired'"
+                                      " AND expires <= ? LIMIT ?)", (now, limit)).rowcount
+            over = min(self.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] - self.max_records, limit - removed)
             if over > 0:
                 removed += self.db.execute("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state = 'expired'"
                                            " ORDER BY expires LIMIT ?)", (over,)).rowcount
         return {"expired": expired, "removed": removed}
 
-    def _expire(self, where: str, params: tuple, now: float) -> int:
+    def _expire(self, where: str, params: tuple, now: float, limit: int) -> int:
         ids = [r[0] for r in self.db.execute(
-            f"SELECT id FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') AND {where}", params)]
+            f"SELECT id FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') AND {where} LIMIT ?",
+            (*params, limit))]
         for job_id in ids:
             self.db.execute("UPDATE jobs SET state = 'expired', result = NULL, result_file = 0, error = NULL,"
                             " expires = ? WHERE id = ?", (now + self.ttl, job_id))

@@ -65,8 +65,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from services.slow.job_store import (ACTIVE, CANCELLING, EXPIRED, TERMINAL, ActiveLimit, Event, Job, NewJob,
-                                     StoreUnavailable)
+from services.slow.job_store import (ACTIVE, CANCELLING, EXPIRED, SWEEP_BATCH, TERMINAL, ActiveLimit, Event, Job,
+                                     NewJob, StoreUnavailable)
 
 # Native TTLs run this long after the sweep should have acted (it runs every 30 s): the sweep turns
 # a record into a tombstone first, and Redis drops keys on its own only if nobody sweeps any more.
@@ -242,8 +242,10 @@ return changed
 # allow-oom: the sweep is what frees a full store (maxmemory, noeviction): it runs there whatever
 # the order of its deletes and its writes (without the flag each write would be refused while full).
 _SWEEP = "#!lua flags=allow-oom\n" + _LIB + r"""
--- ARGV[3..]: now, tombstone's expires, its TTL, max records
+-- ARGV[3..]: now, tombstone's expires, its TTL, max records, the most records to expire (and to
+-- remove) in this call: a script holds the whole server while it runs (LongJobs.sweep calls again)
 local now, tomb_expires, tomb_ttl, max_records = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+local limit = tonumber(ARGV[7])
 local ended, tombs = P .. ':ended', P .. ':tombs'
 local function expire(id)  -- result and events dropped, a tombstone kept (410) for as long again
     redis.call('ZREM', ended, id)
@@ -268,13 +270,17 @@ local function records()
     return redis.call('SCARD', P .. ':active') + redis.call('ZCARD', ended) + redis.call('ZCARD', tombs)
 end
 local expired, removed = 0, 0
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', ended, '-inf', now)) do expire(id); expired = expired + 1 end
-local over = records() - max_records
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', ended, '-inf', now, 'LIMIT', 0, limit)) do
+    expire(id); expired = expired + 1
+end
+local over = math.min(records() - max_records, limit - expired)
 if over > 0 then  -- the oldest finished records go first; active ones are bounded by jobs.max_active
     for _, id in ipairs(redis.call('ZRANGE', ended, 0, over - 1)) do expire(id); expired = expired + 1 end
 end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', tombs, '-inf', now)) do remove(id); removed = removed + 1 end
-over = records() - max_records
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', tombs, '-inf', now, 'LIMIT', 0, limit)) do
+    remove(id); removed = removed + 1
+end
+over = math.min(records() - max_records, limit - removed)
 if over > 0 then
     for _, id in ipairs(redis.call('ZRANGE', tombs, 0, over - 1)) do remove(id); removed = removed + 1 end
 end
@@ -467,10 +473,10 @@ class RedisStore:
         return [_job(record) for record in changed]
 
     @_answering
-    def sweep(self) -> dict[str, int]:
+    def sweep(self, limit: int = SWEEP_BATCH) -> dict[str, int]:
         now = self.clock()
         expired, removed = self._run("sweep", repr(now), repr(now + self.ttl), math.ceil(self.ttl + EXPIRE_GRACE),
-                                     self.max_records)
+                                     self.max_records, limit)
         return {"expired": expired, "removed": removed}
 
     def record_count(self) -> int:

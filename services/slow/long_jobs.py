@@ -36,8 +36,8 @@ Where each transition happens (job_store.py has the states):
 - A drain's deadline (SIGTERM) stops the jobs still running: failed, `shutting_down`, retryable.
   Until then a draining instance lets them run, as it does requests.
 - An owner killed (kill -9) or cut off ends nothing itself: every instance beats in the store
-  every BEAT_INTERVAL under an owner name of its own process (a restarted instance is a new
-  owner) and reaps the jobs of owners silent for LOST_AFTER: failed `worker_lost`, retryable (or
+  BEATS times per jobs.lost_after_seconds under an owner name of its own process (a restarted
+  instance is a new owner) and reaps the jobs of owners silent that long: failed `worker_lost`, retryable (or
   cancelled, if a cancel came first), or, for a task that declares retries and has some left,
   queued again and run by the instance that reaped it (the event says which attempt). Its workers died with it (they die with their parent). An
   owner that was only slow, and finds its job reaped, stops it.
@@ -61,18 +61,21 @@ from typing import Any, Callable
 from services.common import metrics
 from services.slow import coalesce, jobs, registry
 from services.slow.admission import Admission
-from services.slow.job_store import (CANCELLED, CANCELLING, EXPIRED, FAILED, QUEUED, SUCCEEDED, ActiveLimit,
-                                     AsyncStore, Event, Job, NewJob, StoreUnavailable, new_id)
+from services.slow.job_store import (CANCELLED, CANCELLING, EXPIRED, FAILED, QUEUED, SUCCEEDED, SWEEP_BATCH,
+                                     ActiveLimit, AsyncStore, Event, Job, NewJob, StoreUnavailable, new_id)
 
 log = logging.getLogger("fleet.jobs")
 
 WATCH_INTERVAL = 0.1  # seconds between a Watcher's looks at the store: a change elsewhere is seen this late at most
 SWEEP_INTERVAL = 30  # seconds between sweeps of expired records (each instance sweeps; sweeping is idempotent)
-BEAT_INTERVAL = 2  # seconds between an instance's beats in the store, and its looks for lost owners' jobs
-# An owner silent this long is lost (killed, its host down): its jobs end (job_store.reap). Five
-# beats: a busy store or a loaded machine delays a beat, never five. With BEAT_INTERVAL, a killed
-# instance's jobs have ended within 12 s.
-LOST_AFTER = 10
+# Between two of a sweep's transactions (job_store.SWEEP_BATCH records each): room for this instance's
+# other store calls, and for other instances' writers, whose SQLite busy handler sleeps and retries.
+SWEEP_PAUSE = 0.02
+# An owner silent for jobs.lost_after_seconds (10) is lost (killed, its host down): its jobs end
+# (job_store.reap). It beats BEATS times as often, and looks for lost owners' jobs as often: a busy
+# store or a loaded machine delays a beat, never five. With the default, a killed instance's jobs
+# have ended within 12 s.
+BEATS = 5
 
 
 class JobsLimited(jobs.JobError):
@@ -463,11 +466,12 @@ class LongJobs:
             run.cancel()
 
     async def _beat(self) -> None:
+        lost_after = self.fleet.jobs.lost_after_seconds
         while True:
-            await asyncio.sleep(BEAT_INTERVAL)
+            await asyncio.sleep(lost_after / BEATS)
             try:
                 await self.store.beat(self.owner)
-                reaped = await self.store.reap(LOST_AFTER, adopter=self.owner)
+                reaped = await self.store.reap(lost_after, adopter=self.owner)
             except Exception:
                 log.exception("could not beat in the job store")
                 continue
@@ -500,13 +504,24 @@ class LongJobs:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
-                swept = await self.store.sweep()
+                swept = await self.sweep()
             except Exception:
                 log.exception("could not sweep the job store")
                 continue
             if any(swept.values()):
                 log.info("job store swept: %d record(s) expired, %d tombstone(s) removed",
                          swept["expired"], swept["removed"])
+
+    async def sweep(self) -> dict[str, int]:
+        """Everything due swept, in short transactions with pauses between them (job_store.SWEEP_BATCH)."""
+        total = {"expired": 0, "removed": 0}
+        while True:
+            swept = await self.store.sweep(limit=SWEEP_BATCH)
+            for key in total:
+                total[key] += swept[key]
+            if max(swept.values()) < SWEEP_BATCH:
+                return total
+            await asyncio.sleep(SWEEP_PAUSE)
 
 
 def _kept(task: registry.Task, kwargs: dict) -> dict | None:

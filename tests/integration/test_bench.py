@@ -1,5 +1,5 @@
 """Smoke test of `make bench`: a quick run of every configuration (the peers and the floor included)
-writes the table and the charts.
+writes the table and the charts; the long-jobs part (bench/jobs.py) runs each of its phases, small.
 
 The figures of a quick run are indicative only (one short repetition on a shared machine), so
 nothing here judges them: the full `make bench` reports them against the targets.
@@ -7,6 +7,8 @@ nothing here judges them: the full `make bench` reports them against the targets
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import signal
 import subprocess
 import sys
@@ -15,13 +17,16 @@ from pathlib import Path
 
 import pytest
 
+from bench import jobs, phases, report
+from bench.__main__ import Bench
 from bench.report import TARGETS
 from bench.subjects import CONFIGS
 from tests.support.fleet import REPO
 
 # Every module of the bench once: each peer family (gunicorn-sync-2w and gunicorn-dirty differ from
-# gunicorn-sync and gunicorn-dirty-nice only in their command lines), the floor, both fleets.
-SMOKE = [c for c in CONFIGS if c not in ("gunicorn-sync-2w", "gunicorn-dirty")]
+# gunicorn-sync and gunicorn-dirty-nice only in their command lines), the floor, both fleets. The
+# long jobs' part has a smoke test of its own, smaller than its --quick run (below).
+SMOKE = [c for c in CONFIGS if c not in ("gunicorn-sync-2w", "gunicorn-dirty", "jobs")]
 
 pytestmark = pytest.mark.integration
 
@@ -57,3 +62,39 @@ def test_quick_bench_writes_the_table_and_the_charts(tmp_path: Path) -> None:
     machine = (tmp_path / "machine.md").read_text()
     assert "nginx" in machine and "tornado" in machine
     assert elapsed < 150, f"the quick bench took {elapsed:.0f} s (it must stay a smoke test)\n{output[-2000:]}"
+
+
+# Every phase of bench/jobs.py at a tenth of its --quick size or less: about 20 s with the fleet's start.
+SMALL = dataclasses.replace(jobs.QUICK, name="smoke", submits=200, progress_seconds=2, progress_streams=2, streams=100,
+                            stream_processes=1, baseline_seconds=1, streams_seconds=2, cancels_running=1,
+                            cancels_queued=2, random_ids=200, finished_jobs=100)
+
+
+def test_the_long_jobs_bench_runs_every_phase_on_a_fleet_of_its_own_and_reports_each_target(tmp_path: Path) -> None:
+    bench = Bench(phases.QUICK, tmp_path, {}, jobs_profile=SMALL)
+    try:
+        record = bench.run_config("jobs", 0)
+    finally:
+        bench.stop_all()
+    assert record["killed"] == 0
+    m = record["jobs"]
+    # What must hold whatever the machine's speed (the figures themselves are `make bench`'s to judge).
+    # A submit may be refused (429, 503: the slow line full while others' work starves the niced workers),
+    # never fail.
+    submit = m["submit"]
+    assert submit["sent"] == 200 and submit["ok"] > 0 and set(submit["non_200"]) <= {"429", "503"}, submit
+    assert submit["errors"] == submit["timeouts"] == 0, submit
+    assert m["progress"]["events"] > 0 and m["streams"]["open"] == 100 and m["streams"]["events"] > 0
+    assert all(c["gone"] and c["state"] in ("cancelling", "cancelled") for c in m["cancel"]["running"])
+    assert [c["state"] for c in m["cancel"]["queued"]] == ["cancelled", "cancelled"]
+    assert m["ids"]["sent"] == m["ids"]["not_found"] == 200
+    assert m["results"]["waves"][0]["jobs"] == 100 and not m["results"]["waves"][0]["refused"]
+    agg = report.write(tmp_path, [record], ["jobs"], dataclasses.asdict(phases.QUICK),
+                       {"command": "smoke", "date": report.now(), "repeat": 1, "duration_s": 1, "source": "smoke",
+                        "fleet_env": {}, "loadavg_before": "", "loadavg_after": ""})
+    results = json.loads((tmp_path / "results.json").read_text())["targets"]
+    # One wave and no purge at this size: those three are not measured; every other target is.
+    unmeasured = [t["figure"] for t in results if t["result"] == "not measured"]
+    assert len(results) == len(jobs.TARGETS) and len(unmeasured) == 3, unmeasured
+    assert "## Long jobs (issue 26)" in (tmp_path / "results.md").read_text()
+    assert jobs.figures(record)["streams_open"] == 100 and agg["jobs"]["streams_open"].median == 100

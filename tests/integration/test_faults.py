@@ -141,6 +141,24 @@ def test_a_hostile_fast_client_is_limited_and_fails_no_one_else(chaos_fleet):
     assert result.tally.hit == 0
 
 
+# long jobs (drills/job_faults.py) --------------------------------------------------------------------
+
+def test_kill_9_of_the_slow_instance_running_long_jobs_ends_each_of_them_as_promised_within_15_s(chaos_fleet):
+    # raises unless each job left `running` within 15 s (failed worker_lost, retryable; or, for
+    # the reports, queued again and then succeeded), the one cancelled before the kill stayed so and
+    # never ran, no record was lost, and the processes that ran them are gone
+    result = run_scenario(chaos_fleet, "kill-slow-long-jobs")
+    assert_promise_kept(result.tally)  # only the steady load's slow requests in flight were hit
+    assert "2 sleep jobs (no retries) failed worker_lost" in result.note
+    assert "2 reports (retries=1) queued again" in result.note and "2 processes that ran them gone" in result.note
+
+
+def test_cancelled_long_jobs_lose_their_processes_within_2_5_s_and_fail_no_one_else(chaos_fleet):
+    result = run_scenario(chaos_fleet, "cancel-under-load")  # raises past 2.5 s, or unless a queued one ends at once
+    assert_promise_kept(result.tally)
+    assert result.tally.hit == 0
+
+
 # stalled instances ---------------------------------------------------------------------------------
 
 def test_a_burst_of_new_connections_to_stalled_fast_instances_waits_in_their_backlog(private_fleet):

@@ -236,11 +236,18 @@ def test_head_and_post_on_a_job_are_405_from_the_edge_with_the_methods_it_takes(
             (method, path)
 
 
+# The killed-instance tests take an instance for lost after 4 s (jobs.lost_after_seconds, 10 by
+# default: `make chaos`'s kill-slow-long-jobs and test_faults.py hold the default to its 15 s).
+LOST_AFTER = {"FLEET_JOBS_LOST_AFTER_SECONDS": "4"}
+ENDED_WITHIN = 4 * 1.2 + 2  # the silence, one more beat, and a margin for a loaded machine
+
+
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
-def test_a_killed_instance_s_jobs_end_worker_lost_within_15_s_and_a_cancel_made_before_holds(private_fleet, store):
+def test_a_killed_instance_s_jobs_end_worker_lost_within_its_lost_after_time_and_a_cancel_made_before_holds(
+        private_fleet, store):
     if store == "redis":
         binary_or_skip()
-    fleet = private_fleet(slow=2, FLEET_JOBS_STORE=store)
+    fleet = private_fleet(slow=2, FLEET_JOBS_STORE=store, **LOST_AFTER)
     running = fleet.get("/slow/long_spin/60", **_to(fleet, 1, ASYNC)).headers["location"]
     wait_for(lambda: state(fleet, running) == "running", what="the job runs on slow-01")
     worker = busy_worker(fleet, 1)
@@ -255,7 +262,7 @@ def test_a_killed_instance_s_jobs_end_worker_lost_within_15_s_and_a_cancel_made_
         os.kill(instance, signal.SIGKILL)  # stopped or not
     killed = time.monotonic()
     wait_for(lambda: state(fleet, running) != "running", timeout=15, interval=0.2, what="the lost job's end")
-    assert time.monotonic() - killed <= 15
+    assert time.monotonic() - killed <= ENDED_WITHIN
     lost = fleet.get(running).json()
     assert lost["state"] == "failed" and lost["error"]["error"] == "worker_lost" and lost["error"]["retryable"] is True
     assert fleet.get(cancelling).json()["state"] == "cancelled"
@@ -266,7 +273,7 @@ def test_a_killed_instance_s_jobs_end_worker_lost_within_15_s_and_a_cancel_made_
 def test_a_killed_instance_s_job_of_a_task_declaring_retries_runs_again_on_another_and_succeeds(private_fleet, store):
     if store == "redis":
         binary_or_skip()
-    fleet = private_fleet(slow=2, FLEET_JOBS_STORE=store)
+    fleet = private_fleet(slow=2, FLEET_JOBS_STORE=store, **LOST_AFTER)
     location = fleet.get("/slow/report/4", **_to(fleet, 1, ASYNC)).headers["location"]  # report: retries=1
     wait_for(lambda: state(fleet, location) == "running", what="the job runs on slow-01")
     busy_worker(fleet, 1)
@@ -322,7 +329,7 @@ def test_on_a_dask_cluster_a_job_s_whole_life_through_the_edge_retry_reconnect_r
 
 
 def test_on_a_dask_cluster_a_killed_instance_s_job_ends_worker_lost_and_its_process_stops(private_dask_fleet):
-    fleet = private_dask_fleet(slow=2)
+    fleet = private_dask_fleet(slow=2, **LOST_AFTER)
     location = fleet.get("/slow/long_spin/60", **_to(fleet, 1, ASYNC)).headers["location"]
     wait_for(lambda: state(fleet, location) == "running", what="the job runs on the cluster")
     with EventStream(fleet.edge_port, f"{location}/events") as stream:
@@ -331,7 +338,7 @@ def test_on_a_dask_cluster_a_killed_instance_s_job_ends_worker_lost_and_its_proc
     os.kill(fleet.pid("slow-01"), signal.SIGKILL)
     killed = time.monotonic()
     wait_for(lambda: state(fleet, location) != "running", timeout=15, interval=0.2, what="the lost job's end")
-    assert time.monotonic() - killed <= 15
+    assert time.monotonic() - killed <= ENDED_WITHIN
     lost = fleet.get(location).json()
     assert lost["state"] == "failed" and lost["error"]["error"] == "worker_lost"
     # The scheduler let go of the dead client's job, and its worker killed the job's process:

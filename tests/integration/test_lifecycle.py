@@ -133,7 +133,17 @@ def test_a_changed_edge_port_is_applied_completely(private_fleet):
     launcher = fleet.pid("nginx")
     held = procfs.fd_targets(launcher)
     assert sum(link.startswith("socket:") for link in held) >= 1  # it holds the new socket for restarts
-    os.kill(int((fleet.run_dir / "nginx" / "nginx.pid").read_text()), signal.SIGKILL)
+    # The new master writes its pid file a moment after the old one, retiring, removed its own.
+    pid_file = fleet.run_dir / "nginx" / "nginx.pid"
+
+    def written_pid() -> str:
+        try:
+            return pid_file.read_text().strip()
+        except FileNotFoundError:
+            return ""
+
+    master = wait_for(written_pid, timeout=10, what="the new nginx master's pid file")
+    os.kill(int(master), signal.SIGKILL)
     wait_for(fleet.answers, timeout=10)  # a new master starts on the new socket
 
 

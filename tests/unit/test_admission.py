@@ -476,3 +476,30 @@ def test_the_line_counts_its_jobs_by_task_as_they_join_start_and_leave():
         assert not a.waiting_tasks
 
     asyncio.run(main())
+
+
+def test_a_job_whose_client_left_in_the_same_turn_is_never_pushed_out_twice():
+    async def main():
+        # A holds the slot and both places; the client of its newest waiting job leaves just as
+        # B arrives (the cancel is not yet seen by that job's task): B takes the freed place.
+        a = Admission(slots=1, queue_limit=2, per_client=3)
+        log: list[str] = []
+        holder = Job(a, "a0", log, client="A")
+        await settle()
+        waiting = [Job(a, f"a{i}", log, client="A") for i in (1, 2)]
+        await settle()
+        newcomer = Job(a, "b0", log, client="B")
+        waiting[1].task.cancel()
+        await settle()
+        assert not newcomer.task.done(), newcomer.task.exception() if newcomer.task.done() else None
+        assert (a.running, a.waiting, dict(a._held), a.shed) == (1, 2, {"A": 2, "B": 1}, 0)
+        more = Job(a, "a3", log, client="A")  # within its share (2 of 3), but the line is full
+        await settle()
+        with pytest.raises(Overloaded):
+            await more.task  # the line is full, and nobody holds two places more than A
+        for job in (holder, waiting[0], newcomer):
+            job.release.set()
+        await asyncio.gather(holder.task, waiting[0].task, newcomer.task)
+        assert (a.running, a.waiting) == (0, 0) and not a._held
+
+    asyncio.run(main())

@@ -554,10 +554,11 @@ class SlowAppDeadlineTest(ContractTestCase):
     async def test_a_job_admitted_while_its_instance_drains_is_answered_before_the_drain_gives_up(self):
         # nginx may still send a job down a connection it kept alive after the drain began: its
         # deadline must end before the drain's, or it would be cut off with 503 shutting_down.
-        self._app.settings["drain_deadline"] = asyncio.get_running_loop().time() + 1.5
+        self._app.settings["drain_deadline"] = asyncio.get_running_loop().time() + 2.5
         job = self.http_client.fetch(self.get_url("/slow/fib/25"), raise_error=False)
         await asyncio.wait_for(self.pool.started.wait(), 5)
-        assert self.pool.timeouts[0] <= 1.5 - 1.0  # DRAIN_MARGIN_SECONDS before the drain's end
+        # Its 1 s deadline would end 1.5 s before the drain's; DRAIN_MARGIN_SECONDS (2 s) ends it sooner.
+        assert self.pool.timeouts[0] <= 2.5 - 2.0
         self.pool.release.set()
         assert (await job).code == 200
 

@@ -323,6 +323,61 @@ def test_while_the_run_goes_on_a_verdict_already_decided_shows_as_so_far():
         "RUNNING", "mixed phase in progress; so far FAIL: 1 fast request(s) failed: the fast routes must never fail")
 
 
+# long jobs beside the fast users (--long-job-users, --long-job-streams; issue 26) ------------------------
+
+LONG_RULES = {"long_job_users": 1, "long_job_streams": 300}
+LONG_RULE = "long jobs ran beside them (their requests are not fast samples)"
+
+
+def with_long_jobs(rec: Recorder, streams: list[int] | None = None, **kinds: int) -> Recorder:
+    """The long-job users' requests of the mixed phase, by kind (spread over it), and the event
+    streams open in each of its half-second samples (300 throughout by default)."""
+    counts = {"submitted": 5, "refused": 7, "stream": 320, "succeeded": 3, "cancelled": 1, "cancel": 1, **kinds}
+    rec.long = [(t, kind) for kind, n in counts.items() for t in spread("mixed", n)]
+    slots = spread("mixed", 60)
+    streams = [301] * len(slots) if streams is None else streams
+    rec.streams = {"local": dict(zip(slots, streams))}
+    return rec
+
+
+def test_long_jobs_and_their_open_streams_beside_the_fast_users_pass_counted_apart_from_them():
+    rec = with_long_jobs(run(rules=LONG_RULES), **{"502 bad_gateway": 2})
+    v = judge(rec)
+    assert (v.verdict, v.reason) == (
+        "PASS", "the fast routes kept their baseline latency while the slow path was saturated and long jobs ran")
+    text = next(text for _, text in v.checks if text.startswith(LONG_RULE))
+    assert text == (f"{LONG_RULE}: 5 submitted (need 1), 7 refused 429/503 and retried as Retry-After said; ended "
+                    "3 succeeded, 1 cancelled, 0 failed; 1 cancels, 320 streams opened, 2 errors; event streams "
+                    "open: median 301 (need 270 of 300 asked), peak 301")
+    assert checks(rec)[LONG_RULE] is True
+    mixed = next(row for row in tab_rows(rec) if row["phase"] == "mixed")
+    assert mixed["requests"] == "1,000" and mixed["streams"] == "301"  # none of theirs is a fast sample
+
+
+def test_streams_open_for_less_than_half_of_the_mixed_phase_make_the_run_inconclusive():
+    rec = with_long_jobs(run(rules=LONG_RULES), streams=[300] * 29 + [0] * 31)
+    v = judge(rec)
+    assert (v.verdict, v.reason) == (
+        "INCONCLUSIVE", "only 0 event streams were open (median) of the 300 asked, so the mixed phase does not show "
+                        "the fast routes beside them: raise --long-job-users, or use longer long jobs")
+    assert checks(rec)[LONG_RULE] is False
+
+
+def test_long_job_users_that_never_got_a_job_in_make_the_run_inconclusive():
+    rec = with_long_jobs(run(rules={"long_job_users": 1, "long_job_streams": 0}), streams=[0] * 60, submitted=0)
+    v = judge(rec)
+    assert v.verdict == "INCONCLUSIVE" and v.reason.startswith("no long job was submitted (202) in the mixed phase")
+
+
+def test_a_slowed_fast_route_fails_even_where_the_streams_asked_for_were_missing():
+    v = judge(with_long_jobs(run(mixed_ms=every(50, 50.0), rules=LONG_RULES), streams=[0] * 60))
+    assert (v.verdict, v.reason) == ("FAIL", "the heavy load slowed the fast routes: mixed p99 50.0 ms > 2.5 ms")
+
+
+def test_without_long_jobs_the_rule_is_not_shown():
+    assert not any(text.startswith(LONG_RULE) for _, text in judge(run()).checks)
+
+
 # the report ----------------------------------------------------------------------------------------------
 
 def test_the_report_shows_each_phase_then_every_rule_then_the_verdict_last():

@@ -8,6 +8,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from tornado.tcpclient import TCPClient
 from tornado.testing import gen_test
 
 from services.common.server import Instance
@@ -15,8 +16,9 @@ from services.common.settings import load
 from services.slow import registry
 from services.slow.app import make_app, start_jobs
 from services.slow.inline_pool import InlinePool
-from services.slow.job_store import AsyncStore, NewJob, SqliteStore, StoreUnavailable, new_id
+from services.slow.job_store import SWEEP_BATCH, AsyncStore, NewJob, SqliteStore, StoreUnavailable, new_id
 from services.slow.job_store_redis import RedisStore
+from services.slow.pool import WorkerPool
 from tests.support.app_case import ContractTestCase
 from tests.support.fake_pools import HeldPool
 from tests.support.redis_server import RedisServer
@@ -153,6 +155,21 @@ class SubmitTest(JobsCase):
         self.assert_json_error(await self.get(f"/jobs/{job_id}"), 404, "not_found")
 
     @gen_test
+    async def test_a_sweep_with_more_than_a_batch_due_expires_them_all_in_short_transactions(self):
+        for _ in range(2 * SWEEP_BATCH + 10):
+            job, _ = self.sync_store.create(NewJob(id=new_id(), task="fib", client="10.0.0.9", owner="slow-02"))
+            self.sync_store.start(job.id, "slow-02")
+            self.sync_store.finish(job.id, "succeeded", result=b"1")
+        self.clock.now += 61
+        calls = []
+        sweep = self.sync_store.sweep
+        self.sync_store.sweep = lambda **kwargs: calls.append(sweep(**kwargs)["expired"]) or {"expired": calls[-1],
+                                                                                              "removed": 0}
+        assert await self.long_jobs.sweep() == {"expired": 2 * SWEEP_BATCH + 10, "removed": 0}
+        assert calls == [SWEEP_BATCH, SWEEP_BATCH, 10]
+        assert self.sync_store.count_by_state()["expired"] == 2 * SWEEP_BATCH + 10
+
+    @gen_test
     async def test_a_client_past_its_active_jobs_gets_429_and_nothing_is_made(self):
         for _ in range(3):  # jobs.max_active_per_client = 3, queued already (by any instance of the host)
             self.sync_store.create(NewJob(id=new_id(), task="fib", client="127.0.0.1", owner="slow-02"))
@@ -160,6 +177,33 @@ class SubmitTest(JobsCase):
         self.assert_json_error(response, 429, "rate_limited")
         assert response.headers["Retry-After"].isdigit()
         assert self.sync_store.count_active() == 3
+
+
+class WorkerKilledTest(JobsCase):
+    """Jobs on the real local pool (one worker process, capped at 200 MiB): a worker killed for its
+    memory, its deadline or its own death fails the job with the code a synchronous request gets."""
+
+    def pool(self):
+        return WorkerPool(1, MODULES, nice=0, max_rss_mb=200, kill_on_cancel=True)
+
+    def setUp(self):
+        super().setUp()
+        self.io_loop.run_sync(self.jobs_pool.start)
+
+    def tearDown(self):
+        self.io_loop.run_sync(self.jobs_pool.close)
+        super().tearDown()
+
+    @gen_test(timeout=60)
+    async def test_a_job_whose_worker_is_killed_fails_with_the_synchronous_code(self):
+        for path, code, status in (("/slow/allocate/600", "worker_out_of_memory", 502),
+                                   ("/slow/spin_past_deadline", "job_timeout", 504),
+                                   ("/slow/exit_worker", "worker_died", 502)):
+            job_id = await self.submit(path)
+            await eventually(lambda: self._is(job_id, "failed"), 20, what=f"{path} failing")
+            error = json.loads((await self.get(f"/jobs/{job_id}")).body)["error"]
+            assert (error["error"], error["status"]) == (code, status), (path, error)
+            await eventually(lambda: self.jobs_pool.stats()["workers"] == 1, 20, what="the pool refilled")
 
 
 class EventsTest(JobsCase):
@@ -210,15 +254,32 @@ class HeldJobsTest(JobsCase):
     def pool(self):
         return HeldPool()
 
-    @gen_test
-    async def test_a_running_job_s_progress_reaches_its_open_stream_live_with_keep_alives_between(self):
+    def open_stream(self, job_id: str, chunks: list[bytes], **headers):
+        """The job's event stream, its text arriving in `chunks`; the fetch, done when it ends."""
+        return self.http_client.fetch(self.get_url(f"/jobs/{job_id}/events"), headers=headers,
+                                      streaming_callback=chunks.append, raise_error=False, request_timeout=20)
+
+    async def followed_running_job(self, chunks: list[bytes]):
+        """A job running on the held pool, and its event stream once it has replayed the job's start."""
         job_id = await self.submit("/slow/fib/30")
         await self.jobs_pool.started.wait()
+        fetch = self.open_stream(job_id, chunks)
+        await eventually(lambda: b'"running"' in b"".join(chunks), what="the stream's replay")
+        return job_id, fetch
+
+    def count_reads(self) -> list[tuple]:
+        """The store's event reads from now on."""
+        reads: list[tuple] = []
+        events = self.sync_store.events
+        self.sync_store.events = lambda *args, **kwargs: reads.append(args) or events(*args, **kwargs)
+        return reads
+
+    @gen_test
+    async def test_a_running_job_s_progress_reaches_its_open_stream_live_with_keep_alives_between(self):
         chunks: list[bytes] = []
-        fetch = self.http_client.fetch(self.get_url(f"/jobs/{job_id}/events"), streaming_callback=chunks.append,
-                                       raise_error=False, request_timeout=20)
+        job_id, fetch = await self.followed_running_job(chunks)
         text = lambda: b"".join(chunks).decode()  # noqa: E731
-        await eventually(lambda: "event: state" in text() and '"running"' in text(), what="the stream's replay")
+        assert "event: state" in text()
         self.jobs_pool.progress(1, 4, "one")
         await eventually(lambda: '"message": "one"' in text(), what="the report, live")
         await eventually(lambda: ": keep-alive" in text(), timeout=3, what="a keep-alive comment (1 s)")
@@ -231,19 +292,71 @@ class HeldJobsTest(JobsCase):
         job_id = await self.submit("/slow/fib/30")
         await self.jobs_pool.started.wait()
         texts: list[list[bytes]] = [[] for _ in range(8)]  # the test's HTTP client holds 10 connections at most
-        fetches = [self.http_client.fetch(self.get_url(f"/jobs/{job_id}/events"), streaming_callback=chunks.append,
-                                          raise_error=False, request_timeout=20) for chunks in texts]
+        fetches = [self.open_stream(job_id, chunks) for chunks in texts]
         seen = lambda text: all(text in b"".join(chunks) for chunks in texts)  # noqa: E731
         await eventually(lambda: seen(b'"running"'), what="every stream's replay")
-        reads = []
-        events = self.sync_store.events
-        self.sync_store.events = lambda *args, **kwargs: reads.append(args) or events(*args, **kwargs)
+        reads = self.count_reads()
+        # One reader follows the job for its eight streams here (job_feeds.py): one waiter at the
+        # Watcher, where each stream waited with its own before (their waits were most of the loop's
+        # time with 1,000 streams: bench/jobs.py).
+        assert len(self.long_jobs.watcher._waiters[job_id]) == 1
         self.jobs_pool.progress(1, 4, "one")
         await eventually(lambda: seen(b'"message": "one"'), what="the report in every stream")
-        assert 1 <= len(reads) <= 2  # one read for the eight (a stream late to wake may make another)
+        assert len(reads) == 1  # one read for the eight
+        tails = {b"".join(chunks).split(b"\n\n")[-2] for chunks in texts}  # each stream's last event
+        assert len(tails) == 1 and tails.pop().startswith(b"id: 3\nevent: progress")  # the same bytes in all
         self.jobs_pool.release.set()
         for response in [await fetch for fetch in fetches]:
             assert response.code == 200
+
+    @gen_test
+    async def test_a_stream_that_reconnects_beside_live_ones_gets_what_it_missed_then_the_live_events_once(self):
+        live, late = [], []
+        job_id, first = await self.followed_running_job(live)
+        text = lambda chunks: b"".join(chunks).decode()  # noqa: E731
+        ids = lambda chunks: [int(x[4:]) for x in text(chunks).splitlines() if x.startswith("id: ")]  # noqa: E731
+        for n, word in ((1, "one"), (2, "two")):
+            self.jobs_pool.progress(n, 4, word)
+            await eventually(lambda: f'"message": "{word}"' in text(live), what=f"report {word}, live")
+        second = self.open_stream(job_id, late, **{"Last-Event-ID": "3"})
+        await eventually(lambda: '"message": "two"' in text(late), what="the reconnect's replay")
+        self.jobs_pool.progress(3, 4, "three")
+        await eventually(lambda: all('"message": "three"' in text(c) for c in (live, late)), what="report three")
+        self.jobs_pool.release.set()
+        assert (await first).code == (await second).code == 200
+        assert ids(live) == [1, 2, 3, 4, 5, 6] and ids(late) == [4, 5, 6]  # 6: the end
+        assert text(live).endswith(text(late)[len("retry: 1000\n\n"):])
+
+    @gen_test
+    async def test_a_stream_ends_at_its_job_s_next_event_once_its_instance_drains(self):
+        chunks: list[bytes] = []
+        _, fetch = await self.followed_running_job(chunks)
+        self._app.settings["draining"] = True
+        self.jobs_pool.progress(1, 4, "one")
+        response = await fetch  # it ends: the browser reconnects, with Last-Event-ID, to another instance
+        assert response.code == 200 and b"".join(chunks).endswith(b'"message": "one"}\n\n')
+        self._app.settings["draining"] = False
+        self.jobs_pool.release.set()
+
+    @gen_test
+    async def test_a_stream_whose_client_left_costs_its_job_nothing_more(self):
+        job_id = await self.submit("/slow/fib/30")
+        await self.jobs_pool.started.wait()
+        stream = await TCPClient().connect("127.0.0.1", self.get_http_port())
+        await stream.write(f"GET /jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await stream.read_until(b'"running"')
+        assert job_id in self.long_jobs.watcher._waiters  # its feed waits for the job's next change
+        stream.close()
+        await eventually(lambda: job_id not in self.long_jobs.watcher._waiters, what="the feed gone with its stream")
+        reads = self.count_reads()
+        self.jobs_pool.progress(1, 4, "one")
+        await eventually(lambda: self._progress_is(job_id, "one"), what="the report recorded")
+        assert reads == []  # nobody read the job's events for a stream that is gone
+        self.jobs_pool.release.set()
+
+    async def _progress_is(self, job_id: str, message: str) -> bool:
+        body = json.loads((await self.get(f"/jobs/{job_id}")).body)
+        return (body["progress"] or {}).get("message") == message
 
     @gen_test
     async def test_cancelling_a_queued_job_ends_it_at_once_and_it_never_runs(self):

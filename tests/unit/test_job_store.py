@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from services.slow import job_store
 from services.slow.job_store import (CANCELLED, CANCELLING, EXPIRED, FAILED, QUEUED, RUNNING, SUCCEEDED,
                                      ActiveLimit, AsyncStore, NewJob, SqliteStore, StoreUnavailable, new_id)
 from services.slow.job_store_redis import EXPIRE_GRACE, RedisStore
@@ -228,6 +229,34 @@ def test_a_finished_record_expires_after_its_ttl_to_a_tombstone_then_goes(store,
     assert store.sweep() == {"expired": 0, "removed": 1}
     assert store.get(job_id) is None
     assert store.get(running).state == RUNNING  # active jobs never expire
+
+
+def finished(store: SqliteStore, count: int, result: bytes = b"1") -> list[str]:
+    ids = [submit(store) for _ in range(count)]
+    for job_id in ids:
+        store.start(job_id, "slow-01")
+        store.finish(job_id, SUCCEEDED, result=result)
+    return ids
+
+
+def test_a_sweep_call_expires_and_removes_at_most_its_limit_and_the_next_ones_the_rest(store, clock):
+    finished(store, 5)
+    clock.now += 60
+    assert [store.sweep(limit=2)["expired"] for _ in range(4)] == [2, 2, 1, 0]
+    clock.now += 60
+    assert [store.sweep(limit=3)["removed"] for _ in range(3)] == [3, 2, 0]
+    assert not any(store.count_by_state().values())
+
+
+def test_the_wal_is_cut_back_after_the_sweep_of_many_large_results(tmp_path, clock, monkeypatch):
+    monkeypatch.setattr(job_store, "WAL_SIZE_LIMIT", 1 << 20)
+    store = SqliteStore(tmp_path / "store.sqlite", ttl=60, clock=clock)
+    finished(store, 40, result=b'"' + b"x" * 100_000 + b'"')
+    clock.now += 60
+    assert store.sweep(limit=40)["expired"] == 40  # one transaction rewrites 4 MB of pages (SECURE_DELETE)
+    finished(store, 1)  # a write after the checkpoint (at that commit) starts the WAL again, cut to its limit
+    assert (tmp_path / "store.sqlite-wal").stat().st_size <= 1 << 20
+    store.close()
 
 
 def test_past_max_records_the_oldest_finished_records_expire_first(stores, clock):

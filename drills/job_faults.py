@@ -1,0 +1,294 @@
+"""The long jobs' faults for `make chaos` (chaos.py), each under the steady load: kill -9 of the slow
+instance that runs long jobs, and cancels of running and queued long jobs.
+
+Each drives its jobs through the edge as a client of its own loopback address (JobClient, as
+faults.py's own clients do), follows every job's fate in its record (GET /jobs/<id>, its events)
+and the processes that ran them in /proc, and raises FleetError if a promise of README.md's "Long
+jobs" does not hold:
+
+    kill-slow-long-jobs   every job of a kill -9'ed slow instance leaves `running` within 15 s:
+                          failed `worker_lost`, retryable, or, for a task declaring retries (the
+                          shipped `report`), queued again and then finished; a cancel made just
+                          before the kill ends `cancelled`; no record lost; the processes that ran
+                          the jobs are gone
+    cancel-under-load     DELETE of running jobs: their worker processes gone within 2.5 s; of a
+                          queued one: `cancelled` in the DELETE's own answer; the pool refilled
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from deploy import fleet
+from drills.faults import pid_of, slow_health, survivors, wait_whole
+from drills.loadgen import SteadyLoad
+from services.common import procfs
+from services.common.settings import Settings, heavy_capacity
+
+LOST_WITHIN = 15.0  # seconds after a kill -9 by which each of its jobs has left `running` (issue 26's promise)
+CANCEL_KILLS_WITHIN = 2.5  # seconds from a running job's DELETE to its process gone (issue 26's target)
+POLL = 0.2  # seconds between two looks at a job's record: 5 a second per job, far under the edge's rate per client
+# A retried job (its task declares retries) runs again after the kill: this many seconds, so that it
+# is still running at the kill and ends soon after its second start.
+RETRIED_SECONDS = 4
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return {"not JSON": self.body[:200].decode("latin-1")}
+
+
+class JobClient:
+    """Long jobs through the edge, from the loopback address `source`: a client of its own."""
+
+    def __init__(self, settings: Settings, source: str, timeout: float = 10):
+        self.port, self.source, self.timeout = settings.edge.port, source, timeout
+
+    def call(self, method: str, path: str, headers: dict | None = None) -> Answer:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout,
+                                          source_address=(self.source, 0))
+        try:
+            conn.request(method, path, headers=headers or {})
+            response = conn.getresponse()
+            return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+        finally:
+            conn.close()
+
+    def submit(self, path: str) -> tuple[str, str]:
+        """A job of `path` (Prefer: respond-async): its id, and the instance that took it (its owner)."""
+        answer = self.call("GET", path, {"Prefer": "respond-async"})
+        if answer.status != 202:
+            raise fleet.FleetError(f"{path} with Prefer: respond-async was answered {answer.status} {answer.json()}")
+        return answer.json()["id"], answer.headers.get("x-served-by", "")
+
+    def job(self, job_id: str) -> dict | None:
+        """The job's status document; None while no slow instance answers (a restart: 502, 503,
+        504). A record the store no longer has (404, 410) was lost: FleetError."""
+        answer = self.call("GET", f"/jobs/{job_id}")
+        if answer.status == 200:
+            return answer.json()
+        if answer.status in (502, 503, 504):
+            return None
+        raise fleet.FleetError(f"job {job_id}: {answer.status} {answer.json()}: its record was lost")
+
+    def cancel(self, job_id: str) -> dict:
+        answer = self.call("DELETE", f"/jobs/{job_id}")
+        if answer.status != 200:
+            raise fleet.FleetError(f"DELETE of job {job_id} was answered {answer.status} {answer.json()}")
+        return answer.json()
+
+    def events(self, job_id: str) -> list[dict]:
+        """Every event of an ended job (its stream replays them all, then closes): {"id", "event", "data"}."""
+        answer = self.call("GET", f"/jobs/{job_id}/events", {"Accept": "text/event-stream"})
+        if answer.status != 200:
+            raise fleet.FleetError(f"the events of job {job_id}: {answer.status} {answer.json()}")
+        events = []
+        for block in answer.body.decode().split("\n\n"):
+            fields = dict(line.partition(": ")[::2] for line in block.split("\n") if line and not line.startswith(":"))
+            if "id" in fields:
+                events.append({"id": int(fields["id"]), "event": fields.get("event", ""),
+                               "data": json.loads(fields.get("data", "null"))})
+        return events
+
+    def wait(self, job_id: str, done: Callable[[dict], bool], deadline: float, what: str) -> dict:
+        """Polls the job until done(its status document); FleetError past the monotonic `deadline`."""
+        while True:
+            doc = self.job(job_id)
+            if doc is not None and done(doc):
+                return doc
+            if time.monotonic() > deadline:
+                raise fleet.FleetError(f"job {job_id} not {what} in time: {doc}")
+            time.sleep(POLL)
+
+
+def slots(settings: Settings) -> int:
+    """Jobs the fleet's slow instances run at once."""
+    return heavy_capacity(settings.values) * settings.slow.instances
+
+
+def job_processes(settings: Settings) -> set[int]:
+    """The processes that run jobs: the slow instances' pool workers, or on a Dask cluster the job
+    processes of its workers (each worker's pool is pool.py's: the children of its forkserver)."""
+    if settings.slow.backend != "dask":
+        return {pid for _, port in settings.instances("slow") for pid in slow_health(settings, port)["pool"]["pids"]}
+    found = set()
+    for p in fleet.process_infos(settings):
+        if p["name"].startswith("dask-worker-") and p["pid"]:
+            found |= {pid for pid in procfs.descendants(p["pid"])
+                      if (stat := procfs.stat(pid)) is not None and stat.ppid != p["pid"]}
+    return found
+
+
+def all_running(client: JobClient, jobs: list[str], progressed: list[str] = (), within: float = 20) -> None:
+    """Every job of `jobs` running; those of `progressed` reported progress too (from their process:
+    on a Dask cluster a job is `running` once its instance admits it, before a worker starts it)."""
+    deadline = time.monotonic() + within
+    for job_id in jobs:
+        client.wait(job_id, lambda doc: doc["state"] == "running" and (job_id not in progressed or doc["progress"]),
+                    deadline, "running" + (" and reporting progress" if job_id in progressed else ""))
+
+
+def computing(settings: Settings, looks: int = 3) -> set[int]:
+    """The job processes computing (state R: running or waiting for a CPU) at each of `looks` looks,
+    0.1 s apart: those of CPU-bound jobs, never an idle one."""
+    found = job_processes(settings)
+    for _ in range(looks):
+        time.sleep(0.1)
+        found = {pid for pid in found if procfs.state(pid) == "R"}
+    return found
+
+
+def _seconds(stamp: str | None) -> float | None:
+    """A status document's time ("2026-12-06T16:45:04.765Z") as a Unix time."""
+    if stamp is None:
+        return None
+    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def _worker_lost(doc: dict) -> bool:
+    error = doc.get("error") or {}
+    return doc["state"] == "failed" and error.get("error") == "worker_lost" and error.get("retryable") is True
+
+
+# the faults ------------------------------------------------------------------------------------
+
+def kill_slow_running_long_jobs(settings: Settings, load: SteadyLoad) -> str:
+    """Every running slot taken by a long job (one of a task without retries, the shipped report's,
+    which declares one retry, in the others), one of each kind waiting in line behind them and one
+    more cancelled there, then kill -9 of the instance that owns them."""
+    client = JobClient(settings, "127.0.0.6")
+    owners: dict[str, str] = {}  # job -> the instance that took it (with several, each takes some)
+
+    def submit(path: str) -> str:
+        job_id, owners[job_id] = client.submit(path)
+        return job_id
+
+    report = f"/slow/report/{RETRIED_SECONDS}"
+    retried = [submit(report)]
+    owner = owners[retried[0]]  # the instance killed
+    lost = [submit("/slow/sleep/10")]  # sleep declares no retries
+    retried += [submit(report) for _ in range(slots(settings) - 2)]
+    all_running(client, [*retried, *lost], progressed=retried)
+    lost.append(submit("/slow/sleep/10"))  # these wait in line
+    retried.append(submit(report))
+    cancelled = submit("/slow/report/60")
+    cancel = client.cancel(cancelled)
+    before = {job_id: client.job(job_id) for job_id in [*lost, *retried]}
+    waiting = sum(doc["state"] == "queued" for doc in before.values()) + (cancel["started"] is None)
+    others = [job_id for job_id in owners if owners[job_id] != owner]  # another instance's: untouched
+    lost, retried = [j for j in lost if j not in others], [j for j in retried if j not in others]
+    if settings.slow.backend != "dask":  # the killed instance's workers: they die with it
+        processes = set(slow_health(settings, dict(settings.instances("slow"))[owner])["pool"]["pids"])
+    else:  # the reports' processes on the cluster: killed once the scheduler lets go of the dead client's jobs
+        processes = set() if others else computing(settings)
+    os.kill(pid_of(settings, owner), signal.SIGKILL)
+    killed, killed_at = time.monotonic(), time.time()
+
+    def requeued(job_id: str) -> Callable[[dict], bool]:
+        # queued again (its start forgotten, a new event), or started again after the kill
+        return lambda doc: ((doc["state"] == "queued" and doc["started"] is None and doc["seq"] > before[job_id]["seq"])
+                            or (_seconds(doc["started"]) or 0) > killed_at)
+
+    expected = {cancelled: (lambda doc: doc["state"] == "cancelled", "cancelled"),
+                **{job_id: (_worker_lost, "failed worker_lost, retryable") for job_id in lost},
+                **{job_id: (requeued(job_id), "queued again") for job_id in retried}}
+    left: dict[str, float] = {}  # job -> seconds after the kill when it had left `running`
+    while len(left) < len(expected):
+        for job_id, (done, what) in expected.items():
+            doc = None if job_id in left else client.job(job_id)
+            if doc is None:
+                continue
+            if done(doc):
+                left[job_id] = time.monotonic() - killed
+            elif doc["state"] in ("succeeded", "failed", "cancelled"):
+                raise fleet.FleetError(f"job {job_id} of the killed {owner} ended {doc['state']} "
+                                       f"{doc.get('error')}, not {what}")
+        if time.monotonic() - killed > LOST_WITHIN:
+            stuck = {job_id: what for job_id, (_, what) in expected.items() if job_id not in left}
+            raise fleet.FleetError(f"{len(stuck)} job(s) of the killed {owner} not out of `running` within "
+                                   f"{LOST_WITHIN:g} s: {stuck}")
+        time.sleep(POLL)
+    running_on = survivors(sorted(processes), within=max(0.0, LOST_WITHIN - (time.monotonic() - killed)))
+    if running_on:
+        raise fleet.FleetError(f"processes {running_on} still ran the killed {owner}'s jobs {LOST_WITHIN:g} s after it")
+    # The retried ones run again on the restarted instance, and finish; the cancelled one never runs.
+    deadline = time.monotonic() + 30 + RETRIED_SECONDS * len(retried)
+    for job_id in retried:
+        client.wait(job_id, lambda doc: doc["state"] == "succeeded", deadline, "succeeded on its second attempt")
+        attempts = [e["data"] for e in client.events(job_id) if e["event"] == "state" and e["data"].get("attempt")]
+        if attempts != [{"state": "queued", "attempt": 2, "after": "worker_lost"}]:
+            raise fleet.FleetError(f"job {job_id}: its attempts' events were {attempts}")
+    # (started as its DELETE left it: never, unless a slot freed before it)
+    if (client.job(cancelled)["started"] != cancel["started"]
+            or any(e["data"].get("attempt") for e in client.events(cancelled))):
+        raise fleet.FleetError(f"job {cancelled}, cancelled before the kill, ran or was queued again after it")
+    for job_id in others:  # another instance's: the kill is none of its business
+        if _worker_lost(client.cancel(job_id)):
+            raise fleet.FleetError(f"job {job_id} of {owners[job_id]} failed worker_lost when {owner} was killed")
+    lost_in = max((left[job_id] for job_id in lost), default=0.0)
+    requeued_in = max((left[job_id] for job_id in retried), default=0.0)
+    return (f"kill -9 {owner} with {len(lost) + len(retried) - waiting + 1} long jobs running, {waiting} waiting: "
+            f"{_count(lost, 'sleep job')} (no retries) failed worker_lost, retryable, within {lost_in:.1f} s; "
+            f"{_count(retried, 'report')} (retries=1) queued again within {requeued_in:.1f} s, then succeeded; "
+            f"one cancelled before the kill stayed cancelled; every record kept; "
+            f"{_count(processes, 'process', 'processes')} that ran them gone")
+
+
+def _count(items, noun: str, plural: str = "") -> str:
+    return f"{len(items)} {noun if len(items) == 1 else plural or noun + 's'}"
+
+
+def cancel_under_load(settings: Settings, load: SteadyLoad, rounds: int = 3) -> str:
+    """Each round: every running slot taken by a long job, one more waiting in line; the waiting
+    one cancelled (in the DELETE's own answer), then the running ones (their processes killed)."""
+    client = JobClient(settings, "127.0.0.7")
+    gone_in: list[float] = []  # from the first running job's DELETE to the last of their processes gone
+    queued_ms: list[float] = []
+    for _ in range(rounds):
+        wait_whole(settings)  # every worker back from the last round
+        jobs = [client.submit("/slow/report/60")[0] for _ in range(slots(settings))]
+        all_running(client, jobs, progressed=jobs)
+        processes = job_processes(settings)
+        if len(processes) != len(jobs):
+            raise fleet.FleetError(f"{len(jobs)} jobs hold every running slot, but {len(processes)} processes "
+                                   f"run jobs: {sorted(processes)}")
+        waiting = client.submit("/slow/report/60")[0]
+        sent = time.monotonic()
+        doc = client.cancel(waiting)
+        queued_ms.append((time.monotonic() - sent) * 1000)
+        if doc["state"] != "cancelled" or doc["started"] is not None:
+            raise fleet.FleetError(f"a queued job's DELETE answered {doc['state']}, started {doc['started']}")
+        sent = time.monotonic()
+        for job_id in jobs:
+            state = client.cancel(job_id)["state"]
+            if state not in ("cancelling", "cancelled"):
+                raise fleet.FleetError(f"a running job's DELETE answered {state}")
+        alive = set(processes)
+        while alive and time.monotonic() - sent <= CANCEL_KILLS_WITHIN:
+            alive = {pid for pid in alive if procfs.alive(pid)}
+            time.sleep(0.01)
+        if alive:
+            raise fleet.FleetError(f"processes {sorted(alive)} of cancelled jobs still ran {CANCEL_KILLS_WITHIN} s "
+                                   "after their DELETE")
+        gone_in.append(time.monotonic() - sent)
+        deadline = time.monotonic() + 5
+        for job_id in jobs:
+            client.wait(job_id, lambda doc: doc["state"] == "cancelled", deadline, "cancelled")
+    return (f"{rounds} x: {len(jobs)} running long jobs and 1 waiting cancelled; the waiting one cancelled in "
+            f"the DELETE's answer ({max(queued_ms):.0f} ms at most), the running ones' {len(jobs)} processes gone "
+            f"within {max(gone_in):.2f} s of the first DELETE; pool refilled")
