@@ -168,9 +168,10 @@ return redis.call('HGETALL', job_key(id))
 """
 
 _PROGRESS = _LIB + r"""
--- ARGV[3..]: id, done, total ('' none), message, the event's data
+-- ARGV[3..]: id, done, total ('' none), message, the event's data, the attempt reporting ('' any)
 local id = ARGV[3]
 if field(id, 'state') ~= 'running' then return false end
+if ARGV[8] ~= '' and field(id, 'attempt') ~= ARGV[8] then return false end  -- a dead run's late report
 local total = ARGV[5]
 if total == '' then total = false end
 return change(id, 'progress', ARGV[7], {'done', ARGV[4], 'total', total, 'message', ARGV[6]})
@@ -178,10 +179,12 @@ return change(id, 'progress', ARGV[7], {'done', ARGV[4], 'total', total, 'messag
 
 _FINISH = _LIB + r"""
 -- ARGV[3..]: id, state, error JSON ('' none), result ('' none: with has_result '0'), has_result,
--- result bytes, in file, cancelled error JSON, now, expires, record TTL, data TTL
+-- result bytes, in file, cancelled error JSON, now, expires, record TTL, data TTL, the attempt
+-- ending ('' any)
 local id, state = ARGV[3], ARGV[4]
 local current = field(id, 'state')
 if current ~= 'queued' and current ~= 'running' and current ~= 'cancelling' then return false end
+if ARGV[15] ~= '' and field(id, 'attempt') ~= ARGV[15] then return false end  -- the job moved on
 local error, result, size, in_file = ARGV[5], ARGV[6], ARGV[8], ARGV[9]
 if ARGV[7] == '0' then result = false end
 if current == 'cancelling' then  -- the client asked first: cancelled, whatever the job returned
@@ -393,13 +396,15 @@ class RedisStore:
         return _job(self._run("start", job_id, owner, repr(self.clock())))
 
     @_answering
-    def progress(self, job_id: str, done: float, total: float | None, message: str) -> int | None:
+    def progress(self, job_id: str, done: float, total: float | None, message: str,
+                 attempt: int | None = None) -> int | None:
         data = json.dumps({"done": done, "total": total, "message": message})
         return self._run("progress", job_id, repr(float(done)), "" if total is None else repr(float(total)),
-                         message, data)
+                         message, data, "" if attempt is None else attempt)
 
     @_answering
-    def finish(self, job_id: str, state: str, result: bytes | None = None, error: dict | None = None) -> Job | None:
+    def finish(self, job_id: str, state: str, result: bytes | None = None, error: dict | None = None,
+               attempt: int | None = None) -> Job | None:
         """As SqliteStore.finish; a result larger than inline_result_bytes is kept under a key of its
         own (result()), so a status read never carries it."""
         if state not in TERMINAL:
@@ -409,7 +414,8 @@ class RedisStore:
         return _job(self._run("finish", job_id, state, "" if error is None else json.dumps(error),
                               b"" if result is None else result, "0" if result is None else "1",
                               "" if size is None else size, "1" if in_file else "0",
-                              json.dumps(_CANCELLED_RUNNING), *self._end_args()))
+                              json.dumps(_CANCELLED_RUNNING), *self._end_args(),
+                              "" if attempt is None else attempt))
 
     @_answering
     def cancel(self, job_id: str) -> Job | None:
