@@ -192,8 +192,10 @@ class Store(Protocol):
     def get(self, job_id: str) -> Job | None: ...
     def find(self, client: str, idempotency_key: str) -> Job | None: ...
     def start(self, job_id: str, owner: str) -> Job | None: ...
-    def progress(self, job_id: str, done: float, total: float | None, message: str) -> int | None: ...
-    def finish(self, job_id: str, state: str, result: bytes | None = None, error: dict | None = None) -> Job | None: ...
+    def progress(self, job_id: str, done: float, total: float | None, message: str,
+                 attempt: int | None = None) -> int | None: ...
+    def finish(self, job_id: str, state: str, result: bytes | None = None, error: dict | None = None,
+               attempt: int | None = None) -> Job | None: ...
     def cancel(self, job_id: str) -> Job | None: ...
     def events(self, job_id: str, after: int = 0) -> list[Event]: ...
     def changes(self, after: int) -> tuple[int, dict[str, int]]: ...
@@ -317,19 +319,24 @@ class SqliteStore:
             self._change(row, "state", {"state": RUNNING}, state=RUNNING, owner=owner, started=self.clock())
             return _job(self._row(job_id))
 
-    def progress(self, job_id: str, done: float, total: float | None, message: str) -> int | None:
-        """Record a running job's progress; its event's sequence number, or None if it is not running."""
+    def progress(self, job_id: str, done: float, total: float | None, message: str,
+                 attempt: int | None = None) -> int | None:
+        """Record a running job's progress; its event's sequence number, or None if it is not running
+        (or, with `attempt`, if that is not the job's attempt: a dead run's late report is fenced off)."""
         with self._write():
             row = self._row(job_id)
-            if row is None or row["state"] != RUNNING:
+            if row is None or row["state"] != RUNNING or (attempt is not None and row["attempt"] != attempt):
                 return None
             return self._change(row, "progress", {"done": done, "total": total, "message": message},
                                 done=done, total=total, message=message)
 
-    def finish(self, job_id: str, state: str, result: bytes | None = None, error: dict | None = None) -> Job | None:
+    def finish(self, job_id: str, state: str, result: bytes | None = None, error: dict | None = None,
+               attempt: int | None = None) -> Job | None:
         """An active job ends: succeeded (with its result), failed or cancelled (with the error).
         A job being cancelled ends cancelled whatever it would have been (the client asked first);
-        None if it had ended already."""
+        None if it had ended already, or, with `attempt`, if the job has moved on to another attempt
+        (reaped and queued again while this run, taken for lost, was only slow: its end is not the
+        job's)."""
         if state not in TERMINAL:
             raise ValueError(f"not a terminal state: {state}")
         size = None if result is None else len(result)
@@ -338,10 +345,11 @@ class SqliteStore:
             _write_file(self.result_path(job_id), result)
         with self._write():
             row = self._row(job_id)
-            if row is None or row["state"] not in ACTIVE or row["state"] == CANCELLING:
+            fenced = row is not None and attempt is not None and row["attempt"] != attempt
+            if row is None or row["state"] not in ACTIVE or row["state"] == CANCELLING or fenced:
                 if in_file:
                     self.result_path(job_id).unlink(missing_ok=True)
-            if row is None or row["state"] not in ACTIVE:
+            if row is None or row["state"] not in ACTIVE or fenced:
                 return None
             if row["state"] == CANCELLING:
                 state, result, size, in_file = CANCELLED, None, None, False

@@ -216,6 +216,9 @@ class LongJobs:
         self._ending: set[str] = set()  # jobs whose end is being written
         self._progress: dict[str, tuple] = {}  # a job's latest report, waiting for its write
         self._writing: dict[str, asyncio.Task] = {}  # jobs with progress writes in flight
+        # The attempt each job runs here as: its writes say so, and the store refuses them once the
+        # job has moved on (taken for lost while this instance was only slow, and queued again).
+        self._attempts: dict[str, int] = {}
         self._sweeper: asyncio.Task | None = None
         self._beater: asyncio.Task | None = None
         # Runs in flight here, by the key of their task and arguments (coalesce.py), and their jobs.
@@ -289,6 +292,7 @@ class LongJobs:
 
     def _launch(self, job: Job, task: registry.Task, kwargs: dict, request_id: str) -> None:
         """Run the job here, in the background."""
+        self._attempts[job.id] = job.attempt
         run = asyncio.get_running_loop().create_task(self._run(job, task, kwargs, job.client, request_id))
         self.running[job.id] = run
         run.add_done_callback(lambda _: self._ended(job.id))
@@ -410,11 +414,12 @@ class LongJobs:
         writing = self._writing.get(job_id)
         if writing is not None:  # the last report is recorded before the end, never dropped by it
             await writing
-        await self.store.finish(job_id, state, result=result, error=error)
+        await self.store.finish(job_id, state, result=result, error=error, attempt=self._attempts.get(job_id))
         self.watcher.notify({job_id: 0})
 
     def _ended(self, job_id: str) -> None:
         self.running.pop(job_id, None)
+        self._attempts.pop(job_id, None)
         self._stopping.discard(job_id)
         self._ending.discard(job_id)
         if self.in_flight is not None:
@@ -430,7 +435,7 @@ class LongJobs:
     async def _write_progress(self, job_id: str) -> None:
         try:
             while (report := self._progress.pop(job_id, None)) is not None:
-                if await self.store.progress(job_id, *report) is not None:
+                if await self.store.progress(job_id, *report, attempt=self._attempts.get(job_id)) is not None:
                     self.watcher.notify({job_id: 0})
         except Exception:
             log.exception("could not record the progress of job %s", job_id)
@@ -447,8 +452,11 @@ class LongJobs:
     async def _check_cancels(self, job_ids: list[str]) -> None:
         for job_id in job_ids:
             job = await self.store.get(job_id)
-            # Cancelled, or ended by another instance that took this one for lost (reaped).
-            if job is None or job.state in (CANCELLING, CANCELLED, EXPIRED) or job.terminal:
+            # Cancelled, or ended by another instance that took this one for lost (reaped), or queued
+            # again by it as a new attempt (this run's writes are refused from then on: it stops,
+            # so the job never runs twice at once).
+            if (job is None or job.state in (CANCELLING, CANCELLED, EXPIRED) or job.terminal
+                    or job.attempt != self._attempts.get(job_id, job.attempt)):
                 self._stop_local(job_id)
 
     def _stop_local(self, job_id: str) -> None:

@@ -310,6 +310,31 @@ def test_a_killed_instance_s_job_of_a_task_declaring_retries_runs_again_on_anoth
     assert events[-1].json()["result"]["sections"] == 40
 
 
+def test_an_instance_taken_for_lost_while_only_paused_stops_its_stale_run_and_its_late_writes_never_land(
+        private_fleet):
+    fleet = private_fleet(slow=2, **LOST_AFTER)
+    location = fleet.get("/slow/report/6", **_to(fleet, 1, ASYNC)).headers["location"]  # report: retries=1
+    wait_for(lambda: state(fleet, location) == "running", what="the job runs on slow-01")
+    stale = busy_worker(fleet, 1)
+    instance = fleet.pid("slow-01")
+    os.kill(instance, signal.SIGSTOP)  # silent past jobs.lost_after_seconds: slow-02 queues it again
+    try:
+        busy_worker(fleet, 2)  # attempt 2 computes on slow-02
+    finally:
+        os.kill(instance, signal.SIGCONT)
+    # slow-01 wakes up with attempt 1 still running: it sees the job moved on and stops that run.
+    wait_for(lambda: procfs.state(stale) != "R", timeout=10, what="slow-01's stale run stopped")
+    wait_for(lambda: state(fleet, location) == "succeeded", timeout=30, interval=0.2, what="attempt 2 succeeds")
+    with EventStream(fleet.edge_port, f"{location}/events") as stream:
+        events = list(stream.events())
+    requeued = next(i for i, e in enumerate(events) if e.kind == "state" and e.json().get("attempt") == 2)
+    # Attempt 1 was further along when it was paused; had its late reports landed, `done` would jump.
+    done = [e.json()["done"] for e in events[requeued:] if e.kind == "progress"]
+    assert done == sorted(done), done
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].json()["result"]["sections"] == 60
+
+
 def test_on_a_dask_cluster_a_job_s_whole_life_through_the_edge_retry_reconnect_result_cancel_404_410(dask_fleet):
     """The life of test_a_job_s_whole_life... and its neighbours, on the shared Dask fleet (one slow
     instance; the job store and the routes are the same whatever runs the job)."""

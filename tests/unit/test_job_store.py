@@ -326,6 +326,22 @@ def test_a_lost_job_with_retries_left_is_queued_again_for_its_adopter_then_fails
     assert [(j.state, j.error["error"]) for j in lost] == [(FAILED, "worker_lost")]
 
 
+def test_a_run_taken_for_lost_while_it_was_only_slow_cannot_write_to_the_job_s_next_attempt(store):
+    job, _ = store.create(NewJob(id=new_id(), task="report", client="c", owner="slow-01.a",
+                                 kwargs={"seconds": 4.0}, retries=1))
+    store.start(job.id, "slow-01.a")
+    store.reap(lost_after=10, adopter="slow-02.b")  # slow-01.a went silent: attempt 2 for slow-02.b
+    store.start(job.id, "slow-02.b")
+    # slow-01.a wakes up and reports, then ends, as attempt 1: neither lands.
+    assert store.progress(job.id, 3, 4, "late", attempt=1) is None
+    assert store.finish(job.id, SUCCEEDED, result=b'"stale"', attempt=1) is None
+    assert (store.get(job.id).state, store.get(job.id).done) == (RUNNING, None)
+    # Attempt 2's own writes do.
+    assert store.progress(job.id, 1, 4, "section 1", attempt=2) is not None
+    ended = store.finish(job.id, SUCCEEDED, result=b'"fresh"', attempt=2)
+    assert (ended.state, ended.result, ended.attempt) == (SUCCEEDED, b'"fresh"', 2)
+
+
 def test_a_lost_job_whose_arguments_were_not_kept_is_never_queued_again(store):
     job_id = submit(store)  # a task without retries: its arguments are not in the store
     assert [j.state for j in store.reap(lost_after=10, adopter="slow-02.b")] == [FAILED]
