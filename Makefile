@@ -20,10 +20,18 @@ LOAD_OPTS ?=
 SOAK_MINUTES ?= 10
 SOAK_OPTS ?=
 LOCUST_WORKERS ?= 0
+# The port a Locust master listens on for its workers (Locust's own default); a second run with
+# workers on this host at the same time needs another one.
+LOCUST_MASTER_PORT ?= 5557
 # --processes N when LOCUST_WORKERS > 0, after the shell checked that it is a whole number
-LOCUST_PROCESSES = $(if $(filter-out 0,$(LOCUST_WORKERS)),--processes $(LOCUST_WORKERS))
+LOCUST_PROCESSES = $(if $(filter-out 0,$(LOCUST_WORKERS)),--processes $(LOCUST_WORKERS) \
+	--master-bind-port $(LOCUST_MASTER_PORT) --master-port $(LOCUST_MASTER_PORT))
 CHECK_LOCUST_WORKERS := case '$(LOCUST_WORKERS)' in ''|*[!0-9]*) \
 	echo "error: LOCUST_WORKERS must be a whole number >= 0 (0: one Locust process), got '$(LOCUST_WORKERS)'" >&2; exit 2;; esac
+# With workers, the master's port must be free before Locust starts: a master that cannot bind it
+# dies, and its forked workers retry connecting for 5 minutes before they give up (Locust 2.47).
+CHECK_LOCUST_MASTER_PORT = $(if $(filter-out 0,$(LOCUST_WORKERS)),$(PY) -c 'import sys; from deploy.control import port_taken; \
+	sys.exit(port_taken("", int(sys.argv[1]), "the Locust master port", "LOCUST_MASTER_PORT"))' '$(LOCUST_MASTER_PORT)',true)
 EDGE_URL := $(PY) -c 'from deploy.fleet import edge_url; from services.common.settings import load; print(edge_url(load()))'
 FLEET_UP_IF_DOWN := $(PY) -c 'import sys; from deploy.fleet import supervisord_pid; from services.common.settings import load; \
 	sys.exit(0 if supervisord_pid(load()) else 1)' || $(PY) -m deploy.fleet up
@@ -79,6 +87,7 @@ soak: bootstrap ## Load for SOAK_MINUTES (10) while faults recur (kills, overrun
 
 load: bootstrap ## Locust's web UI on http://127.0.0.1:8089 (host preset to the edge; deploys the fleet if it is down); LOCUST_WORKERS=N
 	@$(CHECK_LOCUST_WORKERS)
+	@$(CHECK_LOCUST_MASTER_PORT)
 	@$(FLEET_UP_IF_DOWN)
 	@edge=$$($(EDGE_URL)); echo "Locust web UI: http://127.0.0.1:8089  (host $$edge; start the shaped run, then open the Isolation tab)"; \
 	exec $(LOCUST) -f locustfile.py $(LOCUST_PROCESSES) --web-host 127.0.0.1 --web-port 8089 --host "$$edge" \
@@ -86,6 +95,7 @@ load: bootstrap ## Locust's web UI on http://127.0.0.1:8089 (host preset to the 
 
 load-check: bootstrap ## Headless isolation proof against the fleet: per-phase table, report in the run dir, exit code = verdict; LOCUST_WORKERS=N
 	@$(CHECK_LOCUST_WORKERS)
+	@$(CHECK_LOCUST_MASTER_PORT)
 	@$(FLEET_UP_IF_DOWN)
 	@run=$${FLEET_RUN_DIR:-.run}; edge=$$($(EDGE_URL)); mkdir -p "$$run"; \
 	echo "isolation check against $$edge$(if $(LOCUST_PROCESSES), with $(LOCUST_WORKERS) Locust worker processes) (about 80 s; report: $$run/load-check.html, CSVs: $$run/load-check_*.csv)"; \

@@ -71,16 +71,28 @@ def check_ports_free(settings: Settings, ignore: set[int] = frozenset()) -> None
     for name, host, port, knob in ports_of(settings):
         if port in ignore:
             continue
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nginx and Tornado do
-            try:
-                s.bind((host, port))
-            except OSError:
-                raise FleetError(
-                    f"port {port} ({name}) on {host} is taken by another program; stop it, or "
-                    f"choose other ports, e.g. {knob}={port + 1000} make deploy-local"
-                ) from None
+        if not can_bind(host, port):
+            raise FleetError(f"port {port} ({name}) on {host} is taken by another program; stop it, or "
+                             f"choose other ports, e.g. {knob}={port + 1000} make deploy-local")
+
+
+def can_bind(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now ("" is every address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nginx, Tornado and ZeroMQ do
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def port_taken(host: str, port: int, what: str, knob: str) -> str | None:
+    """For a command's preflight: an error naming the port and the variable that moves it, or None."""
+    if can_bind(host, port):
+        return None
+    return f"error: port {port} ({what}) is taken by another program; choose another, e.g. {knob}={port + 10}"
 
 
 def ephemeral_ports(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> range:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.procs import free_port_block
 from tests.support.fleet import REPO
 from tests.support.waiting import wait_for
 
@@ -77,13 +78,13 @@ DEPLOYED_DEFAULTS = {
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a server of a test (Locust's master, a web UI, a naive server), below the
+    kernel's ephemeral range: one picked in it was taken by some outgoing connection before Locust's
+    master bound it (a CI run's master died so, and its workers waited for it for minutes)."""
+    return free_port_block(1)
 
 
 def master_port() -> list[str]:
-    """Locust's master port for --processes on a free port (the default 5557 may be another run's)."""
     port = str(free_port())
     return ["--master-bind-port", port, "--master-port", port]
 
@@ -290,6 +291,19 @@ def test_a_fleet_whose_slow_path_runs_no_job_fails_though_every_heavy_request_is
     assert result.returncode == EXIT_FAIL
 
 
+def test_make_load_check_with_locust_workers_refuses_at_once_when_the_master_port_is_taken():
+    """A Locust master that cannot bind its port dies, and the workers it forked retry connecting for
+    5 minutes (a CI run hung so): the Makefile checks the port first and names the variable."""
+    with socket.create_server(("127.0.0.1", free_port())) as taken:
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+        result = subprocess.run(["make", "--no-print-directory", "load-check", "LOCUST_WORKERS=2",
+                                 f"LOCUST_MASTER_PORT={port}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert f"port {port} (the Locust master port) is taken" in result.stderr
+    assert "LOCUST_MASTER_PORT=" in result.stderr and "isolation check against" not in result.stdout
+
+
 def test_make_load_check_with_locust_workers_passes_on_the_fleet(private_fleet):
     """`make load-check LOCUST_WORKERS=2`: a master and two worker processes; the workers' samples
     are judged on the master, with the same verdict as one process. The long-job user the Makefile
@@ -301,8 +315,8 @@ def test_make_load_check_with_locust_workers_passes_on_the_fleet(private_fleet):
            if not k.startswith("LOCUST_") and k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     # Three blocks a judged phase (STEADY_PHASES): a block in which a worker ran late is left out,
     # and with two the other one alone was the "median" (a CI run FAILed so, p99 3.8 against 3.7 ms).
-    options = STEADY_PHASES + master_port() + ["--long-job-reconnect-percent", "100"]  # each stream resumed once
-    result = subprocess.run(["make", "--no-print-directory", "load-check", "LOCUST_WORKERS=2",
+    options = STEADY_PHASES + ["--long-job-reconnect-percent", "100"]  # each stream resumed once
+    result = subprocess.run(["make", "--no-print-directory", "load-check", "LOCUST_WORKERS=2", f"LOCUST_MASTER_PORT={free_port()}",
                              "LONG_JOBS=--long-job-users 1 --long-job-streams 32", f"LOAD_OPTS={' '.join(options)}"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     print(result.stdout[-6000:])
