@@ -7,7 +7,7 @@ GET /slow/<task>/<argument>?<params> (or POST with a JSON object body and no que
 runs a task from the registry (registry.py; the shipped ones are in tasks.py). The event loop only
 parses, admits and waits: it never computes. With `Prefer: respond-async` (and for a task declared
 long) the request is answered 202 and the work runs as a job at /jobs/<id> (long_jobs.py,
-job_routes.py).
+job_routes.py), on a job runner's workers (job_runner.py), not on this instance's.
 """
 
 from __future__ import annotations
@@ -280,8 +280,7 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
     admission = admission or make_admission(fleet, pool.size)
     flights = coalesce.Flights()
     settings = server.app_settings(instance)
-    long_jobs = None if store is None else LongJobs(store, pool, admission, fleet, instance.name,
-                                                    in_flight=settings["in_flight"], tasks=dict(tasks))
+    long_jobs = None if store is None else LongJobs(store, fleet, tasks=dict(tasks))
     # Each job's event streams here are written by one reader of its events (job_feeds.py).
     feeds = None if long_jobs is None else Feeds(long_jobs.watcher, store, fleet.jobs.keepalive_seconds, encode=sse)
 
@@ -291,8 +290,6 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
         for flight in list(flights.all):
             flight.stopped = True
             flight.job.cancel()
-        if long_jobs is not None:
-            long_jobs.stop_all()
 
     shared = {"tasks": tasks, "admission": admission, "pool": pool, "fleet": fleet, "flights": flights,
               "retry_after": RetryAfter(ceiling=fleet.slow.job_timeout), "long_jobs": long_jobs}

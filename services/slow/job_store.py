@@ -2,8 +2,8 @@
 a process's memory (long_jobs.py runs them, job_routes.py answers for them).
 
     store = SqliteStore(run_dir / "jobs" / "store.sqlite")
-    job, created = store.create(NewJob(id=new_id(), task="report", client="10.0.0.7", owner="slow-01", ...))
-    store.start(job.id, "slow-01")                      # queued -> running            (event 2)
+    job, created = store.create(NewJob(id=new_id(), task="report", client="10.0.0.7", ...))
+    [job] = store.claim("runner-a.1f2e", ["report"])     # queued -> running            (event 2)
     store.progress(job.id, 3, 10, "step 3")             # running, 3 of 10             (event 3)
     store.finish(job.id, "succeeded", result=b"42")     # -> succeeded, expires later  (event 4, "end")
     store.events(job.id, after=2)                       # [event 3, event 4]: what a stream missed
@@ -19,13 +19,17 @@ States, and who moves a job between them (a terminal state is final; nothing lea
        │                 │
        │              cancel ──► cancelling ──finish──► cancelled   (the owner kills the worker)
        └──cancel──► cancelled                                       (at once: it never ran)
-    queued or running ──reap──► failed (worker_lost, retryable)     (its instance went silent: killed)
-    queued or running ──reap──► queued (attempt + 1, a new owner)   (the same, for a task declaring retries)
+    running ──reap──► failed (worker_lost, retryable)               (its runner went silent: killed)
+    running ──reap──► queued (attempt + 1, no owner)                (the same, for a task declaring retries)
     cancelling ──reap──► cancelled                                  (a cancel made before a crash holds)
 
-Every slow instance beats (`beat`) every few seconds under an owner name of its own process, and
-reaps (`reap`): the active jobs of an owner silent for longer than a few beats end as above, so no
-record says "running" with nothing running it (Celery's PENDING-forever, celery#4450).
+A queued job has no owner: any job runner (job_runner.py) claims it (`claim`, fairly: the client
+with the fewest jobs running first, then the oldest job) and owns it while it runs. Every runner
+beats (`beat`) every few seconds under an owner name of its own process: that is its jobs' lease.
+Any of them reaps (`reap`): the running jobs of an owner silent for longer than a few beats end as
+above, so no record says "running" with nothing running it (Celery's PENDING-forever, celery#4450),
+and a job runs twice only if its runner was silent for the whole lease (then the attempt number
+fences off the silent run's writes).
 
 `cancel` is best effort and leaves the record (AIP-151); it is idempotent. Finished records expire
 `ttl` seconds after they end: the sweep then drops their result and events and keeps a tombstone
@@ -79,7 +83,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     task TEXT NOT NULL,
     client TEXT NOT NULL,              -- whose active-job share it counts against (admission.client_key)
-    owner TEXT NOT NULL,               -- the instance that runs it
+    owner TEXT NOT NULL,               -- the runner process that runs it ('' while queued)
     state TEXT NOT NULL,
     seq INTEGER NOT NULL,              -- the sequence number of its last event
     args TEXT NOT NULL,                -- JSON: the arguments echoed in its answer (task.echo), never secrets
@@ -94,16 +98,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,                        -- JSON: {"error": code, "message": ..., ...} (failed, cancelled)
     idempotency_key TEXT,
     fingerprint TEXT,                  -- of the submitting request: the same key with another request is refused
-    kwargs TEXT,                       -- JSON: the task's arguments, kept only for a task that declares retries
-    retries INTEGER NOT NULL DEFAULT 0,  -- times it may be queued again after its instance is lost
+    kwargs TEXT,                       -- JSON: the task's arguments, for its runner; NULL once it ended
+    retries INTEGER NOT NULL DEFAULT 0,  -- times it may be queued again after its runner is lost
     attempt INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs (client) WHERE state IN ('queued', 'running', 'cancelling');
+CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (created) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires) WHERE expires IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (client, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS owners (
-    owner TEXT PRIMARY KEY,            -- a slow instance's process (its name and a token per start)
+    owner TEXT PRIMARY KEY,            -- a job runner's process (its name and a token per start)
     beat REAL NOT NULL                 -- when it last said it was alive
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -141,11 +146,10 @@ class NewJob:
     id: str
     task: str
     client: str
-    owner: str
     args: dict = field(default_factory=dict)
     idempotency_key: str | None = None
     fingerprint: str | None = None
-    kwargs: dict | None = None  # kept for a retry (a task that declares retries: its arguments are no secret)
+    kwargs: dict | None = None  # the task's arguments, for the runner that claims it; dropped at its end
     retries: int = 0
 
 
@@ -196,6 +200,8 @@ class Store(Protocol):
                max_active: int | None = None) -> tuple[Job, bool]: ...
     def get(self, job_id: str) -> Job | None: ...
     def find(self, client: str, idempotency_key: str) -> Job | None: ...
+    def claim(self, owner: str, tasks: list[str], limit: int = 1) -> list[Job]: ...
+    def queued(self, tasks: list[str], limit: int) -> list[Job]: ...
     def start(self, job_id: str, owner: str) -> Job | None: ...
     def progress(self, job_id: str, done: float, total: float | None, message: str,
                  attempt: int | None = None) -> int | None: ...
@@ -211,7 +217,7 @@ class Store(Protocol):
     def sweep(self, limit: int = SWEEP_BATCH) -> dict[str, int]: ...
     def beat(self, owner: str) -> None: ...
     def gone(self, owner: str) -> None: ...
-    def reap(self, lost_after: float, adopter: str | None = None) -> list[Job]: ...
+    def reap(self, lost_after: float) -> list[Job]: ...
 
 
 class SqliteStore:
@@ -288,7 +294,7 @@ class SqliteStore:
         """A job's last change: its terminal state, its result or error, when it expires; the end event."""
         now = self.clock()
         self._change(row, "end", {"state": state}, state=state, finished=now, expires=now + self.ttl, result=result,
-                     result_bytes=result_bytes, result_file=result_file,
+                     result_bytes=result_bytes, result_file=result_file, kwargs=None,
                      error=None if error is None else json.dumps(error))
 
     def _row(self, job_id: str) -> sqlite3.Row | None:
@@ -311,8 +317,8 @@ class SqliteStore:
                 raise ActiveLimit("all", active)
             self.db.execute(
                 "INSERT INTO jobs (id, task, client, owner, state, seq, args, created, idempotency_key, fingerprint,"
-                " kwargs, retries) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.task, job.client, job.owner, QUEUED, json.dumps(job.args), now, job.idempotency_key,
+                " kwargs, retries) VALUES (?, ?, ?, '', ?, 1, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.task, job.client, QUEUED, json.dumps(job.args), now, job.idempotency_key,
                  job.fingerprint, None if job.kwargs is None else json.dumps(job.kwargs), job.retries))
             self._append(job.id, 1, "state", {"state": QUEUED})
             return _job(self._row(job.id)), True
@@ -327,13 +333,41 @@ class SqliteStore:
                               (client, idempotency_key)).fetchone()
         return None if row is None else _job(row)
 
+    def claim(self, owner: str, tasks: list[str], limit: int = 1) -> list[Job]:
+        """Up to `limit` queued jobs of these tasks, now running on `owner` (a job runner): the
+        client with the fewest jobs running goes first, then the oldest job, so one client's long
+        queue never starves another's job (as the admission line's shares do for requests)."""
+        if not tasks or limit <= 0:
+            return []
+        marks = ", ".join("?" * len(tasks))
+        now = self.clock()
+        with self._write():
+            rows = self.db.execute(
+                f"SELECT q.* FROM jobs q WHERE q.state = 'queued' AND q.task IN ({marks}) ORDER BY"
+                " (SELECT COUNT(*) FROM jobs r WHERE r.client = q.client AND r.state IN ('running', 'cancelling')),"
+                " q.created, q.rowid LIMIT ?", (*tasks, limit)).fetchall()
+            for row in rows:
+                self._change(row, "state", {"state": RUNNING, "attempt": row["attempt"]}, state=RUNNING, owner=owner,
+                             started=now)
+            return [_job(self._row(row["id"])) for row in rows]
+
+    def queued(self, tasks: list[str], limit: int) -> list[Job]:
+        """The oldest `limit` queued jobs of these tasks, as they are (a runner looks among them for
+        jobs identical to a run it has in flight: they join it)."""
+        marks = ", ".join("?" * len(tasks))
+        rows = self.db.execute(f"SELECT * FROM jobs WHERE state = 'queued' AND task IN ({marks}) ORDER BY created,"
+                               " rowid LIMIT ?", (*tasks, limit)).fetchall()
+        return [_job(row) for row in rows]
+
     def start(self, job_id: str, owner: str) -> Job | None:
-        """queued -> running on `owner`; None if it is no longer queued (cancelled meanwhile)."""
+        """This queued job, now running on `owner`; None if it is no longer queued (claimed or
+        cancelled meanwhile)."""
         with self._write():
             row = self._row(job_id)
             if row is None or row["state"] != QUEUED:
                 return None
-            self._change(row, "state", {"state": RUNNING}, state=RUNNING, owner=owner, started=self.clock())
+            self._change(row, "state", {"state": RUNNING, "attempt": row["attempt"]}, state=RUNNING, owner=owner,
+                         started=self.clock())
             return _job(self._row(job_id))
 
     def progress(self, job_id: str, done: float, total: float | None, message: str,
@@ -425,7 +459,8 @@ class SqliteStore:
             "SELECT id FROM jobs WHERE owner = ? AND state IN ('queued', 'running', 'cancelling')", (owner,))]
 
     def beat(self, owner: str) -> None:
-        """`owner` is alive (a slow instance says so every few seconds; reap() trusts it for a while)."""
+        """`owner` is alive (a job runner says so every few seconds: its jobs' lease; reap() trusts it
+        for a while)."""
         with self._write():
             self.db.execute("INSERT INTO owners (owner, beat) VALUES (?, ?) ON CONFLICT (owner) DO UPDATE SET beat ="
                             " excluded.beat", (owner, self.clock()))
@@ -435,32 +470,31 @@ class SqliteStore:
         with self._write():
             self.db.execute("DELETE FROM owners WHERE owner = ?", (owner,))
 
-    def reap(self, lost_after: float, adopter: str | None = None) -> list[Job]:
-        """End the active jobs of owners silent for `lost_after` seconds (killed, or their host
-        lost): a job being cancelled ends cancelled (the cancel holds), any other fails
+    def reap(self, lost_after: float) -> list[Job]:
+        """End the running jobs of owners (runners) silent for `lost_after` seconds (killed, or
+        their host lost): a job being cancelled ends cancelled (the cancel holds), any other fails
         `worker_lost`, retryable (it may have run part way; nothing of it is left running); but a
-        job with retries left (and its arguments kept) is queued again, owned by `adopter`, which
-        runs it. The jobs changed, in their new state."""
+        job with retries left is queued again, attempt + 1, for any runner to claim. The jobs
+        changed, in their new state."""
         now = self.clock()
         ended = []
         with self._write():
             rows = self.db.execute(
-                "SELECT * FROM jobs WHERE state IN ('queued', 'running', 'cancelling') AND owner NOT IN"
+                "SELECT * FROM jobs WHERE state IN ('running', 'cancelling') AND owner NOT IN"
                 " (SELECT owner FROM owners WHERE beat > ?)", (now - lost_after,)).fetchall()
             for row in rows:
-                if (adopter is not None and row["state"] != CANCELLING and row["kwargs"] is not None
-                        and row["attempt"] <= row["retries"]):
+                if row["state"] != CANCELLING and row["kwargs"] is not None and row["attempt"] <= row["retries"]:
                     attempt = row["attempt"] + 1
                     self._change(row, "state", {"state": QUEUED, "attempt": attempt, "after": "worker_lost"},
-                                 state=QUEUED, owner=adopter, attempt=attempt, started=None)
+                                 state=QUEUED, owner="", attempt=attempt, started=None)
                     ended.append(_job(self._row(row["id"])))
                     continue
                 if row["state"] == CANCELLING:
-                    state, error = CANCELLED, {"error": "cancelled", "message": "the job was cancelled; the instance "
+                    state, error = CANCELLED, {"error": "cancelled", "message": "the job was cancelled; the runner "
                                                                                   "running it was lost meanwhile"}
                 else:
                     state, error = FAILED, {"error": "worker_lost", "status": 502, "retryable": True,
-                                            "message": "the instance running this job was lost (killed, or its "
+                                            "message": "the runner running this job was lost (killed, or its "
                                                        "host went down); nothing of it runs any more: submit it again"}
                 self._end(row, state, error)
                 ended.append(_job(self._row(row["id"])))

@@ -2,7 +2,8 @@
 Valkey), which slow instances on several hosts can share.
 
     store = RedisStore("redis://:secret@127.0.0.1:6390/0", ttl=3600)
-    job, created = store.create(NewJob(id=new_id(), task="report", client="10.0.0.7", owner="slow-01.ab12cd34"))
+    job, created = store.create(NewJob(id=new_id(), task="report", client="10.0.0.7"))
+    [job] = store.claim("runner-a.ab12cd34", ["report"])  # queued -> running, fairly between clients
     store.events(job.id, after=0)                   # from the job's stream: what Last-Event-ID missed
 
 Keys, under one prefix (`jobs` by default; `{id}` is a job's id):
@@ -16,7 +17,9 @@ Keys, under one prefix (`jobs` by default; `{id}` is a job's id):
     jobs:active:{client}  set     the client's active jobs: jobs.max_active_per_client
     jobs:ended            zset    finished records, by when they expire
     jobs:tombs            zset    tombstones (state "expired", 410), by when they go
-    jobs:owners           zset    each instance process's last beat
+    jobs:queued           zset    queued jobs, by the position of their creation: what runners claim
+    jobs:running          hash    jobs running (or being cancelled) by client: the claim's fairness
+    jobs:owners           zset    each runner process's last beat: its jobs' lease
     jobs:counts           hash    records by state (count_by_state, for the metrics)
     jobs:position         string  the last position handed out (INCR): what a Watcher has seen
     jobs:changes          stream  one entry per event of any job, "<position>-0": job, seq
@@ -74,6 +77,9 @@ EXPIRE_GRACE = 120
 # Entries kept in the changes stream (approximately: MAXLEN ~). A Watcher reads it every 0.1 s.
 CHANGES_KEPT = 100_000
 CHANGES_PER_READ = 10_000
+# Queued jobs a claim looks at, oldest first (the fairness between clients is within them): the
+# script holds the whole server while it runs.
+CLAIM_SCAN = 200
 # Seconds after a call the store did not answer during which calls fail at once (RedisStore).
 PAUSE_AFTER_FAULT = 1.0
 
@@ -103,13 +109,25 @@ end
 local function set_state(id, old, new)
     count(old, -1); count(new, 1)
 end
+local function running(client, by)
+    if redis.call('HINCRBY', P .. ':running', client, by) <= 0 then redis.call('HDEL', P .. ':running', client) end
+end
+-- queued -> running on owner (the caller checked that it is queued)
+local function start(id, owner, now)
+    local attempt = tonumber(field(id, 'attempt') or '1')
+    change(id, 'state', cjson.encode({state = 'running', attempt = attempt}),
+           {'state', 'running', 'owner', owner, 'started', now})
+    set_state(id, 'queued', 'running')
+    redis.call('ZREM', P .. ':queued', id)
+    running(field(id, 'client'), 1)
+end
 -- a job's last change: terminal state, result or error, expiry; out of the active sets; native TTLs
 -- (end_args: now, expires, record TTL, events TTL)
 local function finish(id, state, error, result, result_bytes, in_file, now, expires, record_ttl, data_ttl)
     local old = field(id, 'state')
     local client = field(id, 'client')
     local fields = {'state', state, 'finished', now, 'expires', expires, 'error', error,
-                    'result', false, 'result_bytes', result_bytes, 'result_file', '0'}
+                    'result', false, 'result_bytes', result_bytes, 'result_file', '0', 'kwargs', false}
     if result ~= false and in_file == '1' then
         redis.call('SET', P .. ':result:' .. id, result, 'EX', data_ttl)
         fields[14] = '1'  -- result_file
@@ -118,6 +136,7 @@ local function finish(id, state, error, result, result_bytes, in_file, now, expi
     end
     local seq = change(id, 'end', cjson.encode({state = state}), fields)
     set_state(id, old, state)
+    if old == 'queued' then redis.call('ZREM', P .. ':queued', id) else running(client, -1) end
     redis.call('SREM', P .. ':active', id)
     redis.call('SREM', P .. ':active:' .. client, id)
     redis.call('ZADD', P .. ':ended', expires, id)
@@ -152,6 +171,10 @@ for i = 8, #ARGV do table.insert(fields, ARGV[i]) end
 redis.call('HSET', job_key(id), 'seq', 0, unpack(fields))
 change(id, 'state', cjson.encode({state = 'queued'}), {})
 count('queued', 1)
+-- first come, first claimed: the position of its creation orders it (clocks tie, and differ by host)
+local order = redis.call('GET', P .. ':position')
+redis.call('HSET', job_key(id), 'order', order)
+redis.call('ZADD', P .. ':queued', order, id)
 redis.call('SADD', P .. ':active', id)
 redis.call('SADD', P .. ':active:' .. client, id)
 if key ~= '' then redis.call('SET', idem_key(client, key), id) end
@@ -162,9 +185,32 @@ _START = _LIB + r"""
 -- ARGV[3..]: id, owner, now
 local id = ARGV[3]
 if field(id, 'state') ~= 'queued' then return false end
-change(id, 'state', cjson.encode({state = 'running'}), {'state', 'running', 'owner', ARGV[4], 'started', ARGV[5]})
-set_state(id, 'queued', 'running')
+start(id, ARGV[4], ARGV[5])
 return redis.call('HGETALL', job_key(id))
+"""
+
+_CLAIM = _LIB + r"""
+-- ARGV[3..]: owner, now, limit, jobs looked at, then the task names served
+-- Among the oldest queued jobs (at most "looked at" of them) of the tasks served, those of the
+-- clients with the fewest jobs running first, then the oldest: as SqliteStore.claim, bounded.
+local owner, now, limit, scan = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local served = {}
+for i = 7, #ARGV do served[ARGV[i]] = true end
+local candidates = {}
+for position, id in ipairs(redis.call('ZRANGE', P .. ':queued', 0, scan - 1)) do
+    local record = redis.call('HMGET', job_key(id), 'task', 'client')
+    if record[1] and served[record[1]] then
+        local held = tonumber(redis.call('HGET', P .. ':running', record[2]) or '0')
+        table.insert(candidates, {held, position, id})
+    end
+end
+table.sort(candidates, function(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end)
+local claimed = {}
+for i = 1, math.min(limit, #candidates) do
+    start(candidates[i][3], owner, now)
+    table.insert(claimed, redis.call('HGETALL', job_key(candidates[i][3])))
+end
+return claimed
 """
 
 _PROGRESS = _LIB + r"""
@@ -211,9 +257,9 @@ return redis.call('HGETALL', job_key(id))
 """
 
 _REAP = _LIB + r"""
--- ARGV[3..]: now, lost after, adopter ('' none), worker_lost error JSON, cancelled error JSON,
+-- ARGV[3..]: now, lost after, (unused), worker_lost error JSON, cancelled error JSON,
 -- expires, record TTL, data TTL
-local now, lost_after, adopter = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local now, lost_after = tonumber(ARGV[3]), tonumber(ARGV[4])
 local changed = {}
 local owners = P .. ':owners'
 for _, id in ipairs(redis.call('SMEMBERS', P .. ':active')) do
@@ -222,13 +268,15 @@ for _, id in ipairs(redis.call('SMEMBERS', P .. ':active')) do
     local beat = owner and redis.call('ZSCORE', owners, owner)
     if not state then
         redis.call('SREM', P .. ':active', id)  -- no record (never, but for a hand-made key): nothing to end
-    elseif not beat or tonumber(beat) <= now - lost_after then
+    elseif state ~= 'queued' and (not beat or tonumber(beat) <= now - lost_after) then
         local attempt, retries = tonumber(record[4] or '1'), tonumber(record[5] or '0')
-        if adopter ~= '' and state ~= 'cancelling' and record[3] and attempt <= retries then
+        if state ~= 'cancelling' and record[3] and attempt <= retries then
             attempt = attempt + 1
             change(id, 'state', cjson.encode({state = 'queued', attempt = attempt, after = 'worker_lost'}),
-                   {'state', 'queued', 'owner', adopter, 'attempt', attempt, 'started', false})
+                   {'state', 'queued', 'owner', '', 'attempt', attempt, 'started', false})
             set_state(id, state, 'queued')
+            running(field(id, 'client'), -1)
+            redis.call('ZADD', P .. ':queued', field(id, 'order') or 0, id)  -- its first place in the queue
         elseif state == 'cancelling' then
             finish(id, 'cancelled', ARGV[7], false, false, '0', ARGV[3], ARGV[8], ARGV[9], ARGV[10])
         else
@@ -345,7 +393,7 @@ class RedisStore:
             retry=Retry(NoBackoff(), 0),  # never again: see the module's docstring
             health_check_interval=0, client_name="fleet-job-store")
         self._scripts = {name: self.db.register_script(source) for name, source in (
-            ("create", _CREATE), ("start", _START), ("progress", _PROGRESS), ("finish", _FINISH),
+            ("create", _CREATE), ("start", _START), ("claim", _CLAIM), ("progress", _PROGRESS), ("finish", _FINISH),
             ("cancel", _CANCEL), ("reap", _REAP), ("sweep", _SWEEP))}
 
     def close(self) -> None:
@@ -368,7 +416,7 @@ class RedisStore:
     @_answering
     def create(self, job: NewJob, max_per_client: int | None = None, max_active: int | None = None) -> tuple[Job, bool]:
         """As SqliteStore.create: the limits are counted in the same script as the insert."""
-        fields = {"id": job.id, "task": job.task, "client": job.client, "owner": job.owner, "state": "queued",
+        fields = {"id": job.id, "task": job.task, "client": job.client, "owner": "", "state": "queued",
                   "args": json.dumps(job.args), "created": repr(self.clock()), "result_file": "0",
                   "idempotency_key": job.idempotency_key, "fingerprint": job.fingerprint,
                   "kwargs": None if job.kwargs is None else json.dumps(job.kwargs), "retries": job.retries,
@@ -394,6 +442,25 @@ class RedisStore:
     @_answering
     def start(self, job_id: str, owner: str) -> Job | None:
         return _job(self._run("start", job_id, owner, repr(self.clock())))
+
+    @_answering
+    def claim(self, owner: str, tasks: list[str], limit: int = 1) -> list[Job]:
+        """As SqliteStore.claim, among the oldest CLAIM_SCAN queued jobs (one script holds the server)."""
+        if not tasks or limit <= 0:
+            return []
+        return [_job(record) for record in self._run("claim", owner, repr(self.clock()), limit, CLAIM_SCAN, *tasks)]
+
+    @_answering
+    def queued(self, tasks: list[str], limit: int) -> list[Job]:
+        served = set(tasks)
+        found = []
+        for job_id in self.db.zrange(f"{self.prefix}:queued", 0, CLAIM_SCAN - 1):
+            job = _job(self.db.hgetall(self._key("job", job_id.decode())) or None)
+            if job is not None and job.task in served and job.state == "queued":
+                found.append(job)
+                if len(found) >= limit:
+                    break
+        return found
 
     @_answering
     def progress(self, job_id: str, done: float, total: float | None, message: str,
@@ -471,10 +538,10 @@ class RedisStore:
         self.db.zrem(f"{self.prefix}:owners", owner)
 
     @_answering
-    def reap(self, lost_after: float, adopter: str | None = None) -> list[Job]:
+    def reap(self, lost_after: float) -> list[Job]:
         now = self.clock()
         end = self._end_args()
-        changed = self._run("reap", repr(now), repr(float(lost_after)), adopter or "", json.dumps(_WORKER_LOST),
+        changed = self._run("reap", repr(now), repr(float(lost_after)), "", json.dumps(_WORKER_LOST),
                             json.dumps(_CANCELLED_LOST), end[1], end[2], end[3])
         return [_job(record) for record in changed]
 

@@ -1,5 +1,7 @@
-"""Long jobs in process (services/slow/long_jobs.py, job_routes.py): the slow app with a job store
-in a temp dir, through real HTTP. Through the edge on a real fleet: tests/integration/test_jobs.py."""
+"""Long jobs in process (services/slow/long_jobs.py, job_routes.py, job_runner.py): the slow app
+with a job store in a temp dir, through real HTTP, and a job runner beside it on a connection of
+its own to the store (as another process has). Through the edge on a real fleet:
+tests/integration/test_jobs.py."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from services.common.settings import load
 from services.slow import registry
 from services.slow.app import make_app, start_jobs
 from services.slow.inline_pool import InlinePool
+from services.slow.job_runner import JobRunner
 from services.slow.job_store import SWEEP_BATCH, AsyncStore, NewJob, SqliteStore, StoreUnavailable, new_id
 from services.slow.job_store_redis import RedisStore
 from services.slow.pool import WorkerPool
@@ -50,8 +53,12 @@ class JobsCase(ContractTestCase):
         self.sync_store = self.make_store(ttl=60, clock=self.clock, inline_result_bytes=fleet.jobs.inline_result_kb << 10)
         self.store = AsyncStore(self.sync_store)
         self.jobs_pool = self.pool()
-        app = make_app(Instance("slow", 1, fleet), registry.load(MODULES), self.jobs_pool, store=self.store)
+        tasks = registry.load(MODULES)
+        app = make_app(Instance("slow", 1, fleet), tasks, InlinePool(MODULES), store=self.store)
         self.long_jobs = app.settings["long_jobs"]
+        self.runner_store = AsyncStore(self.make_store(ttl=60, clock=self.clock,
+                                                       inline_result_bytes=fleet.jobs.inline_result_kb << 10))
+        self.runner = JobRunner(self.runner_store, self.jobs_pool, fleet, "runner-a", dict(tasks))
         return app
 
     def make_store(self, **kwargs):
@@ -61,10 +68,13 @@ class JobsCase(ContractTestCase):
     def setUp(self):
         super().setUp()
         self.io_loop.run_sync(self.long_jobs.start)
+        self.io_loop.run_sync(self.runner.start)
 
     def tearDown(self):
+        self.io_loop.run_sync(self.runner.close)
         self.io_loop.run_sync(self.long_jobs.close)
         super().tearDown()
+        self.runner_store.close()
         self.store.close()
         self.dir.cleanup()
 
@@ -157,22 +167,23 @@ class SubmitTest(JobsCase):
     @gen_test
     async def test_a_sweep_with_more_than_a_batch_due_expires_them_all_in_short_transactions(self):
         for _ in range(2 * SWEEP_BATCH + 10):
-            job, _ = self.sync_store.create(NewJob(id=new_id(), task="fib", client="10.0.0.9", owner="slow-02"))
-            self.sync_store.start(job.id, "slow-02")
+            job, _ = self.sync_store.create(NewJob(id=new_id(), task="fib", client="10.0.0.9"))
+            self.sync_store.start(job.id, "runner-b")
             self.sync_store.finish(job.id, "succeeded", result=b"1")
         self.clock.now += 61
         calls = []
-        sweep = self.sync_store.sweep
-        self.sync_store.sweep = lambda **kwargs: calls.append(sweep(**kwargs)["expired"]) or {"expired": calls[-1],
-                                                                                              "removed": 0}
-        assert await self.long_jobs.sweep() == {"expired": 2 * SWEEP_BATCH + 10, "removed": 0}
+        runner_store = self.runner_store.sync  # the runner sweeps, on its own connection
+        sweep = runner_store.sweep
+        runner_store.sweep = lambda **kwargs: calls.append(sweep(**kwargs)["expired"]) or {"expired": calls[-1],
+                                                                                           "removed": 0}
+        assert await self.runner.sweep() == {"expired": 2 * SWEEP_BATCH + 10, "removed": 0}
         assert calls == [SWEEP_BATCH, SWEEP_BATCH, 10]
         assert self.sync_store.count_by_state()["expired"] == 2 * SWEEP_BATCH + 10
 
     @gen_test
     async def test_a_client_past_its_active_jobs_gets_429_and_nothing_is_made(self):
-        for _ in range(3):  # jobs.max_active_per_client = 3, queued already (by any instance of the host)
-            self.sync_store.create(NewJob(id=new_id(), task="fib", client="127.0.0.1", owner="slow-02"))
+        for _ in range(3):  # jobs.max_active_per_client = 3, queued already (of a task no runner here serves)
+            self.sync_store.create(NewJob(id=new_id(), task="served_elsewhere", client="127.0.0.1"))
         response = await self.get("/slow/fib/5", **ASYNC)
         self.assert_json_error(response, 429, "rate_limited")
         assert response.headers["Retry-After"].isdigit()

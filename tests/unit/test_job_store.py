@@ -90,8 +90,8 @@ def store(stores: Stores, clock: Clock):
     return stores.open(ttl=60, max_records=1000, clock=clock)
 
 
-def submit(store, client: str = "10.0.0.1", owner: str = "slow-01", **kwargs) -> str:
-    job, created = store.create(NewJob(id=new_id(), task="report", client=client, owner=owner, **kwargs))
+def submit(store, client: str = "10.0.0.1", **kwargs) -> str:
+    job, created = store.create(NewJob(id=new_id(), task="report", client=client, **kwargs))
     assert created
     return job.id
 
@@ -136,10 +136,10 @@ def test_a_job_runs_reports_progress_and_succeeds_each_step_one_numbered_event(s
 
 def test_a_terminal_state_is_final(store):
     job_id = submit(store)
-    store.start(job_id, "slow-01")
+    store.start(job_id, "runner-a.1")
     store.finish(job_id, FAILED, error={"error": "job_failed", "message": "boom"})
     assert store.finish(job_id, SUCCEEDED, result=b"1") is None
-    assert store.start(job_id, "slow-01") is None
+    assert store.start(job_id, "runner-a.1") is None
     assert store.progress(job_id, 1, 1, "") is None
     assert store.cancel(job_id).state == FAILED
     assert store.get(job_id).error == {"error": "job_failed", "message": "boom"}
@@ -148,13 +148,13 @@ def test_a_terminal_state_is_final(store):
 def test_cancelling_a_queued_job_ends_it_at_once_and_it_never_starts(store):
     job_id = submit(store)
     assert store.cancel(job_id).state == CANCELLED
-    assert store.start(job_id, "slow-01") is None
+    assert store.start(job_id, "runner-a.1") is None
     assert store.get(job_id).error["error"] == "cancelled"
 
 
 def test_cancelling_a_running_job_marks_it_and_it_ends_cancelled_whatever_it_returned(store):
     job_id = submit(store)
-    store.start(job_id, "slow-01")
+    store.start(job_id, "runner-a.1")
     assert store.cancel(job_id).state == CANCELLING
     assert store.cancel(job_id).state == CANCELLING  # idempotent: no second event
     assert store.progress(job_id, 5, 10, "") is None
@@ -165,7 +165,7 @@ def test_cancelling_a_running_job_marks_it_and_it_ends_cancelled_whatever_it_ret
 
 def test_events_after_a_sequence_number_are_exactly_the_ones_missed(store):
     job_id = submit(store)
-    store.start(job_id, "slow-01")
+    store.start(job_id, "runner-a.1")
     for step in range(1, 6):
         store.progress(job_id, step, 5, f"step {step}")
     assert [e.seq for e in store.events(job_id, after=4)] == [5, 6, 7]
@@ -185,7 +185,7 @@ def test_changes_name_the_jobs_another_process_wrote_to_since_a_position(store, 
 
 def test_an_idempotency_key_reused_by_its_client_finds_the_first_job(store):
     first = submit(store, idempotency_key="k1", fingerprint="f1")
-    again, created = store.create(NewJob(id=new_id(), task="report", client="10.0.0.1", owner="slow-02",
+    again, created = store.create(NewJob(id=new_id(), task="report", client="10.0.0.1",
                                          idempotency_key="k1", fingerprint="f2"))
     assert (again.id, again.fingerprint, created) == (first, "f1", False)
     other_client = submit(store, client="10.0.0.2", idempotency_key="k1")
@@ -203,10 +203,10 @@ def test_a_client_at_its_active_limit_or_a_host_at_its_own_gets_no_new_job(store
     for _ in range(2):
         submit(store, "a")
     with pytest.raises(ActiveLimit) as refused:
-        store.create(NewJob(id=new_id(), task="report", client="a", owner="slow-01"), max_per_client=2)
+        store.create(NewJob(id=new_id(), task="report", client="a"), max_per_client=2)
     assert (refused.value.whose, refused.value.count) == ("client", 2)
     with pytest.raises(ActiveLimit) as refused:
-        store.create(NewJob(id=new_id(), task="report", client="b", owner="slow-01"), max_per_client=2, max_active=2)
+        store.create(NewJob(id=new_id(), task="report", client="b"), max_per_client=2, max_active=2)
     assert refused.value.whose == "all"
     assert store.count_active() == 2  # nothing was created
     submit(store, "b")  # without limits
@@ -214,7 +214,7 @@ def test_a_client_at_its_active_limit_or_a_host_at_its_own_gets_no_new_job(store
 
 def test_a_finished_record_expires_after_its_ttl_to_a_tombstone_then_goes(store, clock):
     job_id = submit(store)
-    store.start(job_id, "slow-01")
+    store.start(job_id, "runner-a.1")
     store.finish(job_id, SUCCEEDED, result=b"1" * 1000)
     running = submit(store)
     store.start(running, "slow-01")
@@ -234,7 +234,7 @@ def test_a_finished_record_expires_after_its_ttl_to_a_tombstone_then_goes(store,
 def finished(store: SqliteStore, count: int, result: bytes = b"1") -> list[str]:
     ids = [submit(store) for _ in range(count)]
     for job_id in ids:
-        store.start(job_id, "slow-01")
+        store.start(job_id, "runner-a.1")
         store.finish(job_id, SUCCEEDED, result=result)
     return ids
 
@@ -279,7 +279,7 @@ def _write_jobs(open_store, ids_file: str, owner: str, count: int) -> None:
     store = open_store()
     with open(ids_file, "w") as ids:
         for _ in range(count):
-            job, _ = store.create(NewJob(id=new_id(), task="report", client=owner, owner=owner))
+            job, _ = store.create(NewJob(id=new_id(), task="report", client=owner))
             ids.write(job.id + "\n")
             store.start(job.id, owner)
             for step in range(3):
@@ -311,37 +311,63 @@ def test_two_processes_writing_at_once_lose_and_mix_up_nothing(stores, tmp_path)
 def test_the_async_store_makes_the_calls_off_the_event_loop(store):
     async def main():
         stores = AsyncStore(store)
-        job, _ = await stores.create(NewJob(id=new_id(), task="report", client="c", owner="slow-01"))
+        job, _ = await stores.create(NewJob(id=new_id(), task="report", client="c"))
         return await stores.get(job.id)
 
     assert asyncio.run(main()).state == QUEUED
 
 
-def test_the_active_jobs_of_a_silent_owner_are_reaped_and_a_cancel_made_before_holds(store, clock):
-    queued, running, cancelling, done = (submit(store) for _ in range(4))
-    alive = submit(store, owner="slow-02.b")
+def test_the_running_jobs_of_a_silent_owner_are_reaped_and_a_cancel_made_before_holds(store, clock):
+    queued, running, cancelling, done, alive = (submit(store) for _ in range(5))
     for job_id in (running, cancelling, done):
-        store.start(job_id, "slow-01")
+        store.start(job_id, "runner-a.1")
+    store.start(alive, "runner-b.2")
     store.cancel(cancelling)
     store.finish(done, SUCCEEDED, result=b"1")
-    store.beat("slow-01")  # the owner of the first four
-    store.beat("slow-02.b")
+    store.beat("runner-a.1")  # the runner of three of them
+    store.beat("runner-b.2")
     clock.now += 9
-    store.beat("slow-02.b")
-    assert store.reap(lost_after=10) == []  # slow-01 beat 9 s ago: not lost yet
+    store.beat("runner-b.2")
+    assert store.reap(lost_after=10) == []  # runner-a.1 beat 9 s ago: not lost yet
     clock.now += 2
     reaped = {job.id: job for job in store.reap(lost_after=10)}
-    assert set(reaped) == {queued, running, cancelling}
+    assert set(reaped) == {running, cancelling}  # a queued job has no owner: it waits for any runner
     assert reaped[running].state == FAILED and reaped[running].error["error"] == "worker_lost"
-    assert reaped[running].error["retryable"] is True and reaped[queued].state == FAILED
+    assert reaped[running].error["retryable"] is True and reaped[running].kwargs is None
     assert reaped[cancelling].state == CANCELLED
     assert store.events(running)[-1].kind == "end"
-    assert store.get(alive).state == QUEUED and store.get(done).state == SUCCEEDED
+    assert store.get(queued).state == QUEUED and store.get(alive).state == RUNNING
+    assert store.get(done).state == SUCCEEDED
 
 
 def test_a_job_whose_owner_never_beat_is_reaped_too(store):
-    job_id = submit(store)  # its owner died before its first beat
+    job_id = submit(store)
+    store.start(job_id, "runner-a.1")  # its runner died before its first beat
     assert [job.id for job in store.reap(lost_after=10)] == [job_id]
+
+
+def test_a_claim_takes_the_oldest_job_of_the_client_with_the_fewest_running_and_only_tasks_served(store, clock):
+    a1, a2, a3 = (submit(store, client="a") for _ in range(3))
+    clock.now += 1
+    b1 = submit(store, client="b")
+    other, _ = store.create(NewJob(id=new_id(), task="elsewhere", client="c"))
+    [first] = store.claim("runner-a.1", ["report"])
+    assert (first.id, first.state, first.owner, first.attempt) == (a1, RUNNING, "runner-a.1", 1)
+    assert store.events(a1)[-1].data == {"state": "running", "attempt": 1}
+    # a holds one running job, b none: b's job goes first though a's two are older
+    assert [j.id for j in store.claim("runner-b.2", ["report"], limit=2)] == [b1, a2]
+    assert [j.id for j in store.claim("runner-a.1", ["report"], limit=5)] == [a3]
+    assert store.claim("runner-a.1", ["report"]) == [] and store.get(other.id).state == QUEUED
+    assert store.claim("runner-a.1", []) == []
+
+
+def test_a_claimed_job_is_claimed_once_and_a_cancelled_one_never(store):
+    job_id, cancelled = submit(store), submit(store)
+    store.cancel(cancelled)
+    [claimed] = store.claim("runner-a.1", ["report"], limit=5)
+    assert claimed.id == job_id and store.claim("runner-b.2", ["report"], limit=5) == []
+    assert store.start(job_id, "runner-b.2") is None
+    assert [j.id for j in store.queued(["report"], 10)] == []
 
 
 def test_a_large_result_is_kept_apart_from_its_record_and_goes_with_it(stores, clock):
@@ -350,7 +376,7 @@ def test_a_large_result_is_kept_apart_from_its_record_and_goes_with_it(stores, c
     small, large = submit(store), submit(store)
     big = b'"' + b"x" * 100 + b'"'
     for job_id, result in ((small, b'"0123"'), (large, big)):
-        store.start(job_id, "slow-01")
+        store.start(job_id, "runner-a.1")
         store.finish(job_id, SUCCEEDED, result=result)
     assert (store.get(small).result, store.get(small).result_file) == (b'"0123"', 0)
     kept = store.get(large)
@@ -379,26 +405,25 @@ def test_a_result_file_no_record_names_is_swept_after_a_minute(tmp_path):
     store.close()
 
 
-def test_a_lost_job_with_retries_left_is_queued_again_for_its_adopter_then_fails_when_none_are_left(store, clock):
-    job, _ = store.create(NewJob(id=new_id(), task="report", client="c", owner="slow-01.a",
-                                 kwargs={"seconds": 4.0}, retries=1))
-    store.start(job.id, "slow-01.a")
-    again = store.reap(lost_after=10, adopter="slow-02.b")
+def test_a_lost_job_with_retries_left_is_queued_again_for_any_runner_then_fails_when_none_are_left(store, clock):
+    job, _ = store.create(NewJob(id=new_id(), task="report", client="c", kwargs={"seconds": 4.0}, retries=1))
+    store.claim("runner-a.1", ["report"])
+    again = store.reap(lost_after=10)
     assert [(j.id, j.state, j.owner, j.attempt, j.kwargs) for j in again] == [
-        (job.id, QUEUED, "slow-02.b", 2, {"seconds": 4.0})]
+        (job.id, QUEUED, "", 2, {"seconds": 4.0})]
     assert store.events(job.id)[-1].data == {"state": "queued", "attempt": 2, "after": "worker_lost"}
-    store.start(job.id, "slow-02.b")  # the adopter runs it, and is lost too
-    lost = store.reap(lost_after=10, adopter="slow-03.c")
+    [claimed] = store.claim("runner-b.2", ["report"])  # another runner runs it, and is lost too
+    assert (claimed.id, claimed.attempt) == (job.id, 2)
+    lost = store.reap(lost_after=10)
     assert [(j.state, j.error["error"]) for j in lost] == [(FAILED, "worker_lost")]
 
 
 def test_a_run_taken_for_lost_while_it_was_only_slow_cannot_write_to_the_job_s_next_attempt(store):
-    job, _ = store.create(NewJob(id=new_id(), task="report", client="c", owner="slow-01.a",
-                                 kwargs={"seconds": 4.0}, retries=1))
-    store.start(job.id, "slow-01.a")
-    store.reap(lost_after=10, adopter="slow-02.b")  # slow-01.a went silent: attempt 2 for slow-02.b
-    store.start(job.id, "slow-02.b")
-    # slow-01.a wakes up and reports, then ends, as attempt 1: neither lands.
+    job, _ = store.create(NewJob(id=new_id(), task="report", client="c", kwargs={"seconds": 4.0}, retries=1))
+    store.start(job.id, "runner-a.1")
+    store.reap(lost_after=10)  # runner-a.1 went silent: attempt 2, for runner-b.2
+    store.claim("runner-b.2", ["report"])
+    # runner-a.1 wakes up and reports, then ends, as attempt 1: neither lands.
     assert store.progress(job.id, 3, 4, "late", attempt=1) is None
     assert store.finish(job.id, SUCCEEDED, result=b'"stale"', attempt=1) is None
     assert (store.get(job.id).state, store.get(job.id).done) == (RUNNING, None)
@@ -408,16 +433,17 @@ def test_a_run_taken_for_lost_while_it_was_only_slow_cannot_write_to_the_job_s_n
     assert (ended.state, ended.result, ended.attempt) == (SUCCEEDED, b'"fresh"', 2)
 
 
-def test_a_lost_job_whose_arguments_were_not_kept_is_never_queued_again(store):
-    job_id = submit(store)  # a task without retries: its arguments are not in the store
-    assert [j.state for j in store.reap(lost_after=10, adopter="slow-02.b")] == [FAILED]
-    assert store.get(job_id).kwargs is None
+def test_a_lost_job_of_a_task_without_retries_is_never_queued_again(store):
+    job_id = submit(store, kwargs={"seconds": 4.0})  # retries = 0
+    store.start(job_id, "runner-a.1")
+    assert [j.state for j in store.reap(lost_after=10)] == [FAILED]
+    assert store.get(job_id).kwargs is None  # an ended job's arguments are not kept
 
 
 def test_records_are_counted_by_state_through_every_transition(store, clock):
     queued, running, cancelling, done = (submit(store) for _ in range(4))
     for job_id in (running, cancelling, done):
-        store.start(job_id, "slow-01")
+        store.start(job_id, "runner-a.1")
     store.cancel(cancelling)
     store.finish(done, SUCCEEDED, result=b"1")
     gone = submit(store)
@@ -446,7 +472,7 @@ def test_a_finished_jobs_keys_carry_native_ttls_so_redis_drops_them_even_unswept
     job_id = submit(redis_store, idempotency_key="k", fingerprint="f")
     keys = {name: f"{redis_store.prefix}:{name}:{job_id}" for name in ("job", "events", "result")}
     idem = f"{redis_store.prefix}:idem:8:10.0.0.1:k"
-    redis_store.start(job_id, "slow-01")
+    redis_store.start(job_id, "runner-a.1")
     assert redis_store.db.ttl(keys["job"]) == -1 and redis_store.db.ttl(keys["events"]) == -1  # active: kept
     redis_store.finish(job_id, SUCCEEDED, result=b'"' + b"x" * 100 + b'"')
     record, data = 2 * 60 + EXPIRE_GRACE, 60 + EXPIRE_GRACE  # its tombstone's time too / its TTL's
@@ -460,7 +486,7 @@ def test_a_finished_jobs_keys_carry_native_ttls_so_redis_drops_them_even_unswept
 
 
 def test_a_create_whose_answer_was_lost_and_is_sent_again_is_the_same_job_once(redis_store):
-    job = NewJob(id=new_id(), task="report", client="c", owner="slow-01")
+    job = NewJob(id=new_id(), task="report", client="c")
     first, created = redis_store.create(job)
     again, created_again = redis_store.create(job, max_per_client=1)  # the client's limit is its own job
     assert (created, created_again, again.id, again.seq) == (True, True, first.id, 1)

@@ -1,0 +1,365 @@
+"""The job runner: runs long jobs (long_jobs.py submits them) on a pool of its own, in a process of
+its own under supervisor (runner.py), so a job outlives the slow instance that accepted it: a
+restart of every slow instance (`make reload`), or a kill -9 of the one the client talked to,
+stops no job.
+
+    runner = JobRunner(store, pool, fleet, "runner-a", tasks)
+    await runner.start()        # beats, watches the store, claims queued jobs while it has room
+    ...
+    await runner.drain(timeout) # claims nothing more, lets its jobs end (at the deadline: stops them)
+
+Where each transition happens (job_store.py has the states):
+- queued -> running: `claim`, by a runner with a free worker, fairly between clients (the client
+  with the fewest jobs running first, then the oldest job). A task that declares coalesce=True
+  shares: a job identical to one running here (the same task and arguments, coalesce.py) follows
+  that run instead of starting its own; one job leaving (cancelled) stops the run only if it was
+  the last. A job's deadline counts from its claim: min(its task's timeout, slow.job_timeout), or
+  for a long task its own timeout capped by jobs.max_run_time.
+- progress, from the worker's reports (progress.py: about 10 a second at most); one write in
+  flight per job, later reports replacing a waiting one, so a slow store never queues work here.
+- succeeded / failed (with the contract's error code, and whether a retry may work) when the pool
+  answers; cancelled when the record says cancelling (a DELETE through any instance): the runner
+  sees it within WATCH_INTERVAL and kills the job's worker.
+- Its lease: the runner beats BEATS times per jobs.lost_after_seconds under an owner name of its
+  own process (a restarted runner is a new owner) and reaps the jobs of owners silent that long:
+  failed `worker_lost`, retryable (or cancelled, if a cancel came first), or, for a task that
+  declares retries and has some left, queued again for any runner (the event says which attempt).
+  A run taken for lost while its runner was only slow stops once it sees its job moved on, and the
+  store refuses its late writes (the attempt fences them off): a job never runs twice at once.
+- A drain (a handover at `make reload`, or a stop) claims nothing more and lets the jobs run to
+  their end or the drain's deadline, which stops them: failed `shutting_down`, retryable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common import metrics
+from services.slow import coalesce, jobs, registry
+from services.slow.job_store import (CANCELLED, CANCELLING, EXPIRED, FAILED, QUEUED, SUCCEEDED, SWEEP_BATCH, AsyncStore,
+                                     Job, StoreUnavailable)
+from services.slow.long_jobs import ShuttingDown, Watcher, job_timeout
+
+log = logging.getLogger("fleet.runner")
+
+SWEEP_INTERVAL = 30  # seconds between sweeps of expired records (each runner sweeps; sweeping is idempotent)
+# Between two of a sweep's transactions (job_store.SWEEP_BATCH records each): room for this runner's
+# other store calls, and for other processes' writers, whose SQLite busy handler sleeps and retries.
+SWEEP_PAUSE = 0.02
+# A runner silent for jobs.lost_after_seconds (10) is lost (killed, its host down): its jobs end
+# (job_store.reap). It beats BEATS times as often, and looks for lost runners' jobs as often: a busy
+# store or a loaded machine delays a beat, never five. With the default, a killed runner's jobs
+# have ended within 12 s.
+BEATS = 5
+# A runner looks for queued jobs at every change the store reports (a submit anywhere) and when a
+# run ends here; and this often in any case (a change it could not read, a job another runner let go).
+CLAIM_EVERY = 1.0
+# Queued jobs a runner looks through, oldest first, for ones identical to a run it has in flight.
+JOIN_SCAN = 100
+
+
+@dataclass
+class Work:
+    """A run of a task on the pool, and the jobs that follow it (one, or identical ones: coalesce)."""
+    followers: set[str] = field(default_factory=set)
+
+
+class JobRunner:
+    """Claims queued jobs while it has free workers, runs them, records how they go."""
+
+    def __init__(self, store: AsyncStore, pool: jobs.Pool, fleet: Any, name: str,
+                 tasks: dict[str, registry.Task], capacity: int | None = None):
+        self.store = store
+        self.pool = pool
+        self.fleet = fleet
+        self.tasks = tasks
+        self.capacity = capacity or pool.size  # runs at once: one per worker
+        # This process of the runner: a restarted runner is a new owner, the old one's jobs are reaped.
+        self.owner = f"{name}.{secrets.token_hex(4)}"
+        self.watcher = Watcher(store)
+        self.watcher.on_change = self._changed
+        self.running: dict[str, asyncio.Task] = {}  # the jobs this runner runs, by id
+        self.draining = False
+        self._stopping: set[str] = set()  # jobs stopped by a drain's deadline, not by a cancel
+        self._ending: set[str] = set()  # jobs whose end is being written
+        self._progress: dict[str, tuple] = {}  # a job's latest report, waiting for its write
+        self._writing: dict[str, asyncio.Task] = {}  # jobs with progress writes in flight
+        # The attempt each job runs here as: its writes say so, and the store refuses them once the
+        # job has moved on (taken for lost while this runner was only slow, and queued again).
+        self._attempts: dict[str, int] = {}
+        self._claim_wanted = asyncio.Event()
+        self._background: list[asyncio.Task] = []
+        # Runs in flight here, by the key of their task and arguments (coalesce.py), and their jobs.
+        self.flights = coalesce.Flights()
+        self._works: dict[coalesce.Flight, Work] = {}
+
+    async def start(self) -> None:
+        await self.store.beat(self.owner)  # alive before its first claim
+        await self.watcher.start()
+        loop = asyncio.get_running_loop()
+        self._background = [loop.create_task(self._sweep()), loop.create_task(self._beat()),
+                            loop.create_task(self._claim_loop())]
+
+    async def drain(self, timeout: float) -> None:
+        """Claim nothing more; let the running jobs end within `timeout` seconds, then stop them."""
+        self.draining = True
+        if self.running:
+            log.info("draining: %d job(s) running, deadline %.0f s", len(self.running), timeout)
+            await asyncio.wait(list(self.running.values()), timeout=timeout)
+        if self.running:
+            log.warning("drain deadline passed with %d job(s) running: they fail shutting_down", len(self.running))
+            self.stop_all()
+            await asyncio.wait(list(self.running.values()), timeout=5)
+
+    def stop_all(self) -> None:
+        """Every job still running here fails, shutting_down (retryable)."""
+        self.pool.kill_on_cancel = True
+        for job_id, run in list(self.running.items()):
+            self._stopping.add(job_id)
+            run.cancel()
+
+    async def close(self) -> None:
+        self.draining = True
+        self.stop_all()
+        if self.running:
+            await asyncio.wait(list(self.running.values()), timeout=5)
+        self.watcher.stop()
+        for task in self._background:
+            task.cancel()
+        try:
+            await self.store.gone(self.owner)
+        except StoreUnavailable:
+            pass  # its silence says the same, a lease later
+
+    def timeout(self, task: registry.Task) -> float:
+        return job_timeout(self.fleet, task)
+
+    @property
+    def free(self) -> int:
+        """Runs this runner can start now."""
+        return 0 if self.draining else self.capacity - len(self._works)
+
+    # claiming
+
+    async def _claim_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._claim_wanted.wait(), CLAIM_EVERY)
+            except TimeoutError:
+                pass
+            self._claim_wanted.clear()
+            try:
+                await self.claim()
+            except StoreUnavailable:
+                continue  # the Watcher says so once; claimed again when the store answers
+            except Exception:
+                log.exception("could not claim jobs")
+
+    async def claim(self) -> None:
+        """Claim queued jobs one at a time while there is room; then those identical to a run in
+        flight here, which join it and take no room."""
+        names = list(self.tasks)
+        while self.free > 0:
+            claimed = await self.store.claim(self.owner, names, 1)
+            if not claimed:
+                break
+            for job in claimed:
+                self._launch(job)
+        await self._join_identical()
+
+    async def _join_identical(self) -> None:
+        if self.draining or not self.flights.by_key or not self.fleet.slow.coalesce:
+            return
+        names = [name for name, task in self.tasks.items() if task.coalesce]
+        for job in await self.store.queued(names, JOIN_SCAN):
+            if job.kwargs is not None and coalesce.job_key(job.task, job.kwargs) in self.flights.by_key:
+                started = await self.store.start(job.id, self.owner)
+                if started is not None:
+                    self._launch(started)
+
+    def _launch(self, job: Job) -> None:
+        """Run the claimed job here, in the background."""
+        self._attempts[job.id] = job.attempt
+        run = asyncio.get_running_loop().create_task(self._run(job))
+        self.running[job.id] = run
+        run.add_done_callback(lambda _: self._ended(job.id))
+
+    # running
+
+    async def _run(self, job: Job) -> None:
+        """One job's life here: it follows a run of its task (its own, or the run of an identical
+        job in flight here, for a task that declares coalesce=True) and ends as it ends."""
+        task = self.tasks.get(job.task)
+        if task is None or job.kwargs is None:  # claimed only for tasks served here, with their arguments
+            await self._finish(job.id, FAILED, error={"error": "task_unavailable", "status": 503, "retryable": False,
+                                                     "message": f"task {job.task} is not served by this fleet"})
+            return
+        kwargs = job.kwargs
+        key = coalesce.job_key(task.name, kwargs) if task.coalesce and self.fleet.slow.coalesce else None
+        work = Work()
+        flight, shared = self.flights.join(key, lambda: asyncio.ensure_future(self._work(work, task, kwargs, job.client)),
+                                           job.id)
+        if shared:
+            work = self._works[flight]
+            metrics.SLOW_COALESCED.labels(task.name).inc()
+            log.info("job %s %s shares the run of job %s", task.name, job.id, flight.started_by)
+        else:
+            self._works[flight] = work
+            flight.job.add_done_callback(lambda _: self._ran(flight))
+        work.followers.add(job.id)
+        try:
+            # shielded: this job leaving (below) is not the run's end, unless it was the last to follow it
+            result_json, elapsed_ms = await asyncio.shield(flight.job)
+        except jobs.JobError as exc:
+            await self._fail(job.id, task, exc)
+            return
+        except asyncio.CancelledError:
+            if not flight.job.done():
+                flight.leave()
+            if job.id in self._stopping:
+                exc = ShuttingDown("the runner running the job stopped before it ended; submit it again")
+                await self._fail(job.id, task, exc)
+                return
+            await self._finish(job.id, CANCELLED, error={"error": "cancelled", "message": "the job was cancelled"})
+            raise
+        finally:
+            work.followers.discard(job.id)
+        log.info("job %s %s ok in %.1f ms", task.name, job.id, elapsed_ms,
+                 extra={"fields": {"task": task.name, "elapsed_ms": round(elapsed_ms, 2)}})
+        await self._finish(job.id, SUCCEEDED, result=result_json)
+
+    def _ran(self, flight: coalesce.Flight) -> None:
+        """A run ended: its worker is free for another claim."""
+        self._works.pop(flight, None)
+        self._claim_wanted.set()
+
+    async def _work(self, work: Work, task: registry.Task, kwargs: dict, client: str) -> tuple[bytes, float]:
+        """A run of `task` for the jobs that follow it, on the pool: (result JSON, elapsed ms), or a JobError."""
+        timeout = self.timeout(task)
+
+        def report(done: float, total: float | None, message: str) -> None:
+            for job_id in work.followers:
+                self._report(job_id, done, total, message)
+
+        try:
+            return await self.pool.run(task.name, kwargs, timeout, client, kill_on_cancel=True, progress=report)
+        except jobs.JobTimeout:
+            raise jobs.JobTimeout(f"job {task.name} passed its {timeout:g} s deadline") from None
+
+    async def _fail(self, job_id: str, task: registry.Task, exc: jobs.JobError) -> None:
+        if exc.log_level is not None:
+            log.log(exc.log_level, "job %s: %s", job_id, exc.describe(task.name),
+                    extra={"fields": {"task": task.name, **exc.log_fields()}})
+        error = {"error": exc.code, "message": exc.answer(None, task.expose_errors, job_id),
+                 "status": exc.status, "retryable": exc.retry, **exc.details()}
+        await self._finish(job_id, FAILED, error=error)
+
+    async def _finish(self, job_id: str, state: str, result: bytes | None = None, error: dict | None = None) -> None:
+        # Shielded: a cancel arriving now (a drain's deadline) must not leave the record active.
+        await asyncio.shield(self._end(job_id, state, result, error))
+
+    async def _end(self, job_id: str, state: str, result: bytes | None, error: dict | None) -> None:
+        self._ending.add(job_id)  # its own end, seen by the Watcher, is no reason to stop it
+        writing = self._writing.get(job_id)
+        if writing is not None:  # the last report is recorded before the end, never dropped by it
+            await writing
+        await self.store.finish(job_id, state, result=result, error=error, attempt=self._attempts.get(job_id))
+
+    def _ended(self, job_id: str) -> None:
+        self.running.pop(job_id, None)
+        self._attempts.pop(job_id, None)
+        self._stopping.discard(job_id)
+        self._ending.discard(job_id)
+
+    def _report(self, job_id: str, done: float, total: float | None, message: str) -> None:
+        """A progress report from the job's worker (in the loop): written one at a time per job,
+        the latest replacing one still waiting."""
+        self._progress[job_id] = (done, total, message)
+        if job_id not in self._writing:
+            self._writing[job_id] = asyncio.get_running_loop().create_task(self._write_progress(job_id))
+
+    async def _write_progress(self, job_id: str) -> None:
+        try:
+            while (report := self._progress.pop(job_id, None)) is not None:
+                await self.store.progress(job_id, *report, attempt=self._attempts.get(job_id))
+        except Exception:
+            log.exception("could not record the progress of job %s", job_id)
+        finally:
+            self._writing.pop(job_id, None)
+
+    # changes made anywhere: submits (claim), cancels (stop)
+
+    def _changed(self, changed: dict[str, int]) -> None:
+        self._claim_wanted.set()
+        mine = [job_id for job_id in changed if job_id in self.running]
+        if mine:
+            asyncio.get_running_loop().create_task(self._check_cancels(mine))
+
+    async def _check_cancels(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            job = await self.store.get(job_id)
+            # Cancelled, or ended by another runner that took this one for lost (reaped), or queued
+            # again by it as a new attempt (this run's writes are refused from then on: it stops,
+            # so the job never runs twice at once).
+            if (job is None or job.state in (CANCELLING, CANCELLED, EXPIRED) or job.terminal
+                    or job.attempt != self._attempts.get(job_id, job.attempt)):
+                self._stop_local(job_id)
+
+    def _stop_local(self, job_id: str) -> None:
+        run = self.running.get(job_id)
+        if run is not None and not run.done() and job_id not in self._ending:
+            run.cancel()
+
+    # the lease, and other runners' lost jobs
+
+    async def _beat(self) -> None:
+        lost_after = self.fleet.jobs.lost_after_seconds
+        while True:
+            await asyncio.sleep(lost_after / BEATS)
+            try:
+                await self.store.beat(self.owner)
+                reaped = await self.store.reap(lost_after)
+            except StoreUnavailable:
+                continue
+            except Exception:
+                log.exception("could not beat in the job store")
+                continue
+            try:
+                for state, count in (await self.store.count_by_state()).items():
+                    metrics.JOBS.labels(state).set(count)
+            except Exception:
+                log.exception("could not count the job store's records")
+            for job in reaped:
+                if job.state == QUEUED:  # its task declares retries: any runner claims it again
+                    log.warning("job %s (%s): the runner running it went silent; queued again, attempt %d",
+                                job.id, job.task, job.attempt)
+                    self._claim_wanted.set()
+                    continue
+                log.warning("job %s (%s) ended %s: the runner running it went silent", job.id, job.task, job.state)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                swept = await self.sweep()
+            except Exception:
+                log.exception("could not sweep the job store")
+                continue
+            if any(swept.values()):
+                log.info("job store swept: %d record(s) expired, %d tombstone(s) removed",
+                         swept["expired"], swept["removed"])
+
+    async def sweep(self) -> dict[str, int]:
+        """Everything due swept, in short transactions with pauses between them (job_store.SWEEP_BATCH)."""
+        total = {"expired": 0, "removed": 0}
+        while True:
+            swept = await self.store.sweep(limit=SWEEP_BATCH)
+            for key in total:
+                total[key] += swept[key]
+            if max(swept.values()) < SWEEP_BATCH:
+                return total
+            await asyncio.sleep(SWEEP_PAUSE)
