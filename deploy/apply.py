@@ -46,9 +46,9 @@ PROGRAM_FILES = {"job-store": "job-store.conf"}  # programs that read a rendered
 NO_SNAPSHOT = ("nginx", "dask-scheduler", "job-store")  # programs that neither read settings.json nor restart for new code
 NGINX_CONF = "nginx/conf/nginx.conf"
 # The fleet's own job store first ("job-store": the slow instances open it as they start), the
-# managed Dask cluster next (they connect to it), then slow (its instances take longest to start),
-# then fast. Only slow and fast have spares.
-ROLES = ("job", "dask", "slow", "fast")
+# managed Dask cluster next (they connect to it), the job runner (its restart stops no job), then
+# slow (its instances take longest to start), then fast. Only slow and fast have spares.
+ROLES = ("job", "dask", "runner", "slow", "fast")
 SPARED = ("slow", "fast")
 
 

@@ -121,6 +121,7 @@ def stop(settings: Settings) -> None:
     else:
         deadline = time.monotonic() + 30 + settings.fast.drain_timeout + settings.slow.drain_timeout
         rpc = supervisor(settings).supervisor
+        stop_job_processes(settings, rpc)
         try:
             stop_programs_in_order(rpc, deadline)
         except (OSError, xmlrpc.client.Error) as exc:  # shutdown still stops what is left
@@ -154,6 +155,31 @@ def stop(settings: Settings) -> None:
 
 
 NOT_RUNNING = 70  # supervisor's fault code (supervisor.xmlrpc.Faults): the program ended meanwhile
+JOB_PROCESS_STOP_SECONDS = 10  # a job process's SIGTERM: its worker killed, its jobs' end written
+
+
+def stop_job_processes(settings: Settings, rpc: xmlrpc.client.ServerProxy) -> None:
+    """The runner first (it would start more), then its job processes, which supervisor does not
+    run (they outlive the runner): each stops its jobs, failed `shutting_down` (retryable), while
+    the store still runs. Whatever is left then goes with the leftovers."""
+    for program in programs.programs(settings):
+        if program.role == "runner":
+            try:
+                rpc.stopProcess(f"{program.name}:{program.name}", True)
+            except xmlrpc.client.Fault as fault:
+                if fault.faultCode != NOT_RUNNING:
+                    raise
+    job_processes = [pid for pid in processes_of(settings.run_dir) if "services.slow.job_process" in procfs.cmdline(pid)]
+    for pid in job_processes:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + JOB_PROCESS_STOP_SECONDS
+    while time.monotonic() < deadline and any(procfs.alive(pid) for pid in job_processes):
+        time.sleep(0.05)
+    if job_processes:
+        print(f"stopped {len(job_processes)} job process(es): their jobs failed shutting_down (retryable)")
 
 
 def stop_programs_in_order(rpc: xmlrpc.client.ServerProxy, deadline: float) -> None:

@@ -60,8 +60,13 @@ def cluster_programs(settings: Settings) -> list[ClusterProgram]:
 
 
 def programs(settings: Settings) -> list[Program]:
-    """This host's instance programs (the fast and slow roles), slow before fast, each role's spare last."""
+    """This host's instance programs (the fast and slow roles, and the job runner beside the slow
+    one), the runner first, slow before fast, each role's spare last. The runner has no spare: its
+    restart stops no job (its job processes run on) and delays new ones by its restart alone."""
     found = []
+    if settings.inventory.runs("slow"):
+        found.append(Program("runner-01", "runner", "1", settings.runner.base_port + 1,
+                             math.ceil(settings.runner.drain_timeout + 5)))
     for role, margin in (("slow", 10), ("fast", 5)):
         if not settings.inventory.runs(role):
             continue
@@ -87,7 +92,9 @@ def upstream(settings: Settings, role: str, spares: bool = False) -> list[tuple[
 
 def idle_cgroup_owners(settings: Settings) -> list[str]:
     """The processes of this host that make an idle cgroup: each slow instance (the spare too) for
-    its workers, each Dask process for itself and its jobs."""
+    its workers, the job processes for theirs (one group), each Dask process for itself and its jobs."""
     names = [p.name for p in programs(settings) if p.role == "slow"]
+    if settings.inventory.runs("slow"):
+        names.append("job-processes")  # the job processes' workers (services/slow/job_process.py)
     names += [c.worker_name for c in cluster_programs(settings)]
     return names

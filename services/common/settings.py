@@ -272,6 +272,10 @@ SCHEMA: dict[str, Spec] = {
     "jobs.keepalive_seconds": Spec(float, 1, 300),
     "jobs.max_streams_per_client": Spec(int, 1, 65535),  # nginx refuses a limit_conn of 65536 or more
     "jobs.lost_after_seconds": Spec(float, 2, 600),
+    "runner.base_port": Spec(int, 1024, 65000),
+    "runner.workers": Spec(int, 1, 256, auto=lambda v: usable_cpus()),
+    "runner.drain_timeout": Spec(float, 2, 300),
+    "runner.event_loop": Spec(str, check=_check_event_loop),
     "process.user": Spec(str, check=_check_user),
     "observe.blocked_loop_ms": Spec(int, 10, 60000),
     "observe.test_routes": Spec(bool),
@@ -389,6 +393,10 @@ def _check_consistency(v: Mapping[str, Any]) -> None:
         )
     if v["edge.port"] in fast or v["edge.port"] in slow:
         raise SettingsError(f"edge.port {v['edge.port']} is also an instance port: move one of them")
+    runner = v["runner.base_port"] + 1  # the runner's port (runner-01)
+    if runner in fast or runner in slow or runner == v["edge.port"]:
+        raise SettingsError(f"the job runner's port {runner} (runner.base_port + 1) is also the edge's or an "
+                            "instance's: move runner.base_port")
     if fast.stop - 1 > 65535 or slow.stop - 1 > 65535:
         raise SettingsError("base_port + instances exceeds 65535: lower the base port")
     if v["slow.drain_timeout"] <= v["slow.job_timeout"]:
@@ -403,7 +411,7 @@ def _check_consistency(v: Mapping[str, Any]) -> None:
         raise SettingsError(f"slow.min_workers ({v['slow.min_workers']}) cannot exceed the jobs an instance "
                             f"can run at once ({heavy_capacity(v)}: slow.workers, or its share of the Dask cluster)")
     if v["jobs.store"] == "redis" and not v["jobs.redis_url"] and v["jobs.redis_port"] in (
-            {v["edge.port"]} | set(fast) | set(slow)):
+            {v["edge.port"], runner} | set(fast) | set(slow)):
         raise SettingsError(f"jobs.redis_port {v['jobs.redis_port']} is also the edge's or an instance's port: move one")
     if v["slow.backend"] == "dask" and not v["dask.allow_insecure"] and _plaintext_beyond_host(v["dask.scheduler"]):
         raise SettingsError(
@@ -411,7 +419,7 @@ def _check_consistency(v: Mapping[str, Any]) -> None:
             "arguments and results in clear, and runs code for anyone who reaches it; use tls:// with the "
             "fleet's certificates (make certs), or set dask.allow_insecure = true to accept it")
     if v["slow.backend"] == "dask" and v["dask.scheduler"] == "managed":
-        used = {"edge.port": {v["edge.port"]}, "fast": set(fast), "slow": set(slow)}
+        used = {"edge.port": {v["edge.port"]}, "fast": set(fast), "slow": set(slow), "runner": {runner}}
         if v["jobs.store"] == "redis" and not v["jobs.redis_url"]:
             used["jobs.redis_port"] = {v["jobs.redis_port"]}
         dask = {v["dask.scheduler_port"], v["dask.dashboard_port"],

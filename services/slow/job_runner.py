@@ -36,7 +36,7 @@ import asyncio
 import logging
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from services.common import metrics
 from services.slow import coalesce, jobs, registry
@@ -68,22 +68,38 @@ class Work:
     followers: set[str] = field(default_factory=set)
 
 
-class JobRunner:
-    """Claims queued jobs while it has free workers, runs them, records how they go."""
+class Spawner(Protocol):
+    """Starts job processes: runner.py's, one per claimed job (or set of identical jobs)."""
+    prefix: str  # the owner names of this host's job processes start with it
 
-    def __init__(self, store: AsyncStore, pool: jobs.Pool, fleet: Any, name: str,
-                 tasks: dict[str, registry.Task], capacity: int | None = None):
+    def owner(self) -> str: ...  # a new job process's owner name
+    async def __call__(self, claimed: list[Job], owner: str) -> None: ...
+
+
+class JobRunner:
+    """Claims queued jobs while it has room, runs them (here, or each in a job process of its
+    own), records how they go."""
+
+    def __init__(self, store: AsyncStore, pool: jobs.Pool | None, fleet: Any, name: str,
+                 tasks: dict[str, registry.Task], capacity: int | None = None, spawn: "Spawner | None" = None,
+                 owner: str | None = None):
         self.store = store
         self.pool = pool
         self.fleet = fleet
         self.tasks = tasks
-        self.capacity = capacity or pool.size  # runs at once: one per worker
-        # This process of the runner: a restarted runner is a new owner, the old one's jobs are reaped.
-        self.owner = f"{name}.{secrets.token_hex(4)}"
+        # Runs at once: one per worker of its pool, or (spawn) job processes at once on this host.
+        self.capacity = capacity if capacity is not None else pool.size
+        # With `spawn`, each claimed job runs in a job process of its own (job_process.py), which
+        # outlives this runner; without, here, on `pool`.
+        self.spawn = spawn
+        # This process of the runner: a restarted runner is a new owner, the old one's jobs are
+        # reaped. A job process is given its owner name by the runner that claimed its job.
+        self.owner = owner or f"{name}.{secrets.token_hex(4)}"
         self.watcher = Watcher(store)
         self.watcher.on_change = self._changed
         self.running: dict[str, asyncio.Task] = {}  # the jobs this runner runs, by id
         self.draining = False
+        self.reaps = True  # a runner reaps lost owners' jobs; a job process does not
         self._stopping: set[str] = set()  # jobs stopped by a drain's deadline, not by a cancel
         self._ending: set[str] = set()  # jobs whose end is being written
         self._progress: dict[str, tuple] = {}  # a job's latest report, waiting for its write
@@ -97,12 +113,24 @@ class JobRunner:
         self.flights = coalesce.Flights()
         self._works: dict[coalesce.Flight, Work] = {}
 
-    async def start(self) -> None:
+    async def start(self, runner: bool = True) -> None:
+        """Beat, and claim (joins only, with no capacity); a `runner` also reaps lost owners' jobs
+        and sweeps the store (a job process does neither)."""
+        self.reaps = runner
         await self.store.beat(self.owner)  # alive before its first claim
         await self.watcher.start()
         loop = asyncio.get_running_loop()
-        self._background = [loop.create_task(self._sweep()), loop.create_task(self._beat()),
-                            loop.create_task(self._claim_loop())]
+        self._background = [loop.create_task(self._beat()), loop.create_task(self._claim_loop())]
+        if runner:
+            self._background.append(loop.create_task(self._sweep()))
+
+    async def run_given(self, given: list[Job]) -> None:
+        """A job process's life: run the jobs its runner claimed for it (one run: identical jobs,
+        and any identical one queued meanwhile, join it), then leave."""
+        for job in given:
+            self._launch(job)
+        while self.running:
+            await asyncio.wait(list(self.running.values()))
 
     async def drain(self, timeout: float) -> None:
         """Claim nothing more; let the running jobs end within `timeout` seconds, then stop them."""
@@ -117,7 +145,8 @@ class JobRunner:
 
     def stop_all(self) -> None:
         """Every job still running here fails, shutting_down (retryable)."""
-        self.pool.kill_on_cancel = True
+        if self.pool is not None:
+            self.pool.kill_on_cancel = True
         for job_id, run in list(self.running.items()):
             self._stopping.add(job_id)
             run.cancel()
@@ -140,7 +169,7 @@ class JobRunner:
 
     @property
     def free(self) -> int:
-        """Runs this runner can start now."""
+        """Runs this runner can start here now (with `spawn`: see claim)."""
         return 0 if self.draining else self.capacity - len(self._works)
 
     # claiming
@@ -163,6 +192,9 @@ class JobRunner:
         """Claim queued jobs one at a time while there is room; then those identical to a run in
         flight here, which join it and take no room."""
         names = list(self.tasks)
+        if self.spawn is not None:
+            await self._claim_for_processes(names)
+            return
         while self.free > 0:
             claimed = await self.store.claim(self.owner, names, 1)
             if not claimed:
@@ -170,6 +202,21 @@ class JobRunner:
             for job in claimed:
                 self._launch(job)
         await self._join_identical()
+
+    async def _claim_for_processes(self, names: list[str]) -> None:
+        """Each job claimed for a job process of its own, under that process's owner name; the
+        job processes of this host's runners (this one's, a restarted one's) count against the
+        capacity, wherever they came from."""
+        if self.draining:
+            return
+        running = await self.store.count_running(self.spawn.prefix)
+        while running < self.capacity:
+            owner = self.spawn.owner()
+            claimed = await self.store.claim(owner, names, 1)
+            if not claimed:
+                return
+            await self.spawn(claimed, owner)
+            running += 1
 
     async def _join_identical(self) -> None:
         if self.draining or not self.flights.by_key or not self.fleet.slow.coalesce:
@@ -322,6 +369,8 @@ class JobRunner:
             await asyncio.sleep(lost_after / BEATS)
             try:
                 await self.store.beat(self.owner)
+                if not self.reaps:
+                    continue
                 reaped = await self.store.reap(lost_after)
             except StoreUnavailable:
                 continue

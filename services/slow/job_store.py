@@ -202,6 +202,7 @@ class Store(Protocol):
     def find(self, client: str, idempotency_key: str) -> Job | None: ...
     def claim(self, owner: str, tasks: list[str], limit: int = 1) -> list[Job]: ...
     def queued(self, tasks: list[str], limit: int) -> list[Job]: ...
+    def count_running(self, owner_prefix: str) -> int: ...
     def start(self, job_id: str, owner: str) -> Job | None: ...
     def progress(self, job_id: str, done: float, total: float | None, message: str,
                  attempt: int | None = None) -> int | None: ...
@@ -358,6 +359,12 @@ class SqliteStore:
         rows = self.db.execute(f"SELECT * FROM jobs WHERE state = 'queued' AND task IN ({marks}) ORDER BY created,"
                                " rowid LIMIT ?", (*tasks, limit)).fetchall()
         return [_job(row) for row in rows]
+
+    def count_running(self, owner_prefix: str) -> int:
+        """Jobs running (or being cancelled) under owners whose names start with `owner_prefix`:
+        one host's job processes, whichever runner started them."""
+        return self.db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('running', 'cancelling') AND"
+                               " substr(owner, 1, ?) = ?", (len(owner_prefix), owner_prefix)).fetchone()[0]
 
     def start(self, job_id: str, owner: str) -> Job | None:
         """This queued job, now running on `owner`; None if it is no longer queued (claimed or

@@ -451,6 +451,15 @@ class RedisStore:
         return [_job(record) for record in self._run("claim", owner, repr(self.clock()), limit, CLAIM_SCAN, *tasks)]
 
     @_answering
+    def count_running(self, owner_prefix: str) -> int:
+        pipe = self.db.pipeline(transaction=False)  # one round trip for every active job (jobs.max_active)
+        for job_id in self.db.smembers(f"{self.prefix}:active"):
+            pipe.hmget(self._key("job", job_id.decode()), "owner", "state")
+        wanted = owner_prefix.encode()
+        return sum(1 for owner, state in pipe.execute()
+                   if state in (b"running", b"cancelling") and owner is not None and owner.startswith(wanted))
+
+    @_answering
     def queued(self, tasks: list[str], limit: int) -> list[Job]:
         served = set(tasks)
         found = []

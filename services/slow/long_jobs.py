@@ -98,6 +98,7 @@ class Watcher:
         self._task: asyncio.Task | None = None
         self.epoch = 0  # counts notifications: a read started at epoch E has seen every change notified before E
         self._reads: dict[tuple[str, int], _Read] = {}  # reads in flight, by (job, after)
+        self.down = False  # the store did not answer its last read
 
     async def start(self) -> None:
         position = await self.store.last_position()
@@ -108,22 +109,21 @@ class Watcher:
             self._task.cancel()
 
     async def _watch(self, position: int) -> None:
-        down = False
         while True:
             await asyncio.sleep(self.interval)
             try:
                 position, changed = await self.store.changes(position)
             except StoreUnavailable as exc:  # said once, not ten times a second, until it answers again
-                if not down:
+                if not self.down:
                     log.warning("the job store does not answer; streams wait for it: %s", exc)
-                down = True
+                self.down = True
                 continue
             except Exception:  # a locked or broken store: streams keep their keep-alives, try again
                 log.exception("could not read the job store's changes")
                 continue
-            if down:
+            if self.down:
                 log.warning("the job store answers again")
-                down = False
+                self.down = False
             if changed:
                 self.notify(changed)
 

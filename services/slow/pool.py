@@ -168,6 +168,7 @@ class WorkerPool:
         # An idle cpu cgroup for the workers (cpu_priority.py), named per instance; None: none.
         # cgroup_record: the run dir's list of created groups, which `make stop` removes.
         self.cgroup = cpu_priority.create_idle_cgroup(idle_cgroup, cgroup_record) if idle_cgroup else None
+        self.keep_cgroup = False  # True: shared with other pools; make stop removes it
         # The admission in front of this pool: whether another client's job waits (a job left to
         # finish for a departed client yields to it). None: no line (a Dask worker's pool).
         self.line = line
@@ -196,16 +197,19 @@ class WorkerPool:
 
     @classmethod
     def from_settings(cls, settings: Settings, size: int, owner: str, line: Line | None = None,
-                      kill_on_cancel: bool = False) -> "WorkerPool":
+                      kill_on_cancel: bool = False, cgroup_owner: str | None = None) -> "WorkerPool":
         """The pool of `owner` (a slow instance, or a Dask worker for its job processes) as the
         fleet's settings say: its idle cgroup and its workers' marker are named after its owner
-        and the run dir, so one fleet's pools never touch another's."""
+        and the run dir, so one fleet's pools never touch another's. With `cgroup_owner`, the idle
+        cgroup is that one's, shared with other pools (the job processes'), and left in place at close."""
         slow, run_dir = settings.slow, settings.run_dir
-        return cls(size, slow.task_modules, slow.nice, sched_idle=slow.sched_idle,
-                   idle_cgroup=cpu_priority.group_name(owner, run_dir) if slow.idle_cgroup else None,
+        group = cpu_priority.group_name(cgroup_owner or owner, run_dir) if slow.idle_cgroup else None
+        pool = cls(size, slow.task_modules, slow.nice, sched_idle=slow.sched_idle, idle_cgroup=group,
                    max_result_bytes=slow.max_result_mb << 20, marker=f"{run_dir}:{owner}",
                    max_rss_mb=slow.worker_max_rss_mb, max_jobs=slow.worker_max_jobs,
                    cgroup_record=run_dir / cpu_priority.RECORD, line=line, kill_on_cancel=kill_on_cancel)
+        pool.keep_cgroup = cgroup_owner is not None
+        return pool
 
     # lifecycle
 
@@ -246,7 +250,7 @@ class WorkerPool:
             _release(w.process)
         self._workers.clear()
         self._wake_waiters()
-        if self.cgroup is not None:
+        if self.cgroup is not None and not self.keep_cgroup:
             cpu_priority.remove(self.cgroup)
 
     # the interface

@@ -1,0 +1,136 @@
+"""The job runner program: claims this host's share of the queued long jobs and starts each in a job
+process of its own (services/slow/job_process.py), which outlives the runner; reaps the jobs of
+runners and job processes gone silent; sweeps the store. Its port answers /healthz and /metrics.
+
+    python -m services.runner --settings .run/settings.json
+
+A restart (`make reload`) or a kill -9 of the runner, or of the slow instance that took a job,
+stops no running job: the job processes run on, and a runner that starts again counts them
+against runner.workers (by their owner names in the store) before it claims more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from tornado import web
+
+from services.common import logs, server
+from services.common.settings import Settings
+from services.common.web import HealthHandler, MetricsHandler, NotFoundHandler
+from services.slow import registry
+from services.slow.app import make_store
+from services.slow.job_runner import JobRunner
+from services.slow.job_store import AsyncStore, Job, StoreUnavailable
+
+log = logging.getLogger("fleet.runner")
+
+
+class JobProcesses:
+    """Starts a job process per claimed job, in a session of its own (out of the runner's process
+    group: supervisor's stop or kill of the runner does not reach it), its output in
+    logs/job-processes.log."""
+
+    def __init__(self, instance: server.Instance):
+        self.settings = instance.settings
+        # This host's job processes, whichever of its runners started them: they share the capacity.
+        self.prefix = f"{self.settings.inventory.here.name}.jobs/"
+        self.log_path = self.settings.run_dir / "logs" / "job-processes.log"
+        self.children: set[asyncio.subprocess.Process] = set()
+
+    def owner(self) -> str:
+        return f"{self.prefix}{secrets.token_hex(8)}"
+
+    async def __call__(self, claimed: list[Job], owner: str) -> None:
+        args = [sys.executable, "-m", "services.slow.job_process", "--settings", str(self.settings.run_dir / "settings.json"),
+                "--owner", owner]
+        for job in claimed:
+            args += ["--job", job.id]
+        with open(self.log_path, "ab") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                *args, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
+                cwd=str(Path(__file__).resolve().parents[2]), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.info("job %s (%s) started in job process %d", ", ".join(j.id for j in claimed), claimed[0].task,
+                 process.pid)
+        self.children.add(process)
+        asyncio.get_running_loop().create_task(self._wait(process))
+
+    async def _wait(self, process: asyncio.subprocess.Process) -> None:
+        """Reap it when it exits (while this runner lives; else its new parent, init, does)."""
+        try:
+            code = await process.wait()
+            if code != 0:
+                log.warning("job process %d exited with status %d", process.pid, code)
+        finally:
+            self.children.discard(process)
+
+
+class RunnerHealthHandler(HealthHandler):
+    """GET /healthz: 503 "degraded" while the store does not answer."""
+
+    runner: JobRunner
+    processes: JobProcesses
+
+    def figures(self) -> dict:
+        return {"job_processes": len(self.processes.children), "capacity": self.runner.capacity,
+                "store": "unavailable" if self.runner.watcher.down else "ok"}
+
+    def unhealthy(self, figures: dict) -> str | None:
+        return "the job store does not answer" if figures["store"] != "ok" else None
+
+
+def make_app(instance: server.Instance, runner: JobRunner, processes: JobProcesses) -> web.Application:
+    settings = server.app_settings(instance)
+    return web.Application(
+        [(r"/healthz", RunnerHealthHandler, {"runner": runner, "processes": processes, "route_pattern": "/healthz"}),
+         (r"/metrics", MetricsHandler)],
+        default_handler_class=NotFoundHandler, **settings)
+
+
+async def run(instance: server.Instance) -> None:
+    fleet = instance.settings
+    tasks = registry.load(fleet.slow.task_modules)
+    store = AsyncStore(make_store(fleet))
+    processes = JobProcesses(instance)
+    runner = JobRunner(store, None, fleet, f"{fleet.inventory.here.name}.{instance.name}", tasks,
+                       capacity=fleet.runner.workers, spawn=processes)
+    await start_runner(runner)
+    try:
+        await server.serve(make_app(instance, runner, processes), instance)
+    finally:
+        await runner.close()
+        store.close()
+
+
+async def start_runner(runner: Any, retry_every: float = 0.5) -> None:
+    """Start once the store answers (the fleet's own starts first, but supervisord does not wait
+    for it to listen); until then nothing listens on the runner's port."""
+    said = False
+    while True:
+        try:
+            await runner.start()
+            return
+        except StoreUnavailable as exc:
+            if not said:
+                log.warning("waiting for the job store: %s", exc)
+                said = True
+            await asyncio.sleep(retry_every)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.runner", description=__doc__.split("\n")[0])
+    parser.add_argument("--settings", required=True, help="the settings snapshot deploy rendered")
+    parser.add_argument("--instance", default="1", choices=["1"], help="one runner per host")
+    options = parser.parse_args(argv)
+    settings = Settings.from_snapshot(options.settings)
+    instance = server.Instance("runner", 1, settings)
+    logs.setup(instance.name, failed_request_lines_per_second=settings.observe.failed_request_lines_per_second)
+    os.nice(instance.settings.slow.instance_nice)  # below the fast instances, as a slow instance
+    server.run(instance, lambda: run(instance))
