@@ -58,8 +58,8 @@ BEATS = 5
 # A runner looks for queued jobs at every change the store reports (a submit anywhere) and when a
 # run ends here; and this often in any case (a change it could not read, a job another runner let go).
 CLAIM_EVERY = 1.0
-# Queued jobs a runner looks through, oldest first, for ones identical to a run it has in flight.
-JOIN_SCAN = 100
+# Queued jobs identical to a run in flight that join it at once (more join at the next look).
+JOIN_LIMIT = 100
 
 
 @dataclass
@@ -219,14 +219,12 @@ class JobRunner:
             running += 1
 
     async def _join_identical(self) -> None:
-        if self.draining or not self.flights.by_key or not self.fleet.slow.coalesce:
+        """Queued jobs identical to a run in flight here (every claim leaves them to it) join it."""
+        if self.draining:
             return
-        names = [name for name, task in self.tasks.items() if task.coalesce]
-        for job in await self.store.queued(names, JOIN_SCAN):
-            if job.kwargs is not None and coalesce.job_key(job.task, job.kwargs) in self.flights.by_key:
-                started = await self.store.start(job.id, self.owner)
-                if started is not None:
-                    self._launch(started)
+        for key in list(self.flights.by_key):
+            for job in await self.store.join(self.owner, key, JOIN_LIMIT):
+                self._launch(job)
 
     def _launch(self, job: Job) -> None:
         """Run the claimed job here, in the background."""
@@ -246,7 +244,7 @@ class JobRunner:
                                                      "message": f"task {job.task} is not served by this fleet"})
             return
         kwargs = job.kwargs
-        key = coalesce.job_key(task.name, kwargs) if task.coalesce and self.fleet.slow.coalesce else None
+        key = job.key  # set at submission for a task that coalesces (slow.coalesce): identical jobs share a run
         work = Work()
         flight, shared = self.flights.join(key, lambda: asyncio.ensure_future(self._work(work, task, kwargs, job.client)),
                                            job.id)

@@ -100,7 +100,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     fingerprint TEXT,                  -- of the submitting request: the same key with another request is refused
     kwargs TEXT,                       -- JSON: the task's arguments, for its runner; NULL once it ended
     retries INTEGER NOT NULL DEFAULT 0,  -- times it may be queued again after its runner is lost
-    attempt INTEGER NOT NULL DEFAULT 1
+    attempt INTEGER NOT NULL DEFAULT 1,
+    key TEXT                           -- coalesce.job_key of a task that coalesces: identical jobs share a run
 );
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs (client) WHERE state IN ('queued', 'running', 'cancelling');
 CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (created) WHERE state = 'queued';
@@ -151,6 +152,7 @@ class NewJob:
     fingerprint: str | None = None
     kwargs: dict | None = None  # the task's arguments, for the runner that claims it; dropped at its end
     retries: int = 0
+    key: str | None = None  # its task and arguments (coalesce.job_key), for a task that declares coalesce=True
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ class Job:
     kwargs: dict | None
     retries: int
     attempt: int
+    key: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -201,7 +204,7 @@ class Store(Protocol):
     def get(self, job_id: str) -> Job | None: ...
     def find(self, client: str, idempotency_key: str) -> Job | None: ...
     def claim(self, owner: str, tasks: list[str], limit: int = 1) -> list[Job]: ...
-    def queued(self, tasks: list[str], limit: int) -> list[Job]: ...
+    def join(self, owner: str, key: str, limit: int) -> list[Job]: ...
     def count_running(self, owner_prefix: str) -> int: ...
     def start(self, job_id: str, owner: str) -> Job | None: ...
     def progress(self, job_id: str, done: float, total: float | None, message: str,
@@ -253,9 +256,12 @@ class SqliteStore:
             have = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
             for name, declaration in (("result_bytes", "INTEGER"), ("result_file", "INTEGER NOT NULL DEFAULT 0"),
                                       ("kwargs", "TEXT"), ("retries", "INTEGER NOT NULL DEFAULT 0"),
-                                      ("attempt", "INTEGER NOT NULL DEFAULT 1")):
+                                      ("attempt", "INTEGER NOT NULL DEFAULT 1"), ("key", "TEXT")):
                 if name not in have:
                     self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+            # after its column: a claim looks for running jobs of a key, a join for queued ones
+            self.db.execute("CREATE INDEX IF NOT EXISTS jobs_keys ON jobs (key) WHERE key IS NOT NULL AND"
+                            " state IN ('queued', 'running', 'cancelling')")
 
     def result_path(self, job_id: str) -> Path:
         return self.results / f"{job_id}.json"
@@ -318,9 +324,9 @@ class SqliteStore:
                 raise ActiveLimit("all", active)
             self.db.execute(
                 "INSERT INTO jobs (id, task, client, owner, state, seq, args, created, idempotency_key, fingerprint,"
-                " kwargs, retries) VALUES (?, ?, ?, '', ?, 1, ?, ?, ?, ?, ?, ?)",
+                " kwargs, retries, key) VALUES (?, ?, ?, '', ?, 1, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, job.task, job.client, QUEUED, json.dumps(job.args), now, job.idempotency_key,
-                 job.fingerprint, None if job.kwargs is None else json.dumps(job.kwargs), job.retries))
+                 job.fingerprint, None if job.kwargs is None else json.dumps(job.kwargs), job.retries, job.key))
             self._append(job.id, 1, "state", {"state": QUEUED})
             return _job(self._row(job.id)), True
 
@@ -337,28 +343,34 @@ class SqliteStore:
     def claim(self, owner: str, tasks: list[str], limit: int = 1) -> list[Job]:
         """Up to `limit` queued jobs of these tasks, now running on `owner` (a job runner): the
         client with the fewest jobs running goes first, then the oldest job, so one client's long
-        queue never starves another's job (as the admission line's shares do for requests)."""
+        queue never starves another's job (as the admission line's shares do for requests). A job
+        identical to one running (the same key) is left for that run to take (join)."""
         if not tasks or limit <= 0:
             return []
         marks = ", ".join("?" * len(tasks))
         now = self.clock()
         with self._write():
             rows = self.db.execute(
-                f"SELECT q.* FROM jobs q WHERE q.state = 'queued' AND q.task IN ({marks}) ORDER BY"
+                f"SELECT q.* FROM jobs q WHERE q.state = 'queued' AND q.task IN ({marks}) AND (q.key IS NULL OR"
+                " q.key NOT IN (SELECT key FROM jobs WHERE state IN ('running', 'cancelling') AND key IS NOT NULL))"
+                " ORDER BY"
                 " (SELECT COUNT(*) FROM jobs r WHERE r.client = q.client AND r.state IN ('running', 'cancelling')),"
                 " q.created, q.rowid LIMIT ?", (*tasks, limit)).fetchall()
             for row in rows:
-                self._change(row, "state", {"state": RUNNING, "attempt": row["attempt"]}, state=RUNNING, owner=owner,
+                self._change(row, "state", {"state": RUNNING}, state=RUNNING, owner=owner,
                              started=now)
             return [_job(self._row(row["id"])) for row in rows]
 
-    def queued(self, tasks: list[str], limit: int) -> list[Job]:
-        """The oldest `limit` queued jobs of these tasks, as they are (a runner looks among them for
-        jobs identical to a run it has in flight: they join it)."""
-        marks = ", ".join("?" * len(tasks))
-        rows = self.db.execute(f"SELECT * FROM jobs WHERE state = 'queued' AND task IN ({marks}) ORDER BY created,"
-                               " rowid LIMIT ?", (*tasks, limit)).fetchall()
-        return [_job(row) for row in rows]
+    def join(self, owner: str, key: str, limit: int) -> list[Job]:
+        """The queued jobs identical to a run of `owner` (the same key), now running on it: they
+        share its run and its outcome (compute-once for jobs)."""
+        now = self.clock()
+        with self._write():
+            rows = self.db.execute("SELECT * FROM jobs WHERE state = 'queued' AND key = ? ORDER BY created, rowid"
+                                   " LIMIT ?", (key, limit)).fetchall()
+            for row in rows:
+                self._change(row, "state", {"state": RUNNING}, state=RUNNING, owner=owner, started=now)
+            return [_job(self._row(row["id"])) for row in rows]
 
     def count_running(self, owner_prefix: str) -> int:
         """Jobs running (or being cancelled) under owners whose names start with `owner_prefix`:
@@ -373,7 +385,7 @@ class SqliteStore:
             row = self._row(job_id)
             if row is None or row["state"] != QUEUED:
                 return None
-            self._change(row, "state", {"state": RUNNING, "attempt": row["attempt"]}, state=RUNNING, owner=owner,
+            self._change(row, "state", {"state": RUNNING}, state=RUNNING, owner=owner,
                          started=self.clock())
             return _job(self._row(job_id))
 

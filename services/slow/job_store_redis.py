@@ -19,6 +19,7 @@ Keys, under one prefix (`jobs` by default; `{id}` is a job's id):
     jobs:tombs            zset    tombstones (state "expired", 410), by when they go
     jobs:queued           zset    queued jobs, by the position of their creation: what runners claim
     jobs:running          hash    jobs running (or being cancelled) by client: the claim's fairness
+    jobs:running_keys     hash    jobs running by key (a coalescing task's): a claim leaves identical ones to join
     jobs:owners           zset    each runner process's last beat: its jobs' lease
     jobs:counts           hash    records by state (count_by_state, for the metrics)
     jobs:position         string  the last position handed out (INCR): what a Watcher has seen
@@ -109,17 +110,21 @@ end
 local function set_state(id, old, new)
     count(old, -1); count(new, 1)
 end
-local function running(client, by)
-    if redis.call('HINCRBY', P .. ':running', client, by) <= 0 then redis.call('HDEL', P .. ':running', client) end
+local function tally(hash, name, by)
+    if redis.call('HINCRBY', hash, name, by) <= 0 then redis.call('HDEL', hash, name) end
+end
+-- a job enters or leaves running (or cancelling): counted by client, and by key if it has one
+local function running(id, by)
+    tally(P .. ':running', field(id, 'client'), by)
+    local key = field(id, 'key')
+    if key then tally(P .. ':running_keys', key, by) end
 end
 -- queued -> running on owner (the caller checked that it is queued)
 local function start(id, owner, now)
-    local attempt = tonumber(field(id, 'attempt') or '1')
-    change(id, 'state', cjson.encode({state = 'running', attempt = attempt}),
-           {'state', 'running', 'owner', owner, 'started', now})
+    change(id, 'state', cjson.encode({state = 'running'}), {'state', 'running', 'owner', owner, 'started', now})
     set_state(id, 'queued', 'running')
     redis.call('ZREM', P .. ':queued', id)
-    running(field(id, 'client'), 1)
+    running(id, 1)
 end
 -- a job's last change: terminal state, result or error, expiry; out of the active sets; native TTLs
 -- (end_args: now, expires, record TTL, events TTL)
@@ -136,7 +141,7 @@ local function finish(id, state, error, result, result_bytes, in_file, now, expi
     end
     local seq = change(id, 'end', cjson.encode({state = state}), fields)
     set_state(id, old, state)
-    if old == 'queued' then redis.call('ZREM', P .. ':queued', id) else running(client, -1) end
+    if old == 'queued' then redis.call('ZREM', P .. ':queued', id) else running(id, -1) end
     redis.call('SREM', P .. ':active', id)
     redis.call('SREM', P .. ':active:' .. client, id)
     redis.call('ZADD', P .. ':ended', expires, id)
@@ -198,8 +203,9 @@ local served = {}
 for i = 7, #ARGV do served[ARGV[i]] = true end
 local candidates = {}
 for position, id in ipairs(redis.call('ZRANGE', P .. ':queued', 0, scan - 1)) do
-    local record = redis.call('HMGET', job_key(id), 'task', 'client')
-    if record[1] and served[record[1]] then
+    local record = redis.call('HMGET', job_key(id), 'task', 'client', 'key')
+    -- a job identical to one running is left for that run to take (join)
+    if record[1] and served[record[1]] and not (record[3] and redis.call('HEXISTS', P .. ':running_keys', record[3]) == 1) then
         local held = tonumber(redis.call('HGET', P .. ':running', record[2]) or '0')
         table.insert(candidates, {held, position, id})
     end
@@ -211,6 +217,20 @@ for i = 1, math.min(limit, #candidates) do
     table.insert(claimed, redis.call('HGETALL', job_key(candidates[i][3])))
 end
 return claimed
+"""
+
+_JOIN = _LIB + r"""
+-- ARGV[3..]: owner, now, key, limit, jobs looked at: the queued jobs of this key among the oldest, now running on owner
+local owner, now, key, limit, scan = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+local joined = {}
+for _, id in ipairs(redis.call('ZRANGE', P .. ':queued', 0, scan - 1)) do
+    if #joined >= limit then break end
+    if field(id, 'key') == key then
+        start(id, owner, now)
+        table.insert(joined, redis.call('HGETALL', job_key(id)))
+    end
+end
+return joined
 """
 
 _PROGRESS = _LIB + r"""
@@ -275,7 +295,7 @@ for _, id in ipairs(redis.call('SMEMBERS', P .. ':active')) do
             change(id, 'state', cjson.encode({state = 'queued', attempt = attempt, after = 'worker_lost'}),
                    {'state', 'queued', 'owner', '', 'attempt', attempt, 'started', false})
             set_state(id, state, 'queued')
-            running(field(id, 'client'), -1)
+            running(id, -1)
             redis.call('ZADD', P .. ':queued', field(id, 'order') or 0, id)  -- its first place in the queue
         elseif state == 'cancelling' then
             finish(id, 'cancelled', ARGV[7], false, false, '0', ARGV[3], ARGV[8], ARGV[9], ARGV[10])
@@ -393,7 +413,8 @@ class RedisStore:
             retry=Retry(NoBackoff(), 0),  # never again: see the module's docstring
             health_check_interval=0, client_name="fleet-job-store")
         self._scripts = {name: self.db.register_script(source) for name, source in (
-            ("create", _CREATE), ("start", _START), ("claim", _CLAIM), ("progress", _PROGRESS), ("finish", _FINISH),
+            ("create", _CREATE), ("start", _START), ("claim", _CLAIM), ("join", _JOIN), ("progress", _PROGRESS),
+            ("finish", _FINISH),
             ("cancel", _CANCEL), ("reap", _REAP), ("sweep", _SWEEP))}
 
     def close(self) -> None:
@@ -420,7 +441,7 @@ class RedisStore:
                   "args": json.dumps(job.args), "created": repr(self.clock()), "result_file": "0",
                   "idempotency_key": job.idempotency_key, "fingerprint": job.fingerprint,
                   "kwargs": None if job.kwargs is None else json.dumps(job.kwargs), "retries": job.retries,
-                  "attempt": 1}
+                  "attempt": 1, "key": job.key}
         pairs = [item for name, value in fields.items() if value is not None for item in (name, value)]
         answer = self._run("create", job.id, job.client, job.idempotency_key or "",
                            "" if max_per_client is None else max_per_client,
@@ -460,16 +481,9 @@ class RedisStore:
                    if state in (b"running", b"cancelling") and owner is not None and owner.startswith(wanted))
 
     @_answering
-    def queued(self, tasks: list[str], limit: int) -> list[Job]:
-        served = set(tasks)
-        found = []
-        for job_id in self.db.zrange(f"{self.prefix}:queued", 0, CLAIM_SCAN - 1):
-            job = _job(self.db.hgetall(self._key("job", job_id.decode())) or None)
-            if job is not None and job.task in served and job.state == "queued":
-                found.append(job)
-                if len(found) >= limit:
-                    break
-        return found
+    def join(self, owner: str, key: str, limit: int) -> list[Job]:
+        """As SqliteStore.join, among the oldest CLAIM_SCAN queued jobs."""
+        return [_job(record) for record in self._run("join", owner, repr(self.clock()), key, limit, CLAIM_SCAN)]
 
     @_answering
     def progress(self, job_id: str, done: float, total: float | None, message: str,

@@ -236,9 +236,10 @@ class LongJobs:
             raise jobs.JobFailed("TypeError", f"the arguments of task {task.name} are not JSON: it cannot run as a "
                                               "job", "")
         limits = self.fleet.jobs
+        key = coalesce.job_key(task.name, kwargs) if task.coalesce and self.fleet.slow.coalesce else None
         record = NewJob(id=new_id(), task=task.name, client=client, args={k: kwargs[k] for k in task.echo},
                         idempotency_key=idempotency_key, fingerprint=fingerprint, kwargs=arguments,
-                        retries=task.retries)
+                        retries=task.retries, key=key)
         try:
             job, created = await self.store.create(record, max_per_client=limits.max_active_per_client,
                                                    max_active=limits.max_active)

@@ -157,7 +157,7 @@ def make_fleet(run_dir: Path, fast: int = 2, slow: int = 1, **overrides: str) ->
     # then a managed Dask cluster's (and the fleet's own job store, on the last port): one block, so
     # that the two can never overlap (two random blocks picked one after the other once did, in a
     # run of the whole suite)
-    size = 1 + (fast + 3) + (slow + 3)
+    size = 1 + (fast + 3) + (slow + 3) + 2  # ... and the job runner's (runner.base_port + 1)
     dask_workers = int(overrides.get("FLEET_DASK_WORKERS", DASK_SETTINGS["FLEET_DASK_WORKERS"]))
     dask_size = 2 + 2 * dask_workers + 4  # scheduler, dashboard, a pair per worker, room
     base = free_port_block(size + dask_size)
@@ -170,6 +170,7 @@ def make_fleet(run_dir: Path, fast: int = 2, slow: int = 1, **overrides: str) ->
         FLEET_FAST_BASE_PORT=str(base + 1),  # fast-spare on base+1, fast-01 on base+2
         FLEET_SLOW_INSTANCES=str(slow),
         FLEET_SLOW_BASE_PORT=str(base + fast + 4),
+        FLEET_RUNNER_BASE_PORT=str(base + fast + slow + 7),  # runner-01 on base + fast + slow + 8
     )
     if overrides.get("FLEET_SLOW_BACKEND") == "dask" and "FLEET_DASK_SCHEDULER" not in overrides:
         dask = base + size
