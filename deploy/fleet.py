@@ -307,20 +307,23 @@ def compute_once_line(settings: Settings) -> str:
 
 
 def jobs_line(settings: Settings) -> str:
-    """This host's long jobs by state (its job store, as a slow instance last read it) and the event
+    """This host's long jobs by state (its job store, as its runner last read it) and the event
     streams open on its slow instances."""
-    by_state: dict[str, float] = {}
-    streams = 0.0
-    for _, port in settings.instances("slow"):
+    def metrics_of(port: int) -> str | None:
         try:
             with urllib.request.urlopen(instance_url(settings, port, "/metrics"), timeout=1,
                                         context=client_context(settings)) as r:
-                text = r.read().decode()
+                return r.read().decode()
         except (OSError, ValueError):
-            continue
-        streams += metrics_reader.total(text, "fleet_jobs_streams_open")
-        if not by_state:  # the host's one store: the first instance's reading is the host's
+            return None
+
+    by_state: dict[str, float] = {}
+    for program in programs.programs(settings):
+        text = metrics_of(program.port) if program.role == "runner" else None
+        if text is not None:
             by_state = {s.labels["state"]: s.value for s in metrics_reader.samples(text) if s.name == "fleet_jobs"}
+    streams = sum(metrics_reader.total(text, "fleet_jobs_streams_open")
+                  for _, port in settings.instances("slow") if (text := metrics_of(port)) is not None)
     counts = ", ".join(f"{state} {value:.0f}" for state, value in by_state.items()) or "none read yet"
     return f"long jobs (this host's store): {counts}; event streams open: {streams:.0f}"
 

@@ -8,8 +8,9 @@
 The key is made from the task's name and its parsed arguments, never from the request: two URLs
 that parse to the same arguments share a job, and `1`, `1.0` and `True` stay different (Python's
 own hashing makes them equal). Keyword order does not matter. The key is a keyed BLAKE2b digest
-(16 bytes, a key drawn per process): bounded, whatever the arguments' size, and no argument (a
-pbkdf2 password) can be read or guessed from it; keys are never logged.
+(16 bytes, a key drawn per process; for long jobs, whose keys the store holds and the runners
+match, the host's secret): bounded, whatever the arguments' size, and no argument (a pbkdf2
+password) can be read or guessed from it; keys are never logged.
 
 A shared job counts once in admission (only its first request is admitted), every waiter gets the
 same answer or the same error, and the job is cancelled (dropped if waiting, stopped if running,
@@ -64,12 +65,15 @@ def canonical(task: str, kwargs: dict[str, Any]) -> bytes | None:
         return None
 
 
-def job_key(task: str, kwargs: dict[str, Any]) -> str | None:
-    """The job's key, or None when an argument's type cannot be keyed (that job is not shared)."""
+def job_key(task: str, kwargs: dict[str, Any], secret: bytes | None = None) -> str | None:
+    """The job's key, or None when an argument's type cannot be keyed (that job is not shared).
+    With a `secret` every process that holds it makes the same key (long jobs' keys in the store,
+    matched by the runners: the host's edge token), else the key is this process's own."""
     spelled = canonical(task, kwargs)
     if spelled is None:
         return None
-    return task + ":" + hashlib.blake2b(spelled, digest_size=16, key=_KEY).hexdigest()
+    key = _KEY if secret is None else hashlib.sha256(secret).digest()
+    return task + ":" + hashlib.blake2b(spelled, digest_size=16, key=key).hexdigest()
 
 
 @dataclass(eq=False)

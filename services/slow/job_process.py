@@ -5,8 +5,8 @@ runner: a restart of the runner (`make reload`), or a kill -9 of it, stops no jo
     python -m services.slow.job_process --settings .run/settings.json --owner web1.runner/3f2a... --job <id>
 
 It is a JobRunner (job_runner.py) with no room to claim: it runs its jobs on a pool of one worker
-of its own (pool.py: the job's deadline, memory cap and worker death are answered as for any
-job), writes their progress and end under its owner name, with their attempt (a late write of a
+of its own (pool.py; on the Dask backend, on the cluster: dask_pool.py), where the job's deadline,
+memory cap and worker death are answered as for any job, writes their progress and end under its owner name, with their attempt (a late write of a
 run taken for lost is refused), beats that owner name (its jobs' lease), stops a job cancelled
 anywhere, and lets identical jobs queued meanwhile join its run. Killed (kill -9, its host lost),
 its worker dies with it and its jobs are reaped by a runner a lease later. SIGTERM (`make stop`)
@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import signal
+from typing import Any
 
 from services.common import logs
 from services.common.settings import Settings
@@ -44,11 +45,7 @@ async def run(settings_path: str, owner: str, job_ids: list[str]) -> None:
                  if job is not None and job.owner == owner]  # claimed for this process, and not reaped meanwhile
         if not given:
             return
-        # Its worker's marker is its own (a pool kills what its own previous run left behind); the
-        # idle cgroup is the host's job processes' one (deploy makes it, programs.idle_cgroup_owners).
-        pool = WorkerPool.from_settings(fleet, 1, owner=owner.replace("/", "-"), kill_on_cancel=True,
-                                        cgroup_owner=JOB_PROCESSES)
-        async with pool:
+        async with make_pool(fleet, owner) as pool:
             runner = JobRunner(store, pool, fleet, owner, tasks, capacity=0, owner=owner)
             await runner.start(runner=False)
             loop = asyncio.get_running_loop()
@@ -59,6 +56,22 @@ async def run(settings_path: str, owner: str, job_ids: list[str]) -> None:
                 await runner.close()
     finally:
         store.close()
+
+
+def make_pool(fleet: Settings, owner: str) -> Any:
+    """Where its job runs: a worker of its own (local backend), or the Dask cluster, as a job of
+    a synchronous request would."""
+    if fleet.slow.backend == "dask":
+        from services.slow.dask_pool import DaskPool  # imports Dask only where it is used
+
+        pool = DaskPool(fleet)
+        pool.reply_topic = f"fleet-results/{owner}"  # its own: job processes never read each other's results
+        pool.kill_on_cancel = True
+        return pool
+    # Its worker's marker is its own (a pool kills what its own previous run left behind); the idle
+    # cgroup is the host's job processes' one (deploy makes it: programs.idle_cgroup_owners).
+    return WorkerPool.from_settings(fleet, 1, owner=owner.replace("/", "-"), kill_on_cancel=True,
+                                    cgroup_owner=JOB_PROCESSES)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -129,6 +129,8 @@ class JobRunner:
         and any identical one queued meanwhile, join it), then leave."""
         for job in given:
             self._launch(job)
+        # A cancel made between the claim and this process's Watcher start is in no change it will see.
+        await self._check_cancels([job.id for job in given])
         while self.running:
             await asyncio.wait(list(self.running.values()))
 

@@ -359,6 +359,9 @@ class SqliteStore:
             for row in rows:
                 self._change(row, "state", {"state": RUNNING}, state=RUNNING, owner=owner,
                              started=now)
+            if rows:  # its lease starts now: a job process beats only once it is up
+                self.db.execute("INSERT INTO owners (owner, beat) VALUES (?, ?) ON CONFLICT (owner) DO UPDATE SET"
+                                " beat = excluded.beat", (owner, now))
             return [_job(self._row(row["id"])) for row in rows]
 
     def join(self, owner: str, key: str, limit: int) -> list[Job]:

@@ -216,6 +216,7 @@ for i = 1, math.min(limit, #candidates) do
     start(candidates[i][3], owner, now)
     table.insert(claimed, redis.call('HGETALL', job_key(candidates[i][3])))
 end
+if #claimed > 0 then redis.call('ZADD', P .. ':owners', now, owner) end  -- its lease starts now
 return claimed
 """
 

@@ -236,7 +236,8 @@ class LongJobs:
             raise jobs.JobFailed("TypeError", f"the arguments of task {task.name} are not JSON: it cannot run as a "
                                               "job", "")
         limits = self.fleet.jobs
-        key = coalesce.job_key(task.name, kwargs) if task.coalesce and self.fleet.slow.coalesce else None
+        # Keyed with the host's secret, not this process's: the runners match keys across processes.
+        key = coalesce.job_key(task.name, kwargs, secret) if task.coalesce and self.fleet.slow.coalesce else None
         record = NewJob(id=new_id(), task=task.name, client=client, args={k: kwargs[k] for k in task.echo},
                         idempotency_key=idempotency_key, fingerprint=fingerprint, kwargs=arguments,
                         retries=task.retries, key=key)

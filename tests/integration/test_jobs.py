@@ -1,7 +1,9 @@
-"""Long jobs through the edge (services/slow/long_jobs.py, job_routes.py, nginx's /jobs/ locations):
-202 and the job's record, its live event stream with a reconnect, its result, cancels, 404 and
-410, the limits; on a fleet of two slow instances that share the host's job store (SQLite; a killed
-instance's jobs on Redis too, tests/integration/test_job_store_redis.py for the rest)."""
+"""Long jobs through the edge (services/slow/long_jobs.py, job_routes.py, nginx's /jobs/ locations)
+and their runner (services/runner, services/slow/job_process.py): 202 and the job's record, its
+live event stream with a reconnect, its result, cancels, 404 and 410, the limits; jobs that
+outlive the slow instance and the runner; leases; on a fleet of two slow instances that share the
+host's job store (SQLite; the faults on Redis too, tests/integration/test_job_store_redis.py for
+the rest)."""
 
 from __future__ import annotations
 
@@ -62,13 +64,27 @@ def state(fleet: Fleet, location: str, instance: int | None = None) -> str:
     return fleet.get(location, **_to(fleet, instance, {})).json()["state"]
 
 
-def busy_worker(fleet: Fleet, instance: int) -> int:
-    """The pid of the worker of slow-0<instance> that computes (a report job burns CPU; idle
-    workers sleep on their pipes)."""
-    def computing() -> int | None:  # the pool is read each time: a worker killed before may be replaced meanwhile
-        return next((p for p in fleet.slow_health(instance)["pool"]["pids"] if procfs.state(p) == "R"), None)
+def job_process(location: str, attempt_of: int | None = None) -> int:
+    """The pid of the job process that runs the job at `location` (services/slow/job_process.py);
+    `attempt_of`: another one than that pid (the job's next attempt)."""
+    job_id = location.rsplit("/", 1)[1]
 
-    return wait_for(computing, what=f"a worker of slow-0{instance} computing")
+    def found() -> int | None:
+        return next((pid for pid in procfs.pids() if pid != attempt_of and f"--job {job_id}" in procfs.cmdline(pid)
+                     and "services.slow.job_process" in procfs.cmdline(pid)), None)
+
+    return wait_for(found, what=f"the job process of {job_id}")
+
+
+def busy_worker(location: str, attempt_of: int | None = None) -> int:
+    """The pid of the worker that computes the job at `location` (a report job burns CPU): its job
+    process's child."""
+    process = job_process(location, attempt_of)
+
+    def computing() -> int | None:
+        return next((pid for pid in procfs.descendants(process) if procfs.state(pid) == "R"), None)
+
+    return wait_for(computing, what=f"the worker of job process {process} computing")
 
 
 def test_a_job_s_whole_life_through_the_edge_with_a_reconnect_that_replays_exactly_what_it_missed(jobs_fleet, jobs):
@@ -86,10 +102,11 @@ def test_without_prefer_a_heavy_request_is_synchronous_and_with_wait_it_is_too_w
 def test_cancelling_a_running_job_kills_its_worker_and_the_job_ends_cancelled(jobs_fleet, jobs):
     location = jobs("/slow/report/60", instance=1).headers["location"]
     wait_for(lambda: state(jobs_fleet, location) == "running", what="the job runs")
-    worker = busy_worker(jobs_fleet, 1)
+    process, worker = job_process(location), busy_worker(location)
     cancelled = jobs_fleet.request("DELETE", location)
     assert cancelled.status == 200 and cancelled.json()["state"] in ("cancelling", "cancelled")
     wait_for(lambda: not procfs.alive(worker), timeout=5, what="its worker killed")
+    wait_for(lambda: not procfs.alive(process), timeout=5, what="its job process gone")
     wait_for(lambda: state(jobs_fleet, location) == "cancelled", timeout=5, what="the job cancelled")
     again = jobs_fleet.request("DELETE", location)
     assert again.status == 200 and again.json()["state"] == "cancelled"  # idempotent; the record stays
@@ -114,18 +131,18 @@ def test_a_queued_job_s_stream_keeps_alive_and_a_cancel_ends_it_at_once(jobs_fle
     assert jobs_fleet.get(queued).json()["started"] is None  # it never ran
 
 
-def test_any_slow_instance_answers_for_and_cancels_a_job_another_one_runs(jobs_fleet, jobs):
+def test_any_slow_instance_answers_for_and_cancels_a_job_another_one_took(jobs_fleet, jobs):
     location = jobs("/slow/report/60", instance=1).headers["location"]
     wait_for(lambda: state(jobs_fleet, location, instance=2) == "running", what="slow-02 sees it run")
-    worker = busy_worker(jobs_fleet, 1)
+    worker = busy_worker(location)
     cancelled = jobs_fleet.request("DELETE", location, **_to(jobs_fleet, 2, {}))
     assert cancelled.status == 200 and cancelled.json()["state"] == "cancelling"
-    wait_for(lambda: not procfs.alive(worker), timeout=5, what="slow-01 killed the worker slow-02 was asked to stop")
+    wait_for(lambda: not procfs.alive(worker), timeout=5, what="its job process killed the worker slow-02 was asked to stop")
     wait_for(lambda: state(jobs_fleet, location, instance=2) == "cancelled", timeout=5, what="the job cancelled")
 
 
-def test_identical_jobs_in_flight_on_an_instance_share_one_run(jobs_fleet, jobs):
-    first, second = (jobs("/slow/shared_spin/1.5", instance=1).headers["location"] for _ in range(2))
+def test_identical_jobs_in_flight_share_one_run_whichever_instance_took_them(jobs_fleet, jobs):
+    first, second = (jobs("/slow/shared_spin/1.5", instance=n).headers["location"] for n in (1, 2))
     for location in (first, second):
         wait_for(lambda: state(jobs_fleet, location) == "succeeded", what=f"{location} succeeded")
     one, two = (jobs_fleet.get(location).json()["result"] for location in (first, second))
@@ -185,9 +202,10 @@ def test_metrics_and_status_show_the_host_s_jobs_by_state_and_the_open_streams(j
     with EventStream(jobs_fleet.edge_port, f"{location}/events") as stream:
         stream.next()
 
-        def figures():
+        def figures():  # the store's count is the runner's reading; the streams are the instances'
             texts = [jobs_fleet.get("/metrics", port=port).body.decode() for port in jobs_fleet.slow_ports]
-            return (max(metrics_reader.total(t, "fleet_jobs", state="running") for t in texts),
+            runner = jobs_fleet.get("/metrics", port=jobs_fleet.runner_port).body.decode()
+            return (metrics_reader.total(runner, "fleet_jobs", state="running"),
                     sum(metrics_reader.total(t, "fleet_jobs_streams_open") for t in texts))
 
         wait_for(lambda: figures() == (1, 1), what="one job running and one stream open, in /metrics")
@@ -236,48 +254,68 @@ def test_head_and_post_on_a_job_are_405_from_the_edge_with_the_methods_it_takes(
             (method, path)
 
 
-# The killed-instance tests take an instance for lost after 4 s (jobs.lost_after_seconds, 10 by
-# default: `make chaos`'s kill-slow-long-jobs and test_faults.py hold the default to its 15 s).
+# The lease tests take a job process for lost after 4 s (jobs.lost_after_seconds, 10 by default:
+# `make chaos`'s kill-job-process and test_faults.py hold the default to its 15 s).
 LOST_AFTER = {"FLEET_JOBS_LOST_AFTER_SECONDS": "4"}
 ENDED_WITHIN = 4 * 1.2 + 2  # the silence, one more beat, and a margin for a loaded machine
 
 
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
-def test_a_killed_instance_s_jobs_end_worker_lost_within_its_lost_after_time_and_a_cancel_made_before_holds(
+def test_a_job_outlives_a_kill_9_of_its_slow_instance_and_its_runner_and_runs_once_through_three_leases(
+        private_fleet, store):
+    if store == "redis":
+        binary_or_skip()
+    fleet = private_fleet(slow=2, FLEET_JOBS_STORE=store, **LOST_AFTER)
+    location = fleet.get("/slow/report/14", **_to(fleet, 1, ASYNC)).headers["location"]  # 3.5 leases; retries=1
+    wait_for(lambda: state(fleet, location) == "running", what="the job runs")
+    process = job_process(location)
+    for name in ("slow-01", "runner-01"):  # the instance that took it, and the runner that started it
+        os.kill(fleet.pid(name), signal.SIGKILL)
+    wait_for(lambda: state(fleet, location) == "succeeded", timeout=40, interval=0.2, what="the job succeeds")
+    with EventStream(fleet.edge_port, f"{location}/events") as stream:
+        events = list(stream.events())
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    assert [e.json() for e in events if e.kind == "state"] == [{"state": "queued"}, {"state": "running"}]  # one attempt
+    assert events[-1].json()["result"]["sections"] == 140
+    assert not procfs.alive(process)  # it left once its job ended
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_a_killed_job_process_s_job_ends_worker_lost_within_its_lease_and_a_cancel_made_before_holds(
         private_fleet, store):
     if store == "redis":
         binary_or_skip()
     fleet = private_fleet(slow=2, FLEET_JOBS_STORE=store, **LOST_AFTER)
     running = fleet.get("/slow/long_spin/60", **_to(fleet, 1, ASYNC)).headers["location"]
-    wait_for(lambda: state(fleet, running) == "running", what="the job runs on slow-01")
-    worker = busy_worker(fleet, 1)
-    cancelling = fleet.get("/slow/long_spin/60", **_to(fleet, 1, ASYNC)).headers["location"]
-    wait_for(lambda: state(fleet, cancelling) == "running", what="a second job runs on slow-01")
-    # A cancel in the store that slow-01 will never act on: it is stopped (SIGSTOP) first.
-    instance = fleet.pid("slow-01")
-    os.kill(instance, signal.SIGSTOP)
+    cancelling = fleet.get("/slow/long_spin/59", **_to(fleet, 1, ASYNC)).headers["location"]
+    wait_for(lambda: state(fleet, running) == state(fleet, cancelling) == "running", what="both jobs run")
+    lost, stopped = job_process(running), job_process(cancelling)
+    worker = busy_worker(running)
+    # A cancel in the store that the second job's process will never act on: it is stopped first.
+    os.kill(stopped, signal.SIGSTOP)
     try:
         assert fleet.request("DELETE", cancelling, **_to(fleet, 2, {})).json()["state"] == "cancelling"
     finally:
-        os.kill(instance, signal.SIGKILL)  # stopped or not
+        os.kill(stopped, signal.SIGKILL)  # stopped or not
+    os.kill(lost, signal.SIGKILL)
     killed = time.monotonic()
     wait_for(lambda: state(fleet, running) != "running", timeout=15, interval=0.2, what="the lost job's end")
     assert time.monotonic() - killed <= ENDED_WITHIN
-    lost = fleet.get(running).json()
-    assert lost["state"] == "failed" and lost["error"]["error"] == "worker_lost" and lost["error"]["retryable"] is True
+    ended = fleet.get(running).json()
+    assert ended["state"] == "failed" and ended["error"]["error"] == "worker_lost" and ended["error"]["retryable"] is True
     assert fleet.get(cancelling).json()["state"] == "cancelled"
-    assert not procfs.alive(worker)  # its workers died with it
+    wait_for(lambda: not procfs.alive(worker), timeout=5, what="its worker gone with it")
 
 
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
-def test_a_killed_instance_s_job_of_a_task_declaring_retries_runs_again_on_another_and_succeeds(private_fleet, store):
+def test_a_killed_job_process_s_job_of_a_task_declaring_retries_runs_again_and_succeeds(private_fleet, store):
     if store == "redis":
         binary_or_skip()
     fleet = private_fleet(slow=2, FLEET_JOBS_STORE=store, **LOST_AFTER)
     location = fleet.get("/slow/report/4", **_to(fleet, 1, ASYNC)).headers["location"]  # report: retries=1
-    wait_for(lambda: state(fleet, location) == "running", what="the job runs on slow-01")
-    busy_worker(fleet, 1)
-    os.kill(fleet.pid("slow-01"), signal.SIGKILL)
+    wait_for(lambda: state(fleet, location) == "running", what="the job runs")
+    busy_worker(location)
+    os.kill(job_process(location), signal.SIGKILL)
     wait_for(lambda: state(fleet, location) == "succeeded", timeout=40, interval=0.2, what="its second attempt succeeds")
     with EventStream(fleet.edge_port, f"{location}/events") as stream:
         events = list(stream.events())
@@ -288,22 +326,22 @@ def test_a_killed_instance_s_job_of_a_task_declaring_retries_runs_again_on_anoth
 
 
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
-def test_an_instance_taken_for_lost_while_only_paused_stops_its_stale_run_and_its_late_writes_never_land(
+def test_a_job_process_taken_for_lost_while_only_paused_stops_its_stale_run_and_its_late_writes_never_land(
         private_fleet, store):
     if store == "redis":
         binary_or_skip()
     fleet = private_fleet(slow=2, FLEET_JOBS_STORE=store, **LOST_AFTER)
     location = fleet.get("/slow/report/6", **_to(fleet, 1, ASYNC)).headers["location"]  # report: retries=1
-    wait_for(lambda: state(fleet, location) == "running", what="the job runs on slow-01")
-    stale = busy_worker(fleet, 1)
-    instance = fleet.pid("slow-01")
-    os.kill(instance, signal.SIGSTOP)  # silent past jobs.lost_after_seconds: slow-02 queues it again
+    wait_for(lambda: state(fleet, location) == "running", what="the job runs")
+    stale = busy_worker(location)
+    paused = job_process(location)
+    os.kill(paused, signal.SIGSTOP)  # silent past jobs.lost_after_seconds: the runner queues it again
     try:
-        busy_worker(fleet, 2)  # attempt 2 computes on slow-02
+        busy_worker(location, attempt_of=paused)  # attempt 2 computes in a job process of its own
     finally:
-        os.kill(instance, signal.SIGCONT)
-    # slow-01 wakes up with attempt 1 still running: it sees the job moved on and stops that run.
-    wait_for(lambda: procfs.state(stale) != "R", timeout=10, what="slow-01's stale run stopped")
+        os.kill(paused, signal.SIGCONT)
+    # The paused process wakes up with attempt 1 still running: it sees the job moved on and stops that run.
+    wait_for(lambda: not procfs.alive(stale) or procfs.state(stale) != "R", timeout=10, what="the stale run stopped")
     wait_for(lambda: state(fleet, location) == "succeeded", timeout=30, interval=0.2, what="attempt 2 succeeds")
     with EventStream(fleet.edge_port, f"{location}/events") as stream:
         events = list(stream.events())
@@ -356,21 +394,25 @@ def test_on_a_dask_cluster_a_job_s_whole_life_through_the_edge_retry_reconnect_r
     assert_contract_error(fleet.get(location), 410, "expired")
 
 
-def test_on_a_dask_cluster_a_killed_instance_s_job_ends_worker_lost_and_its_process_stops(private_dask_fleet):
+def test_on_a_dask_cluster_a_job_outlives_its_instance_and_runner_and_a_killed_job_process_s_job_ends_worker_lost(
+        private_dask_fleet):
     fleet = private_dask_fleet(slow=2, **LOST_AFTER)
-    location = fleet.get("/slow/long_spin/60", **_to(fleet, 1, ASYNC)).headers["location"]
-    wait_for(lambda: state(fleet, location) == "running", what="the job runs on the cluster")
-    with EventStream(fleet.edge_port, f"{location}/events") as stream:
-        assert any(e.kind == "progress" for e in _until_progress(stream))
-    wait_for(lambda: any(procfs.state(pid) == "R" for pid in _job_processes(fleet)), what="its process computing")
-    os.kill(fleet.pid("slow-01"), signal.SIGKILL)
+    outlives = fleet.get("/slow/report/6", **_to(fleet, 1, ASYNC)).headers["location"]
+    lost = fleet.get("/slow/long_spin/60", **_to(fleet, 1, ASYNC)).headers["location"]
+    for location in (outlives, lost):
+        with EventStream(fleet.edge_port, f"{location}/events") as stream:
+            assert any(e.kind == "progress" for e in _until_progress(stream))  # it computes on the cluster
+    for name in ("slow-01", "runner-01"):
+        os.kill(fleet.pid(name), signal.SIGKILL)
+    os.kill(job_process(lost), signal.SIGKILL)  # its Dask client goes with it
     killed = time.monotonic()
-    wait_for(lambda: state(fleet, location) != "running", timeout=15, interval=0.2, what="the lost job's end")
+    wait_for(lambda: state(fleet, lost) != "running", timeout=15, interval=0.2, what="the lost job's end")
     assert time.monotonic() - killed <= ENDED_WITHIN
-    lost = fleet.get(location).json()
-    assert lost["state"] == "failed" and lost["error"]["error"] == "worker_lost"
+    ended = fleet.get(lost).json()
+    assert ended["state"] == "failed" and ended["error"]["error"] == "worker_lost"
+    wait_for(lambda: state(fleet, outlives) == "succeeded", timeout=20, interval=0.2, what="the other job succeeds")
     # The scheduler let go of the dead client's job, and its worker killed the job's process:
-    # the cluster has no job left running (the survivor's pool says so).
+    # nothing computes on the cluster any more.
     wait_for(lambda: not any(procfs.state(pid) == "R" for pid in _job_processes(fleet)), timeout=15,
              what="no job process computing on the cluster")
 

@@ -70,6 +70,7 @@ class Fleet:
     edge_port: int
     fast_ports: list[int]
     slow_ports: list[int]
+    runner_port: int = 0  # runner-01's /healthz and /metrics
 
     @property
     def ports(self) -> list[int]:
@@ -185,4 +186,5 @@ def make_fleet(run_dir: Path, fast: int = 2, slow: int = 1, **overrides: str) ->
         edge_port=base,
         fast_ports=[base + 1 + i for i in range(1, fast + 1)],
         slow_ports=[base + fast + 4 + i for i in range(1, slow + 1)],
+        runner_port=base + fast + slow + 8,
     )

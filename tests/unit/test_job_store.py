@@ -340,6 +340,15 @@ def test_the_running_jobs_of_a_silent_owner_are_reaped_and_a_cancel_made_before_
     assert store.get(done).state == SUCCEEDED
 
 
+def test_a_claim_starts_its_owner_s_lease_a_job_process_beats_only_once_it_is_up(store, clock):
+    job_id = submit(store)
+    store.claim("web1.jobs/1", ["report"])
+    clock.now += 9
+    assert store.reap(lost_after=10) == []  # within the lease the claim began
+    clock.now += 2
+    assert [job.id for job in store.reap(lost_after=10)] == [job_id]
+
+
 def test_a_job_whose_owner_never_beat_is_reaped_too(store):
     job_id = submit(store)
     store.start(job_id, "runner-a.1")  # its runner died before its first beat
@@ -423,12 +432,14 @@ def test_a_result_file_no_record_names_is_swept_after_a_minute(tmp_path):
 def test_a_lost_job_with_retries_left_is_queued_again_for_any_runner_then_fails_when_none_are_left(store, clock):
     job, _ = store.create(NewJob(id=new_id(), task="report", client="c", kwargs={"seconds": 4.0}, retries=1))
     store.claim("runner-a.1", ["report"])
+    clock.now += 11  # runner-a.1 silent for a lease since its claim
     again = store.reap(lost_after=10)
     assert [(j.id, j.state, j.owner, j.attempt, j.kwargs) for j in again] == [
         (job.id, QUEUED, "", 2, {"seconds": 4.0})]
     assert store.events(job.id)[-1].data == {"state": "queued", "attempt": 2, "after": "worker_lost"}
     [claimed] = store.claim("runner-b.2", ["report"])  # another runner runs it, and is lost too
     assert (claimed.id, claimed.attempt) == (job.id, 2)
+    clock.now += 11
     lost = store.reap(lost_after=10)
     assert [(j.state, j.error["error"]) for j in lost] == [(FAILED, "worker_lost")]
 
