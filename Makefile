@@ -123,7 +123,7 @@ help: ## This list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
 	@echo
 	@echo "  Settings: deploy/fleet.toml (override with FLEET_<SECTION>_<KEY>=...). Code: deploy/ (run the"
-	@echo "  fleet), nginx/ (the edge), services/ (fast and slow apps, worker pools), drills/ (chaos, soak),"
+	@echo "  fleet), nginx/ (the edge), services/ (fast and slow apps, worker pools, the long jobs' runner), drills/ (chaos, soak),"
 	@echo "  locustfile.py (the isolation proof), tests/, bench/."
 	@echo "  Runtime files, logs and sockets: .run/ (or \$$FLEET_RUN_DIR). More in README.md."
 	@echo "  make load / load-check: LOAD_OPTS=\"...\" adds Locust options; LOCUST_WORKERS=N runs a Locust master"

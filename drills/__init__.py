@@ -11,7 +11,7 @@ Modules, one role each:
                  sent, failed, hit by the fault, lost, reload races
     faults       every fault the drills produce (kill -9s, drains, reloads, departed clients, bursts...),
                  the Fault type that says what each may reach, and waiting until the fleet is whole
-    job_faults   the long jobs' faults: kill -9 of the instance that runs them, cancels under load
+    job_faults   the long jobs' faults: kill -9 of the instance and runner (jobs run on), of job processes, cancels
     chaos        `make chaos`: each fault once under its own load, the table, the exit status
     soak         `make soak`: the fault schedule, the sampling of every long-lived process, the verdict
     soak_watch   what the soak samples in /proc: the fleet's processes, their figures, leftovers

@@ -60,9 +60,11 @@ SCENARIOS = (
     Fault("monopolist", faults.monopolist, frozenset()),
     Fault("unknown-methods", faults.unknown_methods, frozenset()),
     Fault("hostile-fast-client", faults.hostile_fast_client, frozenset()),
-    # Long jobs (job_faults.py): the kill -9 of the instance that runs them, and cancels of
-    # running and queued ones (their processes killed: none of the steady load's requests).
-    Fault("kill-slow-long-jobs", job_faults.kill_slow_running_long_jobs, frozenset({"slow"})),
+    # Long jobs (job_faults.py): the kill -9 of the instance that took them and of the runner (they
+    # run on), of the job processes that run them (their leases), and cancels of running and queued
+    # ones (their processes killed: none of the steady load's requests).
+    Fault("kill-slow-long-jobs", job_faults.kill_slow_and_runner_under_long_jobs, frozenset({"slow"})),
+    Fault("kill-job-process", job_faults.kill_job_processes, frozenset()),
     Fault("cancel-under-load", job_faults.cancel_under_load, frozenset()),
 )
 # Faults of the managed Dask cluster (slow.backend = "dask"): a job on the killed process, or in

@@ -1,18 +1,20 @@
 """The long jobs' faults for `make chaos` (chaos.py), each under the steady load: kill -9 of the slow
-instance that runs long jobs, and cancels of running and queued long jobs.
+instance and of the runner while long jobs run, kill -9 of the job processes that run them, and
+cancels of running and queued long jobs.
 
 Each drives its jobs through the edge as a client of its own loopback address (JobClient, as
 faults.py's own clients do), follows every job's fate in its record (GET /jobs/<id>, its events)
 and the processes that ran them in /proc, and raises FleetError if a promise of README.md's "Long
 jobs" does not hold:
 
-    kill-slow-long-jobs   every job of a kill -9'ed slow instance leaves `running` within 15 s:
-                          failed `worker_lost`, retryable, or, for a task declaring retries (the
-                          shipped `report`), queued again and then finished; a cancel made just
-                          before the kill ends `cancelled`; no record lost; the processes that ran
-                          the jobs are gone
-    cancel-under-load     DELETE of running jobs: their worker processes gone within 2.5 s; of a
-                          queued one: `cancelled` in the DELETE's own answer; the pool refilled
+    kill-slow-long-jobs   kill -9 of slow-01 and of the runner while long jobs run and wait: every
+                          one succeeds, in one attempt, its events gap-free; no record lost
+    kill-job-process      kill -9 of the job processes: each of their jobs leaves `running` within
+                          15 s (a lease and a beat): failed `worker_lost`, retryable, or, for a task
+                          declaring retries (the shipped `report`), queued again and then finished;
+                          a cancel made just before the kill ends `cancelled`; their workers gone
+    cancel-under-load     DELETE of running jobs: their processes gone within 2.5 s; of a queued
+                          one: `cancelled` in the DELETE's own answer
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from deploy import fleet
-from drills.faults import pid_of, slow_health, survivors, wait_whole
+from deploy.procs import processes_of
+from drills.faults import pid_of, survivors, wait_whole
 from drills.loadgen import SteadyLoad
 from services.common import procfs
-from services.common.settings import Settings, heavy_capacity
+from services.common.settings import Settings
 
-LOST_WITHIN = 15.0  # seconds after a kill -9 by which each of its jobs has left `running` (issue 26's promise)
+LOST_WITHIN = 15.0  # seconds after a kill -9 of its job process by which a job has left `running` (issue 26's promise)
 CANCEL_KILLS_WITHIN = 2.5  # seconds from a running job's DELETE to its process gone (issue 26's target)
 POLL = 0.2  # seconds between two looks at a job's record: 5 a second per job, far under the edge's rate per client
 # A retried job (its task declares retries) runs again after the kill: this many seconds, so that it
@@ -117,15 +120,26 @@ class JobClient:
 
 
 def slots(settings: Settings) -> int:
-    """Jobs the fleet's slow instances run at once."""
-    return heavy_capacity(settings.values) * settings.slow.instances
+    """Long jobs the host's runner runs at once (runner.workers)."""
+    return settings.runner.workers
+
+
+def runners(settings: Settings) -> dict[str, int]:
+    """{job id: the pid of the job process that runs it} (services/slow/job_process.py)."""
+    found = {}
+    for pid in processes_of(settings.run_dir):
+        words = procfs.cmdline(pid).split()
+        if "services.slow.job_process" in words:
+            found.update({words[i + 1]: pid for i, word in enumerate(words[:-1]) if word == "--job"})
+    return found
 
 
 def job_processes(settings: Settings) -> set[int]:
-    """The processes that run jobs: the slow instances' pool workers, or on a Dask cluster the job
+    """The processes that compute jobs: the job processes' workers, or on a Dask cluster the job
     processes of its workers (each worker's pool is pool.py's: the children of its forkserver)."""
     if settings.slow.backend != "dask":
-        return {pid for _, port in settings.instances("slow") for pid in slow_health(settings, port)["pool"]["pids"]}
+        return {child for pid in set(runners(settings).values()) for child in procfs.descendants(pid)
+                if (stat := procfs.stat(child)) is not None and stat.ppid != pid}  # not the forkserver
     found = set()
     for p in fleet.process_infos(settings):
         if p["name"].startswith("dask-worker-") and p["pid"]:
@@ -167,36 +181,53 @@ def _worker_lost(doc: dict) -> bool:
 
 # the faults ------------------------------------------------------------------------------------
 
-def kill_slow_running_long_jobs(settings: Settings, load: SteadyLoad) -> str:
-    """Every running slot taken by a long job (one of a task without retries, the shipped report's,
-    which declares one retry, in the others), one of each kind waiting in line behind them and one
-    more cancelled there, then kill -9 of the instance that owns them."""
+def kill_slow_and_runner_under_long_jobs(settings: Settings, load: SteadyLoad) -> str:
+    """Every running place taken by a long job and one more waiting, then kill -9 of the slow
+    instance that took them and of the runner that started them: the jobs run on in their own
+    processes, and the restarted runner starts the waiting one."""
     client = JobClient(settings, "127.0.0.6")
-    owners: dict[str, str] = {}  # job -> the instance that took it (with several, each takes some)
+    seconds = RETRIED_SECONDS + 2
+    taken = [client.submit(f"/slow/report/{seconds}") for _ in range(slots(settings))]
+    running, owner = [job_id for job_id, _ in taken], taken[0][1]  # the instance that took the first
+    all_running(client, running, progressed=running)
+    waiting = client.submit(f"/slow/report/{seconds}")[0]
+    for name in (owner, "runner-01"):
+        os.kill(pid_of(settings, name), signal.SIGKILL)
+    killed = time.monotonic()
+    deadline = killed + 30 + 2 * seconds
+    for job_id in [*running, waiting]:
+        client.wait(job_id, lambda doc: doc["state"] == "succeeded", deadline, "succeeded")
+        events = client.events(job_id)
+        if [e["id"] for e in events] != list(range(1, len(events) + 1)):
+            raise fleet.FleetError(f"job {job_id}: its events were not numbered 1..n: {[e['id'] for e in events]}")
+        states = [e["data"] for e in events if e["event"] == "state"]
+        if states != [{"state": "queued"}, {"state": "running"}]:
+            raise fleet.FleetError(f"job {job_id} ran more than once: its state events were {states}")
+    return (f"kill -9 {owner} and runner-01 with {len(running)} long jobs running, 1 waiting: all "
+            f"{len(running) + 1} succeeded, each in one attempt, events gap-free, within "
+            f"{time.monotonic() - killed:.1f} s of the kill")
 
-    def submit(path: str) -> str:
-        job_id, owners[job_id] = client.submit(path)
-        return job_id
 
+def kill_job_processes(settings: Settings, load: SteadyLoad) -> str:
+    """Every running place taken by a long job (one of a task without retries, the shipped
+    report's, which declares one retry, in the others), one of each kind waiting behind them and
+    one more cancelled, then kill -9 of the job processes that run them."""
+    client = JobClient(settings, "127.0.0.6")
     report = f"/slow/report/{RETRIED_SECONDS}"
-    retried = [submit(report)]
-    owner = owners[retried[0]]  # the instance killed
-    lost = [submit("/slow/sleep/10")]  # sleep declares no retries
-    retried += [submit(report) for _ in range(slots(settings) - 2)]
+    lost = [client.submit("/slow/sleep/10")[0]]  # sleep declares no retries
+    retried = [client.submit(report)[0] for _ in range(slots(settings) - 1)]
     all_running(client, [*retried, *lost], progressed=retried)
-    lost.append(submit("/slow/sleep/10"))  # these wait in line
-    retried.append(submit(report))
-    cancelled = submit("/slow/report/60")
+    lost.append(client.submit("/slow/sleep/10")[0])  # these wait
+    retried.append(client.submit(report)[0])
+    cancelled = client.submit("/slow/report/60")[0]
     cancel = client.cancel(cancelled)
     before = {job_id: client.job(job_id) for job_id in [*lost, *retried]}
     waiting = sum(doc["state"] == "queued" for doc in before.values()) + (cancel["started"] is None)
-    others = [job_id for job_id in owners if owners[job_id] != owner]  # another instance's: untouched
-    lost, retried = [j for j in lost if j not in others], [j for j in retried if j not in others]
-    if settings.slow.backend != "dask":  # the killed instance's workers: they die with it
-        processes = set(slow_health(settings, dict(settings.instances("slow"))[owner])["pool"]["pids"])
-    else:  # the reports' processes on the cluster: killed once the scheduler lets go of the dead client's jobs
-        processes = set() if others else computing(settings)
-    os.kill(pid_of(settings, owner), signal.SIGKILL)
+    killed_jobs = {job_id for job_id, doc in before.items() if doc["state"] == "running"}
+    targets = {pid for job_id, pid in runners(settings).items() if job_id in killed_jobs}
+    workers = job_processes(settings)  # the cluster's job processes too, on Dask
+    for pid in targets:
+        os.kill(pid, signal.SIGKILL)
     killed, killed_at = time.monotonic(), time.time()
 
     def requeued(job_id: str) -> Callable[[dict], bool]:
@@ -204,9 +235,11 @@ def kill_slow_running_long_jobs(settings: Settings, load: SteadyLoad) -> str:
         return lambda doc: ((doc["state"] == "queued" and doc["started"] is None and doc["seq"] > before[job_id]["seq"])
                             or (_seconds(doc["started"]) or 0) > killed_at)
 
+    lost_run = [j for j in lost if j in killed_jobs]
+    retried_run = [j for j in retried if j in killed_jobs]
     expected = {cancelled: (lambda doc: doc["state"] == "cancelled", "cancelled"),
-                **{job_id: (_worker_lost, "failed worker_lost, retryable") for job_id in lost},
-                **{job_id: (requeued(job_id), "queued again") for job_id in retried}}
+                **{job_id: (_worker_lost, "failed worker_lost, retryable") for job_id in lost_run},
+                **{job_id: (requeued(job_id), "queued again") for job_id in retried_run}}
     left: dict[str, float] = {}  # job -> seconds after the kill when it had left `running`
     while len(left) < len(expected):
         for job_id, (done, what) in expected.items():
@@ -216,37 +249,38 @@ def kill_slow_running_long_jobs(settings: Settings, load: SteadyLoad) -> str:
             if done(doc):
                 left[job_id] = time.monotonic() - killed
             elif doc["state"] in ("succeeded", "failed", "cancelled"):
-                raise fleet.FleetError(f"job {job_id} of the killed {owner} ended {doc['state']} "
+                raise fleet.FleetError(f"job {job_id} of a killed job process ended {doc['state']} "
                                        f"{doc.get('error')}, not {what}")
         if time.monotonic() - killed > LOST_WITHIN:
             stuck = {job_id: what for job_id, (_, what) in expected.items() if job_id not in left}
-            raise fleet.FleetError(f"{len(stuck)} job(s) of the killed {owner} not out of `running` within "
+            raise fleet.FleetError(f"{len(stuck)} job(s) of killed job processes not out of `running` within "
                                    f"{LOST_WITHIN:g} s: {stuck}")
         time.sleep(POLL)
-    running_on = survivors(sorted(processes), within=max(0.0, LOST_WITHIN - (time.monotonic() - killed)))
+    running_on = survivors(sorted(workers), within=max(0.0, LOST_WITHIN - (time.monotonic() - killed)))
     if running_on:
-        raise fleet.FleetError(f"processes {running_on} still ran the killed {owner}'s jobs {LOST_WITHIN:g} s after it")
-    # The retried ones run again on the restarted instance, and finish; the cancelled one never runs.
-    deadline = time.monotonic() + 30 + RETRIED_SECONDS * len(retried)
+        raise fleet.FleetError(f"processes {running_on} still computed the killed job processes' jobs "
+                               f"{LOST_WITHIN:g} s after the kill")
+    # The retried ones run again, and finish; the waiting ones run as ever; the cancelled one never runs.
+    deadline = time.monotonic() + 30 + RETRIED_SECONDS * len(retried) + 10 * len(lost)
     for job_id in retried:
-        client.wait(job_id, lambda doc: doc["state"] == "succeeded", deadline, "succeeded on its second attempt")
+        client.wait(job_id, lambda doc: doc["state"] == "succeeded", deadline, "succeeded")
         attempts = [e["data"] for e in client.events(job_id) if e["event"] == "state" and e["data"].get("attempt")]
-        if attempts != [{"state": "queued", "attempt": 2, "after": "worker_lost"}]:
+        wanted = [{"state": "queued", "attempt": 2, "after": "worker_lost"}] if job_id in retried_run else []
+        if attempts != wanted:
             raise fleet.FleetError(f"job {job_id}: its attempts' events were {attempts}")
-    # (started as its DELETE left it: never, unless a slot freed before it)
+    for job_id in lost:
+        if job_id not in lost_run:
+            client.wait(job_id, lambda doc: doc["state"] == "succeeded", deadline, "succeeded")
     if (client.job(cancelled)["started"] != cancel["started"]
             or any(e["data"].get("attempt") for e in client.events(cancelled))):
         raise fleet.FleetError(f"job {cancelled}, cancelled before the kill, ran or was queued again after it")
-    for job_id in others:  # another instance's: the kill is none of its business
-        if _worker_lost(client.cancel(job_id)):
-            raise fleet.FleetError(f"job {job_id} of {owners[job_id]} failed worker_lost when {owner} was killed")
-    lost_in = max((left[job_id] for job_id in lost), default=0.0)
-    requeued_in = max((left[job_id] for job_id in retried), default=0.0)
-    return (f"kill -9 {owner} with {len(lost) + len(retried) - waiting + 1} long jobs running, {waiting} waiting: "
-            f"{_count(lost, 'sleep job')} (no retries) failed worker_lost, retryable, within {lost_in:.1f} s; "
-            f"{_count(retried, 'report')} (retries=1) queued again within {requeued_in:.1f} s, then succeeded; "
-            f"one cancelled before the kill stayed cancelled; every record kept; "
-            f"{_count(processes, 'process', 'processes')} that ran them gone")
+    lost_in = max((left[job_id] for job_id in lost_run), default=0.0)
+    requeued_in = max((left[job_id] for job_id in retried_run), default=0.0)
+    return (f"kill -9 of {len(targets)} job processes running {len(killed_jobs)} long jobs, {waiting} waiting: "
+            f"{_count(lost_run, 'sleep job')} (no retries) failed worker_lost, retryable, within {lost_in:.1f} s; "
+            f"{_count(retried_run, 'report')} (retries=1) queued again within {requeued_in:.1f} s, then succeeded; "
+            f"the waiting ones ran; one cancelled before the kill stayed cancelled; every record kept; "
+            f"{_count(workers, 'process', 'processes')} that computed them gone")
 
 
 def _count(items, noun: str, plural: str = "") -> str:
@@ -260,13 +294,13 @@ def cancel_under_load(settings: Settings, load: SteadyLoad, rounds: int = 3) -> 
     gone_in: list[float] = []  # from the first running job's DELETE to the last of their processes gone
     queued_ms: list[float] = []
     for _ in range(rounds):
-        wait_whole(settings)  # every worker back from the last round
+        wait_whole(settings)  # every instance whole, whatever the last round did
         jobs = [client.submit("/slow/report/60")[0] for _ in range(slots(settings))]
         all_running(client, jobs, progressed=jobs)
         processes = job_processes(settings)
-        if len(processes) != len(jobs):
-            raise fleet.FleetError(f"{len(jobs)} jobs hold every running slot, but {len(processes)} processes "
-                                   f"run jobs: {sorted(processes)}")
+        if len(processes) < len(jobs):
+            raise fleet.FleetError(f"{len(jobs)} jobs hold every running place, but {len(processes)} processes "
+                                   f"compute jobs: {sorted(processes)}")
         waiting = client.submit("/slow/report/60")[0]
         sent = time.monotonic()
         doc = client.cancel(waiting)
@@ -291,4 +325,4 @@ def cancel_under_load(settings: Settings, load: SteadyLoad, rounds: int = 3) -> 
             client.wait(job_id, lambda doc: doc["state"] == "cancelled", deadline, "cancelled")
     return (f"{rounds} x: {len(jobs)} running long jobs and 1 waiting cancelled; the waiting one cancelled in "
             f"the DELETE's answer ({max(queued_ms):.0f} ms at most), the running ones' {len(jobs)} processes gone "
-            f"within {max(gone_in):.2f} s of the first DELETE; pool refilled")
+            f"within {max(gone_in):.2f} s of the first DELETE")

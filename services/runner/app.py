@@ -35,14 +35,15 @@ log = logging.getLogger("fleet.runner")
 
 class JobProcesses:
     """Starts a job process per claimed job, in a session of its own (out of the runner's process
-    group: supervisor's stop or kill of the runner does not reach it), its output in
-    logs/job-processes.log."""
+    group: supervisor's stop or kill of the runner does not reach it). Its log lines go to the
+    runner's own output (logs/runner-01.log, which supervisor rotates and which the fleet's user may
+    write): those of a job process whose runner was restarted are lost (Python ignores SIGPIPE; the
+    job goes on), its job's fate is in the store."""
 
     def __init__(self, instance: server.Instance):
         self.settings = instance.settings
         # This host's job processes, whichever of its runners started them: they share the capacity.
         self.prefix = f"{self.settings.inventory.here.name}.jobs/"
-        self.log_path = self.settings.run_dir / "logs" / "job-processes.log"
         self.children: set[asyncio.subprocess.Process] = set()
 
     def owner(self) -> str:
@@ -53,10 +54,9 @@ class JobProcesses:
                 "--owner", owner]
         for job in claimed:
             args += ["--job", job.id]
-        with open(self.log_path, "ab") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                *args, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
-                cwd=str(Path(__file__).resolve().parents[2]), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
+            cwd=str(Path(__file__).resolve().parents[2]), env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.info("job %s (%s) started in job process %d", ", ".join(j.id for j in claimed), claimed[0].task,
                  process.pid)
         self.children.add(process)

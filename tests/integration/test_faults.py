@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 def chaos_fleet(tmp_path_factory):
     """A fleet with the default pool (2 workers, 8 waiting, 30 s deadline), only for these faults."""
     f = make_fleet(tmp_path_factory.mktemp("chaos"), FLEET_SLOW_QUEUE_LIMIT="8", FLEET_SLOW_JOB_TIMEOUT="30",
-                   FLEET_SLOW_DRAIN_TIMEOUT="35", FLEET_SLOW_MAX_PER_CLIENT="auto")
+                   FLEET_SLOW_DRAIN_TIMEOUT="35", FLEET_SLOW_MAX_PER_CLIENT="auto", FLEET_RUNNER_WORKERS="2")
     # The fast routes' per-client limits at their defaults, as make chaos meets them on a deployed
     # fleet: the load's clients each have an address of their own (drills/loadgen.py).
     for key in ("FLEET_EDGE_FAST_RATE_PER_SECOND", "FLEET_EDGE_FAST_RATE_BURST", "FLEET_EDGE_FAST_CONN_PER_CLIENT"):
@@ -143,14 +143,22 @@ def test_a_hostile_fast_client_is_limited_and_fails_no_one_else(chaos_fleet):
 
 # long jobs (drills/job_faults.py) --------------------------------------------------------------------
 
-def test_kill_9_of_the_slow_instance_running_long_jobs_ends_each_of_them_as_promised_within_15_s(chaos_fleet):
-    # raises unless each job left `running` within 15 s (failed worker_lost, retryable; or, for
-    # the reports, queued again and then succeeded), the one cancelled before the kill stayed so and
-    # never ran, no record was lost, and the processes that ran them are gone
+def test_long_jobs_outlive_a_kill_9_of_the_slow_instance_that_took_them_and_of_the_runner(chaos_fleet):
+    # raises unless every job succeeded in one attempt, its events gap-free
     result = run_scenario(chaos_fleet, "kill-slow-long-jobs")
     assert_promise_kept(result.tally)  # only the steady load's slow requests in flight were hit
-    assert "2 sleep jobs (no retries) failed worker_lost" in result.note
-    assert "2 reports (retries=1) queued again" in result.note and "2 processes that ran them gone" in result.note
+    assert "all 3 succeeded, each in one attempt, events gap-free" in result.note
+
+
+def test_kill_9_of_the_job_processes_ends_each_of_their_jobs_as_promised_within_15_s(chaos_fleet):
+    # raises unless each job left `running` within 15 s (failed worker_lost, retryable; or, for
+    # the reports, queued again and then succeeded), the one cancelled before the kill stayed so and
+    # never ran, the waiting ones ran, no record was lost, and the processes that computed them are gone
+    result = run_scenario(chaos_fleet, "kill-job-process")
+    assert_promise_kept(result.tally)
+    assert result.tally.hit == 0  # nothing of the steady load runs in a job process
+    assert "1 sleep job (no retries) failed worker_lost" in result.note
+    assert "1 report (retries=1) queued again" in result.note and "2 processes that computed them gone" in result.note
 
 
 def test_cancelled_long_jobs_lose_their_processes_within_2_5_s_and_fail_no_one_else(chaos_fleet):
