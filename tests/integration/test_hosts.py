@@ -153,7 +153,7 @@ def jobs_by_host(hosts: Hosts, count: int) -> dict[str, int]:
 # each host runs its part ------------------------------------------------------------------------
 
 def test_each_host_runs_only_its_part_bound_to_its_own_address(hosts):
-    for host, wanted in (("web1", {"nginx", "fast-01", "fast-02", "slow-01", "dask-scheduler"}),
+    for host, wanted in (("web1", {"nginx", "fast-01", "fast-02", "slow-01", "runner-01", "dask-scheduler"}),
                          ("heavy1", {"dask-worker-01"}), ("heavy2", {"dask-worker-01"})):
         conf = (hosts.run_dir(host) / "supervisord.conf").read_text()
         programs = {line[len("[program:"):-1] for line in conf.splitlines() if line.startswith("[program:")}
