@@ -297,10 +297,14 @@ def cancel_under_load(settings: Settings, load: SteadyLoad, rounds: int = 3) -> 
         wait_whole(settings)  # every instance whole, whatever the last round did
         jobs = [client.submit("/slow/report/60")[0] for _ in range(slots(settings))]
         all_running(client, jobs, progressed=jobs)
-        processes = job_processes(settings)
-        if len(processes) < len(jobs):
-            raise fleet.FleetError(f"{len(jobs)} jobs hold every running place, but {len(processes)} processes "
-                                   f"compute jobs: {sorted(processes)}")
+        # Their job processes (each exits once its job is cancelled), and on the local pool their workers.
+        ran_by = {job_id: pid for job_id, pid in runners(settings).items() if job_id in jobs}
+        if len(ran_by) < len(jobs):
+            raise fleet.FleetError(f"{len(jobs)} jobs hold every running place, but only {len(ran_by)} have a "
+                                   f"job process: {ran_by}")
+        processes = set(ran_by.values())
+        if settings.slow.backend != "dask":
+            processes |= {child for pid in ran_by.values() for child in procfs.descendants(pid)}
         waiting = client.submit("/slow/report/60")[0]
         sent = time.monotonic()
         doc = client.cancel(waiting)
