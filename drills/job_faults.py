@@ -130,7 +130,7 @@ def runners(settings: Settings) -> dict[str, int]:
     for pid in processes_of(settings.run_dir):
         words = procfs.cmdline(pid).split()
         if "services.slow.job_process" in words:
-            found.update({words[i + 1]: pid for i, word in enumerate(words[:-1]) if word == "--job"})
+            found.update({word[len("--job="):]: pid for word in words if word.startswith("--job=")})
     return found
 
 

@@ -18,7 +18,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from tornado import web
 
@@ -45,6 +45,7 @@ class JobProcesses:
         # This host's job processes, whichever of its runners started them: they share the capacity.
         self.prefix = f"{self.settings.inventory.here.name}.jobs/"
         self.children: set[asyncio.subprocess.Process] = set()
+        self.lost: Callable[[str], Awaitable[None]] = _nothing  # the runner's: its jobs reaped at once
 
     def owner(self) -> str:
         return f"{self.prefix}{secrets.token_hex(8)}"
@@ -52,24 +53,30 @@ class JobProcesses:
     async def __call__(self, claimed: list[Job], owner: str) -> None:
         args = [sys.executable, "-m", "services.slow.job_process", "--settings", str(self.settings.run_dir / "settings.json"),
                 "--owner", owner]
-        for job in claimed:
-            args += ["--job", job.id]
+        args += [f"--job={job.id}" for job in claimed]  # one word each: an id may start with "-"
         process = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
             cwd=str(Path(__file__).resolve().parents[2]), env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.info("job %s (%s) started in job process %d", ", ".join(j.id for j in claimed), claimed[0].task,
                  process.pid)
         self.children.add(process)
-        asyncio.get_running_loop().create_task(self._wait(process))
+        asyncio.get_running_loop().create_task(self._wait(process, owner))
 
-    async def _wait(self, process: asyncio.subprocess.Process) -> None:
-        """Reap it when it exits (while this runner lives; else its new parent, init, does)."""
+    async def _wait(self, process: asyncio.subprocess.Process, owner: str) -> None:
+        """Reap it when it exits (while this runner lives; else its new parent, init, does). One
+        that failed (it could not start, it was killed) may have left its jobs running in the store:
+        they are taken for lost now, not a lease later."""
         try:
             code = await process.wait()
             if code != 0:
                 log.warning("job process %d exited with status %d", process.pid, code)
+                await self.lost(owner)
         finally:
             self.children.discard(process)
+
+
+async def _nothing(owner: str) -> None:
+    return None
 
 
 class RunnerHealthHandler(HealthHandler):
@@ -101,6 +108,7 @@ async def run(instance: server.Instance) -> None:
     processes = JobProcesses(instance)
     runner = JobRunner(store, None, fleet, f"{fleet.inventory.here.name}.{instance.name}", tasks,
                        capacity=fleet.runner.workers, spawn=processes)
+    processes.lost = runner.lost
     await start_runner(runner)
     try:
         await server.serve(make_app(instance, runner, processes), instance)

@@ -363,6 +363,24 @@ class JobRunner:
 
     # the lease, and other runners' lost jobs
 
+    async def lost(self, owner: str) -> None:
+        """A job process that exited without ending its jobs (killed, or it could not start): they
+        end now (worker_lost, or queued again for a task declaring retries), not a lease later."""
+        try:
+            await self.store.gone(owner)
+            await self._reap()
+        except StoreUnavailable:
+            pass  # the lease does it once the store answers
+
+    async def _reap(self) -> None:
+        for job in await self.store.reap(self.fleet.jobs.lost_after_seconds):
+            if job.state == QUEUED:  # its task declares retries: any runner claims it again
+                log.warning("job %s (%s): the process running it was lost; queued again, attempt %d",
+                            job.id, job.task, job.attempt)
+                self._claim_wanted.set()
+                continue
+            log.warning("job %s (%s) ended %s: the process running it was lost", job.id, job.task, job.state)
+
     async def _beat(self) -> None:
         lost_after = self.fleet.jobs.lost_after_seconds
         while True:
@@ -371,7 +389,7 @@ class JobRunner:
                 await self.store.beat(self.owner)
                 if not self.reaps:
                     continue
-                reaped = await self.store.reap(lost_after)
+                await self._reap()
             except StoreUnavailable:
                 continue
             except Exception:
@@ -382,13 +400,6 @@ class JobRunner:
                     metrics.JOBS.labels(state).set(count)
             except Exception:
                 log.exception("could not count the job store's records")
-            for job in reaped:
-                if job.state == QUEUED:  # its task declares retries: any runner claims it again
-                    log.warning("job %s (%s): the runner running it went silent; queued again, attempt %d",
-                                job.id, job.task, job.attempt)
-                    self._claim_wanted.set()
-                    continue
-                log.warning("job %s (%s) ended %s: the runner running it went silent", job.id, job.task, job.state)
 
     async def _sweep(self) -> None:
         while True:

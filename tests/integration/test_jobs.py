@@ -70,7 +70,7 @@ def job_process(location: str, attempt_of: int | None = None) -> int:
     job_id = location.rsplit("/", 1)[1]
 
     def found() -> int | None:
-        return next((pid for pid in procfs.pids() if pid != attempt_of and f"--job {job_id}" in procfs.cmdline(pid)
+        return next((pid for pid in procfs.pids() if pid != attempt_of and f"--job={job_id}" in procfs.cmdline(pid).split()
                      and "services.slow.job_process" in procfs.cmdline(pid)), None)
 
     return wait_for(found, what=f"the job process of {job_id}")
