@@ -65,6 +65,7 @@ SCENARIOS = (
     # ones (their processes killed: none of the steady load's requests).
     Fault("kill-slow-long-jobs", job_faults.kill_slow_and_runner_under_long_jobs, frozenset({"slow"})),
     Fault("kill-job-process", job_faults.kill_job_processes, frozenset()),
+    Fault("reload-long-jobs", job_faults.reload_under_long_jobs, frozenset()),
     Fault("cancel-under-load", job_faults.cancel_under_load, frozenset()),
 )
 # Faults of the managed Dask cluster (slow.backend = "dask"): a job on the killed process, or in

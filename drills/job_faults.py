@@ -13,6 +13,9 @@ jobs" does not hold:
                           15 s (a lease and a beat): failed `worker_lost`, retryable, or, for a task
                           declaring retries (the shipped `report`), queued again and then finished;
                           a cancel made just before the kill ends `cancelled`; their workers gone
+    reload-long-jobs      `make reload` while long jobs run, each followed by a stream: every job
+                          succeeds in one attempt; every stream, reconnected with Last-Event-ID
+                          after each cut, got every event once and in order
     cancel-under-load     DELETE of running jobs: their processes gone within 2.5 s; of a queued
                           one: `cancelled` in the DELETE's own answer
 """
@@ -24,6 +27,7 @@ import http.client
 import json
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -281,6 +285,79 @@ def kill_job_processes(settings: Settings, load: SteadyLoad) -> str:
             f"{_count(retried_run, 'report')} (retries=1) queued again within {requeued_in:.1f} s, then succeeded; "
             f"the waiting ones ran; one cancelled before the kill stayed cancelled; every record kept; "
             f"{_count(workers, 'process', 'processes')} that computed them gone")
+
+
+def follow(settings: Settings, job_id: str, source: str, seen: list[int], reconnects: list[int]) -> None:
+    """Follow a job's events through the edge as a browser's EventSource does: a stream cut (its
+    instance restarted) is opened again with Last-Event-ID; until the end event, or a 204."""
+    last = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", settings.edge.port, timeout=30, source_address=(source, 0))
+        try:
+            headers = {"Accept": "text/event-stream", **({"Last-Event-ID": str(last)} if last else {})}
+            conn.request("GET", f"/jobs/{job_id}/events", headers=headers)
+            response = conn.getresponse()
+            if response.status == 204:
+                return
+            if response.status != 200:
+                raise OSError(f"answered {response.status}")
+            event_id, kind = None, None
+            for raw in response:
+                line = raw.decode().rstrip("\r\n")
+                if line.startswith("id: "):
+                    event_id = int(line[4:])
+                elif line.startswith("event: "):
+                    kind = line[7:]
+                elif not line and event_id is not None:
+                    seen.append(event_id)
+                    last = event_id
+                    if kind == "end":
+                        return
+                    event_id, kind = None, None
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            conn.close()
+        reconnects.append(last)
+        time.sleep(0.2)  # EventSource's retry (the stream says 1 s; quicker here, as impatient clients are)
+
+
+def reload_under_long_jobs(settings: Settings, load: SteadyLoad) -> str:
+    """Every running place of the runner taken by a long job, one more waiting, each followed by a
+    stream that reconnects when cut; then a rolling restart of every instance and of the runner
+    (`make reload`): each job succeeds in one attempt, and each stream got every event exactly
+    once, in order."""
+    client = JobClient(settings, "127.0.0.8")
+    seconds = 8
+    jobs = [client.submit(f"/slow/report/{seconds}")[0] for _ in range(slots(settings) + 1)]
+    seen: dict[str, list[int]] = {job_id: [] for job_id in jobs}
+    reconnects: dict[str, list[int]] = {job_id: [] for job_id in jobs}
+    followers = [threading.Thread(target=follow, args=(settings, job_id, "127.0.0.8", seen[job_id],
+                                                       reconnects[job_id]), daemon=True) for job_id in jobs]
+    for thread in followers:
+        thread.start()
+    all_running(client, jobs[:-1], progressed=jobs[:-1])
+    before = {p["name"]: p["pid"] for p in fleet.process_infos(settings)}
+    load.reloads += fleet.rolling_restart(settings)
+    restarted = [n for n, pid in before.items() if n in ("slow-01", "runner-01") and
+                 fleet.process_info(settings, n)["pid"] != pid]
+    deadline = time.monotonic() + 60 + 2 * seconds
+    for job_id in jobs:
+        client.wait(job_id, lambda doc: doc["state"] == "succeeded", deadline, "succeeded")
+        states = [e["data"] for e in client.events(job_id) if e["event"] == "state"]
+        if states != [{"state": "queued"}, {"state": "running"}]:
+            raise fleet.FleetError(f"job {job_id} ran more than once over the reload: {states}")
+    for thread in followers:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    for job_id, ids in seen.items():
+        if ids != list(range(1, len(ids) + 1)) or not ids:
+            raise fleet.FleetError(f"the stream of job {job_id} got events {ids[:5]}...{ids[-5:]} "
+                                   f"({len(ids)}), reconnecting after {reconnects[job_id]}: a gap or a repeat")
+    cut = sum(len(r) for r in reconnects.values())
+    return (f"{len(jobs)} long jobs (one waiting), each followed by a stream, through a rolling restart of "
+            f"{', '.join(restarted) or 'nothing'} and the rest: all succeeded in one attempt; the streams were "
+            f"cut {cut} times and resumed with Last-Event-ID, every event once and in order")
 
 
 def _count(items, noun: str, plural: str = "") -> str:

@@ -51,8 +51,11 @@ class JobProcesses:
         return f"{self.prefix}{secrets.token_hex(8)}"
 
     async def __call__(self, claimed: list[Job], owner: str) -> None:
-        args = [sys.executable, "-m", "services.slow.job_process", "--settings", str(self.settings.run_dir / "settings.json"),
-                "--owner", owner]
+        # At the workers' niceness (slow.nice) from its first instruction, not the runner's: its own start
+        # (an interpreter, the task modules, a forkserver) is CPU the fast path must not wait behind.
+        lower = max(0, self.settings.slow.nice - os.getpriority(os.PRIO_PROCESS, 0))
+        args = ["nice", "-n", str(lower), sys.executable, "-m", "services.slow.job_process",
+                "--settings", str(self.settings.run_dir / "settings.json"), "--owner", owner]
         args += [f"--job={job.id}" for job in claimed]  # one word each: an id may start with "-"
         process = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,

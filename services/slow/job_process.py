@@ -24,7 +24,7 @@ from typing import Any
 
 from services.common import logs
 from services.common.settings import Settings
-from services.slow import registry
+from services.slow import cpu_priority, registry
 from services.slow.job_runner import JobRunner
 from services.slow.job_store import AsyncStore
 from services.slow.pool import WorkerPool
@@ -46,6 +46,9 @@ async def run(settings_path: str, owner: str, job_ids: list[str]) -> None:
         if not given:
             return
         async with make_pool(fleet, owner) as pool:
+            if getattr(pool, "cgroup", None) is not None:
+                # With its worker, below every other group: its loop (progress, beats) is no fast path.
+                cpu_priority.join(pool.cgroup)
             runner = JobRunner(store, pool, fleet, owner, tasks, capacity=0, owner=owner)
             await runner.start(runner=False)
             loop = asyncio.get_running_loop()

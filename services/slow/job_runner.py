@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -58,6 +59,8 @@ BEATS = 5
 # A runner looks for queued jobs at every change the store reports (a submit anywhere) and when a
 # run ends here; and this often in any case (a change it could not read, a job another runner let go).
 CLAIM_EVERY = 1.0
+# Seconds between a job process's tries to write a job's end while the store does not answer.
+END_RETRY = 0.5
 # Queued jobs identical to a run in flight that join it at once (more join at the next look).
 JOIN_LIMIT = 100
 
@@ -100,6 +103,7 @@ class JobRunner:
         self.running: dict[str, asyncio.Task] = {}  # the jobs this runner runs, by id
         self.draining = False
         self.reaps = True  # a runner reaps lost owners' jobs; a job process does not
+        self._answered_since: float | None = -math.inf  # since when the store has answered every beat (None: not now)
         self._stopping: set[str] = set()  # jobs stopped by a drain's deadline, not by a cancel
         self._ending: set[str] = set()  # jobs whose end is being written
         self._progress: dict[str, tuple] = {}  # a job's latest report, waiting for its write
@@ -314,7 +318,19 @@ class JobRunner:
         writing = self._writing.get(job_id)
         if writing is not None:  # the last report is recorded before the end, never dropped by it
             await writing
-        await self.store.finish(job_id, state, result=result, error=error, attempt=self._attempts.get(job_id))
+        said = False
+        while True:  # the job's outcome is held here until the store takes it: nothing acknowledged is lost
+            try:
+                await self.store.finish(job_id, state, result=result, error=error, attempt=self._attempts.get(job_id))
+                break
+            except StoreUnavailable as exc:
+                if not said:
+                    log.warning("job %s ended %s while the job store does not answer (%s): its end is written "
+                                "once it does", job_id, state, exc)
+                    said = True
+                await asyncio.sleep(END_RETRY)
+        if said:
+            log.warning("job %s: its end is written", job_id)
 
     def _ended(self, job_id: str) -> None:
         self.running.pop(job_id, None)
@@ -333,6 +349,8 @@ class JobRunner:
         try:
             while (report := self._progress.pop(job_id, None)) is not None:
                 await self.store.progress(job_id, *report, attempt=self._attempts.get(job_id))
+        except StoreUnavailable:
+            pass  # the next report carries the news; the Watcher says the store is away
         except Exception:
             log.exception("could not record the progress of job %s", job_id)
         finally:
@@ -373,7 +391,13 @@ class JobRunner:
             pass  # the lease does it once the store answers
 
     async def _reap(self) -> None:
-        for job in await self.store.reap(self.fleet.jobs.lost_after_seconds):
+        lost_after = self.fleet.jobs.lost_after_seconds
+        since = self._answered_since
+        if since is None or asyncio.get_running_loop().time() - since < lost_after:
+            # After an outage nobody could beat: every owner gets a whole lease to beat again (and a
+            # job process to write the end it held) before any is taken for lost.
+            return
+        for job in await self.store.reap(lost_after):
             if job.state == QUEUED:  # its task declares retries: any runner claims it again
                 log.warning("job %s (%s): the process running it was lost; queued again, attempt %d",
                             job.id, job.task, job.attempt)
@@ -383,14 +407,17 @@ class JobRunner:
 
     async def _beat(self) -> None:
         lost_after = self.fleet.jobs.lost_after_seconds
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(lost_after / BEATS)
             try:
                 await self.store.beat(self.owner)
-                if not self.reaps:
-                    continue
-                await self._reap()
+                if self._answered_since is None:
+                    self._answered_since = loop.time()
+                if self.reaps:
+                    await self._reap()
             except StoreUnavailable:
+                self._answered_since = None
                 continue
             except Exception:
                 log.exception("could not beat in the job store")

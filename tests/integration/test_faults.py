@@ -161,6 +161,13 @@ def test_kill_9_of_the_job_processes_ends_each_of_their_jobs_as_promised_within_
     assert "1 report (retries=1) queued again" in result.note and "2 processes that computed them gone" in result.note
 
 
+def test_a_reload_with_long_jobs_running_fails_none_and_every_stream_resumes_gap_free(chaos_fleet):
+    # raises unless each job succeeded in one attempt and each stream got every event once, in order
+    result = run_scenario(chaos_fleet, "reload-long-jobs")
+    assert_promise_kept(result.tally)
+    assert "all succeeded in one attempt" in result.note and "slow-01" in result.note and "runner-01" in result.note
+
+
 def test_cancelled_long_jobs_lose_their_processes_within_2_5_s_and_fail_no_one_else(chaos_fleet):
     result = run_scenario(chaos_fleet, "cancel-under-load")  # raises past 2.5 s, or unless a queued one ends at once
     assert_promise_kept(result.tally)

@@ -587,6 +587,36 @@ class StoreDownTest(OnRedis, JobsCase):
         assert await self.state(job_id) == "succeeded"
 
 
+class EndDuringOutageTest(OnRedis, JobsCase):
+    """A job that ends while its store is away: its runner holds the outcome and writes it once the
+    store is back, and no runner takes the job for lost meanwhile (every owner gets a lease to beat
+    again after an outage)."""
+
+    settings_env = {**JobsCase.settings_env, "FLEET_JOBS_LOST_AFTER_SECONDS": "2"}
+
+    def pool(self):
+        return HeldPool()
+
+    @gen_test(timeout=30)
+    async def test_a_job_that_ends_while_the_store_is_away_is_recorded_succeeded_once_it_is_back(self):
+        job_id = await self.submit("/slow/fib/30")
+        await self.jobs_pool.started.wait()
+        self.server.stop()
+        try:
+            self.jobs_pool.release.set()  # it ends now, with nowhere to write its end
+            await asyncio.sleep(3)  # more than a lease: its owner beats nowhere meanwhile
+        finally:
+            self.server.start()
+
+        async def ended() -> bool:
+            response = await self.get(f"/jobs/{job_id}")
+            return response.code == 200 and json.loads(response.body)["state"] != "running"
+
+        await eventually(ended, timeout=10, what="its end written")
+        doc = json.loads((await self.get(f"/jobs/{job_id}")).body)
+        assert (doc["state"], doc["result"]) == ("succeeded", 75025), doc
+
+
 def test_an_instance_whose_store_does_not_answer_yet_waits_for_it_before_serving():
     """The fleet's own store starts first, but supervisord does not wait for it to listen."""
     class Jobs:
