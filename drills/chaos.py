@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from deploy import fleet
+from deploy import fleet, store
 from drills import faults, job_faults
 from drills.faults import SETTLE, Fault
 from drills.loadgen import SteadyLoad, Tally
@@ -74,6 +74,11 @@ DASK_SCENARIOS = (
     Fault("kill-dask-worker", faults.kill_dask_worker, frozenset({"slow"})),
     Fault("kill-dask-scheduler", faults.kill_dask_scheduler, frozenset({"slow"})),
 )
+# Faults of the fleet's own job store: only a job submitted or read while it is away is refused
+# (503 store_unavailable); the steady load never touches it.
+STORE_SCENARIOS = (
+    Fault("kill-job-store", job_faults.kill_job_store, frozenset()),
+)
 # Local-pool faults that a Dask fleet has no counterpart of (its workers are the cluster's).
 LOCAL_ONLY = ("abort-storm",)
 
@@ -85,6 +90,8 @@ def scenarios_for(settings: Settings) -> dict[str, Fault]:
         chosen = [f for f in SCENARIOS if f.name not in LOCAL_ONLY] + (list(DASK_SCENARIOS) if managed else [])
     else:
         chosen = list(SCENARIOS)
+    if store.managed(settings):  # the fleet's own Redis store (jobs.store = "redis", no jobs.redis_url)
+        chosen += list(STORE_SCENARIOS)
     return {f.name: f for f in chosen}
 
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from deploy import fleet, render
+from deploy import apply, fleet, render
 from drills.loadgen import Route, SteadyLoad
 from services.common import metrics_reader, procfs
 from services.common.settings import Settings, heavy_capacity, resolve
@@ -186,9 +186,8 @@ def rolling_reload(settings: Settings, load: SteadyLoad) -> str:
     before = {p["name"]: p["pid"] for p in fleet.process_infos(settings)}
     load.reloads += fleet.rolling_restart(settings)
     after = {p["name"]: p["pid"] for p in fleet.process_infos(settings)}
-    # nginx reloads only a changed config; the Dask scheduler holds no code of the fleet's.
-    same = [n for n in before if n not in ("nginx", "dask-scheduler") and not n.endswith("-spare")
-            and before[n] == after[n]]
+    # nginx reloads only a changed config; the Dask scheduler and the job store hold no code of the fleet's.
+    same = [n for n in before if n not in apply.NO_SNAPSHOT and not n.endswith("-spare") and before[n] == after[n]]
     if same:
         raise fleet.FleetError(f"not restarted: {same}")
     return "every instance restarted, one at a time"

@@ -16,6 +16,9 @@ jobs" does not hold:
     reload-long-jobs      `make reload` while long jobs run, each followed by a stream: every job
                           succeeds in one attempt; every stream, reconnected with Last-Event-ID
                           after each cut, got every event once and in order
+    kill-job-store        kill -9 of the fleet's own Redis store: 503 store_unavailable at once, the
+                          fast path untouched, every acknowledged job there when it is back, a job
+                          that ended meanwhile recorded
     cancel-under-load     DELETE of running jobs: their processes gone within 2.5 s; of a queued
                           one: `cancelled` in the DELETE's own answer
 """
@@ -358,6 +361,37 @@ def reload_under_long_jobs(settings: Settings, load: SteadyLoad) -> str:
     return (f"{len(jobs)} long jobs (one waiting), each followed by a stream, through a rolling restart of "
             f"{', '.join(restarted) or 'nothing'} and the rest: all succeeded in one attempt; the streams were "
             f"cut {cut} times and resumed with Last-Event-ID, every event once and in order")
+
+
+def kill_job_store(settings: Settings, load: SteadyLoad) -> str:
+    """A long job running, then kill -9 of the fleet's own job store (jobs.store = "redis"): while it
+    is away a submit and a status read answer 503 store_unavailable at once, the steady load is
+    untouched; supervisor starts it again from its log, where the job is; the job, which ended
+    meanwhile, is recorded succeeded; nothing acknowledged is lost."""
+    client = JobClient(settings, "127.0.0.9")
+    job_id = client.submit("/slow/report/3")[0]
+    acknowledged = [client.submit("/slow/fib/5")[0] for _ in range(5)]  # 202s before the kill
+    all_running(client, [job_id], progressed=[job_id])
+    os.kill(pid_of(settings, "job-store"), signal.SIGKILL)
+    killed = time.monotonic()
+    refused = []
+    for method, path, headers in (("GET", "/slow/report/1", {"Prefer": "respond-async"}), ("GET", f"/jobs/{job_id}", {})):
+        sent = time.monotonic()
+        answer = client.call(method, path, headers)
+        took = time.monotonic() - sent
+        if answer.status == 200 and time.monotonic() - killed > 1:  # supervisor restarted it meanwhile
+            continue
+        if answer.status != 503 or answer.json().get("error") != "store_unavailable" or took > 1.5:
+            raise fleet.FleetError(f"{method} {path} with the store killed: {answer.status} {answer.json()} "
+                                   f"in {took:.2f} s, not 503 store_unavailable at once")
+        refused.append(took)
+    deadline = time.monotonic() + 30
+    doc = client.wait(job_id, lambda d: d["state"] == "succeeded", deadline, "succeeded after the store came back")
+    for other in acknowledged:
+        client.wait(other, lambda d: d["state"] == "succeeded", deadline, "kept and run")
+    return (f"kill -9 job-store with a long job running and 5 acknowledged: {len(refused)} calls answered 503 "
+            f"store_unavailable within {max(refused, default=0):.2f} s; back within "
+            f"{time.monotonic() - killed:.1f} s with every job; the long job recorded {doc['state']}")
 
 
 def _count(items, noun: str, plural: str = "") -> str:
