@@ -130,6 +130,18 @@ def heavy_capacity(v: Mapping[str, Any]) -> int:
     return v["slow.workers"]
 
 
+def long_job_capacity(v: Mapping[str, Any]) -> int:
+    """Long jobs one host's runner runs at once when runner.workers is "auto": one per CPU in job
+    processes of their own (local), or half a managed cluster's threads, at least one (dask: long
+    jobs run on the same threads as the synchronous ones, and the slow instances share only what
+    the long ones leave, dask_pool.py; an external cluster's threads are unknown here: one)."""
+    if v["slow.backend"] == "dask":
+        if v["dask.scheduler"] != "managed":
+            return 1
+        return max(1, v["dask.workers"] * v["dask.threads_per_worker"] // 2)
+    return usable_cpus()
+
+
 def _check_path(value: str) -> None:
     """a directory path (relative ones are relative to the repository)"""
     if not value.strip() or "\0" in value:
@@ -273,7 +285,7 @@ SCHEMA: dict[str, Spec] = {
     "jobs.max_streams_per_client": Spec(int, 1, 65535),  # nginx refuses a limit_conn of 65536 or more
     "jobs.lost_after_seconds": Spec(float, 2, 600),
     "runner.base_port": Spec(int, 1024, 65000),
-    "runner.workers": Spec(int, 1, 256, auto=lambda v: usable_cpus()),
+    "runner.workers": Spec(int, 1, 256, auto=lambda v: long_job_capacity(v)),
     "runner.drain_timeout": Spec(float, 2, 300),
     "runner.event_loop": Spec(str, check=_check_event_loop),
     "process.user": Spec(str, check=_check_user),

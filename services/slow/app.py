@@ -355,6 +355,8 @@ async def run(instance: server.Instance) -> None:
     fleet = instance.settings
     store = AsyncStore(make_store(fleet))
     async with make_pool(instance, admission) as pool:
+        if fleet.slow.backend == "dask":  # long jobs run on the cluster's threads: its share is what they leave
+            pool.reserved = lambda: store.count_running("")
         app = make_app(instance, tasks, pool, admission, store)
         await start_jobs(app.settings["long_jobs"])
         try:

@@ -8,6 +8,9 @@ name as a string and pure=False (Dask would otherwise merge identical jobs into 
 child process of a Dask worker (dask_worker.py). Admission stays in the slow instance, since Dask
 queues without bound: `size` is this instance's share of the cluster's worker threads, re-read
 every CAPACITY_EVERY seconds, and the admission `line` in front of it is told when it changes.
+Long jobs (job_runner.py) run on the same threads: the share is taken from the threads they leave
+(`reserved`, the long jobs running, read from the job store), so a synchronous job never waits in
+Dask's own queue behind a long one; runner.workers caps the long ones below the cluster's size.
 
 A small result comes back with the job's completion, as an event on this instance's topic
 (dask_worker.run_job says why); a larger one is gathered from its worker, as Dask does. A long
@@ -31,7 +34,7 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from distributed import Client, Security
 from distributed.client import FutureCancelledError
@@ -115,6 +118,9 @@ class DaskPool:
         self.threads = 0  # the whole cluster's
         self.workers = 0
         self.line = line  # the admission in front of this pool: told the share, asked who waits
+        # Threads that long jobs hold (an awaitable count, the job store's), left out of the share.
+        self.reserved: Callable[[], Awaitable[int]] | None = None
+        self.long_jobs = 0  # as last read: a store that does not answer keeps the last reading
         self.kill_on_cancel = False
         self.client: Client | None = None
         self.problem = "not connected yet"
@@ -291,7 +297,7 @@ class DaskPool:
         # jobs admission lets run at once, stays at least 1, so those jobs are answered at once).
         return {"backend": "dask", "workers": min(self.size, self.threads), "busy": self._in_flight,
                 "cluster": {"scheduler": self.address, "connected": self.connected, "workers": self.workers,
-                            "threads": self.threads},
+                            "threads": self.threads, "long_jobs": self.long_jobs},
                 "problem": None if self.connected else f"Dask scheduler {self.address} unreachable: {self.problem}",
                 **self.counters}
 
@@ -355,11 +361,15 @@ class DaskPool:
             self.client.subscribe_topic(self.reply_topic, self._on_pushed)
             self._subscribed_to = identity["id"]
         self.workers, self.threads = identity["n_workers"], identity["total_threads"]
-        share = self.threads // self.instances + (1 if self.index < self.threads % self.instances else 0)
+        if self.reserved is not None:
+            with contextlib.suppress(Exception):  # StoreUnavailable, or a slow answer
+                self.long_jobs = await asyncio.wait_for(self.reserved(), CONNECT_TIMEOUT)
+        free = max(0, self.threads - self.long_jobs)
+        share = free // self.instances + (1 if self.index < free % self.instances else 0)
         share = max(share, 1)  # more instances than threads: Dask queues the excess
         if share != self.size:
-            log.info("cluster: %d worker(s), %d thread(s); this instance's share: %d", self.workers,
-                     self.threads, share)
+            log.info("cluster: %d worker(s), %d thread(s), %d held by long jobs; this instance's share: %d",
+                     self.workers, self.threads, self.long_jobs, share)
             self.size = share
             if self.line is not None:
                 self.line.resize(share)

@@ -14,6 +14,7 @@ import pytest
 from bench.procs import free_port_block, port_is_free
 from services.common.settings import load
 from services.slow.dask_pool import GRACE, DaskPool, version_mismatch
+from services.slow.job_store import StoreUnavailable
 from services.slow.jobs import BackendUnavailable, JobTimeout, NoWorkers
 from tests.support.waiting import eventually, wait_for
 
@@ -68,6 +69,32 @@ def test_each_instance_gets_its_share_of_the_cluster_s_threads_and_hears_of_chan
             got.append(pool.size)
             assert heard == ([] if pool.size == before else [pool.size])  # told only when it changed
         assert got == shares
+
+    asyncio.run(main())
+
+
+def test_the_threads_long_jobs_hold_are_left_out_of_the_share_and_a_silent_store_keeps_the_last_reading():
+    async def main():
+        running = [0]
+
+        async def long_jobs() -> int:
+            if running[0] < 0:
+                raise StoreUnavailable("down")
+            return running[0]
+
+        line = Heard()
+        pool = pool_for(1, instances=2, line=line)
+        pool.client = FakeClient({f"w{i}": 1 for i in range(6)})
+        pool.reserved = long_jobs
+        shares = []
+        for held in (0, 2, 4, -1, 6, 0):  # -1: the store does not answer
+            running[0] = held
+            await pool._read_capacity()
+            shares.append(pool.size)
+        # 6 threads for 2 instances; then what 2, 4 long jobs leave; the store away: as before;
+        # every thread held: still 1 (a job is queued by Dask, never refused); all free again.
+        assert shares == [3, 2, 1, 1, 1, 3]
+        assert pool.stats()["cluster"]["long_jobs"] == 0
 
     asyncio.run(main())
 

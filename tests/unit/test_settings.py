@@ -230,6 +230,14 @@ def test_no_cgroup_quota_is_none(tmp_path):
     assert settings._cgroup_cpu_quota(proc, tmp_path / "fs") is None
 
 
+def test_auto_long_jobs_are_the_cpus_locally_and_half_a_managed_cluster_s_threads_on_dask():
+    assert load(env={}).runner.workers == settings.usable_cpus()
+    dask = {"FLEET_SLOW_BACKEND": "dask", "FLEET_DASK_WORKERS": "3", "FLEET_DASK_THREADS_PER_WORKER": "2"}
+    assert load(env=dask).runner.workers == 3  # the other 3 threads stay for synchronous jobs
+    assert load(env={**dask, "FLEET_DASK_WORKERS": "1", "FLEET_DASK_THREADS_PER_WORKER": "1"}).runner.workers == 1
+    assert load(env={**dask, "FLEET_DASK_SCHEDULER": "tcp://127.0.0.1:8786"}).runner.workers == 1  # size unknown
+
+
 def test_auto_queue_limit_is_four_times_the_workers():
     assert load(env={}).slow.queue_limit == 4 * settings.usable_cpus()
     assert load(env={"FLEET_SLOW_WORKERS": "3"}).slow.queue_limit == 12
