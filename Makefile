@@ -70,11 +70,12 @@ render: bootstrap ## Render nginx.conf, supervisord.conf and settings.json into 
 certs: bootstrap ## The fleet's CA and a certificate per host, for Dask TLS across hosts (into dask.certs_dir, .certs/)
 	@$(PY) -m deploy.certs
 
-test: bootstrap-tests ## Both test tiers (unit, then integration against real nginx + supervisord)
-	@$(PY) -m pytest tests/unit tests/integration
+test: bootstrap-tests ## Both test tiers (unit on both cores, then integration against real nginx + supervisord)
+	@$(PY) -m pytest -n 2 tests/unit
+	@$(PY) -m pytest tests/integration
 
-test-unit: bootstrap-tests ## In-process tests only (settings, rendering, tasks, pool, handlers)
-	@$(PY) -m pytest tests/unit
+test-unit: bootstrap-tests ## In-process tests only (settings, rendering, tasks, pool, handlers), two at a time
+	@$(PY) -m pytest -n 2 tests/unit
 
 test-integration: bootstrap-tests ## Tests against private fleets in temp run dirs
 	@$(PY) -m pytest tests/integration

@@ -48,4 +48,5 @@ def test_a_span_per_burst_of_work_is_kept_only_until_its_groups_are_forgotten():
                 await one_job(i)
             assert await client.submit(add_one, 1, pure=False) == 2
 
-    asyncio.run(main())
+    # Bounded: an in-process cluster that fails to close must fail this test, not hang the tier (once seen).
+    asyncio.run(asyncio.wait_for(main(), 60))
