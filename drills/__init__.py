@@ -14,6 +14,7 @@ Modules, one role each:
     job_faults   the long jobs' faults: kill -9 of the instance and runner (jobs run on), of job processes, cancels
     chaos        `make chaos`: each fault once under its own load, the table, the exit status
     soak         `make soak`: the fault schedule, the sampling of every long-lived process, the verdict
+    soak_jobs    the long jobs all along a soak (submitted, followed, cancelled, judged) and their own faults
     soak_watch   what the soak samples in /proc: the fleet's processes, their figures, leftovers
     soak_charts  the soak's charts and results page (matplotlib, Agg)
 """

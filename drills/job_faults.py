@@ -174,7 +174,7 @@ def computing(settings: Settings, looks: int = 3) -> set[int]:
     return found
 
 
-def _seconds(stamp: str | None) -> float | None:
+def wall_time(stamp: str | None) -> float | None:
     """A status document's time ("2026-12-06T16:45:04.765Z") as a Unix time."""
     if stamp is None:
         return None
@@ -240,7 +240,7 @@ def kill_job_processes(settings: Settings, load: SteadyLoad) -> str:
     def requeued(job_id: str) -> Callable[[dict], bool]:
         # queued again (its start forgotten, a new event), or started again after the kill
         return lambda doc: ((doc["state"] == "queued" and doc["started"] is None and doc["seq"] > before[job_id]["seq"])
-                            or (_seconds(doc["started"]) or 0) > killed_at)
+                            or (wall_time(doc["started"]) or 0) > killed_at)
 
     lost_run = [j for j in lost if j in killed_jobs]
     retried_run = [j for j in retried if j in killed_jobs]

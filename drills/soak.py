@@ -12,10 +12,16 @@ a job past its deadline, a task that raises, clients that hang up mid-job, an ov
 must be shed; on Dask a Dask worker killed), and every `--restart-every`th slot one that restarts
 a process (kill -9 of a fast instance, of a slow instance, of nginx's master, a rolling reload; on
 Dask a kill -9 of the scheduler), so that most processes live long enough for their growth to show.
+Long jobs run all along (soak_jobs.py: one submitted every 5 s, each followed by an event stream,
+every third cancelled), with faults of their own: a job process killed (cheap), the runner killed
+and, on a fleet that runs its own Redis store, the store killed (restarts).
 
 The verdict (exit status 0 only if every line holds):
 - requests: no failed or lost request, counted as make chaos counts them (a request the fault
   itself reached is "hit" and must carry the contract's JSON error);
+- long jobs: each accepted one ended as promised (succeeded, in one attempt unless a fault struck
+  it; cancelled when cancelled; failed retryable only by a fault that reached it), and each stream
+  got every event exactly once, in order, across its reconnects;
 - faults: each did what it should (a 504, a 500, a shed burst...) and the fleet was whole again;
 - workers: after every worker kill (mid-job, at a deadline, for a departed client), the pool's
   worker count back within 1 s;
@@ -41,8 +47,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from deploy import fleet
-from drills import faults, soak_watch
+from deploy import fleet, store
+from drills import faults, job_faults, soak_jobs, soak_watch
 from drills.faults import SETTLE, Fault
 from drills.loadgen import SteadyLoad, Tally
 from drills.soak_watch import Figures, Proc
@@ -73,13 +79,20 @@ RESTARTS = (
 )
 DASK_CHEAP = (Fault("kill-dask-worker", faults.kill_dask_worker, SLOW),)
 DASK_RESTARTS = (Fault("kill-dask-scheduler", faults.kill_dask_scheduler, SLOW),)
+# Long jobs' own (soak_jobs.py): they reach the soak's long jobs, no synchronous request. On a fleet
+# that runs its own Redis store, its kill -9 too (make chaos's row: 503 store_unavailable meanwhile).
+JOB_CHEAP = (Fault("kill-job-process", soak_jobs.kill_a_job_process, frozenset({soak_jobs.LONG_JOBS})),)
+JOB_RESTARTS = (Fault("kill-runner", soak_jobs.kill_runner, frozenset({soak_jobs.LONG_JOBS})),)
+STORE_RESTARTS = (Fault("kill-job-store", job_faults.kill_job_store, frozenset({"slow", soak_jobs.LONG_JOBS})),)
 
 
 def schedule(settings: Settings, restart_every: int) -> list[Fault]:
     """One cycle of the fault slots: the cheap faults in turn, a restart every `restart_every` slots."""
     managed_dask = settings.slow.backend == "dask" and settings.dask.scheduler == "managed"
-    cheap = list(CHEAP + (DASK_CHEAP if managed_dask else ()))
-    restarts = list(RESTARTS + (DASK_RESTARTS if managed_dask else ()))
+    managed_store = store.managed(settings)  # the fleet's own Redis store
+    cheap = list(CHEAP + JOB_CHEAP + (DASK_CHEAP if managed_dask else ()))
+    restarts = list(RESTARTS + JOB_RESTARTS + (DASK_RESTARTS if managed_dask else ())
+                    + (STORE_RESTARTS if managed_store else ()))
     slots, c = [], 0
     for restart in restarts:
         for _ in range(max(restart_every - 1, 0)):
@@ -238,6 +251,7 @@ class Report:
     leftovers: dict
     leftover_problems: list[str]
     problems: list[str]
+    long_jobs: soak_jobs.Figures = field(default_factory=soak_jobs.Figures)
 
     @property
     def passed(self) -> bool:
@@ -259,7 +273,8 @@ def run(settings: Settings, minutes: float, fault_every: float, restart_every: i
     with Watch(settings, sample_every) as watch:
         start_leftovers = _quiet_leftovers(settings)
         end_at = time.monotonic() + minutes * 60
-        with SteadyLoad("127.0.0.1", settings.edge.port) as steady:
+        with SteadyLoad("127.0.0.1", settings.edge.port) as steady, \
+                soak_jobs.LongJobLoad(settings, steady) as long_jobs:
             next_fault = time.monotonic() + warmup
             say(f"soak: {minutes:g} min on the {settings.slow.backend} backend, {workers} pool workers; "
                 f"faults every {fault_every:g} s after {warmup:g} s of warm-up")
@@ -276,6 +291,7 @@ def run(settings: Settings, minutes: float, fault_every: float, restart_every: i
                                 watch.start + record.at + record.recovered_in + SETTLE, fault.may_hit))
                 say(f"  {record.at:7.1f} s  {fault.name:<20} {record.error or record.note}")
                 next_fault = max(watch.start + record.at + fault_every, time.monotonic() + SETTLE)
+        jobs = long_jobs.finish(windows)  # every long job ended, and its stream, before the quiet end
         end_leftovers = _quiet_leftovers(settings)
     requests = _tally(steady.outcomes, windows, steady.reloads)
     growth = _growth(watch, warmup)
@@ -284,8 +300,11 @@ def run(settings: Settings, minutes: float, fault_every: float, restart_every: i
     if alarms > 0:
         leftover_problems.append(f"{alarms} asyncio complaints in the logs ({' / '.join(soak_watch.ASYNCIO_ALARMS)})")
     problems = _problems(requests, records, growth, leftover_problems, slots)
+    problems += [f"long jobs: {line}" for line in jobs.problems]
+    if not jobs.accepted:
+        problems.append("long jobs: none was accepted")
     report = Report(settings.slow.backend, minutes, requests, records, growth,
-                    {"start": start_leftovers, "end": end_leftovers}, leftover_problems, problems)
+                    {"start": start_leftovers, "end": end_leftovers}, leftover_problems, problems, jobs)
     return report, watch
 
 
@@ -392,9 +411,13 @@ def _problems(requests: Tally, records: list[FaultRecord], growth: list[dict], l
 # output -------------------------------------------------------------------------------------------
 
 def table(report: Report) -> str:
-    t = report.requests
+    t, j = report.requests, report.long_jobs
     lines = [f"requests: {t.sent} sent, {t.failed} failed, {t.hit} hit by a fault (JSON errors), {t.lost} lost, "
-             f"{t.reload_races} reload races, {t.retried} GETs resent", "",
+             f"{t.reload_races} reload races, {t.retried} GETs resent",
+             f"long jobs: {j.accepted} accepted of {j.submitted} submitted; {j.succeeded} succeeded "
+             f"({j.retried} after a retry), {j.cancelled} cancelled, {j.failed_by_faults} failed retryable by a "
+             f"fault; their streams reconnected {j.stream_reconnects} times"
+             + ("" if j.problems else ", and each got every event once, in order"), "",
              f"{'fault':<20} {'times':>5} {'recovered in s (median / max)':>30} {'workers back in s (max)':>24}"]
     for name in dict.fromkeys(f.name for f in report.faults):
         mine = [f for f in report.faults if f.name == name]

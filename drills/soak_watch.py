@@ -28,6 +28,7 @@ from services.slow import cpu_priority
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 # Kinds of descendants that live as long as their parent program: the rest come and go.
 LONG_LIVED_KINDS = ("nginx master", "nginx worker", "nginx cache manager", "forkserver", "resource tracker")
+JOB_PROCESS_KIND = "job process"  # a long job's process (services/slow/job_process.py), a child of the runner
 WORKER_KIND = "pool worker"  # a pool's worker: a child of a forkserver (local pool, or a Dask worker's)
 # nginx keeps at most this many idle connections per worker to each upstream (nginx.conf.j2)
 UPSTREAM_KEEPALIVE = 32 + 16
@@ -75,6 +76,8 @@ def kind_of(command: str, parent_command: str) -> str:
         return "resource tracker"
     if "forkserver" in parent_command:
         return WORKER_KIND
+    if "services.slow.job_process" in command:
+        return JOB_PROCESS_KIND
     return "child"
 
 
@@ -93,14 +96,16 @@ def fleet_processes(settings: Settings, table: dict[int, tuple[int, str, str]]) 
             continue
         program = info["name"]
         found.append(Proc(program, info["pid"], True))
-        todo = [info["pid"]]
+        todo = [(info["pid"], False)]
         while todo:
-            parent = todo.pop()
+            parent, in_job = todo.pop()
             for pid in children.get(parent, []):
                 kind = kind_of(table[pid][2], table[parent][2])
                 label = kind if kind.startswith("nginx") else f"{program} {kind}"
-                found.append(Proc(label, pid, kind in LONG_LIVED_KINDS))
-                todo.append(pid)
+                # A job process and what it starts (its worker's forkserver) live as long as its job.
+                job_part = in_job or kind == JOB_PROCESS_KIND
+                found.append(Proc(label, pid, kind in LONG_LIVED_KINDS and not job_part))
+                todo.append((pid, job_part))
     return found
 
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from drills.soak import CHEAP, RESTARTS
+from drills.soak import CHEAP, JOB_CHEAP, JOB_RESTARTS, RESTARTS
 from tests.support.fleet import REPO
 
 
@@ -26,11 +26,13 @@ def test_40_s_of_load_with_every_fault_loses_nothing_grows_nothing_and_leaves_no
     assert "PASS: nothing failed, was lost, grew or was left behind" in result.stdout
     report = json.loads((out / "soak.json").read_text())["report"]
     produced = {f["name"] for f in report["faults"]}
-    assert produced >= {f.name for f in CHEAP + RESTARTS}, produced
+    assert produced >= {f.name for f in CHEAP + RESTARTS + JOB_CHEAP + JOB_RESTARTS}, produced
     assert not any(f["error"] for f in report["faults"])
     requests = report["requests"]
     assert requests["sent"] > 3000 and requests["failed"] == 0 and requests["lost"] == 0
     assert requests["hit"] > 0  # the faults did reach requests, and those were answered with JSON errors
     assert report["growth"], "no process lived past its warm-up: nothing was measured"
+    jobs = report["long_jobs"]  # each ended as promised (else the verdict said FAIL): here, that there were some
+    assert jobs["accepted"] >= 5 and jobs["succeeded"] >= 2 and jobs["cancelled"] >= 1, jobs
     assert {p.name for p in out.glob("*.png")} == {"soak-rss.png", "soak-fds.png", "soak-threads.png",
                                                    "soak-children.png"}

@@ -13,16 +13,22 @@ QUIET = {"cgroups": 1, "run dir files": 9, "temp files": 0, "zombies": [], "list
          "established sockets": 4, "close_wait sockets": 0}
 
 
-def settings(backend: str = "local") -> SimpleNamespace:
-    return SimpleNamespace(slow=SimpleNamespace(backend=backend), dask=SimpleNamespace(scheduler="managed"))
+def settings(backend: str = "local", job_store: str = "sqlite") -> SimpleNamespace:
+    return SimpleNamespace(slow=SimpleNamespace(backend=backend), dask=SimpleNamespace(scheduler="managed"),
+                           jobs=SimpleNamespace(store=job_store, redis_url=""),
+                           inventory=SimpleNamespace(runs=lambda role: True))
 
 
 def test_a_cycle_holds_every_fault_and_a_restart_every_nth_slot():
-    for backend, extra in (("local", set()), ("dask", {"kill-dask-worker", "kill-dask-scheduler"})):
-        slots = soak.schedule(settings(backend), restart_every=3)
+    every = {f.name for f in soak.CHEAP + soak.RESTARTS + soak.JOB_CHEAP + soak.JOB_RESTARTS}
+    assert {"kill-job-process", "kill-runner"} <= every
+    for backend, store, extra in (("local", "sqlite", set()), ("dask", "sqlite", {"kill-dask-worker", "kill-dask-scheduler"}),
+                                  ("local", "redis", {"kill-job-store"})):
+        slots = soak.schedule(settings(backend, store), restart_every=3)
         names = [f.name for f in slots]
-        assert set(names) == {f.name for f in soak.CHEAP + soak.RESTARTS} | extra
-        restarts = [i for i, f in enumerate(slots) if f in soak.RESTARTS + soak.DASK_RESTARTS]
+        assert set(names) == every | extra
+        restarts = [i for i, f in enumerate(slots)
+                    if f in soak.RESTARTS + soak.JOB_RESTARTS + soak.DASK_RESTARTS + soak.STORE_RESTARTS]
         assert restarts == list(range(2, 3 * len(restarts), 3))
 
 
