@@ -1,18 +1,16 @@
-"""A job process: runs the long job (or the identical jobs) a runner claimed for it, then, within
-CLAIMS_MORE_FOR seconds of its start, the next queued ones it claims itself, then exits. Started
-by the runner (services/runner) in a session of its own, it outlives the runner: a restart of the
-runner (`make reload`), or a kill -9 of it, stops no job.
+"""A job process: runs the long job (or the identical jobs) a runner claimed for it, and nothing
+else, then exits. Started by the runner (services/runner) in a session of its own, it outlives the
+runner: a restart of the runner (`make reload`), or a kill -9 of it, stops no job.
 
     python -m services.slow.job_process --settings .run/settings.json --owner web1.runner/3f2a... --job <id>
 
-It is a JobRunner (job_runner.py) with no room of its own: it runs its jobs on a pool of one
-worker of its own (pool.py; on the Dask backend, on the cluster: dask_pool.py), where the job's
-deadline, memory cap and worker death are answered as for any job, writes their progress and end
-under its owner name, with their attempt (a late write of a run taken for lost is refused), beats
-that owner name (its jobs' lease), stops a job cancelled anywhere, and lets identical jobs queued
-meanwhile join its run. Killed (kill -9, its host lost), its worker dies with it and its jobs are
-reaped by a runner a lease later. SIGTERM (`make stop`) stops its jobs: failed `shutting_down`,
-retryable.
+It is a JobRunner (job_runner.py) with no room to claim: it runs its jobs on a pool of one worker
+of its own (pool.py; on the Dask backend, on the cluster: dask_pool.py), where the job's deadline,
+memory cap and worker death are answered as for any job, writes their progress and end under its owner name, with their attempt (a late write of a
+run taken for lost is refused), beats that owner name (its jobs' lease), stops a job cancelled
+anywhere, and lets identical jobs queued meanwhile join its run. Killed (kill -9, its host lost),
+its worker dies with it and its jobs are reaped by a runner a lease later. SIGTERM (`make stop`)
+stops its jobs: failed `shutting_down`, retryable.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ import asyncio
 import logging
 import os
 import signal
-import time
 from typing import Any
 
 from services.common import logs
@@ -35,17 +32,11 @@ from services.slow.pool import WorkerPool
 log = logging.getLogger("fleet.jobs")
 
 JOB_PROCESSES = "job-processes"  # the owner name of the idle cgroup their workers share
-# Seconds from its start during which a job process whose jobs ended claims the next queued job
-# itself rather than leave: a burst of short jobs then costs one process start (about 0.5 s of CPU:
-# Python, the task modules, a worker and its setup) per this many seconds, not one per job. Bounded,
-# so that a job claimed this long after `make reload` always runs the new code.
-CLAIMS_MORE_FOR = 30.0
 
 
 async def run(settings_path: str, owner: str, job_ids: list[str]) -> None:
     from services.slow.app import make_store  # the one place that picks the store
 
-    started = time.monotonic()
     fleet = Settings.from_snapshot(settings_path)
     tasks = registry.load(fleet.slow.task_modules)
     store = AsyncStore(make_store(fleet))
@@ -63,7 +54,7 @@ async def run(settings_path: str, owner: str, job_ids: list[str]) -> None:
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGTERM, runner.stop_all)
             try:
-                await runner.run_given(given, more_until=started + CLAIMS_MORE_FOR)
+                await runner.run_given(given)
             finally:
                 await runner.close()
     finally:

@@ -36,7 +36,6 @@ import asyncio
 import logging
 import math
 import secrets
-import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -129,24 +128,15 @@ class JobRunner:
         if runner:
             self._background.append(loop.create_task(self._sweep()))
 
-    async def run_given(self, given: list[Job], more_until: float = -math.inf) -> None:
+    async def run_given(self, given: list[Job]) -> None:
         """A job process's life: run the jobs its runner claimed for it (one run: identical jobs,
-        and any identical one queued meanwhile, join it); then, until the monotonic `more_until`,
-        claim the next queued job itself, one at a time, instead of leaving (it saves the next job
-        a process's start); leave once none is queued, or when stopped."""
-        while given:
-            for job in given:
-                self._launch(job)
-            # A cancel made between the claim and this process's Watcher start is in no change it will see.
-            await self._check_cancels([job.id for job in given])
-            while self.running:
-                await asyncio.wait(list(self.running.values()))
-            if self.draining or time.monotonic() >= more_until:
-                return
-            try:
-                given = await self.store.claim(self.owner, list(self.tasks), 1)
-            except StoreUnavailable:
-                return  # its runner claims again once the store answers
+        and any identical one queued meanwhile, join it), then leave."""
+        for job in given:
+            self._launch(job)
+        # A cancel made between the claim and this process's Watcher start is in no change it will see.
+        await self._check_cancels([job.id for job in given])
+        while self.running:
+            await asyncio.wait(list(self.running.values()))
 
     async def drain(self, timeout: float) -> None:
         """Claim nothing more; let the running jobs end within `timeout` seconds, then stop them."""
@@ -160,8 +150,7 @@ class JobRunner:
             await asyncio.wait(list(self.running.values()), timeout=5)
 
     def stop_all(self) -> None:
-        """Every job still running here fails, shutting_down (retryable); nothing more is claimed."""
-        self.draining = True
+        """Every job still running here fails, shutting_down (retryable)."""
         if self.pool is not None:
             self.pool.kill_on_cancel = True
         for job_id, run in list(self.running.items()):
