@@ -4,8 +4,8 @@
     FLEET_SETTINGS=deploy/hosts.example.toml make certs   # every host of that inventory
 
 Writes into dask.certs_dir (.certs/ by default): ca.pem and ca-key.pem, then <host>.pem and
-<host>-key.pem for each host, and edge-token (the secret nginx adds to every request it passes to
-an instance). Copy the directory to every host; ca-key.pem only needs to stay where new
+<host>-key.pem for each host, edge-token (the secret nginx adds to every request it passes to
+an instance) and job-store-password (the fleet's own Redis job store's, jobs.store = "redis"). Copy the directory to every host; ca-key.pem only needs to stay where new
 certificates are made. An existing CA and token are kept (certificates already handed out stay
 valid), and so is a host's certificate that still names the host's address and has a year left.
 
@@ -184,12 +184,13 @@ def make_certs(settings: Settings) -> list[str]:
         if not host_cert_current(directory / f"{host.name}.pem", host.address, ca):
             make_host_cert(directory, host.name, host.address, ca, ca_key)
             made.append(f"{host.name}.pem")
-    token = settings.certs()["edge_token"]
-    if not token.is_file():
-        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(new_edge_token())
-        made.append(token.name)
+    # The secrets every host shares: the edge's token, the fleet's own job store's password.
+    for path in (settings.certs()["edge_token"], settings.certs()["job_store_password"]):
+        if not path.is_file():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(new_edge_token())  # 64 hex digits: nothing in them a config line or a URL could misread
+            made.append(path.name)
     return made
 
 

@@ -133,12 +133,15 @@ def ports_of(settings: Settings) -> list[tuple[str, str, int, str]]:
 
 def check_certs(settings: Settings) -> None:
     """A fleet across hosts, or on a tls:// scheduler, needs this host's files of the fleet's CA
-    (make certs), and across hosts the edge's token too. On one host deploy makes its own."""
+    (make certs), and across hosts the edge's token too (and the job store's password, where the
+    fleet's own store is used). On one host deploy makes its own."""
     if settings.own_certs or not (settings.dask_tls or settings.edge_tls):
         return
     wanted = settings.certs()
     if settings.inventory.single:
         wanted.pop("edge_token")  # a tls:// scheduler on one host: the token is the run dir's own
+    if settings.inventory.single or not store.used_here(settings):
+        wanted.pop("job_store_password")  # one host's store has the run dir's own; no store, none
     missing = [str(path) for path in wanted.values() if not path.is_file()]
     if missing:
         raise FleetError(

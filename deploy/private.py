@@ -46,7 +46,7 @@ def write(settings: Settings, user: User | None) -> None:
     rundir.write_file(settings.edge_token_file, token, 0o600, **owner)
     header = f'proxy_set_header {EDGE_HEADER} "{token.decode().strip()}";\n'
     rundir.write_file(private / EDGE_HEADER_CONF, header.encode(), 0o600)
-    if store.managed(settings):
+    if store.used_here(settings):
         store.write_secrets(settings, owner)
 
 
@@ -57,7 +57,7 @@ def tls_files(settings: Settings) -> dict[str, bytes]:
         if all(kept.values()) and _current(kept, settings.address):
             return kept  # the cluster's processes hold these: a new CA would part them
         return certs.one_host_files(settings.address)
-    found = {what: rundir.read_file(path) for what, path in settings.certs().items() if what != "edge_token"}
+    found = {what: rundir.read_file(path) for what, path in settings.certs().items() if what in ("ca", "cert", "key")}
     missing = [str(settings.certs()[what]) for what, data in found.items() if data is None]
     if missing:
         raise rundir.RunDirError(f"this host ({settings.inventory.here.name}) lacks {', '.join(missing)}: run "

@@ -8,6 +8,10 @@
     address = "10.77.0.2"
     roles = ["workers"]
 
+    [hosts.db1]
+    address = "10.77.0.4"
+    roles = ["store"]           # the fleet's own Redis job store (jobs.store = "redis", no jobs.redis_url)
+
 Without a [hosts] table the fleet is one host, "local", on loopback with every role it needs, as
 it always was. `FLEET_HOST=<name>` says which host this machine is: deploy starts that host's part
 only. An inventory that cannot work is refused before anything starts, naming what is wrong.
@@ -25,7 +29,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-ROLES = ("edge", "fast", "slow", "scheduler", "workers")
+ROLES = ("edge", "fast", "slow", "scheduler", "workers", "store")
+ONE_HOLDER = ("edge", "scheduler", "store")  # roles exactly one host may have
 LOCAL = "local"  # the one host of a fleet without [hosts]
 LOOPBACK = "127.0.0.1"
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")  # a host's name becomes part of program and file names
@@ -76,10 +81,14 @@ def host_port(address: str, port: int) -> str:
 
 
 def needed_roles(values: Mapping[str, Any]) -> tuple[str, ...]:
-    """The roles a fleet with these settings needs: a cluster's only when the fleet runs one."""
+    """The roles a fleet with these settings needs: a cluster's only when the fleet runs one, the
+    store's only when it runs its own Redis job store."""
+    needed = ["edge", "fast", "slow"]
     if values["slow.backend"] == "dask" and values["dask.scheduler"] == "managed":
-        return ROLES
-    return ("edge", "fast", "slow")
+        needed += ["scheduler", "workers"]
+    if values.get("jobs.store") == "redis" and not values.get("jobs.redis_url"):
+        needed.append("store")
+    return tuple(needed)
 
 
 def parse(table: Mapping[str, Any] | None, values: Mapping[str, Any], here: str | None) -> Inventory:
@@ -103,7 +112,7 @@ def parse(table: Mapping[str, Any] | None, values: Mapping[str, Any], here: str 
         holders = [h.name for h in hosts if role in h.roles]
         if not holders:
             raise InventoryError(f"no host has the {role} role: give it to one in [hosts]")
-        if role in ("edge", "scheduler") and len(holders) > 1:
+        if role in ONE_HOLDER and len(holders) > 1:
             raise InventoryError(f"only one host may have the {role} role; {', '.join(holders)} do")
     if not here:
         raise InventoryError(f"set FLEET_HOST to the host this machine is: one of {', '.join(h.name for h in hosts)}")
@@ -136,8 +145,9 @@ def _host(name: str, entry: Any, needed: tuple[str, ...]) -> Host:
         if role not in ROLES:
             raise InventoryError(f"{where}: unknown role {role!r}; roles are {', '.join(ROLES)}")
         if role not in needed:
-            raise InventoryError(f"{where}: role {role!r} needs the fleet's own Dask cluster "
-                                 '(slow.backend = "dask", dask.scheduler = "managed")')
+            raise InventoryError(f"{where}: role {role!r} needs the fleet's own " + (
+                'job store (jobs.store = "redis", no jobs.redis_url)' if role == "store" else
+                'Dask cluster (slow.backend = "dask", dask.scheduler = "managed")'))
     if len(set(roles)) != len(roles):
         raise InventoryError(f"{where}: a role is listed twice")
     return Host(name, str(address), tuple(roles))

@@ -542,11 +542,12 @@ class Settings:
         return (REPO_ROOT / self.dask.certs_dir).resolve()
 
     def certs(self, host: str | None = None) -> dict[str, Path]:
-        """This host's (or `host`'s) files of the fleet's CA, made by `make certs`, and the edge's
-        token that every host of the fleet shares."""
+        """This host's (or `host`'s) files of the fleet's CA, made by `make certs`, and the secrets
+        every host of the fleet shares: the edge's token, the job store's password."""
         name = host or self.inventory.here.name
         return {"ca": self.certs_dir / "ca.pem", "cert": self.certs_dir / f"{name}.pem",
-                "key": self.certs_dir / f"{name}-key.pem", "edge_token": self.certs_dir / "edge-token"}
+                "key": self.certs_dir / f"{name}-key.pem", "edge_token": self.certs_dir / "edge-token",
+                "job_store_password": self.certs_dir / "job-store-password"}
 
     @property
     def private_dir(self) -> Path:
@@ -562,12 +563,23 @@ class Settings:
     @property
     def job_store_url(self) -> str:
         """Where the slow instances find the job store (jobs.store = "redis"): jobs.redis_url, or the
-        fleet's own on this host's address (deploy/store.py), whose password is in private/."""
-        return self.jobs.redis_url or f"redis://{host_port(self.address, self.jobs.redis_port)}/0"
+        fleet's own (deploy/store.py) on the address of the host with the store role, over TLS across
+        hosts (rediss://), whose password is in private/."""
+        if self.jobs.redis_url:
+            return self.jobs.redis_url
+        host = next(iter(self.role_hosts("store")), self.inventory.here)
+        return f"{'rediss' if self.job_store_tls else 'redis'}://{host_port(host.address, self.jobs.redis_port)}/0"
+
+    @property
+    def job_store_tls(self) -> bool:
+        """The fleet's own store speaks TLS, each side showing a certificate of the fleet's CA (the
+        instances' and Dask's): across hosts, where its traffic crosses a network."""
+        return not self.jobs.redis_url and not self.inventory.single
 
     @property
     def job_store_password_file(self) -> Path | None:
-        """The fleet's own store's password (made by deploy); None for a jobs.redis_url (its URL says)."""
+        """The fleet's own store's password (made by deploy on one host; across hosts by make certs,
+        which every host shares); None for a jobs.redis_url (its URL says)."""
         return None if self.jobs.redis_url else self.private_dir / "job-store-password"
 
     @property

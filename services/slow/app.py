@@ -329,8 +329,10 @@ def make_store(fleet: Any) -> Any:
 
         password_file = fleet.job_store_password_file
         password = password_file.read_text().strip() if password_file is not None else None
+        # Across hosts the fleet's own store speaks TLS: this host's certificate of the fleet's CA.
+        tls = {what: str(path) for what, path in fleet.tls_files().items()} if fleet.job_store_tls else None
         return RedisStore(fleet.job_store_url, ttl=j.result_ttl, max_records=j.max_records, timeout=j.store_timeout,
-                          inline_result_bytes=j.inline_result_kb << 10, password=password)
+                          inline_result_bytes=j.inline_result_kb << 10, password=password, tls=tls)
     return open_store(fleet.run_dir / "jobs", ttl=j.result_ttl, max_records=j.max_records,
                       inline_result_bytes=j.inline_result_kb << 10)
 

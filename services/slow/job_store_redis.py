@@ -394,7 +394,7 @@ class RedisStore:
 
     def __init__(self, url: str, ttl: float = 3600, max_records: int = 100_000, timeout: float = 0.5,
                  clock=time.time, inline_result_bytes: int = 1 << 62, prefix: str = "jobs", password: str | None = None,
-                 pause: float = PAUSE_AFTER_FAULT, monotonic=time.monotonic):
+                 pause: float = PAUSE_AFTER_FAULT, monotonic=time.monotonic, tls: dict[str, str] | None = None):
         # After a call the store did not answer, the calls of the next `pause` seconds fail at once
         # without asking it: the instance's calls go one at a time (AsyncStore's one thread), and
         # behind a store that swallows packets each would otherwise wait its full timeout, one
@@ -412,7 +412,8 @@ class RedisStore:
         self.db = redis.Redis.from_url(
             url, password=password, socket_timeout=timeout, socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),  # never again: see the module's docstring
-            health_check_interval=0, client_name="fleet-job-store")
+            health_check_interval=0, client_name="fleet-job-store",
+            **({"ssl_ca_certs": tls["ca"], "ssl_certfile": tls["cert"], "ssl_keyfile": tls["key"]} if tls else {}))
         self._scripts = {name: self.db.register_script(source) for name, source in (
             ("create", _CREATE), ("start", _START), ("claim", _CLAIM), ("join", _JOIN), ("progress", _PROGRESS),
             ("finish", _FINISH),

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from deploy import apply, private, render, store
+from deploy import apply, certs, private, render, store
 from deploy.control import health_urls, ports_of
 from services.common.settings import SettingsError, load
 
@@ -104,10 +104,60 @@ def test_a_changed_store_config_restarts_the_store_first_and_nothing_else(tmp_pa
     assert apply.make_plan(applied, applied, restart_instances=True).start[0] != "job-store"  # reload: instances only
 
 
-def test_a_managed_store_across_hosts_is_refused_naming_jobs_redis_url(tmp_path):
+HOSTS = ('[jobs]\nstore = "{store}"\n'
+         '[hosts.web1]\naddress = "10.77.0.1"\nroles = ["edge", "fast", "slow"]\n'
+         '[hosts.web2]\naddress = "10.77.0.2"\nroles = ["slow"]\n'
+         '[hosts.db1]\naddress = "10.77.0.4"\nroles = {db1}\n')
+
+
+def across_hosts(tmp_path, host: str, store_kind: str = "redis", db1: str = '["store"]'):
     hosts = tmp_path / "hosts.toml"
-    hosts.write_text('[jobs]\nstore = "redis"\n[hosts.web1]\naddress = "10.77.0.1"\nroles = ["edge", "fast", "slow"]\n'
-                     '[hosts.web2]\naddress = "10.77.0.2"\nroles = ["slow"]\n')
-    s = load(env={"FLEET_RUN_DIR": str(tmp_path), "FLEET_SETTINGS": str(hosts), "FLEET_HOST": "web2"})
-    with pytest.raises(SettingsError, match="jobs.redis_url"):
+    hosts.write_text(HOSTS.format(store=store_kind, db1=db1))
+    return load(env={"FLEET_RUN_DIR": str(tmp_path / f"run-{host}"), "FLEET_SETTINGS": str(hosts), "FLEET_HOST": host,
+                     "FLEET_DASK_CERTS_DIR": str(tmp_path / "certs"), "FLEET_JOBS_REDIS_PORT": "23060"})
+
+
+def test_sqlite_with_slow_instances_on_two_hosts_is_refused_naming_the_redis_store(tmp_path):
+    s = across_hosts(tmp_path, "web2", store_kind="sqlite", db1='["fast"]')
+    with pytest.raises(SettingsError, match='jobs.store = "redis"'):
         store.check(s)
+
+
+def test_the_fleet_s_own_store_across_hosts_runs_on_the_store_host_alone_speaking_tls_to_the_fleet_s_certificates(
+        tmp_path):
+    db1, web2 = across_hosts(tmp_path, "db1"), across_hosts(tmp_path, "web2")
+    assert store.managed(db1) and not store.managed(web2) and store.used_here(web2)
+    assert "job-store" in programs_of(render.render(db1)["supervisord.conf"])
+    assert "job-store" not in programs_of(render.render(web2)["supervisord.conf"])
+    conf = directives(render.render(db1)[store.CONF])
+    files = db1.tls_files()
+    # TLS only (no plain port), on the store host's own address, to clients with the fleet's certificates
+    assert (conf["bind"], conf["port"], conf["tls-port"], conf["tls-auth-clients"]) == ("10.77.0.4", "0", "23060", "yes")
+    assert (conf["tls-cert-file"], conf["tls-key-file"], conf["tls-ca-cert-file"]) == (
+        str(files["cert"]), str(files["key"]), str(files["ca"]))
+    # every slow host finds it on the store host, over TLS
+    assert web2.job_store_url == db1.job_store_url == "rediss://10.77.0.4:23060/0"
+    assert ("job-store", "10.77.0.4", 23060, "FLEET_JOBS_REDIS_PORT") in ports_of(db1)
+    assert "job-store" not in health_urls(web2)
+
+
+def test_across_hosts_every_host_takes_the_store_s_password_from_make_certs_and_without_it_deploy_says_so(tmp_path):
+    db1, web2 = across_hosts(tmp_path, "db1"), across_hosts(tmp_path, "web2")
+    with pytest.raises(Exception, match="make certs"):
+        private.write(web2, None)
+    certs.make_certs(web2)
+    for s in (db1, web2):
+        private.write(s, None)
+    shared = (tmp_path / "certs" / "job-store-password").read_text().strip()
+    assert db1.job_store_password_file.read_text() == web2.job_store_password_file.read_text() == shared
+    assert (db1.private_dir / store.AUTH_CONF).read_text() == f"requirepass {shared}\n"
+    assert not (web2.private_dir / store.AUTH_CONF).exists()  # only the store's host sets it
+
+
+def test_the_store_role_needs_the_fleet_s_own_store_and_one_host_alone(tmp_path):
+    with pytest.raises(SettingsError, match="job store"):
+        across_hosts(tmp_path, "web1", store_kind="sqlite")
+    with pytest.raises(SettingsError, match="store role"):
+        across_hosts(tmp_path, "web1", db1='["fast"]')  # redis, and no host has the role
+    with pytest.raises(SettingsError, match="only one host"):
+        across_hosts(tmp_path, "web1", db1='["store"]\n[hosts.db2]\naddress = "10.77.0.5"\nroles = ["store"]')
