@@ -25,8 +25,9 @@ from tornado import web
 from services.common import logs, server
 from services.common.settings import Settings
 from services.common.web import HealthHandler, MetricsHandler, NotFoundHandler
-from services.slow import registry
+from services.slow import cpu_priority, registry
 from services.slow.app import make_store
+from services.slow.job_process import JOB_PROCESSES
 from services.slow.job_runner import JobRunner
 from services.slow.job_store import AsyncStore, Job, StoreUnavailable
 
@@ -107,6 +108,11 @@ def make_app(instance: server.Instance, runner: JobRunner, processes: JobProcess
 async def run(instance: server.Instance) -> None:
     fleet = instance.settings
     tasks = registry.load(fleet.slow.task_modules)
+    if fleet.slow.idle_cgroup:
+        # The job processes' shared idle cgroup, made now rather than by the first of them: it is
+        # there from the fleet's start, as the slow instances' are (root's deploy made it already).
+        cpu_priority.create_idle_cgroup(cpu_priority.group_name(JOB_PROCESSES, fleet.run_dir),
+                                        fleet.run_dir / cpu_priority.RECORD)
     store = AsyncStore(make_store(fleet))
     processes = JobProcesses(instance)
     runner = JobRunner(store, None, fleet, f"{fleet.inventory.here.name}.{instance.name}", tasks,
