@@ -561,6 +561,18 @@ class Settings:
         return {"ca": p / "ca.pem", "cert": p / "cert.pem", "key": p / "key.pem"}
 
     @property
+    def long_job_cluster_cap(self) -> int | None:
+        """Long jobs running at once on the fleet's own Dask cluster, from every host's runners
+        together: half its threads, at least one (the synchronous jobs share those threads, and
+        each slow instance's share is what the long ones leave: dask_pool.py). None on the local
+        backend (each host's job processes run on its own CPUs) and on an existing cluster (its
+        size is not deploy's to know: runner.workers per host alone)."""
+        if self.slow.backend != "dask" or self.dask.scheduler != "managed":
+            return None
+        threads = self.dask.workers * self.dask.threads_per_worker * len(self.role_hosts("workers"))
+        return max(1, threads // 2)
+
+    @property
     def job_store_url(self) -> str:
         """Where the slow instances find the job store (jobs.store = "redis"): jobs.redis_url, or the
         fleet's own (deploy/store.py) on the address of the host with the store role, over TLS across

@@ -117,6 +117,7 @@ async def run(instance: server.Instance) -> None:
     processes = JobProcesses(instance)
     runner = JobRunner(store, None, fleet, f"{fleet.inventory.here.name}.{instance.name}", tasks,
                        capacity=fleet.runner.workers, spawn=processes)
+    runner.cluster_cap = fleet.long_job_cluster_cap
     processes.lost = runner.lost
     await start_runner(runner)
     try:

@@ -92,6 +92,10 @@ class JobRunner:
         self.tasks = tasks
         # Runs at once: one per worker of its pool, or (spawn) job processes at once on this host.
         self.capacity = capacity if capacity is not None else pool.size
+        # Long jobs running at once across every host (the store counts them), or None: no such cap.
+        # On the fleet's own Dask cluster, half its threads: the synchronous jobs share them
+        # (settings.long_job_cluster_cap).
+        self.cluster_cap: int | None = None
         # With `spawn`, each claimed job runs in a job process of its own (job_process.py), which
         # outlives this runner; without, here, on `pool`.
         self.spawn = spawn
@@ -216,13 +220,16 @@ class JobRunner:
         if self.draining:
             return
         running = await self.store.count_running(self.spawn.prefix)
-        while running < self.capacity:
+        # On a cluster shared by several hosts' runners, their long jobs together stay within its cap.
+        room = math.inf if self.cluster_cap is None else self.cluster_cap - await self.store.count_running("")
+        while running < self.capacity and room > 0:
             owner = self.spawn.owner()
             claimed = await self.store.claim(owner, names, 1)
             if not claimed:
                 return
             await self.spawn(claimed, owner)
             running += 1
+            room -= 1
 
     async def _join_identical(self) -> None:
         """Queued jobs identical to a run in flight here (every claim leaves them to it) join it."""

@@ -236,6 +236,9 @@ def test_auto_long_jobs_are_the_cpus_locally_and_half_a_managed_cluster_s_thread
     assert load(env=dask).runner.workers == 3  # the other 3 threads stay for synchronous jobs
     assert load(env={**dask, "FLEET_DASK_WORKERS": "1", "FLEET_DASK_THREADS_PER_WORKER": "1"}).runner.workers == 1
     assert load(env={**dask, "FLEET_DASK_SCHEDULER": "tcp://127.0.0.1:8786"}).runner.workers == 1  # size unknown
+    # and every host's runners together: half the managed cluster's threads (None: no cluster-wide cap)
+    assert load(env=dask).long_job_cluster_cap == 3 and load(env={}).long_job_cluster_cap is None
+    assert load(env={**dask, "FLEET_DASK_SCHEDULER": "tcp://127.0.0.1:8786"}).long_job_cluster_cap is None
 
 
 def test_auto_queue_limit_is_four_times_the_workers():
