@@ -45,7 +45,7 @@ fi
 
 # Only the edge host of a fleet across hosts runs nginx (FLEET_HOST's roles in FLEET_SETTINGS), and
 # only a host running the fleet's own job store needs redis-server (jobs.store = "redis" with no
-# jobs.redis_url, on a slow host; deploy/store.py). `--tests` (make test): the store tests run a
+# jobs.redis_url, on the host with the store role; deploy/store.py). `--tests` (make test): the store tests run a
 # real redis-server, so it is installed too.
 read -r needs_nginx needs_store < <("$python" - "${1:-}" <<'PY'
 import os, sys, tomllib
@@ -55,13 +55,13 @@ try:
 except (OSError, ValueError):
     table = {}  # deploy itself says what is wrong with the file
 try:
-    roles = table["hosts"][host]["roles"] if host and path else ["edge", "slow"]
+    roles = table["hosts"][host]["roles"] if host and path else ["edge", "slow", "store"]
 except (KeyError, TypeError):
-    roles = ["edge", "slow"]  # deploy itself says what is wrong with the inventory
+    roles = ["edge", "slow", "store"]  # deploy itself says what is wrong with the inventory
 jobs = {**tomllib.load(open("deploy/fleet.toml", "rb"))["jobs"], **table.get("jobs", {})}
 store = os.environ.get("FLEET_JOBS_STORE", jobs.get("store", "sqlite")).strip()
 url = os.environ.get("FLEET_JOBS_REDIS_URL", jobs.get("redis_url", "")).strip()
-managed = store == "redis" and not url and "slow" in roles
+managed = store == "redis" and not url and "store" in roles
 print("yes" if "edge" in roles else "no", "yes" if managed or sys.argv[1] == "--tests" else "no")
 PY
 )

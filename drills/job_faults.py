@@ -308,13 +308,15 @@ def kill_job_processes(settings: Settings, load: SteadyLoad) -> str:
                else f"{_count(workers, 'process', 'processes')} that computed them gone"))
 
 
-def follow(settings: Settings, job_id: str, source: str, seen: list[int], reconnects: list[int]) -> None:
-    """Follow a job's events through the edge as a browser's EventSource does: a stream cut (its
-    instance restarted) is opened again with Last-Event-ID; until the end event, or a 204."""
+def follow(edge: tuple[str, int], job_id: str, source: str | None, seen: list[int], reconnects: list[int],
+           hang_up_after: int | None = None) -> None:
+    """Follow a job's events through the edge (address, port) as a browser's EventSource does: a
+    stream cut (its instance restarted) is opened again with Last-Event-ID; until the end event, or
+    a 204. `hang_up_after`: the client itself closes its first stream after that many events."""
     last = 0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        conn = http.client.HTTPConnection("127.0.0.1", settings.edge.port, timeout=30, source_address=(source, 0))
+        conn = http.client.HTTPConnection(*edge, timeout=30, source_address=(source, 0) if source else None)
         try:
             headers = {"Accept": "text/event-stream", **({"Last-Event-ID": str(last)} if last else {})}
             conn.request("GET", f"/jobs/{job_id}/events", headers=headers)
@@ -336,6 +338,8 @@ def follow(settings: Settings, job_id: str, source: str, seen: list[int], reconn
                     if kind == "end":
                         return
                     event_id, kind = None, None
+                    if hang_up_after is not None and len(seen) == hang_up_after:
+                        break  # the client's own reconnect
         except (OSError, http.client.HTTPException):
             pass
         finally:
@@ -354,8 +358,9 @@ def reload_under_long_jobs(settings: Settings, load: SteadyLoad) -> str:
     jobs = [client.submit(f"/slow/report/{seconds}")[0] for _ in range(slots(settings) + 1)]
     seen: dict[str, list[int]] = {job_id: [] for job_id in jobs}
     reconnects: dict[str, list[int]] = {job_id: [] for job_id in jobs}
-    followers = [threading.Thread(target=follow, args=(settings, job_id, "127.0.0.8", seen[job_id],
-                                                       reconnects[job_id]), daemon=True) for job_id in jobs]
+    edge = ("127.0.0.1", settings.edge.port)
+    followers = [threading.Thread(target=follow, args=(edge, job_id, "127.0.0.8", seen[job_id], reconnects[job_id]),
+                                  daemon=True) for job_id in jobs]
     for thread in followers:
         thread.start()
     all_running(client, jobs[:-1], progressed=jobs[:-1])

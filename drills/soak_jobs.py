@@ -81,8 +81,8 @@ class LongJobLoad:
                 continue
             self.jobs[job_id] = number
             self.seen[job_id], self.reconnects[job_id] = [], []
-            follower = threading.Thread(target=follow, args=(self.settings, job_id, SOURCE, self.seen[job_id],
-                                                             self.reconnects[job_id]), daemon=True)
+            follower = threading.Thread(target=follow, args=(("127.0.0.1", self.settings.edge.port), job_id, SOURCE,
+                                                             self.seen[job_id], self.reconnects[job_id]), daemon=True)
             follower.start()
             self._threads.append(follower)
             if number % 3 == 0:
