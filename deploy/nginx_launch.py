@@ -8,8 +8,8 @@ own binary upgrade does (the NGINX environment variable names inherited sockets)
 the master:
 
 - First start: clients already wait in the socket's backlog while the launcher waits (up to
-  UPSTREAM_WAIT seconds) for every instance to answer; only then does nginx start, so it never
-  marks an instance failed that was still starting, nor answers "no live upstreams".
+  UPSTREAM_WAIT seconds) for every instance of its host to answer; only then does nginx start, so
+  it never marks an instance failed that was still starting, nor answers "no live upstreams".
 - The master dies (kill -9, a crash): its workers would live on, serving the old config, and a
   new master could not bind the port. Here the workers are re-parented to the launcher (it is a
   child subreaper), get SIGQUIT (stop accepting, finish what they have, exit), and a new master
@@ -108,8 +108,13 @@ def listening_socket(address: tuple[str, int], patience: float = 10) -> socket.s
 
 
 def wait_for_upstreams(settings: Settings, timeout: float = UPSTREAM_WAIT) -> None:
-    """Wait until every instance (of every host) answers HTTP (any status: it is up), or `timeout` passes."""
-    waiting = [where for role in ("fast", "slow") for _, where in programs.upstream(settings, role)]
+    """Wait until every instance of the edge's own host answers HTTP (any status: it is up), or
+    `timeout` passes. Other hosts' are not waited for: hosts may be deployed in any order, and one
+    not deployed yet would hold the edge back for the whole wait (nginx tries such an instance,
+    finds it refusing, and passes the request to the next: max_fails)."""
+    own = settings.address
+    waiting = [where for role in ("fast", "slow") for _, where in programs.upstream(settings, role)
+               if where.rsplit(":", 1)[0].strip("[]") == own]
     scheme, context = ("https", control.client_context(settings)) if settings.edge_tls else ("http", None)
     deadline = time.monotonic() + timeout
     while waiting and time.monotonic() < deadline:

@@ -84,9 +84,10 @@ def app_settings(instance: Instance) -> dict:
     """Tornado Application settings both kinds share."""
     return {
         "role": instance.role,
+        "instance_name": instance.name,
         # X-Served-By: the instance's name, and across hosts its host's too ("web2/slow-01").
-        "instance_name": (instance.name if instance.settings.inventory.single
-                          else f"{instance.settings.inventory.here.name}/{instance.name}"),
+        "served_by": (instance.name if instance.settings.inventory.single
+                      else f"{instance.settings.inventory.here.name}/{instance.name}"),
         # Who may talk to an instance: the edge host and the instance's own host (health checks,
         # metrics); the socket's peer decides, never a header (web.BaseHandler.prepare).
         "trusted_peers": frozenset({instance.settings.inventory.edge.address, instance.settings.address}),

@@ -80,7 +80,7 @@ class BaseHandler(web.RequestHandler):
 
     def set_default_headers(self) -> None:
         self.clear_header("Server")  # nginx's server_tokens off would be undone by Tornado's version
-        self.set_header("X-Served-By", self.settings["instance_name"])
+        self.set_header("X-Served-By", self.settings["served_by"])
         self.set_header("X-Request-ID", self.request_id)
 
     def compute_etag(self) -> None:
