@@ -526,7 +526,7 @@ def test_the_example_inventory_loads_for_each_of_its_hosts():
 
 def test_an_inventory_without_fleet_host_is_refused_naming_the_hosts():
     message = error_of(env={"FLEET_SETTINGS": str(EXAMPLE)})
-    assert "set FLEET_HOST" in message and "web1, heavy1, heavy2" in message
+    assert "set FLEET_HOST" in message and "web1, web2, heavy1, heavy2, db1" in message
     assert "no such host" in error_of(env={"FLEET_SETTINGS": str(EXAMPLE), "FLEET_HOST": "heavy9"})
 
 
