@@ -120,6 +120,7 @@ class JobRunner:
         # Runs in flight here, by the key of their task and arguments (coalesce.py), and their jobs.
         self.flights = coalesce.Flights()
         self._works: dict[coalesce.Flight, Work] = {}
+        self._unstarted: set[str] = set()  # jobs launched whose run has not taken its place yet (free)
 
     async def start(self, runner: bool = True) -> None:
         """Beat, and claim (joins only, with no capacity); a `runner` also reaps lost owners' jobs
@@ -180,7 +181,7 @@ class JobRunner:
     @property
     def free(self) -> int:
         """Runs this runner can start here now (with `spawn`: see claim)."""
-        return 0 if self.draining else self.capacity - len(self._works)
+        return 0 if self.draining else self.capacity - len(self._works) - len(self._unstarted)
 
     # claiming
 
@@ -242,6 +243,9 @@ class JobRunner:
     def _launch(self, job: Job) -> None:
         """Run the claimed job here, in the background."""
         self._attempts[job.id] = job.attempt
+        # Counted until its run takes its place in _works (its task's first step): a claim made
+        # meanwhile must not see the place free (a held 1-place runner ran a second job so).
+        self._unstarted.add(job.id)
         run = asyncio.get_running_loop().create_task(self._run(job))
         self.running[job.id] = run
         run.add_done_callback(lambda _: self._ended(job.id))
@@ -251,6 +255,7 @@ class JobRunner:
     async def _run(self, job: Job) -> None:
         """One job's life here: it follows a run of its task (its own, or the run of an identical
         job in flight here, for a task that declares coalesce=True) and ends as it ends."""
+        self._unstarted.discard(job.id)
         task = self.tasks.get(job.task)
         if task is None or job.kwargs is None:  # claimed only for tasks served here, with their arguments
             await self._finish(job.id, FAILED, error={"error": "task_unavailable", "status": 503, "retryable": False,
@@ -341,6 +346,7 @@ class JobRunner:
 
     def _ended(self, job_id: str) -> None:
         self.running.pop(job_id, None)
+        self._unstarted.discard(job_id)  # cancelled before its first step
         self._attempts.pop(job_id, None)
         self._stopping.discard(job_id)
         self._ending.discard(job_id)
