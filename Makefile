@@ -83,7 +83,7 @@ test-integration: bootstrap-tests ## Tests against private fleets in temp run di
 fuzz: bootstrap-tests ## Generated hostile input by the thousand (Hypothesis): 2,000 per task parser, 5,000 raw requests through a private fleet's edge (about 6 min)
 	@HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/unit/test_task_parsers_fuzz.py tests/integration/test_fuzz_edge.py
 
-soak: bootstrap ## Load for SOAK_MINUTES (10) while faults recur (kills, overruns, bursts, reloads): fails on any failed request, growth or leftover; SOAK_OPTS="--out bench/results"
+soak: bootstrap ## Load and long jobs for SOAK_MINUTES (10) while faults recur (kills, overruns, bursts, reloads, job processes, the runner): fails on any failed request, growth or leftover; SOAK_OPTS="--out bench/results"
 	@$(PY) -m drills.soak --deploy --minutes $(SOAK_MINUTES) $(SOAK_OPTS)
 
 load: bootstrap ## Locust's web UI on http://127.0.0.1:8089 (host preset to the edge; deploys the fleet if it is down); LOCUST_WORKERS=N
