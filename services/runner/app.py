@@ -16,13 +16,14 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from tornado import web
 
-from services.common import logs, server
+from services.common import logs, procfs, server
 from services.common.settings import Settings
 from services.common.web import HealthHandler, MetricsHandler, NotFoundHandler
 from services.slow import cpu_priority, registry
@@ -32,6 +33,9 @@ from services.slow.job_runner import JobRunner
 from services.slow.job_store import AsyncStore, Job, StoreUnavailable
 
 log = logging.getLogger("fleet.runner")
+
+
+MAX_TEMP_DIR_CHARS = 72  # a job process's TMPDIR; its forkserver's socket is TMPDIR/pymp-*/listener-*
 
 
 class JobProcesses:
@@ -47,9 +51,34 @@ class JobProcesses:
         self.prefix = f"{self.settings.inventory.here.name}.jobs/"
         self.children: set[asyncio.subprocess.Process] = set()
         self.lost: Callable[[str], Awaitable[None]] = _nothing  # the runner's: its jobs reaped at once
+        # Each job process's temporary files (its worker pool's forkserver socket, what its task
+        # writes) go to a directory of its own here (TMPDIR), removed once it is gone: one killed -9
+        # leaves them behind, and the soak found one pymp-* directory in /tmp per killed process.
+        # (Not for a run dir so deep that the forkserver's socket path, TMPDIR + 32 characters,
+        # would pass the 107 bytes a Unix socket's path may have: the system's then.)
+        self.temp_root = self.settings.run_dir / "home" / "jt"
 
     def owner(self) -> str:
         return f"{self.prefix}{secrets.token_hex(8)}"
+
+    def temp_dir(self, owner: str) -> Path:
+        return self.temp_root / owner.rsplit("/", 1)[1]
+
+    def sweep_temp_dirs(self) -> int:
+        """Remove the temporary directories of job processes that are gone (killed while no runner
+        was their parent, or before a runner's restart); returns how many went."""
+        try:
+            names = [entry.name for entry in os.scandir(self.temp_root)]
+        except FileNotFoundError:
+            return 0
+        if not names:
+            return 0
+        alive = {word.rsplit("/", 1)[1] for pid in procfs.pids() if "services.slow.job_process" in (cmd := procfs.cmdline(pid))
+                 for word in cmd.split() if word.startswith(self.prefix)}
+        gone = [name for name in names if name not in alive]
+        for name in gone:
+            shutil.rmtree(self.temp_root / name, ignore_errors=True)
+        return len(gone)
 
     async def __call__(self, claimed: list[Job], owner: str) -> None:
         # At the workers' niceness (slow.nice) from its first instruction, not the runner's: its own start
@@ -58,9 +87,14 @@ class JobProcesses:
         args = ["nice", "-n", str(lower), sys.executable, "-m", "services.slow.job_process",
                 "--settings", str(self.settings.run_dir / "settings.json"), "--owner", owner]
         args += [f"--job={job.id}" for job in claimed]  # one word each: an id may start with "-"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        temp = self.temp_dir(owner)
+        if len(str(temp)) <= MAX_TEMP_DIR_CHARS:
+            temp.mkdir(parents=True, exist_ok=True)
+            env["TMPDIR"] = str(temp)
         process = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
-            cwd=str(Path(__file__).resolve().parents[2]), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            cwd=str(Path(__file__).resolve().parents[2]), env=env)
         log.info("job %s (%s) started in job process %d", ", ".join(j.id for j in claimed), claimed[0].task,
                  process.pid)
         self.children.add(process)
@@ -77,6 +111,7 @@ class JobProcesses:
                 await self.lost(owner)
         finally:
             self.children.discard(process)
+            shutil.rmtree(self.temp_dir(owner), ignore_errors=True)
 
 
 async def _nothing(owner: str) -> None:
@@ -119,12 +154,26 @@ async def run(instance: server.Instance) -> None:
                        capacity=fleet.runner.workers, spawn=processes)
     runner.cluster_cap = fleet.long_job_cluster_cap
     processes.lost = runner.lost
+    sweeping = asyncio.get_running_loop().create_task(_sweep_temp_dirs(processes))
     await start_runner(runner)
     try:
         await server.serve(make_app(instance, runner, processes), instance)
     finally:
+        sweeping.cancel()
         await runner.close()
         store.close()
+
+
+TEMP_SWEEP_EVERY = 5.0  # seconds between looks for the temporary directories of job processes gone
+
+
+async def _sweep_temp_dirs(processes: JobProcesses) -> None:
+    while True:
+        try:
+            processes.sweep_temp_dirs()
+        except OSError as exc:  # never the runner's end: say so, look again
+            log.warning("could not sweep the job processes' temporary directories: %s", exc)
+        await asyncio.sleep(TEMP_SWEEP_EVERY)
 
 
 async def start_runner(runner: Any, retry_every: float = 0.5) -> None:
