@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -67,8 +68,11 @@ class JobProcesses:
     def sweep_temp_dirs(self) -> int:
         """Remove the temporary directories of job processes that are gone (killed while no runner
         was their parent, or before a runner's restart); returns how many went."""
+        # Only directories older than a sweep: one made for a job process that is only starting
+        # (its command line not yet there) stays.
+        settled = time.time() - TEMP_SWEEP_EVERY
         try:
-            names = [entry.name for entry in os.scandir(self.temp_root)]
+            names = [entry.name for entry in os.scandir(self.temp_root) if entry.stat().st_mtime < settled]
         except FileNotFoundError:
             return 0
         if not names:

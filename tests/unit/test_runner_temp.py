@@ -3,8 +3,10 @@ its own (TMPDIR), and those of job processes that are gone are removed, whoever 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 from services.common.settings import load
@@ -15,9 +17,12 @@ def test_the_temporary_directories_of_gone_job_processes_are_removed_and_live_on
     settings = load(env={"FLEET_RUN_DIR": str(tmp_path)})
     processes = JobProcesses(SimpleNamespace(settings=settings))
     live_owner, gone_owner = processes.owner(), processes.owner()
+    starting = processes.owner()  # made just now, for a job process that is only starting
+    processes.temp_dir(starting).mkdir(parents=True)
     for owner in (live_owner, gone_owner):
         (processes.temp_dir(owner) / "pymp-x").mkdir(parents=True)
         (processes.temp_dir(owner) / "pymp-x" / "listener").write_text("")
+        os.utime(processes.temp_dir(owner), (time.time() - 60, time.time() - 60))
     # A process whose command line is a job process's with that owner (as the runner starts them).
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "services.slow.job_process",
                              "--owner", live_owner])
@@ -27,4 +32,5 @@ def test_the_temporary_directories_of_gone_job_processes_are_removed_and_live_on
     finally:
         live.kill()
         live.wait()
-    assert processes.sweep_temp_dirs() == 1 and not any(processes.temp_root.iterdir())
+    assert processes.sweep_temp_dirs() == 1
+    assert [p.name for p in processes.temp_root.iterdir()] == [processes.temp_dir(starting).name]
