@@ -9,6 +9,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+from services.common import procfs
 from services.common.settings import load
 from services.runner.app import JobProcesses
 
@@ -27,6 +28,10 @@ def test_the_temporary_directories_of_gone_job_processes_are_removed_and_live_on
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "services.slow.job_process",
                              "--owner", live_owner])
     try:
+        # Popen returns once the exec has begun; the new command line shows a moment later.
+        deadline = time.monotonic() + 10
+        while live_owner not in procfs.cmdline(live.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert processes.sweep_temp_dirs() == 1
         assert processes.temp_dir(live_owner).is_dir() and not processes.temp_dir(gone_owner).exists()
     finally:
