@@ -19,7 +19,7 @@ from typing import Callable, Coroutine
 from tornado import web
 from tornado.httpserver import HTTPServer
 
-from services.common import logs, metrics
+from services.common import logs, metrics, temp_dir
 from services.common.watchdog import LoopWatchdog
 from services.common.settings import Settings
 
@@ -71,6 +71,7 @@ def parse_args(role: str, argv: list[str] | None = None) -> Instance:
 
 def run(instance: Instance, main: Callable[[], Coroutine]) -> None:
     """Run the instance's main coroutine on the event loop its settings choose (<role>.event_loop)."""
+    temp_dir.take_own()  # before its pool's forkserver asks for a temporary directory
     loop_factory = None
     if getattr(instance.settings, instance.role).event_loop == "uvloop":
         import uvloop

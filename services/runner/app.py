@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable
 
 from tornado import web
 
-from services.common import logs, procfs, server
+from services.common import logs, procfs, server, temp_dir
 from services.common.settings import Settings
 from services.common.web import HealthHandler, MetricsHandler, NotFoundHandler
 from services.slow import cpu_priority, registry
@@ -34,9 +34,6 @@ from services.slow.job_runner import JobRunner
 from services.slow.job_store import AsyncStore, Job, StoreUnavailable
 
 log = logging.getLogger("fleet.runner")
-
-
-MAX_TEMP_DIR_CHARS = 72  # a job process's TMPDIR; its forkserver's socket is TMPDIR/pymp-*/listener-*
 
 
 class JobProcesses:
@@ -93,7 +90,7 @@ class JobProcesses:
         args += [f"--job={job.id}" for job in claimed]  # one word each: an id may start with "-"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         temp = self.temp_dir(owner)
-        if len(str(temp)) <= MAX_TEMP_DIR_CHARS:
+        if len(str(temp)) <= temp_dir.MAX_CHARS:
             temp.mkdir(parents=True, exist_ok=True)
             env["TMPDIR"] = str(temp)
         process = await asyncio.create_subprocess_exec(

@@ -30,6 +30,7 @@ from distributed import Scheduler, Worker, get_worker
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 from tornado.ioloop import PeriodicCallback
 
+from services.common import temp_dir
 from services.common.settings import Settings
 from services.slow import cpu_priority
 
@@ -166,6 +167,7 @@ def below_the_fast_path(settings: Settings, name: str) -> str | None:
 
 async def dask_setup(server: Scheduler | Worker) -> None:
     """The preload's hook: called with the scheduler or the worker it is loaded into."""
+    temp_dir.take_own()  # before the worker's pool starts its forkserver
     if isinstance(server, Scheduler):
         server.add_plugin(FastBatches(server))
         # the scheduler stops its periodic callbacks when it closes
