@@ -18,6 +18,11 @@ HEAVY_MIX := /slow/digest/300000?data={random}:3,/slow/digest/1000000?data={rand
 LONG_JOBS := --long-job-users 1 --long-job-streams 300
 LOAD_OPTS ?=
 SOAK_MINUTES ?= 10
+# The integration tier in two sessions: the tests that only check behaviour two at a time, each
+# worker a file at a time (--dist loadfile: a module's fleet serves its tests on one worker); then
+# those marked alone (latency verdicts, faults under load: pytest.ini), with the machine to themselves.
+INTEGRATION_TESTS := $(PY) -m pytest -n 2 --dist loadfile -m "not alone" tests/integration && \
+	$(PY) -m pytest -m alone tests/integration
 SOAK_OPTS ?=
 LOCUST_WORKERS ?= 0
 # The port a Locust master listens on for its workers (Locust's own default); a second run with
@@ -72,13 +77,13 @@ certs: bootstrap ## The fleet's CA and a certificate per host, for Dask TLS acro
 
 test: bootstrap-tests ## Both test tiers (unit on both cores, then integration against real nginx + supervisord)
 	@$(PY) -m pytest -n 2 tests/unit
-	@$(PY) -m pytest tests/integration
+	@$(INTEGRATION_TESTS)
 
 test-unit: bootstrap-tests ## In-process tests only (settings, rendering, tasks, pool, handlers), two at a time
 	@$(PY) -m pytest -n 2 tests/unit
 
-test-integration: bootstrap-tests ## Tests against private fleets in temp run dirs
-	@$(PY) -m pytest tests/integration
+test-integration: bootstrap-tests ## Tests against private fleets in temp run dirs (two at a time, then those marked alone)
+	@$(INTEGRATION_TESTS)
 
 fuzz: bootstrap-tests ## Generated hostile input by the thousand (Hypothesis): 2,000 per task parser, 5,000 raw requests through a private fleet's edge (about 6 min)
 	@HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/unit/test_task_parsers_fuzz.py tests/integration/test_fuzz_edge.py

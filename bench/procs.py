@@ -105,9 +105,9 @@ def free_port_block(size: int) -> int:
     Below the kernel's ephemeral range: a port in it can be taken, between a program's stop and
     its restart, as the local end of some outgoing connection (a Dask worker then fails to start
     with "Address already in use"; seen in CI)."""
-    low = ephemeral_ports().start
+    first, last = _port_slice(10000, ephemeral_ports().start - size)
     for _ in range(500):
-        base = random.randrange(10000, low - size)
+        base = random.randrange(first, last)
         block = range(base, base + size)
         if any(block.start < r.stop and r.start < block.stop for r in _HANDED_OUT):
             continue  # given to a fleet of this process that does not listen on all of it yet (spares)
@@ -118,6 +118,18 @@ def free_port_block(size: int) -> int:
 
 
 _HANDED_OUT: list[range] = []  # free_port_block's answers so far
+
+
+def _port_slice(first: int, last: int) -> tuple[int, int]:
+    """The bases this process may draw from: all of them, or under pytest-xdist (the integration
+    tests that share the machine run two at a time) its worker's own slice, so that two workers'
+    fleets never draw overlapping blocks (a block's spare ports stay free until they are used)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count <= 1:
+        return first, last
+    width = (last - first) // count
+    start = first + int(worker[2:]) * width
+    return start, start + width
 
 
 # HTTP --------------------------------------------------------------------------------------------

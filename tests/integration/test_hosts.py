@@ -41,7 +41,8 @@ JOB_TIMEOUT = 3
 WORKER_TTL = 2  # Dask waits at least 10 heartbeats (5 s) all the same
 POLL = 0.2  # a wait's poll is a TLS request from inside a namespace: few, so the probes measure the fleet
 
-pytestmark = pytest.mark.skipif(netns.available() is not None, reason=f"simulated hosts: {netns.available()}")
+pytestmark = [pytest.mark.integration, pytest.mark.alone,  # partitions under load, timed
+              pytest.mark.skipif(netns.available() is not None, reason=f"simulated hosts: {netns.available()}")]
 
 
 class Hosts:

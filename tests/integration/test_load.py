@@ -34,7 +34,7 @@ from bench.procs import free_port_block
 from tests.support.fleet import REPO
 from tests.support.waiting import wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.alone]  # latency verdicts
 
 LOCUSTFILE = REPO / "locustfile.py"
 CHROMIUM = "/usr/bin/chromium"
