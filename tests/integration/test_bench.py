@@ -71,7 +71,8 @@ SMALL = dataclasses.replace(jobs.QUICK, name="smoke", submits=60, progress_secon
                             cancels_queued=2, random_ids=200, finished_jobs=30)
 
 
-def test_the_long_jobs_bench_runs_every_phase_on_a_fleet_of_its_own_and_reports_each_target(tmp_path: Path) -> None:
+def test_the_long_jobs_bench_runs_every_phase_on_a_fleet_of_its_own_and_reports_each_target(short_tmp_path: Path) -> None:
+    tmp_path = short_tmp_path  # its fleet's run dir is <it>/rep1/jobs/run: supervisord's socket must fit
     bench = Bench(phases.QUICK, tmp_path, {}, jobs_profile=SMALL)
     try:
         record = bench.run_config("jobs", 0)

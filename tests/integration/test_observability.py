@@ -151,7 +151,13 @@ def test_a_post_s_query_string_is_refused_and_never_logged(fleet: Fleet):
 
 def test_a_job_s_traceback_is_logged_with_its_request_id(fleet: Fleet):
     request_id = fleet.get("/slow/raise_error").headers["x-request-id"]
-    line = next(json.loads(line) for line in fleet.log("slow-01").splitlines() if request_id in line and "raised" in line)
+    # supervisord copies the instance's output into its log after the answer went out: wait for it
+    deadline = time.monotonic() + 10
+    while not (lines := [json.loads(line) for line in fleet.log("slow-01").splitlines()
+                         if request_id in line and "raised" in line]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lines, f"no traceback logged with request id {request_id}"
+    line = lines[0]
     assert "Traceback" in line["traceback"] and "raise_error" in line["traceback"]
 
 

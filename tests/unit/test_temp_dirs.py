@@ -5,15 +5,11 @@ instance's own, emptied as it starts (services/common/temp_dir.py), and each job
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-
-import pytest
 
 from services.common import procfs, temp_dir
 from services.common.settings import load
@@ -57,16 +53,8 @@ def _take_own(path: str, tmpdir: str) -> list[str]:
                           check=True, cwd=Path(__file__).resolve().parents[2]).stdout.split()
 
 
-@pytest.fixture
-def short_run_dir():
-    """A run dir as short as a deployed fleet's (.run in a clone), unlike pytest's temp paths."""
-    path = Path(tempfile.mkdtemp(prefix="fleet-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path)
-
-
-def test_an_instance_starts_with_an_empty_temporary_directory_of_its_own_its_forkserver_s_included(short_run_dir):
-    tmp_path = short_run_dir
+def test_an_instance_starts_with_an_empty_temporary_directory_of_its_own_its_forkserver_s_included(short_tmp_path):
+    tmp_path = short_tmp_path
     own = tmp_path / "home" / "tmp" / "slow-01"
     left = own / "pymp-killed"  # what a killed predecessor's forkserver left
     left.mkdir(parents=True)
