@@ -346,7 +346,7 @@ def test_a_job_process_taken_for_lost_while_only_paused_stops_its_stale_run_and_
         os.kill(paused, signal.SIGCONT)
     # The paused process wakes up with attempt 1 still running: it sees the job moved on and stops that run.
     wait_for(lambda: not procfs.alive(stale), timeout=10, what="the stale run's worker killed")
-    wait_for(lambda: state(fleet, location) == "succeeded", timeout=30, interval=0.2, what="attempt 2 succeeds")
+    wait_for(lambda: state(fleet, location) == "succeeded", timeout=60, interval=0.2, what="attempt 2 succeeds")
     with EventStream(fleet.edge_port, f"{location}/events") as stream:
         events = list(stream.events())
     requeued = next(i for i, e in enumerate(events) if e.kind == "state" and e.json().get("attempt") == 2)
