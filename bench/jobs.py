@@ -4,8 +4,9 @@
 
 The fleet: deploy/fleet.toml's defaults (local pool) but for two settings, which results.md names:
 slow.task_modules adds bench/job_tasks.py (`stamped`, a long job whose progress reports carry the
-host's clock, and `blob`, a job with a 100 kB result), and jobs.result_ttl is 60 s, its least, so
-that the purge happens within the run. As for every fleet of the bench, the fast routes' per-client
+host's clock, and `blob`, a job with a 100 kB result), and jobs.result_ttl is 240 s: longer than a
+wave of finished jobs takes (1,000 at about 6 a second), so that a wave's results are all in the
+store at its end, and short enough for the purge to happen within the run. As for every fleet of the bench, the fast routes' per-client
 limits are lifted for the bench's own probe (subjects.Fleet); the job routes' limits are not: the
 clients spread over loopback addresses (127.0.x.y) as many users would, each within them.
 
@@ -27,8 +28,8 @@ Phases, in this order (W: the slow instance's workers; every figure is one repet
             into the space the first ones left: the second wave's peaks against the first's
 
 Sizes (FULL): each job runs in a job process of its own (services/runner), whose start costs about
-0.3 s of a core, so this machine ends about 6 tiny jobs a second: 1,000 submits and 2 x 1,000
-finished jobs take some 10 minutes with the drain. Issue 26 measured 10,000 a wave when jobs ran in
+0.3 s of a core, so this machine ends about 6 tiny jobs a second: 600 submits and 2 x 1,000
+finished jobs take some 14 minutes with the drain and the purge. Issue 26 measured 10,000 a wave when jobs ran in
 the slow instances' pools; at 6 a second that is half an hour a wave, for the same figure (the
 second wave's peak against the first's).
 """
@@ -59,12 +60,15 @@ from services.common import metrics_reader, procfs
 from services.slow.job_store import new_id
 
 TASK_MODULES = "services.slow.tasks,bench.job_tasks"
-RESULT_TTL = 60  # jobs.result_ttl for the bench's fleet: the least the settings take
+RESULT_TTL = 240  # jobs.result_ttl for the bench's fleet: longer than a wave of finished jobs takes
 SETTINGS = {"FLEET_SLOW_TASK_MODULES": TASK_MODULES, "FLEET_JOBS_RESULT_TTL": str(RESULT_TTL)}
 
 SUBMIT_PATH = "/slow/fib/1"  # a trivial job: the figure is the submission's, not the work's
 SUBMIT_RATE = 200
-SUBMIT_SOURCES = 10  # 20 submits a second each: within edge.slow_rate_per_second (50)
+# Submit from as many addresses as keep each within jobs.max_active_per_client (8) while the jobs
+# wait for the runner: a job process each, about 6 end a second, so a submit phase's jobs are nearly
+# all queued at its end. Each address sends far less than edge.slow_rate_per_second (50).
+SUBMITS_PER_SOURCE = 8
 FAST_RATE = 200
 STREAMS_PER_ADDRESS = 25  # within jobs.max_streams_per_client (32)
 ID_SOURCES = 25
@@ -99,7 +103,7 @@ class Profile:
     purge: bool  # wait for the sweep to expire the first wave (result_ttl + up to a sweep's interval)
 
 
-FULL = Profile("full", submits=1000, progress_seconds=20, progress_streams=5, streams=1000, stream_processes=4,
+FULL = Profile("full", submits=600, progress_seconds=20, progress_streams=5, streams=1000, stream_processes=4,
                baseline_seconds=20, streams_seconds=40, cancels_running=10, cancels_queued=20, random_ids=10_000,
                finished_jobs=1000, waves=2, purge=True)
 QUICK = Profile("quick", submits=300, progress_seconds=5, progress_streams=3, streams=1000, stream_processes=4,
@@ -300,6 +304,7 @@ class JobsBench:
         self.slow_port = fleet.settings.instances("slow")[0][1]
         self.workers = fleet.workers  # running slots: the local pool's workers, or the Dask cluster's threads
         self.store_dir = fleet.run_dir / "jobs"
+        self.submit_sources = math.ceil(profile.submits / SUBMITS_PER_SOURCE)
 
     # what the fleet shows
 
@@ -402,7 +407,7 @@ class JobsBench:
 
     async def submit(self) -> dict:
         res = await open_loop(HOST, self.port, [SUBMIT_PATH], SUBMIT_RATE, self.p.submits, 20,
-                              headers="Prefer: respond-async\r\n", sources=addresses(100, SUBMIT_SOURCES),
+                              headers="Prefer: respond-async\r\n", sources=addresses(1000, self.submit_sources),
                               ok_status=202)
         await self.idle(timeout=60 + self.p.submits / DRAIN_RATE)
         return summarize(res[SUBMIT_PATH], ok_status=202)
@@ -683,8 +688,9 @@ def markdown(records: list[dict], agg: dict) -> list[str]:
         "",
         f"`bench/jobs.py` on a fleet of its own: deploy/fleet.toml's defaults (local pool, W = "
         f"{ours[0]['jobs']['workers']} workers, one slow instance) with `slow.task_modules` adding "
-        "`bench/job_tasks.py` (its `stamped` and `blob` tasks) and **`jobs.result_ttl = 60`** (its least, so "
-        "that the purge happens within the run; the default is 3,600); the fast routes' per-client limits lifted "
+        f"`bench/job_tasks.py` (its `stamped` and `blob` tasks) and **`jobs.result_ttl = {RESULT_TTL}`** (longer "
+        "than a wave of finished jobs takes, short enough for the purge to happen within the run; the default is "
+        "3,600); the fast routes' per-client limits lifted "
         "for the bench's own probe as in every fleet here, the job routes' limits kept (clients spread over "
         "loopback addresses within them). Median over the repetitions with (min–max); the targets about "
         "each case (the streams open, each cancel, every id, the slowest purge) are judged on the worst "
@@ -694,7 +700,7 @@ def markdown(records: list[dict], agg: dict) -> list[str]:
         "",
         table(["phase", "what", "figures"], [
             ["submit", f"GET {SUBMIT_PATH} + `Prefer: respond-async`, open loop {SUBMIT_RATE}/s, {p['submits']:,} "
-                       f"from {SUBMIT_SOURCES} addresses",
+                       f"from {math.ceil(p['submits'] / SUBMITS_PER_SOURCE)} addresses",
              f"202 p50 {g('submit_p50')} ms, p99 {g('submit_p99')} ms; answers other than 202: "
              f"{g('submit_not_202', 'int')}"],
             ["progress", f"W `stamped` jobs, {p['progress_streams']} streams each, {p['progress_seconds']:g} s",
