@@ -305,6 +305,8 @@ class JobsBench:
         self.workers = fleet.workers  # running slots: the local pool's workers, or the Dask cluster's threads
         self.store_dir = fleet.run_dir / "jobs"
         self.submit_sources = math.ceil(profile.submits / SUBMITS_PER_SOURCE)
+        # runner-01: its fleet_jobs gauge counts the host's long jobs by state, from the store
+        self.runner_port = fleet.settings.runner.base_port + 1
 
     # what the fleet shows
 
@@ -328,14 +330,15 @@ class JobsBench:
         pid = self.slow_pid()
         return memory.usage([pid])["rss_mb"] if pid else math.nan
 
-    async def metrics(self) -> str:
-        conn = await HttpConnection.open(HOST, self.slow_port)
+    async def metrics(self, port: int | None = None) -> str:
+        """slow-01's /metrics, or another program's of the fleet (the runner's: runner_port)."""
+        conn = await HttpConnection.open(HOST, port or self.slow_port)
         try:
             status, body = await conn.get("/metrics")
         finally:
             conn.close()
         if status != 200:
-            raise RuntimeError(f"slow-01 /metrics answered {status}")
+            raise RuntimeError(f"/metrics on port {port or self.slow_port} answered {status}")
         return body.decode()
 
     async def call(self, method: str, path: str, source: str | None = None, headers: str = "",
@@ -369,16 +372,16 @@ class JobsBench:
 
     async def idle(self, timeout: float = 60) -> None:
         """Every job of the earlier phase ended, every worker serving: the next phase starts clean.
-        Jobs queued for the job runner count too: the slow instance's fleet_jobs gauge, which it
-        refreshes from the store at each of its beats (jobs.lost_after_seconds / 5), so read only
-        once a beat has passed since the phase's last submission."""
+        Jobs queued for the job runner count too: the runner's fleet_jobs gauge, which it refreshes
+        from the store at each of its beats (jobs.lost_after_seconds / 5), so read only once a beat
+        has passed since the phase's last submission."""
         await asyncio.sleep(self.fleet.settings.jobs.lost_after_seconds / 5 + 0.5)
 
         async def check() -> bool:
             h = await self.slow_health()
             if not (h["running"] == 0 and h["waiting"] == 0 and h["pool"]["workers"] == self.workers):
                 return False
-            text = await self.metrics()
+            text = await self.metrics(self.runner_port)
             return all(metrics_reader.total(text, "fleet_jobs", state=state) == 0
                        for state in ("queued", "running", "cancelling"))
         await self.until(check, timeout, "the slow instance idle with every worker", every=0.1)
@@ -607,7 +610,7 @@ class JobsBench:
                 for conn in conns:
                     conn.close()
             await asyncio.sleep(max(0.0, 1 - (time.monotonic() - now)))
-        text = await self.metrics()
+        text = await self.metrics(self.runner_port)  # the runner sweeps the store, and counts its records
         return {"sample": sample, "deadline": deadline, "store_mb": self.store_mb(), "rss_mb": self.rss_mb(),
                 "store_files": self.store_files(),
                 "succeeded_left": metrics_reader.total(text, "fleet_jobs", state="succeeded"),
