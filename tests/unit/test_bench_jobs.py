@@ -21,7 +21,7 @@ def lag(*counts: float) -> dict[str, float]:
 
 def record(rep: int = 0, *, lag_buckets=None, fast_base=1.0, fast=2.0, running_ms=(4.0, 6.0),
            queued=(("cancelled", 1.0),), ids_sent=10_000, not_found=10_000, waves=((1000.0, 60.0), (1010.0, 61.0)),
-           expired_after=(70.0, 100.0)) -> dict:
+           expired_after=(70.0, 100.0), wal_mb=20.0) -> dict:
     """One repetition's raw measurements, shaped as JobsBench writes them."""
     ended = 1000.0
     buckets = lag_buckets or lag(900, 950, 980, 990, 1000, 1000, 1000)
@@ -37,7 +37,8 @@ def record(rep: int = 0, *, lag_buckets=None, fast_base=1.0, fast=2.0, running_m
                    "queued": [{"state": state, "answer_ms": ms} for state, ms in queued]},
         "ids": {"sent": ids_sent, "not_found": not_found, "p99": 3.0},
         "results": {"rss_before_mb": 50.0,
-                    "waves": [{"jobs": 10_000, "seconds": 30, "store_peak_mb": mb, "rss_peak_mb": rss}
+                    "waves": [{"jobs": 10_000, "seconds": 30, "store_peak_mb": mb, "rss_peak_mb": rss,
+                               "wal_peak_mb": wal_mb}
                               for mb, rss in waves],
                     "purge": {"deadline": ended + jobs.RESULT_TTL + 90,
                               "sample": [{"id": str(k), "ended": ended,
@@ -111,6 +112,11 @@ def test_the_store_and_the_instance_must_not_grow_from_one_wave_to_the_next():
     v = verdicts(record(waves=((1000.0, 60.0), (1500.0, 61.0))))
     assert v[target("store's peak")] == "**FAIL**" and v[target("peak RSS")] == "pass"
     assert verdicts(record(waves=((1000.0, 60.0),)))[target("store's peak")] == "not measured"  # --quick: one wave
+
+
+def test_a_write_ahead_log_past_its_cap_fails_whatever_the_records_do():
+    assert verdicts(record(wal_mb=33.5))[target("write-ahead log")] == "pass"
+    assert verdicts(record(wal_mb=40.0))[target("write-ahead log")] == "**FAIL**"
 
 
 def test_a_watched_job_never_seen_expired_counts_until_the_watch_s_end_and_fails_the_purge():
