@@ -315,6 +315,7 @@ NON_SETTING_VARIABLES = frozenset({
     "FLEET_SNAPSHOT",   # a Dask worker's settings.json (services/slow/dask_worker.py)
     "FLEET_MEMBER_OF",  # marks every process of a fleet (deploy/procs.py)
     "FLEET_WORKER_OF",  # marks a pool's workers and their children (services/slow/pool.py)
+    "FLEET_PROGRAM_TMP",  # a program's own temporary directory (services/common/temp_dir.py)
 })
 
 
