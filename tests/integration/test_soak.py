@@ -11,8 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from drills.soak import CHEAP, JOB_CHEAP, JOB_RESTARTS, RESTARTS
 from tests.support.fleet import REPO
+
+# Its faults check timings (a departed client's job must have started, a worker must be back within
+# 1 s): beside another worker's fleet, a job still waiting at its client's hang-up has no worker to kill.
+pytestmark = [pytest.mark.integration, pytest.mark.alone]
 
 
 def test_a_minute_of_load_with_every_fault_loses_nothing_grows_nothing_and_leaves_nothing(private_fleet, tmp_path: Path):
