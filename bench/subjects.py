@@ -149,7 +149,9 @@ class Fleet(Subject):
         planned = load(env=overrides or {})  # instance counts may be overridden (--fleet-env)
         fast, slow = planned.fast.instances, planned.slow.instances
         # edge on base; fast's spare on base+1, fast-01.. after it; slow's spare, then slow-01..
-        base = procs.free_port_block(1 + (fast + 1) + (slow + 1) + 2)  # ... and the job runner's
+        upstreams = planned.upstream.instances
+        # ... and the job runner's, and the upstream service's replicas
+        base = procs.free_port_block(1 + (fast + 1) + (slow + 1) + 2 + upstreams)
         self.env = clean_env()
         # The flood repeats one request; coalesced, it would measure one job per distinct request
         # in flight, not the pool. Peers do not coalesce either (the hot-key scenario turns it on).
@@ -167,6 +169,7 @@ class Fleet(Subject):
             FLEET_FAST_BASE_PORT=str(base + 1),
             FLEET_SLOW_BASE_PORT=str(base + fast + 2),
             FLEET_RUNNER_BASE_PORT=str(base + fast + slow + 3),  # runner-01 on base + fast + slow + 4
+            FLEET_UPSTREAM_BASE_PORT=str(base + fast + slow + 4),  # upstream-01 on base + fast + slow + 5
         )
         dask = self.env.get("FLEET_SLOW_BACKEND") == "dask"
         if dask:  # the cluster's scheduler, dashboard and a port pair per worker

@@ -47,9 +47,10 @@ NO_SNAPSHOT = ("nginx", "dask-scheduler", "job-store")  # programs that neither 
 NGINX_CONF = "nginx/conf/nginx.conf"
 # The fleet's own job store first ("job-store": the slow instances open it as they start), the
 # managed Dask cluster next (they connect to it), the job runner (its restart stops no job), then
-# slow (its instances take longest to start), then fast. Only slow and fast have spares.
-ROLES = ("job", "dask", "runner", "slow", "fast")
-SPARED = ("slow", "fast")
+# slow (its instances take longest to start), the upstream service (the fast instances call it),
+# then fast. Only slow and fast have spares.
+ROLES = ("job", "dask", "runner", "slow", "upstream", "fast")
+SPARED = programs.SPARED
 
 
 def sha(text: str) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 from supervisor.xmlrpc import SupervisorTransport
 
 from deploy import programs, render, store
+from services.common import server
 from services.common.inventory import host_port
 from services.common.settings import REPO_ROOT, Settings
 
@@ -214,14 +215,8 @@ def instance_url(settings: Settings, port: int, path: str = "/healthz", address:
 
 
 def client_context(settings: Settings) -> ssl.SSLContext | None:
-    """TLS for talking to this fleet's instances across hosts: their certificate checked against
-    the fleet's CA, and this host's own shown (they refuse a client without one). None on one host."""
-    if not settings.edge_tls:
-        return None
-    files = settings.tls_files()
-    context = ssl.create_default_context(cafile=str(files["ca"]))
-    context.load_cert_chain(str(files["cert"]), str(files["key"]))
-    return context
+    """TLS for talking to this fleet's instances across hosts (services/common/server.py)."""
+    return server.client_tls_context(settings)
 
 
 def health_url(port: int, address: str = "127.0.0.1") -> str:

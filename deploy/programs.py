@@ -14,6 +14,9 @@ from services.common.inventory import host_port
 from services.common.settings import Settings
 
 
+SPARED = ("slow", "fast")  # roles with a spare instance, nginx's backup server during restarts
+
+
 @dataclass(frozen=True)
 class Program:
     """One instance (or spare) as supervisor runs it: its own [program:<name>] and group."""
@@ -60,21 +63,24 @@ def cluster_programs(settings: Settings) -> list[ClusterProgram]:
 
 
 def programs(settings: Settings) -> list[Program]:
-    """This host's instance programs (the fast and slow roles, and the job runner beside the slow
-    one), the runner first, slow before fast, each role's spare last. The runner has no spare: its
+    """This host's instance programs (the fast and slow roles, the job runner beside the slow one,
+    the upstream service's replicas beside the fast one), the runner first, then slow, upstream
+    and fast, each spared role's spare last. The runner has no spare: its
     restart stops no job (its job processes run on) and delays new ones by its restart alone."""
     found = []
     if settings.inventory.runs("slow"):
         found.append(Program("runner-01", "runner", "1", settings.runner.base_port + 1,
                              math.ceil(settings.runner.drain_timeout + 5)))
-    for role, margin in (("slow", 10), ("fast", 5)):
-        if not settings.inventory.runs(role):
+    for role, margin in (("slow", 10), ("upstream", 5), ("fast", 5)):
+        # The upstream service's replicas run beside the fast instances that call them.
+        if not settings.inventory.runs("fast" if role == "upstream" else role):
             continue
         stopwaitsecs = math.ceil(getattr(settings, role).drain_timeout + margin)
         for number, (name, port) in enumerate(settings.instances(role), start=1):
             found.append(Program(name, role, str(number), port, stopwaitsecs))
-        name, port = settings.spare(role)
-        found.append(Program(name, role, "spare", port, stopwaitsecs))
+        if role in SPARED:  # the upstream has none: its callers send a refused call to another replica
+            name, port = settings.spare(role)
+            found.append(Program(name, role, "spare", port, stopwaitsecs))
     return found
 
 

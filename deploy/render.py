@@ -20,7 +20,7 @@ import jinja2
 
 from deploy import certs, private, privilege, programs, rundir, store
 from services.common.inventory import host_port
-from services.common.settings import REPO_ROOT, Settings, load, real_ip_networks
+from services.common.settings import FAST_READ_TIMEOUT_S, REPO_ROOT, Settings, load, real_ip_networks
 
 HEADER = "# generated from deploy/fleet.toml by deploy/render.py, do not edit"
 
@@ -150,6 +150,7 @@ def context(settings: Settings) -> dict:
         "proxy_bind": None if s.inventory.single else s.inventory.edge.address,
         "upstream_keepalive_timeout": max(1, math.floor(min(s.fast.drain_timeout, s.slow.drain_timeout)) - 1),
         "fail_timeout": FAIL_TIMEOUT_SECONDS,
+        "fast_read_timeout": FAST_READ_TIMEOUT_S,
         "slow_read_timeout": math.ceil(heavy_request),
         "worker_shutdown_timeout": math.ceil(heavy_request + 5),
         "max_per_client": s.slow.max_per_client,

@@ -15,6 +15,7 @@ from services.common import metrics
 from services.common.web import current_request_id
 
 ACCESS_LOGGER = "fleet.access"  # one line per failed request (log_request); rate-limited
+FANOUT_LOGGER = "fleet.fanout"  # one line per fan-out request that was not clean, with its calls; rate-limited
 
 
 class JsonFormatter(logging.Formatter):
@@ -80,6 +81,7 @@ def setup(instance: str, level: int = logging.INFO, failed_request_lines_per_sec
     root.setLevel(level)
     access = logging.getLogger(ACCESS_LOGGER)
     access.filters[:] = [FailedRequestLines(failed_request_lines_per_second)]
+    logging.getLogger(FANOUT_LOGGER).filters[:] = [FailedRequestLines(failed_request_lines_per_second)]
 
 
 def on_request_done(handler) -> None:

@@ -16,6 +16,17 @@ targets file that deploy renders into the run dir (prometheus/targets.json). Fam
                                                                job store, read every 2 s; slow only)
     fleet_jobs_streams_open                                    gauge: event streams open here
     fleet_jobs_store_seconds{operation}                        histogram: a job store call, thread hop included
+    fleet_fanout_call_seconds{upstream,outcome}                histogram: a fast route's call to an upstream,
+                                                               hedge included (services/fanout)
+    fleet_fanout_hedges_total{upstream,event}                  counter: hedges sent, won, cancelled (the loser),
+                                                               denied (over the budget, or the upstream failing)
+    fleet_fanout_breaker_state{upstream}                       gauge: 0 closed, 1 half-open, 2 open
+    fleet_fanout_breaker_opened_total{upstream}                counter: times it opened
+    fleet_fanout_partial_total{route}                          counter: answers sent without an optional part
+    fleet_fanout_pool_wait_seconds                             histogram: a call's wait for a pooled connection
+    fleet_fanout_attempts_in_flight                            gauge: requests to replicas not yet ended
+    fleet_fanout_batch_keys{upstream}                          histogram: distinct keys per multi-get
+    fleet_upstream_served_total{service,kind,outcome}          counter (the upstream service's replicas)
     fleet_event_loop_lag_seconds                               histogram (watchdog.py)
     fleet_event_loop_blocked_total                             counter (watchdog.py)
     process_*, python_*                                        prometheus-client's own collectors
@@ -54,6 +65,22 @@ LOOP_LAG = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 LOOP_BLOCKED = Counter("fleet_event_loop_blocked_total", "Times the event loop was blocked past the threshold")
+
+FANOUT_CALLS = Histogram("fleet_fanout_call_seconds", "A fast route's call to an upstream, hedge included, by outcome",
+                         ["upstream", "outcome"], buckets=BUCKETS)
+FANOUT_HEDGES = Counter("fleet_fanout_hedges_total", "Hedged calls: sent, won, cancelled (the loser), denied",
+                        ["upstream", "event"])
+FANOUT_BREAKER = Gauge("fleet_fanout_breaker_state", "An upstream's circuit breaker: 0 closed, 1 half-open, 2 open",
+                       ["upstream"])
+FANOUT_BREAKER_OPENED = Counter("fleet_fanout_breaker_opened_total", "Times an upstream's circuit breaker opened",
+                                ["upstream"])
+FANOUT_PARTIAL = Counter("fleet_fanout_partial_total", "Answers sent without an optional part, by route", ["route"])
+FANOUT_POOL_WAIT = Histogram("fleet_fanout_pool_wait_seconds", "A call's wait for a pooled connection to an upstream",
+                             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+FANOUT_IN_FLIGHT = Gauge("fleet_fanout_attempts_in_flight",
+                         "Requests to upstream replicas sent and not yet ended (answered, failed or cancelled)")
+FANOUT_BATCH_KEYS = Histogram("fleet_fanout_batch_keys", "Distinct keys per multi-get a fast route sent", ["upstream"],
+                              buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 
 # Labels come from fixed sets only: a label a client could choose (its method, its path) would let
 # one client grow every instance's memory and /metrics without bound.

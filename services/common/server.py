@@ -145,6 +145,18 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def client_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """TLS for talking to this fleet's instances across hosts (deploy's health checks, a fast
+    instance's calls to the upstream service): their certificate checked against the fleet's CA,
+    and this host's own shown (they refuse a client without one). None on one host."""
+    if not settings.edge_tls:
+        return None
+    files = settings.tls_files()
+    context = ssl.create_default_context(cafile=str(files["ca"]))
+    context.load_cert_chain(str(files["cert"]), str(files["key"]))
+    return context
+
+
 async def serve(app: web.Application, instance: Instance) -> None:
     """Listen, serve until SIGTERM or SIGINT, then drain within the instance's drain timeout."""
     # The edge's secret (deploy/private.py): with it a request is the edge's, whose X-Real-IP

@@ -39,6 +39,11 @@ class SettingsError(ValueError):
     """A setting is missing, unknown or out of range; the message names it and what is allowed."""
 
 
+# nginx's proxy_read_timeout for the fast routes (nginx/nginx.conf.j2, location /): a fast route's
+# deadline (fanout.*_deadline_ms) stays a second below it, so the route, not the edge, answers.
+FAST_READ_TIMEOUT_S = 10
+FAST_DEADLINE_MAX_MS = (FAST_READ_TIMEOUT_S - 1) * 1000
+
 MIN_WORKER_RSS_MB = 64  # a worker's cap below this would kill every worker at its first job
 
 
@@ -236,6 +241,33 @@ SCHEMA: dict[str, Spec] = {
     "fast.drain_timeout": Spec(float, 2, 300),
     "fast.event_loop": Spec(str, check=_check_event_loop),
     "fast.sched_slice_us": Spec(int, 0, 100_000),  # services/common/cpu_slice.py
+    # The stand-in backend service the fan-out routes call (services/upstream), and how it behaves.
+    "upstream.instances": Spec(int, 1, 16),
+    "upstream.base_port": Spec(int, 1024, 65000),
+    "upstream.drain_timeout": Spec(float, 2, 300),
+    "upstream.event_loop": Spec(str, check=_check_event_loop),
+    "upstream.latency_ms": Spec(float, 0, 10_000),
+    "upstream.latency_spread": Spec(float, 0, 3),
+    "upstream.straggler_rate": Spec(float, 0, 1),
+    "upstream.straggler_ms": Spec(float, 0, 60_000),
+    "upstream.error_rate": Spec(float, 0, 1),
+    "upstream.max_keys": Spec(int, 1, 10_000),
+    # The fast routes that call backends (services/fanout): deadlines, hedging, breakers, batching.
+    "fanout.profile_deadline_ms": Spec(int, 10, FAST_DEADLINE_MAX_MS),
+    "fanout.search_deadline_ms": Spec(int, 10, FAST_DEADLINE_MAX_MS),
+    "fanout.lookup_deadline_ms": Spec(int, 10, FAST_DEADLINE_MAX_MS),
+    "fanout.search_shards": Spec(int, 1, 64),
+    "fanout.max_connections": Spec(int, 1, 4096, auto=lambda v: 64 * v["fanout.search_shards"]),
+    "fanout.dns_cache_seconds": Spec(float, 0, 3600),
+    "fanout.hedging": Spec(bool),
+    "fanout.hedge_budget": Spec(float, 0, 1),
+    "fanout.hedge_floor_per_second": Spec(float, 0, 1000),
+    "fanout.hedge_percentile": Spec(float, 50, 99.9),
+    "fanout.breaker_failure_rate": Spec(float, 0.05, 1),
+    "fanout.breaker_min_calls": Spec(int, 1, 100_000),
+    "fanout.breaker_window_seconds": Spec(float, 1, 600),
+    "fanout.breaker_open_seconds": Spec(float, 0.1, 600),
+    "fanout.batch_size": Spec(int, 1, 10_000),
     "slow.instances": Spec(int, 1, 16),
     "slow.base_port": Spec(int, 1024, 65000),
     "slow.workers": Spec(int, 1, 256, auto=lambda v: usable_cpus()),
@@ -410,7 +442,11 @@ def _check_consistency(v: Mapping[str, Any]) -> None:
     if runner in fast or runner in slow or runner == v["edge.port"]:
         raise SettingsError(f"the job runner's port {runner} (runner.base_port + 1) is also the edge's or an "
                             "instance's: move runner.base_port")
-    if fast.stop - 1 > 65535 or slow.stop - 1 > 65535:
+    upstream = range(v["upstream.base_port"] + 1, v["upstream.base_port"] + v["upstream.instances"] + 1)
+    if set(upstream) & (set(fast) | set(slow) | {runner, v["edge.port"]}):
+        raise SettingsError(f"the upstream service's ports {upstream.start}-{upstream.stop - 1} (upstream.base_port + 1 "
+                            "..) overlap the edge's, an instance's or the runner's: move upstream.base_port")
+    if fast.stop - 1 > 65535 or slow.stop - 1 > 65535 or upstream.stop - 1 > 65535:
         raise SettingsError("base_port + instances exceeds 65535: lower the base port")
     if v["slow.drain_timeout"] <= v["slow.job_timeout"]:
         raise SettingsError(
@@ -424,7 +460,7 @@ def _check_consistency(v: Mapping[str, Any]) -> None:
         raise SettingsError(f"slow.min_workers ({v['slow.min_workers']}) cannot exceed the jobs an instance "
                             f"can run at once ({heavy_capacity(v)}: slow.workers, or its share of the Dask cluster)")
     if v["jobs.store"] == "redis" and not v["jobs.redis_url"] and v["jobs.redis_port"] in (
-            {v["edge.port"], runner} | set(fast) | set(slow)):
+            {v["edge.port"], runner} | set(fast) | set(slow) | set(upstream)):
         raise SettingsError(f"jobs.redis_port {v['jobs.redis_port']} is also the edge's or an instance's port: move one")
     if v["slow.backend"] == "dask" and not v["dask.allow_insecure"] and _plaintext_beyond_host(v["dask.scheduler"]):
         raise SettingsError(
@@ -432,7 +468,8 @@ def _check_consistency(v: Mapping[str, Any]) -> None:
             "arguments and results in clear, and runs code for anyone who reaches it; use tls:// with the "
             "fleet's certificates (make certs), or set dask.allow_insecure = true to accept it")
     if v["slow.backend"] == "dask" and v["dask.scheduler"] == "managed":
-        used = {"edge.port": {v["edge.port"]}, "fast": set(fast), "slow": set(slow), "runner": {runner}}
+        used = {"edge.port": {v["edge.port"]}, "fast": set(fast), "slow": set(slow), "runner": {runner},
+                "upstream": set(upstream)}
         if v["jobs.store"] == "redis" and not v["jobs.redis_url"]:
             used["jobs.redis_port"] = {v["jobs.redis_port"]}
         dask = {v["dask.scheduler_port"], v["dask.dashboard_port"],

@@ -13,7 +13,9 @@ from tornado import web
 
 from services.common import cpu_slice, server
 from services.common.web import ApiError, BaseHandler, HealthHandler, MetricsHandler, NotFoundHandler
-from services.fast import negative_control
+from services.fanout.client import Upstreams
+from services.fast import fanout_routes, negative_control
+from services.upstream import SERVICES
 
 
 class HelloHandler(BaseHandler):
@@ -86,9 +88,21 @@ def make_app(instance: server.Instance) -> web.Application:
         (r"/healthz", HealthHandler, {"route_pattern": "/healthz"}),
         (r"/metrics", MetricsHandler),
     ]
+    # The fan-out routes, over this host's replicas of the upstream service (services/upstream).
+    upstreams = Upstreams.from_settings(instance.settings, SERVICES)
+    routes += fanout_routes.routes(instance.settings, upstreams)
     if instance.settings.observe.test_routes:
         routes.append((r"/_test/block/([0-9]{1,5})", BlockTheLoopHandler, {"route_pattern": "/_test/block/{ms}"}))
-    return web.Application(routes, default_handler_class=NotFoundHandler, **server.app_settings(instance))
+    return web.Application(routes, default_handler_class=NotFoundHandler, upstreams=upstreams,
+                           **server.app_settings(instance))
+
+
+async def serve(instance: server.Instance) -> None:
+    app = make_app(instance)
+    try:
+        await server.serve(app, instance)
+    finally:
+        await app.settings["upstreams"].pool.close()  # its connections to the upstreams, once drained
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     # Before any thread starts (threads inherit it): a slice shorter than the heavy path's, so a
     # request wakes this loop onto the CPU at once (services/common/cpu_slice.py).
     cpu_slice.request(instance.settings.fast.sched_slice_us)
-    server.run(instance, lambda: server.serve(make_app(instance), instance))
+    server.run(instance, lambda: serve(instance))
 
 
 if __name__ == "__main__":

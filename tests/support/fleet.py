@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.procs import free_port_block
@@ -63,6 +63,9 @@ class Response:
         return json.loads(self.body)
 
 
+UPSTREAM_ROOM = 4  # upstream replicas a test fleet may have
+
+
 @dataclass
 class Fleet:
     run_dir: Path
@@ -71,6 +74,7 @@ class Fleet:
     fast_ports: list[int]
     slow_ports: list[int]
     runner_port: int = 0  # runner-01's /healthz and /metrics
+    upstream_ports: list[int] = field(default_factory=list)  # the upstream service's replicas
 
     @property
     def ports(self) -> list[int]:
@@ -159,6 +163,7 @@ def make_fleet(run_dir: Path, fast: int = 2, slow: int = 1, **overrides: str) ->
     # that the two can never overlap (two random blocks picked one after the other once did, in a
     # run of the whole suite)
     size = 1 + (fast + 3) + (slow + 3) + 2  # ... and the job runner's (runner.base_port + 1)
+    size += 1 + UPSTREAM_ROOM  # ... and the upstream service's replicas (upstream.base_port + 1 ..)
     dask_workers = int(overrides.get("FLEET_DASK_WORKERS", DASK_SETTINGS["FLEET_DASK_WORKERS"]))
     dask_size = 2 + 2 * dask_workers + 4  # scheduler, dashboard, a pair per worker, room
     base = free_port_block(size + dask_size)
@@ -172,6 +177,7 @@ def make_fleet(run_dir: Path, fast: int = 2, slow: int = 1, **overrides: str) ->
         FLEET_SLOW_INSTANCES=str(slow),
         FLEET_SLOW_BASE_PORT=str(base + fast + 4),
         FLEET_RUNNER_BASE_PORT=str(base + fast + slow + 7),  # runner-01 on base + fast + slow + 8
+        FLEET_UPSTREAM_BASE_PORT=str(base + fast + slow + 8),  # upstream-01 on base + fast + slow + 9
     )
     if overrides.get("FLEET_SLOW_BACKEND") == "dask" and "FLEET_DASK_SCHEDULER" not in overrides:
         dask = base + size
@@ -187,4 +193,6 @@ def make_fleet(run_dir: Path, fast: int = 2, slow: int = 1, **overrides: str) ->
         fast_ports=[base + 1 + i for i in range(1, fast + 1)],
         slow_ports=[base + fast + 4 + i for i in range(1, slow + 1)],
         runner_port=base + fast + slow + 8,
+        upstream_ports=[base + fast + slow + 8 + i
+                        for i in range(1, int(env.get("FLEET_UPSTREAM_INSTANCES", "2")) + 1)],
     )

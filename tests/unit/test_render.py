@@ -113,8 +113,12 @@ def test_supervisor_runs_each_instance_with_a_stop_wait_longer_than_its_drain(tm
     parser.read_string(render.render(s)["supervisord.conf"])
     programs = [name for name in parser.sections() if name.startswith("program:")]
     # One program (one supervisor group) per instance, so that each can be replaced on its own.
+    # The upstream service's replicas, beside the fast instances that call them, have no spare.
     assert sorted(programs) == sorted(["program:nginx", "program:runner-01", "program:slow-01", "program:slow-spare",
+                                       "program:upstream-01", "program:upstream-02",
                                        "program:fast-01", "program:fast-02", "program:fast-03", "program:fast-spare"])
+    upstream = parser["program:upstream-02"]["command"]
+    assert "-m services.upstream " in upstream and upstream.endswith("--instance 2")
     assert parser["program:fast-03"]["command"].endswith("--instance 3")
     assert parser["program:fast-spare"]["autostart"] == "false" and parser["program:fast-01"]["autostart"] == "true"
     assert int(parser["program:slow-01"]["stopwaitsecs"]) > 40
@@ -245,7 +249,8 @@ def host_part(tmp_path, host, **env):
 def test_each_host_renders_only_its_part_bound_to_its_address(tmp_path):
     files, web1 = host_part(tmp_path, "web1")
     assert set(web1) == {"nginx", "dask-scheduler", "runner-01", "slow-01", "slow-spare", "fast-01", "fast-02",
-                         "fast-spare"}
+                         "fast-spare", "upstream-01", "upstream-02"}
+    assert "services.upstream" in web1["upstream-01"]
     # Dashboards (task names, logs, stacks; no login) stay on loopback unless exposed on purpose.
     assert "--host 10.77.0.1 --port 8786 --dashboard-address 127.0.0.1:8787" in web1["dask-scheduler"]
     exposed = host_part(tmp_path, "web1", FLEET_DASK_EXPOSE_DASHBOARDS="true")[1]

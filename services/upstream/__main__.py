@@ -1,0 +1,3 @@
+from services.upstream.app import main
+
+main()
