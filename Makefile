@@ -4,11 +4,15 @@ SHELL := bash
 PY := .venv/bin/python
 BOOTSTRAP := deploy/bootstrap.sh
 LOCUST := .venv/bin/locust
-# The fleet's fast routes for the isolation check (locustfile.py alone defaults to GET /fast only);
+# The fleet's fast routes for the isolation check (locustfile.py alone defaults to GET /fast only),
+# a fan-out route among them (GET /profile/42 calls the upstream service five times);
 # LOAD_OPTS passes more Locust options, e.g. make load-check LOAD_OPTS="--mixed-seconds 60".
 # LOCUST_WORKERS=N (N >= 0) runs Locust as a master with N worker processes (--processes N) for
 # load beyond one core; 0 or unset is one process. Workers on other hosts: README.md, "Prove it".
-FAST_ROUTES := GET /fast, POST /echo
+FAST_ROUTES := GET /fast, POST /echo, GET /profile/42
+# Each fast user sends every route FAST_RATE times a second: 10 users x 3 routes x 3 = 90 requests
+# a second, under the edge's 100 a second per client (the fast users share one address).
+FAST_RATE := 3
 # The heavy flood against the fleet: distinct work in every request ({random}), which the fleet's
 # compute-once cannot merge (a flood of identical /slow/fib/30 would be a few shared jobs).
 HEAVY_MIX := /slow/digest/300000?data={random}:3,/slow/digest/1000000?data={random}:1,/slow/fib/25:1
@@ -97,7 +101,7 @@ load: bootstrap ## Locust's web UI on http://127.0.0.1:8089 (host preset to the 
 	@$(FLEET_UP_IF_DOWN)
 	@edge=$$($(EDGE_URL)); echo "Locust web UI: http://127.0.0.1:8089  (host $$edge; start the shaped run, then open the Isolation tab)"; \
 	exec $(LOCUST) -f locustfile.py $(LOCUST_PROCESSES) --web-host 127.0.0.1 --web-port 8089 --host "$$edge" \
-	    --fast-routes "$(FAST_ROUTES)" --heavy-mix "$(HEAVY_MIX)" $(LONG_JOBS) $(LOAD_OPTS)
+	    --fast-routes "$(FAST_ROUTES)" --fast-rate $(FAST_RATE) --heavy-mix "$(HEAVY_MIX)" $(LONG_JOBS) $(LOAD_OPTS)
 
 load-check: bootstrap ## Headless isolation proof against the fleet: per-phase table, report in the run dir, exit code = verdict; LOCUST_WORKERS=N
 	@$(CHECK_LOCUST_WORKERS)
@@ -105,7 +109,7 @@ load-check: bootstrap ## Headless isolation proof against the fleet: per-phase t
 	@$(FLEET_UP_IF_DOWN)
 	@run=$${FLEET_RUN_DIR:-.run}; edge=$$($(EDGE_URL)); mkdir -p "$$run"; \
 	echo "isolation check against $$edge$(if $(LOCUST_PROCESSES), with $(LOCUST_WORKERS) Locust worker processes) (about 80 s; report: $$run/load-check.html, CSVs: $$run/load-check_*.csv)"; \
-	$(LOCUST) -f locustfile.py $(LOCUST_PROCESSES) --headless --only-summary --host "$$edge" --fast-routes "$(FAST_ROUTES)" --heavy-mix "$(HEAVY_MIX)" $(LONG_JOBS) \
+	$(LOCUST) -f locustfile.py $(LOCUST_PROCESSES) --headless --only-summary --host "$$edge" --fast-routes "$(FAST_ROUTES)" --fast-rate $(FAST_RATE) --heavy-mix "$(HEAVY_MIX)" $(LONG_JOBS) \
 	    --html "$$run/load-check.html" --csv "$$run/load-check" $(LOAD_OPTS)
 
 bootstrap:

@@ -9,8 +9,9 @@ ran: the slow instance's Dask client, a Dask worker, a job process picked at its
 Since 6.12 a task may ask for a shorter slice (sched_setattr's sched_runtime, 0.1-100 ms), and a
 woken task whose slice is shorter than the running one's may preempt it at once (PREEMPT_SHORT:
 when the woken task is owed CPU time and its deadline comes first). The
-fast instances and nginx (through its launcher: a slice is inherited by every process and thread
-forked after) ask for `fast.sched_slice_us`; the heavy path keeps the kernel's default.
+fast instances, the upstream service's replicas they call, and nginx (through its launcher: a slice
+is inherited by every process and thread forked after) ask for `fast.sched_slice_us`; the heavy
+path keeps the kernel's default.
 
 Measured (python -m bench.levers sched, bench/results/sched.md, README "Benchmark"): perf sched
 under the heavy flood showed the fast path waiting 4.7-9.3 ms a second behind the Dask backend's

@@ -76,21 +76,23 @@ class BlockTheLoopHandler(BaseHandler):
 
 
 def make_app(instance: server.Instance) -> web.Application:
+    # The fan-out routes, over this host's replicas of the upstream service (services/upstream).
+    upstreams = Upstreams.from_settings(instance.settings, SERVICES)
+    fanout = fanout_routes.routes(instance.settings, upstreams)
     hello, echo = HelloHandler, EchoHandler
     observe = instance.settings.observe
     if observe.test_fast_delay_ms:  # the isolation check's negative controls: a fleet that must FAIL it
         sabotage = negative_control.Sabotage(negative_control.HeavyJobSensor(instance.settings),
                                              observe.test_fast_delay_ms, observe.test_fast_delay_every)
         hello, echo = (negative_control.delayed(h, sabotage) for h in (hello, echo))
+        fanout = [(path, negative_control.delayed(h, sabotage), kwargs) for path, h, kwargs in fanout]
     routes = [
         (r"/fast", hello, {"route_pattern": "/fast"}),
         (r"/echo", echo, {"route_pattern": "/echo", "max_body_bytes": instance.settings.edge.echo_max_body_kb * 1024}),
         (r"/healthz", HealthHandler, {"route_pattern": "/healthz"}),
         (r"/metrics", MetricsHandler),
+        *fanout,
     ]
-    # The fan-out routes, over this host's replicas of the upstream service (services/upstream).
-    upstreams = Upstreams.from_settings(instance.settings, SERVICES)
-    routes += fanout_routes.routes(instance.settings, upstreams)
     if instance.settings.observe.test_routes:
         routes.append((r"/_test/block/([0-9]{1,5})", BlockTheLoopHandler, {"route_pattern": "/_test/block/{ms}"}))
     return web.Application(routes, default_handler_class=NotFoundHandler, upstreams=upstreams,

@@ -290,7 +290,7 @@ def test_a_reload_restarts_the_dask_workers_one_at_a_time_failing_no_accepted_jo
 def test_a_stop_answers_the_job_in_flight_and_stops_the_parts_in_order(private_dask_fleet):
     """`make stop` stops the parts a tier at a time: the job runner first (and its job processes,
     which it would otherwise start again), then in supervisord's shutdown order: nginx, the fast
-    instances, the slow instances (which drain: their jobs still need the cluster), the Dask
+    instances, the upstream service they call, the slow instances (which drain: their jobs still need the cluster), the Dask
     workers, the scheduler. A job accepted before the stop is answered."""
     fleet = private_dask_fleet()
     with ThreadPoolExecutor(1) as pool:
@@ -301,7 +301,7 @@ def test_a_stop_answers_the_job_in_flight_and_stops_the_parts_in_order(private_d
         assert job.result().status == 200, job.result().body
     log = (fleet.run_dir / "logs" / "supervisord.log").read_text()
     stopped = re.findall(r"INFO stopped: (\S+) \(", log)
-    tier = {"runner": 0, "nginx": 1, "fast": 2, "slow": 3, "dask-worker": 4, "dask-scheduler": 5}
+    tier = {"runner": 0, "nginx": 1, "fast": 2, "upstream": 2.5, "slow": 3, "dask-worker": 4, "dask-scheduler": 5}
     tiers = [tier[next(prefix for prefix in sorted(tier, key=len, reverse=True) if name.startswith(prefix))]
              for name in stopped]
     assert tiers == sorted(tiers) and set(tiers) == set(tier.values()), stopped

@@ -159,8 +159,10 @@ def jobs_by_host(hosts: Hosts, count: int) -> dict[str, int]:
 # each host runs its part ------------------------------------------------------------------------
 
 def test_each_host_runs_only_its_part_bound_to_its_own_address(hosts):
-    for host, wanted in (("web1", {"nginx", "fast-01", "fast-02", "slow-01", "runner-01", "dask-scheduler"}),
-                         ("web2", {"fast-01", "fast-02", "slow-01", "runner-01"}), ("db1", {"job-store"}),
+    # The upstream service's replicas run beside the fast instances that call them.
+    upstream = {"upstream-01", "upstream-02"}
+    for host, wanted in (("web1", {"nginx", "fast-01", "fast-02", "slow-01", "runner-01", "dask-scheduler", *upstream}),
+                         ("web2", {"fast-01", "fast-02", "slow-01", "runner-01", *upstream}), ("db1", {"job-store"}),
                          ("heavy1", {"dask-worker-01"}), ("heavy2", {"dask-worker-01"})):
         conf = (hosts.run_dir(host) / "supervisord.conf").read_text()
         programs = {line[len("[program:"):-1] for line in conf.splitlines() if line.startswith("[program:")}
@@ -179,6 +181,10 @@ def test_each_host_runs_only_its_part_bound_to_its_own_address(hosts):
 
 def test_the_contract_holds_through_the_edge_and_heavy_jobs_run_on_the_heavy_hosts(hosts):
     assert hosts.request("/fast").body == b"Hello!"
+    # A fan-out route: each web host's fast instances call their own host's replicas, over TLS.
+    profiles = [hosts.request(f"/profile/{i}") for i in range(4)]
+    assert all(p.status == 200 and not p.json()["partial"] for p in profiles), [p.body for p in profiles]
+    assert {p.headers["x-served-by"].split("/")[0] for p in profiles} == {"web1", "web2"}
     assert hosts.request("/slow/fib/20").json()["result"] == 6765
     bad = hosts.request("/slow/fib/abc")
     assert bad.status == 400 and bad.json()["error"] == "bad_argument"

@@ -183,9 +183,12 @@ def test_status_shows_each_instance_s_load_from_its_metrics(fleet: Fleet):
 def test_a_prometheus_targets_file_lists_every_instance(fleet: Fleet):
     groups = json.loads((fleet.run_dir / "prometheus" / "targets.json").read_text())
     targets = {t for g in groups for t in g["targets"]}
-    assert targets == {f"127.0.0.1:{p}" for p in fleet.fast_ports + fleet.slow_ports + [fleet.runner_port]}
+    assert targets == {f"127.0.0.1:{p}" for p in fleet.fast_ports + fleet.slow_ports + [fleet.runner_port]
+                       + fleet.upstream_ports}
     runner = next(g for g in groups if g["targets"] == [f"127.0.0.1:{fleet.runner_port}"])
     assert runner["labels"]["role"] == "runner"  # the jobs by state are its reading (fleet_jobs)
+    upstream = next(g for g in groups if g["targets"] == [f"127.0.0.1:{fleet.upstream_ports[0]}"])
+    assert upstream["labels"]["role"] == "upstream"  # the replicas' calls served (fleet_upstream_served_total)
 
 
 # bounded logs ---------------------------------------------------------------------------------------
