@@ -128,6 +128,8 @@ bench: bootstrap ## Benchmark the fleet against naive, pool, the peers (FastAPI,
 	@# document 000's two experiments (bench/doc000.py).
 	@$(PY) -m bench.levels $(if $(findstring --quick,$(BENCH_ARGS)),--quick --out bench/results-quick,--out bench/results)
 	@$(PY) -m bench.doc000 $(if $(findstring --quick,$(BENCH_ARGS)),--repeat 1 --out bench/results-quick/doc000.md,--out bench/results/doc000.md)
+	@# The fan-out routes at fixed rates, hedging on and off (bench/fanout.py; about 40 min).
+	@$(PY) -m bench.fanout $(if $(findstring --quick,$(BENCH_ARGS)),--quick --out bench/results-quick,--out bench/results)
 
 help: ## This list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'

@@ -35,4 +35,8 @@ Modules, one role each:
     levels       `python -m bench.levels`: fast p50/p99 at fixed rates up to saturation, idle and
                  under the flood, per configuration (results/levels.md, levels.png)
     doc000       `python -m bench.doc000`: source document 000's experiments (results/doc000.md)
+    fanout       `python -m bench.fanout`: the fan-out routes at fixed rates, hedging on and off, against
+                 issue 28's targets (results/fanout.md, fanout.png)
+    fanout_clients  `python bench/fanout_clients.py`: the outgoing HTTP clients compared (tornado's two,
+                 httpx, aiohttp; results/fanout_clients.md), which chose aiohttp
 """

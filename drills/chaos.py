@@ -49,6 +49,7 @@ class Result:
 SCENARIOS = (
     Fault("drain-fast", faults.drain_fast, frozenset()),
     Fault("kill-fast", faults.kill_fast, frozenset({"fast POST"})),
+    Fault("kill-upstream", faults.kill_upstream, frozenset()),  # the fan-out route's answers stay whole
     Fault("kill-slow-worker", faults.kill_slow_worker, frozenset({"slow"})),
     Fault("kill-slow", faults.kill_slow_instance, frozenset({"slow"})),
     Fault("kill-nginx", faults.kill_nginx_master, frozenset()),

@@ -109,6 +109,15 @@ def kill_fast(settings: Settings, load: SteadyLoad) -> str:
     return f"kill -9 {name}"
 
 
+def kill_upstream(settings: Settings, load: SteadyLoad) -> str:
+    """kill -9 of a replica of the upstream service the fan-out routes call: its calls in flight
+    and its kept-alive connections go unanswered, and the fast instances send them to the other
+    replica at once; supervisor starts it again."""
+    name = settings.instances("upstream")[0][0]
+    os.kill(pid_of(settings, name), signal.SIGKILL)
+    return f"kill -9 {name}"
+
+
 def kill_slow_worker(settings: Settings, load: SteadyLoad) -> str:
     port = settings.instances("slow")[0][1]
     for _ in range(50):

@@ -46,11 +46,14 @@ class Route:
     rate: float  # requests per second, per client
     clients: int = 1
     body: bytes | None = None
+    partial_is_error: bool = False  # a fan-out route: a 200 with "partial": true is not a success
 
 
 DEFAULT_ROUTES = (
     Route("fast GET /fast", "fast", "GET", "/fast", rate=25, clients=4),
     Route("fast POST /echo", "fast", "POST", "/echo", rate=10, clients=2, body=b"x" * 512),
+    # A fan-out route (five calls to the upstream service): a partial answer counts as an error.
+    Route("fast GET /profile", "fast", "GET", "/profile/7", rate=5, clients=2, partial_is_error=True),
     Route("slow GET /slow/fib/18", "slow", "GET", "/slow/fib/18", rate=5, clients=2),
     Route("slow POST /slow/pbkdf2", "slow", "POST", "/slow/pbkdf2", rate=3, clients=1,
           body=b'{"password": "hunter2", "rounds": 2000}'),
@@ -70,7 +73,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.status == 200
+        return self.status == 200 and not self.error  # a partial fan-out answer has an error
 
 
 @dataclass
@@ -207,8 +210,12 @@ def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:
 
 def _outcome(route: Route, started: float, status: int, data: bytes, retried: bool) -> Outcome:
     seconds = time.monotonic() - started
-    if status == 200:
+    if status == 200 and not (route.partial_is_error and b'"partial": true' in data):
         return Outcome(route, started, status, retried=retried, seconds=seconds)
+    if status == 200:  # a fan-out route's answer without some of its parts: named, and never lost
+        missing = json.loads(data).get("missing", {})
+        return Outcome(route, started, status, "partial: " + ", ".join(f"{k} {v}" for k, v in missing.items()),
+                       json_error=True, retried=retried, seconds=seconds)
     try:
         body = json.loads(data)
         return Outcome(route, started, status, body.get("error", "?"), json_error=True, retried=retried,

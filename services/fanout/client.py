@@ -190,11 +190,12 @@ class Upstream:
     async def get(self, path: str, ctx) -> Any:
         """The JSON an upstream answers for GET `path`, within the request's deadline (ctx.deadline).
         Raises CallFailed; every attempt it started has ended when it returns or raises."""
-        loop = asyncio.get_running_loop()
-        record = SubCall(self.name, path, loop.time())
+        # time.monotonic(), the deadline's clock: uvloop's loop.time() is in whole milliseconds,
+        # read once per turn of the loop.
+        record = SubCall(self.name, path, time.monotonic())
         ctx.calls.append(record)
         try:
-            value = await self._get(path, ctx, record, loop)
+            value = await self._get(path, ctx, record)
             record.outcome = "ok"
             return value
         except CallFailed as failed:
@@ -205,7 +206,7 @@ class Upstream:
             # is the upstream's timeout; earlier (the client left, a required sibling failed), or
             # with less time than that, it says nothing about the upstream.
             given = ctx.deadline.at - record.started
-            if loop.time() >= ctx.deadline.at - DEADLINE_SLACK and given >= self.fair_time():
+            if time.monotonic() >= ctx.deadline.at - DEADLINE_SLACK and given >= self.fair_time():
                 record.outcome = "timeout"
                 self.breaker.failed()
             else:
@@ -213,13 +214,13 @@ class Upstream:
                 self.breaker.neutral()
             raise
         finally:
-            record.ms = 1000 * (loop.time() - record.started)
+            record.ms = 1000 * (time.monotonic() - record.started)
             self.calls[record.outcome or "cancelled"].observe(record.ms / 1000)
 
-    async def _get(self, path: str, ctx, record: SubCall, loop) -> Any:
+    async def _get(self, path: str, ctx, record: SubCall) -> Any:
         if not self.breaker.allows():
             raise CallFailed(self.name, "refused", "its circuit breaker is open (it was failing); not called")
-        started = loop.time()
+        started = time.monotonic()
         given = ctx.deadline.at - started
         if given < self.minimum_time():
             self.breaker.neutral()
@@ -241,7 +242,7 @@ class Upstream:
         send(order[0])
         try:
             while attempts:
-                now = loop.time()
+                now = time.monotonic()
                 if now >= ctx.deadline.at:
                     break
                 wait = ctx.deadline.at - now
@@ -250,8 +251,8 @@ class Upstream:
                     wait = min(wait, max(0.0, started + hedge_at - now))
                 done, _ = await asyncio.wait(attempts, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if not done:
-                    if can_hedge and loop.time() >= started + hedge_at:
-                        if ctx.deadline.at - loop.time() < self.minimum_time() or not self.breaker.healthy:
+                    if can_hedge and time.monotonic() >= started + hedge_at:
+                        if ctx.deadline.at - time.monotonic() < self.minimum_time() or not self.breaker.healthy:
                             hedge_at = None  # it could not answer in time any more; or the upstream is failing
                             self.hedges["denied"].inc()
                         elif self.budget.try_spend():
@@ -283,6 +284,8 @@ class Upstream:
                         send(order[tried])  # no answer: the next replica, at once, no hedge spent
                     elif isinstance(error, Answered):
                         answered_with = error
+                    elif not isinstance(error, Unreachable):
+                        raise error  # a bug: the route's 500, with its traceback in the log
             # No answer: every attempt failed, or the deadline came (an upstream that was told the
             # time left, X-Request-Deadline-Ms, answers 504 at it: a timeout too, not an error).
             if answered_with is not None and not attempts and answered_with.status != 504:

@@ -110,3 +110,20 @@ def test_other_failures_in_a_reloads_window_still_count_as_lost_or_failed():
     error = Outcome(GET, 10.1, 502, "bad_gateway", json_error=True)
     t = Tally.of([timeout, error], reloads=reloads)
     assert (t.lost, t.failed, t.reload_races) == (1, 1, 0)
+
+
+PROFILE = Route("fast GET /profile", "fast", "GET", "/profile/7", rate=1, clients=1, partial_is_error=True)
+
+
+def test_a_partial_fan_out_answer_is_an_error_named_by_what_it_missed():
+    from drills.loadgen import _outcome
+
+    whole = _outcome(PROFILE, 0.0, 200, b'{"user": {}, "partial": false, "missing": {}}', retried=False)
+    partial = _outcome(PROFILE, 0.0, 200, b'{"user": {}, "partial": true, "missing": {"recs": "timeout"}}',
+                       retried=False)
+    assert whole.ok and not partial.ok
+    assert partial.json_error and partial.error == "partial: recs timeout"
+    assert Tally.of([whole, partial]).failed == 1  # no fault may reach it: a failure
+    assert Tally.of([partial], may_hit=frozenset({"fast"})).hit == 1
+    # A route that is not a fan-out one is judged by its status alone.
+    assert _outcome(GET, 0.0, 200, b'{"partial": true}', retried=False).ok
