@@ -20,7 +20,8 @@ GOOD = {
                  "p50_ms": 5.0, "max_ms": 318.0, "left_in_flight": 0},
     "outage": {"opened_after_s": 1.5, "posts_hedges": 60, "posts_calls": 3000, "seconds": 60, "warmup_profiles": 200,
                "posts_served": 300, "profiles": 3000, "amplification": 0.1},
-    "batch": {"requests": 100, "multigets_min": 2, "multigets_max": 2, "keys_asked_twice_or_missing": 0},
+    "batch": {"requests": 100, "multigets_min": 2, "multigets_max": 2, "keys_min": 150, "keys_max": 150,
+              "received_max": 3, "hedged_copies": 1},
     "wide": {"pool_waits": 0, "pool_wait_p99_ms": 0.0, "errors": 0, "statuses": {200: 2000}},
 }
 
@@ -56,6 +57,7 @@ def test_each_missed_target_fails_its_row_alone():
         (("outage", "opened_after_s"), None, "one upstream 100 % slow"),
         (("outage", "amplification"), 1.2, "one upstream 100 % slow"),
         (("batch", "multigets_max"), 3, "200 lookups of 150 keys"),
+        (("batch", "keys_max"), 200, "200 lookups of 150 keys"),
         (("wide", "pool_wait_p99_ms"), 5.0, "50 at once x 20-way"),
     ]
     for path, value, row in cases:
