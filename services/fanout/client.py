@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 
@@ -99,10 +100,11 @@ class Replica:
 class Pool:
     """The instance's one aiohttp session: a bounded pool of kept-alive connections to every replica."""
 
-    def __init__(self, max_connections: int, dns_cache_seconds: float, ssl_context) -> None:
+    def __init__(self, max_connections: int, dns_cache_seconds: float,
+                 tls: Callable[[], ssl.SSLContext | None] = lambda: None) -> None:
         self.max_connections = max_connections
         self.dns_cache_seconds = dns_cache_seconds
-        self.ssl_context = ssl_context
+        self.tls = tls  # read on first use: an app built without its host's certificates still builds
         self.session: aiohttp.ClientSession | None = None
 
     def get_session(self) -> aiohttp.ClientSession:
@@ -111,12 +113,13 @@ class Pool:
             trace = aiohttp.TraceConfig()
             trace.on_connection_queued_start.append(self._queued)
             trace.on_connection_queued_end.append(self._dequeued)
+            ssl_context = self.tls()
             connector = aiohttp.TCPConnector(
                 limit=self.max_connections,  # every upstream together; a call beyond it waits (measured)
                 limit_per_host=0,
                 use_dns_cache=self.dns_cache_seconds > 0,
                 ttl_dns_cache=self.dns_cache_seconds or None,
-                ssl=self.ssl_context if self.ssl_context is not None else False,
+                ssl=ssl_context if ssl_context is not None else False,
                 keepalive_timeout=30,
             )
             self.session = aiohttp.ClientSession(
@@ -342,5 +345,5 @@ class Upstreams(dict):
         scheme = "https" if settings.edge_tls else "http"  # across hosts every instance speaks TLS
         replicas = [Replica(name, f"{scheme}://{host_port(settings.address, port)}")
                     for name, port in settings.instances("upstream")]
-        pool = Pool(f.max_connections, f.dns_cache_seconds, server.client_tls_context(settings))
+        pool = Pool(f.max_connections, f.dns_cache_seconds, lambda: server.client_tls_context(settings))
         return cls({name: Upstream(name, replicas, pool, f) for name in services}, pool)

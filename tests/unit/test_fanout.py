@@ -221,7 +221,7 @@ def test_a_straggling_replica_is_hedged_and_the_loser_cancelled():
     async def main():
         async with replicas() as found:
             (r1, s1), (r2, s2) = found
-            pool = Pool(100, 10, None)
+            pool = Pool(100, 10)
             users = make_upstream("users", [r1, r2], pool)
             warm(users)
             slow(s1, "users", 2000)
@@ -246,7 +246,7 @@ def test_a_refused_connection_goes_to_the_next_replica_without_spending_a_hedge(
             dead = socket.socket()
             dead.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
             gone = Replica("upstream-02", f"http://127.0.0.1:{dead.getsockname()[1]}")
-            pool = Pool(100, 10, None)
+            pool = Pool(100, 10)
             users = make_upstream("users", [gone, r1], pool)
             users.budget.tokens = 0
             ctx = Context(Deadline.start(300, None), "test")
@@ -262,7 +262,7 @@ def test_at_the_deadline_every_attempt_is_cancelled_and_nothing_is_left_in_fligh
     async def main():
         async with replicas() as found:
             (r1, s1), (r2, s2) = found
-            pool = Pool(100, 10, None)
+            pool = Pool(100, 10)
             recs = make_upstream("recs", [r1, r2], pool)
             warm(recs)
             for s in (s1, s2):
@@ -290,7 +290,7 @@ def test_over_its_budget_a_call_waits_for_its_straggler_instead_of_hedging():
     async def main():
         async with replicas() as found:
             (r1, s1), (r2, s2) = found
-            pool = Pool(100, 10, None)
+            pool = Pool(100, 10)
             posts = make_upstream("posts", [r1, r2], pool, hedge_budget=0.0, hedge_floor_per_second=0.0)
             posts.budget.tokens = 0
             warm(posts)
@@ -310,7 +310,7 @@ def test_an_upstream_that_keeps_failing_is_cut_off_by_its_breaker():
             (r1, s1), (r2, s2) = found
             for s in (s1, s2):
                 s.behaviours["items"] = s.behaviours["items"].changed({"error_rate": 1})
-            pool = Pool(100, 10, None)
+            pool = Pool(100, 10)
             items = make_upstream("items", [r1, r2], pool, breaker_min_calls=5)
             outcomes = []
             for _ in range(8):
@@ -329,7 +329,7 @@ def test_lookups_of_one_turn_become_multigets_each_key_once():
     async def main():
         async with replicas() as found:
             (r1, s1), (r2, s2) = found
-            pool = Pool(100, 10, None)
+            pool = Pool(100, 10)
             items = make_upstream("items", [r1, r2], pool)
             ctx = Context(Deadline.start(1000, None), "test")
             loader = Loader(items, ctx, batch_size=100)
