@@ -185,6 +185,15 @@ class Upstream:
         """A call cut off after at least this long without an answer counts against the upstream."""
         return max(FAIR_TIME_FLOOR, 2 * (self.estimate.percentile(99) or 0))
 
+    def timed_out(self, given: float) -> bool:
+        """A call that had `given` seconds ended without an answer: the upstream's failure if that
+        was at least its fair time (the breaker counts it), else nothing said about it."""
+        if given >= self.fair_time():
+            self.breaker.failed()
+            return True
+        self.breaker.neutral()
+        return False
+
     def order(self) -> list[Replica]:
         start = self.next_replica
         self.next_replica = (start + 1) % len(self.replicas)
@@ -208,13 +217,11 @@ class Upstream:
             # The request ended the call. At its deadline, after the upstream had its fair time, it
             # is the upstream's timeout; earlier (the client left, a required sibling failed), or
             # with less time than that, it says nothing about the upstream.
-            given = ctx.deadline.at - record.started
-            if time.monotonic() >= ctx.deadline.at - DEADLINE_SLACK and given >= self.fair_time():
-                record.outcome = "timeout"
-                self.breaker.failed()
-            else:
-                record.outcome = "cancelled"
+            if time.monotonic() < ctx.deadline.at - DEADLINE_SLACK:
                 self.breaker.neutral()
+                record.outcome = "cancelled"
+            else:
+                record.outcome = "timeout" if self.timed_out(ctx.deadline.at - record.started) else "cancelled"
             raise
         finally:
             record.ms = 1000 * (time.monotonic() - record.started)
@@ -297,10 +304,7 @@ class Upstream:
             if not attempts and answered_with is None:
                 self.breaker.failed()
                 raise CallFailed(self.name, "unavailable", f"no replica answered ({tried} unreachable)")
-            if given >= self.fair_time():
-                self.breaker.failed()
-            else:
-                self.breaker.neutral()
+            self.timed_out(given)
             raise CallFailed(self.name, "timeout", f"no answer within the {1000 * given:.0f} ms left")
         finally:
             for task in attempts:  # the losers, and every attempt at the deadline

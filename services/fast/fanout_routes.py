@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 from collections import Counter
 from typing import Any
 
@@ -28,10 +27,10 @@ from services.fanout.client import CallFailed, Upstreams
 from services.fanout.deadline import HEADER, BadDeadline, Deadline
 from services.fanout.loader import Loader
 from services.fanout.scope import Context, FanOut, RequiredFailed
+from services.upstream import KEY
 
 log = logging.getLogger(logs.FANOUT_LOGGER)
 
-KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MAX_LOOKUP_KEYS = 1000
 MAX_QUERY_CHARS = 200
 

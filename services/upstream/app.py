@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import random
-import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -32,9 +31,8 @@ from tornado import web
 
 from services.common import cpu_slice, server
 from services.common.web import ApiError, BaseHandler, HealthHandler, MetricsHandler, NotFoundHandler
-from services.upstream import SERVICES
+from services.upstream import KEY, SERVICES
 
-KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 FRIENDS_PER_USER = 10
 
 CALLS = Counter("fleet_upstream_served_total", "Calls this replica answered, by service, kind and outcome",

@@ -191,10 +191,9 @@ def _replica_state(app) -> upstream_app.Replica:
 
 
 def make_upstream(name: str, reps: list[Replica], pool: Pool, **fanout) -> Upstream:
-    values = dict(SETTINGS.values)
-    values.update({f"fanout.{k}": v for k, v in fanout.items()})
-    section = type("Section", (), {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("fanout.")})
-    return Upstream(name, reps, pool, section)
+    """An upstream with the [fanout] settings, `fanout` overriding some (fanout.<key>)."""
+    settings = load(env={f"FLEET_FANOUT_{key.upper()}": str(value) for key, value in fanout.items()})
+    return Upstream(name, reps, pool, settings.fanout)
 
 
 def warm(upstream: Upstream, seconds: float = 0.003, count: int = 100) -> None:
