@@ -38,7 +38,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from deploy import control, log_rotation, programs
+from deploy import log_rotation, programs
 from deploy.procs import processes_of
 from services.common import cpu_slice, procfs
 from services.common.settings import Settings
@@ -115,7 +115,13 @@ def wait_for_upstreams(settings: Settings, timeout: float = UPSTREAM_WAIT) -> No
     own = settings.address
     waiting = [where for role in ("fast", "slow") for _, where in programs.upstream(settings, role)
                if where.rsplit(":", 1)[0].strip("[]") == own]
-    scheme, context = ("https", control.client_context(settings)) if settings.edge_tls else ("http", None)
+    if settings.edge_tls:
+        # Imported here: deploy.control brings the renderers, jinja2, tornado and cryptography, 18 MB
+        # of a process that lives as long as nginx, for one TLS context needed only across hosts.
+        from deploy import control
+        scheme, context = "https", control.client_context(settings)
+    else:
+        scheme, context = "http", None
     deadline = time.monotonic() + timeout
     while waiting and time.monotonic() < deadline:
         waiting = [w for w in waiting if not _answers(f"{scheme}://{w}/healthz", context)]
