@@ -82,7 +82,8 @@ def short_name(pid: int) -> str:
     if argv is None or parent is None:
         return str(pid)
     line = " ".join(argv)
-    for module, role in (("services.fast", "fast"), ("services.slow", "slow")):
+    for module, role in (("services.fast", "fast"), ("services.slow", "slow"), ("services.runner", "runner"),
+                         ("services.upstream", "upstream")):
         if module in argv and "--instance" in argv:
             return f"{role}-{int(argv[argv.index('--instance') + 1]):02d}"
     if line.startswith("nginx: "):

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from bench.load import LATE_BOUND_MS, kept_schedule
 from bench.machine import machine
 from bench.stats import Spread, ratio
-from bench.subjects import DESCRIPTIONS, PEERS
+from bench.subjects import DESCRIPTIONS, PEERS, PEERS_BEHIND_NGINX
 
 
 # figures of one repetition ------------------------------------------------------------------------
@@ -37,7 +38,15 @@ def figures(record: dict) -> dict[str, float | None]:
         cell = m.get(phase) or {}
         for key in ("p50", "p95", "p99", "rate", "lateness_p99"):
             f[f"{phase}_{key}"] = cell.get(key)
-    f["isolation"] = ratio(f["flood_p99"], f["idle_p99"])
+    # A ratio is judged only if the probe kept its schedule in both cells (load.LATE_BOUND_MS);
+    # otherwise it is kept apart, shown with the lateness, and no target or comparison uses it.
+    both = kept_schedule(f["idle_lateness_p99"]) and kept_schedule(f["flood_lateness_p99"])
+    value = ratio(f["flood_p99"], f["idle_p99"])
+    f["isolation"] = value if both else None
+    f["isolation_not_judged"] = None if both else value
+    f["flood_p99_judged"] = f["flood_p99"] if kept_schedule(f["flood_lateness_p99"]) else None
+    f["probe_late_p99_worst"] = max((v for v in (f["idle_lateness_p99"], f["flood_lateness_p99"])
+                                     if v is not None and not math.isnan(v)), default=None)
     rtt = m.get("rtt") or {}
     # The round trip proper: from each request's actual send to its answer, both paths in one run.
     f["rtt_fast_p50"] = (rtt.get("fast") or {}).get("service_p50")
@@ -94,7 +103,7 @@ def cross_figures(records: list[dict]) -> dict[str, list[float]]:
         # The others: every configuration with a heavy route but the fleet on its default pool.
         others = {n: f for n, f in by_rep[rep].items() if n not in ("fleet", "floor", "edge")}
         peers = {n: f for n, f in others.items() if n in PEERS_AND_BASELINES}
-        for key, name, pick, among in (("flood_p99", "fleet_flood_p99_over_lowest_other", min, others),
+        for key, name, pick, among in (("flood_p99_judged", "fleet_flood_p99_over_lowest_other", min, others),
                                        ("wrk_rps", "fleet_wrk_over_best_peer", max, peers),
                                        ("heavy_jobs_s", "fleet_heavy_over_best_peer", max, peers)):
             values = [f[key] for f in among.values() if f.get(key) is not None]
@@ -111,7 +120,8 @@ def cross_figures(records: list[dict]) -> dict[str, list[float]]:
     return out
 
 
-PEERS_AND_BASELINES = ("naive", "pool", *PEERS)  # what a user would run instead of the fleet
+# What a user would run instead of the fleet, as it is and behind nginx.
+PEERS_AND_BASELINES = ("naive", "pool", *PEERS, *PEERS_BEHIND_NGINX)
 
 
 def aggregate(records: list[dict], configs: list[str]) -> dict:
@@ -141,16 +151,35 @@ class Target:
     # Judged on the worst repetition, not the median: a promise about every case ("each cancel",
     # "every id") that one repetition broke is broken.
     worst: bool = False
+    # The configurations whose isolation the figure rests on: when it is missing because their
+    # probe ran late, the verdict says "not judged" with the lateness, not "not measured".
+    probed: tuple[str, ...] = ()
+    scored: bool = True  # False: shown with its figures, not a target (issue 31's fast req/s row)
 
-    def verdict(self, s: Spread | None) -> str:
+    def verdict(self, s: Spread | None, agg: dict | None = None) -> str:
+        if not self.scored:
+            return "not a target"
         if s is None:
-            return "not measured"
+            return self._not_judged(agg) or "not measured"
         if self.op == ">=":
             ok = (s.low if self.worst else s.median) >= self.bound
         else:
             value = s.high if self.worst else s.median
             ok = value < self.bound if self.op == "<" else value <= self.bound
         return "pass" if ok else "**FAIL**"
+
+    def _not_judged(self, agg: dict | None) -> str | None:
+        """Why a figure resting on isolation ratios is missing when every configuration it needs
+        ran: in no repetition did the probe keep its schedule in all of their cells."""
+        configs = (agg or {}).get("configs", {})
+        if not self.probed or any(n not in configs for n in self.probed):
+            return None
+        late = {n: configs[n].get("probe_late_p99_worst") for n in self.probed
+                if configs[n].get("isolation_not_judged") is not None}
+        if not late:
+            return None
+        return (f"not judged: the probe sent late past {LATE_BOUND_MS:g} ms at p99 (up to "
+                + ", ".join(f"{num(v.high if v else None)} ms in {n}'s" for n, v in late.items()) + " cells)")
 
 
 def _fleet(key: str, config: str = "fleet") -> Callable[[dict], Spread | None]:
@@ -167,7 +196,7 @@ def _cross(key: str) -> Callable[[dict], Spread | None]:
 
 TARGETS = [
     Target("isolation ratio, fleet (fast p99 under flood ÷ idle)", "<=", 1.2, "", _fleet("isolation"),
-           "naive ≈ 1,000; pool ≈ 3.3"),
+           "naive ≈ 1,000; pool ≈ 3.3", probed=("fleet",)),
     Target("fleet fast throughput via nginx ÷ pool process direct (wrk)", ">=", 1.5, "",
            lambda agg: agg["cross"].get("fleet_over_pool_wrk"), "≈ 1.3 with a first prototype"),
     Target("slow pool parallel efficiency, fleet (W workers vs 1)", ">=", 0.9, "", _fleet("efficiency"), ""),
@@ -178,13 +207,14 @@ TARGETS = [
            _fleet("rtt_fib1_p50", "fleet-dask"), "Dask's own ≈ 11 ms here; 14 ms in the source document"),
     Target("Dask: parallel efficiency (W Dask workers vs 1)", ">=", 0.9, "", _fleet("efficiency", "fleet-dask"), ""),
     Target("Dask: isolation ratio ÷ the local pool's, same repetition", "<=", 1.0, "", _dask_isolation_over_local,
-           "no worse than the local pool"),
+           "no worse than the local pool", probed=("fleet", "fleet-dask")),
     Target("peers: fleet isolation ratio ÷ the floor's, same repetition", "<=", 1.2, "", _cross("fleet_over_floor_isolation"),
-           "issue 12: the floor is nginx + one Tornado Hello beside spinning burners"),
+           "issues 12, 31: the floor is nginx + one Tornado Hello beside spinning burners", probed=("fleet", "floor")),
     Target("peers: fleet fast p99 under flood ÷ the lowest other subject's", "<=", 1.0, "",
            _cross("fleet_flood_p99_over_lowest_other"), "issue 12: lowest of all subjects"),
     Target("peers: fleet fast req/s (wrk) ÷ the best peer's", ">=", 1.0, "", _cross("fleet_wrk_over_best_peer"),
-           "issue 12: at least every peer's"),
+           "issue 31: not a target (a Tornado instance's CPU per request against uvicorn's: see the CPU per "
+           "request section)", scored=False),
     Target("peers: fleet heavy jobs/s ÷ the best peer's", ">=", 0.9, "", _cross("fleet_heavy_over_best_peer"),
            "issue 12"),
 ]
@@ -270,6 +300,35 @@ def _median(agg: dict, config: str, key: str) -> float | None:
 def _best(agg: dict, key: str, among: tuple[str, ...], pick=max) -> tuple[str, float] | None:
     values = [(n, v) for n in among if (v := _median(agg, n, key)) is not None]
     return pick(values, key=lambda nv: nv[1]) if values else None
+
+
+# First match wins: a pool's processes name the slow instance's modules in their command lines.
+MEMORY_ROLES = (("forkserver", "worker pool (forkserver, workers, tracker)"),
+                ("resource_tracker", "worker pool (forkserver, workers, tracker)"),
+                ("services.fast", "fast instances"), ("services.slow", "slow instance"),
+                ("services.runner", "job runner"), ("services.upstream", "upstream replicas (the stand-in backend)"),
+                ("nginx_launch", "nginx launcher"), ("nginx", "nginx"), ("supervisord", "supervisord"))
+
+
+def memory_by_role(process_list: list[str]) -> dict[str, float]:
+    """RSS (MB) summed by role, from a record's process list ('pid rss MB command')."""
+    out: dict[str, float] = {}
+    for line in process_list:
+        _, rss, _, command = line.split(" ", 3)
+        role = next((name for needle, name in MEMORY_ROLES if needle in command), command[:30])
+        out[role] = out.get(role, 0.0) + float(rss)
+    return out
+
+
+def memory_finding(records: list[dict]) -> list[str]:
+    """Where the fleet's idle RSS goes, by role, from the first repetition that has it."""
+    lists = [r["m"]["process_list"] for r in records if r["config"] == "fleet" and (r.get("m") or {}).get("process_list")]
+    if not lists:
+        return []
+    roles = memory_by_role(lists[0])
+    return [f"- **Memory at idle, by role** (the fleet's RSS, first repetition): " + ", ".join(
+        f"{name} {mb:.0f} MB" for name, mb in sorted(roles.items(), key=lambda kv: -kv[1]))
+        + f"; {sum(roles.values()):.0f} MB in all. RSS counts the pages a forked family shares once per process."]
 
 
 def peer_findings(agg: dict) -> list[str]:
@@ -375,9 +434,9 @@ def _main_sections(records: list[dict], agg: dict, configs: list[str], profile: 
     for t in TARGETS:
         s = t.get(agg)
         rows.append([t.figure, f"{t.op} {t.bound:g}{t.unit}", cell(s, "ratio" if not t.unit else "ms") + t.unit,
-                     t.verdict(s), t.anchor or ""])
+                     t.verdict(s, agg), t.anchor or ""])
     out += [table(["figure", "target", "measured", "result", "anchors in the issue"], rows), ""]
-    findings = peer_findings(agg)
+    findings = peer_findings(agg) + memory_finding(records)
     if findings:
         out += ["### Against the peers and the floor: what the same run measured", "", *findings, ""]
 
@@ -392,15 +451,18 @@ def _main_sections(records: list[dict], agg: dict, configs: list[str], profile: 
         f"clients looping `/slow/fib/{p['heavy_n']}` back to back, started {p['ramp']:g} s before the "
         f"measurement. Achieved rate: answers per second actually received. The floor's flood is "
         "W burners spinning at the fleet's worker priority (no heavy route). Probe late: how late the "
-        "load generator itself sent (p99 of each send's delay past its schedule): a cell whose probe ran "
-        "late measured the load generator as much as the subject.",
+        "probe itself sent (p99 of each send's delay past its schedule); a repetition whose probe ran late "
+        f"past {LATE_BOUND_MS:g} ms in either cell gives no isolation ratio (its ratio is in the next column, "
+        "not judged): it measured the load generator as much as the subject.",
         "",
     ]
     lat_keys = [("idle_p50", "ms"), ("idle_p95", "ms"), ("idle_p99", "ms"), ("flood_p50", "ms"), ("flood_p95", "ms"),
-                ("flood_p99", "ms"), ("isolation", "ratio"), ("idle_rate", "ms"), ("flood_rate", "ms"),
+                ("flood_p99", "ms"), ("isolation", "ratio"), ("isolation_not_judged", "ratio"),
+                ("idle_rate", "ms"), ("flood_rate", "ms"),
                 ("idle_lateness_p99", "ms"), ("flood_lateness_p99", "ms")]
     out += [table(["configuration", "idle p50", "idle p95", "idle p99", "flood p50", "flood p95", "flood p99",
-                   "isolation (p99 flood ÷ idle)", "achieved req/s idle", "achieved req/s flood",
+                   "isolation (p99 flood ÷ idle)", "isolation, not judged (its probe late)",
+                   "achieved req/s idle", "achieved req/s flood",
                    "probe late p99 idle", "probe late p99 flood"],
                   [row(n, lat_keys) for n in configs]), ""]
     out += [
@@ -455,7 +517,7 @@ def _main_sections(records: list[dict], agg: dict, configs: list[str], profile: 
         "",
         "RSS counts shared pages once per process (forked families are over-counted); PSS shares them out, "
         "so its sum is what the configuration really occupies. Idle: after the warm-up; under load: the "
-        f"largest of the samples taken every {p['memory_interval']:g} s during the flood and the wrk run. "
+        f"largest of the samples taken every {p['memory_interval']:g} s during the heavy run and the wrk run (never while the probe measures). "
         "The fleet's processes: supervisord, nginx master and worker, the fast and slow instances, the slow "
         "instance's resource tracker, forkserver and workers.",
         "",
@@ -496,13 +558,18 @@ def _main_sections(records: list[dict], agg: dict, configs: list[str], profile: 
         "- Everything runs on this machine over loopback, started and stopped by the bench; the fleet with "
         "deploy/fleet.toml's defaults (FLEET_* overrides in the environment are ignored) in a temp run dir "
         "on free ports, through `python -m deploy.fleet up` / `stop`.",
-        "- The flood's clients connect from 127.0.0.2, .3, ...: a flood is many users, and nginx's per-client "
-        "rate limit would otherwise answer one address with 429s instead of keeping the workers busy.",
-        "- The load generator is one Python process on the same 2 cores (an asyncio client; a sender thread "
-        "keeps the schedule). Its own delay before each send (the client's lateness, "
-        f"median {run.get('lateness_p50', float('nan')):.2f} ms over all fast cells) is part of every "
-        "latency counted from the scheduled time; results.json has it per cell, with each cell's service "
-        "time from the actual send.",
+        "- The load behaves as remote clients would (bench/load.py). The flood's clients each run in a process "
+        "of their own, from their own address (127.0.0.2, .3, ...: a flood is many users, and nginx's "
+        "per-client limits would otherwise answer one address with 429s), at nice 19 while the probe "
+        "measures (a remote client costs the server's cores nothing), and back off when refused (429, 503, "
+        "a failed connection: 50 ms doubling to 1 s). The probe (an asyncio client on uvloop; a sender "
+        "thread keeps the schedule) runs in a process of its own, as a real-time task (SCHED_FIFO 1), so "
+        "that it never waits for the subject's CPU to send or to read.",
+        f"- The probe's own delay before each send (its lateness) is part of every latency counted from the "
+        f"scheduled time; each cell records its p99. A cell whose probe sent late past {LATE_BOUND_MS:g} ms at "
+        "p99 is **not judged**: its figures are shown, and no target or comparison uses them (an isolation "
+        "ratio needs both of its cells judged). results.json has every cell, with its service time from "
+        "the actual send.",
         "- The machine is shared (other work may run at the same time): the repetitions' range shows the noise.",
         "",
     ]
@@ -557,7 +624,7 @@ def write(out: Path, records: list[dict], configs: list[str], profile: dict, run
         "machine": info,
         "profile": profile,
         "targets": [{"figure": t.figure, "target": f"{t.op} {t.bound:g}", "measured": _spread_dict(t.get(agg)),
-                     "result": t.verdict(t.get(agg)).strip("*").lower()} for t in judged(configs)],
+                     "result": t.verdict(t.get(agg), agg).strip("*").lower()} for t in judged(configs)],
         "aggregates": {
             "configs": {n: {k: _spread_dict(v) for k, v in figs.items()} for n, figs in agg["configs"].items()},
             "cross": {k: _spread_dict(v) for k, v in agg["cross"].items()},
@@ -582,7 +649,7 @@ def summary(agg: dict, configs: list[str]) -> str:
     lines = []
     for t in judged(configs):
         s = t.get(agg)
-        lines.append(f"  {t.figure:<72} {t.op} {t.bound:<6g} {cell(s, 'ratio' if not t.unit else 'ms') + t.unit:<24} {t.verdict(s).strip('*')}")
+        lines.append(f"  {t.figure:<72} {t.op} {t.bound:<6g} {cell(s, 'ratio' if not t.unit else 'ms') + t.unit:<24} {t.verdict(s, agg).strip('*')}")
     return "\n".join(lines)
 
 

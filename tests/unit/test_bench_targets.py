@@ -9,7 +9,8 @@ from bench import levels, report
 
 def record(config: str, rep: int = 0, **figures: float) -> dict:
     """A repetition's raw measurements shaped as bench/phases.py writes them."""
-    m = {"idle": {"p99": figures.get("idle_p99", 1.0)}, "flood": {"p99": figures.get("flood_p99", 2.0)},
+    m = {"idle": {"p99": figures.get("idle_p99", 1.0), "lateness_p99": figures.get("idle_late", 0.3)},
+         "flood": {"p99": figures.get("flood_p99", 2.0), "lateness_p99": figures.get("flood_late", 0.3)},
          "wrk": {"rps": figures.get("wrk", 5000.0)}}
     if "heavy" in figures:
         m["heavy"] = {"jobs_s": figures["heavy"]}
@@ -49,8 +50,8 @@ def test_the_isolation_target_passes_within_its_bound_and_the_heavy_target_fails
     assert heavy.verdict(heavy.get(agg)) == "**FAIL**"  # 0.8 < 0.9
 
 
-def level(idle_p99: float, flood_p99: float) -> dict:
-    return {"idle": {"p99": idle_p99}, "flood": {"p99": flood_p99}}
+def level(idle_p99: float, flood_p99: float, late: float = 0.3) -> dict:
+    return {"idle": {"p99": idle_p99, "lateness_p99": 0.3}, "flood": {"p99": flood_p99, "lateness_p99": late}}
 
 
 def test_load_levels_judge_only_up_to_80_percent_of_saturation():
@@ -64,6 +65,43 @@ def test_load_levels_fail_when_the_flood_doubles_the_tail():
     run = {"saturation": 5000.0, "levels": {"250": level(1.0, 1.5), "1000": level(1.0, 2.5)}}
     ok, lines = levels.judge({"fleet": [run]})
     assert ok is False and "FAIL" in lines[1], lines
+
+
+def test_a_level_whose_probe_ran_late_is_shown_but_never_failed():
+    run = {"saturation": 5000.0, "levels": {"250": level(1.0, 1.5), "1000": level(1.0, 9.0, late=3.0)}}
+    ok, lines = levels.judge({"fleet": [run]})
+    assert ok is True and "not judged" in lines[1] and "3.00 ms" in lines[1] and "9.00" in lines[1], lines
+    only_late = {"saturation": 5000.0, "levels": {"1000": level(1.0, 9.0, late=3.0)}}
+    assert levels.judge({"fleet": [only_late]})[0] is None  # nothing judged: not a pass
+
+
+def test_an_isolation_ratio_whose_probe_ran_late_is_not_judged_and_says_why():
+    targets = {t.figure: t for t in report.TARGETS}
+    floor = targets["peers: fleet isolation ratio ÷ the floor's, same repetition"]
+    fleet = targets["isolation ratio, fleet (fast p99 under flood ÷ idle)"]
+    agg = report.aggregate([record("fleet", idle_p99=1.0, flood_p99=5.0, flood_late=2.5),
+                            record("floor", idle_p99=1.0, flood_p99=1.0)], ["fleet", "floor"])
+    assert fleet.get(agg) is None and floor.get(agg) is None  # never scored, pass or fail
+    for target in (fleet, floor):
+        assert target.verdict(target.get(agg), agg) == "not judged: the probe sent late past 1 ms at p99 (up to 2.50 ms in fleet's cells)"
+    assert agg["configs"]["fleet"]["isolation_not_judged"].median == pytest.approx(5.0)  # shown as measured
+    dask = targets["Dask: isolation ratio ÷ the local pool's, same repetition"]
+    assert dask.verdict(dask.get(agg), agg) == "not measured"  # fleet-dask did not run: no probe to blame
+    # The lowest flood p99 of the others ignores a cell whose probe ran late, and so does the fleet's.
+    c = cross(record("fleet", flood_p99=3.0), record("fastapi", flood_p99=1.0, flood_late=4.0),
+              record("gunicorn-sync", flood_p99=6.0))
+    assert c["fleet_flood_p99_over_lowest_other"] == [pytest.approx(0.5)]
+
+
+def test_fast_throughput_against_the_peers_is_shown_not_scored():
+    wrk = {t.figure: t for t in report.TARGETS}["peers: fleet fast req/s (wrk) ÷ the best peer's"]
+    agg = report.aggregate([record("fleet", wrk=7000), record("fastapi", wrk=17000)], ["fleet", "fastapi"])
+    assert wrk.get(agg).median == pytest.approx(7000 / 17000) and wrk.verdict(wrk.get(agg), agg) == "not a target"
+
+
+def test_a_peer_behind_nginx_is_a_peer():
+    c = cross(record("fleet", heavy=75), record("fastapi", heavy=70), record("fastapi+nginx", heavy=100))
+    assert c["fleet_heavy_over_best_peer"] == [pytest.approx(0.75)]
 
 
 def test_load_levels_without_the_fleet_are_not_judged():
