@@ -1,5 +1,6 @@
-"""The edge ceiling: nginx answering /fast itself, the most the fleet's edge path could give; and the
-floor's edge: the same nginx passing /fast to one Tornado instance (bench/floor.py).
+"""The edge ceiling: nginx answering /fast itself, the most the fleet's edge path could give; the
+floor's edge: the same nginx passing /fast to one Tornado instance (bench/floor.py); and a peer's
+edge: the same nginx passing every path to the peer, as users deploy one (`<peer>+nginx`).
 
 Same nginx, same worker count and client keep-alive as the fleet's defaults, the same buffered
 access log, but no upstream: `location = /fast { return 200 "Hello!"; }`. Rendered into a temp dir
@@ -42,16 +43,7 @@ http {{
     server {{
         listen 127.0.0.1:{port} default_server;
         server_name _;
-        location = /fast {{
-{fast}
-        }}
-        location = /healthz {{
-            default_type application/json;
-            return 200 '{{"status": "ok", "role": "edge"}}';
-        }}
-        location / {{
-            return 404;
-        }}
+{locations}
     }}
 }}
 """
@@ -73,22 +65,47 @@ PASS_TO_INSTANCE = """\
 
 UPSTREAM = """\
     upstream fast {{
-        server 127.0.0.1:{port};
+{servers}
         keepalive 32;             # idle connections kept per worker, as the fleet's
         keepalive_requests 100000;
     }}"""
 
 
-def render(directory: Path, port: int, instance_port: int | None = None) -> Path:
+OWN_LOCATIONS = """\
+        location = /fast {{
+{fast}
+        }}
+        location = /healthz {{
+            default_type application/json;
+            return 200 '{{"status": "ok", "role": "edge"}}';
+        }}
+        location / {{
+            return 404;
+        }}"""
+
+# A peer behind the edge: every path goes to it, heavy routes included (their jobs take tens of
+# milliseconds, well inside proxy_read_timeout's default 60 s).
+EVERY_PATH = """\
+        location / {{
+{fast}
+        }}"""
+
+
+def render(directory: Path, port: int, instance_port: int | None = None, every_path: bool = False,
+           instances: int = 1) -> Path:
     """Write nginx.conf into `directory` (with its temp dirs); return the config's path. With
-    `instance_port`, /fast goes to the instance there; without, nginx answers it itself."""
+    `instance_port`, /fast goes to the instance there, or round robin to `instances` of them on
+    consecutive ports (with `every_path`, every path does); without, nginx answers /fast itself."""
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (directory / "temp" / sub).mkdir(parents=True, exist_ok=True)
     workers = load(env={}).edge.worker_processes  # the fleet's default (deploy/fleet.toml)
     conf = directory / "nginx.conf"
-    upstream = UPSTREAM.format(port=instance_port) if instance_port else ""
+    servers = "\n".join(f"        server 127.0.0.1:{instance_port + k};" for k in range(instances))
+    upstream = UPSTREAM.format(servers=servers) if instance_port else ""
     fast = PASS_TO_INSTANCE if instance_port else ANSWER_ITSELF
-    conf.write_text(TEMPLATE.format(dir=directory, port=port, workers=workers, upstream=upstream, fast=fast))
+    locations = (EVERY_PATH if every_path else OWN_LOCATIONS).format(fast=fast)
+    conf.write_text(TEMPLATE.format(dir=directory, port=port, workers=workers, upstream=upstream,
+                                    locations=locations))
     return conf
 
 

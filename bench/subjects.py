@@ -10,6 +10,8 @@
     peers  what users would run instead, from bench/peers/.venv           (bench/peers/)
            fastapi, gunicorn-sync, gunicorn-sync-2w, gunicorn-dirty, gunicorn-dirty-nice,
            tornado-dask
+    <peer>+nginx  the same peer behind the same nginx edge as the floor's (bench/edge.py), every
+           path passed: as users deploy them, and like with like beside the fleet's own edge
 
 `pool`, `fleet` and `fleet-dask` also exist with one heavy worker (workers=1), for the parallel
 efficiency.
@@ -33,7 +35,9 @@ START_TIMEOUT = 60  # seconds a configuration may take to answer /healthz
 
 PEER_BIN = REPO / "bench" / "peers" / ".venv" / "bin"
 PEERS = ("fastapi", "gunicorn-sync", "gunicorn-sync-2w", "gunicorn-dirty", "gunicorn-dirty-nice", "tornado-dask")
-CONFIGS = ("naive", "pool", *PEERS, "fleet", "fleet-dask", "floor", "edge", "jobs")
+BEHIND_NGINX = "+nginx"
+PEERS_BEHIND_NGINX = tuple(peer + BEHIND_NGINX for peer in PEERS)
+CONFIGS = ("naive", "pool", *PEERS, *PEERS_BEHIND_NGINX, "fleet", "fleet-dask", "floor", "edge", "jobs")
 DESCRIPTIONS = {
     "naive": "one Tornado process, fib computed in the handler",
     "pool": "one Tornado process + ProcessPoolExecutor (W workers, not niced), no nginx",
@@ -43,6 +47,8 @@ DESCRIPTIONS = {
     "gunicorn-dirty": "gunicorn gthread (one worker per core, 8 threads) + W dirty arbiter workers for fib",
     "gunicorn-dirty-nice": "the same, dirty workers niced and in the idle cgroup as the fleet's (dirty_worker_init hook)",
     "tornado-dask": "source document 000: Tornado + Dask Client(asynchronous=True), local cluster, pure=False",
+    **{peer + BEHIND_NGINX: "the same behind nginx (bench/edge.py: the floor's edge, every path passed)"
+       for peer in PEERS},
     "floor": "nginx -> one Tornado Hello; flood = W burners spinning at the fleet's worker priority",
     "fleet": "this project: nginx + fast and slow instances + worker pool, fleet.toml defaults",
     "fleet-dask": "this project with slow.backend = dask: jobs on a managed Dask cluster of W workers",
@@ -293,6 +299,39 @@ class Peer(Subject):
         procs.reap(self.popen)
         from services.slow import cpu_priority  # the niced dirty workers' group, once they are gone
         cpu_priority.remove_recorded(self.workdir / cpu_priority.RECORD)
+        return len(killed)
+
+
+class PeerBehindNginx(Subject):
+    """A peer as users deploy it: nginx in front (bench/edge.py, the same edge as the floor's, with
+    the fleet's worker count, keep-alive to the upstream and buffered access log), every path
+    passed to the peer. Its processes are the peer's and nginx's: the CPU and memory figures
+    count both, as the fleet's count its own nginx."""
+
+    def __init__(self, workdir: Path, peer: str):
+        self.name = peer + BEHIND_NGINX
+        self.peer = Peer(workdir / "peer", peer)
+        self.workers = self.peer.workers
+        super().__init__(workdir)
+
+    def start(self) -> None:
+        self.peer.start()
+        self.port = procs.free_port_block(1)
+        edge.render(self.workdir, self.port, self.peer.port, every_path=True)
+        self.popen = procs.spawn(edge.command(self.workdir), self.log, env=clean_env(), cwd=self.workdir)
+        procs.wait_http(f"http://{HOST}:{self.port}/healthz", START_TIMEOUT, self.popen, self.log)
+
+    def processes(self) -> list[int]:
+        return [*self.peer.processes(), *super().processes()]
+
+    def stop(self) -> int:
+        killed = 0
+        try:
+            if self.popen is not None:  # QUIT: nginx's graceful stop
+                killed += len(procs.stop(procs.identify(procs.tree(self.popen.pid)), first=signal.SIGQUIT, grace=10))
+                procs.reap(self.popen)
+        finally:
+            killed += self.peer.stop()  # whatever happened to nginx
         return killed
 
 
@@ -302,19 +341,22 @@ class Floor(Subject):
     name = "floor"
     workers = None  # no heavy route: the burners stand in for the flood
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, instances: int = 1):
         super().__init__(workdir)
-        self.instance: subprocess.Popen | None = None
+        self.instances: list[subprocess.Popen] = []
+        self.count = instances  # bench/request_cost.py compares as many as the fleet's fast instances
         self.burner_count = default_workers()
         self._burners = None  # bench.floor.Burners, once the flood phase made them
 
     def start(self) -> None:
-        base = procs.free_port_block(2)
+        base = procs.free_port_block(1 + self.count)
         self.port, instance_port = base, base + 1
-        self.instance = procs.spawn([sys.executable, "-m", "bench.naive_server", "--port", str(instance_port),
-                                     "--loop", "uvloop", "--role", "floor"], self.log, env=clean_env(), cwd=REPO)
-        procs.wait_http(f"http://{HOST}:{instance_port}/healthz", START_TIMEOUT, self.instance, self.log)
-        edge.render(self.workdir, self.port, instance_port)
+        for k in range(self.count):
+            self.instances.append(procs.spawn(
+                [sys.executable, "-m", "bench.naive_server", "--port", str(instance_port + k), "--loop", "uvloop",
+                 "--role", "floor"], self.log, env=clean_env(), cwd=REPO))
+            procs.wait_http(f"http://{HOST}:{instance_port + k}/healthz", START_TIMEOUT, self.instances[-1], self.log)
+        edge.render(self.workdir, self.port, instance_port, instances=self.count)
         self.popen = procs.spawn(edge.command(self.workdir), self.log, env=clean_env(), cwd=self.workdir)
         procs.wait_http(f"http://{HOST}:{self.port}/fast", START_TIMEOUT, self.popen, self.log)
 
@@ -326,20 +368,24 @@ class Floor(Subject):
 
     def processes(self) -> list[int]:
         burners = self._burners.pids() if self._burners is not None else []
-        return [*(procs.tree(self.instance.pid) if self.instance else []), *super().processes(), *burners]
+        return [*(pid for instance in self.instances for pid in procs.tree(instance.pid)), *super().processes(),
+                *burners]
 
     def stop(self) -> int:
         killed = 0
         if self.popen is not None:
             killed += len(procs.stop(procs.identify(procs.tree(self.popen.pid)), first=signal.SIGQUIT, grace=10))
             procs.reap(self.popen)
-        if self.instance is not None:
-            killed += len(procs.stop(procs.identify(procs.tree(self.instance.pid)), grace=10))
-            procs.reap(self.instance)
+        for instance in self.instances:
+            killed += len(procs.stop(procs.identify(procs.tree(instance.pid)), grace=10))
+            procs.reap(instance)
         return killed
 
 
-def make(name: str, workdir: Path, workers: int | None = None, overrides: dict[str, str] | None = None) -> Subject:
+def make(name: str, workdir: Path, workers: int | None = None, overrides: dict[str, str] | None = None,
+         instances: int = 1) -> Subject:
+    """A configuration by name; `instances` is the floor's count of Tornado Hellos (1 but in
+    bench/request_cost.py)."""
     if name == "naive":
         return Naive(workdir)
     if name == "pool":
@@ -351,7 +397,9 @@ def make(name: str, workdir: Path, workers: int | None = None, overrides: dict[s
     if name == "edge":
         return Edge(workdir)
     if name == "floor":
-        return Floor(workdir)
+        return Floor(workdir, instances)
     if name in PEERS:
         return Peer(workdir, name)
+    if name in PEERS_BEHIND_NGINX:
+        return PeerBehindNginx(workdir, name.removesuffix(BEHIND_NGINX))
     raise ValueError(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
