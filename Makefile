@@ -124,9 +124,12 @@ bench: bootstrap ## Benchmark the fleet against naive, pool, the peers (FastAPI,
 	@$(PY) -m bench $(BENCH_ARGS)
 	@# The hot-key scenario (compute once on and off, and the edge cache), bench/hotkey.py.
 	@$(PY) -m bench.hotkey $(if $(findstring --quick,$(BENCH_ARGS)),--rounds 1 --waves 3 --out bench/results-quick/hotkey.md,--out bench/results/hotkey.md)
-	@# Fast latency across load levels, idle and under the flood (bench/levels.py), and source
-	@# document 000's two experiments (bench/doc000.py).
+	@# Fast latency across load levels, idle and under the flood (bench/levels.py).
 	@$(PY) -m bench.levels $(if $(findstring --quick,$(BENCH_ARGS)),--quick --out bench/results-quick,--out bench/results)
+	@# Where a fast request's CPU goes: nginx and a fast instance beside a bare Tornado Hello, and
+	@# py-spy's profile of what the fleet's instance adds (bench/request_cost.py).
+	@$(PY) -m bench.request_cost $(if $(findstring --quick,$(BENCH_ARGS)),--quick --out bench/results-quick,--out bench/results)
+	@# Source document 000's two experiments (bench/doc000.py).
 	@$(PY) -m bench.doc000 $(if $(findstring --quick,$(BENCH_ARGS)),--repeat 1 --out bench/results-quick/doc000.md,--out bench/results/doc000.md)
 	@# The fan-out routes at fixed rates, hedging on and off (bench/fanout.py; about 40 min).
 	@$(PY) -m bench.fanout $(if $(findstring --quick,$(BENCH_ARGS)),--quick --out bench/results-quick,--out bench/results)

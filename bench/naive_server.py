@@ -25,7 +25,10 @@ from bench.peers.common import FIB_PATH, fib_body, timed_fib
 FIB_ROUTE = FIB_PATH.pattern  # n <= 35, like the fleet (and every peer)
 
 
-class Hello(web.RequestHandler):
+class HelloHandler(web.RequestHandler):
+    """As the fleet's (services/fast/app.py), and named alike so that their profiles line up
+    (bench/request_cost.py)."""
+
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.finish("Hello!")
@@ -47,7 +50,7 @@ async def serve(port: int, role: str, fib_route: tuple) -> None:
     """Serve /fast, /healthz and the given fib route until SIGTERM or SIGINT."""
     # Tornado's defaults, as a first version would have them (its access log goes nowhere unless
     # logging is configured).
-    app = web.Application([(r"/fast", Hello), (r"/healthz", Health), fib_route], role=role)
+    app = web.Application([(r"/fast", HelloHandler), (r"/healthz", Health), fib_route], role=role)
     server = HTTPServer(app)
     server.listen(port, address="127.0.0.1")
     stop = asyncio.Event()
