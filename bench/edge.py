@@ -100,8 +100,10 @@ def render(directory: Path, port: int, instance_port: int | None = None, every_p
         (directory / "temp" / sub).mkdir(parents=True, exist_ok=True)
     workers = load(env={}).edge.worker_processes  # the fleet's default (deploy/fleet.toml)
     conf = directory / "nginx.conf"
-    servers = "\n".join(f"        server 127.0.0.1:{instance_port + k};" for k in range(instances))
-    upstream = UPSTREAM.format(servers=servers) if instance_port else ""
+    upstream = ""
+    if instance_port:
+        servers = "\n".join(f"        server 127.0.0.1:{instance_port + k};" for k in range(instances))
+        upstream = UPSTREAM.format(servers=servers)
     fast = PASS_TO_INSTANCE if instance_port else ANSWER_ITSELF
     locations = (EVERY_PATH if every_path else OWN_LOCATIONS).format(fast=fast)
     conf.write_text(TEMPLATE.format(dir=directory, port=port, workers=workers, upstream=upstream,
