@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What `make bench` needs beyond deploy/bootstrap.sh (nginx and .venv): wrk, from Debian's
 # packages through apt-get when it is missing and we are root (otherwise it says how to install
-# it), and the peers' own environment. Idempotent and instant when both are there.
+# it), perf when we may install it, and the peers' own environment. Idempotent and instant when
+# all are there.
 set -o errexit -o nounset -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,14 @@ if ! command -v wrk >/dev/null 2>&1; then
         echo "error: wrk is not installed. Install it with: sudo apt-get install wrk" >&2
         exit 1
     fi
+fi
+
+# perf (Debian's linux-perf), for whom the fleets' fast path waits behind under the flood
+# (bench/sched.py); without it that figure is left out and the results say so.
+if ! command -v perf >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "bench bootstrap: installing linux-perf with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null || echo "bench bootstrap: linux-perf not installed"
 fi
 
 # The peers (bench/peers/): their own environment from their own pinned requirements, never the

@@ -26,7 +26,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench import phases, subjects, wrk

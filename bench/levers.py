@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -35,9 +34,9 @@ import textwrap
 import time
 from pathlib import Path
 
-from bench import edge, phases, procs, subjects, wrk
-from bench.cpu import ForeignCpu, Split, short_name
-from bench.load import open_loop
+from bench import edge, phases, procs, sched, subjects, wrk
+from bench.cpu import ForeignCpu
+from bench.load import probe
 from bench.report import JOB_PROCESSES
 
 HOST = subjects.HOST
@@ -233,7 +232,7 @@ def isolation(rounds: int, work: Path, samples: int = 2000) -> dict:
             with Started(subject):
                 asyncio.run(phases.warm_up(subject, p.heavy_n))
                 with ForeignCpu(subject.processes) as f_idle:
-                    idle = asyncio.run(open_loop(HOST, subject.port, ["/fast"], p.rate, samples, p.drain_timeout))["/fast"]
+                    idle = asyncio.run(probe(HOST, subject.port, ["/fast"], p.rate, samples, p.drain_timeout))["/fast"]
                 with ForeignCpu(subject.processes) as f_flood:
                     flood, jobs = asyncio.run(phases.fast_flood(subject, p))
             i, f = phases.summarize(idle), phases.summarize(flood)
@@ -257,7 +256,7 @@ def rtt(rounds: int, work: Path) -> dict:
             with Started(subject):
                 asyncio.run(phases.warm_up(subject, 27))
                 with ForeignCpu(subject.processes) as foreign:
-                    res = asyncio.run(open_loop(HOST, subject.port, ["/fast", "/slow/fib/1"], 80, 400, 20))
+                    res = asyncio.run(probe(HOST, subject.port, ["/fast", "/slow/fib/1"], 80, 400, 20))
             fast, fib = phases.summarize(res["/fast"]), phases.summarize(res["/slow/fib/1"])
             out[name].append({"fast_p50": fast["service_p50"], "fib1_p50": fib["service_p50"],
                               "ratio": fib["service_p50"] / fast["service_p50"], "foreign": foreign.cores})
@@ -265,11 +264,6 @@ def rtt(rounds: int, work: Path) -> dict:
             print(f"  rtt round {r + 1}: {name}: {x['fib1_p50']:.2f} / {x['fast_p50']:.2f} ms = {x['ratio']:.2f}",
                   flush=True)
     return {name: {k: median([x[k] for x in xs]) for k in xs[0]} | {"runs": xs} for name, xs in out.items()}
-
-
-LOAD_GENERATOR = Split.OURS[0]  # this process, as the CPU split names it
-# The processes a /fast answer waits for: their waits are the fast path's tail under the flood.
-FAST_PATH = (LOAD_GENERATOR, "nginx worker", "fast-")
 
 
 def sched_waits(rounds: int, work: Path, seconds: float = 8.0, longer_than_ms: float = 1.0) -> dict:
@@ -285,13 +279,7 @@ def sched_waits(rounds: int, work: Path, seconds: float = 8.0, longer_than_ms: f
             trace = work / f"sched{r}-{i}.data"
             with Started(subject):
                 asyncio.run(phases.warm_up(subject, p.heavy_n))
-                roles = {pid: short_name(pid) for pid in subject.processes()}  # before the flood's own
-                roles[os.getpid()] = LOAD_GENERATOR
-                flood_p99 = asyncio.run(_flood_under_perf(subject, p, trace, seconds))
-            timehist = subprocess.run(["perf", "sched", "timehist", "-i", str(trace)],
-                                      capture_output=True, text=True, check=True).stdout
-            trace.unlink()
-            waits = waits_by_holder(timehist, roles, longer_than_ms)
+                flood_p99, waits = sched.flood_waits(subject, p, trace, seconds, longer_than_ms)
             total = sum(waits.values())
             x = {"flood_p99": flood_p99, "waits_ms_s": total / seconds,
                  "behind_jobs_ms_s": waits.get(JOB_PROCESSES, 0.0) / seconds,
@@ -301,44 +289,6 @@ def sched_waits(rounds: int, work: Path, seconds: float = 8.0, longer_than_ms: f
                   f"{x['waits_ms_s']:.1f} ms/s in waits > {longer_than_ms:g} ms, behind {x['behind']}", flush=True)
     return {name: {k: median([x[k] for x in xs]) for k in ("flood_p99", "waits_ms_s", "behind_jobs_ms_s")}
             | {"runs": xs} for name, xs in out.items()}
-
-
-async def _flood_under_perf(subject: subjects.Subject, p: phases.Profile, trace: Path, seconds: float) -> float:
-    """The flood with the probe, `perf sched record -a` over `seconds` of it; the probe's p99."""
-    async with phases.HeavyFlood(HOST, subject.port, f"/slow/fib/{p.heavy_n}", p.heavy_clients):
-        await asyncio.sleep(p.ramp)
-        perf = subprocess.Popen(["perf", "sched", "record", "-a", "-o", str(trace), "--", "sleep", str(seconds)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        samples = int(p.rate * (seconds + 1))
-        fast = (await open_loop(HOST, subject.port, ["/fast"], p.rate, samples, p.drain_timeout))["/fast"]
-        if perf.wait() != 0:
-            raise RuntimeError("perf sched record failed (root, or kernel.perf_event_paranoid <= 0, is needed)")
-    return phases.summarize(fast)["p99"]
-
-
-def waits_by_holder(timehist: str, roles: dict[int, str], longer_than_ms: float = 1.0) -> dict[str, float]:
-    """ms that the fast path's processes waited for a CPU, in waits longer than `longer_than_ms`,
-    by the role of the process that ran on that CPU just before them (the one they waited behind).
-
-    `perf sched timehist` prints one line per switch-out: time, [cpu], task[tid/pid], wait time,
-    scheduling delay (woken, not yet running), run time."""
-    last_on: dict[int, str] = {}  # cpu -> the role that last ran there
-    by_holder: dict[str, float] = {}
-    for line in timehist.splitlines():
-        idle = re.match(r"\s*[\d.]+\s+\[(\d+)\]\s+<idle>", line)
-        if idle:  # the CPU slept: a task woken there waited for the (virtual) CPU to wake
-            last_on[int(idle[1])] = "idle CPU"
-            continue
-        match = re.match(r"\s*[\d.]+\s+\[(\d+)\]\s+(.*?)\[(\d+)(?:/(\d+))?\]\s+[\d.]+\s+([\d.]+)\s+[\d.]+\s*$", line)
-        if not match:
-            continue
-        cpu, comm, pid, delay = int(match[1]), match[2], int(match[4] or match[3]), float(match[5])
-        role = roles.get(pid) or comm.strip()
-        if delay > longer_than_ms and role.startswith(FAST_PATH):
-            holder = last_on.get(cpu, "?")
-            by_holder[holder] = by_holder.get(holder, 0.0) + delay
-        last_on[cpu] = role
-    return by_holder
 
 
 COLUMNS = {

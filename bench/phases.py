@@ -7,6 +7,8 @@ For a configuration with a heavy route, in this order:
   4. round trip     open loop: /fast and /slow/fib/1 interleaved at a low rate (p50 of each)
   5. fast flood     the same open loop while `heavy_clients` clients loop /slow/fib/<heavy_n>
                     (started `ramp` s earlier so every worker is busy)
+  5b. perf sched    the fleets only: the flood and the probe once more under `perf sched record`,
+                    whom the fast path waited behind (bench/sched.py)
   6. heavy          the heavy clients alone for `heavy_seconds`: completed jobs per second;
                     memory sampled throughout
   7. saturation     wrk -t1 -c32 on /fast (closed loop); memory sampled throughout
@@ -23,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from bench import memory, wrk
+from bench import memory, sched, wrk
 from bench.cpu import ForeignCpu, Split
 from bench.httpclient import HttpConnection
 from bench.load import HeavyFlood, Samples, kept_schedule, probe
@@ -54,6 +57,7 @@ class Profile:
     quiet_wait: float  # seconds to wait, before each configuration, for other programs to calm down
     memory_interval: float = 0.5
     one_worker_runs: bool = True  # the heavy run with one worker (parallel efficiency)
+    sched_seconds: float = 8.0  # the fleets' flood under perf sched (bench/sched.py); 0: none
 
 
 FULL = Profile("full", repeat=3, rate=200, fast_samples=2000, rtt_rate=80, rtt_samples=400,
@@ -61,7 +65,7 @@ FULL = Profile("full", repeat=3, rate=200, fast_samples=2000, rtt_rate=80, rtt_s
                drain_timeout=20, quiet_wait=30)
 QUICK = Profile("quick", repeat=1, rate=200, fast_samples=120, rtt_rate=80, rtt_samples=40,
                 heavy_clients=4, heavy_n=27, ramp=0.3, heavy_seconds=0.7, wrk_seconds=1, wrk_warmup=0,
-                drain_timeout=5, quiet_wait=0, one_worker_runs=False)
+                drain_timeout=5, quiet_wait=0, one_worker_runs=False, sched_seconds=1)
 
 
 def summarize(s: Samples, ok_status: int = 200) -> dict:
@@ -207,6 +211,9 @@ def measure(subject: Subject, p: Profile, say: Callable[[str], None] = lambda _:
         m["flood"] = summarize(fast)
         m["flood_heavy"] = jobs
         m["foreign_cores"]["flood"] = foreign.cores
+        if p.sched_seconds and subject.name.startswith("fleet"):
+            say("whom the fast path waits behind (perf sched)")
+            m["sched"] = whom_it_waits_behind(subject, p)
         say("heavy throughput")
         with ForeignCpu(subject.processes) as foreign, memory_sampler(subject.processes, p.memory_interval) as sampler:
             m["heavy"] = asyncio.run(heavy(subject, p))
@@ -224,6 +231,20 @@ def measure(subject: Subject, p: Profile, say: Callable[[str], None] = lambda _:
     m["foreign_cores"]["wrk"] = foreign.cores
     m["memory_load"] = memory.peak(load_samples)
     return m
+
+
+def whom_it_waits_behind(subject: Subject, p: Profile) -> dict:
+    """The fleets' flood once more, under perf sched (bench/sched.py): the fast path's waits of more
+    than 1 ms for a CPU, in ms a second, by the process that held it. Its own p99 is not a figure:
+    perf perturbs what it watches."""
+    if not sched.available():
+        return {"error": "perf is not installed (bench/bootstrap.sh installs linux-perf as root)"}
+    try:
+        _, waits = sched.flood_waits(subject, p, subject.workdir / "sched.data", p.sched_seconds)
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        return {"error": str(exc)[:300]}
+    return {"seconds": p.sched_seconds, "waits_ms_s": sum(waits.values()) / p.sched_seconds,
+            "behind": {holder: ms / p.sched_seconds for holder, ms in sorted(waits.items(), key=lambda kv: -kv[1])}}
 
 
 def heavy_only(subject: Subject, p: Profile) -> dict:

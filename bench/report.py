@@ -80,6 +80,9 @@ def figures(record: dict) -> dict[str, float | None]:
         f[f"rss_{when}"] = mem.get("rss_mb")
         f[f"pss_{when}"] = mem.get("pss_mb")
     f["processes"] = m.get("processes")
+    waits = m.get("sched") or {}  # the fleets' fast path under perf sched (bench/sched.py)
+    f["sched_waits_ms_s"] = waits.get("waits_ms_s")
+    f["sched_behind_jobs_ms_s"] = (waits.get("behind") or {}).get(JOB_PROCESSES, 0.0) if "behind" in waits else None
     foreign = m.get("foreign_cores") or {}
     for phase in ("idle", "flood", "heavy", "wrk"):
         f[f"foreign_{phase}"] = foreign.get(phase)
@@ -286,6 +289,8 @@ def problems(records: list[dict]) -> list[str]:
         if busy:
             notes.append(f"{where}: other programs used CPU during " + ", ".join(
                 f"{phase} ({cores:.2f} cores)" for phase, cores in busy.items()) + ": figures of those phases are suspect")
+        if (m.get("sched") or {}).get("error"):
+            notes.append(f"{where}: whom the fast path waits behind was not measured: {m['sched']['error']}")
         w = m.get("wrk")
         if w and (w["non_2xx"] or w["socket_errors"]):
             notes.append(f"{where}, wrk: {w['non_2xx']} non-2xx answers, {w['socket_errors']} socket errors")
@@ -326,7 +331,7 @@ def memory_finding(records: list[dict]) -> list[str]:
     if not lists:
         return []
     roles = memory_by_role(lists[0])
-    return [f"- **Memory at idle, by role** (the fleet's RSS, first repetition): " + ", ".join(
+    return ["- **Memory at idle, by role** (the fleet's RSS, first repetition): " + ", ".join(
         f"{name} {mb:.0f} MB" for name, mb in sorted(roles.items(), key=lambda kv: -kv[1]))
         + f"; {sum(roles.values()):.0f} MB in all. RSS counts the pages a forked family shares once per process."]
 
@@ -350,10 +355,14 @@ def peer_findings(agg: dict) -> list[str]:
             "same busy cores."
             + (" A floor ratio below 1 is this machine's idle cost: a vCPU that idles wakes slowly, one kept "
                "busy by the burners does not." if (floor("isolation") or 1) < 1 else "")
-            + (f" And the load generator itself: under the fleet's flood it sent late by "
-               f"{num(fleet('flood_lateness_p99'))} ms at p99 (the flood's clients and the jobs' answers share the "
-               f"cores with it), beside the floor's burners by {num(floor('flood_lateness_p99'))} ms; latency "
-               "counts from the scheduled send." if fleet("flood_lateness_p99") is not None else ""))
+            + (f" The probe kept its schedule in both: it sent late by {num(fleet('flood_lateness_p99'))} ms at p99 "
+               f"under the fleet's flood, {num(floor('flood_lateness_p99'))} ms beside the floor's burners."
+               if fleet("flood_lateness_p99") is not None else "")
+            + (f" Whom the fleet's fast path waited behind meanwhile (the same flood under `perf sched`, waits "
+               f"of more than 1 ms for a CPU by its instances and nginx's worker): {num(fleet('sched_waits_ms_s'))} "
+               f"ms a second, {num(fleet('sched_behind_jobs_ms_s'))} of them behind job processes, niced and in "
+               "an idle cpu cgroup, that kept a CPU a woken event loop wanted." if fleet("sched_waits_ms_s") is not None
+               else ""))
     others = tuple(n for n in agg["configs"] if n not in ("fleet", "floor", "edge"))
     lowest = _best(agg, "flood_p99", others, min)
     if lowest is not None:
