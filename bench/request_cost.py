@@ -61,7 +61,7 @@ class Profile:
 
 
 FULL = Profile(repeat=3, rate=1000, seconds=8, profile_seconds=8, warmup=2000, idle_seconds=3)
-QUICK = Profile(repeat=1, rate=500, seconds=1, profile_seconds=1, warmup=200, idle_seconds=0.5)
+QUICK = Profile(repeat=1, rate=1000, seconds=1, profile_seconds=2, warmup=200, idle_seconds=0.5)
 
 
 def instance_role(name: str) -> bool:
