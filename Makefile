@@ -119,7 +119,7 @@ bootstrap:
 bootstrap-tests:
 	@$(BOOTSTRAP) --tests
 
-bench: bootstrap ## Benchmark the fleet against naive, pool, the peers (FastAPI, gunicorn, Tornado+Dask) and the machine's floor; results in bench/results/
+bench: bootstrap ## Benchmark the fleet against naive, pool, the peers (FastAPI, gunicorn, Tornado+Dask; direct and behind nginx) and the machine's floor; CPU per fast request; results in bench/results/
 	@bench/bootstrap.sh
 	@$(PY) -m bench $(BENCH_ARGS)
 	@# The hot-key scenario (compute once on and off, and the edge cache), bench/hotkey.py.

@@ -223,7 +223,13 @@ def markdown(results: dict[str, list[dict]], p: Profile, command: str, date: str
                 "function's share of the samples in which it is on the stack × that instance's µs per request. "
                 "The twenty functions whose cost the fleet's instance adds most over the bare Hello's (a "
                 "function only the fleet runs has 0 on the floor). Inclusive: a function's figure holds its "
-                "callees', so rows nest and do not add up.", "",
+                "callees', so rows nest and do not add up. py-spy samples a thread whenever it is not blocked in "
+                "a wait, so a row is wall time, including time the thread was ready but another process had the "
+                "CPU: the fleet's send path (`write_to_fd`) shows more than the floor's where the CPU figures above "
+                "do not, and less with `fast.sched_slice_us = 0` (49.5 against 71 µs in a run of 2 repetitions): the "
+                "nginx worker a send wakes runs the fast path's short slice and may take the CPU from the instance "
+                "before the send has returned. Rows for a thread that waits (`Event.wait`, the loop watchdog's) "
+                "are such time too.", "",
                 table(["function (file)", "fleet µs/request", "floor µs/request", "added"],
                       [[f"`{f}`", num(a[f]), num(b.get(f, 0.0)), num(a[f] - b.get(f, 0.0))] for f in top]), ""]
     return "\n".join(out)
