@@ -181,7 +181,7 @@ is half of that). Its figures are kept and shown, with the lateness, never score
 FLOOD_NICE = 19
 """The flood's clients run at the lowest priority: a remote client costs the server's cores
 nothing, and on this machine every cycle a flood client spends waking up, parsing and sending is
-taken from the probe or from the subject. The probe stays at the bench's own priority."""
+taken from the probe or from the subject. (The probe runs as a real-time task: probe_process.)"""
 
 
 def kept_schedule(lateness_p99: float | None) -> bool:
