@@ -27,19 +27,32 @@ def _short(v: float) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
 
+SLANTED = {"rotation": 35, "ha": "right", "fontsize": 8}  # eighteen names side by side would overlap
+LATENCY_COLUMNS = 6  # panels a row: eighteen set-ups in one row made a chart 6,000 pixels wide
+
+
 def latency(agg: dict, configs: list[str], path: Path, rate: float) -> None:
-    fig, axes = plt.subplots(1, len(configs), figsize=(3.2 * len(configs) + 1, 4.2), sharey=True, squeeze=False)
-    for ax, name in zip(axes[0], configs):
+    columns = min(LATENCY_COLUMNS, len(configs))
+    rows = -(-len(configs) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns + 1, 3.6 * rows + 0.6), sharey=True,
+                             squeeze=False)
+    for ax in axes.flat[len(configs):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, configs):
         figs = agg["configs"].get(name) or {}
         for i, q in enumerate(("p50", "p95", "p99")):
             _bars(ax, i - 0.2, figs.get(f"idle_{q}"), 0.38, IDLE, "idle" if i == 0 else None)
             _bars(ax, i + 0.2, figs.get(f"flood_{q}"), 0.38, FLOOD, "heavy flood" if i == 0 else None)
         ax.set_xticks(range(3), ["p50", "p95", "p99"])
         iso = figs.get("isolation")
-        ax.set_title(f"{name}" + (f"\nisolation {iso.median:.2f}" if iso else "\n(no heavy route)"), fontsize=10)
+        not_judged = figs.get("isolation_not_judged")
+        ax.set_title(f"{name}" + (f"\nisolation {iso.median:.2f}" if iso else
+                                  f"\nisolation {not_judged.median:.2f}, not judged" if not_judged else
+                                  "\n(no heavy route)"), fontsize=10)
         ax.set_yscale("log")
         ax.grid(axis="y", which="both", alpha=0.3)
-    axes[0][0].set_ylabel(f"GET /fast latency, ms (open loop {rate:g} req/s)")
+    for row in axes:
+        row[0].set_ylabel(f"GET /fast, ms (open loop {rate:g} req/s)")
     axes[0][0].legend(loc="upper left", fontsize=8)
     fig.suptitle("Fast route latency from the scheduled send time: idle vs heavy flood (median, min–max)")
     fig.tight_layout()
@@ -48,10 +61,10 @@ def latency(agg: dict, configs: list[str], path: Path, rate: float) -> None:
 
 
 def throughput(agg: dict, configs: list[str], path: Path) -> None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(11, 1.2 * len(configs)), 5.2))
     for i, name in enumerate(configs):
         _bars(left, i, (agg["configs"].get(name) or {}).get("wrk_rps"), 0.6, IDLE, None)
-    left.set_xticks(range(len(configs)), configs)
+    left.set_xticks(range(len(configs)), configs, **SLANTED)
     left.set_yscale("log")
     left.set_ylabel("GET /fast requests/s (wrk -t1 -c32)")
     left.set_title("Fast route at saturation")
@@ -65,7 +78,7 @@ def throughput(agg: dict, configs: list[str], path: Path) -> None:
     for name in heavy:
         eff = agg["configs"][name].get("efficiency")
         labels.append(name + (f"\nefficiency {eff.median:.2f}" if eff else ""))
-    right.set_xticks(range(len(heavy)), labels)
+    right.set_xticks(range(len(heavy)), labels, **SLANTED)
     right.set_ylabel("heavy jobs/s (fib)")
     right.set_title("Heavy throughput")
     right.grid(axis="y", alpha=0.3)
@@ -80,13 +93,13 @@ def throughput(agg: dict, configs: list[str], path: Path) -> None:
 
 
 def memory(agg: dict, configs: list[str], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(max(9, 0.8 * len(configs)), 4.8))
     for i, name in enumerate(configs):
         figs = agg["configs"].get(name) or {}
         for j, (key, color, label) in enumerate((("rss_idle", IDLE, "RSS idle"), ("rss_load", FLOOD, "RSS under load"),
                                                  ("pss_idle", "#7fa7cf", "PSS idle"), ("pss_load", "#f0a57a", "PSS under load"))):
             _bars(ax, i + (j - 1.5) * 0.2, figs.get(key), 0.19, color, label if i == 0 else None)
-    ax.set_xticks(range(len(configs)), configs)
+    ax.set_xticks(range(len(configs)), configs, **SLANTED)
     ax.set_ylabel("MB, summed over every process")
     ax.set_title("Memory of each configuration (median, min–max)")
     ax.grid(axis="y", alpha=0.3)

@@ -216,8 +216,8 @@ TARGETS = [
     Target("peers: fleet fast p99 under flood ÷ the lowest other subject's", "<=", 1.0, "",
            _cross("fleet_flood_p99_over_lowest_other"), "issue 12: lowest of all subjects"),
     Target("peers: fleet fast req/s (wrk) ÷ the best peer's", ">=", 1.0, "", _cross("fleet_wrk_over_best_peer"),
-           "issue 31: not a target (a Tornado instance's CPU per request against uvicorn's: see the CPU per "
-           "request section)", scored=False),
+           "issue 31: not a target (a Tornado instance's CPU per request against uvicorn's; the fleet's against "
+           "bare Tornado: [request_cost.md](request_cost.md))", scored=False),
     Target("peers: fleet heavy jobs/s ÷ the best peer's", ">=", 0.9, "", _cross("fleet_heavy_over_best_peer"),
            "issue 12"),
 ]
@@ -436,7 +436,7 @@ def _main_sections(records: list[dict], agg: dict, configs: list[str], profile: 
     C = agg["configs"]
     p = profile
     out = [
-        "## Targets (issue 5; the Dask rows: issue 9; the peers' rows: issue 12)",
+        "## Targets (issue 5; the Dask rows: issue 9; the peers' rows: issues 12 and 31)",
         "",
     ]
     rows = []
