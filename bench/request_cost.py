@@ -41,7 +41,7 @@ from bench.cpu import process_cpu, short_name
 from bench.levers import Started
 from bench.load import probe
 from bench.report import cell, num, table
-from bench.stats import Spread, ratio
+from bench.stats import Spread, percentile, ratio
 from services.common.settings import load
 
 HOST = subjects.HOST
@@ -95,15 +95,10 @@ def cost(subject: subjects.Subject, p: Profile) -> dict:
     for pid, role in who.items():
         spent[role] += process_cpu([pid]) - before[pid]
     answered = samples.ok
-    return {"answered": answered, "sent": samples.sent, "lateness_p99": _p99(samples.lateness_ms),
+    return {"answered": answered, "sent": samples.sent, "lateness_p99": percentile(samples.lateness_ms, 99),
             "us_per_request": {role: 1e6 * max(0.0, seconds - idle[role] * elapsed) / answered
                                for role, seconds in spent.items()} if answered else {},
             "idle_cores": dict(idle), "instances": sum(1 for role in who.values() if role == "instance")}
-
-
-def _p99(values: list[float]) -> float | None:
-    from bench.stats import percentile
-    return percentile(values, 99) if values else None
 
 
 def profile(subject: subjects.Subject, p: Profile, out: Path) -> dict[str, float]:

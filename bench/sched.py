@@ -21,8 +21,7 @@ from pathlib import Path
 
 from bench.cpu import short_name
 from bench.load import HeavyFlood, probe
-
-HOST = "127.0.0.1"
+from bench.subjects import HOST
 # The processes a /fast answer waits for: their waits are the fast path's tail under the flood.
 # (The probe is a real-time task, bench/load.py: it does not wait.)
 FAST_PATH = ("nginx worker", "fast-")
