@@ -139,6 +139,7 @@ def forget_finished_spans(scheduler: Scheduler, keep: int = SPANS_KEPT) -> int:
             gone.update(span.id for span in family)
     if not gone:
         return 0
+    take_metrics_only_for_known_spans(ext)
     ext.root_spans = [span for span in ext.root_spans if span.id not in gone]
     for span_id in gone:
         del ext.spans[span_id]
@@ -148,6 +149,25 @@ def forget_finished_spans(scheduler: Scheduler, keep: int = SPANS_KEPT) -> int:
             if not index[key]:
                 del index[key]
     return len(gone)
+
+
+def take_metrics_only_for_known_spans(ext: Any) -> None:
+    """Make the spans extension drop a worker's metrics for spans already forgotten.
+
+    A worker reports what each span's tasks cost at its next heartbeat, up to a few seconds after
+    they ended, and the scheduler's extension looks each span up without a default: a span
+    forgotten in between raised KeyError in the heartbeat, and the worker closed itself
+    ("worker-heartbeat-error"), its running jobs lost with it (seen in the unit tier).
+    Installed once on the extension instance; the metrics of a forgotten span have nowhere to go.
+    """
+    if "heartbeat" in vars(ext):  # already installed
+        return
+    record = ext.heartbeat
+
+    def heartbeat(ws: Any, data: dict) -> None:
+        record(ws, {key: value for key, value in data.items() if key[1] in ext.spans})
+
+    ext.heartbeat = heartbeat
 
 
 def below_the_fast_path(settings: Settings, name: str) -> str | None:

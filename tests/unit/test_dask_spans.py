@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from distributed import Client, Scheduler, Worker
+from distributed.core import Status
 
 from services.slow.dask_worker import forget_finished_spans
 from tests.support.waiting import eventually
@@ -49,4 +50,23 @@ def test_a_span_per_burst_of_work_is_kept_only_until_its_groups_are_forgotten():
             assert await client.submit(add_one, 1, pure=False) == 2
 
     # Bounded: an in-process cluster that fails to close must fail this test, not hang the tier (once seen).
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_worker_reporting_on_a_span_already_forgotten_keeps_running_and_takes_the_next_job():
+    async def main():
+        async with Scheduler(host="127.0.0.1", dashboard_address="127.0.0.1:0", port=0) as scheduler, \
+                Worker(scheduler.address, nthreads=1, host="127.0.0.1", dashboard=False) as worker, \
+                Client(scheduler.address, asynchronous=True) as client:
+            future = client.submit(add_one, 1, pure=False)
+            assert await future == 2
+            key = future.key
+            future.release()
+            await eventually(lambda: key not in scheduler.tasks, what=f"the scheduler forgot {key}")
+            # forgotten before the worker's next heartbeat, which still carries the job's costs
+            assert forget_finished_spans(scheduler, keep=0) == 1
+            await worker.heartbeat()  # raised KeyError from the scheduler, and the worker closed
+            assert worker.status == Status.running
+            assert await client.submit(add_one, 2, pure=False) == 3
+
     asyncio.run(asyncio.wait_for(main(), 60))
