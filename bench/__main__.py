@@ -76,6 +76,12 @@ def preflight(configs: list[str]) -> None:
             raise RuntimeError(f"cannot bind 127.0.0.2 for the flood's clients: {exc}") from None
 
 
+def scheduled(name: str, rep: int, asked_repeat: int | None, jobs_profile: jobs.Profile) -> bool:
+    """Whether configuration `name` runs in repetition `rep` (from 0): every one in each, but the
+    long jobs only in their first jobs.Profile.repetitions (it says why), unless --repeat says."""
+    return name != "jobs" or rep < (asked_repeat or jobs_profile.repetitions)
+
+
 class Bench:
     def __init__(self, profile: phases.Profile, workdir: Path, fleet_env: dict[str, str],
                  jobs_profile: jobs.Profile = jobs.FULL):
@@ -196,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rep in range(profile.repeat):
             for name in options.configs:
+                if not scheduled(name, rep, options.repeat, bench.jobs_profile):
+                    continue
                 bench.say(f"[{rep + 1}/{profile.repeat}] {name}")
                 try:
                     record = bench.run_config(name, rep)

@@ -101,6 +101,10 @@ class Profile:
     finished_jobs: int  # per wave
     waves: int  # of finished_jobs; a second one goes into the space the first one's purge left
     purge: bool  # wait for the sweep to expire the first wave (result_ttl + up to a sweep's interval)
+    # Repetitions of `python -m bench` that run it, unless --repeat says: its figures are steady
+    # from one run to the next and one takes 14 minutes, so `make bench` runs it once (its three
+    # took 42 of the whole run's three hours).
+    repetitions: int = 1
 
 
 FULL = Profile("full", submits=600, progress_seconds=20, progress_streams=5, streams=1000, stream_processes=4,

@@ -160,3 +160,12 @@ def test_a_fast_path_wait_is_charged_to_whatever_held_its_cpu():
     # The probe is a real-time task (bench/load.py): were it to wait, that is not the fast path's.
     roles[10] = "load generator (bench)"
     assert waits_by_holder(timehist, roles) == {"forkserver worker": 1.9, "idle CPU": 1.3}
+
+
+def test_make_bench_runs_the_long_jobs_once_and_every_other_set_up_in_each_repetition_unless_told():
+    from bench import jobs
+    from bench.__main__ import scheduled
+
+    assert [scheduled("jobs", rep, None, jobs.FULL) for rep in range(3)] == [True, False, False]
+    assert all(scheduled("fleet", rep, None, jobs.FULL) for rep in range(3))
+    assert all(scheduled("jobs", rep, 3, jobs.FULL) for rep in range(3))  # --repeat 3: as asked
