@@ -45,7 +45,7 @@ EDGE_URL := $(PY) -c 'from deploy.fleet import edge_url; from services.common.se
 FLEET_UP_IF_DOWN := $(PY) -c 'import sys; from deploy.fleet import supervisord_pid; from services.common.settings import load; \
 	sys.exit(0 if supervisord_pid(load()) else 1)' || $(PY) -m deploy.fleet up
 
-.PHONY: deploy-local stop status logs profile reload chaos certs test test-unit test-integration fuzz soak help install bootstrap bootstrap-tests render load load-check bench
+.PHONY: deploy-local stop status logs profile reload chaos certs test test-unit test-integration fuzz soak help install bootstrap bootstrap-tests render load load-check observe bench
 
 deploy-local: bootstrap ## Start the fleet (or apply changed settings), wait for /healthz, print the URLs
 	@$(PY) -m deploy.fleet up
@@ -112,10 +112,16 @@ load-check: bootstrap ## Headless isolation proof against the fleet: per-phase t
 	$(LOCUST) -f locustfile.py $(LOCUST_PROCESSES) --headless --only-summary --host "$$edge" --fast-routes "$(FAST_ROUTES)" --fast-rate $(FAST_RATE) --heavy-mix "$(HEAVY_MIX)" $(LONG_JOBS) \
 	    --html "$$run/load-check.html" --csv "$$run/load-check" $(LOAD_OPTS)
 
+observe: bootstrap ## The fleet's own Prometheus with its alert rules on http://127.0.0.1:9090 (deploys the fleet if it is down; Ctrl-C stops it)
+	@$(BOOTSTRAP) --observe
+	@$(FLEET_UP_IF_DOWN)
+	@exec $(PY) -m deploy.observe
+
 bootstrap:
 	@$(BOOTSTRAP)
 
-# What the tests need besides: redis-server, for the store tests (tests/support/redis_server.py).
+# What the tests need besides: redis-server, for the store tests (tests/support/redis_server.py);
+# prometheus, for the rules' tests (promtool) and make observe's.
 bootstrap-tests:
 	@$(BOOTSTRAP) --tests
 

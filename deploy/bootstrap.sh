@@ -105,6 +105,20 @@ if [ "$needs_store" = yes ] && ! command -v redis-server >/dev/null 2>&1 && [ ! 
     fi
 fi
 
+# Prometheus (Debian's, with promtool): `--observe` (make observe) runs it, `--tests` checks the
+# rules with promtool and has a test open its pages. Its recommended exporters are not the fleet's.
+if { [ "${1:-}" = --observe ] || [ "${1:-}" = --tests ]; } && ! command -v promtool >/dev/null 2>&1 \
+        && [ ! -x /usr/bin/promtool ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: installing prometheus with apt-get (make observe, the rules' tests)"
+        apt_install --no-install-recommends prometheus
+    elif [ "${1:-}" = --tests ]; then
+        echo "warning: prometheus is not installed: the rules' tests are skipped (sudo apt-get install --no-install-recommends prometheus)" >&2
+    else
+        echo "error: make observe needs prometheus. Install it with: sudo apt-get install --no-install-recommends prometheus" >&2
+        exit 1
+    fi
+fi
 
 # A .venv made before from an interpreter the service user cannot run (pyenv's, under /root) is
 # made again from one it can, when there is one: the fleet then drops root as it should.

@@ -115,6 +115,9 @@ def rolling_restart(settings: Settings) -> list[apply.Reload]:
 
 
 def stop(settings: Settings) -> None:
+    from deploy import observe  # it imports this module
+    if observe.stop_running(settings.run_dir) is not None:  # `make observe`'s, before anything it scrapes
+        print(f"stopped the Prometheus of {settings.run_dir} (make observe)")
     pid = supervisord_pid(settings)
     if pid is None:
         print(f"no fleet running in {settings.run_dir}")

@@ -199,6 +199,9 @@ def render(settings: Settings) -> dict[str, str]:
         # The long jobs' page (/jobs/<id>/page), which the edge serves itself from the run dir.
         "nginx/html/job.html": f"<!-- {HEADER[2:]} (from nginx/job.html) -->\n" + (REPO_ROOT / "nginx" / "job.html").read_text(),
         "prometheus/targets.json": prometheus_targets(settings),
+        # The fleet's alert and recording rules, for `make observe`'s Prometheus or an operator's own.
+        "prometheus/rules.yml": f"{HEADER} (from deploy/prometheus/rules.yml)\n"
+                                + (REPO_ROOT / "deploy" / "prometheus" / "rules.yml").read_text(),
         # The fleet's own job store's config (jobs.store = "redis", no jobs.redis_url), root's like
         # every rendered file: the store's process reads it, and cannot change it.
         **({store.CONF: store.render(settings, HEADER)} if store.managed(settings) else {}),

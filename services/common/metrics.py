@@ -29,14 +29,33 @@ targets file that deploy renders into the run dir (prometheus/targets.json). Fam
     fleet_upstream_served_total{service,kind,outcome}          counter (the upstream service's replicas)
     fleet_event_loop_lag_seconds                               histogram (watchdog.py)
     fleet_event_loop_blocked_total                             counter (watchdog.py)
+    fleet_jobs_started_total, fleet_jobs_ended_total{state,error}   counters: the job store's own tallies
+                                                               (every runner of a store shows the same;
+                                                               they outlive restarts; runner only)
+    fleet_slow_workers_floor                                   gauge: slow.min_workers (slow only)
+    fleet_dask_scheduler_connected{scheduler}, fleet_dask_workers{scheduler}  gauges: the Dask cluster
+                                                               as this slow instance's client sees it
+                                                               (slow.backend = "dask" only)
+    fleet_log_bytes{log}, fleet_log_bound_bytes                gauges: each of this host's logs with its
+                                                               rotated copies, and what one may hold
+    fleet_logs_disk_free_bytes                                 gauge: room left where the logs are
+    fleet_fast_p99_objective_seconds                           gauge: observe.fast_p99_objective_ms (fast only)
+
+The alert and recording rules that read these are in deploy/prometheus/rules.yml; a threshold that
+a setting decides is exported as a series (the last five above), so the rules hold for any fleet.
     process_*, python_*                                        prometheus-client's own collectors
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterator
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 # From well under a millisecond (a fast route) to a minute (a long job).
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -82,6 +101,21 @@ FANOUT_IN_FLIGHT = Gauge("fleet_fanout_attempts_in_flight",
 FANOUT_BATCH_KEYS = Histogram("fleet_fanout_batch_keys", "Distinct keys per multi-get a fast route sent", ["upstream"],
                               buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 
+# What the alert rules compare with (deploy/prometheus/rules.yml).
+SLOW_WORKERS_FLOOR = Gauge("fleet_slow_workers_floor",
+                           "slow.min_workers: with fewer workers serving, the instance's /healthz says degraded")
+# Labelled by the scheduler's address so that an instance on the local pool shows no series at all.
+DASK_CONNECTED = Gauge("fleet_dask_scheduler_connected", "1 while this instance's client is connected to the Dask "
+                       "scheduler", ["scheduler"])
+DASK_WORKERS = Gauge("fleet_dask_workers", "Workers in the Dask cluster, as this instance's client sees them",
+                     ["scheduler"])
+FAST_P99_OBJECTIVE = Gauge("fleet_fast_p99_objective_seconds",
+                           "observe.fast_p99_objective_ms: the fast routes' p99 the alert rules hold this fleet to")
+LOG_BYTES = Gauge("fleet_log_bytes", "One of this host's logs, its rotated copies included", ["log"])
+LOG_BOUND = Gauge("fleet_log_bound_bytes", "The most one log may hold with its rotated copies: "
+                  "observe.log_max_mb x (observe.log_backups + 1)")
+LOGS_DISK_FREE = Gauge("fleet_logs_disk_free_bytes", "Bytes free to this fleet's user on the filesystem of its logs")
+
 # Labels come from fixed sets only: a label a client could choose (its method, its path) would let
 # one client grow every instance's memory and /metrics without bound.
 METHODS = frozenset(("GET", "POST", "HEAD", "DELETE"))
@@ -117,3 +151,80 @@ def declare_tasks(task_names, backend: str, outcomes) -> None:
             SLOW_JOBS.labels(name, outcome, backend)
         SLOW_JOB_DURATION.labels(name, backend)
         SLOW_COALESCED.labels(name)
+
+
+# A rotated copy (supervisor's and deploy/log_rotation.py's: fast-01.log.2, nginx-access.log.1.tmp)
+# belongs to its log.
+_ROTATED = re.compile(r"^(.+?)(?:\.\d+)?(?:\.tmp)?$")
+
+
+def watch_logs(log_dir: Path, max_mb: int, backups: int) -> None:
+    """Export the host's logs' sizes (every instance does: any one of a host's instances answers for
+    it, the rules take the largest) and the room left on their filesystem, read at each scrape:
+    a few dozen stat calls."""
+    LOG_BOUND.set((max_mb << 20) * (backups + 1))
+
+    def refresh() -> None:
+        sizes: dict[str, int] = {}
+        try:
+            with os.scandir(log_dir) as entries:
+                for entry in entries:
+                    if entry.is_file(follow_symlinks=False):
+                        log = _ROTATED.match(entry.name).group(1)
+                        sizes[log] = sizes.get(log, 0) + entry.stat(follow_symlinks=False).st_size
+            disk = os.statvfs(log_dir)
+        except OSError:  # the run dir being replaced: the next scrape
+            return
+        for log, size in sizes.items():
+            LOG_BYTES.labels(log).set(size)
+        LOGS_DISK_FREE.set(disk.f_bavail * disk.f_frsize)
+
+    on_refresh("logs", refresh)
+
+
+class JobTallies(Collector):
+    """The job store's own counts of jobs started and ended (by state and error code), as counters.
+
+    Kept by the store, in the same transaction as each start and end, not by a process: a job
+    process ends its own job, and another host's runner may reap it; the counts outlive every
+    restart. The runner reads them at each beat (job_runner.py); every runner of one store shows
+    the same figures, so the rules take the largest."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.ended: dict[tuple[str, str], int] = {}
+
+    def update(self, tallies: dict[str, int]) -> None:
+        """From the store's tallies: "started", and "ended/<state>/<error code>"."""
+        ended = {}
+        for name, count in tallies.items():
+            kind, _, rest = name.partition("/")
+            if kind == "started":
+                self.started = count
+            elif kind == "ended":
+                state, _, error = rest.partition("/")
+                ended[(state, error)] = count
+        self.ended = ended
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        started = CounterMetricFamily("fleet_jobs_started", "Long jobs claimed by a runner (each attempt), in the job store")
+        started.add_metric([], self.started)
+        yield started
+        ended = CounterMetricFamily("fleet_jobs_ended", "Long jobs ended, by state and error code, in the job store",
+                                    labels=["state", "error"])
+        for (state, error), count in sorted(self.ended.items()):
+            ended.add_metric([state, error], count)
+        yield ended
+
+
+JOB_TALLIES = JobTallies()
+_tallies_exported = False
+
+
+def export_job_tallies() -> JobTallies:
+    """Register the job tallies (the runner does): a process without a store shows none."""
+    global _tallies_exported
+    if not _tallies_exported:
+        REGISTRY.register(JOB_TALLIES)
+        _tallies_exported = True
+    return JOB_TALLIES

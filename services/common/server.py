@@ -179,6 +179,8 @@ async def serve(app: web.Application, instance: Instance) -> None:
     server.listen(instance.port, address=instance.settings.address, backlog=LISTEN_BACKLOG)
     in_flight: InFlight = app.settings["in_flight"]
     metrics.IN_FLIGHT.set_function(lambda: in_flight.count)
+    observe = instance.settings.observe
+    metrics.watch_logs(instance.settings.run_dir / "logs", observe.log_max_mb, observe.log_backups)
     loop_watchdog = LoopWatchdog(threshold=instance.settings.observe.blocked_loop_ms / 1000)
     loop_watchdog.start()
     stop = asyncio.Event()

@@ -328,6 +328,10 @@ SCHEMA: dict[str, Spec] = {
     "observe.log_max_mb": Spec(int, 1, 10240),
     "observe.log_backups": Spec(int, 1, 100),
     "observe.failed_request_lines_per_second": Spec(int, 1, 100000),
+    "observe.fast_p99_objective_ms": Spec(int, 1, 60000),
+    "observe.prometheus_port": Spec(int, 1024, 65535),
+    "observe.prometheus_retention_hours": Spec(int, 1, 8760),
+    "observe.prometheus_retention_mb": Spec(int, 64, 1_000_000),
     "tasks.fib.max_n": Spec(int, 0, 40),
     "tasks.pbkdf2.max_rounds": Spec(int, 1000, 10_000_000),
     "tasks.sleep.max_seconds": Spec(float, 0, 600),
@@ -446,6 +450,9 @@ def _check_consistency(v: Mapping[str, Any]) -> None:
     if set(upstream) & (set(fast) | set(slow) | {runner, v["edge.port"]}):
         raise SettingsError(f"the upstream service's ports {upstream.start}-{upstream.stop - 1} (upstream.base_port + 1 "
                             "..) overlap the edge's, an instance's or the runner's: move upstream.base_port")
+    if v["observe.prometheus_port"] in set(fast) | set(slow) | set(upstream) | {runner, v["edge.port"]}:
+        raise SettingsError(f"observe.prometheus_port {v['observe.prometheus_port']} is also the edge's or an "
+                            "instance's port: move one")
     if fast.stop - 1 > 65535 or slow.stop - 1 > 65535 or upstream.stop - 1 > 65535:
         raise SettingsError("base_port + instances exceeds 65535: lower the base port")
     if v["slow.drain_timeout"] <= v["slow.job_timeout"]:

@@ -11,7 +11,7 @@ import time
 
 from tornado import web
 
-from services.common import cpu_slice, server
+from services.common import cpu_slice, metrics, server
 from services.common.web import ApiError, BaseHandler, HealthHandler, MetricsHandler, NotFoundHandler
 from services.fanout.client import Upstreams
 from services.fast import fanout_routes, negative_control
@@ -81,6 +81,7 @@ def make_app(instance: server.Instance) -> web.Application:
     fanout = fanout_routes.routes(instance.settings, upstreams)
     hello, echo = HelloHandler, EchoHandler
     observe = instance.settings.observe
+    metrics.FAST_P99_OBJECTIVE.set(observe.fast_p99_objective_ms / 1000)  # what FleetFastP99High compares with
     if observe.test_fast_delay_ms:  # the isolation check's negative controls: a fleet that must FAIL it
         sabotage = negative_control.Sabotage(negative_control.HeavyJobSensor(instance.settings),
                                              observe.test_fast_delay_ms, observe.test_fast_delay_every)

@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable
 
 from tornado import web
 
-from services.common import logs, procfs, server, temp_dir
+from services.common import logs, metrics, procfs, server, temp_dir
 from services.common.settings import Settings
 from services.common.web import HealthHandler, MetricsHandler, NotFoundHandler
 from services.slow import cpu_priority, registry
@@ -154,6 +154,7 @@ async def run(instance: server.Instance) -> None:
     runner = JobRunner(store, None, fleet, f"{fleet.inventory.here.name}.{instance.name}", tasks,
                        capacity=fleet.runner.workers, spawn=processes)
     runner.cluster_cap = fleet.long_job_cluster_cap
+    runner.tallies = metrics.export_job_tallies()  # the store's counts of jobs started and ended, at each beat
     processes.lost = runner.lost
     sweeping = asyncio.get_running_loop().create_task(_sweep_temp_dirs(processes))
     await start_runner(runner)

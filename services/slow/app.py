@@ -302,6 +302,11 @@ def make_app(instance: server.Instance, tasks: Mapping[str, registry.Task], pool
         metrics.SLOW_WORKERS.set(stats["workers"])
         metrics.SLOW_WORKERS_BUSY.set(stats["busy"])
         metrics.SLOW_QUEUE_DEPTH.set(admission.waiting)
+        metrics.SLOW_WORKERS_FLOOR.set(fleet.slow.min_workers)
+        cluster = stats.get("cluster")
+        if cluster is not None:  # on Dask
+            metrics.DASK_CONNECTED.labels(cluster["scheduler"]).set(int(cluster["connected"]))
+            metrics.DASK_WORKERS.labels(cluster["scheduler"]).set(cluster["workers"])
 
     metrics.on_refresh("slow", refresh_gauges)
     return web.Application(

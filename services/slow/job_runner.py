@@ -107,6 +107,7 @@ class JobRunner:
         self.running: dict[str, asyncio.Task] = {}  # the jobs this runner runs, by id
         self.draining = False
         self.reaps = True  # a runner reaps lost owners' jobs; a job process does not
+        self.tallies: metrics.JobTallies | None = None  # the runner program exports the store's tallies
         self._answered_since: float | None = -math.inf  # since when the store has answered every beat (None: not now)
         self._stopping: set[str] = set()  # jobs stopped by a drain's deadline, not by a cancel
         self._ending: set[str] = set()  # jobs whose end is being written
@@ -438,6 +439,8 @@ class JobRunner:
             try:
                 for state, count in (await self.store.count_by_state()).items():
                     metrics.JOBS.labels(state).set(count)
+                if self.tallies is not None:
+                    self.tallies.update(await self.store.tallies())
             except Exception:
                 log.exception("could not count the job store's records")
 

@@ -120,6 +120,10 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL,                -- JSON
     UNIQUE (job, seq)
 );
+CREATE TABLE IF NOT EXISTS tallies (
+    name TEXT PRIMARY KEY,             -- "started", "ended/<state>/<error code>": the metrics' counters
+    count INTEGER NOT NULL             -- since the store was made, whoever started or ended the jobs
+);
 """
 
 
@@ -218,6 +222,7 @@ class Store(Protocol):
     def result(self, job_id: str) -> bytes | None: ...
     def count_active(self, client: str | None = None) -> int: ...
     def count_by_state(self) -> dict[str, int]: ...  # every record, by state (tombstones as "expired")
+    def tallies(self) -> dict[str, int]: ...  # jobs started, and ended by state and error, ever
     def sweep(self, limit: int = SWEEP_BATCH) -> dict[str, int]: ...
     def beat(self, owner: str) -> None: ...
     def gone(self, owner: str) -> None: ...
@@ -296,10 +301,20 @@ class SqliteStore:
         self._append(row["id"], seq, kind, data)
         return seq
 
+    def _tally(self, name: str) -> None:
+        self.db.execute("INSERT INTO tallies (name, count) VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET"
+                        " count = count + 1", (name,))
+
+    def _run_on(self, row: sqlite3.Row, owner: str, now: float) -> None:
+        """A queued job, now running on `owner` (inside a transaction)."""
+        self._change(row, "state", {"state": RUNNING}, state=RUNNING, owner=owner, started=now)
+        self._tally("started")
+
     def _end(self, row: sqlite3.Row, state: str, error: dict | None, result: bytes | None = None,
              result_bytes: int | None = None, result_file: int = 0) -> None:
         """A job's last change: its terminal state, its result or error, when it expires; the end event."""
         now = self.clock()
+        self._tally(f"ended/{state}/{'' if error is None else error.get('error', '')}")
         self._change(row, "end", {"state": state}, state=state, finished=now, expires=now + self.ttl, result=result,
                      result_bytes=result_bytes, result_file=result_file, kwargs=None,
                      error=None if error is None else json.dumps(error))
@@ -357,8 +372,7 @@ class SqliteStore:
                 " (SELECT COUNT(*) FROM jobs r WHERE r.client = q.client AND r.state IN ('running', 'cancelling')),"
                 " q.created, q.rowid LIMIT ?", (*tasks, limit)).fetchall()
             for row in rows:
-                self._change(row, "state", {"state": RUNNING}, state=RUNNING, owner=owner,
-                             started=now)
+                self._run_on(row, owner, now)
             if rows:  # its lease starts now: a job process beats only once it is up
                 self.db.execute("INSERT INTO owners (owner, beat) VALUES (?, ?) ON CONFLICT (owner) DO UPDATE SET"
                                 " beat = excluded.beat", (owner, now))
@@ -372,7 +386,7 @@ class SqliteStore:
             rows = self.db.execute("SELECT * FROM jobs WHERE state = 'queued' AND key = ? ORDER BY created, rowid"
                                    " LIMIT ?", (key, limit)).fetchall()
             for row in rows:
-                self._change(row, "state", {"state": RUNNING}, state=RUNNING, owner=owner, started=now)
+                self._run_on(row, owner, now)
             return [_job(self._row(row["id"])) for row in rows]
 
     def count_running(self, owner_prefix: str) -> int:
@@ -388,8 +402,7 @@ class SqliteStore:
             row = self._row(job_id)
             if row is None or row["state"] != QUEUED:
                 return None
-            self._change(row, "state", {"state": RUNNING}, state=RUNNING, owner=owner,
-                         started=self.clock())
+            self._run_on(row, owner, self.clock())
             return _job(self._row(job_id))
 
     def progress(self, job_id: str, done: float, total: float | None, message: str,
@@ -468,6 +481,10 @@ class SqliteStore:
         counts = dict.fromkeys((*ACTIVE, *TERMINAL, EXPIRED), 0)
         counts.update(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
         return counts
+
+    def tallies(self) -> dict[str, int]:
+        """Jobs started and ended since the store was made: {"started": n, "ended/<state>/<error>": n}."""
+        return dict(self.db.execute("SELECT name, count FROM tallies").fetchall())
 
     def count_active(self, client: str | None = None) -> int:
         """Jobs queued, running or being cancelled: the client's, or everyone's."""

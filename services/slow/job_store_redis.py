@@ -22,6 +22,7 @@ Keys, under one prefix (`jobs` by default; `{id}` is a job's id):
     jobs:running_keys     hash    jobs running by key (a coalescing task's): a claim leaves identical ones to join
     jobs:owners           zset    each runner process's last beat: its jobs' lease
     jobs:counts           hash    records by state (count_by_state, for the metrics)
+    jobs:tallies          hash    jobs started, and ended by state and error code, ever (tallies, the metrics)
     jobs:position         string  the last position handed out (INCR): what a Watcher has seen
     jobs:changes          stream  one entry per event of any job, "<position>-0": job, seq
 
@@ -125,6 +126,7 @@ local function start(id, owner, now)
     set_state(id, 'queued', 'running')
     redis.call('ZREM', P .. ':queued', id)
     running(id, 1)
+    redis.call('HINCRBY', P .. ':tallies', 'started', 1)
 end
 -- a job's last change: terminal state, result or error, expiry; out of the active sets; native TTLs
 -- (end_args: now, expires, record TTL, events TTL)
@@ -141,6 +143,9 @@ local function finish(id, state, error, result, result_bytes, in_file, now, expi
     end
     local seq = change(id, 'end', cjson.encode({state = state}), fields)
     set_state(id, old, state)
+    local code = ''
+    if error ~= '' then code = cjson.decode(error)['error'] or '' end
+    redis.call('HINCRBY', P .. ':tallies', 'ended/' .. state .. '/' .. code, 1)
     if old == 'queued' then redis.call('ZREM', P .. ':queued', id) else running(id, -1) end
     redis.call('SREM', P .. ':active', id)
     redis.call('SREM', P .. ':active:' .. client, id)
@@ -538,6 +543,10 @@ class RedisStore:
     @_answering
     def last_position(self) -> int:
         return int(self.db.get(f"{self.prefix}:position") or 0)
+
+    @_answering
+    def tallies(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.db.hgetall(f"{self.prefix}:tallies").items()}
 
     @_answering
     def count_by_state(self) -> dict[str, int]:

@@ -11,6 +11,7 @@ from unittest import mock
 import tornado
 from tornado.testing import gen_test
 
+from services.common import metrics
 from services.common.server import Instance
 from services.common.settings import REPO_ROOT, load
 from services.common.web import BaseHandler
@@ -164,6 +165,9 @@ class FastAppTest(ContractTestCase):
             response = self.request(path, method="HEAD")
             assert response.code == 200, path
             assert response.body == b"" and response.headers["X-Served-By"] == "fast-01"
+
+    def test_metrics_show_the_fast_p99_objective_the_alert_rules_compare_with(self):
+        assert "fleet_fast_p99_objective_seconds 0.01" in self.request("/metrics").body.decode()  # 10 ms
 
     def test_made_up_methods_never_become_metric_labels(self):
         for i in range(50):
@@ -401,6 +405,7 @@ class ScriptedPool:
         self.workers = 2
         self.kill_on_cancel = False
         self.size = 1
+        self.cluster: dict | None = None  # a Dask pool's view of its cluster
 
     async def run(self, task: str, kwargs: dict, timeout: float, client: str = ""):
         if self.error is not None:
@@ -408,7 +413,7 @@ class ScriptedPool:
         return b"1", 1.0
 
     def stats(self) -> dict:
-        return {"workers": self.workers, "busy": 0, "problem": None}
+        return {"workers": self.workers, "busy": 0, "problem": None, **({"cluster": self.cluster} if self.cluster else {})}
 
 
 class SlowAppPoolOutcomesTest(ContractTestCase):
@@ -438,6 +443,18 @@ class SlowAppPoolOutcomesTest(ContractTestCase):
 
         self.pool.error = ResultTooLarge("the result of fib is 20.0 MiB of JSON, over the limit of 16 MiB")
         self.assert_json_error(self.request("/slow/fib/3"), 500, "result_too_large")
+
+    def test_metrics_show_the_worker_floor_the_rules_compare_with_and_on_dask_the_cluster_as_the_pool_sees_it(self):
+        metrics.DASK_CONNECTED.clear()
+        text = self.request("/metrics").body.decode()
+        assert "fleet_slow_workers 2.0" in text and "fleet_slow_workers_floor 1.0" in text  # slow.min_workers
+        assert "fleet_dask_scheduler_connected{" not in text  # the local pool: no series, no false alarm
+        self.pool.cluster = {"scheduler": "tls://10.9.9.9:8786", "connected": False, "workers": 3}
+        text = self.request("/metrics").body.decode()
+        assert 'fleet_dask_scheduler_connected{scheduler="tls://10.9.9.9:8786"} 0.0' in text
+        assert 'fleet_dask_workers{scheduler="tls://10.9.9.9:8786"} 3.0' in text
+        metrics.DASK_CONNECTED.clear()
+        metrics.DASK_WORKERS.clear()
 
     def test_healthz_is_503_degraded_below_the_worker_floor(self):
         assert self.request("/healthz").code == 200

@@ -589,3 +589,25 @@ def test_a_full_store_refuses_new_jobs_and_its_sweep_still_frees_it(tmp_path, cl
     assert store.get(submit(store)).state == QUEUED
     store.close()
     server.stop()
+
+
+def test_the_tallies_count_every_start_and_every_end_by_state_and_error_and_outlive_the_records(store, stores, clock):
+    succeeded, failed, cancelled_queued, cancelled_running, lost, claimed, joined = (submit(store) for _ in range(7))
+    for job_id in (succeeded, failed, cancelled_running, lost):
+        store.start(job_id, "runner-a.1")
+    store.finish(succeeded, SUCCEEDED, result=b"1")
+    store.finish(failed, FAILED, error={"error": "job_failed", "status": 500})
+    store.cancel(cancelled_queued)  # queued: ended at once, never started
+    store.cancel(cancelled_running)
+    store.finish(cancelled_running, SUCCEEDED, result=b"2")  # the cancel came first: it ends cancelled
+    store.beat("runner-a.1")
+    clock.now += 11
+    assert [job.id for job in store.reap(lost_after=10)] == [lost]
+    assert {job.id for job in store.claim("runner-b.2", ["report"], 5)} == {claimed, joined}
+    expected = {"started": 6, "ended/succeeded/": 1, "ended/failed/job_failed": 1, "ended/failed/worker_lost": 1,
+                "ended/cancelled/cancelled": 2}
+    assert store.tallies() == expected
+    clock.now += 200
+    store.sweep()
+    store.sweep()  # every ended record gone, tombstones too
+    assert stores.open().tallies() == expected  # kept by the store, read by any connection

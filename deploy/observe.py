@@ -1,0 +1,185 @@
+"""`make observe`: a Prometheus of the fleet's own, in the foreground, until Ctrl-C.
+
+    python -m deploy.observe        # the fleet must be up (make observe starts it if it is down)
+
+Debian's `prometheus` (deploy/bootstrap.sh --observe installs it as root). Its config, written
+here into the run dir (prometheus/prometheus.yml, from deploy/prometheus/prometheus.yml.j2), has it
+scrape the targets file deploy keeps there and evaluate the rules deploy copies beside it
+(deploy/prometheus/rules.yml). It listens on loopback only (observe.prometheus_port), keeps its
+samples in the run dir's prometheus/data, at most observe.prometheus_retention_hours and _mb, and
+runs as the fleet's user (process.user). The fleet is the one deployed (the run dir's snapshot);
+the observe.prometheus_* settings are read now, so FLEET_OBSERVE_PROMETHEUS_PORT=9091 make observe
+moves it without a deploy. Its own log lines (warnings and errors only) go to this terminal, as Locust's do
+with `make load`. `make stop` stops it too (SIGTERM: it writes its head block first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from deploy import privilege, rundir
+from deploy.control import FleetError, port_taken
+from deploy.fleet import edge_url, supervisord_pid
+from deploy.render import HEADER, REPO_ROOT
+from services.common.inventory import host_port
+from services.common.settings import Settings, load
+
+PID_FILE = "prometheus/prometheus.pid"
+READY_TIMEOUT = 60  # seconds: a first start replays nothing; a restart replays its write-ahead log
+# The graph the README shows: the fast routes' p99 (recorded by the rules) beside its objective.
+FAST_P99_GRAPH = ("/graph?g0.expr=fleet_host%3Afast_request_duration_seconds%3Ap99_5m&g0.tab=0&g0.range_input=15m"
+                  "&g1.expr=max(fleet_fast_p99_objective_seconds%7Brole%3D%22fast%22%7D)&g1.tab=0&g1.range_input=15m")
+
+
+def binary() -> str | None:
+    """Debian's prometheus, or one on the PATH."""
+    return shutil.which("prometheus") or (str(Path("/usr/bin/prometheus")) if Path("/usr/bin/prometheus").exists() else None)
+
+
+def url(observe: Any) -> str:
+    return f"http://127.0.0.1:{observe.prometheus_port}"
+
+
+def config(settings: Settings, observe: Any) -> str:
+    """prometheus.yml for this host's part of the fleet (`observe`: the observe.* settings)."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(REPO_ROOT / "deploy"), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    tls = {k: str(v) for k, v in settings.tls_files().items()} if settings.edge_tls else None
+    return env.get_template("prometheus/prometheus.yml.j2").render(
+        header=HEADER, run_dir=settings.run_dir, tls=tls, listen=f"127.0.0.1:{observe.prometheus_port}")
+
+
+def command(settings: Settings, observe: Any, prometheus: str) -> list[str]:
+    run_dir = settings.run_dir
+    return [
+        prometheus,
+        f"--config.file={run_dir}/prometheus/prometheus.yml",
+        f"--storage.tsdb.path={run_dir}/prometheus/data",
+        # Whichever bound comes first: a fleet's own Prometheus never fills the disk.
+        f"--storage.tsdb.retention.time={observe.prometheus_retention_hours}h",
+        f"--storage.tsdb.retention.size={observe.prometheus_retention_mb}MB",
+        f"--web.listen-address=127.0.0.1:{observe.prometheus_port}",  # loopback only: it has no login
+        "--log.level=warn",
+    ]
+
+
+def urls(settings: Settings, observe: Any) -> str:
+    """What to open: Prometheus's pages, and the Dask dashboard where this host has one."""
+    base = url(observe)
+    lines = [f"Prometheus: {base}   (targets: {base}/targets, alerts: {base}/alerts, rules: {base}/rules)",
+             f"  the fast p99 graph: {base}{FAST_P99_GRAPH}"]
+    if settings.slow.backend == "dask" and settings.dask.scheduler == "managed" and settings.inventory.runs("scheduler"):
+        lines.append(f"Dask dashboard: http://{host_port(settings.dashboard_address, settings.dask.dashboard_port)}/status")
+    lines.append(f"the fleet's edge: {edge_url(settings)}   (make load in another terminal puts load on it)")
+    return "\n".join(lines)
+
+
+def wait_ready(observe: Any, process: subprocess.Popen, timeout: float = READY_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FleetError(f"prometheus exited with status {process.returncode} before it was ready (its lines above)")
+        try:
+            with urllib.request.urlopen(f"{url(observe)}/-/ready", timeout=1) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise FleetError(f"prometheus was not ready at {url(observe)} within {timeout:g} s")
+
+
+def start(settings: Settings, observe: Any) -> subprocess.Popen:
+    """Prometheus, started as the fleet's user on the run dir's config; its pid in the run dir."""
+    prometheus = binary()
+    if prometheus is None:
+        raise FleetError("prometheus is not installed: `make observe` installs it as root "
+                         "(or: sudo apt-get install --no-install-recommends prometheus)")
+    run_dir = settings.run_dir
+    for rendered in ("prometheus/rules.yml", "prometheus/targets.json"):
+        if not (run_dir / rendered).exists():
+            raise FleetError(f"{run_dir / rendered} is missing: deploy the fleet again (make deploy-local)")
+    taken = port_taken("127.0.0.1", observe.prometheus_port, "Prometheus's", "FLEET_OBSERVE_PROMETHEUS_PORT")
+    if taken:
+        raise FleetError(taken.removeprefix("error: ") + " (another `make observe`?)")
+    rundir.write_file(run_dir / "prometheus" / "prometheus.yml", config(settings, observe).encode())
+    user = privilege.run_as(settings)
+    data = run_dir / "prometheus" / "data"
+    if user is None:
+        rundir.own_dir(data, 0o700)
+        as_user = {}
+    else:
+        rundir.handed_over_dir(data, user.uid, user.gid, 0o700)  # its samples are the fleet user's alone
+        as_user = {"user": user.uid, "group": user.gid, "extra_groups": []}
+    # Its own session: a Ctrl-C in this terminal reaches this launcher, which stops it in order.
+    process = subprocess.Popen(command(settings, observe, prometheus), cwd=data, start_new_session=True, **as_user)
+    rundir.write_file(run_dir / PID_FILE, f"{process.pid}\n".encode())
+    return process
+
+
+def stop_running(run_dir: Path, timeout: float = 30) -> int | None:
+    """Stop the run dir's Prometheus, if one runs (make stop): SIGTERM, then SIGKILL past `timeout`.
+    Returns its pid, or None."""
+    try:
+        pid = int((run_dir / PID_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if not cmdline or not cmdline[0].endswith(b"prometheus") or f"{run_dir}/prometheus/".encode() not in b" ".join(cmdline):
+        return None  # the pid was reused by another process: not ours to stop
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.1)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.observe", description=__doc__.split("\n")[0])
+    parser.parse_args(argv)
+    settings = load()
+    observe = settings.observe  # read now, with any FLEET_OBSERVE_* override
+    if (settings.run_dir / "settings.json").exists():
+        settings = Settings.from_snapshot(settings.run_dir / "settings.json")  # what runs, as deployed
+    if supervisord_pid(settings) is None:
+        print(f"error: no fleet runs in {settings.run_dir}: make deploy-local first", file=sys.stderr)
+        return 2
+    try:
+        process = start(settings, observe)
+        wait_ready(observe, process)
+    except (FleetError, rundir.RunDirError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(urls(settings, observe))
+    print("Ctrl-C stops Prometheus (its samples stay in the run dir's prometheus/data)", flush=True)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        return 0
+    finally:
+        (settings.run_dir / PID_FILE).unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
