@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,20 @@ from services.common.settings import Settings, load
 
 PID_FILE = "prometheus/prometheus.pid"
 READY_TIMEOUT = 60  # seconds: a first start replays nothing; a restart replays its write-ahead log
-# The graph the README shows: the fast routes' p99 (recorded by the rules) beside its objective.
-FAST_P99_GRAPH = ("/graph?g0.expr=fleet_host%3Afast_request_duration_seconds%3Ap99_5m&g0.tab=0&g0.range_input=15m"
-                  "&g1.expr=max(fleet_fast_p99_objective_seconds%7Brole%3D%22fast%22%7D)&g1.tab=0&g1.range_input=15m")
+# Debian builds Prometheus with its classic web UI only (the React one needs npm): its pages are
+# under /classic/.
+PAGES = {"targets": "/classic/targets", "alerts": "/classic/alerts", "rules": "/classic/rules"}
+# The graphs the README shows: the fast routes' p99 (recorded by the rules) against its objective,
+# and the heavy requests by how they ended (shed ones too): the fast path holds while the slow
+# one is saturated.
+GRAPHS = (
+    'fleet_host:fast_request_duration_seconds:p99_5m or label_replace(max(fleet_fast_p99_objective_seconds'
+    '{role="fast"}), "objective", "observe.fast_p99_objective_ms", "", "")',
+    "sum by (outcome) (fleet_host:slow_jobs:rate5m) > 0",
+)
+FAST_P99_GRAPH = "/classic/graph?" + urllib.parse.urlencode(
+    {f"g{i}.{key}": value for i, expr in enumerate(GRAPHS)
+     for key, value in (("expr", expr), ("tab", "0"), ("range_input", "15m"))}, quote_via=urllib.parse.quote)
 
 
 def binary() -> str | None:
@@ -77,7 +89,8 @@ def command(settings: Settings, observe: Any, prometheus: str) -> list[str]:
 def urls(settings: Settings, observe: Any) -> str:
     """What to open: Prometheus's pages, and the Dask dashboard where this host has one."""
     base = url(observe)
-    lines = [f"Prometheus: {base}   (targets: {base}/targets, alerts: {base}/alerts, rules: {base}/rules)",
+    pages = ", ".join(f"{name}: {base}{path}" for name, path in PAGES.items())
+    lines = [f"Prometheus: {base}   ({pages})",
              f"  the fast p99 graph: {base}{FAST_P99_GRAPH}"]
     if settings.slow.backend == "dask" and settings.dask.scheduler == "managed" and settings.inventory.runs("scheduler"):
         lines.append(f"Dask dashboard: http://{host_port(settings.dashboard_address, settings.dask.dashboard_port)}/status")

@@ -450,9 +450,6 @@ def _check_consistency(v: Mapping[str, Any]) -> None:
     if set(upstream) & (set(fast) | set(slow) | {runner, v["edge.port"]}):
         raise SettingsError(f"the upstream service's ports {upstream.start}-{upstream.stop - 1} (upstream.base_port + 1 "
                             "..) overlap the edge's, an instance's or the runner's: move upstream.base_port")
-    if v["observe.prometheus_port"] in set(fast) | set(slow) | set(upstream) | {runner, v["edge.port"]}:
-        raise SettingsError(f"observe.prometheus_port {v['observe.prometheus_port']} is also the edge's or an "
-                            "instance's port: move one")
     if fast.stop - 1 > 65535 or slow.stop - 1 > 65535 or upstream.stop - 1 > 65535:
         raise SettingsError("base_port + instances exceeds 65535: lower the base port")
     if v["slow.drain_timeout"] <= v["slow.job_timeout"]:

@@ -144,7 +144,7 @@ local function finish(id, state, error, result, result_bytes, in_file, now, expi
     local seq = change(id, 'end', cjson.encode({state = state}), fields)
     set_state(id, old, state)
     local code = ''
-    if error ~= '' then code = cjson.decode(error)['error'] or '' end
+    if error and error ~= '' then code = cjson.decode(error)['error'] or '' end  -- false: no error
     redis.call('HINCRBY', P .. ':tallies', 'ended/' .. state .. '/' .. code, 1)
     if old == 'queued' then redis.call('ZREM', P .. ':queued', id) else running(id, -1) end
     redis.call('SREM', P .. ':active', id)

@@ -64,7 +64,7 @@ BREAKAGES = {
                    "          severity: warning\n        annotations:\n          summary: \"the Dask cluster"),
     "a ratio inverted": ("/ sum by (fleet_host) (rate(fleet_jobs_ended_total{role=\"runner\"}[15m])) > 0.25",
                          "/ sum by (fleet_host) (rate(fleet_jobs_ended_total{role=\"runner\"}[15m])) < 0.25"),
-    "a recording rule's window": ("route=~\"/fast|/echo|/healthz\"}[5m])))", "route=~\"/fast|/echo|/healthz\"}[30m])))"),
+    "a recording rule's quantile": ("histogram_quantile(0.99,", "histogram_quantile(0.5,"),
 }
 
 

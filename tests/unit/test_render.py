@@ -144,7 +144,7 @@ def test_every_log_supervisor_writes_is_rotated_by_the_settings_size_and_count(t
 
 def test_write_reports_only_the_files_that_changed(tmp_path):
     s = settings_for(tmp_path)
-    assert len(render.write(s)) == 5  # nginx.conf, supervisord.conf, settings.json, the job page, targets
+    assert len(render.write(s)) == 6  # nginx.conf, supervisord.conf, settings.json, the job page, targets, rules
     assert render.write(s) == []
     changed = render.write(settings_for(tmp_path, FLEET_SLOW_WORKERS="3"))
     assert "settings.json" in changed
