@@ -17,6 +17,7 @@ import pytest
 
 from services.common import metrics_reader, procfs
 from services.slow.job_store import new_id
+from tests.support import browser
 from tests.support.contract import assert_contract_error
 from tests.support.fleet import Fleet, Response
 from tests.support.job_life import whole_life
@@ -434,7 +435,6 @@ def _until_progress(stream: EventStream):
             return
 
 
-CHROMIUM = "/usr/bin/chromium"
 PAGE_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "job-page.png"
 
 
@@ -442,41 +442,34 @@ def test_the_job_page_shows_live_progress_in_chromium_the_result_at_the_end_and_
     """Debian's chromium, driven by Playwright: the page's progress bar moves while the job runs
     (its EventSource through the edge), then the result shows. UPDATE_SCREENSHOT=1 refreshes the
     README's picture."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does it as root)")
-    from playwright.sync_api import expect, sync_playwright
+    browser.require()
+    from playwright.sync_api import expect
 
     location = jobs("/slow/report/4").headers["location"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                          "--disable-component-update", "--disable-sync", "--no-first-run"])
-        try:
-            page = browser.new_page(viewport={"width": 900, "height": 260})
-            answer = page.goto(f"http://127.0.0.1:{jobs_fleet.edge_port}{location}/page")
-            assert answer.status == 200 and answer.headers["x-served-by"] == "edge"
-            expect(page.locator("#state")).to_have_text("running", timeout=10_000)
-            bar = page.locator("#bar")
-            expect(bar).to_have_attribute("max", "40", timeout=10_000)
-            first = float(bar.evaluate("b => b.value"))
-            page.wait_for_function("first => document.getElementById('bar').value > first + 5", arg=first,
-                                   timeout=10_000)  # live: the bar moves while the job runs
-            assert state(jobs_fleet, location) == "running"
-            if os.environ.get("UPDATE_SCREENSHOT"):
-                page.screenshot(path=str(PAGE_SCREENSHOT))
-            expect(page.locator("#state")).to_have_text("succeeded", timeout=20_000)
-            expect(page.locator("#outcome")).to_contain_text('"sections": 40')
-            page.screenshot(path=str(tmp_path / "job-page.png"))
+    with browser.chromium() as chromium:
+        page = chromium.new_page(viewport={"width": 900, "height": 260})
+        answer = page.goto(f"http://127.0.0.1:{jobs_fleet.edge_port}{location}/page")
+        assert answer.status == 200 and answer.headers["x-served-by"] == "edge"
+        expect(page.locator("#state")).to_have_text("running", timeout=10_000)
+        bar = page.locator("#bar")
+        expect(bar).to_have_attribute("max", "40", timeout=10_000)
+        first = float(bar.evaluate("b => b.value"))
+        page.wait_for_function("first => document.getElementById('bar').value > first + 5", arg=first,
+                               timeout=10_000)  # live: the bar moves while the job runs
+        assert state(jobs_fleet, location) == "running"
+        if os.environ.get("UPDATE_SCREENSHOT"):
+            page.screenshot(path=str(PAGE_SCREENSHOT))
+        expect(page.locator("#state")).to_have_text("succeeded", timeout=20_000)
+        expect(page.locator("#outcome")).to_contain_text('"sections": 40')
+        page.screenshot(path=str(tmp_path / "job-page.png"))
 
-            long = jobs("/slow/report/60").headers["location"]
-            page.goto(f"http://127.0.0.1:{jobs_fleet.edge_port}{long}/page")
-            expect(page.locator("#state")).to_have_text("running", timeout=10_000)
-            page.get_by_role("button", name="Cancel").click()
-            expect(page.locator("#state")).to_have_text("cancelled", timeout=10_000)
-            expect(page.locator("#outcome")).to_contain_text("cancelled: the job was cancelled while it ran")
+        long = jobs("/slow/report/60").headers["location"]
+        page.goto(f"http://127.0.0.1:{jobs_fleet.edge_port}{long}/page")
+        expect(page.locator("#state")).to_have_text("running", timeout=10_000)
+        page.get_by_role("button", name="Cancel").click()
+        expect(page.locator("#state")).to_have_text("cancelled", timeout=10_000)
+        expect(page.locator("#outcome")).to_contain_text("cancelled: the job was cancelled while it ran")
 
-            gone = page.goto(f"http://127.0.0.1:{jobs_fleet.edge_port}/jobs/{new_id()}/page")
-            assert gone.status == 200  # the page itself; the job it names is not there:
-            expect(page.locator("#state")).to_have_text("not_found", timeout=10_000)
-        finally:
-            browser.close()
+        gone = page.goto(f"http://127.0.0.1:{jobs_fleet.edge_port}/jobs/{new_id()}/page")
+        assert gone.status == 200  # the page itself; the job it names is not there:
+        expect(page.locator("#state")).to_have_text("not_found", timeout=10_000)

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from bench.procs import free_port_block
+from tests.support import browser
 from tests.support.fleet import REPO
 from tests.support.waiting import wait_for
 
@@ -39,7 +40,6 @@ from tests.support.waiting import wait_for
 pytestmark = pytest.mark.integration
 
 LOCUSTFILE = REPO / "locustfile.py"
-CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = REPO / "docs" / "isolation-tab.png"
 EXIT_PASS, EXIT_FAIL, EXIT_INCONCLUSIVE = 0, 3, 4
 
@@ -396,9 +396,8 @@ def test_no_heavy_load_is_inconclusive(naive_server):
 
 def test_web_ui_shows_the_verdict(private_fleet, tmp_path):
     """Debian's chromium, driven by Playwright: start the shaped run from the form, watch the Isolation tab."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does it as root)")
-    from playwright.sync_api import expect, sync_playwright
+    browser.require()
+    from playwright.sync_api import expect
 
     fleet = private_fleet(**DEPLOYED_DEFAULTS)
     port = free_port()
@@ -411,36 +410,29 @@ def test_web_ui_shows_the_verdict(private_fleet, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, env=locust_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_http(f"http://127.0.0.1:{port}/")
-        with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM, headless=True,
-                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                      "--disable-component-update", "--disable-sync", "--no-first-run"])
-            try:
-                page = browser.new_page(viewport={"width": 1600, "height": 900})
-                page.goto(f"http://127.0.0.1:{port}/")
-                # The start form shows the check's options ("Custom parameters"), prefilled from the
-                # command line, and what is typed there is what the run uses.
-                page.get_by_role("button", name="Custom parameters").click()
-                expect(page.locator("input[name='mixedSeconds']")).to_have_value(PHASE)
-                page.locator("input[name='warmupSeconds']").fill("1")
-                page.get_by_role("button", name=re.compile("^start$", re.I)).click()
-                page.get_by_role("tab", name="Isolation").click()
-                table = page.locator("table")
-                # Live: the phase rows fill in while the run goes.
-                expect(table).to_contain_text("running", timeout=20_000)
-                verdict = table.locator("tr", has_text="VERDICT")
-                expect(verdict).to_contain_text(re.compile(r"VERDICT\s*(PASS|FAIL|INCONCLUSIVE)"), timeout=60_000)
-                text = table.inner_text()
-                for phase in ("warm-up", "baseline", "mixed", "recovery"):
-                    assert re.search(rf"{phase}\s+done", text), text
-                assert re.search(r"warm-up\s+done\s+1\.\d", text), "the form's warm-up of 1 s was not used:\n" + text
-                page.screenshot(path=str(tmp_path / "isolation-tab.png"), full_page=True)
-                if os.environ.get("UPDATE_SCREENSHOT"):
-                    SCREENSHOT.parent.mkdir(exist_ok=True)
-                    page.screenshot(path=str(SCREENSHOT), full_page=True)
-            finally:
-                browser.close()
+        with browser.chromium() as chromium:
+            page = chromium.new_page(viewport={"width": 1600, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/")
+            # The start form shows the check's options ("Custom parameters"), prefilled from the
+            # command line, and what is typed there is what the run uses.
+            page.get_by_role("button", name="Custom parameters").click()
+            expect(page.locator("input[name='mixedSeconds']")).to_have_value(PHASE)
+            page.locator("input[name='warmupSeconds']").fill("1")
+            page.get_by_role("button", name=re.compile("^start$", re.I)).click()
+            page.get_by_role("tab", name="Isolation").click()
+            table = page.locator("table")
+            # Live: the phase rows fill in while the run goes.
+            expect(table).to_contain_text("running", timeout=20_000)
+            verdict = table.locator("tr", has_text="VERDICT")
+            expect(verdict).to_contain_text(re.compile(r"VERDICT\s*(PASS|FAIL|INCONCLUSIVE)"), timeout=60_000)
+            text = table.inner_text()
+            for phase in ("warm-up", "baseline", "mixed", "recovery"):
+                assert re.search(rf"{phase}\s+done", text), text
+            assert re.search(r"warm-up\s+done\s+1\.\d", text), "the form's warm-up of 1 s was not used:\n" + text
+            page.screenshot(path=str(tmp_path / "isolation-tab.png"), full_page=True)
+            if os.environ.get("UPDATE_SCREENSHOT"):
+                SCREENSHOT.parent.mkdir(exist_ok=True)
+                page.screenshot(path=str(SCREENSHOT), full_page=True)
     finally:
         stop(proc)
         log.close()

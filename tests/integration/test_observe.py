@@ -19,10 +19,10 @@ import pytest
 
 from bench.procs import free_port_block
 from deploy import observe
+from tests.support import browser
 from tests.support.fleet import REPO
 from tests.support.waiting import wait_for
 
-CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = REPO / "docs" / "prometheus-fast-p99.png"
 P99 = "fleet_host:fast_request_duration_seconds:p99_5m"  # the rules' recording of the fast p99
 
@@ -96,29 +96,21 @@ def test_make_observe_scrapes_every_target_with_the_rules_loaded_and_chromium_dr
         firing = [a for a in api(port, "alerts")["alerts"] if a["state"] == "firing"]
         assert not firing, firing  # a healthy fleet under light traffic: nothing to tell anyone
 
-        if not Path(CHROMIUM).exists():
-            pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does it as root)")
-        from playwright.sync_api import expect, sync_playwright
-        with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM, headless=True,
-                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                      "--disable-component-update", "--disable-sync", "--no-first-run"])
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 900})
-                page.goto(f"http://127.0.0.1:{port}{observe.PAGES['targets']}")
-                expect(page.get_by_text(f"fleet ({targets}/{targets} up)")).to_be_visible(timeout=20_000)
-                states = page.locator("td.state").all_inner_texts()
-                assert len(states) == targets + 1 and {s.strip().lower() for s in states} == {"up"}, states
-                page.goto(f"http://127.0.0.1:{port}{observe.FAST_P99_GRAPH}")
-                # the classic UI draws each series as an SVG path (Rickshaw), named in the legend
-                expect(page.locator(".graph_area svg path").first).to_be_visible(timeout=20_000)
-                expect(page.locator(".legend").first).to_contain_text(P99)
-                page.screenshot(path=str(tmp_path / "graph.png"), full_page=True)
-                if os.environ.get("UPDATE_SCREENSHOT"):
-                    page.screenshot(path=str(SCREENSHOT), full_page=True)
-            finally:
-                browser.close()
+        browser.require()
+        from playwright.sync_api import expect
+        with browser.chromium() as chromium:
+            page = chromium.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}{observe.PAGES['targets']}")
+            expect(page.get_by_text(f"fleet ({targets}/{targets} up)")).to_be_visible(timeout=20_000)
+            states = page.locator("td.state").all_inner_texts()
+            assert len(states) == targets + 1 and {s.strip().lower() for s in states} == {"up"}, states
+            page.goto(f"http://127.0.0.1:{port}{observe.FAST_P99_GRAPH}")
+            # the classic UI draws each series as an SVG path (Rickshaw), named in the legend
+            expect(page.locator(".graph_area svg path").first).to_be_visible(timeout=20_000)
+            expect(page.locator(".legend").first).to_contain_text(P99)
+            page.screenshot(path=str(tmp_path / "graph.png"), full_page=True)
+            if os.environ.get("UPDATE_SCREENSHOT"):
+                page.screenshot(path=str(SCREENSHOT), full_page=True)
     finally:
         stop.set()
         traffic.join(5)
