@@ -112,6 +112,9 @@ if { [ "${1:-}" = --observe ] || [ "${1:-}" = --tests ]; } && ! command -v promt
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "bootstrap: installing prometheus with apt-get (make observe, the rules' tests)"
         apt_install --no-install-recommends prometheus
+        # Debian enables its own prometheus.service for the next boot: on every interface, port
+        # 9090, with no login. The fleet runs its own only when asked (make observe), on loopback.
+        if command -v systemctl >/dev/null 2>&1; then systemctl disable prometheus.service >/dev/null 2>&1 || true; fi
     elif [ "${1:-}" = --tests ]; then
         echo "warning: prometheus is not installed: the rules' tests are skipped (sudo apt-get install --no-install-recommends prometheus)" >&2
     else

@@ -30,11 +30,11 @@ from typing import Any
 import jinja2
 
 from deploy import privilege, rundir
-from deploy.control import FleetError, port_taken
+from deploy.control import FleetError, port_taken, ports_of
 from deploy.fleet import edge_url, supervisord_pid
 from deploy.render import HEADER, REPO_ROOT
 from services.common.inventory import host_port
-from services.common.settings import Settings, load
+from services.common.settings import Settings, SettingsError, load
 
 PID_FILE = "prometheus/prometheus.pid"
 READY_TIMEOUT = 60  # seconds: a first start replays nothing; a restart replays its write-ahead log
@@ -123,9 +123,16 @@ def start(settings: Settings, observe: Any) -> subprocess.Popen:
     for rendered in ("prometheus/rules.yml", "prometheus/targets.json"):
         if not (run_dir / rendered).exists():
             raise FleetError(f"{run_dir / rendered} is missing: deploy the fleet again (make deploy-local)")
-    taken = port_taken("127.0.0.1", observe.prometheus_port, "Prometheus's", "FLEET_OBSERVE_PROMETHEUS_PORT")
+    if (pid := running(run_dir)) is not None:
+        raise FleetError(f"make observe's Prometheus already runs for {run_dir} (pid {pid}); make stop stops it too")
+    port = observe.prometheus_port
+    fleet_port = [what for what, _, p, _ in ports_of(settings) if p == port]
+    if fleet_port:  # a spare's port is free while the spare is down, and wanted the moment it is not
+        raise FleetError(f"observe.prometheus_port {port} is {fleet_port[0]}'s; choose another, "
+                         f"e.g. FLEET_OBSERVE_PROMETHEUS_PORT={port + 1}")
+    taken = port_taken("127.0.0.1", port, "Prometheus's", "FLEET_OBSERVE_PROMETHEUS_PORT")
     if taken:
-        raise FleetError(taken.removeprefix("error: ") + " (another `make observe`?)")
+        raise FleetError(taken.removeprefix("error: "))
     rundir.write_file(run_dir / "prometheus" / "prometheus.yml", config(settings, observe).encode())
     user = privilege.run_as(settings)
     data = run_dir / "prometheus" / "data"
@@ -141,57 +148,77 @@ def start(settings: Settings, observe: Any) -> subprocess.Popen:
     return process
 
 
-def stop_running(run_dir: Path, timeout: float = 30) -> int | None:
-    """Stop the run dir's Prometheus, if one runs (make stop): SIGTERM, then SIGKILL past `timeout`.
-    Returns its pid, or None."""
+def end(process: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop Prometheus as it likes (SIGTERM: it writes its head block); killed past `timeout`, or at
+    a second Ctrl-C."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        process.kill()
+        process.wait()
+
+
+def running(run_dir: Path) -> int | None:
+    """The pid of the run dir's Prometheus (make observe's), if one runs: its pid file names a live
+    prometheus started on this run dir's config (a pid reused since is another process's)."""
     try:
         pid = int((run_dir / PID_FILE).read_text())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
+    ours = f"--config.file={run_dir}/prometheus/prometheus.yml".encode()
+    return pid if argv and argv[0].endswith(b"prometheus") and ours in argv else None
+
+
+def stop_running(run_dir: Path, timeout: float = 30) -> int | None:
+    """Stop the run dir's Prometheus, if one runs (make stop): SIGTERM, then SIGKILL past `timeout`.
+    Returns its pid, or None: none ran, or it is another user's to stop (said on stderr)."""
+    pid = running(run_dir)
+    if pid is None:
         return None
-    if not cmdline or not cmdline[0].endswith(b"prometheus") or f"{run_dir}/prometheus/".encode() not in b" ".join(cmdline):
-        return None  # the pid was reused by another process: not ours to stop
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-        time.sleep(0.1)
-    if Path(f"/proc/{pid}").exists():
-        os.kill(pid, signal.SIGKILL)
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.1)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # it ended meanwhile
+    except PermissionError:
+        print(f"warning: make observe's Prometheus (pid {pid}) is not yours to stop", file=sys.stderr)
+        return None
     return pid
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.observe", description=__doc__.split("\n")[0])
     parser.parse_args(argv)
-    settings = load()
-    observe = settings.observe  # read now, with any FLEET_OBSERVE_* override
-    if (settings.run_dir / "settings.json").exists():
-        settings = Settings.from_snapshot(settings.run_dir / "settings.json")  # what runs, as deployed
-    if supervisord_pid(settings) is None:
-        print(f"error: no fleet runs in {settings.run_dir}: make deploy-local first", file=sys.stderr)
-        return 2
+    process = None
     try:
+        settings = load()
+        observe = settings.observe  # read now, with any FLEET_OBSERVE_* override
+        if (settings.run_dir / "settings.json").exists():
+            settings = Settings.from_snapshot(settings.run_dir / "settings.json")  # what runs, as deployed
+        if supervisord_pid(settings) is None:
+            raise FleetError(f"no fleet runs in {settings.run_dir}: make deploy-local first")
         process = start(settings, observe)
         wait_ready(observe, process)
-    except (FleetError, rundir.RunDirError) as exc:
+        print(urls(settings, observe))
+        print("Ctrl-C stops Prometheus (its samples stay in the run dir's prometheus/data)", flush=True)
+        return process.wait()
+    except (FleetError, SettingsError, rundir.RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(urls(settings, observe))
-    print("Ctrl-C stops Prometheus (its samples stay in the run dir's prometheus/data)", flush=True)
-    try:
-        return process.wait()
     except KeyboardInterrupt:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
         return 0
     finally:
-        (settings.run_dir / PID_FILE).unlink(missing_ok=True)
+        if process is not None:
+            end(process)
+            (settings.run_dir / PID_FILE).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

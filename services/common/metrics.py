@@ -12,8 +12,8 @@ targets file that deploy renders into the run dir (prometheus/targets.json). Fam
     fleet_slow_jobs_total{task,outcome,backend}                counter
     fleet_slow_job_duration_seconds{task,backend}              histogram
     fleet_slow_coalesced_total{task}                           counter (requests that shared a job)
-    fleet_jobs{state}                                          gauge: the host's long jobs by state (its
-                                                               job store, read every 2 s; slow only)
+    fleet_jobs{store,state}                                    gauge: the long jobs by state in the job store
+                                                               (read every 2 s; the runner only)
     fleet_jobs_streams_open                                    gauge: event streams open here
     fleet_jobs_store_seconds{operation}                        histogram: a job store call, thread hop included
     fleet_fanout_call_seconds{upstream,outcome}                histogram: a fast route's call to an upstream,
@@ -29,9 +29,10 @@ targets file that deploy renders into the run dir (prometheus/targets.json). Fam
     fleet_upstream_served_total{service,kind,outcome}          counter (the upstream service's replicas)
     fleet_event_loop_lag_seconds                               histogram (watchdog.py)
     fleet_event_loop_blocked_total                             counter (watchdog.py)
-    fleet_jobs_started_total, fleet_jobs_ended_total{state,error}   counters: the job store's own tallies
-                                                               (every runner of a store shows the same;
-                                                               they outlive restarts; runner only)
+    fleet_jobs_started_total{store}, fleet_jobs_ended_total{store,state,error}   counters: the job
+                                                               store's own tallies (every runner of a
+                                                               store shows the same; they outlive
+                                                               restarts; the runner only)
     fleet_slow_workers_floor                                   gauge: slow.min_workers (slow only)
     fleet_dask_scheduler_connected{scheduler}, fleet_dask_workers{scheduler}  gauges: the Dask cluster
                                                                as this slow instance's client sees it
@@ -40,10 +41,11 @@ targets file that deploy renders into the run dir (prometheus/targets.json). Fam
                                                                rotated copies, and what one may hold
     fleet_logs_disk_free_bytes                                 gauge: room left where the logs are
     fleet_fast_p99_objective_seconds                           gauge: observe.fast_p99_objective_ms (fast only)
-
-The alert and recording rules that read these are in deploy/prometheus/rules.yml; a threshold that
-a setting decides is exported as a series (the last five above), so the rules hold for any fleet.
     process_*, python_*                                        prometheus-client's own collectors
+
+The alert and recording rules that read these are in deploy/prometheus/rules.yml. A threshold that
+a setting decides is exported as a series (the worker floor, the logs' bound, the fast p99
+objective), so the rules hold for any fleet's settings.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ SLOW_COALESCED = Counter("fleet_slow_coalesced_total",
                          "Requests answered by a job that an identical request had started (coalesce.py)", ["task"])
 SLOW_JOB_DURATION = Histogram("fleet_slow_job_duration_seconds", "Time a job ran in its worker",
                               ["task", "backend"], buckets=BUCKETS)
-JOBS = Gauge("fleet_jobs", "The host's long jobs by state, as its job store holds them", ["state"])
+JOBS = Gauge("fleet_jobs", "Long jobs by state, as the job store holds them (store: which one)", ["store", "state"])
 JOBS_STREAMS = Gauge("fleet_jobs_streams_open", "Job event streams (SSE) open on this instance")
 JOBS_STORE = Histogram("fleet_jobs_store_seconds", "Time of a job store call from the event loop, by operation",
                        ["operation"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -155,7 +157,7 @@ def declare_tasks(task_names, backend: str, outcomes) -> None:
 
 # A rotated copy (supervisor's and deploy/log_rotation.py's: fast-01.log.2, nginx-access.log.1.tmp)
 # belongs to its log.
-_ROTATED = re.compile(r"^(.+?)(?:\.\d+)?(?:\.tmp)?$")
+_ROTATED = re.compile(r"^(.+?)(?:\.(\d+))?(?:\.tmp)?$")
 
 
 def watch_logs(log_dir: Path, max_mb: int, backups: int) -> None:
@@ -170,7 +172,9 @@ def watch_logs(log_dir: Path, max_mb: int, backups: int) -> None:
             with os.scandir(log_dir) as entries:
                 for entry in entries:
                     if entry.is_file(follow_symlinks=False):
-                        log = _ROTATED.match(entry.name).group(1)
+                        log, copy = _ROTATED.match(entry.name).groups()
+                        if copy is not None and int(copy) > backups:
+                            continue  # left by a larger observe.log_backups: no rotation touches it again
                         sizes[log] = sizes.get(log, 0) + entry.stat(follow_symlinks=False).st_size
             disk = os.statvfs(log_dir)
         except OSError:  # the run dir being replaced: the next scrape
@@ -183,37 +187,46 @@ def watch_logs(log_dir: Path, max_mb: int, backups: int) -> None:
 
 
 class JobTallies(Collector):
-    """The job store's own counts of jobs started and ended (by state and error code), as counters.
+    """The job store's own counts of jobs started and ended (by state and error code), as counters,
+    labelled with the store they count (`store`: one Redis server that every host shares is one
+    store, each host's SQLite file its own).
 
     Kept by the store, in the same transaction as each start and end, not by a process: a job
     process ends its own job, and another host's runner may reap it; the counts outlive every
-    restart. The runner reads them at each beat (job_runner.py); every runner of one store shows
-    the same figures, so the rules take the largest."""
+    restart. The runner reads them at each beat (job_runner.py): until its first reading nothing is
+    shown (a 0 then would look like a counter reset), and from then on every way a job can end is
+    shown, at 0 until it happens, so that the rules' increase() sees the first one."""
 
     def __init__(self) -> None:
+        self.store: str | None = None  # until the first reading
         self.started = 0
         self.ended: dict[tuple[str, str], int] = {}
+        self.endings: tuple[tuple[str, str], ...] = ()  # (state, error code) shown at 0 until they happen
 
-    def update(self, tallies: dict[str, int]) -> None:
+    def update(self, store: str, tallies: dict[str, int]) -> None:
         """From the store's tallies: "started", and "ended/<state>/<error code>"."""
-        ended = {}
+        ended = dict.fromkeys(self.endings, 0)
+        started = 0
         for name, count in tallies.items():
             kind, _, rest = name.partition("/")
             if kind == "started":
-                self.started = count
+                started = count
             elif kind == "ended":
                 state, _, error = rest.partition("/")
                 ended[(state, error)] = count
-        self.ended = ended
+        self.store, self.started, self.ended = store, started, ended
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        started = CounterMetricFamily("fleet_jobs_started", "Long jobs claimed by a runner (each attempt), in the job store")
-        started.add_metric([], self.started)
+        if self.store is None:
+            return
+        started = CounterMetricFamily("fleet_jobs_started", "Long jobs claimed by a runner (each attempt), in the job store",
+                                      labels=["store"])
+        started.add_metric([self.store], self.started)
         yield started
         ended = CounterMetricFamily("fleet_jobs_ended", "Long jobs ended, by state and error code, in the job store",
-                                    labels=["state", "error"])
+                                    labels=["store", "state", "error"])
         for (state, error), count in sorted(self.ended.items()):
-            ended.add_metric([state, error], count)
+            ended.add_metric([self.store, state, error], count)
         yield ended
 
 
@@ -221,9 +234,11 @@ JOB_TALLIES = JobTallies()
 _tallies_exported = False
 
 
-def export_job_tallies() -> JobTallies:
-    """Register the job tallies (the runner does): a process without a store shows none."""
+def export_job_tallies(endings: tuple[tuple[str, str], ...]) -> JobTallies:
+    """Register the job tallies (the runner does; a process without a store shows none), with
+    every (state, error code) a job can end with."""
     global _tallies_exported
+    JOB_TALLIES.endings = endings
     if not _tallies_exported:
         REGISTRY.register(JOB_TALLIES)
         _tallies_exported = True

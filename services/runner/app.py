@@ -27,8 +27,8 @@ from tornado import web
 from services.common import logs, metrics, procfs, server, temp_dir
 from services.common.settings import Settings
 from services.common.web import HealthHandler, MetricsHandler, NotFoundHandler
-from services.slow import cpu_priority, registry
-from services.slow.app import make_store
+from services.slow import cpu_priority, jobs, registry
+from services.slow.app import make_store, store_label
 from services.slow.job_process import JOB_PROCESSES
 from services.slow.job_runner import JobRunner
 from services.slow.job_store import AsyncStore, Job, StoreUnavailable
@@ -154,7 +154,8 @@ async def run(instance: server.Instance) -> None:
     runner = JobRunner(store, None, fleet, f"{fleet.inventory.here.name}.{instance.name}", tasks,
                        capacity=fleet.runner.workers, spawn=processes)
     runner.cluster_cap = fleet.long_job_cluster_cap
-    runner.tallies = metrics.export_job_tallies()  # the store's counts of jobs started and ended, at each beat
+    runner.store_label = store_label(fleet)
+    runner.tallies = metrics.export_job_tallies(jobs.endings())  # the store's counts of jobs started and ended
     processes.lost = runner.lost
     sweeping = asyncio.get_running_loop().create_task(_sweep_temp_dirs(processes))
     await start_runner(runner)

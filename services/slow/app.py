@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import urllib.parse
 from typing import Any, Mapping
 
 from tornado import web
@@ -340,6 +341,16 @@ def make_store(fleet: Any) -> Any:
                           inline_result_bytes=j.inline_result_kb << 10, password=password, tls=tls)
     return open_store(fleet.run_dir / "jobs", ttl=j.result_ttl, max_records=j.max_records,
                       inline_result_bytes=j.inline_result_kb << 10)
+
+
+def store_label(fleet: Any) -> str:
+    """What the job metrics call the store (their `store` label): one Redis server that every host
+    reaches is one store, whichever host reports it; each host's SQLite file is its own. Never its
+    password."""
+    if fleet.jobs.store == "redis":
+        url = urllib.parse.urlsplit(fleet.job_store_url)
+        return f"{url.scheme}://{url.hostname}:{url.port or 6379}{url.path}"
+    return f"sqlite:{fleet.inventory.here.name}"
 
 
 def make_pool(instance: server.Instance, line: Admission) -> jobs.Pool:

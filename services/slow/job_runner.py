@@ -108,6 +108,7 @@ class JobRunner:
         self.draining = False
         self.reaps = True  # a runner reaps lost owners' jobs; a job process does not
         self.tallies: metrics.JobTallies | None = None  # the runner program exports the store's tallies
+        self.store_label = ""  # what its metrics call the store (services/slow/app.py's store_label)
         self._answered_since: float | None = -math.inf  # since when the store has answered every beat (None: not now)
         self._stopping: set[str] = set()  # jobs stopped by a drain's deadline, not by a cancel
         self._ending: set[str] = set()  # jobs whose end is being written
@@ -438,9 +439,9 @@ class JobRunner:
                 continue
             try:
                 for state, count in (await self.store.count_by_state()).items():
-                    metrics.JOBS.labels(state).set(count)
+                    metrics.JOBS.labels(self.store_label, state).set(count)
                 if self.tallies is not None:
-                    self.tallies.update(await self.store.tallies())
+                    self.tallies.update(self.store_label, await self.store.tallies())
             except Exception:
                 log.exception("could not count the job store's records")
 

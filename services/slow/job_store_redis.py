@@ -133,6 +133,9 @@ end
 local function finish(id, state, error, result, result_bytes, in_file, now, expires, record_ttl, data_ttl)
     local old = field(id, 'state')
     local client = field(id, 'client')
+    -- decoded before the first write: Redis does not undo a script's writes when it fails half-way
+    local code = ''
+    if error and error ~= '' then code = cjson.decode(error)['error'] or '' end  -- false: no error
     local fields = {'state', state, 'finished', now, 'expires', expires, 'error', error,
                     'result', false, 'result_bytes', result_bytes, 'result_file', '0', 'kwargs', false}
     if result ~= false and in_file == '1' then
@@ -143,8 +146,6 @@ local function finish(id, state, error, result, result_bytes, in_file, now, expi
     end
     local seq = change(id, 'end', cjson.encode({state = state}), fields)
     set_state(id, old, state)
-    local code = ''
-    if error and error ~= '' then code = cjson.decode(error)['error'] or '' end  -- false: no error
     redis.call('HINCRBY', P .. ':tallies', 'ended/' .. state .. '/' .. code, 1)
     if old == 'queued' then redis.call('ZREM', P .. ':queued', id) else running(id, -1) end
     redis.call('SREM', P .. ':active', id)

@@ -212,6 +212,21 @@ def _outcomes(base: type[JobError]) -> list[str]:
 OUTCOMES = ("ok", *_outcomes(JobError), "cancelled")
 
 
+def _codes(base: type[JobError]) -> list[str]:
+    found = [base.code]
+    for cls in base.__subclasses__():
+        found += [c for c in _codes(cls) if c not in found]
+    return found
+
+
+def endings() -> tuple[tuple[str, str], ...]:
+    """Every way a long job can end, as the job store tallies it (state, error code): its result,
+    a cancel, its runner lost, and each error's code (those defined by the modules imported by
+    now: call it once they are). The runner shows each at 0 until it happens (metrics.JobTallies)."""
+    return (("succeeded", ""), ("cancelled", "cancelled"), ("failed", "worker_lost"),
+            *(("failed", code) for code in _codes(JobError) if code not in ("worker_lost", "cancelled")))
+
+
 class KillBudget:
     """A token bucket: how many workers may be killed for departed clients (rate per second, burst).
 

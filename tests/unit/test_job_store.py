@@ -592,7 +592,7 @@ def test_a_full_store_refuses_new_jobs_and_its_sweep_still_frees_it(tmp_path, cl
 
 
 def test_the_tallies_count_every_start_and_every_end_by_state_and_error_and_outlive_the_records(store, stores, clock):
-    succeeded, failed, cancelled_queued, cancelled_running, lost, claimed, joined = (submit(store) for _ in range(7))
+    succeeded, failed, cancelled_queued, cancelled_running, lost = (submit(store) for _ in range(5))
     for job_id in (succeeded, failed, cancelled_running, lost):
         store.start(job_id, "runner-a.1")
     store.finish(succeeded, SUCCEEDED, result=b"1")
@@ -600,11 +600,17 @@ def test_the_tallies_count_every_start_and_every_end_by_state_and_error_and_outl
     store.cancel(cancelled_queued)  # queued: ended at once, never started
     store.cancel(cancelled_running)
     store.finish(cancelled_running, SUCCEEDED, result=b"2")  # the cancel came first: it ends cancelled
+    retried, _ = store.create(NewJob(id=new_id(), task="report", client="c", kwargs={"seconds": 1.0}, retries=1))
+    store.start(retried.id, "runner-a.1")
     store.beat("runner-a.1")
     clock.now += 11
-    assert [job.id for job in store.reap(lost_after=10)] == [lost]
-    assert {job.id for job in store.claim("runner-b.2", ["report"], 5)} == {claimed, joined}
-    expected = {"started": 6, "ended/succeeded/": 1, "ended/failed/job_failed": 1, "ended/failed/worker_lost": 1,
+    reaped = {job.id: job.state for job in store.reap(lost_after=10)}
+    assert reaped == {lost: FAILED, retried.id: QUEUED}  # queued again: no ending
+    first, twin = submit(store, key="k1"), submit(store, key="k1")
+    assert [job.id for job in store.claim("runner-b.2", ["report"])] == [retried.id]  # its second attempt
+    assert [job.id for job in store.claim("runner-b.2", ["report"])] == [first]
+    assert [job.id for job in store.join("runner-b.2", "k1", 5)] == [twin]  # a join is a start too
+    expected = {"started": 8, "ended/succeeded/": 1, "ended/failed/job_failed": 1, "ended/failed/worker_lost": 1,
                 "ended/cancelled/cancelled": 2}
     assert store.tallies() == expected
     clock.now += 200

@@ -56,15 +56,31 @@ def test_every_alert_says_how_bad_what_it_means_and_what_to_do_and_is_tested_fir
 
 # Each a small change a careless edit could make; the unit tests must catch every one.
 BREAKAGES = {
-    "a threshold": ("expr: fleet_slow_workers{role=\"slow\"} == 0", "expr: fleet_slow_workers{role=\"slow\"} == 1"),
-    "a label filter dropped": ("up{role!=\"\"} == 0", "up == 0"),
+    "a threshold": ('expr: fleet_slow_workers{role="slow"} == 0', 'expr: fleet_slow_workers{role="slow"} == 1'),
+    "a label filter dropped": ('up{role!=""} == 0', "up == 0"),
     "a duration": ("        for: 5m\n        labels:\n          severity: critical",
                    "        for: 15m\n        labels:\n          severity: critical"),
-    "a severity": ("          severity: critical\n        annotations:\n          summary: \"the Dask cluster",
-                   "          severity: warning\n        annotations:\n          summary: \"the Dask cluster"),
-    "a ratio inverted": ("/ sum by (fleet_host) (rate(fleet_jobs_ended_total{role=\"runner\"}[15m])) > 0.25",
-                         "/ sum by (fleet_host) (rate(fleet_jobs_ended_total{role=\"runner\"}[15m])) < 0.25"),
+    "a severity": ('          severity: critical\n        annotations:\n          summary: "the Dask cluster',
+                   '          severity: warning\n        annotations:\n          summary: "the Dask cluster'),
+    "a ratio inverted": ('(rate(fleet_jobs_ended_total{role="runner"}[15m]))) > 0.25',
+                         '(rate(fleet_jobs_ended_total{role="runner"}[15m]))) < 0.25'),
     "a recording rule's quantile": ("histogram_quantile(0.99,", "histogram_quantile(0.5,"),
+    "the fast routes' role filter": ('rate(fleet_http_request_duration_seconds_bucket{role="fast", ',
+                                     "rate(fleet_http_request_duration_seconds_bucket{"),
+    "the objective's role filter": ('fleet_fast_p99_objective_seconds{role="fast"})\n',
+                                    "fleet_fast_p99_objective_seconds)\n"),
+    "the shed share left out": ("/ on (fleet_host) sum by (fleet_host) (fleet_host:slow_jobs:rate5m) > 0.05",
+                                "/ on (fleet_host) sum by (fleet_host) (fleet_host:slow_jobs:rate5m) > 0"),
+    "the shed floor left out": ('(fleet_host:slow_jobs:rate5m{outcome=~"shed|expired"}) > 0.1',
+                                '(fleet_host:slow_jobs:rate5m{outcome=~"shed|expired"}) > 0'),
+    "the free space ignored": ("max by (fleet_host) (fleet_logs_disk_free_bytes) <",
+                               "0 * max by (fleet_host) (fleet_logs_disk_free_bytes) <"),
+    "jobs counted per host, not per store": (
+        'max by (store) (increase(fleet_jobs_ended_total{role="runner", error="worker_lost"}[15m]))',
+        'max by (fleet_host, store) (increase(fleet_jobs_ended_total{role="runner", error="worker_lost"}[15m]))'),
+    "a cut-off instance's last figure believed": (
+        'fleet_dask_workers{role="slow"} and fleet_dask_scheduler_connected{role="slow"} == 1) == 0',
+        'fleet_dask_workers{role="slow"}) == 0'),
 }
 
 
