@@ -194,9 +194,17 @@ def stop_running(run_dir: Path, timeout: float = 30) -> int | None:
     return pid
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.observe", description=__doc__.split("\n")[0])
     parser.parse_args(argv)
+    # Ctrl-C, and a SIGTERM from whoever started this, stop Prometheus in order (below). Set here:
+    # a process started in the background by a non-interactive shell inherits SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     process = None
     try:
         settings = load()
