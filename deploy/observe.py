@@ -27,12 +27,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
-from deploy import privilege, rundir
+from deploy import privilege, render, rundir
 from deploy.control import FleetError, port_taken, ports_of
 from deploy.fleet import edge_url, supervisord_pid
-from deploy.render import HEADER, REPO_ROOT
 from services.common.inventory import host_port
 from services.common.settings import Settings, SettingsError, load
 
@@ -65,11 +62,9 @@ def url(observe: Any) -> str:
 
 def config(settings: Settings, observe: Any) -> str:
     """prometheus.yml for this host's part of the fleet (`observe`: the observe.* settings)."""
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(REPO_ROOT / "deploy"), undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     tls = {k: str(v) for k, v in settings.tls_files().items()} if settings.edge_tls else None
-    return env.get_template("prometheus/prometheus.yml.j2").render(
-        header=HEADER, run_dir=settings.run_dir, tls=tls, listen=f"127.0.0.1:{observe.prometheus_port}")
+    return render.templates().get_template("prometheus/prometheus.yml.j2").render(
+        header=render.HEADER, run_dir=settings.run_dir, tls=tls, listen=f"127.0.0.1:{observe.prometheus_port}")
 
 
 def command(settings: Settings, observe: Any, prometheus: str) -> list[str]:

@@ -179,8 +179,8 @@ def dask_tls_options(settings: Settings) -> str:
     return f"--tls-ca-file {c['ca']} --tls-cert {c['cert']} --tls-key {c['key']}"
 
 
-def render(settings: Settings) -> dict[str, str]:
-    """{path relative to the run dir: text} for every file the run dir needs."""
+def templates() -> jinja2.Environment:
+    """The fleet's templates (nginx/, deploy/), as every rendered file is made."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader([REPO_ROOT / "nginx", REPO_ROOT / "deploy"]),
         undefined=jinja2.StrictUndefined,  # a typo in a template fails the render, not nginx
@@ -189,6 +189,12 @@ def render(settings: Settings) -> dict[str, str]:
         keep_trailing_newline=True,
     )
     env.filters["hostport"] = host_port
+    return env
+
+
+def render(settings: Settings) -> dict[str, str]:
+    """{path relative to the run dir: text} for every file the run dir needs."""
+    env = templates()
     ctx = context(settings)
     return {
         # The edge's config, on every host: nginx runs only where the edge is, but `nginx -t`
