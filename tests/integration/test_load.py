@@ -272,10 +272,10 @@ def test_a_fleet_that_stalls_1_percent_of_its_fast_requests_for_1_s_under_heavy_
 @pytest.mark.alone
 def test_a_fleet_whose_fast_p99_alone_regresses_under_heavy_load_fails(private_fleet):
     """The fourth negative control: while a heavy job runs, every 50th fast request of each fast
-    instance waits 30 ms, several times the baseline's p99 on this machine (2-8 ms) and under the
-    stall bound: only the p99 moves, and its limit (twice the baseline's plus the baseline's own
-    spread) must see it."""
-    fleet = private_fleet(**DEPLOYED_DEFAULTS, FLEET_OBSERVE_TEST_FAST_DELAY_MS="30",
+    instance waits 60 ms, several times the baseline's p99 on this machine (2-8 ms, 17 ms on a noisy
+    CI run, where 30 ms hid under the limit) and under the stall bound (100 ms): only the p99 moves,
+    and its limit (twice the baseline's plus the baseline's own spread) must see it."""
+    fleet = private_fleet(**DEPLOYED_DEFAULTS, FLEET_OBSERVE_TEST_FAST_DELAY_MS="60",
                           FLEET_OBSERVE_TEST_FAST_DELAY_EVERY="50")
     result = judged_check(f"http://127.0.0.1:{fleet.edge_port}", *CONTROL_PHASES, *FLEET_ROUTES)
     assert "VERDICT: FAIL: the heavy load slowed the fast routes: mixed p99" in result.stdout, result.stdout[-3000:]
