@@ -201,22 +201,16 @@ class ClientLimited(JobError):
         return f"{self}; retry when one has finished, in about {wait} s"
 
 
-def _outcomes(base: type[JobError]) -> list[str]:
-    found = [base.outcome]
+def _each(base: type[JobError], attribute: str) -> list[str]:
+    """`attribute` of `base` and of every subclass of it defined by now, each value once, in order."""
+    found = [getattr(base, attribute)]
     for cls in base.__subclasses__():
-        found += [o for o in _outcomes(cls) if o not in found]
+        found += [value for value in _each(cls, attribute) if value not in found]
     return found
 
 
 # Every value of fleet_slow_jobs_total{outcome}: a job's result, its cancellation, and each error's.
-OUTCOMES = ("ok", *_outcomes(JobError), "cancelled")
-
-
-def _codes(base: type[JobError]) -> list[str]:
-    found = [base.code]
-    for cls in base.__subclasses__():
-        found += [c for c in _codes(cls) if c not in found]
-    return found
+OUTCOMES = ("ok", *_each(JobError, "outcome"), "cancelled")
 
 
 def endings() -> tuple[tuple[str, str], ...]:
@@ -224,7 +218,7 @@ def endings() -> tuple[tuple[str, str], ...]:
     a cancel, its runner lost, and each error's code (those defined by the modules imported by
     now: call it once they are). The runner shows each at 0 until it happens (metrics.JobTallies)."""
     return (("succeeded", ""), ("cancelled", "cancelled"), ("failed", "worker_lost"),
-            *(("failed", code) for code in _codes(JobError) if code not in ("worker_lost", "cancelled")))
+            *(("failed", code) for code in _each(JobError, "code") if code not in ("worker_lost", "cancelled")))
 
 
 class KillBudget:
