@@ -244,9 +244,7 @@ class SqliteStore:
         self.max_records = max_records
         self.clock = clock
         # isolation_level=None: no implicit transactions; each write says BEGIN IMMEDIATE itself, so
-        # it takes the file's write lock at its start (waiting up to busy_timeout: _Transaction), never
-        # half-way.
-        self.busy_timeout = busy_timeout
+        # it takes the file's write lock at its start (waiting up to busy_timeout), never half-way.
         self.db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -289,7 +287,7 @@ class SqliteStore:
     # transactions
 
     def _write(self) -> "_Transaction":
-        return _Transaction(self.db, self.busy_timeout)
+        return _Transaction(self.db)
 
     def _append(self, job_id: str, seq: int, kind: str, data: dict) -> None:
         self.db.execute("INSERT INTO events (job, seq, kind, data) VALUES (?, ?, ?, ?)",
@@ -580,44 +578,14 @@ class SqliteStore:
         return len(ids)
 
 
-# Pauses between tries for the file's write lock: the first, and the longest (doubling between).
-LOCK_POLL_FIRST_SECONDS = 0.0002
-LOCK_POLL_MAX_SECONDS = 0.002
-
-
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception.
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception."""
 
-    Our own wait for the write lock, in place of SQLite's busy handler (for BEGIN only; every other
-    statement keeps it): that handler sleeps 1, 2, 5, 10, 15 ms ... between tries whatever the
-    holder's transaction takes (sqliteDefaultBusyCallback), so a write that found the lock held by a
-    sub-millisecond write of a job process came back 3, 8 or 18 ms later, and the writes queued on
-    the instance's one store thread behind it waited as long: at 200 submits a second, with job
-    processes writing their starts and ends, the jobs bench's 202s had a p99 of 13-21 ms (the
-    slowest 34: 1 + 2 + 5 + 10 + 15 ms of sleeps) where the request itself takes about 1 ms.
-    Tried every 0.2 ms, doubling to 2 ms, a writer takes the lock within about 2 ms of its release;
-    the bound is the same (busy_timeout), then the same error ("database is locked")."""
-
-    def __init__(self, db: sqlite3.Connection, busy_timeout: float):
+    def __init__(self, db: sqlite3.Connection):
         self.db = db
-        self.busy_timeout = busy_timeout
 
     def __enter__(self) -> None:
-        deadline = time.monotonic() + self.busy_timeout
-        pause = LOCK_POLL_FIRST_SECONDS
-        self.db.execute("PRAGMA busy_timeout = 0")
-        try:
-            while True:
-                try:
-                    self.db.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as e:
-                    if e.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() + pause > deadline:
-                        raise
-                time.sleep(pause)
-                pause = min(2 * pause, LOCK_POLL_MAX_SECONDS)
-        finally:
-            self.db.execute(f"PRAGMA busy_timeout = {round(1000 * self.busy_timeout)}")
+        self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, kind, value, tb) -> None:
         self.db.execute("COMMIT" if kind is None else "ROLLBACK")

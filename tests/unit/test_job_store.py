@@ -12,8 +12,6 @@ import itertools
 import multiprocessing
 import os
 import socket
-import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -428,56 +426,6 @@ def test_a_result_file_no_record_names_is_swept_after_a_minute(tmp_path):
     os.utime(stray, (old, old))
     store.sweep()
     assert not stray.exists()
-    store.close()
-
-
-def _hold_write_lock(path: Path, seconds: float) -> threading.Thread:
-    """Another connection (another process's, to SQLite) holds the file's write lock for `seconds`."""
-    taken = threading.Event()
-
-    def hold() -> None:
-        db = sqlite3.connect(path, isolation_level=None)
-        db.execute("BEGIN IMMEDIATE")
-        taken.set()
-        threading.Event().wait(seconds)  # not time.sleep: a test may be counting the store's sleeps
-        db.execute("COMMIT")
-        db.close()
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert taken.wait(5)
-    return holder
-
-
-def test_a_write_waits_for_another_connection_s_write_lock_and_takes_it_when_released(tmp_path, monkeypatch):
-    """SQLite's own: the write lock is waited for by polling (_Transaction), in short pauses, never
-    SQLite's busy handler's 10-25 ms sleeps; every other statement keeps the busy timeout."""
-    store = SqliteStore(tmp_path / "store.sqlite", busy_timeout=5)
-    pauses: list[float] = []
-    real_sleep = time.sleep
-    monkeypatch.setattr(job_store.time, "sleep", lambda s: (pauses.append(s), real_sleep(s)))
-    holder = _hold_write_lock(store.path, 0.1)
-    job_id = submit(store)  # while the other connection holds the lock
-    holder.join()
-    monkeypatch.undo()
-    assert store.get(job_id).state == QUEUED
-    assert pauses and max(pauses) <= job_store.LOCK_POLL_MAX_SECONDS  # it waited, in short pauses
-    assert store.db.execute("PRAGMA busy_timeout").fetchone()[0] == 5000  # reads still wait as long
-    store.close()
-
-
-def test_a_write_lock_held_past_the_busy_timeout_fails_the_write_as_sqlite_s_own_wait_would(tmp_path):
-    store = SqliteStore(tmp_path / "store.sqlite", busy_timeout=0.2)
-    holder = _hold_write_lock(store.path, 1.0)
-    started = time.monotonic()
-    with pytest.raises(sqlite3.OperationalError, match="locked"):
-        submit(store)
-    waited = time.monotonic() - started
-    holder.join()
-    assert 0.15 <= waited < 1.0  # about its bound, not until the lock came free
-    assert record_count(store) == 0
-    submit(store)  # the lock is free again: the next write goes through
-    assert record_count(store) == 1
     store.close()
 
 
